@@ -1,0 +1,123 @@
+"""The composition root: open the device, the store and the key ring, and keep them maintained."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+from authority.backends.base import KeyBackend
+from authority.clock import Clock, SystemClock
+from authority.config import Config, Pkcs11Settings
+from authority.counters import Counters
+from authority.errors import AuthorityError, StartupError
+from authority.keyring import KeyRing
+from authority.sealer import Sealer
+from authority.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state directory with mode 0700 (or check an existing one is a directory).
+
+    Raises: StartupError.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"state_dir: cannot create {path}: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK):
+        raise StartupError(f"state_dir: {path} is not writable")
+
+
+def pkcs11_settings(config: Config) -> Pkcs11Settings:
+    """The configured token, or the embedded SoftHSM2 token (provisioned on first use).
+
+    Raises: StartupError.
+    """
+    if config.pkcs11 is not None:
+        return config.pkcs11
+    from authority.backends.softhsm import provision_embedded_token
+
+    return provision_embedded_token(config.state_dir / "hsm")
+
+
+def open_backend(config: Config) -> KeyBackend:
+    """Open the configured key backend. Raises: StartupError."""
+    from authority.backends.pkcs11 import Pkcs11Backend
+
+    return Pkcs11Backend.open(pkcs11_settings(config))
+
+
+class Authority:
+    """Everything below the gRPC layer, wired together for one process."""
+
+    def __init__(self, config: Config, backend: KeyBackend, store: SqliteStore,
+                 clock: Clock) -> None:
+        self.config = config
+        self.backend = backend
+        self.store = store
+        self.clock = clock
+        self.counters = Counters()
+        self.started_at = clock.now()
+        self.ring = KeyRing(backend, store, config.keys, config.tickets, clock)
+        self.sealer = Sealer(self.ring, backend, store, config.tickets, clock, self.counters)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def open(cls, config: Config, clock: Clock | None = None) -> Authority:
+        """Open device and store, load the key ring (creating the first key if needed).
+
+        Raises: StartupError, DeviceUnavailable.
+        """
+        prepare_state_dir(config.state_dir)
+        backend = open_backend(config)
+        try:
+            store = SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
+        except StartupError:
+            backend.close()
+            raise
+        authority = cls(config, backend, store, clock or SystemClock())
+        try:
+            authority.ring.load()
+        except Exception:
+            authority.close()
+            raise
+        return authority
+
+    def maintain(self) -> None:
+        """One maintenance pass: scheduled rotation, key destruction, consumed-set purge.
+
+        Raises: AuthorityError from the device or store (the loop logs and retries).
+        """
+        self.ring.maintain()
+        purged = self.store.purge_expired(self.clock.now())
+        if purged:
+            log.debug("purged %d expired consumed-ticket entries", purged)
+
+    def start_maintenance(self) -> None:
+        """Run ``maintain`` every ``keys.maintenance_interval`` seconds in a daemon thread."""
+        self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.keys.maintenance_interval):
+            try:
+                self.maintain()
+            except AuthorityError as exc:
+                self.counters.inc("maintenance_errors")
+                log.error("maintenance failed, will retry: %s", exc)
+            except Exception:
+                self.counters.inc("maintenance_errors")
+                log.exception("maintenance failed unexpectedly, will retry")
+
+    def close(self) -> None:
+        """Stop maintenance, close the store and the device."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.store.close()
+        self.backend.close()

@@ -1,0 +1,181 @@
+"""The ``ticket-authority`` command: serve, and admin commands as gRPC clients of TicketAdmin."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from authority import __version__
+from authority.errors import ConfigError, DeviceUnavailable, StartupError
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+_STATE_NAMES = {1: "ACTIVE", 2: "DECRYPT_ONLY", 3: "DESTROYED"}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", metavar="HOST:PORT",
+                        help=f"server address (default {DEFAULT_ADDRESS})")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="state directory (default ~/.local/state/ticket-authority)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="ticket-authority", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the authority (embedded SoftHSM2 token by default)")
+    _common(serve)
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    keys = sub.add_parser("keys", help="list, rotate or retire ticket protection keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    listing = keys_sub.add_parser("list", help="list keys")
+    listing.add_argument("--all", action="store_true", help="include destroyed keys")
+    rotate = keys_sub.add_parser("rotate", help="generate a new sealing key in the device")
+    retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
+    retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
+    status = sub.add_parser("status", help="show backend, sealing key and counters")
+    for p in (listing, rotate, retire, status):
+        _common(p)
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        return _admin(args)
+    except (ConfigError, StartupError) as exc:
+        print(f"ticket-authority: {exc}", file=sys.stderr)
+        return 2
+    except DeviceUnavailable as exc:
+        print(f"ticket-authority: device unavailable: {exc}", file=sys.stderr)
+        return 3
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from authority.service.server import serve
+    from authority.settings_loader import load_config
+
+    config = load_config(args.config, listen=args.listen, state_dir=args.state_dir,
+                         log_level=args.log_level)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(config)
+    return 0
+
+
+def resolve_address(args: argparse.Namespace) -> str:
+    """Where a local server listens: --listen, the config's server.listen, the state
+    directory's server.json (written by a running server), else the default."""
+    if args.listen:
+        return str(args.listen)
+    from authority.settings_loader import default_state_dir, load_config
+
+    state_dir = args.state_dir
+    if args.config:
+        config = load_config(args.config, state_dir=args.state_dir)
+        state_dir = config.state_dir
+        if config.server.listen != DEFAULT_ADDRESS:
+            return config.server.listen
+    server_file = Path(state_dir or default_state_dir()) / "server.json"
+    try:
+        return str(json.loads(server_file.read_text())["address"])
+    except (OSError, ValueError, KeyError):
+        return DEFAULT_ADDRESS
+
+
+def _admin(args: argparse.Namespace) -> int:
+    import grpc
+
+    from authority._proto.ticketauthority.v1 import admin_pb2, admin_pb2_grpc
+
+    address = resolve_address(args)
+    with grpc.insecure_channel(address) as channel:
+        stub = admin_pb2_grpc.TicketAdminStub(channel)
+        try:
+            if args.command == "status":
+                reply = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
+                _print(args, reply, _status_table)
+            elif args.keys_command == "list":
+                reply = stub.ListKeys(admin_pb2.ListKeysRequest(include_destroyed=args.all),
+                                      timeout=args.timeout)
+                _print(args, reply, lambda r: _keys_table(list(r.keys)))
+            elif args.keys_command == "rotate":
+                reply = stub.RotateKey(admin_pb2.RotateKeyRequest(), timeout=args.timeout)
+                _print(args, reply, lambda r: _keys_table([r.new_key, r.previous_key]))
+            else:
+                reply = stub.RetireKey(admin_pb2.RetireKeyRequest(key_id=args.key_id),
+                                       timeout=args.timeout)
+                _print(args, reply, lambda r: _keys_table([r.key]))
+        except grpc.RpcError as err:
+            return _rpc_failure(err, address)
+    return 0
+
+
+def _rpc_failure(err: Any, address: str) -> int:
+    code = err.code()
+    if code.name == "UNAVAILABLE" and "connect" in (err.details() or "").lower():
+        print(f"ticket-authority: cannot reach the authority at {address}; is "
+              "'ticket-authority serve' running? (use --listen, --state-dir or --config)",
+              file=sys.stderr)
+    else:
+        print(f"ticket-authority: {code.name}: {err.details()}", file=sys.stderr)
+    return 1
+
+
+def _print(args: argparse.Namespace, reply: Any, table: Any) -> None:
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
+    else:
+        print(table(reply))
+
+
+def _when(ts: Any) -> str:
+    if not ts.seconds and not ts.nanos:
+        return "-"
+    return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _keys_table(keys: list[Any]) -> str:
+    rows = [("KEY ID", "STATE", "CREATED", "OPENS UNTIL", "SEALS")]
+    rows += [(k.key_id, _STATE_NAMES.get(k.state, "?"), _when(k.created_at),
+              _when(k.opens_until), str(k.seal_count)) for k in keys if k.key_id]
+    return _table(rows)
+
+
+def _status_table(s: Any) -> str:
+    rows = [("backend", s.backend), ("library", s.library), ("token", s.token),
+            ("sessions", str(s.sessions)), ("sealing key", s.sealing_key_id or "-"),
+            ("keys", f"{s.active_keys} active, {s.decrypt_only_keys} decrypt-only, "
+                     f"{s.destroyed_keys} destroyed"),
+            ("consumed tickets", str(s.consumed_tickets)), ("version", s.version),
+            ("started", _when(s.started_at))]
+    rows += [(f"  {name}", str(value)) for name, value in sorted(s.counters.items())]
+    return _table(rows, header=False)
+
+
+def _table(rows: list[tuple[str, ...]], header: bool = True) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    if header:
+        lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

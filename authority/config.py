@@ -1,0 +1,81 @@
+"""Settings: one frozen, validated object, loaded once from defaults, a TOML file and flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret string (a PIN): never shown by repr, str or logging."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        """Return the secret itself; call only where the device needs it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Pkcs11Settings:
+    """How to reach the PKCS#11 token that holds the ticket keys."""
+
+    module: Path                      # the PKCS#11 shared library
+    token_label: str
+    pin: Secret
+    sessions: int = 4                 # logged-in sessions in the pool
+    session_timeout: float = 5.0      # seconds to wait for a free session before UNAVAILABLE
+    softhsm2_conf: Path | None = None # SOFTHSM2_CONF to set before the module initialises
+
+
+@dataclass(frozen=True)
+class TicketPolicy:
+    """Ticket lifetimes, in seconds."""
+
+    default_lifetime: int = 3600
+    max_lifetime: int = 8 * 3600
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """When keys rotate and how they are used."""
+
+    rotation_period: int = 6 * 3600       # seconds a key seals before automatic rotation; 0: never
+    max_seals_per_key: int = 2**31        # rotate before this many seals (AES-GCM random nonces)
+    seal_reservation: int = 4096          # seals reserved per store write (lost on a crash)
+    maintenance_interval: float = 5.0     # seconds between rotation/destruction/purge checks
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The gRPC listener."""
+
+    listen: str = "127.0.0.1:50051"
+    workers: int = 16
+    max_message_bytes: int = 1 << 20
+    grace_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one authority process. Build with ``load_config``."""
+
+    state_dir: Path
+    server: ServerSettings = ServerSettings()
+    tickets: TicketPolicy = TicketPolicy()
+    keys: KeyPolicy = KeyPolicy()
+    backend: str = "pkcs11"
+    pkcs11: Pkcs11Settings | None = None   # None: the embedded SoftHSM2 token in state_dir/hsm
+    log_level: str = "INFO"
+    store_synchronous: str = "NORMAL"
+
+    @property
+    def embedded_token(self) -> bool:
+        """True when the authority provisions and uses its own SoftHSM2 token."""
+        return self.pkcs11 is None

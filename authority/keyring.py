@@ -1,0 +1,248 @@
+"""The key ring: which key seals, which keys open, and the rules that move keys through their life.
+
+Modelled on Vault transit's key policy: a single sealing (ACTIVE) key; DECRYPT_ONLY keys open
+tickets until their window closes; unknown, destroyed or out-of-window ids are refused before any
+device call. Metadata lives in the store; the keys themselves only in the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+from types import MappingProxyType
+
+from authority.backends.base import KeyBackend
+from authority.clock import Clock
+from authority.config import KeyPolicy, TicketPolicy
+from authority.errors import (
+    DeviceUnavailable,
+    FailedPrecondition,
+    InvalidTicket,
+    KeyNotFound,
+    NotFound,
+    ResourceExhausted,
+)
+from authority.keys import KeyRecord, KeyState
+from authority.store.base import Store
+from authority.ticket_format import KEY_ID_LEN
+
+log = logging.getLogger(__name__)
+
+
+class KeyRing:
+    """Thread-safe key ring over a backend and a store."""
+
+    def __init__(self, backend: KeyBackend, store: Store, keys: KeyPolicy,
+                 tickets: TicketPolicy, clock: Clock) -> None:
+        self._backend = backend
+        self._store = store
+        self._policy = keys
+        self._max_lifetime = tickets.max_lifetime
+        self._clock = clock
+        self._records: Mapping[bytes, KeyRecord] = MappingProxyType({})
+        self._primary: bytes | None = None
+        self._used = 0                       # seals made under the primary (this process)
+        self._seal_lock = threading.Lock()   # guards _used and seal reservations
+        self._change_lock = threading.RLock()  # serialises rotation, retirement, maintenance
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load metadata, reconcile it with the device, and make a first key if none seals.
+
+        Raises: DeviceUnavailable.
+        """
+        with self._change_lock:
+            records = {r.key_id: r for r in self._store.load_keys()}
+            present = self._backend.list_keys()
+            now = self._clock.now()
+            lost = [replace(r, state=KeyState.DESTROYED, destroyed_at=now)
+                    for r in records.values()
+                    if r.state != KeyState.DESTROYED and r.key_id not in present]
+            for r in lost:
+                log.warning("key %s is in the key ring but not in the device: marked destroyed",
+                            r.key_id.hex())
+            if lost:
+                self._store.save_keys(lost)
+                records.update({r.key_id: r for r in lost})
+            for key_id in sorted(present - records.keys()):
+                log.warning("device key %s has no key ring entry; it is not used", key_id.hex())
+            self._install(records)
+            if self._primary is None:
+                self.rotate(reason="first key")
+
+    def _install(self, records: dict[bytes, KeyRecord]) -> None:
+        active = [r for r in records.values() if r.state == KeyState.ACTIVE]
+        self._records = MappingProxyType(dict(records))
+        primary = max(active, key=lambda r: r.created_at).key_id if active else None
+        if primary != self._primary:
+            self._primary = primary
+            self._used = records[primary].seal_count if primary else 0
+
+    # -- the hot paths ---------------------------------------------------------------------------
+
+    def sealing_key(self) -> bytes:
+        """Return the ACTIVE key's id, with one seal counted against its nonce budget.
+
+        Rotates first when the budget is spent. Raises: DeviceUnavailable, ResourceExhausted.
+        """
+        with self._seal_lock:
+            key_id = self._reserve_one()
+            if key_id is not None:
+                return key_id
+            spent = self._primary
+        with self._change_lock:
+            if self._primary == spent:  # another thread may have rotated already
+                self.rotate(reason="seal budget reached")
+        with self._seal_lock:
+            key_id = self._reserve_one()
+        if key_id is None:
+            raise ResourceExhausted("seal budget of the new key already spent")
+        return key_id
+
+    def _reserve_one(self) -> bytes | None:
+        primary = self._primary
+        if primary is None:
+            raise DeviceUnavailable("no sealing key")
+        record = self._records[primary]
+        if self._used < record.seal_count:
+            self._used += 1
+            return primary
+        grant = min(record.seal_count + self._policy.seal_reservation,
+                    self._policy.max_seals_per_key)
+        if grant <= record.seal_count:
+            return None
+        self._commit([replace(record, seal_count=grant)])
+        self._used += 1
+        return primary
+
+    def check_opens(self, key_id: bytes) -> KeyRecord:
+        """Return the record of a key that may open a ticket now; no device call.
+
+        Raises: InvalidTicket if the id is unknown, destroyed or past its decryption window.
+        """
+        record = self._records.get(key_id)
+        if record is None:
+            raise InvalidTicket("unknown key id")
+        if record.state == KeyState.DESTROYED:
+            raise InvalidTicket("key destroyed")
+        if record.opens_until is not None and self._clock.now() >= record.opens_until:
+            raise InvalidTicket("key past its decryption window")
+        return record
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def rotate(self, reason: str = "operator") -> tuple[KeyRecord, KeyRecord | None]:
+        """Generate a new key in the device and make it the sealing key.
+
+        The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds.
+        Returns (new, previous). Raises: DeviceUnavailable.
+        """
+        with self._change_lock:
+            key_id = self._new_key_id()
+            self._backend.create_key(key_id)
+            now = self._clock.now()
+            new = KeyRecord(key_id, KeyState.ACTIVE, now)
+            changed = [new]
+            previous = self._records.get(self._primary) if self._primary else None
+            if previous is not None:
+                previous = replace(previous, state=KeyState.DECRYPT_ONLY, sealing_ended_at=now,
+                                   opens_until=now + self._max_lifetime)
+                changed.append(previous)
+            try:
+                with self._seal_lock:
+                    self._commit(changed)
+            except DeviceUnavailable:
+                self._discard(key_id)
+                raise
+            log.info("key %s created and now seals (%s); previous %s", key_id.hex(), reason,
+                     previous.key_id.hex() if previous else "none")
+            return new, previous
+
+    def retire(self, key_id: bytes) -> KeyRecord:
+        """Destroy a DECRYPT_ONLY key in the device now.
+
+        Raises: NotFound (unknown id), FailedPrecondition (the sealing key), DeviceUnavailable.
+        """
+        with self._change_lock:
+            record = self._records.get(key_id)
+            if record is None:
+                raise NotFound(f"key_id: no key {key_id.hex()}")
+            if record.state == KeyState.ACTIVE:
+                raise FailedPrecondition(f"key {key_id.hex()} is the sealing key; rotate first")
+            if record.state == KeyState.DESTROYED:
+                return record
+            return self._destroy(record, reason="retired by operator")
+
+    def maintain(self) -> None:
+        """Rotate a key that has sealed long enough; destroy keys whose window has closed.
+
+        Raises: DeviceUnavailable (the next call tries again).
+        """
+        with self._change_lock:
+            now = self._clock.now()
+            primary = self._records.get(self._primary) if self._primary else None
+            period = self._policy.rotation_period
+            if primary is None or (period and now >= primary.created_at + period):
+                self.rotate(reason="scheduled")
+            for record in list(self._records.values()):
+                if (record.state == KeyState.DECRYPT_ONLY and record.opens_until is not None
+                        and now >= record.opens_until):
+                    self._destroy(record, reason="decryption window closed")
+
+    def _destroy(self, record: KeyRecord, reason: str) -> KeyRecord:
+        try:
+            self._backend.destroy_key(record.key_id)
+        except KeyNotFound:
+            log.warning("key %s was already gone from the device", record.key_id.hex())
+        done = replace(record, state=KeyState.DESTROYED, destroyed_at=self._clock.now())
+        with self._seal_lock:
+            self._commit([done])
+        log.info("key %s destroyed in the device (%s)", record.key_id.hex(), reason)
+        return done
+
+    def _discard(self, key_id: bytes) -> None:
+        try:
+            self._backend.destroy_key(key_id)
+        except (KeyNotFound, DeviceUnavailable):
+            log.exception("could not remove unrecorded key %s", key_id.hex())
+
+    def _commit(self, changed: list[KeyRecord]) -> None:
+        """Persist then publish; callers hold ``_seal_lock``."""
+        self._store.save_keys(changed)
+        merged = dict(self._records)
+        merged.update({r.key_id: r for r in changed})
+        self._install(merged)
+
+    def _new_key_id(self) -> bytes:
+        while True:
+            key_id = secrets.token_bytes(KEY_ID_LEN)
+            if key_id not in self._records:
+                return key_id
+
+    # -- views -----------------------------------------------------------------------------------
+
+    @property
+    def primary_id(self) -> bytes | None:
+        """The sealing key's id."""
+        return self._primary
+
+    def records(self) -> list[KeyRecord]:
+        """Every key record, oldest first, with the live seal count for the sealing key."""
+        out = sorted(self._records.values(), key=lambda r: r.created_at)
+        return [replace(r, seal_count=self._used) if r.key_id == self._primary else r
+                for r in out]
+
+    def rotates_at(self, record: KeyRecord) -> float | None:
+        """When an ACTIVE key is scheduled to stop sealing (None: no scheduled rotation)."""
+        if record.state != KeyState.ACTIVE or not self._policy.rotation_period:
+            return None
+        return record.created_at + self._policy.rotation_period
+
+    @property
+    def max_lifetime(self) -> int:
+        """The longest ticket lifetime; a key opens tickets this long after it stops sealing."""
+        return self._max_lifetime

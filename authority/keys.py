@@ -1,0 +1,27 @@
+"""Key ring records: what the authority remembers about each ticket protection key."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class KeyState(enum.IntEnum):
+    """Lifecycle of a protection key (values match the admin proto's KeyState)."""
+
+    ACTIVE = 1          # seals new tickets and opens tickets
+    DECRYPT_ONLY = 2    # opens tickets until ``opens_until``, then is destroyed
+    DESTROYED = 3       # gone from the device
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """Metadata of one key; the key itself lives only in the device."""
+
+    key_id: bytes
+    state: KeyState
+    created_at: float
+    seal_count: int = 0                   # seals reserved under the key (an upper bound)
+    sealing_ended_at: float | None = None # when it stopped being the sealing key
+    opens_until: float | None = None      # DECRYPT_ONLY: end of its decryption window
+    destroyed_at: float | None = None

@@ -1,0 +1,94 @@
+"""Translate between protobuf messages and domain objects; request validation names the field."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
+from authority.errors import InvalidArgument
+from authority.keyring import KeyRing
+from authority.keys import KeyRecord
+from authority.sealer import IssuedTicket, Redemption
+from authority.state import ResumptionState
+from authority.ticket_format import KEY_ID_LEN
+
+_STATE_FIELDS = ("id_i", "id_r", "spi_i", "spi_r", "sk_d", "encr_id", "encr_key_bits",
+                 "prf_id", "integ_id", "dh_group", "auth_method", "gateway_data")
+
+
+def timestamp(seconds: float | None) -> Timestamp | None:
+    """A protobuf Timestamp for Unix seconds (None stays None)."""
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def state_from_proto(msg: authority_pb2.IssueTicketRequest) -> ResumptionState:
+    """The request's state as a domain object (validated later by the sealer).
+
+    Raises: InvalidArgument if the state is missing.
+    """
+    if not msg.HasField("state"):
+        raise InvalidArgument("state", "required")
+    s = msg.state
+    return ResumptionState(**{name: getattr(s, name) for name in _STATE_FIELDS})
+
+
+def state_to_proto(state: ResumptionState) -> authority_pb2.ResumptionState:
+    """The domain state as a message."""
+    return authority_pb2.ResumptionState(**{name: getattr(state, name) for name in _STATE_FIELDS})
+
+
+def issue_response(issued: IssuedTicket) -> authority_pb2.IssueTicketResponse:
+    """The IssueTicket reply for a sealed ticket."""
+    return authority_pb2.IssueTicketResponse(
+        ticket=issued.ticket, lifetime_seconds=issued.lifetime,
+        expires_at=timestamp(issued.expires_at), key_id=issued.key_id.hex(),
+        ticket_lt_opaque=issued.lt_opaque)
+
+
+def redeem_response(result: Redemption) -> authority_pb2.RedeemTicketResponse:
+    """The RedeemTicket reply; only an OK result carries the state."""
+    reply = authority_pb2.RedeemTicketResponse(result=int(result.status))
+    if result.contents is not None and result.key_id is not None:
+        c = result.contents
+        reply.state.CopyFrom(state_to_proto(c.state))
+        reply.expires_at.CopyFrom(timestamp(c.expires_at))
+        reply.issued_at.CopyFrom(timestamp(c.issued_at))
+        reply.key_id = result.key_id.hex()
+        reply.ticket_id = result.handle
+    return reply
+
+
+def key_id_from_text(text: str, field: str = "key_id") -> bytes:
+    """Parse a 16-hex-digit key id.
+
+    Raises: InvalidArgument naming ``field``.
+    """
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != KEY_ID_LEN:
+        raise InvalidArgument(field, f"expected {2 * KEY_ID_LEN} hex digits, got {text!r:.40}")
+    return raw
+
+
+def key_info(record: KeyRecord | None, ring: KeyRing) -> admin_pb2.KeyInfo | None:
+    """A key record as a KeyInfo message (None stays None)."""
+    if record is None:
+        return None
+    rotates_at = ring.rotates_at(record)
+    opens_until = record.opens_until
+    if opens_until is None and rotates_at is not None:
+        opens_until = rotates_at + ring.max_lifetime
+    if record.destroyed_at is not None:
+        opens_until = record.destroyed_at
+    return admin_pb2.KeyInfo(
+        key_id=record.key_id.hex(), state=int(record.state),
+        created_at=timestamp(record.created_at), opens_until=timestamp(opens_until),
+        sealing_ended_at=timestamp(record.sealing_ended_at),
+        destroyed_at=timestamp(record.destroyed_at), seal_count=record.seal_count,
+        rotates_at=timestamp(rotates_at))

@@ -1,0 +1,73 @@
+"""The gRPC servicers: translate, call the domain, translate back. Errors go to the interceptor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from authority import __version__
+from authority._proto.ticketauthority.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    authority_pb2,
+    authority_pb2_grpc,
+)
+from authority.app import Authority
+from authority.keys import KeyState
+from authority.service import convert
+
+
+class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):  # type: ignore[misc]
+    """Issue, redeem and consume tickets for gateways."""
+
+    def __init__(self, authority: Authority) -> None:
+        self._sealer = authority.sealer
+
+    def IssueTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        issued = self._sealer.issue(convert.state_from_proto(request), request.lifetime_seconds)
+        return convert.issue_response(issued)
+
+    def RedeemTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return convert.redeem_response(self._sealer.redeem(request.ticket, request.consume))
+
+    def ConsumeTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        status = self._sealer.consume(request.ticket_id)
+        return authority_pb2.ConsumeTicketResponse(result=int(status))
+
+
+class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):  # type: ignore[misc]
+    """Key lifecycle and status for operators."""
+
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+        self._ring = authority.ring
+
+    def RotateKey(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        new, previous = self._ring.rotate(reason="operator")
+        return admin_pb2.RotateKeyResponse(new_key=convert.key_info(new, self._ring),
+                                           previous_key=convert.key_info(previous, self._ring))
+
+    def ListKeys(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        records = [r for r in self._ring.records()
+                   if request.include_destroyed or r.state != KeyState.DESTROYED]
+        return admin_pb2.ListKeysResponse(keys=[convert.key_info(r, self._ring) for r in records])
+
+    def RetireKey(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        record = self._ring.retire(convert.key_id_from_text(request.key_id))
+        return admin_pb2.RetireKeyResponse(key=convert.key_info(record, self._ring))
+
+    def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        a = self._authority
+        info = a.backend.describe()
+        states = [r.state for r in self._ring.records()]
+        primary = self._ring.primary_id
+        return admin_pb2.GetStatusResponse(
+            backend=info.backend, library=info.library, token=info.token,
+            sealing_key_id=primary.hex() if primary else "",
+            active_keys=states.count(KeyState.ACTIVE),
+            decrypt_only_keys=states.count(KeyState.DECRYPT_ONLY),
+            destroyed_keys=states.count(KeyState.DESTROYED),
+            consumed_tickets=a.store.consumed_count(a.clock.now()), version=__version__,
+            started_at=convert.timestamp(a.started_at), counters=a.counters.snapshot(),
+            sessions=info.sessions)

@@ -1,0 +1,193 @@
+"""Build a validated ``Config`` from defaults, an optional TOML file and command-line flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from authority.config import (
+    Config,
+    KeyPolicy,
+    Pkcs11Settings,
+    Secret,
+    ServerSettings,
+    TicketPolicy,
+)
+from authority.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+_SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
+_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", *_SECTIONS}
+_PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
+                "session_timeout", "softhsm2_conf"}
+_LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+
+
+def default_state_dir() -> Path:
+    """``$TICKET_AUTHORITY_STATE_DIR``, else ``$XDG_STATE_HOME/ticket-authority``."""
+    env = os.environ.get("TICKET_AUTHORITY_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "ticket-authority"
+
+
+def load_config(config_file: Path | None = None, *, listen: str | None = None,
+                state_dir: Path | None = None, log_level: str | None = None) -> Config:
+    """Return the validated settings: defaults < TOML file < flags.
+
+    Raises: ConfigError naming the first wrong setting.
+    """
+    data = _read_toml(config_file) if config_file else {}
+    unknown = set(data) - _TOP
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown setting")
+    base = Path(state_dir or data.get("state_dir") or default_state_dir())
+    cfg = Config(state_dir=base.expanduser().resolve())
+    for name, cls in _SECTIONS.items():
+        cfg = replace(cfg, **{name: _section(name, cls, data.get(name, {}))})
+    if listen is not None:
+        cfg = replace(cfg, server=replace(cfg.server, listen=listen))
+    cfg = replace(cfg, backend=str(data.get("backend", "pkcs11")),
+                  log_level=str(log_level or data.get("log_level", "INFO")).upper(),
+                  store_synchronous=str(data.get("store_synchronous", "NORMAL")).upper())
+    if "pkcs11" in data:
+        cfg = replace(cfg, pkcs11=_pkcs11(data["pkcs11"], config_file))
+    validate(cfg)
+    return cfg
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError("--config", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("--config", f"{path} is not valid TOML: {exc}") from exc
+
+
+def _section(name: str, cls: type[Any], data: Any) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(name, "must be a table")
+    allowed = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}", "unknown setting")
+        default = getattr(cls(), key)
+        values[key] = _coerce(f"{name}.{key}", value, type(default))
+    return cls(**values)
+
+
+def _coerce(setting: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
+        raise ConfigError(setting, f"must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _pkcs11(data: Any, config_file: Path | None) -> Pkcs11Settings:
+    if not isinstance(data, dict):
+        raise ConfigError("pkcs11", "must be a table")
+    for key in data:
+        if key not in _PKCS11_KEYS:
+            raise ConfigError(f"pkcs11.{key}", "unknown setting")
+    for key in ("module", "token_label"):
+        if not isinstance(data.get(key), str) or not data[key]:
+            raise ConfigError(f"pkcs11.{key}", "required (a non-empty string)")
+    conf = data.get("softhsm2_conf")
+    return Pkcs11Settings(
+        module=Path(data["module"]), token_label=data["token_label"], pin=_pin(data),
+        sessions=_coerce("pkcs11.sessions", data.get("sessions", 4), int),
+        session_timeout=_coerce("pkcs11.session_timeout", data.get("session_timeout", 5.0),
+                                float),
+        softhsm2_conf=Path(conf) if conf else None)
+
+
+def _pin(data: dict[str, Any]) -> Secret:
+    sources = [k for k in ("pin", "pin_file", "pin_env") if k in data]
+    if len(sources) != 1:
+        raise ConfigError("pkcs11.pin", "give exactly one of pin_file, pin_env or pin")
+    if "pin_file" in data:
+        try:
+            return Secret(Path(data["pin_file"]).read_text().strip())
+        except OSError as exc:
+            raise ConfigError("pkcs11.pin_file", f"cannot read: {exc.strerror}") from exc
+    if "pin_env" in data:
+        value = os.environ.get(str(data["pin_env"]))
+        if value is None:
+            raise ConfigError("pkcs11.pin_env", f"environment variable {data['pin_env']} unset")
+        return Secret(value)
+    log.warning("pkcs11.pin is inline in the config file; prefer pin_file or pin_env")
+    return Secret(str(data["pin"]))
+
+
+def validate(cfg: Config) -> None:
+    """Check cross-field rules.
+
+    Raises: ConfigError naming the setting.
+    """
+    parse_listen(cfg.server.listen)
+    _positive("server.workers", cfg.server.workers)
+    _positive("server.max_message_bytes", cfg.server.max_message_bytes)
+    _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
+    _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
+    if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:
+        raise ConfigError("tickets.default_lifetime", "must not exceed tickets.max_lifetime")
+    if cfg.tickets.max_lifetime > 7 * 24 * 3600:
+        raise ConfigError("tickets.max_lifetime", "at most 7 days (604800 s)")
+    if cfg.keys.rotation_period < 0:
+        raise ConfigError("keys.rotation_period", "must be 0 (never) or positive")
+    if not 1 <= cfg.keys.max_seals_per_key <= 2**32:
+        raise ConfigError("keys.max_seals_per_key", "must be in 1..2^32 (AES-GCM nonce budget)")
+    _positive("keys.seal_reservation", cfg.keys.seal_reservation)
+    if cfg.keys.maintenance_interval <= 0:
+        raise ConfigError("keys.maintenance_interval", "must be positive")
+    if cfg.backend != "pkcs11":
+        raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: pkcs11)")
+    if cfg.log_level not in _LOG_LEVELS:
+        raise ConfigError("log_level", f"one of {', '.join(sorted(_LOG_LEVELS))}")
+    if cfg.store_synchronous not in {"NORMAL", "FULL"}:
+        raise ConfigError("store_synchronous", "NORMAL or FULL")
+    if cfg.pkcs11 is not None:
+        _positive("pkcs11.sessions", cfg.pkcs11.sessions)
+        if cfg.pkcs11.session_timeout <= 0:
+            raise ConfigError("pkcs11.session_timeout", "must be positive")
+
+
+def _positive(setting: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(setting, f"must be positive, got {value}")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and refuse non-loopback hosts (no TLS yet).
+
+    Raises: ConfigError naming ``server.listen``.
+    """
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError("server.listen", f"expected HOST:PORT, got {listen!r}")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not _is_loopback(bare):
+        raise ConfigError("server.listen", f"{host} is beyond loopback; listening there needs "
+                                           "TLS, which this version does not provide yet")
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

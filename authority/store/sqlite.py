@@ -1,0 +1,127 @@
+"""The embedded store: one SQLite file in the state directory (WAL mode, one writer lock)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from authority.errors import DeviceUnavailable, StartupError
+from authority.keys import KeyRecord, KeyState
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS keys (
+    key_id BLOB PRIMARY KEY,
+    state INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    seal_count INTEGER NOT NULL,
+    sealing_ended_at REAL,
+    opens_until REAL,
+    destroyed_at REAL
+);
+CREATE TABLE IF NOT EXISTS consumed (
+    ticket_id BLOB PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+class SqliteStore:
+    """Store backed by one SQLite database file. Thread-safe through one lock."""
+
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        """Open (creating if needed) the database at ``path``.
+
+        Raises: StartupError if the file cannot be opened or has an unknown schema version.
+        """
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.executescript(_SCHEMA)
+            self._check_schema()
+        except sqlite3.Error as exc:
+            raise StartupError(f"state store {path}: {exc}") from exc
+
+    def _check_schema(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] != str(SCHEMA_VERSION):
+            raise StartupError(f"state store {self.path}: schema {row[0]}, this version "
+                               f"reads {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """Run the body in one transaction under the lock.
+
+        Raises: DeviceUnavailable if SQLite fails (the transaction is rolled back).
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise DeviceUnavailable(f"state store failed: {exc}") from exc
+
+    def load_keys(self) -> list[KeyRecord]:
+        """Return every key record, oldest first."""
+        with self._tx() as db:
+            rows = db.execute("SELECT key_id, state, created_at, seal_count, sealing_ended_at, "
+                              "opens_until, destroyed_at FROM keys ORDER BY created_at").fetchall()
+        return [KeyRecord(bytes(r[0]), KeyState(r[1]), *r[2:]) for r in rows]
+
+    def save_keys(self, records: list[KeyRecord]) -> None:
+        """Insert or replace the records in one transaction."""
+        rows = [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
+                 r.opens_until, r.destroyed_at) for r in records]
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def consume(self, ticket_id: bytes, expires_at: int, now: float) -> bool:
+        """Mark the ticket used; True the first time. An expired leftover entry is replaced."""
+        with self._tx() as db:
+            row = db.execute("SELECT expires_at FROM consumed WHERE ticket_id=?",
+                             (ticket_id,)).fetchone()
+            if row is not None and row[0] > now:
+                return False
+            db.execute("INSERT OR REPLACE INTO consumed VALUES (?, ?)", (ticket_id, expires_at))
+            return True
+
+    def is_consumed(self, ticket_id: bytes, now: float) -> bool:
+        """Return whether a live consumed entry exists for the ticket."""
+        with self._tx() as db:
+            row = db.execute("SELECT 1 FROM consumed WHERE ticket_id=? AND expires_at>?",
+                             (ticket_id, now)).fetchone()
+        return row is not None
+
+    def purge_expired(self, now: float) -> int:
+        """Delete entries of expired tickets; return the count."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM consumed WHERE expires_at<=?", (now,)).rowcount
+
+    def consumed_count(self, now: float) -> int:
+        """Return the number of live consumed entries."""
+        with self._tx() as db:
+            row = db.execute("SELECT COUNT(*) FROM consumed WHERE expires_at>?", (now,)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()

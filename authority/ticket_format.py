@@ -1,0 +1,178 @@
+"""Ticket wire format, version 1: layout, limits, encode and decode. No crypto, no I/O.
+
+Ticket (what the client carries, RFC 5723 "ticket by value")::
+
+    0        1        4                12           24               len-16      len
+    +--------+--------+----------------+------------+----------------+-----------+
+    |version | reserved (3, zero) | key_id (8) | nonce (12) | ciphertext | tag (16) |
+    +--------+--------+----------------+------------+----------------+-----------+
+    \\______ header: associated data ______/
+
+Version 1 means AES-256-GCM inside a PKCS#11 token. The 12-octet header (version, reserved,
+key_id) is the GCM associated data; the nonce is GCM's IV. The plaintext is encoded by
+``encode_contents`` (layout in docs/ticket-format.md). All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from authority.errors import InvalidTicket
+from authority.state import ResumptionState
+
+FORMAT_V1 = 1
+SUPPORTED_VERSIONS = frozenset({FORMAT_V1})
+KEY_ID_LEN = 8
+HEADER_LEN = 12
+NONCE_LEN = 12
+TAG_LEN = 16
+TICKET_ID_LEN = 16
+MAX_TICKET_LEN = 1024
+MAX_EXTENSIONS_LEN = 128
+
+_HEADER = struct.Struct(">B3s8s")
+# ticket_id, issued_at, expires_at, encr_id, encr_key_bits, prf_id, integ_id, dh_group,
+# auth_method, spi_i, spi_r
+_FIXED = struct.Struct(">16sQQHHHHHB8s8s")
+_MIN_PLAINTEXT = _FIXED.size + 1 + 2 + 2 + 2 + 2
+MIN_TICKET_LEN = HEADER_LEN + NONCE_LEN + _MIN_PLAINTEXT + TAG_LEN
+
+
+@dataclass(frozen=True)
+class ParsedTicket:
+    """A ticket split at its seams; nothing in it has been authenticated yet."""
+
+    version: int
+    key_id: bytes
+    header: bytes   # the associated data
+    sealed: bytes   # nonce | ciphertext | tag: what the backend opens
+
+
+@dataclass(frozen=True)
+class TicketContents:
+    """The plaintext of a ticket."""
+
+    ticket_id: bytes
+    issued_at: int      # Unix seconds
+    expires_at: int     # Unix seconds, absolute, 64-bit
+    state: ResumptionState
+    extensions: bytes = b""  # type (1) | length (2) | value records; none defined in v1
+
+
+def encode_header(key_id: bytes, version: int = FORMAT_V1) -> bytes:
+    """Return the 12-octet header for ``key_id``.
+
+    Raises: ValueError if the key id is not 8 octets or the version is unknown.
+    """
+    if len(key_id) != KEY_ID_LEN:
+        raise ValueError(f"key id must be {KEY_ID_LEN} octets")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"unknown ticket format version {version}")
+    return _HEADER.pack(version, bytes(3), key_id)
+
+
+def assemble_ticket(header: bytes, sealed: bytes) -> bytes:
+    """Join a header and a sealed body into a ticket.
+
+    Raises: ValueError if the result would break the format's limits.
+    """
+    ticket = header + sealed
+    if not MIN_TICKET_LEN <= len(ticket) <= MAX_TICKET_LEN:
+        raise ValueError(f"ticket of {len(ticket)} octets outside the format's limits")
+    return ticket
+
+
+def parse_ticket(ticket: bytes) -> ParsedTicket:
+    """Split a ticket into header and sealed body, checking syntax only.
+
+    Raises: InvalidTicket (cause for logs) on a wrong length, version or reserved octets.
+    """
+    if len(ticket) < MIN_TICKET_LEN:
+        raise InvalidTicket(f"too short ({len(ticket)} octets)")
+    if len(ticket) > MAX_TICKET_LEN:
+        raise InvalidTicket(f"too long ({len(ticket)} octets)")
+    version, reserved, key_id = _HEADER.unpack_from(ticket)
+    if version not in SUPPORTED_VERSIONS:
+        raise InvalidTicket(f"unknown format version {version}")
+    if reserved != bytes(3):
+        raise InvalidTicket("reserved octets not zero")
+    return ParsedTicket(version, key_id, ticket[:HEADER_LEN], ticket[HEADER_LEN:])
+
+
+def encode_contents(contents: TicketContents) -> bytes:
+    """Encode the plaintext of a ticket.
+
+    Raises: ValueError if a field does not fit its length prefix or the id is not 16 octets.
+    """
+    s = contents.state
+    if len(contents.ticket_id) != TICKET_ID_LEN:
+        raise ValueError("ticket id must be 16 octets")
+    if len(contents.extensions) > MAX_EXTENSIONS_LEN:
+        raise ValueError("extensions too long")
+    fixed = _FIXED.pack(contents.ticket_id, contents.issued_at, contents.expires_at, s.encr_id,
+                        s.encr_key_bits, s.prf_id, s.integ_id, s.dh_group, s.auth_method,
+                        s.spi_i, s.spi_r)
+    if len(s.sk_d) > 0xFF:
+        raise ValueError("sk_d too long")
+    parts = [fixed, bytes([len(s.sk_d)]), s.sk_d]
+    for value in (s.id_i, s.id_r, s.gateway_data, contents.extensions):
+        if len(value) > 0xFFFF:
+            raise ValueError("field too long")
+        parts += [len(value).to_bytes(2, "big"), value]
+    return b"".join(parts)
+
+
+def decode_contents(plaintext: bytes) -> TicketContents:
+    """Decode a plaintext made by ``encode_contents``; strict (no trailing octets).
+
+    Raises: InvalidTicket if the plaintext is malformed.
+    """
+    reader = _Reader(plaintext)
+    (ticket_id, issued_at, expires_at, encr_id, encr_key_bits, prf_id, integ_id, dh_group,
+     auth_method, spi_i, spi_r) = reader.fixed(_FIXED)
+    sk_d = reader.prefixed(1)
+    id_i, id_r, gateway_data, extensions = (reader.prefixed(2) for _ in range(4))
+    reader.finish()
+    _check_extensions(extensions)
+    state = ResumptionState(id_i=id_i, id_r=id_r, spi_i=spi_i, spi_r=spi_r, sk_d=sk_d,
+                            encr_id=encr_id, encr_key_bits=encr_key_bits, prf_id=prf_id,
+                            integ_id=integ_id, dh_group=dh_group, auth_method=auth_method,
+                            gateway_data=gateway_data)
+    return TicketContents(ticket_id, issued_at, expires_at, state, extensions)
+
+
+def _check_extensions(extensions: bytes) -> None:
+    reader = _Reader(extensions)
+    while not reader.done():
+        reader.take(1)
+        reader.prefixed(2)
+
+
+class _Reader:
+    """Bounds-checked cursor over a byte string."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._data):
+            raise InvalidTicket("plaintext truncated")
+        chunk = self._data[self._pos:self._pos + n]
+        self._pos += n
+        return chunk
+
+    def fixed(self, layout: struct.Struct) -> tuple[Any, ...]:
+        return layout.unpack(self.take(layout.size))
+
+    def prefixed(self, width: int) -> bytes:
+        return self.take(int.from_bytes(self.take(width), "big"))
+
+    def done(self) -> bool:
+        return self._pos == len(self._data)
+
+    def finish(self) -> None:
+        if not self.done():
+            raise InvalidTicket("trailing octets in plaintext")
