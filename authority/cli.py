@@ -168,7 +168,7 @@ def _status_table(s: Any) -> str:
     return _table(rows, header=False)
 
 
-def _table(rows: list[tuple[str, ...]], header: bool = True) -> str:
+def _table(rows: Sequence[Sequence[str]], header: bool = True) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]

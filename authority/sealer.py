@@ -120,14 +120,18 @@ class Sealer:
         """
         if not ticket:
             raise InvalidArgument("ticket", "required")
+        stage = "malformed"
         try:
             parsed = parse_ticket(ticket)
+            stage = "key"          # unknown, destroyed or out-of-window key: no device call
             self._ring.check_opens(parsed.key_id)
-            contents = decode_contents(
-                self._backend.unseal(parsed.key_id, parsed.header, parsed.sealed))
+            stage = "auth"         # the device refused: tampered, foreign or wrong key
+            plaintext = self._backend.unseal(parsed.key_id, parsed.header, parsed.sealed)
+            stage = "plaintext"
+            contents = decode_contents(plaintext)
         except InvalidTicket as exc:
-            log.debug("redeem: invalid ticket: %s", exc.cause)
-            return self._count(Redemption(RedeemStatus.INVALID), f"invalid.{_slug(exc)}")
+            log.debug("redeem: invalid ticket (%s): %s", stage, exc.cause)
+            return self._count(Redemption(RedeemStatus.INVALID), f"invalid.{stage}")
         status = self._check_live(contents, consume)
         return self._count(Redemption(status, contents if status == RedeemStatus.OK else None,
                                       parsed.key_id), None)
@@ -166,8 +170,3 @@ class Sealer:
         if detail:
             self._counters.inc(f"redeem.{detail}")
         return result
-
-
-def _slug(exc: InvalidTicket) -> str:
-    """A short, fixed counter name for an invalid-ticket cause."""
-    return type(exc).__name__.lower()

@@ -194,4 +194,5 @@ def test_status_reports_backend_and_counts(harness: Harness) -> None:
     assert status.active_keys == 1 and status.consumed_tickets == 1
     assert status.counters["issued"] == 1
     assert status.counters["redeem.ok"] == 1 and status.counters["redeem.invalid"] == 1
+    assert status.counters["redeem.invalid.malformed"] == 1
     assert status.sessions >= 1

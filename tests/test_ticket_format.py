@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -113,18 +114,14 @@ def test_assemble_refuses_out_of_range() -> None:
 
 @given(st.binary(max_size=2 * MAX_TICKET_LEN))
 def test_parse_never_raises_anything_else(data: bytes) -> None:
-    try:
+    with contextlib.suppress(InvalidTicket):
         parse_ticket(data)
-    except InvalidTicket:
-        pass
 
 
 @given(st.binary(max_size=1200))
 def test_decode_never_raises_anything_else(data: bytes) -> None:
-    try:
+    with contextlib.suppress(InvalidTicket):
         decode_contents(data)
-    except InvalidTicket:
-        pass
 
 
 states = st.builds(

@@ -8,7 +8,7 @@ from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.errors import InvalidArgument
 from authority.keyring import KeyRing
 from authority.keys import KeyRecord
-from authority.sealer import IssuedTicket, Redemption
+from authority.sealer import IssuedTicket, RedeemStatus, Redemption
 from authority.state import ResumptionState
 from authority.ticket_format import KEY_ID_LEN
 
@@ -16,10 +16,8 @@ _STATE_FIELDS = ("id_i", "id_r", "spi_i", "spi_r", "sk_d", "encr_id", "encr_key_
                  "prf_id", "integ_id", "dh_group", "auth_method", "gateway_data")
 
 
-def timestamp(seconds: float | None) -> Timestamp | None:
-    """A protobuf Timestamp for Unix seconds (None stays None)."""
-    if seconds is None:
-        return None
+def timestamp(seconds: float) -> Timestamp:
+    """A protobuf Timestamp for Unix seconds."""
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
@@ -51,7 +49,7 @@ def issue_response(issued: IssuedTicket) -> authority_pb2.IssueTicketResponse:
 
 def redeem_response(result: Redemption) -> authority_pb2.RedeemTicketResponse:
     """The RedeemTicket reply; only an OK result carries the state."""
-    reply = authority_pb2.RedeemTicketResponse(result=int(result.status))
+    reply = authority_pb2.RedeemTicketResponse(result=result_name(result.status))
     if result.contents is not None and result.key_id is not None:
         c = result.contents
         reply.state.CopyFrom(state_to_proto(c.state))
@@ -60,6 +58,15 @@ def redeem_response(result: Redemption) -> authority_pb2.RedeemTicketResponse:
         reply.key_id = result.key_id.hex()
         reply.ticket_id = result.handle
     return reply
+
+
+def result_name(status: RedeemStatus) -> str:
+    """The proto enum name of a redeem status (REDEEM_RESULT_OK, ...)."""
+    return f"REDEEM_RESULT_{status.name}"
+
+
+def _maybe(seconds: float | None) -> Timestamp | None:
+    return None if seconds is None else timestamp(seconds)
 
 
 def key_id_from_text(text: str, field: str = "key_id") -> bytes:
@@ -76,10 +83,8 @@ def key_id_from_text(text: str, field: str = "key_id") -> bytes:
     return raw
 
 
-def key_info(record: KeyRecord | None, ring: KeyRing) -> admin_pb2.KeyInfo | None:
-    """A key record as a KeyInfo message (None stays None)."""
-    if record is None:
-        return None
+def key_info(record: KeyRecord, ring: KeyRing) -> admin_pb2.KeyInfo:
+    """A key record as a KeyInfo message."""
     rotates_at = ring.rotates_at(record)
     opens_until = record.opens_until
     if opens_until is None and rotates_at is not None:
@@ -87,8 +92,8 @@ def key_info(record: KeyRecord | None, ring: KeyRing) -> admin_pb2.KeyInfo | Non
     if record.destroyed_at is not None:
         opens_until = record.destroyed_at
     return admin_pb2.KeyInfo(
-        key_id=record.key_id.hex(), state=int(record.state),
-        created_at=timestamp(record.created_at), opens_until=timestamp(opens_until),
-        sealing_ended_at=timestamp(record.sealing_ended_at),
-        destroyed_at=timestamp(record.destroyed_at), seal_count=record.seal_count,
-        rotates_at=timestamp(rotates_at))
+        key_id=record.key_id.hex(), state=f"KEY_STATE_{record.state.name}",
+        created_at=timestamp(record.created_at), opens_until=_maybe(opens_until),
+        sealing_ended_at=_maybe(record.sealing_ended_at),
+        destroyed_at=_maybe(record.destroyed_at), seal_count=record.seal_count,
+        rotates_at=_maybe(rotates_at))

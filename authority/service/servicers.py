@@ -18,7 +18,7 @@ from authority.keys import KeyState
 from authority.service import convert
 
 
-class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):  # type: ignore[misc]
+class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
     """Issue, redeem and consume tickets for gateways."""
 
     def __init__(self, authority: Authority) -> None:
@@ -33,10 +33,10 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):  # ty
 
     def ConsumeTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         status = self._sealer.consume(request.ticket_id)
-        return authority_pb2.ConsumeTicketResponse(result=int(status))
+        return authority_pb2.ConsumeTicketResponse(result=convert.result_name(status))
 
 
-class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):  # type: ignore[misc]
+class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
     """Key lifecycle and status for operators."""
 
     def __init__(self, authority: Authority) -> None:
@@ -45,8 +45,10 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):  # type: ignore[m
 
     def RotateKey(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         new, previous = self._ring.rotate(reason="operator")
-        return admin_pb2.RotateKeyResponse(new_key=convert.key_info(new, self._ring),
-                                           previous_key=convert.key_info(previous, self._ring))
+        reply = admin_pb2.RotateKeyResponse(new_key=convert.key_info(new, self._ring))
+        if previous is not None:
+            reply.previous_key.CopyFrom(convert.key_info(previous, self._ring))
+        return reply
 
     def ListKeys(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         records = [r for r in self._ring.records()

@@ -1,0 +1,74 @@
+"""Settings: defaults, TOML, flags, validation naming the setting, secrets kept out of reprs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from authority.config import Config, KeyPolicy, Secret, ServerSettings, TicketPolicy
+from authority.errors import ConfigError
+from authority.settings_loader import load_config, parse_listen
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_file_states_the_defaults(tmp_path: Path) -> None:
+    config = load_config(ROOT / "hsm-config" / "authority.example.toml", state_dir=tmp_path)
+    assert config == Config(state_dir=tmp_path.resolve())
+    assert (config.server, config.tickets, config.keys) == (ServerSettings(), TicketPolicy(),
+                                                            KeyPolicy())
+    assert config.embedded_token
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    toml = tmp_path / "a.toml"
+    toml.write_text('state_dir = "/nowhere"\n[server]\nlisten = "127.0.0.1:6000"\n')
+    config = load_config(toml, listen="[::1]:7000", state_dir=tmp_path / "s")
+    assert config.server.listen == "[::1]:7000"
+    assert config.state_dir == (tmp_path / "s").resolve()
+
+
+def test_pkcs11_table_with_pin_file(tmp_path: Path) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("123456\n")
+    toml = tmp_path / "a.toml"
+    toml.write_text(f'[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_file = "{pin}"\n'
+                    "sessions = 2\n")
+    config = load_config(toml, state_dir=tmp_path)
+    assert config.pkcs11 is not None and config.pkcs11.pin.reveal() == "123456"
+    assert "123456" not in repr(config) and "123456" not in str(config.pkcs11)
+    assert not config.embedded_token
+
+
+def test_pin_sources_are_exclusive(tmp_path: Path) -> None:
+    toml = tmp_path / "a.toml"
+    toml.write_text('[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin = "1"\npin_env = "X"\n')
+    with pytest.raises(ConfigError, match=r"^pkcs11\.pin:"):
+        load_config(toml, state_dir=tmp_path)
+
+
+def test_secret_never_shows() -> None:
+    secret = Secret("hunter2")
+    assert "hunter2" not in repr(secret) and "hunter2" not in str(secret)
+    assert "hunter2" not in f"{secret}" and secret.reveal() == "hunter2"
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.0.0.5:1", "localhost:50051",
+                                    "[::1]:50051"])
+def test_loopback_listen_is_accepted(listen: str) -> None:
+    parse_listen(listen)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.0.0.1:1", "[::]:1", "example.com:1",
+                                    "127.0.0.1", "127.0.0.1:70000", ":50051", "127.0.0.1:x"])
+def test_other_listen_values_are_refused(listen: str) -> None:
+    with pytest.raises(ConfigError, match=r"^server\.listen:"):
+        parse_listen(listen)
+
+
+def test_lifetimes_must_be_consistent(tmp_path: Path) -> None:
+    toml = tmp_path / "a.toml"
+    toml.write_text("[tickets]\ndefault_lifetime = 9000\nmax_lifetime = 600\n")
+    with pytest.raises(ConfigError, match=r"^tickets\.default_lifetime:"):
+        load_config(toml, state_dir=tmp_path)
