@@ -8,16 +8,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grpc
 from authority.app import Authority, open_backend, pkcs11_settings
 from authority.backends.base import KeyBackend
+from authority.clock import ManualClock
 from authority.config import Secret
 from authority.errors import StartupError
 from authority.service.server import build_server
 from authority.store.sqlite import SqliteStore
 from tests.conftest import Harness, issue, make_config, redeem
-from authority._proto.ticketauthority.v1 import authority_pb2
 
 
 class CallCounter:
@@ -67,20 +69,17 @@ def test_redeem_makes_exactly_one_device_call_and_none_for_unknown_keys(tmp_path
     config = make_config(tmp_path / "state")
     counter = CallCounter(open_backend(config))
     store = SqliteStore(config.state_dir / "authority.db")
-    authority = Authority(config, counter, store, __import__("authority.clock").clock.ManualClock())
+    authority = Authority(config, counter, store, ManualClock())
     authority.ring.load()
     running = build_server(config, authority=authority)
     try:
-        import grpc
-
-        from authority._proto.ticketauthority.v1 import authority_pb2_grpc
-
         with grpc.insecure_channel(running.address) as channel:
             stub = authority_pb2_grpc.TicketAuthorityStub(channel)
             ticket = issue(stub).ticket
             assert redeem(stub, ticket).result == authority_pb2.REDEEM_RESULT_OK
             assert counter.unseals == 1
-            assert redeem(stub, ticket[:-1] + bytes([ticket[-1] ^ 1])).result == 2
+            assert redeem(stub, ticket[:-1] + bytes([ticket[-1] ^ 1])).result == \
+                authority_pb2.REDEEM_RESULT_INVALID
             assert counter.unseals == 2
             foreign = ticket[:4] + bytes(8) + ticket[12:]     # unknown key id
             garbage = b"\x07" + ticket[1:]                   # unknown version
