@@ -45,3 +45,13 @@ def test_contract_names_are_kept() -> None:
     state = set(authority_pb2.ResumptionState.DESCRIPTOR.fields_by_name)
     assert state == {"id_i", "id_r", "spi_i", "spi_r", "sk_d", "encr_id", "encr_key_bits",
                      "prf_id", "integ_id", "dh_group", "auth_method", "gateway_data"}
+
+
+def test_every_package_is_packaged() -> None:
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "authority").rglob(
+        "__init__.py") if "__pycache__" not in p.parts}
+    assert found <= listed, f"add to pyproject.toml [tool.setuptools] packages: {found - listed}"

@@ -1,0 +1,80 @@
+"""The AUTH payload of the IKE_AUTH exchange that follows IKE_SESSION_RESUME (RFC 5723 §4.3.3).
+
+RFC 5723 §4.3.3 defines ``AUTH = prf(SK_px, <message octets>)`` with SK_pi (initiator) or SK_pr
+(responder) of the *resumed* SA and the message octets of RFC 4306 §2.15 (RFC 7296 §2.15), i.e.
+the shared-key computation with SK_px in place of ``prf(Shared Secret, "Key Pad for IKEv2")``:
+
+- **No "Key Pad for IKEv2" step.** SK_px is already a PRF-sized key derived for this SA, so it
+  is used directly as the PRF key.
+- **The signed octets are RFC 7296 §2.15's**, with the IKE_SESSION_RESUME exchange playing the
+  part of IKE_SA_INIT::
+
+      InitiatorSignedOctets = RealMessage1 | NonceRData | MACedIDForI
+      MACedIDForI           = prf(SK_pi, RestOfInitIDPayload)
+      ResponderSignedOctets = RealMessage2 | NonceIData | MACedIDForR
+      MACedIDForR           = prf(SK_pr, RestOfRespIDPayload)
+
+  RealMessage1/2 are the IKE_SESSION_RESUME request/response exactly as sent, from the first
+  octet of the IKE header's SPIi to the last octet of the last payload (without the four-octet
+  non-ESP marker used on port 4500). NonceRData/NonceIData are the bare nonce values of that
+  exchange. RestOfInitIDPayload / RestOfRespIDPayload is the IDi / IDr payload without its
+  four-octet generic payload header (ID Type, three RESERVED octets, identification data).
+
+The MAC over the ID uses the same SK_px as the outer PRF, as in RFC 7296.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from authority.ikev2.prf import prf, prf_info
+
+IKE_HEADER_LEN = 28
+ID_FIXED_LEN = 4  # ID Type + 3 RESERVED octets
+
+
+def _check(prf_id: int, sk_px: bytes, real_message: bytes, nonce: bytes,
+           id_body: bytes) -> None:
+    """Raises UnknownTransformError / ValueError for the inputs ``signed_octets`` refuses."""
+    key_length = prf_info(prf_id).key_length
+    if len(sk_px) != key_length:
+        raise ValueError(f"SK_px must be {key_length} octets for PRF {prf_id}, got {len(sk_px)}")
+    if len(real_message) < IKE_HEADER_LEN:
+        raise ValueError("the real message must include the 28-octet IKE header")
+    if not nonce:
+        raise ValueError("the peer's nonce must not be empty")
+    if len(id_body) < ID_FIXED_LEN:
+        raise ValueError("the ID payload body must hold at least ID Type and RESERVED")
+
+
+def signed_octets(prf_id: int, sk_px: bytes, real_message: bytes, peer_nonce: bytes,
+                  id_body: bytes) -> bytes:
+    """RealMessage | peer's nonce | prf(SK_px, ID body): the octets AUTH is computed over.
+
+    Raises UnknownTransformError for an unsupported PRF; ValueError for an SK_px of the wrong
+    length, a message shorter than an IKE header, an empty nonce or an ID body under 4 octets."""
+    _check(prf_id, sk_px, real_message, peer_nonce, id_body)
+    return real_message + peer_nonce + prf(prf_id, sk_px, id_body)
+
+
+def auth_initiator(prf_id: int, sk_pi: bytes, real_message_1: bytes, nonce_r: bytes,
+                   id_i_body: bytes) -> bytes:
+    """The initiator's AUTH data: prf(SK_pi, RealMessage1 | Nr | prf(SK_pi, IDi')), where
+    RealMessage1 is the IKE_SESSION_RESUME request and Nr the responder's nonce.
+
+    Raises UnknownTransformError / ValueError as ``signed_octets`` does."""
+    return prf(prf_id, sk_pi, signed_octets(prf_id, sk_pi, real_message_1, nonce_r, id_i_body))
+
+
+def auth_responder(prf_id: int, sk_pr: bytes, real_message_2: bytes, nonce_i: bytes,
+                   id_r_body: bytes) -> bytes:
+    """The responder's AUTH data: prf(SK_pr, RealMessage2 | Ni | prf(SK_pr, IDr')), where
+    RealMessage2 is the IKE_SESSION_RESUME response and Ni the initiator's nonce.
+
+    Raises UnknownTransformError / ValueError as ``signed_octets`` does."""
+    return prf(prf_id, sk_pr, signed_octets(prf_id, sk_pr, real_message_2, nonce_i, id_r_body))
+
+
+def auth_matches(expected: bytes, received: bytes) -> bool:
+    """Constant-time comparison of a computed and a received AUTH value. Never raises."""
+    return hmac.compare_digest(expected, received)
