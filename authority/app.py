@@ -46,6 +46,10 @@ def pkcs11_settings(config: Config) -> Pkcs11Settings:
 
 def open_backend(config: Config) -> KeyBackend:
     """Open the configured key backend. Raises: StartupError."""
+    if config.backend == "tpm":
+        from authority.backends.tpm import open_tpm_backend
+
+        return open_tpm_backend(config.tpm, config.state_dir / "tpm")
     from authority.backends.pkcs11 import Pkcs11Backend
 
     return Pkcs11Backend.open(pkcs11_settings(config))

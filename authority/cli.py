@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the authority (embedded SoftHSM2 token by default)")
     _common(serve)
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--backend", choices=["pkcs11", "tpm"],
+                       help="key device (default pkcs11: the embedded SoftHSM2 token; tpm: an "
+                            "embedded swtpm unless tpm.tcti is set)")
     keys = sub.add_parser("keys", help="list, rotate or retire ticket protection keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     listing = keys_sub.add_parser("list", help="list keys")
@@ -69,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     from authority.settings_loader import load_config
 
     config = load_config(args.config, listen=args.listen, state_dir=args.state_dir,
-                         log_level=args.log_level)
+                         log_level=args.log_level, backend=args.backend)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config)

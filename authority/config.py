@@ -35,6 +35,17 @@ class Pkcs11Settings:
 
 
 @dataclass(frozen=True)
+class TpmSettings:
+    """How to reach the TPM 2.0 that holds the ticket keys."""
+
+    tcti: str | None = None           # "swtpm:port=2321", "device:/dev/tpmrm0", "tabrmd";
+                                      # None: an embedded swtpm started in state_dir/tpm
+    key_dir: Path | None = None       # TPM-wrapped key blobs; None: state_dir/tpm/keys
+    owner_auth: Secret = Secret("")   # authorisation of the owner (storage) hierarchy
+    retries: int = 10                 # attempts on TPM_RC_RETRY / YIELDED / TESTING
+
+
+@dataclass(frozen=True)
 class TicketPolicy:
     """Ticket lifetimes, in seconds."""
 
@@ -72,10 +83,11 @@ class Config:
     keys: KeyPolicy = KeyPolicy()
     backend: str = "pkcs11"
     pkcs11: Pkcs11Settings | None = None   # None: the embedded SoftHSM2 token in state_dir/hsm
+    tpm: TpmSettings = TpmSettings()       # used when backend == "tpm"
     log_level: str = "INFO"
     store_synchronous: str = "NORMAL"
 
     @property
     def embedded_token(self) -> bool:
         """True when the authority provisions and uses its own SoftHSM2 token."""
-        return self.pkcs11 is None
+        return self.backend == "pkcs11" and self.pkcs11 is None

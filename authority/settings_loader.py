@@ -17,6 +17,7 @@ from authority.config import (
     Secret,
     ServerSettings,
     TicketPolicy,
+    TpmSettings,
 )
 from authority.errors import ConfigError
 
@@ -24,9 +25,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
-_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", *_SECTIONS}
+_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", *_SECTIONS}
+_BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
+_TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -40,7 +43,8 @@ def default_state_dir() -> Path:
 
 
 def load_config(config_file: Path | None = None, *, listen: str | None = None,
-                state_dir: Path | None = None, log_level: str | None = None) -> Config:
+                state_dir: Path | None = None, log_level: str | None = None,
+                backend: str | None = None) -> Config:
     """Return the validated settings: defaults < TOML file < flags.
 
     Raises: ConfigError naming the first wrong setting.
@@ -55,11 +59,13 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, **{name: _section(name, cls, data.get(name, {}))})
     if listen is not None:
         cfg = replace(cfg, server=replace(cfg.server, listen=listen))
-    cfg = replace(cfg, backend=str(data.get("backend", "pkcs11")),
+    cfg = replace(cfg, backend=str(backend or data.get("backend", "pkcs11")),
                   log_level=str(log_level or data.get("log_level", "INFO")).upper(),
                   store_synchronous=str(data.get("store_synchronous", "NORMAL")).upper())
     if "pkcs11" in data:
-        cfg = replace(cfg, pkcs11=_pkcs11(data["pkcs11"], config_file))
+        cfg = replace(cfg, pkcs11=_pkcs11(data["pkcs11"]))
+    if "tpm" in data:
+        cfg = replace(cfg, tpm=_tpm(data["tpm"]))
     validate(cfg)
     return cfg
 
@@ -95,12 +101,31 @@ def _coerce(setting: str, value: Any, kind: type) -> Any:
     return value
 
 
-def _pkcs11(data: Any, config_file: Path | None) -> Pkcs11Settings:
+def _table(name: str, data: Any, allowed: set[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise ConfigError("pkcs11", "must be a table")
+        raise ConfigError(name, "must be a table")
     for key in data:
-        if key not in _PKCS11_KEYS:
-            raise ConfigError(f"pkcs11.{key}", "unknown setting")
+        if key not in allowed:
+            raise ConfigError(f"{name}.{key}", "unknown setting")
+    return data
+
+
+def _tpm(data: Any) -> TpmSettings:
+    data = _table("tpm", data, _TPM_KEYS)
+    tcti = data.get("tcti")
+    if tcti is not None and (not isinstance(tcti, str) or not tcti):
+        raise ConfigError("tpm.tcti", "a TCTI string such as 'device:/dev/tpmrm0'")
+    key_dir = data.get("key_dir")
+    auth = Secret("")
+    if "owner_auth_file" in data or "owner_auth_env" in data:
+        auth = _secret("tpm.owner_auth", data, file_key="owner_auth_file",
+                       env_key="owner_auth_env")
+    return TpmSettings(tcti=tcti, key_dir=Path(key_dir) if key_dir else None, owner_auth=auth,
+                       retries=_coerce("tpm.retries", data.get("retries", 10), int))
+
+
+def _pkcs11(data: Any) -> Pkcs11Settings:
+    data = _table("pkcs11", data, _PKCS11_KEYS)
     for key in ("module", "token_label"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"pkcs11.{key}", "required (a non-empty string)")
@@ -117,18 +142,26 @@ def _pin(data: dict[str, Any]) -> Secret:
     sources = [k for k in ("pin", "pin_file", "pin_env") if k in data]
     if len(sources) != 1:
         raise ConfigError("pkcs11.pin", "give exactly one of pin_file, pin_env or pin")
-    if "pin_file" in data:
+    if "pin" in data:
+        log.warning("pkcs11.pin is inline in the config file; prefer pin_file or pin_env")
+        return Secret(str(data["pin"]))
+    return _secret("pkcs11.pin", data, file_key="pin_file", env_key="pin_env")
+
+
+def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) -> Secret:
+    """A secret read from a file or an environment variable (exactly one of them)."""
+    prefix = setting.rsplit(".", 1)[0]
+    if file_key in data and env_key in data:
+        raise ConfigError(setting, f"give {file_key} or {env_key}, not both")
+    if file_key in data:
         try:
-            return Secret(Path(data["pin_file"]).read_text().strip())
+            return Secret(Path(data[file_key]).read_text().strip())
         except OSError as exc:
-            raise ConfigError("pkcs11.pin_file", f"cannot read: {exc.strerror}") from exc
-    if "pin_env" in data:
-        value = os.environ.get(str(data["pin_env"]))
-        if value is None:
-            raise ConfigError("pkcs11.pin_env", f"environment variable {data['pin_env']} unset")
-        return Secret(value)
-    log.warning("pkcs11.pin is inline in the config file; prefer pin_file or pin_env")
-    return Secret(str(data["pin"]))
+            raise ConfigError(f"{prefix}.{file_key}", f"cannot read: {exc.strerror}") from exc
+    value = os.environ.get(str(data[env_key]))
+    if value is None:
+        raise ConfigError(f"{prefix}.{env_key}", f"environment variable {data[env_key]} unset")
+    return Secret(value)
 
 
 def validate(cfg: Config) -> None:
@@ -152,8 +185,11 @@ def validate(cfg: Config) -> None:
     _positive("keys.seal_reservation", cfg.keys.seal_reservation)
     if cfg.keys.maintenance_interval <= 0:
         raise ConfigError("keys.maintenance_interval", "must be positive")
-    if cfg.backend != "pkcs11":
-        raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: pkcs11)")
+    if cfg.backend not in _BACKENDS:
+        raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: "
+                                     f"{', '.join(_BACKENDS)})")
+    if cfg.tpm.retries < 0:
+        raise ConfigError("tpm.retries", "must not be negative")
     if cfg.log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"one of {', '.join(sorted(_LOG_LEVELS))}")
     if cfg.store_synchronous not in {"NORMAL", "FULL"}:

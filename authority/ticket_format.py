@@ -9,8 +9,10 @@ Ticket (what the client carries, RFC 5723 "ticket by value")::
     \\______ header: associated data ______/
 
 Version 1 means AES-256-GCM inside a PKCS#11 token. The 12-octet header (version, reserved,
-key_id) is the GCM associated data; the nonce is GCM's IV. The plaintext is encoded by
-``encode_contents`` (layout in docs/ticket-format.md). All integers are big-endian.
+key_id) is the GCM associated data; the nonce is GCM's IV. Version 2 is the TPM's
+encrypt-then-MAC: iv (16) | AES-256-CFB ciphertext | HMAC-SHA256 (32) over header | iv |
+ciphertext, both keys inside the TPM. The plaintext is encoded by ``encode_contents`` (layout in
+docs/ticket-format.md). All integers are big-endian.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from typing import Any
 from authority.errors import InvalidTicket
 from authority.state import ResumptionState
 
-FORMAT_V1 = 1
-SUPPORTED_VERSIONS = frozenset({FORMAT_V1})
+FORMAT_V1 = 1          # AES-256-GCM in a PKCS#11 token: nonce (12) | ciphertext | tag (16)
+FORMAT_V2_TPM = 2      # TPM encrypt-then-MAC: iv (16) | AES-256-CFB ciphertext | HMAC-SHA256 (32)
+#: octets a version's sealed body adds around the plaintext
+SEAL_OVERHEAD = {FORMAT_V1: 12 + 16, FORMAT_V2_TPM: 16 + 32}
+SUPPORTED_VERSIONS = frozenset(SEAL_OVERHEAD)
 KEY_ID_LEN = 8
 HEADER_LEN = 12
 NONCE_LEN = 12
@@ -37,7 +42,7 @@ _HEADER = struct.Struct(">B3s8s")
 # auth_method, spi_i, spi_r
 _FIXED = struct.Struct(">16sQQHHHHHB8s8s")
 _MIN_PLAINTEXT = _FIXED.size + 1 + 2 + 2 + 2 + 2
-MIN_TICKET_LEN = HEADER_LEN + NONCE_LEN + _MIN_PLAINTEXT + TAG_LEN
+MIN_TICKET_LEN = HEADER_LEN + min(SEAL_OVERHEAD.values()) + _MIN_PLAINTEXT
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ def parse_ticket(ticket: bytes) -> ParsedTicket:
     version, reserved, key_id = _HEADER.unpack_from(ticket)
     if version not in SUPPORTED_VERSIONS:
         raise InvalidTicket(f"unknown format version {version}")
+    if len(ticket) < HEADER_LEN + SEAL_OVERHEAD[version] + _MIN_PLAINTEXT:
+        raise InvalidTicket(f"too short for version {version} ({len(ticket)} octets)")
     if reserved != bytes(3):
         raise InvalidTicket("reserved octets not zero")
     return ParsedTicket(version, key_id, ticket[:HEADER_LEN], ticket[HEADER_LEN:])

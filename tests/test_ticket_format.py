@@ -15,10 +15,13 @@ from hypothesis import strategies as st
 from authority.errors import InvalidTicket
 from authority.state import PRF_KEY_LENGTHS, ResumptionState
 from authority.ticket_format import (
+    FORMAT_V1,
+    FORMAT_V2_TPM,
     HEADER_LEN,
     MAX_TICKET_LEN,
     MIN_TICKET_LEN,
     NONCE_LEN,
+    SEAL_OVERHEAD,
     TAG_LEN,
     TicketContents,
     assemble_ticket,
@@ -88,11 +91,21 @@ def test_bad_lengths_are_invalid(ticket: bytes) -> None:
 
 def test_unknown_version_and_nonzero_reserved_are_invalid() -> None:
     ticket = bytearray.fromhex(VECTOR["ticket"])
-    for position, value in ((0, 2), (0, 0), (1, 1), (3, 0x80)):
+    for position, value in ((0, 3), (0, 0), (0, 0xFF), (1, 1), (3, 0x80)):
         bad = bytearray(ticket)
         bad[position] = value
         with pytest.raises(InvalidTicket):
             parse_ticket(bytes(bad))
+
+
+def test_minimum_length_depends_on_the_version() -> None:
+    v1 = bytes.fromhex(VECTOR["header"]) + bytes(MIN_TICKET_LEN - HEADER_LEN)
+    assert parse_ticket(v1).version == FORMAT_V1
+    v2 = encode_header(bytes(8), FORMAT_V2_TPM) + bytes(MIN_TICKET_LEN - HEADER_LEN)
+    with pytest.raises(InvalidTicket, match="version 2"):
+        parse_ticket(v2)
+    extra = SEAL_OVERHEAD[FORMAT_V2_TPM] - SEAL_OVERHEAD[FORMAT_V1]
+    assert parse_ticket(v2 + bytes(extra)).version == FORMAT_V2_TPM
 
 
 def test_every_plaintext_truncation_is_invalid() -> None:

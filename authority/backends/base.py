@@ -6,8 +6,11 @@ No method ever returns key material. Key ids are the 8-octet ids carried in tick
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from authority.errors import InvalidTicket
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,30 @@ class KeyBackend(Protocol):
         """
         ...
 
+    def seal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        """``seal`` for many (key_id, aad, plaintext) items, in order, with one device session.
+
+        Raises: KeyNotFound, DeviceUnavailable (for the whole batch).
+        """
+        ...
+
+    def unseal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]
+                    ) -> list[bytes | InvalidTicket]:
+        """``unseal`` for many (key_id, aad, sealed) items, in order, with one device session.
+
+        An item that fails authentication or names a missing key yields its ``UnsealFailed`` /
+        ``KeyNotFound`` in place of the plaintext; the other items are unaffected.
+        Raises: DeviceUnavailable (for the whole batch).
+        """
+        ...
+
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """Read the device's own protection attributes of a key (never its value).
 
-        PKCS#11: sensitive, extractable, always_sensitive, never_extractable, token, encrypt,
-        decrypt, wrap, sign, derive, modifiable.
+        PKCS#11: sensitive, extractable, always_sensitive, never_extractable, token, private,
+        encrypt, decrypt, wrap, unwrap, sign, derive, modifiable.
+        TPM: fixed_tpm, fixed_parent, sensitive_data_origin, user_with_auth, no_da, decrypt,
+        sign_encrypt (for each of the key's TPM objects, prefixed "aes." / "hmac.").
         Raises: KeyNotFound, DeviceUnavailable.
         """
         ...
