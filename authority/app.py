@@ -13,6 +13,7 @@ from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
 from authority.errors import AuthorityError, StartupError
 from authority.keyring import KeyRing
+from authority.metrics import InstrumentedBackend, Metrics
 from authority.sealer import Sealer
 from authority.store.sqlite import SqliteStore
 
@@ -61,13 +62,16 @@ class Authority:
     def __init__(self, config: Config, backend: KeyBackend, store: SqliteStore,
                  clock: Clock) -> None:
         self.config = config
-        self.backend = backend
+        self.metrics = Metrics()
+        self.backend: KeyBackend = InstrumentedBackend(backend, self.metrics)
         self.store = store
         self.clock = clock
         self.counters = Counters()
         self.started_at = clock.now()
-        self.ring = KeyRing(backend, store, config.keys, config.tickets, clock)
-        self.sealer = Sealer(self.ring, backend, store, config.tickets, clock, self.counters)
+        self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock)
+        self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
+                             self.counters)
+        self.metrics.watch(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the authority (embedded SoftHSM2 token by default)")
     _common(serve)
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument("--metrics-listen", metavar="HOST:PORT",
+                       help="Prometheus endpoint (default 127.0.0.1:9464; '' turns it off)")
     serve.add_argument("--backend", choices=["pkcs11", "tpm"],
                        help="key device (default pkcs11: the embedded SoftHSM2 token; tpm: an "
                             "embedded swtpm unless tpm.tcti is set)")
@@ -72,7 +74,8 @@ def _serve(args: argparse.Namespace) -> int:
     from authority.settings_loader import load_config
 
     config = load_config(args.config, listen=args.listen, state_dir=args.state_dir,
-                         log_level=args.log_level, backend=args.backend)
+                         log_level=args.log_level, backend=args.backend,
+                         metrics_listen=args.metrics_listen)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config)

@@ -69,8 +69,10 @@ class ServerSettings:
 
     listen: str = "127.0.0.1:50051"
     workers: int = 16
-    max_message_bytes: int = 1 << 20
+    max_message_bytes: int = 4 << 20   # a full batch of maximum-size tickets fits
+    max_batch_items: int = 1000
     grace_seconds: float = 5.0
+    metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import enum
 import logging
 import math
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from authority.backends.base import KeyBackend
@@ -23,6 +24,7 @@ from authority.state import ResumptionState, validate_state
 from authority.store.base import Store
 from authority.ticket_format import (
     TICKET_ID_LEN,
+    ParsedTicket,
     TicketContents,
     assemble_ticket,
     decode_contents,
@@ -80,7 +82,7 @@ class Redemption:
 
 
 class Sealer:
-    """The ticket domain service; thread-safe."""
+    """The ticket domain service; thread-safe. Single calls are batches of one."""
 
     def __init__(self, ring: KeyRing, backend: KeyBackend, store: Store, policy: TicketPolicy,
                  clock: Clock, counters: Counters) -> None:
@@ -97,20 +99,51 @@ class Sealer:
             return self._policy.default_lifetime
         return min(requested, self._policy.max_lifetime)
 
+    # -- issue -----------------------------------------------------------------------------------
+
     def issue(self, state: ResumptionState, lifetime: int = 0) -> IssuedTicket:
         """Seal ``state`` into a new ticket under the sealing key.
 
         Raises: InvalidArgument (a state field), DeviceUnavailable, ResourceExhausted.
         """
-        validate_state(state)
-        granted = self.grant_lifetime(lifetime)
+        result = self.issue_many([(state, lifetime)], field=lambda _: "state")[0]
+        if isinstance(result, InvalidArgument):
+            raise result
+        return result
+
+    def issue_many(self, items: Sequence[tuple[ResumptionState, int]],
+                   field: Callable[[int], str] = lambda i: f"items[{i}].state",
+                   ) -> list[IssuedTicket | InvalidArgument]:
+        """Seal many states (with requested lifetimes) in one device session, in order.
+
+        A state that fails validation yields its InvalidArgument; the others are sealed.
+        Raises: DeviceUnavailable, ResourceExhausted (for the whole batch).
+        """
+        out: list[IssuedTicket | InvalidArgument | None] = [None] * len(items)
+        jobs: list[tuple[int, bytes, bytes, bytes, TicketContents]] = []
         now = math.floor(self._clock.now())
-        contents = TicketContents(secrets.token_bytes(TICKET_ID_LEN), now, now + granted, state)
-        key_id = self._ring.sealing_key()
-        header = encode_header(key_id, self._backend.format_version)
-        sealed = self._backend.seal(key_id, header, encode_contents(contents))
-        self._counters.inc("issued")
-        return IssuedTicket(assemble_ticket(header, sealed), key_id, now, now + granted, granted)
+        for index, (state, lifetime) in enumerate(items):
+            try:
+                validate_state(state, prefix=field(index))
+            except InvalidArgument as exc:
+                out[index] = exc
+                continue
+            granted = self.grant_lifetime(lifetime)
+            contents = TicketContents(secrets.token_bytes(TICKET_ID_LEN), now, now + granted,
+                                      state)
+            key_id = self._ring.sealing_key()
+            header = encode_header(key_id, self._backend.format_version)
+            jobs.append((index, key_id, header, encode_contents(contents), contents))
+        sealed = self._backend.seal_many([(k, h, plain) for _, k, h, plain, _ in jobs]
+                                         ) if jobs else []
+        for (index, key_id, header, _, contents), body in zip(jobs, sealed, strict=True):
+            out[index] = IssuedTicket(assemble_ticket(header, body), key_id, contents.issued_at,
+                                      contents.expires_at,
+                                      contents.expires_at - contents.issued_at)
+        self._counters.inc("issued", len(jobs))
+        return [r for r in out if r is not None]
+
+    # -- redeem ----------------------------------------------------------------------------------
 
     def redeem(self, ticket: bytes, consume: bool = False) -> Redemption:
         """Check a ticket and return its state if it may be resumed.
@@ -118,34 +151,79 @@ class Sealer:
         Returns INVALID for anything malformed, foreign, tampered or under a destroyed key.
         Raises: InvalidArgument (empty ticket), DeviceUnavailable (device or store down).
         """
-        if not ticket:
-            raise InvalidArgument("ticket", "required")
-        stage = "malformed"
-        try:
-            parsed = parse_ticket(ticket)
-            stage = "key"          # unknown, destroyed or out-of-window key: no device call
-            self._ring.check_opens(parsed.key_id)
-            stage = "auth"         # the device refused: tampered, foreign or wrong key
-            plaintext = self._backend.unseal(parsed.key_id, parsed.header, parsed.sealed)
-            stage = "plaintext"
-            contents = decode_contents(plaintext)
-        except InvalidTicket as exc:
-            log.debug("redeem: invalid ticket (%s): %s", stage, exc.cause)
-            return self._count(Redemption(RedeemStatus.INVALID), f"invalid.{stage}")
-        status = self._check_live(contents, consume)
-        return self._count(Redemption(status, contents if status == RedeemStatus.OK else None,
-                                      parsed.key_id), None)
+        result = self.redeem_many([(ticket, consume)], field=lambda _: "ticket")[0]
+        if isinstance(result, InvalidArgument):
+            raise result
+        return result
 
-    def _check_live(self, contents: TicketContents, consume: bool) -> RedeemStatus:
+    def redeem_many(self, items: Sequence[tuple[bytes, bool]],
+                    field: Callable[[int], str] = lambda i: f"items[{i}].ticket",
+                    ) -> list[Redemption | InvalidArgument]:
+        """Redeem many (ticket, consume) items with one device session and one store query.
+
+        An empty ticket yields InvalidArgument; every other item yields a Redemption.
+        Raises: DeviceUnavailable (for the whole batch).
+        """
+        out: list[Redemption | InvalidArgument | None] = [None] * len(items)
+        pending: list[tuple[int, ParsedTicket]] = []
+        for index, (ticket, _) in enumerate(items):
+            if not ticket:
+                out[index] = InvalidArgument(field(index), "required")
+                continue
+            try:
+                parsed = parse_ticket(ticket)
+            except InvalidTicket as exc:
+                out[index] = self._invalid("malformed", exc)
+                continue
+            try:
+                self._ring.check_opens(parsed.key_id)  # no device call for a refused key
+            except InvalidTicket as exc:
+                out[index] = self._invalid("key", exc)
+                continue
+            pending.append((index, parsed))
+        opened = self._backend.unseal_many([(p.key_id, p.header, p.sealed)
+                                            for _, p in pending]) if pending else []
+        authentic: list[tuple[int, bytes, TicketContents]] = []
+        for (index, parsed), plain in zip(pending, opened, strict=True):
+            if isinstance(plain, InvalidTicket):  # the device refused: tampered or foreign
+                out[index] = self._invalid("auth", plain)
+                continue
+            try:
+                authentic.append((index, parsed.key_id, decode_contents(plain)))
+            except InvalidTicket as exc:
+                out[index] = self._invalid("plaintext", exc)
+        for index, result in self._check_live(authentic, items):
+            out[index] = result
+        return [r for r in out if r is not None]
+
+    def _check_live(self, authentic: list[tuple[int, bytes, TicketContents]],
+                    items: Sequence[tuple[bytes, bool]]) -> list[tuple[int, Redemption]]:
+        """Expiry, then the consumed set (one query, one transaction for the consumes)."""
         now = self._clock.now()
-        if now >= contents.expires_at:
-            return RedeemStatus.EXPIRED
-        if consume:
-            fresh = self._store.consume(contents.ticket_id, contents.expires_at, now)
-            return RedeemStatus.OK if fresh else RedeemStatus.REPLAYED
-        if self._store.is_consumed(contents.ticket_id, now):
-            return RedeemStatus.REPLAYED
-        return RedeemStatus.OK
+        live = [(i, k, c) for i, k, c in authentic if now < c.expires_at]
+        results = [(i, Redemption(RedeemStatus.EXPIRED, None, k)) for i, k, c in authentic
+                   if now >= c.expires_at]
+        lookups = [c.ticket_id for i, _, c in live if not items[i][1]]
+        consumed = self._store.consumed_among(lookups, now)
+        to_consume = [(i, k, c) for i, k, c in live if items[i][1]]
+        fresh = self._store.consume_many([(c.ticket_id, c.expires_at) for _, _, c in to_consume],
+                                         now)
+        is_fresh = {i: new for (i, _, _), new in zip(to_consume, fresh, strict=True)}
+        for i, key_id, contents in live:
+            ok = is_fresh.get(i, contents.ticket_id not in consumed)
+            status = RedeemStatus.OK if ok else RedeemStatus.REPLAYED
+            results.append((i, Redemption(status, contents if ok else None, key_id)))
+        for _, result in results:
+            self._counters.inc(f"redeem.{result.status.name.lower()}")
+        return results
+
+    def _invalid(self, stage: str, exc: InvalidTicket) -> Redemption:
+        log.debug("redeem: invalid ticket (%s): %s", stage, exc.cause)
+        self._counters.inc("redeem.invalid")
+        self._counters.inc(f"redeem.invalid.{stage}")
+        return Redemption(RedeemStatus.INVALID)
+
+    # -- consume ---------------------------------------------------------------------------------
 
     def consume(self, handle: bytes) -> RedeemStatus:
         """Mark the ticket behind a redeem's handle as used: OK the first time, REPLAYED after.
@@ -161,12 +239,6 @@ class Sealer:
         if now >= expires_at:
             return RedeemStatus.EXPIRED
         expires_at = min(expires_at, math.ceil(now) + self._policy.max_lifetime)
-        fresh = self._store.consume(ticket_id, expires_at, now)
+        fresh = self._store.consume_many([(ticket_id, expires_at)], now)[0]
         self._counters.inc("consumed" if fresh else "consume_replayed")
         return RedeemStatus.OK if fresh else RedeemStatus.REPLAYED
-
-    def _count(self, result: Redemption, detail: str | None) -> Redemption:
-        self._counters.inc(f"redeem.{result.status.name.lower()}")
-        if detail:
-            self._counters.inc(f"redeem.{detail}")
-        return result

@@ -44,7 +44,7 @@ def default_state_dir() -> Path:
 
 def load_config(config_file: Path | None = None, *, listen: str | None = None,
                 state_dir: Path | None = None, log_level: str | None = None,
-                backend: str | None = None) -> Config:
+                backend: str | None = None, metrics_listen: str | None = None) -> Config:
     """Return the validated settings: defaults < TOML file < flags.
 
     Raises: ConfigError naming the first wrong setting.
@@ -59,6 +59,8 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, **{name: _section(name, cls, data.get(name, {}))})
     if listen is not None:
         cfg = replace(cfg, server=replace(cfg.server, listen=listen))
+    if metrics_listen is not None:
+        cfg = replace(cfg, server=replace(cfg.server, metrics_listen=metrics_listen))
     cfg = replace(cfg, backend=str(backend or data.get("backend", "pkcs11")),
                   log_level=str(log_level or data.get("log_level", "INFO")).upper(),
                   store_synchronous=str(data.get("store_synchronous", "NORMAL")).upper())
@@ -170,8 +172,12 @@ def validate(cfg: Config) -> None:
     Raises: ConfigError naming the setting.
     """
     parse_listen(cfg.server.listen)
+    if cfg.server.metrics_listen:
+        parse_listen(cfg.server.metrics_listen, setting="server.metrics_listen",
+                     loopback_only=False)
     _positive("server.workers", cfg.server.workers)
     _positive("server.max_message_bytes", cfg.server.max_message_bytes)
+    _positive("server.max_batch_items", cfg.server.max_batch_items)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
     if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:
@@ -205,16 +211,18 @@ def _positive(setting: str, value: float) -> None:
         raise ConfigError(setting, f"must be positive, got {value}")
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6) and refuse non-loopback hosts (no TLS yet).
+def parse_listen(listen: str, setting: str = "server.listen",
+                 loopback_only: bool = True) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6); refuse non-loopback hosts for the gRPC
+    listener (no TLS yet).
 
-    Raises: ConfigError naming ``server.listen``.
+    Raises: ConfigError naming ``setting``.
     """
     host, sep, port_text = listen.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError("server.listen", f"expected HOST:PORT, got {listen!r}")
+        raise ConfigError(setting, f"expected HOST:PORT, got {listen!r}")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not _is_loopback(bare):
+    if loopback_only and not _is_loopback(bare):
         raise ConfigError("server.listen", f"{host} is beyond loopback; listening there needs "
                                            "TLS, which this version does not provide yet")
     return host, int(port_text)

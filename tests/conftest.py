@@ -27,8 +27,8 @@ def make_config(state_dir: Path, **keys: Any) -> Config:
     """Settings for a test server: its own state dir (so its own SoftHSM2 token), port 0,
     no background maintenance (tests call ``maintain`` with a manual clock)."""
     policy = replace(KeyPolicy(maintenance_interval=3600.0), **keys)
-    return Config(state_dir=state_dir, server=ServerSettings(listen="127.0.0.1:0", workers=16),
-                  keys=policy)
+    return Config(state_dir=state_dir, keys=policy,
+                  server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen=""))
 
 
 class Harness:

@@ -47,7 +47,8 @@ class Server:
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     state = tmp_path / "state"
-    srv = Server(["--state-dir", str(state), "--listen", "127.0.0.1:0"])
+    srv = Server(["--state-dir", str(state), "--listen", "127.0.0.1:0",
+                  "--metrics-listen", "127.0.0.1:0"])
     yield srv, state
     srv.stop()
 
@@ -117,15 +118,16 @@ def test_bad_settings_are_startup_errors_naming_the_setting(
     if toml is not None:
         (tmp_path / "authority.toml").write_text(toml)
         extra += ["--config", str(tmp_path / "authority.toml")]
-    result = cli("serve", "--state-dir", str(tmp_path / "state"), *extra)
+    result = cli("serve", "--state-dir", str(tmp_path / "state"), "--metrics-listen", "", *extra)
     assert result.returncode == 2
     assert result.stderr.startswith(f"ticket-authority: {setting}:"), result.stderr
 
 
 def test_serve_with_no_arguments_uses_the_embedded_defaults(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        if s.connect_ex(("127.0.0.1", 50051)) == 0:
-            pytest.skip("127.0.0.1:50051 is in use on this machine")
+    for port in (50051, 9464):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"127.0.0.1:{port} is in use on this machine")
     env = {**os.environ, "HOME": str(tmp_path)}
     env.pop("XDG_STATE_HOME", None)
     env.pop("TICKET_AUTHORITY_STATE_DIR", None)

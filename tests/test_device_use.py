@@ -23,7 +23,8 @@ from tests.conftest import Harness, issue, make_config, redeem
 
 
 class CallCounter:
-    """Passes every call to the real backend and counts unseal calls (a spy, not a mock)."""
+    """Passes every call to the real backend and counts tickets sent to the device for
+    opening (a spy, not a mock)."""
 
     def __init__(self, inner: KeyBackend) -> None:
         self._inner = inner
@@ -34,6 +35,10 @@ class CallCounter:
     def unseal(self, key_id: bytes, aad: bytes, sealed: bytes) -> bytes:
         self.unseals += 1
         return self._inner.unseal(key_id, aad, sealed)
+
+    def unseal_many(self, items: list[tuple[bytes, bytes, bytes]]) -> list[Any]:
+        self.unseals += len(items)
+        return self._inner.unseal_many(items)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

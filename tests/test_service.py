@@ -81,7 +81,7 @@ def test_garbage_and_oversized_tickets(harness: Harness) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "ticket" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        redeem(stub, os.urandom(2 << 20))  # beyond the deliberate message size limit
+        redeem(stub, os.urandom(harness.config.server.max_message_bytes + 1))  # over the limit
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
-from authority.errors import InvalidArgument
+from authority.errors import AuthorityError, InvalidArgument
 from authority.keyring import KeyRing
 from authority.keys import KeyRecord
 from authority.sealer import IssuedTicket, RedeemStatus, Redemption
 from authority.state import ResumptionState
 from authority.ticket_format import KEY_ID_LEN
+
+# gRPC status code numbers by name (google.rpc.Code), without importing grpc here.
+_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "FAILED_PRECONDITION": 9,
+          "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "UNKNOWN": 2}
 
 _STATE_FIELDS = ("id_i", "id_r", "spi_i", "spi_r", "sk_d", "encr_id", "encr_key_bits",
                  "prf_id", "integ_id", "dh_group", "auth_method", "gateway_data")
@@ -23,13 +27,14 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def state_from_proto(msg: authority_pb2.IssueTicketRequest) -> ResumptionState:
+def state_from_proto(msg: authority_pb2.IssueTicketRequest,
+                     field: str = "state") -> ResumptionState:
     """The request's state as a domain object (validated later by the sealer).
 
-    Raises: InvalidArgument if the state is missing.
+    Raises: InvalidArgument naming ``field`` if the state is missing.
     """
     if not msg.HasField("state"):
-        raise InvalidArgument("state", "required")
+        raise InvalidArgument(field, "required")
     s = msg.state
     return ResumptionState(**{name: getattr(s, name) for name in _STATE_FIELDS})
 
@@ -97,3 +102,40 @@ def key_info(record: KeyRecord, ring: KeyRing) -> admin_pb2.KeyInfo:
         sealing_ended_at=_maybe(record.sealing_ended_at),
         destroyed_at=_maybe(record.destroyed_at), seal_count=record.seal_count,
         rotates_at=_maybe(rotates_at))
+
+
+def item_error(exc: AuthorityError) -> authority_pb2.ItemError:
+    """A per-item failure of a batch."""
+    return authority_pb2.ItemError(code=_CODES[exc.status], message=exc.message)
+
+
+def check_batch(count: int, limit: int) -> None:
+    """Raises: InvalidArgument naming ``items`` if a batch is empty or too large."""
+    if count > limit:
+        raise InvalidArgument("items", f"at most {limit} items per batch, got {count}")
+
+
+def issue_batch_response(results: list[IssuedTicket | AuthorityError],
+                         batch_id: int) -> authority_pb2.IssueTicketsResponse:
+    """The IssueTickets reply, items in request order."""
+    reply = authority_pb2.IssueTicketsResponse(batch_id=batch_id)
+    for result in results:
+        item = reply.items.add()
+        if isinstance(result, AuthorityError):
+            item.error.CopyFrom(item_error(result))
+        else:
+            item.ticket.CopyFrom(issue_response(result))
+    return reply
+
+
+def redeem_batch_response(results: list[Redemption | AuthorityError],
+                          batch_id: int) -> authority_pb2.RedeemTicketsResponse:
+    """The RedeemTickets reply, items in request order."""
+    reply = authority_pb2.RedeemTicketsResponse(batch_id=batch_id)
+    for result in results:
+        item = reply.items.add()
+        if isinstance(result, AuthorityError):
+            item.error.CopyFrom(item_error(result))
+        else:
+            item.redeemed.CopyFrom(redeem_response(result))
+    return reply

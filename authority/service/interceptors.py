@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import grpc
 
 from authority.errors import AuthorityError
 
 log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
 class _Undecodable:
@@ -36,37 +38,67 @@ def _safe(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]
     return parse
 
 
-def _guard(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+def _checked(request: Any, context: grpc.ServicerContext) -> Any:
+    if isinstance(request, _Undecodable):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid message")
+    return request
+
+
+def _fail(exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+    """Abort the call with the status an exception deserves (re-raise an abort in flight)."""
+    if isinstance(exc, AuthorityError):
+        context.abort(grpc.StatusCode[exc.status], exc.message)
+    if context.code() is not None:  # context.abort() was already called
+        raise exc
+    incident = uuid.uuid4().hex[:12]
+    log.error("unexpected error (incident %s)", incident, exc_info=exc)
+    context.abort(grpc.StatusCode.UNKNOWN, f"unexpected server error (incident {incident}); "
+                                           "see the server log")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+def _unary_response(behavior: Behavior, stream_in: bool) -> Behavior:
     def call(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, _Undecodable):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: not a valid message")
+        arg = (_checked(r, context) for r in request) if stream_in else _checked(request, context)
         try:
-            return behavior(request, context)
-        except AuthorityError as exc:
-            context.abort(grpc.StatusCode[exc.status], exc.message)
-        except Exception:
-            if context.code() is not None:  # context.abort() was already called
-                raise
-            incident = uuid.uuid4().hex[:12]
-            log.exception("unexpected error (incident %s)", incident)
-            context.abort(grpc.StatusCode.UNKNOWN, f"unexpected server error (incident "
-                                                   f"{incident}); see the server log")
+            return behavior(arg, context)
+        except Exception as exc:
+            _fail(exc, context)
 
     return call
 
 
+def _stream_response(behavior: Behavior, stream_in: bool) -> Behavior:
+    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        arg = (_checked(r, context) for r in request) if stream_in else _checked(request, context)
+        try:
+            yield from behavior(arg, context)
+        except Exception as exc:
+            _fail(exc, context)
+
+    return call
+
+
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, _unary_response, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, _stream_response, False),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, _unary_response, True),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, _stream_response, True),
+)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Wraps every unary handler: request decoding and error-to-status mapping."""
+    """Wraps every handler: request decoding and error-to-status mapping."""
 
     def intercept_service(self, continuation: Callable[[Any], Any],
                           handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        kwargs = {"request_deserializer": _safe(handler.request_deserializer),
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_guard(handler.unary_unary), **kwargs)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_guard(handler.unary_stream), **kwargs)
+        for attr, make_handler, wrap, stream_in in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make_handler(wrap(behavior, stream_in),
+                                    request_deserializer=_safe(handler.request_deserializer),
+                                    response_serializer=handler.response_serializer)
         return handler

@@ -11,6 +11,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from authority.clock import Clock
 from authority.config import Config
 from authority.errors import StartupError
 from authority.service.interceptors import ErrorInterceptor
+from authority.service.observability import MetricsInterceptor, start_metrics_http
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 from authority.settings_loader import parse_listen
 
@@ -46,11 +48,16 @@ class RunningServer:
     address: str
     authority: Authority
     health: health.HealthServicer
+    metrics_server: Any = None
+    metrics_port: int | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the device."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
         self.authority.close()
 
 
@@ -67,7 +74,7 @@ def build_server(config: Config, clock: Clock | None = None,
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.server.workers,
                                    thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        interceptors=[MetricsInterceptor(authority.metrics), ErrorInterceptor()],
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
                  ("grpc.so_reuseport", 0)])
@@ -85,10 +92,18 @@ def build_server(config: Config, clock: Clock | None = None,
     if not bound:
         authority.close()
         raise StartupError(f"server.listen: cannot listen on {config.server.listen}")
+    running = RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer)
+    if config.server.metrics_listen:
+        try:
+            running.metrics_server, running.metrics_port = start_metrics_http(
+                authority.metrics, config.server.metrics_listen)
+        except StartupError:
+            authority.close()
+            raise
     server.start()
     for name in ("", TICKET_SERVICE, ADMIN_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer)
+    return running
 
 
 def serve(config: Config) -> None:
@@ -124,6 +139,13 @@ def _write_server_file(path: Path, address: str) -> None:
     tmp.replace(path)
 
 
+def _metrics_line(config: Config, running: RunningServer) -> str:
+    if running.metrics_port is None:
+        return ""
+    host = config.server.metrics_listen.rpartition(":")[0]
+    return f"  curl http://{host}:{running.metrics_port}/metrics\n"
+
+
 def _announce(config: Config, running: RunningServer) -> None:
     info = running.authority.backend.describe()
     primary = running.authority.ring.primary_id
@@ -135,4 +157,5 @@ def _announce(config: Config, running: RunningServer) -> None:
           f"  ticket-authority status --listen {running.address}\n"
           f"  ticket-authority keys list --listen {running.address}\n"
           f"  grpcurl -plaintext {running.address} list\n"
+          f"{_metrics_line(config, running)}"
           f"Stop with Ctrl-C or SIGTERM.", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -14,15 +15,19 @@ from authority._proto.ticketauthority.v1 import (
     authority_pb2_grpc,
 )
 from authority.app import Authority
+from authority.errors import AuthorityError
 from authority.keys import KeyState
+from authority.sealer import IssuedTicket
 from authority.service import convert
+from authority.state import ResumptionState
 
 
 class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
-    """Issue, redeem and consume tickets for gateways."""
+    """Issue, redeem and consume tickets for gateways, one at a time or in batches."""
 
     def __init__(self, authority: Authority) -> None:
         self._sealer = authority.sealer
+        self._max_batch = authority.config.server.max_batch_items
 
     def IssueTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         issued = self._sealer.issue(convert.state_from_proto(request), request.lifetime_seconds)
@@ -34,6 +39,41 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
     def ConsumeTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         status = self._sealer.consume(request.ticket_id)
         return authority_pb2.ConsumeTicketResponse(result=convert.result_name(status))
+
+    def IssueTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        convert.check_batch(len(request.items), self._max_batch)
+        return convert.issue_batch_response(self._issue_batch(request.items), request.batch_id)
+
+    def RedeemTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        convert.check_batch(len(request.items), self._max_batch)
+        results = self._sealer.redeem_many([(i.ticket, i.consume) for i in request.items])
+        return convert.redeem_batch_response(list(results), request.batch_id)
+
+    def IssueTicketStream(self, requests: Iterator[Any],  # noqa: N802
+                          context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            yield self.IssueTickets(request, context)
+
+    def RedeemTicketStream(self, requests: Iterator[Any],  # noqa: N802
+                           context: grpc.ServicerContext) -> Iterator[Any]:
+        for request in requests:
+            yield self.RedeemTickets(request, context)
+
+    def _issue_batch(self, items: Any) -> list[IssuedTicket | AuthorityError]:
+        """Missing states fail their own item; the rest are sealed in one batch."""
+        states: list[tuple[int, ResumptionState, int]] = []
+        out: list[IssuedTicket | AuthorityError | None] = [None] * len(items)
+        for index, item in enumerate(items):
+            try:
+                states.append((index, convert.state_from_proto(item, f"items[{index}].state"),
+                               item.lifetime_seconds))
+            except AuthorityError as exc:
+                out[index] = exc
+        sealed = self._sealer.issue_many([(s, life) for _, s, life in states],
+                                         field=lambda n: f"items[{states[n][0]}].state")
+        for (index, _, _), result in zip(states, sealed, strict=True):
+            out[index] = result
+        return [r for r in out if r is not None]
 
 
 class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):

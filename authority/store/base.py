@@ -6,6 +6,7 @@ implementation of the same interface.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from authority.keys import KeyRecord
@@ -22,12 +23,16 @@ class Store(Protocol):
         """Insert or replace the given records in one transaction (all or nothing)."""
         ...
 
-    def consume(self, ticket_id: bytes, expires_at: int, now: float) -> bool:
-        """Mark a ticket used until it expires. Return True the first time, False after."""
+    def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
+        """Mark tickets (ticket_id, expires_at) used until they expire, in one transaction.
+
+        Returns, per entry in order, True if it was newly consumed, False if it already was
+        (a repeated id within the batch counts as already consumed).
+        """
         ...
 
-    def is_consumed(self, ticket_id: bytes, now: float) -> bool:
-        """Return whether a live (unexpired) entry for the ticket exists."""
+    def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
+        """Return the ids among ``ticket_ids`` that have a live (unexpired) consumed entry."""
         ...
 
     def purge_expired(self, now: float) -> int:

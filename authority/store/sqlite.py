@@ -6,13 +6,14 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
 
 SCHEMA_VERSION = 1
+_CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,22 +94,38 @@ class SqliteStore:
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
-    def consume(self, ticket_id: bytes, expires_at: int, now: float) -> bool:
-        """Mark the ticket used; True the first time. An expired leftover entry is replaced."""
+    def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
+        """Mark tickets used in one transaction; True where newly consumed. An expired leftover
+        entry is replaced."""
+        if not entries:
+            return []
+        fresh: list[bool] = []
         with self._tx() as db:
-            row = db.execute("SELECT expires_at FROM consumed WHERE ticket_id=?",
-                             (ticket_id,)).fetchone()
-            if row is not None and row[0] > now:
-                return False
-            db.execute("INSERT OR REPLACE INTO consumed VALUES (?, ?)", (ticket_id, expires_at))
-            return True
+            live = self._live(db, [ticket_id for ticket_id, _ in entries], now)
+            for ticket_id, _ in entries:
+                fresh.append(ticket_id not in live)
+                live.add(ticket_id)
+            rows = [entry for entry, new in zip(entries, fresh, strict=True) if new]
+            db.executemany("INSERT OR REPLACE INTO consumed VALUES (?, ?)", rows)
+        return fresh
 
-    def is_consumed(self, ticket_id: bytes, now: float) -> bool:
-        """Return whether a live consumed entry exists for the ticket."""
+    def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
+        """Return the ids that have a live consumed entry."""
+        if not ticket_ids:
+            return set()
         with self._tx() as db:
-            row = db.execute("SELECT 1 FROM consumed WHERE ticket_id=? AND expires_at>?",
-                             (ticket_id, now)).fetchone()
-        return row is not None
+            return self._live(db, ticket_ids, now)
+
+    @staticmethod
+    def _live(db: sqlite3.Connection, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
+        found: set[bytes] = set()
+        for start in range(0, len(ticket_ids), _CHUNK):
+            chunk = list(ticket_ids[start:start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(f"SELECT ticket_id FROM consumed WHERE ticket_id IN ({marks}) "  # noqa: S608
+                              "AND expires_at>?", [*chunk, now])
+            found.update(bytes(r[0]) for r in rows)
+        return found
 
     def purge_expired(self, now: float) -> int:
         """Delete entries of expired tickets; return the count."""

@@ -1,10 +1,11 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -109,3 +110,57 @@ class ConsumeTicketResponse(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: RedeemResult
     def __init__(self, result: _Optional[_Union[RedeemResult, str]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class IssueTicketsRequest(_message.Message):
+    __slots__ = ("items", "batch_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[IssueTicketRequest]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[IssueTicketRequest, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
+
+class IssueTicketsResponse(_message.Message):
+    __slots__ = ("items", "batch_id")
+    class Item(_message.Message):
+        __slots__ = ("ticket", "error")
+        TICKET_FIELD_NUMBER: _ClassVar[int]
+        ERROR_FIELD_NUMBER: _ClassVar[int]
+        ticket: IssueTicketResponse
+        error: ItemError
+        def __init__(self, ticket: _Optional[_Union[IssueTicketResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[IssueTicketsResponse.Item]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[IssueTicketsResponse.Item, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
+
+class RedeemTicketsRequest(_message.Message):
+    __slots__ = ("items", "batch_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RedeemTicketRequest]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[RedeemTicketRequest, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
+
+class RedeemTicketsResponse(_message.Message):
+    __slots__ = ("items", "batch_id")
+    class Item(_message.Message):
+        __slots__ = ("redeemed", "error")
+        REDEEMED_FIELD_NUMBER: _ClassVar[int]
+        ERROR_FIELD_NUMBER: _ClassVar[int]
+        redeemed: RedeemTicketResponse
+        error: ItemError
+        def __init__(self, redeemed: _Optional[_Union[RedeemTicketResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RedeemTicketsResponse.Item]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[RedeemTicketsResponse.Item, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...

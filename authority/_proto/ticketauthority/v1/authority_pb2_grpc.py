@@ -49,6 +49,26 @@ class TicketAuthorityStub:
                 request_serializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketRequest.SerializeToString,
                 response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketResponse.FromString,
                 _registered_method=True)
+        self.IssueTickets = channel.unary_unary(
+                '/ticketauthority.v1.TicketAuthority/IssueTickets',
+                request_serializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.FromString,
+                _registered_method=True)
+        self.RedeemTickets = channel.unary_unary(
+                '/ticketauthority.v1.TicketAuthority/RedeemTickets',
+                request_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
+                _registered_method=True)
+        self.IssueTicketStream = channel.stream_stream(
+                '/ticketauthority.v1.TicketAuthority/IssueTicketStream',
+                request_serializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.FromString,
+                _registered_method=True)
+        self.RedeemTicketStream = channel.stream_stream(
+                '/ticketauthority.v1.TicketAuthority/RedeemTicketStream',
+                request_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
+                _registered_method=True)
 
 
 class TicketAuthorityServicer:
@@ -72,6 +92,31 @@ class TicketAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueTickets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemTickets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueTicketStream(self, request_iterator, context):
+        """Pipelined batches for failover storms: one response per request message, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeemTicketStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TicketAuthorityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +134,26 @@ def add_TicketAuthorityServicer_to_server(servicer, server):
                     servicer.ConsumeTicket,
                     request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketRequest.FromString,
                     response_serializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketResponse.SerializeToString,
+            ),
+            'IssueTickets': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueTickets,
+                    request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.SerializeToString,
+            ),
+            'RedeemTickets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeemTickets,
+                    request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.SerializeToString,
+            ),
+            'IssueTicketStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.IssueTicketStream,
+                    request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.SerializeToString,
+            ),
+            'RedeemTicketStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RedeemTicketStream,
+                    request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +237,114 @@ class TicketAuthority:
             '/ticketauthority.v1.TicketAuthority/ConsumeTicket',
             ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketRequest.SerializeToString,
             ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueTickets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAuthority/IssueTickets',
+            ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemTickets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAuthority/RedeemTickets',
+            ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueTicketStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ticketauthority.v1.TicketAuthority/IssueTicketStream',
+            ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeemTicketStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ticketauthority.v1.TicketAuthority/RedeemTicketStream',
+            ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
             options,
             channel_credentials,
             insecure,

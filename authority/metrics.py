@@ -1,0 +1,141 @@
+"""Prometheus metrics: device latency, ticket results, key ages and seal counts, consumed set.
+
+Each authority owns its registry (tests run several in one process). RPC latency is observed by
+the service layer (authority/service/observability.py) into the same registry.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from authority.backends.base import BackendInfo, KeyBackend
+from authority.errors import InvalidTicket
+
+if TYPE_CHECKING:
+    from authority.app import Authority
+
+DEVICE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                  0.1, 0.25, 1.0)
+RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
+               0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """The metric objects of one authority."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.device_seconds = Histogram(
+            "ticket_authority_device_operation_seconds", "Time of one device call (a batch "
+            "call counts once)", ["op"], buckets=DEVICE_BUCKETS, registry=self.registry)
+        self.device_inflight = Gauge(
+            "ticket_authority_device_sessions_in_use", "Device calls in progress (sessions or "
+            "worker slots in use)", registry=self.registry)
+        self.rpc_seconds = Histogram(
+            "ticket_authority_rpc_seconds", "gRPC call latency", ["method", "code"],
+            buckets=RPC_BUCKETS, registry=self.registry)
+
+    def watch(self, authority: Authority) -> None:
+        """Export the authority's counters and key ring at scrape time."""
+        self.registry.register(_StateCollector(authority))
+
+
+class _StateCollector(Collector):
+    def __init__(self, authority: Authority) -> None:
+        self._a = authority
+
+    def collect(self) -> Iterator[Any]:
+        counts = self._a.counters.snapshot()
+        issued = CounterMetricFamily("ticket_authority_tickets_issued", "Tickets issued")
+        issued.add_metric([], counts.get("issued", 0))
+        redeems = CounterMetricFamily("ticket_authority_redeems", "Redeems by result",
+                                      labels=["result"])
+        for result in ("ok", "invalid", "expired", "replayed", "revoked"):
+            redeems.add_metric([result], counts.get(f"redeem.{result}", 0))
+        invalid = CounterMetricFamily("ticket_authority_redeems_invalid",
+                                      "INVALID redeems by the check that refused them",
+                                      labels=["stage"])
+        for stage in ("malformed", "key", "auth", "plaintext"):
+            invalid.add_metric([stage], counts.get(f"redeem.invalid.{stage}", 0))
+        yield from (issued, redeems, invalid)
+        yield from self._keys()
+        consumed = GaugeMetricFamily("ticket_authority_consumed_tickets",
+                                     "Live entries in the consumed-ticket set")
+        consumed.add_metric([], self._a.store.consumed_count(self._a.clock.now()))
+        yield consumed
+
+    def _keys(self) -> Iterator[Any]:
+        now = self._a.clock.now()
+        age = GaugeMetricFamily("ticket_authority_key_age_seconds", "Age of each live key",
+                                labels=["key_id", "state"])
+        seals = GaugeMetricFamily("ticket_authority_key_seals", "Seals counted against each "
+                                  "live key's nonce budget", labels=["key_id", "state"])
+        for record in self._a.ring.records():
+            if record.state.name == "DESTROYED":
+                continue
+            labels = [record.key_id.hex(), record.state.name]
+            age.add_metric(labels, now - record.created_at)
+            seals.add_metric(labels, record.seal_count)
+        yield from (age, seals)
+
+
+class InstrumentedBackend:
+    """A backend that times every device call into the metrics; behaviour unchanged."""
+
+    def __init__(self, inner: KeyBackend, metrics: Metrics) -> None:
+        self._inner = inner
+        self._metrics = metrics
+        self.name = inner.name
+        self.format_version = inner.format_version
+
+    def _timed(self, op: str, call: Callable[[], Any]) -> Any:
+        self._metrics.device_inflight.inc()
+        start = time.perf_counter()
+        try:
+            return call()
+        finally:
+            self._metrics.device_seconds.labels(op).observe(time.perf_counter() - start)
+            self._metrics.device_inflight.dec()
+
+    def create_key(self, key_id: bytes) -> None:
+        self._timed("create_key", lambda: self._inner.create_key(key_id))
+
+    def destroy_key(self, key_id: bytes) -> None:
+        self._timed("destroy_key", lambda: self._inner.destroy_key(key_id))
+
+    def list_keys(self) -> set[bytes]:
+        result: set[bytes] = self._timed("list_keys", self._inner.list_keys)
+        return result
+
+    def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        result: bytes = self._timed("seal", lambda: self._inner.seal(key_id, aad, plaintext))
+        return result
+
+    def unseal(self, key_id: bytes, aad: bytes, sealed: bytes) -> bytes:
+        result: bytes = self._timed("unseal", lambda: self._inner.unseal(key_id, aad, sealed))
+        return result
+
+    def seal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        result: list[bytes] = self._timed("seal_many", lambda: self._inner.seal_many(items))
+        return result
+
+    def unseal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]
+                    ) -> list[bytes | InvalidTicket]:
+        result: list[bytes | InvalidTicket] = self._timed(
+            "unseal_many", lambda: self._inner.unseal_many(items))
+        return result
+
+    def key_attributes(self, key_id: bytes) -> dict[str, bool]:
+        return self._inner.key_attributes(key_id)
+
+    def describe(self) -> BackendInfo:
+        return self._inner.describe()
+
+    def close(self) -> None:
+        self._inner.close()
