@@ -23,21 +23,25 @@ from authority.service.server import RunningServer, build_server
 START = 1_800_000_000.0
 
 
-def make_config(state_dir: Path, **keys: Any) -> Config:
-    """Settings for a test server: its own state dir (so its own SoftHSM2 token), port 0,
-    no background maintenance (tests call ``maintain`` with a manual clock)."""
+BACKENDS = ["pkcs11", "tpm"]
+
+
+def make_config(state_dir: Path, backend: str = "pkcs11", **keys: Any) -> Config:
+    """Settings for a test server: its own state dir (so its own SoftHSM2 token or embedded
+    swtpm), port 0, no background maintenance (tests call ``maintain`` with a manual clock)."""
     policy = replace(KeyPolicy(maintenance_interval=3600.0), **keys)
-    return Config(state_dir=state_dir, keys=policy,
+    return Config(state_dir=state_dir, keys=policy, backend=backend,
                   server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen=""))
 
 
 class Harness:
     """Starts servers on one state dir and one manual clock; stops them all at teardown."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, backend: str = "pkcs11") -> None:
         self.state_dir = state_dir
+        self.backend = backend
         self.clock = ManualClock(START)
-        self.config = make_config(state_dir)
+        self.config = make_config(state_dir, backend)
         self.running: RunningServer | None = None
         self._channels: list[grpc.Channel] = []
 
@@ -83,23 +87,34 @@ class Harness:
         return self.running.authority
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """A running authority on a fresh SoftHSM2 token, torn down after the test."""
-    h = Harness(tmp_path / "state")
+def _running(state_dir: Path, backend: str) -> Iterator[Harness]:
+    h = Harness(state_dir, backend)
     h.start()
     yield h
     h.stop()
 
 
+@pytest.fixture(params=BACKENDS)
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """A running authority on a fresh device, once per backend (SoftHSM2, swtpm)."""
+    yield from _running(tmp_path / "state", request.param)
+
+
 @pytest.fixture
-def make_harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    """Build a harness with custom key policy; started by the test."""
+def pkcs11_harness(tmp_path: Path) -> Iterator[Harness]:
+    """A running authority on a fresh SoftHSM2 token (PKCS#11-specific tests)."""
+    yield from _running(tmp_path / "state", "pkcs11")
+
+
+@pytest.fixture(params=BACKENDS)
+def make_harness(request: pytest.FixtureRequest,
+                 tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Build a harness with a custom key policy, once per backend; started by the test."""
     made: list[Harness] = []
 
     def make(**keys: Any) -> Harness:
-        h = Harness(tmp_path / f"state{len(made)}")
-        h.config = make_config(h.state_dir, **keys)
+        h = Harness(tmp_path / f"state{len(made)}", request.param)
+        h.config = make_config(h.state_dir, request.param, **keys)
         made.append(h)
         return h
 

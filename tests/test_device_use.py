@@ -44,7 +44,8 @@ class CallCounter:
         return getattr(self._inner, name)
 
 
-def test_keys_are_sensitive_and_never_extractable(harness: Harness) -> None:
+def test_keys_are_sensitive_and_never_extractable(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     backend = harness.authority.backend
     for key_id in backend.list_keys():
         attrs = backend.key_attributes(key_id)
@@ -57,7 +58,8 @@ def test_keys_are_sensitive_and_never_extractable(harness: Harness) -> None:
         assert attrs["wrap"] is False and attrs["sign"] is False and attrs["derive"] is False
 
 
-def test_pkcs11_tool_sees_a_sensitive_never_extractable_key(harness: Harness) -> None:
+def test_pkcs11_tool_sees_a_sensitive_never_extractable_key(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     settings = pkcs11_settings(harness.config)
     env = {"SOFTHSM2_CONF": str(settings.softhsm2_conf), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
@@ -99,7 +101,8 @@ def test_redeem_makes_exactly_one_device_call_and_none_for_unknown_keys(tmp_path
         running.stop(grace=1.0)
 
 
-def test_wrong_pin_is_a_clear_startup_error(harness: Harness) -> None:
+def test_wrong_pin_is_a_clear_startup_error(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     settings = pkcs11_settings(harness.config)
     harness.stop()
     secret = "not-the-pin-4711"
@@ -112,7 +115,8 @@ def test_wrong_pin_is_a_clear_startup_error(harness: Harness) -> None:
     assert redeem(harness.tickets, issue(harness.tickets).ticket).result == 1
 
 
-def test_missing_token_is_a_clear_startup_error(harness: Harness) -> None:
+def test_missing_token_is_a_clear_startup_error(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     settings = pkcs11_settings(harness.config)
     harness.stop()
     config = replace(harness.config, pkcs11=replace(settings, token_label="no-such-token"))
@@ -121,7 +125,8 @@ def test_missing_token_is_a_clear_startup_error(harness: Harness) -> None:
     assert "pkcs11.token_label" in str(err.value) and "no-such-token" in str(err.value)
 
 
-def test_missing_module_is_a_clear_startup_error(harness: Harness) -> None:
+def test_missing_module_is_a_clear_startup_error(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     settings = pkcs11_settings(harness.config)
     harness.stop()
     config = replace(harness.config,

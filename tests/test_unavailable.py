@@ -23,7 +23,8 @@ def _code(call: object) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_device_gone_is_unavailable(harness: Harness) -> None:
+def test_device_gone_is_unavailable(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     stub = harness.tickets
     ticket = issue(stub).ticket
     module = ctypes.CDLL(str(pkcs11_settings(harness.config).module))
@@ -34,7 +35,8 @@ def test_device_gone_is_unavailable(harness: Harness) -> None:
     assert harness.authority.store.consumed_count(harness.clock.now()) == 0
 
 
-def test_issue_on_a_gone_device_is_unavailable(harness: Harness) -> None:
+def test_issue_on_a_gone_device_is_unavailable(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
     stub = harness.tickets
     module = ctypes.CDLL(str(pkcs11_settings(harness.config).module))
     assert module.C_Finalize(None) == 0

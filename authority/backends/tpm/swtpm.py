@@ -1,0 +1,351 @@
+"""The embedded software TPM: a ``swtpm`` child process on free high loopback ports.
+
+Used when ``tpm.tcti`` is not set (development, tests, single-host deployments without a TPM).
+The TPM state lives in a private directory and survives restarts, so key blobs made under it keep
+loading. This module talks to the swtpm only with two raw TPM 2.0 commands (GetRandom as the
+readiness probe, Shutdown before stopping); everything else goes through tpm2-pytss in the
+backend. Measured behaviour it works around (docs/devices.md):
+
+* the swtpm TCTI opens a TCP connection per command, so the client side leaves thousands of
+  sockets in TIME_WAIT on ephemeral ports: the server ports are picked at random *outside* the
+  kernel's ephemeral range and varied on every start;
+* a TPM stopped without TPM2_Shutdown counts as an unclean shutdown (dictionary-attack state), so
+  :meth:`SwtpmProcess.stop` sends TPM2_Shutdown(CLEAR) first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import IO, Final
+
+from authority.errors import StartupError
+
+__all__ = ["SwtpmProcess", "free_port_pair"]
+
+log = logging.getLogger(__name__)
+
+PID_FILE: Final = "swtpm.pid"
+OWNER_FILE: Final = "swtpm.owner"   # "<pid> <start time>" of the process that started it
+LOG_FILE: Final = "swtpm.log"
+_HOST: Final = "127.0.0.1"
+_START_ATTEMPTS: Final = 8
+_READY_TIMEOUT: Final = 5.0
+_STOP_TIMEOUT: Final = 5.0
+
+# TPM 2.0 wire constants for the two raw commands
+_TPM_ST_NO_SESSIONS: Final = 0x8001
+_TPM_CC_GET_RANDOM: Final = 0x17B
+_TPM_CC_SHUTDOWN: Final = 0x145
+_TPM_SU_CLEAR: Final = 0x0000
+_TPM_RC_SUCCESS: Final = 0x000
+_TPM_RC_INITIALIZE: Final = 0x100
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's ephemeral (client) port range; Linux's default if unreadable."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text("ascii").split()
+        return int(text[0]), int(text[1])
+    except (OSError, ValueError, IndexError):
+        return 32768, 60999
+
+
+def _port_free(port: int) -> bool:
+    """True if ``port`` can be bound on the loopback address right now (no SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pair(rng: random.Random | None = None, tries: int = 200) -> int:
+    """Return an even port P such that P and P+1 are free on 127.0.0.1, outside the ephemeral range.
+
+    Picked at random in [20000, 65534) minus the kernel's ephemeral range, so consecutive starts
+    use different ports (the swtpm TCTI leaves sockets in TIME_WAIT).
+    Raises: StartupError if no free pair was found.
+    """
+    rng = rng or random.SystemRandom()
+    low_eph, high_eph = _ephemeral_range()
+    ranges = [(lo, hi) for lo, hi in ((20000, low_eph), (high_eph + 1, 65534)) if hi - lo >= 4]
+    if not ranges:
+        ranges = [(20000, 65534)]
+    weights = [hi - lo for lo, hi in ranges]
+    for _ in range(tries):
+        lo, hi = rng.choices(ranges, weights)[0]
+        port = rng.randrange(lo, hi - 1) & ~1
+        if port >= lo and _port_free(port) and _port_free(port + 1):
+            return port
+    raise StartupError("tpm.tcti: no free pair of loopback ports for the embedded swtpm")
+
+
+def _tpm_command(port: int, command: bytes, timeout: float = 2.0) -> int:
+    """Send one raw TPM 2.0 command to the swtpm server port; return the response code.
+
+    Raises: OSError (connection refused, timeout, short response).
+    """
+    with socket.create_connection((_HOST, port), timeout=timeout) as conn:
+        conn.sendall(command)
+        header = b""
+        while len(header) < 10:
+            chunk = conn.recv(4096)
+            if not chunk:
+                raise OSError("swtpm closed the connection before answering")
+            header += chunk
+    _tag, _size, rc = struct.unpack(">HII", header[:10])
+    return int(rc)
+
+
+def _get_random_command() -> bytes:
+    return struct.pack(">HIIH", _TPM_ST_NO_SESSIONS, 12, _TPM_CC_GET_RANDOM, 8)
+
+
+def _shutdown_command() -> bytes:
+    return struct.pack(">HIIH", _TPM_ST_NO_SESSIONS, 12, _TPM_CC_SHUTDOWN, _TPM_SU_CLEAR)
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) if missing and make it 0700. Raises: OSError."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+class SwtpmProcess:
+    """A running ``swtpm socket --tpm2`` child on 127.0.0.1:``port`` (control on ``port``+1)."""
+
+    def __init__(self, state_dir: Path, port: int, process: subprocess.Popen[bytes],
+                 log_file: IO[bytes]) -> None:
+        """Use :meth:`start`."""
+        self.state_dir = state_dir
+        self.port = port
+        self.ctrl_port = port + 1
+        self._process = process
+        self._log_file = log_file
+
+    def __repr__(self) -> str:
+        return f"<SwtpmProcess pid={self.pid} port={self.port} state={str(self.state_dir)!r}>"
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def tcti(self) -> str:
+        """The TCTI string that reaches this swtpm (also for tpm2-tools' TPM2TOOLS_TCTI)."""
+        return f"swtpm:host={_HOST},port={self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process.poll() is None
+
+    # -- start ---------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, state_dir: Path, port: int | None = None) -> SwtpmProcess:
+        """Start a swtpm with its state in ``state_dir`` (created 0700); wait until it answers.
+
+        ``port`` None: a random free pair of high loopback ports, retried on a clash. The flags
+        ``not-need-init,startup-clear`` make the TPM usable at once. A swtpm orphaned on the same
+        state directory by a killed process (the process that started it is gone) is stopped
+        first; one still owned by a live process is refused.
+        Raises: StartupError naming tpm.tcti (swtpm missing, no port, never answered).
+        """
+        binary = shutil.which("swtpm")
+        if binary is None:
+            raise StartupError(
+                "tpm.tcti: not set, and the embedded TPM needs swtpm, which is not installed "
+                "(apt-get install swtpm swtpm-tools), or set tpm.tcti to a TPM "
+                "(e.g. 'device:/dev/tpmrm0')"
+            )
+        state_dir = state_dir.absolute()
+        try:
+            _private_dir(state_dir)
+        except OSError as exc:
+            raise StartupError(f"state_dir: cannot create swtpm state dir {state_dir}: "
+                               f"{exc.strerror}") from exc
+        _stop_orphan(state_dir)
+        problems: list[str] = []
+        for _ in range(_START_ATTEMPTS if port is None else 1):
+            chosen = port if port is not None else free_port_pair()
+            started = cls._try_start(binary, state_dir, chosen, problems)
+            if started is not None:
+                log.info("embedded swtpm started: pid %d, port %d, state %s",
+                         started.pid, chosen, state_dir)
+                return started
+        raise StartupError(f"tpm.tcti: the embedded swtpm did not start: {'; '.join(problems)}")
+
+    @classmethod
+    def _try_start(cls, binary: str, state_dir: Path, port: int,
+                   problems: list[str]) -> SwtpmProcess | None:
+        """One attempt on ``port``; None (with a note in ``problems``) if swtpm exited or hung."""
+        log_path = state_dir / LOG_FILE
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_file = os.fdopen(fd, "ab")
+        argv = [
+            binary, "socket", "--tpm2",
+            "--server", f"type=tcp,port={port},bindaddr={_HOST}",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr={_HOST}",
+            "--tpmstate", f"dir={state_dir},mode=0600",
+            "--flags", "not-need-init,startup-clear",
+            "--pid", f"file={state_dir / PID_FILE}",
+        ]
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
+                                   stderr=subprocess.STDOUT, close_fds=True)
+        swtpm = cls(state_dir, port, process, log_file)
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                problems.append(f"port {port}: exited with status {process.returncode} "
+                                f"({_tail(log_path)})")
+                log_file.close()
+                return None
+            try:
+                rc = _tpm_command(port, _get_random_command(), timeout=1.0)
+            except OSError:
+                time.sleep(0.005)
+                continue
+            if rc == _TPM_RC_SUCCESS:
+                _write_owner(state_dir)
+                return swtpm
+            problems.append(f"port {port}: TPM answered 0x{rc:x} to GetRandom")
+            break
+        else:
+            problems.append(f"port {port}: no answer within {_READY_TIMEOUT:g}s")
+        swtpm._terminate()
+        return None
+
+    # -- stop ----------------------------------------------------------------------------------
+
+    def shutdown_tpm(self) -> bool:
+        """Send TPM2_Shutdown(CLEAR) so the next start is an orderly one; False if it failed."""
+        try:
+            rc = _tpm_command(self.port, _shutdown_command())
+        except OSError as exc:
+            log.warning("swtpm on port %d: TPM2_Shutdown not sent: %s", self.port, exc)
+            return False
+        if rc not in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
+            log.warning("swtpm on port %d: TPM2_Shutdown answered 0x%x", self.port, rc)
+            return False
+        return True
+
+    def stop(self) -> None:
+        """TPM2_Shutdown(CLEAR), then SIGTERM (SIGKILL after 5 s); idempotent."""
+        if self.running:
+            self.shutdown_tpm()
+        self._terminate()
+        log.info("embedded swtpm stopped (port %d)", self.port)
+
+    def kill(self) -> None:
+        """SIGKILL without TPM2_Shutdown: what a crash looks like (tests)."""
+        if self.running:
+            self._process.kill()
+        self._reap()
+
+    def _terminate(self) -> None:
+        if self.running:
+            self._process.terminate()
+            try:
+                self._process.wait(_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                log.warning("swtpm pid %d ignored SIGTERM; killing it", self.pid)
+                self._process.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(_STOP_TIMEOUT)
+        self._log_file.close()
+        pid_file = self.state_dir / PID_FILE
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text("ascii").strip()) == self.pid:
+                pid_file.unlink()
+                (self.state_dir / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _tail(path: Path, limit: int = 300) -> str:
+    """The last ``limit`` characters of a log file, on one line."""
+    try:
+        text = path.read_bytes()[-limit:].decode("utf-8", "replace")
+    except OSError:
+        return "no log"
+    return " ".join(text.split()) or "no output"
+
+
+def _identity(pid: int) -> str | None:
+    """"<pid> <start time>" of a live process (the start time tells a reused pid apart)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text("ascii", "replace")
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    return f"{pid} {fields[19]}" if len(fields) > 19 else None
+
+
+def _write_owner(state_dir: Path) -> None:
+    """Record this process as the swtpm's owner (read by :func:`_stop_orphan`)."""
+    with contextlib.suppress(OSError):
+        (state_dir / OWNER_FILE).write_text(f"{_identity(os.getpid()) or os.getpid()}\n",
+                                            "ascii")
+
+
+def _stop_orphan(state_dir: Path) -> None:
+    """Stop a swtpm left running on ``state_dir`` by a killed process (it holds the state lock).
+
+    The swtpm is found by its pid file and must be a swtpm on this state dir; it is stopped only
+    if the process recorded as its owner is gone (by pid and start time, so a reused pid or a
+    subreaper adopting the orphan does not fool the check).
+    Raises: StartupError if its owner is still running (another backend uses this state dir).
+    """
+    pid_file = state_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text("ascii").strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return  # none recorded, or not running any more
+    if not _alive(pid) or not cmdline[0].endswith(b"swtpm") or \
+            not any(str(state_dir).encode() in arg for arg in cmdline):
+        return  # gone, or the pid was reused by something else
+    try:
+        owner = (state_dir / OWNER_FILE).read_text("ascii").strip()
+    except OSError:
+        owner = ""
+    owner_pid = int(owner.split()[0]) if owner[:1].isdigit() else 0
+    if owner and owner_pid and _identity(owner_pid) == owner:
+        raise StartupError(
+            f"tpm.tcti: the embedded swtpm on {state_dir} (pid {pid}) is still in use by process "
+            f"{owner_pid}; two backends cannot share one state_dir"
+        )
+    log.warning("stopping swtpm pid %d left running on %s by a process that is gone", pid,
+                state_dir)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.01)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text("ascii", "replace")
+    except OSError:
+        return False
+    return "State:\tZ" not in status
