@@ -50,7 +50,9 @@ def open_backend(config: Config) -> KeyBackend:
     if config.backend == "tpm":
         from authority.backends.tpm import open_tpm_backend
 
-        return open_tpm_backend(config.tpm, config.state_dir / "tpm")
+        return open_tpm_backend(config.tpm, config.state_dir / "tpm",
+                                queue_size=config.tpm.queue_size,
+                                call_timeout=config.tpm.call_timeout)
     from authority.backends.pkcs11 import Pkcs11Backend
 
     return Pkcs11Backend.open(pkcs11_settings(config))

@@ -43,6 +43,8 @@ class TpmSettings:
     key_dir: Path | None = None       # TPM-wrapped key blobs; None: state_dir/tpm/keys
     owner_auth: Secret = Secret("")   # authorisation of the owner (storage) hierarchy
     retries: int = 10                 # attempts on TPM_RC_RETRY / YIELDED / TESTING
+    queue_size: int = 1024            # jobs waiting for the TPM worker before UNAVAILABLE
+    call_timeout: float = 30.0        # seconds a caller waits for its TPM job
 
 
 @dataclass(frozen=True)

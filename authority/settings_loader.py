@@ -29,7 +29,8 @@ _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
-_TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries"}
+_TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", "queue_size",
+             "call_timeout"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -122,8 +123,13 @@ def _tpm(data: Any) -> TpmSettings:
     if "owner_auth_file" in data or "owner_auth_env" in data:
         auth = _secret("tpm.owner_auth", data, file_key="owner_auth_file",
                        env_key="owner_auth_env")
-    return TpmSettings(tcti=tcti, key_dir=Path(key_dir) if key_dir else None, owner_auth=auth,
-                       retries=_coerce("tpm.retries", data.get("retries", 10), int))
+    defaults = TpmSettings()
+    return TpmSettings(
+        tcti=tcti, key_dir=Path(key_dir) if key_dir else None, owner_auth=auth,
+        retries=_coerce("tpm.retries", data.get("retries", defaults.retries), int),
+        queue_size=_coerce("tpm.queue_size", data.get("queue_size", defaults.queue_size), int),
+        call_timeout=_coerce("tpm.call_timeout",
+                             data.get("call_timeout", defaults.call_timeout), float))
 
 
 def _pkcs11(data: Any) -> Pkcs11Settings:
@@ -196,6 +202,8 @@ def validate(cfg: Config) -> None:
                                      f"{', '.join(_BACKENDS)})")
     if cfg.tpm.retries < 0:
         raise ConfigError("tpm.retries", "must not be negative")
+    _positive("tpm.queue_size", cfg.tpm.queue_size)
+    _positive("tpm.call_timeout", cfg.tpm.call_timeout)
     if cfg.log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"one of {', '.join(sorted(_LOG_LEVELS))}")
     if cfg.store_synchronous not in {"NORMAL", "FULL"}:

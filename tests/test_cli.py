@@ -146,3 +146,20 @@ def test_serve_with_no_arguments_uses_the_embedded_defaults(tmp_path: Path) -> N
         assert listing == result.stdout
     finally:
         again.stop()
+
+
+def test_serve_backend_tpm_starts_its_own_swtpm(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    srv = Server(["--backend", "tpm", "--state-dir", str(state), "--listen", "127.0.0.1:0",
+                  "--metrics-listen", ""])
+    try:
+        status = cli("status", "--state-dir", str(state))
+        assert status.returncode == 0, status.stderr
+        assert re.search(r"^backend\s+tpm$", status.stdout, re.MULTILINE)
+        assert "swtpm" in status.stdout
+        assert "ACTIVE" in cli("keys", "list", "--state-dir", str(state)).stdout
+    finally:
+        assert srv.stop() == 0
+    leftover = subprocess.run(["pgrep", "-f", f"swtpm.*{state}"], capture_output=True,
+                              text=True, check=False)
+    assert leftover.stdout == "", "the embedded swtpm must stop with the service"

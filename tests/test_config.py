@@ -72,3 +72,17 @@ def test_lifetimes_must_be_consistent(tmp_path: Path) -> None:
     toml.write_text("[tickets]\ndefault_lifetime = 9000\nmax_lifetime = 600\n")
     with pytest.raises(ConfigError, match=r"^tickets\.default_lifetime:"):
         load_config(toml, state_dir=tmp_path)
+
+
+def test_tpm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OWNER_AUTH", "s3cret")
+    toml = tmp_path / "a.toml"
+    toml.write_text('backend = "tpm"\n[tpm]\ntcti = "device:/dev/tpmrm0"\n'
+                    'owner_auth_env = "OWNER_AUTH"\nretries = 3\nqueue_size = 16\n')
+    config = load_config(toml, state_dir=tmp_path)
+    assert config.backend == "tpm" and not config.embedded_token
+    assert config.tpm.tcti == "device:/dev/tpmrm0" and config.tpm.retries == 3
+    assert config.tpm.owner_auth.reveal() == "s3cret" and "s3cret" not in repr(config)
+    toml.write_text("[tpm]\nqueue_size = 0\n")
+    with pytest.raises(ConfigError, match=r"^tpm\.queue_size:"):
+        load_config(toml, state_dir=tmp_path)
