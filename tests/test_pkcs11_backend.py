@@ -23,9 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from authority.backends import pkcs11 as backend_module
 from authority.backends.base import KeyBackend
-from authority.backends.pkcs11 import Pkcs11Backend
+from authority.backends.pkcs11 import Pkcs11Backend, _errors
 from authority.backends.softhsm import find_softhsm_module, provision_embedded_token
 from authority.config import Pkcs11Settings, Secret
 from authority.errors import (
@@ -334,9 +333,9 @@ def test_missing_and_unloadable_module(hsm: Pkcs11Settings, tmp_path: Path) -> N
 
 
 def test_error_translation_for_cases_softhsm_cannot_produce() -> None:
-    ctx = backend_module._Ctx
-    phase = backend_module._Phase
-    translate = backend_module._translate
+    ctx = _errors.Ctx
+    phase = _errors.Phase
+    translate = _errors.translate
     locked = translate(pkcs11.exceptions.PinLocked(), ctx(phase.LOGIN, "login", subject="t"))
     assert isinstance(locked, StartupError)
     assert str(locked) == "pkcs11.pin: login to token 't' refused: PIN locked"

@@ -1,0 +1,109 @@
+"""AES-GCM on one session's raw handle: the seal/unseal hot path, one C_*Init and one C_* call.
+
+python-pkcs11's ``key.encrypt``/``key.decrypt`` cost about a third of a SoftHSM2 unseal on top of
+the device (measured, tools/bench_pkcs11.py): per call they build a GCMParams and a malloc'ed
+mechanism, an operation object with a fresh 8 KiB buffer (``buffer_size`` is not passed down in
+0.10.1), take the session's RLock, and call C_Decrypt twice (a size query, then the data), each
+call dropping and re-taking the GIL. Here each pooled session owns one parameter block, one
+mechanism and one output buffer, all allocated once; a call sets three fields and makes two
+device calls. The session is lent to one thread at a time (the pool), so this is unlocked.
+
+Errors come back as python-pkcs11 exception classes (_cryptoki.rv_error), for _errors.translate.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Final
+
+from authority.backends.pkcs11._cryptoki import (
+    ULONG,
+    CkGcmParams,
+    CkMechanism,
+    Cryptoki,
+    rv_error,
+)
+
+CKM_AES_GCM: Final = 0x1087
+NONCE_LEN: Final = 12
+TAG_LEN: Final = 16
+#: output room beyond the input: the tag, and a margin for modules that ask for more
+_SLACK: Final = 2 * TAG_LEN
+_INITIAL_CAPACITY: Final = 4096
+
+
+class GcmSession:
+    """AES-GCM with ``TAG_LEN`` tags and ``NONCE_LEN`` nonces through one session handle.
+
+    Not thread-safe: used only by the thread that borrowed the session.
+    """
+
+    __slots__ = (
+        "_capacity", "_crypt_decrypt", "_crypt_encrypt", "_handle", "_init_decrypt",
+        "_init_encrypt", "_mechanism", "_mechanism_ptr", "_out", "_out_len", "_out_len_ptr",
+        "_out_ptr", "_params",
+    )
+
+    def __init__(self, ck: Cryptoki, handle: int) -> None:
+        self._handle = handle
+        self._params = CkGcmParams(
+            ulIvLen=NONCE_LEN, ulIvBits=NONCE_LEN * 8, ulTagBits=TAG_LEN * 8
+        )
+        self._mechanism = CkMechanism(
+            CKM_AES_GCM, ctypes.addressof(self._params), ctypes.sizeof(CkGcmParams)
+        )
+        self._mechanism_ptr = ctypes.addressof(self._mechanism)
+        self._out_len = ULONG()
+        self._out_len_ptr = ctypes.addressof(self._out_len)
+        self._capacity = 0
+        self._out: Any = ctypes.create_string_buffer(0)
+        self._out_ptr = 0
+        self._grow(_INITIAL_CAPACITY)
+        self._init_encrypt = ck.encrypt_init
+        self._crypt_encrypt = ck.encrypt
+        self._init_decrypt = ck.decrypt_init
+        self._crypt_decrypt = ck.decrypt
+
+    def encrypt(self, key: int, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        """Return ciphertext | tag. Raises: PKCS11Error subclasses."""
+        return self._run(True, key, nonce, aad, plaintext)
+
+    def decrypt(self, key: int, nonce: bytes, aad: bytes, body: bytes) -> bytes:
+        """Verify and decrypt ciphertext | tag. Raises: PKCS11Error subclasses (a bad tag is
+        whatever the module says: GeneralError in SoftHSM2)."""
+        return self._run(False, key, nonce, aad, body)
+
+    def _run(self, encrypt: bool, key: int, nonce: bytes, aad: bytes, data: bytes) -> bytes:
+        """One single-part operation. ``nonce`` must be NONCE_LEN bytes (the callers' format).
+
+        The buffer is grown before C_*Init, so no Python error can leave an operation active;
+        a device error ends the operation (PKCS#11 single-part calls), so the session stays
+        usable.
+        """
+        size = len(data)
+        if size + _SLACK > self._capacity:
+            self._grow(size + _SLACK)
+        params = self._params
+        params.pIv = nonce
+        params.pAAD = aad
+        params.ulAADLen = len(aad)
+        if encrypt:
+            init, crypt = self._init_encrypt, self._crypt_encrypt
+        else:
+            init, crypt = self._init_decrypt, self._crypt_decrypt
+        rv = init(self._handle, self._mechanism_ptr, key)
+        if rv:
+            raise rv_error(rv)
+        out_len = self._out_len
+        out_len.value = self._capacity
+        rv = crypt(self._handle, data, size, self._out_ptr, self._out_len_ptr)
+        if rv:
+            raise rv_error(rv)
+        out: bytes = self._out[: out_len.value]  # slicing a c_char array gives bytes
+        return out
+
+    def _grow(self, capacity: int) -> None:
+        self._out = ctypes.create_string_buffer(capacity)
+        self._out_ptr = ctypes.addressof(self._out)
+        self._capacity = capacity
+

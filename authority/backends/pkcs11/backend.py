@@ -1,0 +1,231 @@
+"""Pkcs11Backend: ticket keys are AES-256 token objects; seal and unseal run in the token."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from authority.backends.base import BackendInfo
+from authority.backends.pkcs11 import _keys
+from authority.backends.pkcs11._crypt import find_key, seal_all, unseal_all
+from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
+from authority.backends.pkcs11._login import TokenLogin
+from authority.backends.pkcs11._module import REGISTRY, Module
+from authority.backends.pkcs11._pool import PooledSession, SessionPool, close_quietly
+from authority.backends.pkcs11._token import check_mechanisms, check_pin_flags, find_token
+from authority.config import Pkcs11Settings
+from authority.errors import (
+    DeviceUnavailable,
+    FailedPrecondition,
+    InvalidTicket,
+    KeyNotFound,
+    StartupError,
+)
+
+log = logging.getLogger("authority.backends.pkcs11")
+
+T = TypeVar("T")
+
+
+class Pkcs11Backend:
+    """Ticket keys in a PKCS#11 token; seal/unseal with CKM_AES_GCM inside it. Thread-safe."""
+
+    name = "pkcs11"
+    format_version = 1
+
+    def __init__(self, settings: Pkcs11Settings, module: Module, token: Any) -> None:
+        """Use :meth:`open`. Takes over one registry user of ``module``."""
+        self._settings = settings
+        self._module = module
+        self._token = token
+        self._label = settings.token_label
+        self._closed = False
+        self._login = TokenLogin(module, token, settings.token_label, settings.pin)
+        self._pool = SessionPool(
+            self._login.open_session, settings.sessions, settings.session_timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"<Pkcs11Backend token={self._label!r} module={str(self._settings.module)!r}>"
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, settings: Pkcs11Settings) -> Pkcs11Backend:
+        """Load the module, find the token, log in once and open the session pool.
+
+        Raises: StartupError naming pkcs11.module, pkcs11.softhsm2_conf, pkcs11.token_label or
+        pkcs11.pin (never containing the PIN).
+        """
+        if settings.sessions < 1:
+            raise StartupError("pkcs11.sessions: must be at least 1")
+        if not settings.session_timeout > 0:
+            raise StartupError("pkcs11.session_timeout: must be a positive number of seconds")
+        module = REGISTRY.acquire(settings.module, settings.softhsm2_conf)
+        try:
+            token = find_token(module, settings.token_label)
+            check_mechanisms(token, settings.token_label)
+            check_pin_flags(token, settings.token_label)
+            backend = cls(settings, module, token)
+            backend._start()
+        except BaseException:
+            REGISTRY.release()
+            raise
+        log.info("pkcs11 backend open: %s", backend.describe())
+        return backend
+
+    def _start(self) -> None:
+        """Open the first session (logging in), then the rest. Raises: StartupError."""
+        try:
+            with self._pool.session():
+                pass  # the first open logs in, with start-up error messages
+            self._pool.fill()
+        except DeviceUnavailable as exc:
+            self._shutdown_sessions()
+            raise StartupError(f"pkcs11.token_label: {exc.message}") from exc
+        except BaseException:
+            self._shutdown_sessions()
+            raise
+
+    def close(self) -> None:
+        """Close every idle session, log out once (if last on the token), release the module."""
+        if self._closed:
+            return
+        self._closed = True
+        self._shutdown_sessions()
+        REGISTRY.release()
+
+    def _shutdown_sessions(self) -> None:
+        idle = self._pool.drain()
+        self._login.release(idle)
+        for pooled in idle:
+            self._pool.forget(pooled)
+            close_quietly(pooled)
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def create_key(self, key_id: bytes) -> None:
+        """Generate a non-extractable AES-256 token key labelled ``ita-<hex id>``.
+
+        Raises: InvalidArgument (id not 8 bytes); FailedPrecondition (id taken);
+        DeviceUnavailable.
+        """
+        _keys.check_key_id(key_id)
+        ctx = Ctx(Phase.OPERATION, "create_key", key_id=key_id)
+        with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
+            if _keys.search(pooled.session, key_id, by_label_only=False):
+                raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
+            _keys.generate(pooled.session, key_id)
+        log.info("created key %s", key_id.hex())
+
+    def destroy_key(self, key_id: bytes) -> None:
+        """Destroy the token key(s) with this id and forget their handles in every session.
+
+        Raises: KeyNotFound; DeviceUnavailable.
+        """
+        ctx = Ctx(Phase.OPERATION, "destroy_key", key_id=key_id)
+        with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
+            found = []
+            if _keys.valid_id(key_id):
+                found = _keys.search(pooled.session, key_id, by_label_only=False)
+            if not found:
+                raise KeyNotFound(key_id)
+            for other in self._pool.live():  # none is in use: we hold the pool exclusively
+                other.keys.pop(key_id, None)
+            for key in found:
+                key.destroy()
+        log.info("destroyed key %s", key_id.hex())
+
+    def list_keys(self) -> set[bytes]:
+        """Ids of every secret key labelled ``ita-...``. Raises: DeviceUnavailable."""
+        with self._pool.session() as pooled, device_errors(Ctx(Phase.OPERATION, "list_keys")):
+            return _keys.list_ids(pooled.session)
+
+    def key_attributes(self, key_id: bytes) -> dict[str, bool]:
+        """The key's protection attributes as the token reports them (never CKA_VALUE).
+
+        Raises: KeyNotFound; DeviceUnavailable.
+        """
+        ctx = Ctx(Phase.OPERATION, "key_attributes", key_id=key_id)
+        with self._pool.session() as pooled:
+            key = find_key(pooled, key_id, "key_attributes")
+            with device_errors(ctx):
+                return _keys.protection_attributes(key)
+
+    # -- seal / unseal -----------------------------------------------------------------------
+
+    def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
+        """AES-256-GCM in the token: nonce (12, random) | ciphertext | tag (16).
+
+        Raises: KeyNotFound; DeviceUnavailable.
+        """
+        return self.seal_many(((key_id, aad, plaintext),))[0]
+
+    def unseal(self, key_id: bytes, aad: bytes, sealed: bytes) -> bytes:
+        """Verify and decrypt a body made by :meth:`seal`; one decrypt call in the token.
+
+        Raises: UnsealFailed (short body, bad tag, tampering, wrong key); KeyNotFound;
+        DeviceUnavailable (the device itself failed).
+        """
+        result = self.unseal_many(((key_id, aad, sealed),))[0]
+        if isinstance(result, InvalidTicket):
+            raise result
+        return result
+
+    def seal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        """:meth:`seal` for many (key_id, aad, plaintext) items, in order, in one session.
+
+        Raises: KeyNotFound, DeviceUnavailable (for the whole batch). An empty batch returns []
+        without borrowing a session.
+        """
+        if not items:
+            return []
+        ck = self._module.ck
+        return self._in_session(lambda pooled: seal_all(ck, pooled, items))
+
+    def unseal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]
+                    ) -> list[bytes | InvalidTicket]:
+        """:meth:`unseal` for many (key_id, aad, sealed) items, in order, in one session.
+
+        An item that fails authentication or names a missing key yields an ``UnsealFailed`` /
+        ``KeyNotFound`` instance in place of its plaintext; the others are unaffected.
+        Raises: DeviceUnavailable (for the whole batch; the session is dropped). An empty batch
+        returns [] without borrowing a session.
+        """
+        if not items:
+            return []
+        ck = self._module.ck
+        return self._in_session(lambda pooled: unseal_all(ck, pooled, items))
+
+    def _in_session(self, work: Callable[[PooledSession], T]) -> T:
+        """Run ``work`` in one borrowed session (which is also the shared side of the object
+        lock); a DeviceUnavailable drops the session. Plain try blocks: the hot path.
+        """
+        pooled = self._pool.take()
+        broken = False
+        try:
+            return work(pooled)
+        except DeviceUnavailable:
+            broken = True
+            raise
+        finally:
+            self._pool.give_back(pooled, broken)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def describe(self) -> BackendInfo:
+        """Module path and description, token label and serial, pool size."""
+        lib = self._module.lib
+        major, minor = lib.library_version
+        library = (
+            f"{self._settings.module} ({lib.manufacturer_id} {lib.library_description} "
+            f"{major}.{minor})"
+        )
+        serial = bytes(self._token.serial).decode("ascii", "replace").strip()
+        return BackendInfo(
+            backend=self.name,
+            library=library,
+            token=f"{self._label} (serial {serial})",
+            sessions=self._settings.sessions,
+        )
