@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
     retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
     status = sub.add_parser("status", help="show backend, sealing key and counters")
+    from authority.bench import add_arguments as bench_arguments
+
+    bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
+                                                 "this machine (docs/benchmarks.md)"))
     for p in (listing, rotate, retire, status):
         _common(p)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -60,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            from authority.bench import run as run_bench
+
+            return run_bench(args)
         return _admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)

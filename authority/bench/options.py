@@ -1,0 +1,96 @@
+"""The flags of ``ticket-authority bench`` and the settings they resolve to."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CONCURRENCY = 8
+DEFAULT_BATCH = 100
+DEFAULT_STORM = 100_000
+QUICK_STORM = 20_000
+DEFAULT_DURATION = 5.0
+QUICK_DURATION = 1.5
+MAX_BATCH = 1000  # the server's default server.max_batch_items
+
+
+@dataclass(frozen=True)
+class Options:
+    """What one bench run does, with --quick and the defaults applied."""
+
+    address: str | None        # a running server; None: start our own
+    backend: str               # "pkcs11" or "tpm" (own server only)
+    state_dir: Path | None     # None: a temporary directory, removed afterwards
+    concurrency: int           # calls (or streams) in flight
+    batch_size: int            # items per batch / stream message
+    storm_tickets: int
+    duration: float            # seconds per measured phase
+    quick: bool
+    json: bool
+    progress: bool
+    pool_size: int = 2000      # distinct tickets cycled by the redeem phases
+
+    @property
+    def own_server(self) -> bool:
+        """True when the bench starts (and stops) its own server."""
+        return self.address is None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the bench flags to ``parser`` (a subcommand parser of ``ticket-authority``)."""
+    parser.add_argument("--address", metavar="HOST:PORT",
+                        help="measure a running server (default: start one as a subprocess; "
+                             "the raw device rate needs its own server and is skipped)")
+    parser.add_argument("--backend", choices=["pkcs11", "tpm"], default="pkcs11",
+                        help="key device of the server the bench starts (default pkcs11)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="state directory (default: a temporary one, removed afterwards); "
+                             "with --address: that server's, for its RSS and store size")
+    parser.add_argument("--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY,
+                        metavar="N", help=f"calls or streams in flight "
+                                          f"(default {DEFAULT_CONCURRENCY})")
+    parser.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH, metavar="N",
+                        help=f"items per batch or stream message (default {DEFAULT_BATCH}, "
+                             f"at most {MAX_BATCH})")
+    parser.add_argument("--storm-tickets", type=_positive_int, metavar="N",
+                        help=f"tickets of the failover storm (default {DEFAULT_STORM}; "
+                             f"--quick: {QUICK_STORM})")
+    parser.add_argument("--duration", type=_positive_float, metavar="S",
+                        help=f"seconds per measured phase (default {DEFAULT_DURATION:g}; "
+                             f"--quick: {QUICK_DURATION:g})")
+    parser.add_argument("--quick", action="store_true", help="a run under a minute")
+    parser.add_argument("--json", action="store_true",
+                        help="print only JSON on stdout (progress stays on stderr)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """Resolve parsed flags into ``Options`` (--quick picks the smaller defaults)."""
+    storm = args.storm_tickets or (QUICK_STORM if args.quick else DEFAULT_STORM)
+    duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    return Options(address=args.address, backend=args.backend, state_dir=args.state_dir,
+                   concurrency=args.concurrency, batch_size=args.batch_size,
+                   storm_tickets=storm, duration=duration, quick=args.quick, json=args.json,
+                   progress=not args.no_progress)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH} (server.max_batch_items)")
+    return value

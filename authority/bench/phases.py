@@ -1,0 +1,187 @@
+"""The phases measured over gRPC, in order: warm-up, (a)+(b) interleaved unary rounds,
+(c) batched and streamed redeem, (f) open-loop latency, (e) the storm and the store."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from authority.bench import storm as storm_phase
+from authority.bench.loops import (
+    Call,
+    StreamPlan,
+    Tally,
+    Tick,
+    closed_loop,
+    open_loop,
+    percentile,
+    streams,
+)
+from authority.bench.options import Options
+from authority.bench.procstat import CpuMeter
+from authority.bench.progress import Bar, Progress
+from authority.bench.results import Results
+from authority.bench.rpc import Client, batch_items
+from authority.bench.workload import cycled_batches, redeemed_ok
+
+WARM_UP = 0.3      # seconds of unary calls before measuring (sessions, caches, the pool)
+ROUND = 1.0        # seconds per slice of the interleaved echo / issue / redeem rounds
+
+
+@dataclass
+class Run:
+    """Where the phases run: the client, the server's pid (for CPU and RSS) and its store."""
+
+    client: Client
+    pid: int | None
+    db_path: Path | None
+    options: Options
+    results: Results
+    progress: Progress
+
+
+def _tick(bar: Bar, what: str, unit: str = "") -> Tick:
+    def tick(tally: Tally) -> None:
+        bar.update(bar.elapsed, f"{what} {tally.ok:,}{unit}")
+
+    return tick
+
+
+async def measured(call: Call, t: Run, seconds: float, bar: Bar, what: str) -> Tally:
+    """A closed loop at the configured concurrency, with client and server CPU."""
+    with CpuMeter(t.pid) as meter:
+        tally = await closed_loop(call, t.options.concurrency, seconds, _tick(bar, what))
+    meter.charge(tally)
+    return tally
+
+
+async def warm_up(t: Run, pool: list[bytes]) -> None:
+    """Echo and unary issue calls for a moment; the issued tickets start the redeem pool."""
+    bar = t.progress.bar("warm-up", 2 * WARM_UP)
+    echo = await closed_loop(t.client.echo(), t.options.concurrency, WARM_UP)
+    issue = await closed_loop(t.client.issue(pool, t.options.pool_size),
+                              t.options.concurrency, WARM_UP)
+    echo.merge(issue)
+    t.results.phases["warm_up"] = echo
+    bar.close(f"{echo.ok:,} calls, {len(pool):,} tickets in the pool"
+              + (f", error: {echo.first_error}" if echo.first_error else ""))
+
+
+async def unary_rounds(t: Run, pool: list[bytes]) -> None:
+    """(a) echo and (b) unary issue and redeem, interleaved in rounds of one second each
+    so that a noisy neighbour hurts all three alike; the sums give the rates."""
+    opts = t.options
+    rounds = max(1, int(opts.duration / ROUND))
+    calls = {"echo": t.client.echo(), "unary_issue": t.client.issue(pool, opts.pool_size),
+             "unary_redeem": t.client.redeem(pool)}
+    bar = t.progress.bar("(a,b) echo/issue/redeem", 3 * opts.duration)
+    for name in calls:
+        t.results.phases[name] = Tally()
+    for _ in range(rounds):
+        for name, call in calls.items():
+            if name == "unary_redeem" and not pool:
+                continue
+            tally = await measured(call, t, opts.duration / rounds, bar, name)
+            t.results.phases[name].merge(tally)
+    r = t.results
+    if not r.phases["unary_redeem"].calls:
+        r.skipped["unary_redeem"] = "no ticket could be issued"
+    bar.close(f"echo {_rate(r, 'echo')}, issue {_rate(r, 'unary_issue')}, "
+              f"redeem {_rate(r, 'unary_redeem')} calls/s")
+
+
+async def batched(t: Run, pool: list[bytes]) -> None:
+    """(c) RedeemTickets batches (closed loop) and RedeemTicketStream (pipelined streams)."""
+    opts = t.options
+    batches = cycled_batches(pool, opts.batch_size)
+    bar = t.progress.bar("(c) batched redeem", opts.duration)
+    t.results.phases["batch_redeem"] = await measured(
+        t.client.redeem_batch(batches), t, opts.duration, bar, "tickets")
+    bar.close(f"{_rate(t.results, 'batch_redeem')} tickets/s")
+    bar = t.progress.bar("(c) streamed redeem", opts.duration)
+    source = itertools.cycle(batches)
+    plan = StreamPlan(open=t.client.redeem_stream, next_request=lambda: next(source),
+                      check=redeemed_ok, items=batch_items,
+                      deadline=time.perf_counter() + opts.duration)
+    with CpuMeter(t.pid) as meter:
+        tally = await streams(plan, opts.concurrency, _tick(bar, "tickets"))
+    meter.charge(tally)
+    t.results.phases["stream_redeem"] = tally
+    bar.close(f"{_rate(t.results, 'stream_redeem')} tickets/s")
+
+
+async def latency(t: Run, pool: list[bytes]) -> None:
+    """(f) Unary redeem offered open-loop at half the saturated rate of (b); then echo at the
+    same rate, the baseline that tells the ticket work from gRPC and the machine."""
+    saturated = t.results.rate("unary_redeem")
+    if not saturated or not pool:
+        t.results.skipped["latency"] = "no saturated unary redeem rate"
+        return
+    rate, seconds = saturated / 2, 2 * t.options.duration
+    bar = t.progress.bar(f"(f) latency @{rate:,.0f}/s", seconds)
+    with CpuMeter(t.pid) as meter:
+        lat = await open_loop(t.client.redeem(pool), rate, seconds, _tick(bar, "calls"))
+    meter.charge(lat.tally)
+    t.results.latency, t.results.phases["latency"] = lat, lat.tally
+    bar.close(f"{len(lat.seconds):,} redeems, p99 {_p99(lat.seconds)}")
+    bar = t.progress.bar(f"(f) echo @{rate:,.0f}/s", t.options.duration)
+    with CpuMeter(t.pid) as meter:
+        echo = await open_loop(t.client.echo(), rate, t.options.duration, _tick(bar, "calls"))
+    meter.charge(echo.tally)
+    t.results.echo_latency, t.results.phases["latency_echo"] = echo, echo.tally
+    bar.close(f"{len(echo.seconds):,} echoes, p99 {_p99(echo.seconds)}")
+
+
+def _p99(seconds: list[float]) -> str:
+    value = percentile(seconds, 0.99)
+    return "-" if value is None else f"{value * 1000:.2f} ms"
+
+
+async def storm(t: Run) -> None:
+    """(e) Issue N tickets (untimed), redeem them all (timed), then consume them all."""
+    opts = t.options
+    n, batch, conc = opts.storm_tickets, opts.batch_size, opts.concurrency
+    bar = t.progress.bar("(e) storm: issue", n, "tickets")
+    with CpuMeter(t.pid) as meter:
+        tickets, issued = await storm_phase.pre_issue(
+            t.client, n, batch, conc, lambda x: bar.update(x.ok, "issued"))
+    meter.charge(issued)
+    t.results.phases["storm_issue"] = issued
+    bar.close(f"{len(tickets):,} tickets issued in {issued.seconds:.1f} s")
+    bar = t.progress.bar("(e) storm: redeem", len(tickets), "tickets")
+    tally, peak = await storm_phase.redeem_storm(
+        t.client, tickets, batch, conc, t.pid, lambda x: bar.update(x.ok, "redeemed"))
+    run = storm_phase.StormRun(issued, tally, len(tickets), peak,
+                               storm_phase.server_memory(t.pid))
+    t.results.storm, t.results.phases["storm"] = run, tally
+    bar.close(f"{tally.ok:,} OK, {tally.failed:,} failed in {tally.seconds:.2f} s")
+    bar = t.progress.bar("(e) consume all", len(tickets), "tickets")
+    with CpuMeter(t.pid) as meter:
+        run.consume, run.store_growth = await storm_phase.consume_all(
+            t.client, tickets, batch, conc, t.db_path, lambda x: bar.update(x.ok, "consumed"))
+    meter.charge(run.consume)
+    t.results.phases["consume"] = run.consume
+    per = run.store_bytes_per_ticket
+    bar.close(f"{run.consume.ok:,} consumed; store "
+              + (f"{per:.1f} bytes/ticket" if per is not None else "not measured"))
+
+
+def _rate(results: Results, phase: str) -> str:
+    rate = results.rate(phase)
+    return f"{rate:,.0f}" if rate is not None else "-"
+
+
+async def run_all(t: Run) -> None:
+    """Every gRPC phase, in order."""
+    t.results.backend_info = await t.client.status()
+    pool: list[bytes] = []
+    await warm_up(t, pool)
+    await unary_rounds(t, pool)
+    if pool:
+        await batched(t, pool)
+        await latency(t, pool)
+    else:
+        t.results.skipped["batch_redeem"] = "no ticket could be issued"
+    await storm(t)

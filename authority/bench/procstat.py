@@ -1,0 +1,126 @@
+"""Reading another process from /proc: CPU time, resident memory, and a sampler of its RSS."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from authority.bench.loops import Tally
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of ``pid`` and its live child processes (the embedded swtpm)
+    so far, all threads; None if ``pid`` is unreadable."""
+    if pid is None:
+        return None
+    own = _stat(pid)
+    if own is None:
+        return None
+    total = own[1]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != pid:
+            child = _stat(int(entry))
+            if child is not None and child[0] == pid:
+                total += child[1]
+    return total
+
+
+def _stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, user + system CPU seconds) of a process, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        # fields[0] is the state (field 3 of stat): ppid is field 4, utime and stime 14 and 15
+        return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def status_mb(pid: int | None, field: str) -> float | None:
+    """A memory line of /proc/<pid>/status (VmRSS, VmHWM...) in MB (2^20 bytes), or None."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples VmRSS of a process every ``interval`` seconds in a thread; ``peak_mb`` is the
+    largest value seen. Use as a context manager around the measured work."""
+
+    def __init__(self, pid: int | None, interval: float = 0.02) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        if self.pid is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def _sample(self) -> None:
+        value = status_mb(self.pid, "VmRSS")
+        if value is not None and (self.peak_mb is None or value > self.peak_mb):
+            self.peak_mb = value
+
+
+class CpuMeter:
+    """Client (this process) and server CPU seconds spent between ``start`` and ``stop``
+    (or inside a ``with`` block)."""
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.client = 0.0
+        self.server: float | None = None
+        self._c0 = 0.0
+        self._s0: float | None = None
+
+    def start(self) -> None:
+        """Take the starting readings."""
+        self._c0 = time.process_time()
+        self._s0 = cpu_seconds(self.server_pid)
+
+    def stop(self) -> None:
+        """Add the CPU spent since ``start``."""
+        self.client += time.process_time() - self._c0
+        s1 = cpu_seconds(self.server_pid)
+        if self._s0 is not None and s1 is not None:
+            self.server = (self.server or 0.0) + s1 - self._s0
+
+    def __enter__(self) -> CpuMeter:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def charge(self, tally: Tally) -> None:
+        """Give the CPU seconds measured to ``tally``."""
+        tally.client_cpu, tally.server_cpu = self.client, self.server

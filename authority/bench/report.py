@@ -1,0 +1,135 @@
+"""The human table printed at the end of a run, made from the JSON figures."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from authority.bench.machine import machine_lines
+from authority.bench.targets import Target, evaluate
+
+Row = tuple[str, str, str, str, str]
+
+
+def _n(value: Any, unit: str = "", digits: int = 0) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _pct(a: Any, b: Any) -> str:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return f"{100 * a / b:.0f}%"
+    return "-"
+
+
+def _cpu(f: Mapping[str, Any], phase: str) -> str:
+    """Server / client CPU microseconds per item of a phase."""
+    p = f.get("phases", {}).get(phase)
+    if not p:
+        return "-"
+    return f"{_n(p.get('server_cpu_us_per_item'))} / {_n(p.get('client_cpu_us_per_item'))}"
+
+
+def _judged(targets: Sequence[Target]) -> tuple[str, str]:
+    wants = "; ".join(t.short for t in targets)
+    status = "; ".join(t.status + (f" ({t.note})" if t.note else "") for t in targets)
+    return wants, status
+
+
+def _rate_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
+    echo = f.get("echo_calls_per_s")
+    conc = f["settings"]["concurrency"]
+    batch = f["settings"]["batch_size"]
+    raw = f.get("raw_device_per_s")
+    threads = f.get("raw_device_threads")
+    return [
+        (f"(a) echo Health/Check, {conc} in flight", _n(echo, " calls/s"), _cpu(f, "echo"),
+         "-", "-"),
+        ("(b) unary IssueTicket",
+         f"{_n(f.get('unary_issue_per_s'), ' calls/s')} = "
+         f"{_pct(f.get('unary_issue_per_s'), echo)} of echo", _cpu(f, "unary_issue"),
+         *_judged([by["unary_issue_vs_echo"]])),
+        ("(b) unary RedeemTicket",
+         f"{_n(f.get('unary_redeem_per_s'), ' calls/s')} = "
+         f"{_pct(f.get('unary_redeem_per_s'), echo)} of echo", _cpu(f, "unary_redeem"),
+         *_judged([by["unary_redeem_vs_echo"]])),
+        (f"(c) batched RedeemTickets x{batch}",
+         f"{_n(f.get('batch_redeem_per_s'), ' tickets/s')} = "
+         f"{_pct(f.get('batch_redeem_per_s'), raw)} of raw", _cpu(f, "batch_redeem"),
+         *_judged([by["batch_vs_raw_device"], by["batch_redeem_rate"]])),
+        (f"(c) RedeemTicketStream x{batch}", _n(f.get("stream_redeem_per_s"), " tickets/s"),
+         _cpu(f, "stream_redeem"), "-", "-"),
+        (f"(d) raw device unseal_many, {threads or '-'} thread(s)",
+         _n(raw, " tickets/s"), f"- / {_n(_raw_cpu(f))}", "-",
+         "-" if raw else f.get("skipped", {}).get("raw_device", "-")),
+    ]
+
+
+def _raw_cpu(f: Mapping[str, Any]) -> float | None:
+    p = f.get("phases", {}).get("raw_device")
+    return p.get("client_cpu_us_per_item") if p else None
+
+
+def _storm_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
+    return [
+        ("(e) failover storm (streams)",
+         f"{_n(f.get('storm_tickets'), ' tickets')} in {_n(f.get('storm_seconds'), ' s', 2)}"
+         f" = {_n(f.get('storm_per_s'), '/s')}, {_n(f.get('storm_failures'))} failed",
+         _cpu(f, "storm"), *_judged([by["storm_seconds"]])),
+        ("    server RSS during the storm",
+         f"{_n(f.get('peak_rss_mb'), ' MB', 1)} (VmHWM {_n(f.get('server_vmhwm_mb'), ' MB', 1)})",
+         "-", *_judged([by["storm_rss_mb"]])),
+        ("    consumed-ticket store",
+         f"{_n(f.get('store_bytes_per_ticket'), ' B/ticket', 1)} over "
+         f"{_n(f.get('consumed_entries'))} entries", _cpu(f, "consume"),
+         *_judged([by["store_bytes_per_ticket"]])),
+        (f"(f) unary redeem at {_n(f.get('latency_offered_per_s'), '/s')} (open loop)",
+         f"p50 {_n(f.get('redeem_p50_ms'), '', 2)} / p99 {_n(f.get('redeem_p99_ms'), '', 2)} / "
+         f"p99.9 {_n(f.get('redeem_p999_ms'), ' ms', 2)}", _cpu(f, "latency"),
+         *_judged([by["redeem_p99_ms"]])),
+        ("    echo at the same rate (baseline)",
+         f"p50 {_n(f.get('echo_p50_ms'), '', 2)} / p99 {_n(f.get('echo_p99_ms'), '', 2)} / "
+         f"p99.9 {_n(f.get('echo_p999_ms'), ' ms', 2)}", _cpu(f, "latency_echo"), "-", "-"),
+    ]
+
+
+def _savings_rows(f: Mapping[str, Any]) -> list[Row]:
+    s = f.get("savings")
+    if not isinstance(s, dict):
+        return [("(g) resumption savings", "-", "-", "-", "not measured")]
+    us = " µs CPU"
+    return [
+        ("(g) handshake: ECDH P-256 + ECDSA sign+verify", _n(s["handshake_ecdh_ecdsa_us"], us),
+         "-", "-", "-"),
+        ("(g) handshake: MODP-2048 + RSA-2048 sign+verify",
+         _n(s["handshake_modp_rsa_us"], us), "-", "-", "-"),
+        ("(g) resumption: redeem call + derive keys",
+         f"{_n(s['resumption_us'], us)} ({_n(s['redeem_client_us'])} + "
+         f"{_n(s['derive_resumed_keys_us'])})", "-", "-", "-"),
+        ("    handshake / resumption",
+         f"{_n(s['ratio_ecdh_ecdsa'], 'x', 1)} (EC), {_n(s['ratio_modp_rsa'], 'x', 1)} "
+         f"(MODP/RSA)", "-", "-", "-"),
+    ]
+
+
+def render(figures: Mapping[str, Any]) -> str:
+    """Machine lines, then one row per figure with its target and status."""
+    by = {t.name: t for t in evaluate(figures)}
+    rows: list[Row] = [("figure", "value", "CPU µs/item srv / cli", "target", "status")]
+    rows += _rate_rows(figures, by) + _storm_rows(figures, by) + _savings_rows(figures)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = machine_lines(figures["machine"], figures.get("backend_info") or {})
+    lines.append("")
+    for index, row in enumerate(rows):
+        cells = [row[i].ljust(widths[i]) for i in range(4)] + [row[4]]
+        lines.append("  ".join(cells).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * w for w in [*widths, 6]))
+    met = [t for t in by.values() if t.met is True]
+    unmet = [t for t in by.values() if t.met is False]
+    lines += ["", f"targets: {len(met)} met, {len(unmet)} not met, "
+                  f"{len(by) - len(met) - len(unmet)} n/a; failed items: "
+                  f"{figures.get('failures', 0)}"]
+    lines += [f"error: {e}" for e in figures.get("errors", [])]
+    return "\n".join(lines)

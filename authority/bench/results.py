@@ -1,0 +1,123 @@
+"""Everything one run measured, and its JSON form (the keys the issue names are top level)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from authority.bench.loops import Latencies, Tally, percentile
+from authority.bench.options import Options
+from authority.bench.savings import Savings
+from authority.bench.storm import StormRun
+from authority.bench.targets import evaluate
+
+CLIENT = "one grpc.aio client process, one channel"
+
+
+@dataclass
+class Results:
+    """Filled phase by phase by the runner; ``figures`` makes the report."""
+
+    options: Options
+    machine: dict[str, object]
+    backend_info: dict[str, object] = field(default_factory=dict)
+    phases: dict[str, Tally] = field(default_factory=dict)
+    device_threads: int | None = None
+    latency: Latencies | None = None
+    echo_latency: Latencies | None = None
+    storm: StormRun | None = None
+    savings: Savings | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def rate(self, phase: str) -> float | None:
+        """OK items per second of a phase, or None if it did not run (or nothing succeeded)."""
+        tally = self.phases.get(phase)
+        return tally.per_s if tally is not None and tally.ok else None
+
+    def redeem_client_us(self) -> float | None:
+        """Client CPU microseconds per unary RedeemTicket call."""
+        tally = self.phases.get("unary_redeem")
+        return tally.client_cpu / tally.calls * 1e6 if tally and tally.calls else None
+
+    def figures(self) -> dict[str, Any]:
+        """The JSON document: flat figures, then details, then the targets."""
+        out: dict[str, Any] = {
+            "backend": self.backend_info.get("backend", self.options.backend),
+            "echo_calls_per_s": self.rate("echo"),
+            "unary_issue_per_s": self.rate("unary_issue"),
+            "unary_redeem_per_s": self.rate("unary_redeem"),
+            "batch_redeem_per_s": self.rate("batch_redeem"),
+            "stream_redeem_per_s": self.rate("stream_redeem"),
+            "raw_device_per_s": self.rate("raw_device"),
+            "raw_device_threads": self.device_threads,
+        }
+        out.update(self._storm_figures())
+        out.update(self._latency_figures())
+        out["savings"] = self.savings.as_json() if self.savings else None
+        out["failures"] = sum(t.failed for t in self.phases.values())
+        out["phases"] = {name: _phase_json(t) for name, t in self.phases.items()}
+        out["machine"] = self.machine
+        out["backend_info"] = self.backend_info
+        out["settings"] = _settings(self.options)
+        out["skipped"] = self.skipped
+        out["errors"] = self.errors
+        out["targets"] = {t.name: t.as_json() for t in evaluate(out)}
+        return out
+
+    def _storm_figures(self) -> dict[str, Any]:
+        storm = self.storm
+        if storm is None:
+            return {"storm_tickets": None, "storm_seconds": None, "storm_per_s": None,
+                    "storm_failures": None, "peak_rss_mb": None, "server_vmhwm_mb": None,
+                    "store_bytes_per_ticket": None, "consumed_entries": None}
+        return {"storm_tickets": storm.tickets, "storm_seconds": storm.storm.seconds,
+                "storm_per_s": storm.storm.per_s,
+                "storm_failures": storm.storm.failed + storm.issued.failed,
+                "peak_rss_mb": storm.peak_rss_mb, "server_vmhwm_mb": storm.vmhwm_mb,
+                "store_bytes_per_ticket": storm.store_bytes_per_ticket,
+                "consumed_entries": storm.consume.ok if storm.consume else None}
+
+    def _latency_figures(self) -> dict[str, Any]:
+        lat = self.latency
+        if lat is None:
+            return {"redeem_p50_ms": None, "redeem_p99_ms": None, "redeem_p999_ms": None,
+                    "latency_offered_per_s": None, "latency_achieved_per_s": None,
+                    "latency_send_lag_p99_ms": None, **self._echo_latency()}
+        return {"redeem_p50_ms": _ms(percentile(lat.seconds, 0.50)),
+                "redeem_p99_ms": _ms(percentile(lat.seconds, 0.99)),
+                "redeem_p999_ms": _ms(percentile(lat.seconds, 0.999)),
+                "latency_offered_per_s": lat.offered_per_s,
+                "latency_achieved_per_s": lat.tally.per_s,
+                "latency_send_lag_p99_ms": _ms(percentile(lat.lag, 0.99)),
+                **self._echo_latency()}
+
+    def _echo_latency(self) -> dict[str, Any]:
+        echo = self.echo_latency.seconds if self.echo_latency else []
+        return {"echo_p50_ms": _ms(percentile(echo, 0.50)),
+                "echo_p99_ms": _ms(percentile(echo, 0.99)),
+                "echo_p999_ms": _ms(percentile(echo, 0.999))}
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _phase_json(tally: Tally) -> dict[str, Any]:
+    busy = tally.seconds or 1.0
+    items = (tally.ok + tally.failed) or 1
+    server = tally.server_cpu
+    return {"ok": tally.ok, "failed": tally.failed, "calls": tally.calls,
+            "seconds": tally.seconds, "per_s": tally.per_s,
+            "client_cpu_pct": 100 * tally.client_cpu / busy,
+            "server_cpu_pct": None if server is None else 100 * server / busy,
+            "client_cpu_us_per_item": 1e6 * tally.client_cpu / items,
+            "server_cpu_us_per_item": None if server is None else 1e6 * server / items,
+            "first_error": tally.first_error or None}
+
+
+def _settings(options: Options) -> dict[str, Any]:
+    return {"address": options.address, "own_server": options.own_server,
+            "concurrency": options.concurrency, "batch_size": options.batch_size,
+            "storm_tickets": options.storm_tickets, "duration_s": options.duration,
+            "quick": options.quick, "client": CLIENT}

@@ -1,0 +1,146 @@
+"""``ticket-authority bench``: set up (state dir, raw device, server subprocess), run the
+phases, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from authority.bench import phases
+from authority.bench.device import raw_device_rate
+from authority.bench.machine import describe_machine, load_average, machine_lines
+from authority.bench.options import Options, add_arguments, options_from
+from authority.bench.progress import Progress
+from authority.bench.report import render
+from authority.bench.results import Results
+from authority.bench.rpc import Client
+from authority.bench.savings import measure
+from authority.bench.server import ServerProcess
+from authority.config import Config
+from authority.errors import ConfigError, DeviceUnavailable, StartupError
+from authority.settings_loader import load_config
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench for parsed flags; print the table (or JSON). Exit status: 0 when every
+    phase ran without a failed item, 1 when something failed, 2 when it could not start."""
+    opts = options_from(args)
+    progress = Progress(opts.progress)
+    results = Results(opts, describe_machine())
+    progress.say(machine_lines(results.machine, {})[0])
+    try:
+        with _state_dir(opts) as state_dir:
+            _measure(opts, state_dir, results, progress)
+    except (ConfigError, StartupError, DeviceUnavailable) as exc:
+        print(f"ticket-authority bench: {exc}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as exc:
+        print(f"ticket-authority bench: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    bar = progress.bar("(g) handshake vs resumption", 5 * _budget(opts))
+    results.savings = measure(results.redeem_client_us(), _budget(opts))
+    bar.close("done")
+    results.machine["load_after"] = load_average()
+    figures = results.figures()
+    print(json.dumps(figures, indent=2) if opts.json else render(figures), flush=True)
+    return 1 if figures["failures"] or results.errors else 0
+
+
+def _budget(opts: Options) -> float:
+    """CPU seconds per public-key operation in (g)."""
+    return 0.3 if opts.quick else 1.0
+
+
+@contextlib.contextmanager
+def _state_dir(opts: Options) -> Iterator[Path | None]:
+    """The state directory: --state-dir as given, else (own server) a temporary one that is
+    removed afterwards, else (a running server without --state-dir) none."""
+    if opts.state_dir is not None or not opts.own_server:
+        yield opts.state_dir
+        return
+    path = Path(tempfile.mkdtemp(prefix="ita-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _measure(opts: Options, state_dir: Path | None, results: Results,
+             progress: Progress) -> None:
+    """(d) in process, then start the server (if ours) and run the gRPC phases against it."""
+    server: ServerProcess | None = None
+    pid: int | None
+    if opts.own_server:
+        assert state_dir is not None
+        config = load_config(state_dir=state_dir, backend=opts.backend)
+        _raw_device(opts, config, results, progress)
+        progress.say("starting the server (a subprocess) ...")
+        server = ServerProcess.start(config.state_dir, opts.backend)
+        address, pid = server.address, server.pid
+    else:
+        assert opts.address is not None
+        address, pid = opts.address, _running_pid(state_dir)
+        results.skipped["raw_device"] = "needs the bench's own server (no --address)"
+    db_path = state_dir / "authority.db" if state_dir is not None else None
+    try:
+        asyncio.run(_over_grpc(address, pid, db_path, opts, results, progress))
+    finally:
+        if server is not None:
+            code = server.stop()
+            if code not in (0, -15):
+                results.errors.append(f"server exited with {code}: {server.log_tail()}")
+
+
+async def _over_grpc(address: str, pid: int | None, db_path: Path | None, opts: Options,
+                     results: Results, progress: Progress) -> None:
+    client = Client.connect(address)
+    try:
+        await phases.run_all(phases.Run(client, pid, db_path, opts, results, progress))
+    finally:
+        await client.close()
+
+
+def _raw_device(opts: Options, config: Config, results: Results, progress: Progress) -> None:
+    """(d) the direct backend loop; a failure is reported and the other phases still run."""
+    bar = progress.bar("(d) raw device", opts.duration)
+    try:
+        run = raw_device_rate(config, opts.batch_size, opts.duration, bar)
+    except (StartupError, ConfigError):
+        raise
+    except Exception as exc:
+        results.errors.append(f"raw device: {type(exc).__name__}: {exc}")
+        bar.close(f"failed: {exc}")
+        return
+    results.phases["raw_device"] = run.tally
+    results.device_threads = run.threads
+    if not run.tally.ok:
+        results.errors.append("raw device: no ticket unsealed "
+                              f"({run.tally.first_error or 'no call completed'})")
+    bar.close(f"{run.tally.per_s:,.0f} tickets/s from {run.threads} thread(s)"
+              + (f", error: {run.tally.first_error}" if run.tally.first_error else ""))
+
+
+def _running_pid(state_dir: Path | None) -> int | None:
+    """The pid a running server wrote to its state dir's server.json (for RSS and CPU)."""
+    if state_dir is None:
+        return None
+    try:
+        return int(json.loads((state_dir / "server.json").read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (``python -m authority.bench``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog="ticket-authority bench", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

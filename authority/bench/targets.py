@@ -1,0 +1,101 @@
+"""The issue's targets, judged from a run's figures (the flat JSON keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STORM_TARGET_TICKETS = 100_000
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: what it asks, the value measured, and whether it was met (None: n/a)."""
+
+    name: str
+    wants: str
+    short: str
+    value: float | None
+    limit: float
+    at_most: bool
+    met: bool | None
+    note: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form (``met`` is true, false or null for not applicable / not measured)."""
+        return {"target": self.wants, "value": self.value, "limit": self.limit,
+                "met": self.met, "note": self.note}
+
+    @property
+    def status(self) -> str:
+        """"met", "NOT MET" or "n/a"."""
+        return "n/a" if self.met is None else ("met" if self.met else "NOT MET")
+
+
+def _num(figures: Mapping[str, Any], key: str) -> float | None:
+    value = figures.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _judge(name: str, wants: str, short: str, value: float | None, limit: float, at_most: bool,
+           applies: bool = True, failures: int = 0, note: str = "") -> Target:
+    if not applies:
+        return Target(name, wants, short, value, limit, at_most, None, "SoftHSM2 only")
+    if value is None:
+        return Target(name, wants, short, value, limit, at_most, None, note or "not measured")
+    met = value <= limit if at_most else value >= limit
+    if failures:
+        met, note = False, f"{failures:,} failed items; {note}".rstrip("; ")
+    return Target(name, wants, short, value, limit, at_most, met, note)
+
+
+def _phase_failures(figures: Mapping[str, Any], *names: str) -> int:
+    phases = figures.get("phases", {})
+    return sum(int(phases.get(n, {}).get("failed", 0)) for n in names)
+
+
+def evaluate(figures: Mapping[str, Any]) -> list[Target]:
+    """Every target of the issue, in table order."""
+    softhsm = figures.get("backend") == "pkcs11"
+    device = "SoftHSM2" if softhsm else "swtpm"
+    echo = _num(figures, "echo_calls_per_s")
+    fail = _phase_failures
+    storm_n = int(figures.get("storm_tickets") or 0)
+    storm_s = _num(figures, "storm_seconds")
+    projected = storm_s * STORM_TARGET_TICKETS / storm_n if storm_s and storm_n else None
+    storm_note = "" if storm_n == STORM_TARGET_TICKETS else (
+        f"projected from {storm_n:,}" if storm_n else "")
+    return [
+        _judge("unary_issue_vs_echo", "unary issue >= 90% of echo", ">= 90% of echo", _ratio(
+            _num(figures, "unary_issue_per_s"), echo), 0.90, False,
+            failures=fail(figures, "echo", "unary_issue")),
+        _judge("unary_redeem_vs_echo", "unary redeem >= 90% of echo", ">= 90% of echo", _ratio(
+            _num(figures, "unary_redeem_per_s"), echo), 0.90, False,
+            failures=fail(figures, "echo", "unary_redeem")),
+        _judge("batch_vs_raw_device", f"{device} batched redeem >= 80% of raw device",
+            ">= 80% of raw", _ratio(
+            _num(figures, "batch_redeem_per_s"), _num(figures, "raw_device_per_s")), 0.80,
+            False, failures=fail(figures, "batch_redeem", "raw_device")),
+        _judge("batch_redeem_rate", "SoftHSM2 batched redeem >= 12,000 tickets/s",
+               ">= 12,000/s",
+               _num(figures, "batch_redeem_per_s"), 12_000, False, applies=softhsm,
+               failures=fail(figures, "batch_redeem")),
+        _judge("storm_seconds", "SoftHSM2 storm of 100,000 tickets <= 8 s",
+               "100k in <= 8 s", projected, 8.0,
+               True, applies=softhsm, failures=fail(figures, "storm_issue", "storm"),
+               note=storm_note),
+        _judge("redeem_p99_ms", "p99 unary redeem <= 3 ms at half the saturated rate",
+               "p99 <= 3 ms",
+               _num(figures, "redeem_p99_ms"), 3.0, True, failures=fail(figures, "latency")),
+        _judge("storm_rss_mb", "server RSS <= 150 MB during the storm", "<= 150 MB",
+               _num(figures, "peak_rss_mb"), 150.0, True),
+        _judge("store_bytes_per_ticket", "consumed-ticket store <= 100 bytes per live ticket",
+               "<= 100 B/ticket",
+               _num(figures, "store_bytes_per_ticket"), 100.0, True,
+               failures=fail(figures, "consume")),
+    ]

@@ -1,0 +1,122 @@
+"""``ticket-authority bench`` with tiny settings: every required JSON key, sane values, no failed
+item. Real SoftHSM2 token and a real server subprocess; no timing assertions (the machine is
+shared and noisy)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authority.bench import main
+from authority.bench.loops import percentile
+from authority.bench.report import render
+from authority.bench.targets import evaluate
+from authority.service.server import RunningServer, build_server
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--quick", "--duration", "0.5", "--storm-tickets", "500", "--concurrency", "4",
+        "--batch-size", "50", "--json", "--no-progress"]
+RATES = ["echo_calls_per_s", "unary_issue_per_s", "unary_redeem_per_s", "batch_redeem_per_s",
+         "stream_redeem_per_s"]
+REQUIRED = [*RATES, "raw_device_per_s", "storm_tickets", "storm_seconds", "redeem_p99_ms",
+            "peak_rss_mb", "backend", "targets", "machine", "savings"]
+
+
+@pytest.fixture(scope="module")
+def own_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny run that starts its own server (the slow part, shared by the tests below)."""
+    state = tmp_path_factory.mktemp("bench") / "state"
+    done = subprocess.run([sys.executable, "-m", "authority.bench", *TINY, "--state-dir",
+                           str(state)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures: dict[str, Any] = json.loads(done.stdout)  # stdout is only JSON
+    return figures
+
+
+def test_json_has_every_required_key_with_sane_values(own_server_run: dict[str, Any]) -> None:
+    f = own_server_run
+    missing = [k for k in REQUIRED if k not in f]
+    assert not missing
+    assert f["backend"] == "pkcs11"
+    for key in [*RATES, "raw_device_per_s"]:
+        assert f[key] > 0, key
+    assert f["storm_tickets"] == 500
+    assert f["storm_seconds"] > 0
+    assert f["storm_failures"] == 0
+    assert f["failures"] == 0 and not f["errors"]
+    assert 0 < f["redeem_p50_ms"] <= f["redeem_p99_ms"] <= f["redeem_p999_ms"]
+    assert f["peak_rss_mb"] > 10
+    assert f["consumed_entries"] == 500 and f["store_bytes_per_ticket"] > 0
+    assert f["machine"]["cores"] >= 1 and f["machine"]["cpu_model"]
+
+
+def test_targets_and_savings_are_reported(own_server_run: dict[str, Any]) -> None:
+    targets = own_server_run["targets"]
+    assert set(targets) == {"unary_issue_vs_echo", "unary_redeem_vs_echo",
+                            "batch_vs_raw_device", "batch_redeem_rate", "storm_seconds",
+                            "redeem_p99_ms", "storm_rss_mb", "store_bytes_per_ticket"}
+    for entry in targets.values():
+        assert entry["met"] in (True, False), entry  # everything measurable was measured
+    savings = own_server_run["savings"]
+    assert savings["handshake_modp_rsa_us"] > savings["handshake_ecdh_ecdsa_us"] > 0
+    assert savings["resumption_us"] > savings["derive_resumed_keys_us"] > 0
+
+
+def test_table_has_a_row_per_figure(own_server_run: dict[str, Any]) -> None:
+    table = render(own_server_run)
+    for label in ("(a) echo", "(b) unary IssueTicket", "(b) unary RedeemTicket",
+                  "(c) batched", "(c) RedeemTicketStream", "(d) raw device", "(e) failover",
+                  "server RSS", "consumed-ticket store", "(f) unary redeem", "(g) handshake",
+                  "(g) resumption"):
+        assert label in table
+    assert "machine  " in table and "backend  pkcs11" in table
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[RunningServer]:
+    """An in-process server on a fresh SoftHSM2 token (the bench only talks gRPC to it)."""
+    server = build_server(make_config(tmp_path / "state"))
+    yield server
+    server.stop(grace=1.0)
+
+
+def test_against_a_running_server_skips_the_raw_device(
+        running: RunningServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main([*TINY, "--address", running.address, "--storm-tickets", "200",
+                 "--state-dir", str(tmp_path / "state")])
+    f = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert f["raw_device_per_s"] is None and "raw_device" in f["skipped"]
+    assert f["targets"]["batch_vs_raw_device"]["met"] is None
+    assert f["storm_tickets"] == 200 and f["storm_failures"] == 0
+    assert f["consumed_entries"] == 200 and f["store_bytes_per_ticket"] > 0
+
+
+def test_unreachable_address_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--address", "127.0.0.1:1", "--no-progress", "--json"]) == 2
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    assert percentile(values, 0.5) == 500
+    assert percentile(values, 0.99) == 990
+    assert percentile(values, 0.999) == 999
+    assert percentile([], 0.5) is None
+
+
+def test_storm_target_is_projected_from_a_smaller_storm() -> None:
+    figures = {"backend": "pkcs11", "storm_tickets": 20_000, "storm_seconds": 1.0}
+    storm = next(t for t in evaluate(figures) if t.name == "storm_seconds")
+    assert storm.value == pytest.approx(5.0) and storm.met is True
+    assert "projected" in storm.note
+    figures["backend"] = "tpm"
+    assert next(t for t in evaluate(figures) if t.name == "storm_seconds").met is None
