@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
                                                  "this machine (docs/benchmarks.md)"))
+    from authority.demo import configure_parser as configure_demo
+
+    configure_demo(sub.add_parser("demo", help="resume an IKE SA on a second gateway through the "
+                                               "authority (real IKE_SESSION_RESUME over UDP)"))
     for p in (listing, rotate, retire, status):
         _common(p)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -68,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from authority.bench import run as run_bench
 
             return run_bench(args)
+        if args.command == "demo":
+            from authority.demo import run_command
+
+            return int(run_command(args))
         return _admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
 
 from authority.errors import InvalidTicket
 from authority.state import ResumptionState
@@ -136,17 +135,29 @@ def decode_contents(plaintext: bytes) -> TicketContents:
 
     Raises: InvalidTicket if the plaintext is malformed.
     """
-    reader = _Reader(plaintext)
+    size = len(plaintext)
+    if size < _MIN_PLAINTEXT:
+        raise InvalidTicket("plaintext truncated")
     (ticket_id, issued_at, expires_at, encr_id, encr_key_bits, prf_id, integ_id, dh_group,
-     auth_method, spi_i, spi_r) = reader.fixed(_FIXED)
-    sk_d = reader.prefixed(1)
-    id_i, id_r, gateway_data, extensions = (reader.prefixed(2) for _ in range(4))
-    reader.finish()
-    _check_extensions(extensions)
-    state = ResumptionState(id_i=id_i, id_r=id_r, spi_i=spi_i, spi_r=spi_r, sk_d=sk_d,
-                            encr_id=encr_id, encr_key_bits=encr_key_bits, prf_id=prf_id,
-                            integ_id=integ_id, dh_group=dh_group, auth_method=auth_method,
-                            gateway_data=gateway_data)
+     auth_method, spi_i, spi_r) = _FIXED.unpack_from(plaintext)
+    pos = _FIXED.size + 1
+    end = pos + plaintext[pos - 1]
+    sk_d = plaintext[pos:end]
+    fields = []
+    for _ in range(4):  # id_i, id_r, gateway_data, extensions: 2-octet length prefixes
+        pos = end + 2
+        if pos > size:
+            raise InvalidTicket("plaintext truncated")
+        end = pos + (plaintext[pos - 2] << 8 | plaintext[pos - 1])
+        fields.append(plaintext[pos:end])
+    if end != size:
+        raise InvalidTicket("plaintext truncated" if end > size else
+                            "trailing octets in plaintext")
+    id_i, id_r, gateway_data, extensions = fields
+    if extensions:
+        _check_extensions(extensions)
+    state = ResumptionState(id_i, id_r, spi_i, spi_r, sk_d, encr_id, encr_key_bits, prf_id,
+                            integ_id, dh_group, auth_method, gateway_data)
     return TicketContents(ticket_id, issued_at, expires_at, state, extensions)
 
 
@@ -171,15 +182,8 @@ class _Reader:
         self._pos += n
         return chunk
 
-    def fixed(self, layout: struct.Struct) -> tuple[Any, ...]:
-        return layout.unpack(self.take(layout.size))
-
     def prefixed(self, width: int) -> bytes:
         return self.take(int.from_bytes(self.take(width), "big"))
 
     def done(self) -> bool:
         return self._pos == len(self._data)
-
-    def finish(self) -> None:
-        if not self.done():
-            raise InvalidTicket("trailing octets in plaintext")

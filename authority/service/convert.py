@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
@@ -16,8 +18,7 @@ from authority.ticket_format import KEY_ID_LEN
 _CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "FAILED_PRECONDITION": 9,
           "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "UNKNOWN": 2}
 
-_STATE_FIELDS = ("id_i", "id_r", "spi_i", "spi_r", "sk_d", "encr_id", "encr_key_bits",
-                 "prf_id", "integ_id", "dh_group", "auth_method", "gateway_data")
+_STATE_FIELDS = tuple(f.name for f in fields(ResumptionState))
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -41,7 +42,11 @@ def state_from_proto(msg: authority_pb2.IssueTicketRequest,
 
 def state_to_proto(state: ResumptionState) -> authority_pb2.ResumptionState:
     """The domain state as a message."""
-    return authority_pb2.ResumptionState(**{name: getattr(state, name) for name in _STATE_FIELDS})
+    return authority_pb2.ResumptionState(
+        id_i=state.id_i, id_r=state.id_r, spi_i=state.spi_i, spi_r=state.spi_r, sk_d=state.sk_d,
+        encr_id=state.encr_id, encr_key_bits=state.encr_key_bits, prf_id=state.prf_id,
+        integ_id=state.integ_id, dh_group=state.dh_group, auth_method=state.auth_method,
+        gateway_data=state.gateway_data)
 
 
 def issue_response(issued: IssuedTicket) -> authority_pb2.IssueTicketResponse:
@@ -52,14 +57,18 @@ def issue_response(issued: IssuedTicket) -> authority_pb2.IssueTicketResponse:
         ticket_lt_opaque=issued.lt_opaque)
 
 
-def redeem_response(result: Redemption) -> authority_pb2.RedeemTicketResponse:
-    """The RedeemTicket reply; only an OK result carries the state."""
-    reply = authority_pb2.RedeemTicketResponse(result=result_name(result.status))
+def redeem_response(result: Redemption,
+                    reply: authority_pb2.RedeemTicketResponse | None = None
+                    ) -> authority_pb2.RedeemTicketResponse:
+    """The RedeemTicket reply (filled into ``reply`` if given); only OK carries the state."""
+    if reply is None:
+        reply = authority_pb2.RedeemTicketResponse()
+    reply.result = result.status.value  # type: ignore[assignment]
     if result.contents is not None and result.key_id is not None:
         c = result.contents
         reply.state.CopyFrom(state_to_proto(c.state))
-        reply.expires_at.CopyFrom(timestamp(c.expires_at))
-        reply.issued_at.CopyFrom(timestamp(c.issued_at))
+        reply.expires_at.seconds = c.expires_at
+        reply.issued_at.seconds = c.issued_at
         reply.key_id = result.key_id.hex()
         reply.ticket_id = result.handle
     return reply
@@ -137,5 +146,5 @@ def redeem_batch_response(results: list[Redemption | AuthorityError],
         if isinstance(result, AuthorityError):
             item.error.CopyFrom(item_error(result))
         else:
-            item.redeemed.CopyFrom(redeem_response(result))
+            redeem_response(result, item.redeemed)
     return reply

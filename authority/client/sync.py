@@ -1,0 +1,213 @@
+"""``TicketClient``: the blocking gateway-side client (one gRPC channel, thread-safe)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grpc
+from authority.client import models
+from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
+from authority.client.transport import (
+    Backoff,
+    ClientTls,
+    RetryLoop,
+    channel_options,
+    check_plaintext,
+    check_settings,
+)
+
+_CORE_READY = grpc.ChannelConnectivity.READY.value[0]
+_NOT_CONNECTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class TicketClient:
+    """Issue, redeem and consume tickets at a ticket authority.
+
+    ``address``: ``host:port`` (any gRPC target). ``tls``: ``ClientTls`` for TLS / mTLS; None
+    means plaintext, allowed only to a loopback address. ``timeout``: the deadline of each method
+    call in seconds, retries and backoff included (a method's own ``timeout`` argument overrides
+    it). ``retries``: how many times an UNAVAILABLE attempt may be repeated, ``backoff`` how long
+    to wait in between. ``interceptors``: ``grpc`` client interceptors (e.g. to count attempts).
+    ``options``: extra gRPC channel options. ``max_batch_items``: items per batch message.
+
+    Retry rule (only UNAVAILABLE is ever retried; INVALID_ARGUMENT, DEADLINE_EXCEEDED and every
+    other status fail at once):
+      - ``issue``/``issue_many`` (a second ticket is harmless) and ``redeem``/``redeem_many``
+        without consume are idempotent: retried on UNAVAILABLE, whatever its cause.
+      - ``redeem(consume=True)``, ``redeem_many(consume=True)`` and ``consume`` are not: a repeat
+        of a request that did reach the authority would answer REPLAYED for the caller's own
+        ticket. Before each attempt the client makes sure the channel is connected (READY, else
+        a health-check probe must get through); a failure to connect (nothing sent) is retried,
+        an UNAVAILABLE once the request went out is not.
+
+    Raises (constructor): PlaintextRefused (no ``tls`` and a non-loopback address), ValueError
+    (bad settings or half an mTLS pair), OSError (an unreadable TLS file).
+    """
+
+    def __init__(self, address: str, tls: ClientTls | None = None, *, timeout: float = 2.0,
+                 retries: int = 3, backoff: Backoff | None = None,
+                 interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
+                 max_batch_items: int = 1000) -> None:
+        check_settings(timeout, retries, max_batch_items)
+        self.address = address
+        self.tls = tls
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff or Backoff()
+        self.max_batch_items = max_batch_items
+        opts = channel_options(self.backoff, tls, options)
+        if tls is None:
+            check_plaintext(address)
+            self._raw = grpc.insecure_channel(address, options=opts)
+        else:
+            self._raw = grpc.secure_channel(address, tls.credentials(), options=opts)
+        self._channel = grpc.intercept_channel(self._raw, *interceptors) if interceptors \
+            else self._raw
+        self._stub = authority_pb2_grpc.TicketAuthorityStub(self._channel)
+        self._probe = health_pb2_grpc.HealthStub(self._raw).Check
+        self._batch_ids = itertools.count(1)
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    def issue(self, state: StateLike, lifetime: int = 0, *,
+              timeout: float | None = None) -> IssuedTicket:
+        """Seal ``state`` into a ticket. ``lifetime`` 0 is the server default; a longer one than
+        the server's maximum is clamped. Retried on UNAVAILABLE.
+
+        Raises AuthorityRejected (INVALID_ARGUMENT naming the state field, RESOURCE_EXHAUSTED,
+        ...), AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError for a lifetime outside
+        32 bits."""
+        reply = self._call("IssueTicket", models.issue_request(state, lifetime), True, timeout)
+        return models.issued_from_proto(reply)
+
+    def redeem(self, ticket: bytes, consume: bool = False, *,
+               timeout: float | None = None) -> Redeemed:
+        """Check ``ticket``; OK carries the state. A bad ticket is a result (INVALID, EXPIRED,
+        REPLAYED, REVOKED), never an exception. With ``consume`` the ticket is also marked used
+        (prefer ``consume`` after the resumed IKE_AUTH verified); then UNAVAILABLE after the
+        request was sent is not retried.
+
+        Raises AuthorityRejected (INVALID_ARGUMENT for an empty ticket, ...),
+        AuthorityUnavailable, AuthorityDeadlineExceeded."""
+        request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume)
+        reply = self._call("RedeemTicket", request, not consume, timeout)
+        return models.redeemed_from_proto(reply)
+
+    def consume(self, ticket_id: bytes, *, timeout: float | None = None) -> RedeemResult:
+        """Mark the ticket behind a redeem's ``ticket_id`` used: OK the first time, REPLAYED
+        after (EXPIRED once it expired). Retried only if nothing was sent.
+
+        Raises AuthorityRejected (INVALID_ARGUMENT for a malformed id), AuthorityUnavailable,
+        AuthorityDeadlineExceeded."""
+        request = authority_pb2.ConsumeTicketRequest(ticket_id=ticket_id)
+        reply = self._call("ConsumeTicket", request, False, timeout)
+        return models.result_from_number(reply.result)
+
+    def issue_many(self, states: Sequence[StateLike], lifetime: int = 0, *,
+                   timeout: float | None = None) -> list[IssuedTicket | ItemError]:
+        """Seal many states (IssueTickets, ``max_batch_items`` per message, ``timeout`` per
+        message); results in order, a bad state gets its own ``ItemError``. Retried on
+        UNAVAILABLE.
+
+        Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded for a whole
+        message; ValueError for a lifetime outside 32 bits."""
+        out: list[IssuedTicket | ItemError] = []
+        for chunk in _chunks(states, self.max_batch_items):
+            request = models.issue_batch(chunk, lifetime, next(self._batch_ids))
+            out += models.issued_batch(self._call("IssueTickets", request, True, timeout))
+        return out
+
+    def redeem_many(self, tickets: Sequence[bytes], consume: bool = False, *,
+                    timeout: float | None = None) -> list[Redeemed | ItemError]:
+        """Redeem many tickets (RedeemTickets, ``max_batch_items`` per message, ``timeout`` per
+        message); results in order, an empty ticket gets its own ``ItemError``. Retried as
+        ``redeem`` is.
+
+        Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded for a whole
+        message."""
+        out: list[Redeemed | ItemError] = []
+        for chunk in _chunks(tickets, self.max_batch_items):
+            request = models.redeem_batch(chunk, consume, next(self._batch_ids))
+            out += models.redeemed_batch(self._call("RedeemTickets", request, not consume,
+                                                    timeout))
+        return out
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled. Never raises."""
+        self._raw.close()
+
+    def __enter__(self) -> TicketClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")
+        return f"TicketClient({self.address}, {mode}, timeout={self.timeout}, " \
+               f"retries={self.retries})"
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _call(self, method: str, request: Any, idempotent: bool, timeout: float | None) -> Any:
+        """One client call under the retry rule (see the class docstring).
+
+        Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
+        loop = RetryLoop(method, idempotent, self.retries, self.backoff,
+                         self.timeout if timeout is None else timeout)
+        rpc = getattr(self._stub, method)
+        while True:
+            remaining = loop.remaining()
+            if not idempotent and not self._connected(remaining):
+                delay = loop.not_connected("no connection to the authority (request not sent)")
+            else:
+                remaining = loop.remaining()
+                loop.sending()
+                try:
+                    return rpc(request, timeout=remaining)
+                except grpc.RpcError as err:
+                    delay = loop.failed(err)
+            time.sleep(delay)
+
+    def _peek_ready(self) -> bool:
+        """Whether the channel is READY now, without starting anything. Never raises.
+
+        The blocking API has no public getter for the state: ``subscribe`` starts a poller
+        thread that fails noisily when the channel is closed under it. This reads the state the
+        way that poller does, through the channel's core object, and answers False (so the
+        caller probes) if that is ever not available."""
+        core = getattr(self._raw, "_channel", None)
+        check = getattr(core, "check_connectivity_state", None)
+        if check is None:
+            return False
+        try:
+            return bool(check(False) == _CORE_READY)
+        except Exception:
+            return False
+
+    def _connected(self, timeout: float) -> bool:
+        """True when the channel is connected: READY, or a probe (a health check; any answer
+        but UNAVAILABLE or DEADLINE_EXCEEDED, UNIMPLEMENTED included, proves a connection)
+        got through within ``timeout``. False means nothing could have been sent. Never
+        raises."""
+        if self._peek_ready():
+            return True
+        try:
+            self._probe(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError as err:
+            return err.code() not in _NOT_CONNECTED
+        return True
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
