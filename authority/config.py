@@ -42,6 +42,9 @@ class TpmSettings:
                                       # None: an embedded swtpm started in state_dir/tpm
     key_dir: Path | None = None       # TPM-wrapped key blobs; None: state_dir/tpm/keys
     owner_auth: Secret = Secret("")   # authorisation of the owner (storage) hierarchy
+    parent: int | None = None         # persistent storage key (e.g. 0x81000001) to create the
+                                      # ticket keys under; None: our own ECC P-256 primary
+                                      # (owner hierarchy, recreated from a fixed template)
     retries: int = 10                 # attempts on TPM_RC_RETRY / YIELDED / TESTING
     queue_size: int = 1024            # jobs waiting for the TPM worker before UNAVAILABLE
     call_timeout: float = 30.0        # seconds a caller waits for its TPM job

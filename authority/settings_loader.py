@@ -30,7 +30,8 @@ _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
 _TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", "queue_size",
-             "call_timeout"}
+             "call_timeout", "parent"}
+_PERSISTENT = range(0x81000000, 0x82000000)
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -123,9 +124,14 @@ def _tpm(data: Any) -> TpmSettings:
     if "owner_auth_file" in data or "owner_auth_env" in data:
         auth = _secret("tpm.owner_auth", data, file_key="owner_auth_file",
                        env_key="owner_auth_env")
+    parent = data.get("parent")
+    if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int)
+                               or parent not in _PERSISTENT):
+        raise ConfigError("tpm.parent", "a persistent handle 0x81000000..0x81FFFFFF "
+                                        "(write it as a TOML hex integer, e.g. 0x81000001)")
     defaults = TpmSettings()
     return TpmSettings(
-        tcti=tcti, key_dir=Path(key_dir) if key_dir else None, owner_auth=auth,
+        tcti=tcti, key_dir=Path(key_dir) if key_dir else None, owner_auth=auth, parent=parent,
         retries=_coerce("tpm.retries", data.get("retries", defaults.retries), int),
         queue_size=_coerce("tpm.queue_size", data.get("queue_size", defaults.queue_size), int),
         call_timeout=_coerce("tpm.call_timeout",

@@ -99,7 +99,8 @@ class TpmBackend:
         self._blobs = blobs
         self._swtpm = swtpm
         self._closed = False
-        self._device = Device(tcti, settings.owner_auth, blobs, settings.retries)
+        self._device = Device(tcti, settings.owner_auth, blobs, settings.retries,
+                              settings.parent)
         self._worker = Worker(f"tpm-worker[{tcti}]", queue_size, call_timeout,
                               affinity=self._device.hot_key)
         try:

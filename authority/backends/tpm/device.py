@@ -79,7 +79,7 @@ from authority.backends.tpm._errors import (
 from authority.backends.tpm.blobs import BlobStore
 from authority.backends.tpm.capabilities import TpmCapabilities, check_capabilities
 from authority.config import Secret
-from authority.errors import FailedPrecondition, KeyNotFound, UnsealFailed
+from authority.errors import FailedPrecondition, KeyNotFound, StartupError, UnsealFailed
 
 __all__ = ["IV_LEN", "MAC_LEN", "Device", "DeviceInfo"]
 
@@ -228,8 +228,10 @@ class _Blobs:
 class Device:
     """One ESAPI connection to the TPM and the objects loaded through it. Worker thread only."""
 
-    def __init__(self, tcti: str, owner_auth: Secret, blobs: BlobStore, retries: int) -> None:
+    def __init__(self, tcti: str, owner_auth: Secret, blobs: BlobStore, retries: int,
+                 parent: int | None = None) -> None:
         self._tcti = tcti
+        self._parent = parent      # a persistent storage key, or None: our own ECC primary
         self._owner_auth = owner_auth
         self._store = blobs
         self._retries = retries
@@ -288,11 +290,14 @@ class Device:
                 "the TPM at %s is in dictionary-attack lockout (%d of %d failures); the ticket "
                 "keys are noDA and unaffected", self._tcti, variable.get(_PT_LOCKOUT_COUNTER, 0),
                 variable.get(_PT_MAX_AUTH_FAIL, 0))
-        primary = self._create_primary(Phase.STARTUP)
-        self._primary_ctx = self._call("saving the storage primary's context",
-                                       self._esapi.context_save, primary, phase=Phase.STARTUP)
-        self._call("flushing the storage primary", self._esapi.flush_context, primary,
-                   phase=Phase.STARTUP)
+        if self._parent is None:
+            primary = self._create_primary(Phase.STARTUP)
+            self._primary_ctx = self._call("saving the storage primary's context",
+                                           self._esapi.context_save, primary, phase=Phase.STARTUP)
+            self._call("flushing the storage primary", self._esapi.flush_context, primary,
+                       phase=Phase.STARTUP)
+        else:
+            self._check_parent()
         self.info = DeviceInfo(
             tcti=self._tcti,
             manufacturer=_ascii(fixed.get(_PT_MANUFACTURER, 0)),
@@ -468,11 +473,45 @@ class Device:
         """The most recently used loaded ticket key (the worker schedules its jobs first)."""
         return next(reversed(self._loaded), None)
 
+    def _check_parent(self) -> None:
+        """The configured persistent parent exists and is a storage key (restricted decrypt).
+
+        Raises: StartupError naming tpm.parent.
+        """
+        where = f"tpm.parent: 0x{self._parent:08x}"
+        try:
+            handle = self._call("opening the persistent parent", self._esapi.tr_from_tpmpublic,
+                                self._parent, phase=Phase.STARTUP)
+            public, _name, _qualified = self._call("reading the persistent parent",
+                                                   self._esapi.read_public, handle,
+                                                   phase=Phase.STARTUP)
+        except StartupError as err:
+            raise StartupError(f"{where}: no usable persistent object ({err})") from err
+        attrs = int(public.publicArea.objectAttributes)
+        needed = int(TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT)
+        if attrs & needed != needed:
+            raise StartupError(f"{where}: not a storage key (needs restricted and decrypt)")
+        self._release_primary(handle)
+
+    def _release_primary(self, handle: Any) -> None:
+        """Flush our transient primary; only forget the ESYS handle of a persistent parent."""
+        if self._parent is None:
+            self._flush_quietly(handle)
+            return
+        try:
+            self._call("forgetting the persistent parent", self._esapi.tr_close, handle)
+        except TpmError as err:
+            log.debug("forgetting the persistent parent: %s", err)
+
     def _primary(self) -> Any:
-        """The storage primary, loaded (from its saved context, or recreated). Caller flushes.
+        """The parent of the ticket keys: the persistent parent if configured, else the storage
+        primary, loaded (from its saved context, or recreated). Release with _release_primary.
 
         Raises: TpmError.
         """
+        if self._parent is not None:
+            return self._call("opening the persistent parent", self._esapi.tr_from_tpmpublic,
+                              self._parent)
         if self._primary_ctx is not None:
             try:
                 return self._call("loading the storage primary", self._esapi.context_load,
@@ -573,7 +612,7 @@ class Device:
                 self._flush_quietly(aes)
                 raise
         finally:
-            self._flush_quietly(primary)
+            self._release_primary(primary)
         pair = _Pair(aes, mac)
         self.counters["blob_loads"] += 1
         try:
@@ -671,7 +710,7 @@ class Device:
                 mac_priv, mac_pub, *_ = self._call(what, self._esapi.create, primary, None,
                                                    hmac_template())
             finally:
-                self._flush_quietly(primary)
+                self._release_primary(primary)
             return {"aes.pub": aes_pub.marshal(), "aes.priv": aes_priv.marshal(),
                     "hmac.pub": mac_pub.marshal(), "hmac.priv": mac_priv.marshal()}
 
