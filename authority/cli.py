@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
     retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
     status = sub.add_parser("status", help="show backend, sealing key and counters")
+    certs = sub.add_parser("certs", help="development certificates for mTLS")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    init = certs_sub.add_parser("init", help="create a CA, a server certificate and one gateway "
+                                             "and one admin client certificate in DIR")
+    init.add_argument("directory", type=Path, metavar="DIR")
+    init.add_argument("--trust-domain", default="example.org",
+                      help="SPIFFE trust domain of the client URIs (default example.org)")
+    init.add_argument("--server-name", default="localhost",
+                      help="extra DNS name or IP of the server certificate (it always has "
+                           "localhost, 127.0.0.1 and ::1)")
     from authority.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
@@ -59,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         _common(p)
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+        tls = p.add_argument_group("mTLS to the authority (an admin client certificate)")
+        tls.add_argument("--tls-ca", type=Path, metavar="PEM",
+                         help="CA certificates that sign the server's certificate")
+        tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate")
+        tls.add_argument("--tls-key", type=Path, metavar="PEM", help="client key")
+        tls.add_argument("--tls-server-name", metavar="NAME",
+                         help="name to check the server's certificate against")
     return parser
 
 
@@ -76,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from authority.demo import run_command
 
             return int(run_command(args))
+        if args.command == "certs":
+            return _certs(args)
         return _admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)
@@ -98,9 +117,46 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from authority.certs import init_dev_pki, instructions
+
+    try:
+        pki = init_dev_pki(args.directory, args.trust_domain, args.server_name)
+    except (FileExistsError, ValueError) as exc:
+        print(f"ticket-authority: certs init: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ticket-authority: certs init: cannot write {args.directory}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    print(instructions(pki), end="")
+    return 0
+
+
+def admin_channel(args: argparse.Namespace, address: str) -> Any:
+    """A plaintext channel, or an mTLS one when any --tls-* flag is given.
+
+    Raises: ConfigError for a half-given client certificate or an unreadable file."""
+    import grpc
+
+    if not any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)):
+        return grpc.insecure_channel(address)
+    from authority.client import ClientTls
+
+    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    try:
+        credentials = tls.credentials()
+    except ValueError as exc:
+        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key") from exc
+    except OSError as exc:
+        raise ConfigError("--tls-*", f"cannot read {exc.filename}: {exc.strerror}") from exc
+    return grpc.secure_channel(address, credentials, options=tls.options())
+
+
 def resolve_address(args: argparse.Namespace) -> str:
-    """Where a local server listens: --listen, the config's server.listen, the state
-    directory's server.json (written by a running server), else the default."""
+    """Where a local server's admin service listens: --listen, the config's
+    server.admin_listen or server.listen, the state directory's server.json (written by a
+    running server; its admin_address first), else the default."""
     if args.listen:
         return str(args.listen)
     from authority.settings_loader import default_state_dir, load_config
@@ -109,12 +165,15 @@ def resolve_address(args: argparse.Namespace) -> str:
     if args.config:
         config = load_config(args.config, state_dir=args.state_dir)
         state_dir = config.state_dir
+        if config.server.admin_listen:
+            return config.server.admin_listen
         if config.server.listen != DEFAULT_ADDRESS:
             return config.server.listen
     server_file = Path(state_dir or default_state_dir()) / "server.json"
     try:
-        return str(json.loads(server_file.read_text())["address"])
-    except (OSError, ValueError, KeyError):
+        info = json.loads(server_file.read_text())
+        return str(info.get("admin_address") or info["address"])
+    except (OSError, ValueError, KeyError, AttributeError):
         return DEFAULT_ADDRESS
 
 
@@ -124,7 +183,7 @@ def _admin(args: argparse.Namespace) -> int:
     from authority._proto.ticketauthority.v1 import admin_pb2, admin_pb2_grpc
 
     address = resolve_address(args)
-    with grpc.insecure_channel(address) as channel:
+    with admin_channel(args, address) as channel:
         stub = admin_pb2_grpc.TicketAdminStub(channel)
         try:
             if args.command == "status":
@@ -148,9 +207,13 @@ def _admin(args: argparse.Namespace) -> int:
 
 def _rpc_failure(err: Any, address: str) -> int:
     code = err.code()
-    if code.name == "UNAVAILABLE" and "connect" in (err.details() or "").lower():
+    if code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        print(f"ticket-authority: {code.name}: {err.details()} (admin commands need an admin "
+              "client certificate: --tls-ca, --tls-cert, --tls-key)", file=sys.stderr)
+    elif code.name == "UNAVAILABLE" and "connect" in (err.details() or "").lower():
         print(f"ticket-authority: cannot reach the authority at {address}; is "
-              "'ticket-authority serve' running? (use --listen, --state-dir or --config)",
+              "'ticket-authority serve' running, and does it need --tls-* flags? (use "
+              "--listen, --state-dir or --config)",
               file=sys.stderr)
     else:
         print(f"ticket-authority: {code.name}: {err.details()}", file=sys.stderr)

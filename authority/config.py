@@ -68,6 +68,33 @@ class KeyPolicy:
     maintenance_interval: float = 5.0     # seconds between rotation/destruction/purge checks
 
 
+GATEWAY = "gateway"
+ADMIN = "admin"
+ROLES = (GATEWAY, ADMIN)
+DEFAULT_ROLE_MAP: tuple[tuple[str, str], ...] = (
+    ("spiffe://{trust_domain}/gateway/*", GATEWAY),
+    ("spiffe://{trust_domain}/admin/*", ADMIN),
+)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS on the gRPC listener (``[tls]``), with client certificates and roles.
+
+    ``role_map``: (pattern, role) pairs tried in order against the client certificate's URI
+    SAN; ``{trust_domain}`` is replaced, ``*`` matches one path segment.
+    ``require_client_cert = False`` (TLS without client certificates, every caller may call
+    everything) is allowed on a loopback listener only.
+    """
+
+    cert_file: Path                   # the server's certificate chain (PEM)
+    key_file: Path                    # its private key (PEM)
+    client_ca_file: Path              # CA certificates that sign client certificates (PEM)
+    trust_domain: str
+    require_client_cert: bool = True
+    role_map: tuple[tuple[str, str], ...] = DEFAULT_ROLE_MAP
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """The gRPC listener."""
@@ -78,6 +105,8 @@ class ServerSettings:
     max_batch_items: int = 1000
     grace_seconds: float = 5.0
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
+    admin_listen: str = ""   # "unix:PATH" or loopback HOST:PORT: TicketAdmin there (plaintext,
+                             # no roles) instead of on ``listen``; "": on ``listen``
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,7 @@ class Config:
     backend: str = "pkcs11"
     pkcs11: Pkcs11Settings | None = None   # None: the embedded SoftHSM2 token in state_dir/hsm
     tpm: TpmSettings = TpmSettings()       # used when backend == "tpm"
+    tls: TlsSettings | None = None         # None: plaintext, loopback only, no roles
     log_level: str = "INFO"
     store_synchronous: str = "NORMAL"
 

@@ -11,12 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from authority.config import (
+    DEFAULT_ROLE_MAP,
+    ROLES,
     Config,
     KeyPolicy,
     Pkcs11Settings,
     Secret,
     ServerSettings,
     TicketPolicy,
+    TlsSettings,
     TpmSettings,
 )
 from authority.errors import ConfigError
@@ -25,13 +28,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
-_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", *_SECTIONS}
+_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
+        *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
 _TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", "queue_size",
              "call_timeout", "parent"}
 _PERSISTENT = range(0x81000000, 0x82000000)
+_TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "trust_domain", "require_client_cert",
+             "role_map"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -70,6 +76,8 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, pkcs11=_pkcs11(data["pkcs11"]))
     if "tpm" in data:
         cfg = replace(cfg, tpm=_tpm(data["tpm"]))
+    if "tls" in data:
+        cfg = replace(cfg, tls=_tls(data["tls"], config_file))
     validate(cfg)
     return cfg
 
@@ -138,6 +146,33 @@ def _tpm(data: Any) -> TpmSettings:
                              data.get("call_timeout", defaults.call_timeout), float))
 
 
+def _tls(data: Any, config_file: Path | None) -> TlsSettings:
+    """The ``[tls]`` table; relative paths are relative to the config file's directory."""
+    data = _table("tls", data, _TLS_KEYS)
+    base = config_file.parent if config_file else Path.cwd()
+    paths: dict[str, Path] = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"tls.{key}", "required (a path to a PEM file)")
+        paths[key] = (base / Path(value).expanduser()).resolve()
+    domain = data.get("trust_domain")
+    if not isinstance(domain, str) or not domain:
+        raise ConfigError("tls.trust_domain", "required (such as 'example.org')")
+    role_map = DEFAULT_ROLE_MAP
+    if "role_map" in data:
+        table = data["role_map"]
+        if not isinstance(table, dict) or not table:
+            raise ConfigError("tls.role_map", "a table of URI pattern = role")
+        role_map = tuple((str(k), v) for k, v in table.items())
+    return TlsSettings(
+        cert_file=paths["cert_file"], key_file=paths["key_file"],
+        client_ca_file=paths["client_ca_file"], trust_domain=domain,
+        require_client_cert=_coerce("tls.require_client_cert",
+                                    data.get("require_client_cert", True), bool),
+        role_map=role_map)
+
+
 def _pkcs11(data: Any) -> Pkcs11Settings:
     data = _table("pkcs11", data, _PKCS11_KEYS)
     for key in ("module", "token_label"):
@@ -183,7 +218,12 @@ def validate(cfg: Config) -> None:
 
     Raises: ConfigError naming the setting.
     """
-    parse_listen(cfg.server.listen)
+    mutual = cfg.tls is not None and cfg.tls.require_client_cert
+    parse_listen(cfg.server.listen, loopback_only=not mutual)
+    if cfg.tls is not None:
+        validate_tls(cfg.tls)
+    if cfg.server.admin_listen:
+        admin_listen_path(cfg.server.admin_listen)
     if cfg.server.metrics_listen:
         parse_listen(cfg.server.metrics_listen, setting="server.metrics_listen",
                      loopback_only=False)
@@ -220,6 +260,64 @@ def validate(cfg: Config) -> None:
             raise ConfigError("pkcs11.session_timeout", "must be positive")
 
 
+def admin_listen_path(admin_listen: str) -> Path | None:
+    """The socket path of a ``unix:PATH`` admin listener (None for HOST:PORT, which must be
+    loopback: the admin listener is plaintext and has no roles).
+
+    Raises: ConfigError naming ``server.admin_listen``."""
+    if admin_listen.startswith("unix:"):
+        path = admin_listen[len("unix:"):]
+        if not path or path.startswith("//"):
+            raise ConfigError("server.admin_listen", f"expected unix:PATH, got {admin_listen!r}")
+        return Path(path)
+    parse_listen(admin_listen, setting="server.admin_listen")
+    return None
+
+
+def validate_tls(tls: TlsSettings) -> None:
+    """Files readable and PEM, the key matching the certificate, roles known.
+
+    Raises: ConfigError naming the setting.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    pem: dict[str, bytes] = {}
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        path = getattr(tls, key)
+        try:
+            pem[key] = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"tls.{key}", f"cannot read {path}: {exc.strerror}") from exc
+    try:
+        chain = x509.load_pem_x509_certificates(pem["cert_file"])
+    except ValueError as exc:
+        raise ConfigError("tls.cert_file", f"{tls.cert_file}: not PEM certificates") from exc
+    try:
+        x509.load_pem_x509_certificates(pem["client_ca_file"])
+    except ValueError as exc:
+        raise ConfigError("tls.client_ca_file",
+                          f"{tls.client_ca_file}: not PEM certificates") from exc
+    try:
+        private_key = serialization.load_pem_private_key(pem["key_file"], password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("tls.key_file", f"{tls.key_file}: not an unencrypted PEM private "
+                                          "key") from exc
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    der = serialization.Encoding.DER
+    if private_key.public_key().public_bytes(der, public) != chain[0].public_key().public_bytes(
+            der, public):
+        raise ConfigError("tls.key_file", f"{tls.key_file} does not match the first "
+                                          f"certificate of {tls.cert_file}")
+    if "/" in tls.trust_domain or ":" in tls.trust_domain:
+        raise ConfigError("tls.trust_domain", f"a bare name such as example.org, got "
+                                              f"{tls.trust_domain!r}")
+    for pattern, role in tls.role_map:
+        if role not in ROLES:
+            raise ConfigError(f"tls.role_map.{pattern}",
+                              f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+
+
 def _positive(setting: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(setting, f"must be positive, got {value}")
@@ -227,8 +325,8 @@ def _positive(setting: str, value: float) -> None:
 
 def parse_listen(listen: str, setting: str = "server.listen",
                  loopback_only: bool = True) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6); refuse non-loopback hosts for the gRPC
-    listener (no TLS yet).
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6); with ``loopback_only`` refuse non-loopback
+    hosts (the gRPC listener without ``[tls]`` and client certificates).
 
     Raises: ConfigError naming ``setting``.
     """
@@ -237,8 +335,10 @@ def parse_listen(listen: str, setting: str = "server.listen",
         raise ConfigError(setting, f"expected HOST:PORT, got {listen!r}")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if loopback_only and not _is_loopback(bare):
-        raise ConfigError("server.listen", f"{host} is beyond loopback; listening there needs "
-                                           "TLS, which this version does not provide yet")
+        hint = ("needs TLS with client certificates: configure [tls]"
+                if setting == "server.listen" else
+                "is plaintext: use a loopback address or unix:PATH")
+        raise ConfigError(setting, f"{host} is beyond loopback; listening there {hint}")
     return host, int(port_text)
 
 

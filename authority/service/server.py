@@ -26,11 +26,13 @@ from authority._proto.ticketauthority.v1 import (
 from authority.app import Authority
 from authority.clock import Clock
 from authority.config import Config
-from authority.errors import StartupError
+from authority.errors import ConfigError, StartupError
+from authority.service.auth import RoleInterceptor, RoleMap
 from authority.service.interceptors import ErrorInterceptor
 from authority.service.observability import MetricsInterceptor, start_metrics_http
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
-from authority.settings_loader import parse_listen
+from authority.service.tls import ReloadingCredentials
+from authority.settings_loader import admin_listen_path, parse_listen
 
 log = logging.getLogger(__name__)
 
@@ -50,49 +52,127 @@ class RunningServer:
     health: health.HealthServicer
     metrics_server: Any = None
     metrics_port: int | None = None
+    tls: ReloadingCredentials | None = None   # None: plaintext (loopback only)
+    admin_server: grpc.Server | None = None   # with server.admin_listen: TicketAdmin there
+    admin_address: str | None = None
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the device."""
         self.health.enter_graceful_shutdown()
+        admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
         self.server.stop(grace).wait()
+        if admin_stopped is not None:
+            admin_stopped.wait()
+            if self.admin_address and self.admin_address.startswith("unix:"):
+                Path(self.admin_address[len("unix:"):]).unlink(missing_ok=True)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
         self.authority.close()
 
 
-def build_server(config: Config, clock: Clock | None = None,
-                 authority: Authority | None = None) -> RunningServer:
-    """Open the authority (unless given) and start a server on ``config.server.listen``.
-
-    Port 0 picks a free port; ``RunningServer.port`` says which.
-    Raises: StartupError, ConfigError.
-    """
-    host, port = parse_listen(config.server.listen)
-    authority = authority or Authority.open(config, clock)
+def _grpc_server(config: Config, interceptors: list[Any], workers: int) -> grpc.Server:
     limit = config.server.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.workers,
-                                   thread_name_prefix="grpc"),
-        interceptors=[MetricsInterceptor(authority.metrics), ErrorInterceptor()],
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
                  ("grpc.so_reuseport", 0)])
-    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(
-        TicketAuthorityServicer(authority), server)
+
+
+def _add_admin(server: grpc.Server, authority: Authority,
+               health_servicer: health.HealthServicer, services: tuple[str, ...]) -> None:
     admin_pb2_grpc.add_TicketAdminServicer_to_server(TicketAdminServicer(authority), server)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (TICKET_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+
+def _bind_admin(config: Config, server: grpc.Server) -> str:
+    """Bind the separate admin listener; returns its address. A Unix socket is made 0600
+    (replacing a stale socket file). Raises: StartupError, ConfigError."""
+    listen = config.server.admin_listen
+    path = admin_listen_path(listen)
+    if path is not None:
+        if path.is_socket():
+            path.unlink()
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        old_umask = os.umask(0o177)   # the socket is created 0600: its owner only
+        try:
+            bound = server.add_insecure_port(listen)
+        except RuntimeError:
+            bound = 0
+        finally:
+            os.umask(old_umask)
+        if not bound:
+            raise StartupError(f"server.admin_listen: cannot listen on {listen}")
+        return listen
+    host, port = parse_listen(listen, setting="server.admin_listen")
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if not bound:
+        raise StartupError(f"server.admin_listen: cannot listen on {listen}")
+    return f"{host}:{bound}"
+
+
+def build_server(config: Config, clock: Clock | None = None,
+                 authority: Authority | None = None) -> RunningServer:
+    """Open the authority (unless given) and start a server on ``config.server.listen``.
+
+    Port 0 picks a free port; ``RunningServer.port`` says which. With ``config.tls`` the
+    listener speaks TLS and (with client certificates) checks each call's role
+    (authority/service/auth.py); without it, it is plaintext on loopback and every method is
+    open (local development). With ``server.admin_listen`` TicketAdmin is served there
+    (plaintext, no roles: a Unix socket 0600 or loopback) instead of on ``listen``.
+    Raises: StartupError, ConfigError.
+    """
+    tls = config.tls
+    mutual = tls is not None and tls.require_client_cert
+    host, port = parse_listen(config.server.listen, loopback_only=not mutual)
+    credentials = ReloadingCredentials(tls) if tls is not None else None
+    authority = authority or Authority.open(config, clock)
+    interceptors: list[Any] = [MetricsInterceptor(authority.metrics)]
+    if tls is not None and tls.require_client_cert:
+        interceptors.append(RoleInterceptor(RoleMap.from_settings(tls)))
+    interceptors.append(ErrorInterceptor())
+    server = _grpc_server(config, interceptors, config.server.workers)
+    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(
+        TicketAuthorityServicer(authority), server)
+    health_servicer = health.HealthServicer()
+    admin_server: grpc.Server | None = None
+    admin_address: str | None = None
+    if config.server.admin_listen:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (TICKET_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        admin_server = _grpc_server(
+            config, [MetricsInterceptor(authority.metrics), ErrorInterceptor()], 4)
+        _add_admin(admin_server, authority, health_servicer, (ADMIN_SERVICE,))
+        try:
+            admin_address = _bind_admin(config, admin_server)
+        except (StartupError, ConfigError):
+            authority.close()
+            raise
+    else:
+        _add_admin(server, authority, health_servicer, (TICKET_SERVICE, ADMIN_SERVICE))
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        else:
+            bound = server.add_secure_port(f"{host}:{port}", credentials.credentials())
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        if admin_server is not None:
+            admin_server.stop(None)
         authority.close()
         raise StartupError(f"server.listen: cannot listen on {config.server.listen}")
-    running = RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer)
+    running = RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer,
+                            tls=credentials, admin_server=admin_server,
+                            admin_address=admin_address)
     if config.server.metrics_listen:
         try:
             running.metrics_server, running.metrics_port = start_metrics_http(
@@ -101,6 +181,8 @@ def build_server(config: Config, clock: Clock | None = None,
             authority.close()
             raise
     server.start()
+    if admin_server is not None:
+        admin_server.start()
     for name in ("", TICKET_SERVICE, ADMIN_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return running
@@ -114,15 +196,21 @@ def serve(config: Config) -> None:
     running = build_server(config)
     running.authority.start_maintenance()
     server_file = config.state_dir / SERVER_FILE
-    _write_server_file(server_file, running.address)
+    _write_server_file(server_file, running.address, running.admin_address)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: draining", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
+        if running.tls is not None:
+            log.info("received SIGHUP: TLS credentials are re-read at the next handshake")
+            running.tls.reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     _announce(config, running)
     try:
         stop.wait()
@@ -132,8 +220,11 @@ def serve(config: Config) -> None:
         log.info("stopped")
 
 
-def _write_server_file(path: Path, address: str) -> None:
-    data = json.dumps({"address": address, "pid": os.getpid()})
+def _write_server_file(path: Path, address: str, admin_address: str | None = None) -> None:
+    info: dict[str, Any] = {"address": address, "pid": os.getpid()}
+    if admin_address is not None:
+        info["admin_address"] = admin_address
+    data = json.dumps(info)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(data)
     tmp.replace(path)
@@ -146,16 +237,36 @@ def _metrics_line(config: Config, running: RunningServer) -> str:
     return f"  curl http://{host}:{running.metrics_port}/metrics\n"
 
 
+def _transport(config: Config) -> tuple[str, str, str]:
+    """(description, admin command flags, grpcurl flags) of the listener."""
+    tls = config.tls
+    if tls is None:
+        return "plaintext, loopback only, no roles", "", "-plaintext"
+    if not tls.require_client_cert:
+        return ("TLS without client certificates, loopback only, no roles",
+                f" --tls-ca {tls.client_ca_file}", f"-cacert {tls.client_ca_file}")
+    flags = " --tls-ca CA.pem --tls-cert ADMIN.pem --tls-key ADMIN.key"
+    return (f"TLS, client certificates of trust domain {tls.trust_domain} required", flags,
+            "-cacert CA.pem -cert ADMIN.pem -key ADMIN.key")
+
+
 def _announce(config: Config, running: RunningServer) -> None:
     info = running.authority.backend.describe()
     primary = running.authority.ring.primary_id
-    print(f"ike-ticket-authority listening on {running.address} (plaintext, loopback only)\n"
+    transport, flags, grpcurl = _transport(config)
+    admin = running.address
+    admin_line = ""
+    if running.admin_address is not None:
+        admin, flags = running.admin_address, ""
+        admin_line = f"TicketAdmin on {admin} (plaintext, no roles: local access only)\n"
+    print(f"ike-ticket-authority listening on {running.address} ({transport})\n"
+          f"{admin_line}"
           f"  backend   {info.backend}: {info.token}\n"
           f"  state     {config.state_dir}\n"
           f"  sealing   key {primary.hex() if primary else '-'}\n"
           f"Try:\n"
-          f"  ticket-authority status --listen {running.address}\n"
-          f"  ticket-authority keys list --listen {running.address}\n"
-          f"  grpcurl -plaintext {running.address} list\n"
+          f"  ticket-authority status --listen {admin}{flags}\n"
+          f"  ticket-authority keys list --listen {admin}{flags}\n"
+          f"  grpcurl {grpcurl} {running.address} list\n"
           f"{_metrics_line(config, running)}"
           f"Stop with Ctrl-C or SIGTERM.", flush=True)

@@ -1,0 +1,195 @@
+"""Roles from the client certificate, and which role may call which method.
+
+With ``[tls]`` and client certificates the TLS handshake already proved that the caller holds a
+certificate signed by ``tls.client_ca_file`` (a caller without one, or with one from another
+CA, never gets this far: its handshake fails and it sees UNAVAILABLE). This interceptor reads
+the verified certificate's URI SAN from the call's auth context and maps it to a role
+(``tls.role_map``; by default ``spiffe://<trust-domain>/gateway/*`` -> gateway and
+``spiffe://<trust-domain>/admin/*`` -> admin):
+
+- ``ticketauthority.v1.TicketAuthority``: gateway;
+- ``ticketauthority.v1.TicketAdmin`` (GetStatus included) and server reflection: admin;
+- ``grpc.health.v1.Health``: open to every caller that completed the handshake.
+
+A certificate without exactly one URI SAN, or whose URI is outside the trust domain, is
+UNAUTHENTICATED; an identity in the trust domain with no role, or with another role, is
+PERMISSION_DENIED. On a plaintext loopback listener (no ``[tls]``) the interceptor is not
+installed: local development keeps every method open.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from authority.config import ADMIN, GATEWAY, TlsSettings
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+TICKET_PREFIX = "/ticketauthority.v1.TicketAuthority/"
+ADMIN_PREFIX = "/ticketauthority.v1.TicketAdmin/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/",
+                       "/grpc.reflection.v1.ServerReflection/")
+OPEN = "open"
+
+
+def required_role(method: str) -> str | None:
+    """The role a method needs, ``OPEN`` for health, None for a method no role may call.
+    Never raises."""
+    if method.startswith(TICKET_PREFIX):
+        return GATEWAY
+    if method.startswith(ADMIN_PREFIX) or method.startswith(REFLECTION_PREFIXES):
+        return ADMIN
+    if method.startswith(HEALTH_PREFIX):
+        return OPEN
+    return None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller: the URI from its certificate and the role it maps to (None: no role)."""
+
+    uri: str
+    role: str | None
+
+
+class Denied(Exception):
+    """The caller may not make this call: ``code`` is UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class RoleMap:
+    """URI patterns to roles, tried in order; ``*`` matches one path segment."""
+
+    def __init__(self, trust_domain: str, role_map: Sequence[tuple[str, str]]) -> None:
+        self.trust_domain = trust_domain
+        self._prefix = f"spiffe://{trust_domain}/"
+        self._rules = [(self._compile(pattern.replace("{trust_domain}", trust_domain)), role)
+                       for pattern, role in role_map]
+
+    @staticmethod
+    def _compile(pattern: str) -> re.Pattern[str]:
+        return re.compile("".join("[^/]+" if part == "*" else re.escape(part)
+                                  for part in re.split(r"(\*)", pattern)))
+
+    @classmethod
+    def from_settings(cls, tls: TlsSettings) -> RoleMap:
+        return cls(tls.trust_domain, tls.role_map)
+
+    def identify(self, uris: Sequence[str]) -> Identity:
+        """The identity of a verified certificate's URI SANs.
+
+        Raises: Denied(UNAUTHENTICATED) without exactly one URI, or for a URI that no pattern
+        maps and that lies outside the trust domain."""
+        if len(uris) != 1:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         f"the client certificate must carry exactly one URI SAN "
+                         f"(spiffe://{self.trust_domain}/...), found {len(uris)}")
+        uri = uris[0]
+        for rule, role in self._rules:
+            if rule.fullmatch(uri):
+                return Identity(uri, role)
+        if not uri.startswith(self._prefix):
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         f"{uri} is not in trust domain {self.trust_domain}")
+        return Identity(uri, None)
+
+
+def peer_uris(context: grpc.ServicerContext) -> list[str]:
+    """The URI SANs of the caller's verified certificate (empty without TLS or a certificate).
+    Never raises."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return []
+    if "peer_uri" in auth:
+        return [v.decode("utf-8", "replace") for v in auth["peer_uri"]]
+    pem = auth.get("x509_pem_cert")
+    if not pem:
+        return []
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem[0])
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return []
+    return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
+
+
+def authorize(roles: RoleMap, method: str, context: grpc.ServicerContext) -> Identity | None:
+    """Check one call; returns the caller's identity (None for health).
+
+    Raises: Denied."""
+    needed = required_role(method)
+    if needed == OPEN:
+        return None
+    identity = roles.identify(peer_uris(context))
+    if needed is None or identity.role != needed:
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{identity.uri} (role {identity.role or 'none'}) may not call {method}")
+    if needed == ADMIN:
+        log.info("admin call %s by %s from %s", method, identity.uri, context.peer())
+    return identity
+
+
+def _guarded(roles: RoleMap, method: str, behavior: Behavior, stream_out: bool) -> Behavior:
+    def check(context: grpc.ServicerContext) -> None:
+        try:
+            authorize(roles, method, context)
+        except Denied as denied:
+            if denied.code == grpc.StatusCode.PERMISSION_DENIED:
+                log.warning("denied: %s", denied.message)
+            context.abort(denied.code, denied.message)
+
+    if stream_out:
+        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            check(context)
+            yield from behavior(request, context)
+
+        return stream
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        check(context)
+        return behavior(request, context)
+
+    return unary
+
+
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+
+
+class RoleInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call before its handler runs unless the caller's role may make it."""
+
+    def __init__(self, roles: RoleMap) -> None:
+        self._roles = roles
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = str(details.method)
+        for attr, make_handler, stream_out in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make_handler(_guarded(self._roles, method, behavior, stream_out),
+                                    request_deserializer=handler.request_deserializer,
+                                    response_serializer=handler.response_serializer)
+        return handler
