@@ -29,7 +29,8 @@ class Pkcs11Settings:
     module: Path                      # the PKCS#11 shared library
     token_label: str
     pin: Secret
-    sessions: int = 4                 # logged-in sessions in the pool
+    sessions: int = 16                # logged-in sessions in the pool (one per gRPC worker;
+                                      # cap at a real HSM's session limit)
     session_timeout: float = 5.0      # seconds to wait for a free session before UNAVAILABLE
     softhsm2_conf: Path | None = None # SOFTHSM2_CONF to set before the module initialises
 

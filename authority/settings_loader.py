@@ -181,7 +181,7 @@ def _pkcs11(data: Any) -> Pkcs11Settings:
     conf = data.get("softhsm2_conf")
     return Pkcs11Settings(
         module=Path(data["module"]), token_label=data["token_label"], pin=_pin(data),
-        sessions=_coerce("pkcs11.sessions", data.get("sessions", 4), int),
+        sessions=_coerce("pkcs11.sessions", data.get("sessions", Pkcs11Settings.sessions), int),
         session_timeout=_coerce("pkcs11.session_timeout", data.get("session_timeout", 5.0),
                                 float),
         softhsm2_conf=Path(conf) if conf else None)

@@ -3,10 +3,14 @@
     python tools/bench_pkcs11.py [--seconds N] [--threads T] [--sessions S[,S...]] [--batch B]
                                  [--size P] [--repeat R] [--only NAME,...]
 
-Prints the machine, the versions, then ops/s for each measurement (a seal+unseal pair counts as
-one op; a batch of B counts as B): the median of R runs, and the lowest and highest. Several
-pool sizes (``--sessions 1,2,4,8,16``) run the rows once for each. The machine is shared and
-noisy: believe no difference of less than ~10% without repeating it.
+Prints the machine (cores, CPU model, load), the versions, then for each row: ops/s (a
+seal+unseal pair counts as one op; a batch of B counts as B), the median of R runs with the
+lowest and highest, and the process CPU time per op (all threads, the device library's work
+included: less sensitive to other load than ops/s). Rows: raw python-pkcs11 decrypt (1 and T
+threads, a session each), raw encrypt+decrypt pairs, our unseal, unseal_many, seal, seal_many
+and seal+unseal pairs, each in 1 and T threads. Several pool sizes (``--sessions 1,2,4,8,16``)
+run the rows once for each. The machine is shared and noisy: believe no difference of less
+than ~10% without repeating it.
 """
 
 from __future__ import annotations
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=8, help="for the threaded rows")
     parser.add_argument("--sessions", default="4", help="backend pool size(s), comma-separated")
-    parser.add_argument("--batch", type=int, default=100, help="items per unseal_many call")
+    parser.add_argument("--batch", type=int, default=100, help="items per *_many call")
     parser.add_argument("--size", type=int, default=300, help="plaintext bytes")
     parser.add_argument("--repeat", type=int, default=1, help="runs per row (median shown)")
     parser.add_argument("--only", default="", help="comma-separated row names to run")

@@ -58,7 +58,7 @@ def _unseal_one(ck: Cryptoki, pooled: PooledSession, key_id: bytes, aad: bytes,
         return _on_key(ck, pooled, key_id, "unseal", pooled.gcm.decrypt, sealed[:NONCE_LEN],
                        aad, sealed[NONCE_LEN:], decrypt=True)
     except (UnsealFailed, KeyNotFound) as exc:
-        return exc
+        return exc.with_traceback(None)  # a result now: it must not pin this batch's frames
 
 
 def _on_key(ck: Cryptoki, pooled: PooledSession, key_id: bytes, what: str, crypt: _Crypt,
