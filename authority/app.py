@@ -7,6 +7,7 @@ import os
 import threading
 from pathlib import Path
 
+from authority.audit import AuditLog
 from authority.backends.base import KeyBackend
 from authority.clock import Clock, SystemClock
 from authority.config import Config, Pkcs11Settings
@@ -14,6 +15,7 @@ from authority.counters import Counters
 from authority.errors import AuthorityError, StartupError
 from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
+from authority.policy import Policy
 from authority.sealer import Sealer
 from authority.store.sqlite import SqliteStore
 
@@ -70,9 +72,12 @@ class Authority:
         self.clock = clock
         self.counters = Counters()
         self.started_at = clock.now()
-        self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock)
+        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.log", clock.now)
+        self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
+                            audit=self.audit.record)
+        self.policy = Policy(store, clock, config.tickets.max_lifetime)
         self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
-                             self.counters)
+                             self.counters, self.policy)
         self.metrics.watch(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -90,9 +95,15 @@ class Authority:
         except StartupError:
             backend.close()
             raise
-        authority = cls(config, backend, store, clock or SystemClock())
+        try:
+            authority = cls(config, backend, store, clock or SystemClock())
+        except StartupError:   # the audit log cannot be opened
+            store.close()
+            backend.close()
+            raise
         try:
             authority.ring.load()
+            authority.policy.load()
         except Exception:
             authority.close()
             raise
@@ -107,6 +118,9 @@ class Authority:
         purged = self.store.purge_expired(self.clock.now())
         if purged:
             log.debug("purged %d expired consumed-ticket entries", purged)
+        revocations = self.policy.purge()
+        if revocations:
+            log.debug("purged %d expired revocations", revocations)
 
     def start_maintenance(self) -> None:
         """Run ``maintain`` every ``keys.maintenance_interval`` seconds in a daemon thread."""
@@ -131,3 +145,4 @@ class Authority:
             self._thread.join(timeout=10)
         self.store.close()
         self.backend.close()
+        self.audit.close()

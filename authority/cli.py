@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--server-name", default="localhost",
                       help="extra DNS name or IP of the server certificate (it always has "
                            "localhost, 127.0.0.1 and ::1)")
+    audit = sub.add_parser("audit", help="check the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit_sub.add_parser(
+        "verify", help="check the hash chain of an audit log (exit 1 naming the first bad line)")
+    audit_verify.add_argument("file", type=Path, metavar="FILE",
+                              help="the audit log (default location: STATE_DIR/audit.log)")
     from authority.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
@@ -95,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(run_command(args))
         if args.command == "certs":
             return _certs(args)
+        if args.command == "audit":
+            return _audit_verify(args.file)
         return _admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)
@@ -114,6 +122,24 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config)
+    return 0
+
+
+def _audit_verify(path: Path) -> int:
+    """``audit verify FILE``: 0 when the chain holds, 1 naming the first bad line, 2 when the
+    file cannot be read."""
+    from authority.audit import verify
+
+    try:
+        result = verify(path)
+    except OSError as exc:
+        print(f"ticket-authority: audit verify: cannot read {path}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    if not result.ok:
+        print(f"{path}: line {result.first_bad_line}: {result.reason}")
+        return 1
+    print(f"{path}: OK, {result.lines} lines, chain head {result.last_hash}")
     return 0
 
 

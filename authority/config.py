@@ -108,6 +108,10 @@ class ServerSettings:
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
     admin_listen: str = ""   # "unix:PATH" or loopback HOST:PORT: TicketAdmin there (plaintext,
                              # no roles) instead of on ``listen``; "": on ``listen``
+    rate_limit_per_s: float = 0.0   # per client (cert URI, else peer host); batch items count
+                                    # one each; 0: no rate limit (authority/service/ratelimit.py)
+    rate_burst: int = 100           # bucket size: requests allowed at once before the rate
+    max_concurrent_rpcs: int = 1024  # calls in flight or queued; beyond: RESOURCE_EXHAUSTED
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Config:
     tls: TlsSettings | None = None         # None: plaintext, loopback only, no roles
     log_level: str = "INFO"
     store_synchronous: str = "NORMAL"
+    audit_log: Path | None = None          # None: state_dir/audit.log (authority/audit.py)
 
     @property
     def embedded_token(self) -> bool:

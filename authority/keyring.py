@@ -13,11 +13,14 @@ import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from types import MappingProxyType
+from typing import Any
 
+from authority.audit import SYSTEM, AuditHook
 from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.config import KeyPolicy, TicketPolicy
 from authority.errors import (
+    AuthorityError,
     DeviceUnavailable,
     FailedPrecondition,
     InvalidTicket,
@@ -32,12 +35,17 @@ from authority.ticket_format import KEY_ID_LEN
 log = logging.getLogger(__name__)
 
 
+def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
+    """The audit hook of a key ring built without one."""
+
+
 class KeyRing:
     """Thread-safe key ring over a backend and a store."""
 
     def __init__(self, backend: KeyBackend, store: Store, keys: KeyPolicy,
-                 tickets: TicketPolicy, clock: Clock) -> None:
+                 tickets: TicketPolicy, clock: Clock, audit: AuditHook | None = None) -> None:
         self._backend = backend
+        self._audit: AuditHook = audit or _no_audit   # called before a change is committed
         self._store = store
         self._policy = keys
         self._max_lifetime = tickets.max_lifetime
@@ -65,6 +73,8 @@ class KeyRing:
             for r in lost:
                 log.warning("key %s is in the key ring but not in the device: marked destroyed",
                             r.key_id.hex())
+                self._audit(SYSTEM, "key.destroyed", {"key_id": r.key_id.hex(),
+                                                      "reason": "missing from the device"})
             if lost:
                 self._store.save_keys(lost)
                 records.update({r.key_id: r for r in lost})
@@ -135,11 +145,13 @@ class KeyRing:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def rotate(self, reason: str = "operator") -> tuple[KeyRecord, KeyRecord | None]:
+    def rotate(self, reason: str = "operator",
+               actor: str = SYSTEM) -> tuple[KeyRecord, KeyRecord | None]:
         """Generate a new key in the device and make it the sealing key.
 
-        The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds.
-        Returns (new, previous). Raises: DeviceUnavailable.
+        The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds. The change is
+        audited (``key.created``, ``key.rotated``) before it is committed.
+        Returns (new, previous). Raises: DeviceUnavailable, AuditUnavailable (nothing changed).
         """
         with self._change_lock:
             key_id = self._new_key_id()
@@ -153,19 +165,26 @@ class KeyRing:
                                    opens_until=now + self._max_lifetime)
                 changed.append(previous)
             try:
+                self._audit(actor, "key.created", {"key_id": key_id.hex(), "reason": reason})
+                if previous is not None:
+                    self._audit(actor, "key.rotated", {
+                        "key_id": previous.key_id.hex(), "new_key_id": key_id.hex(),
+                        "state": "DECRYPT_ONLY", "opens_until": previous.opens_until,
+                        "reason": reason})
                 with self._seal_lock:
                     self._commit(changed)
-            except DeviceUnavailable:
+            except AuthorityError:
                 self._discard(key_id)
                 raise
             log.info("key %s created and now seals (%s); previous %s", key_id.hex(), reason,
                      previous.key_id.hex() if previous else "none")
             return new, previous
 
-    def retire(self, key_id: bytes) -> KeyRecord:
-        """Destroy a DECRYPT_ONLY key in the device now.
+    def retire(self, key_id: bytes, actor: str = SYSTEM) -> KeyRecord:
+        """Destroy a DECRYPT_ONLY key in the device now (audited ``key.retired`` first).
 
-        Raises: NotFound (unknown id), FailedPrecondition (the sealing key), DeviceUnavailable.
+        Raises: NotFound (unknown id), FailedPrecondition (the sealing key), DeviceUnavailable,
+        AuditUnavailable (nothing changed).
         """
         with self._change_lock:
             record = self._records.get(key_id)
@@ -175,7 +194,8 @@ class KeyRing:
                 raise FailedPrecondition(f"key {key_id.hex()} is the sealing key; rotate first")
             if record.state == KeyState.DESTROYED:
                 return record
-            return self._destroy(record, reason="retired by operator")
+            self._audit(actor, "key.retired", {"key_id": key_id.hex()})
+            return self._destroy(record, reason="retired by operator", actor=actor)
 
     def maintain(self) -> None:
         """Rotate a key that has sealed long enough; destroy keys whose window has closed.
@@ -193,9 +213,18 @@ class KeyRing:
                         and now >= record.opens_until):
                     self._destroy(record, reason="decryption window closed")
 
-    def _destroy(self, record: KeyRecord, reason: str) -> KeyRecord:
+    def _destroy(self, record: KeyRecord, reason: str, actor: str = SYSTEM) -> KeyRecord:
+        self._audit(actor, "key.destroyed", {"key_id": record.key_id.hex(), "reason": reason})
         try:
             self._backend.destroy_key(record.key_id)
+        except DeviceUnavailable as exc:
+            try:
+                self._audit(actor, "key.destroy_failed", {"key_id": record.key_id.hex(),
+                                                          "error": exc.message})
+            except AuthorityError:
+                log.exception("could not audit the failed destruction of %s",
+                              record.key_id.hex())
+            raise
         except KeyNotFound:
             log.warning("key %s was already gone from the device", record.key_id.hex())
         done = replace(record, state=KeyState.DESTROYED, destroyed_at=self._clock.now())

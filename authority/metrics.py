@@ -61,7 +61,7 @@ class _StateCollector(Collector):
         invalid = CounterMetricFamily("ticket_authority_redeems_invalid",
                                       "INVALID redeems by the check that refused them",
                                       labels=["stage"])
-        for stage in ("malformed", "key", "auth", "plaintext"):
+        for stage in ("malformed", "key", "auth", "plaintext", "realm"):
             invalid.add_metric([stage], counts.get(f"redeem.invalid.{stage}", 0))
         yield from (issued, redeems, invalid)
         yield from self._keys()

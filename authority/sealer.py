@@ -2,7 +2,9 @@
 
 Redeem checks, cheapest first (RFC 5723 section 9 / notes section 6):
 syntax -> key id known and in its window (no device call) -> one device unseal -> plaintext
-syntax -> expiry -> consumed set. EXPIRED and REPLAYED are only reported for authentic tickets.
+syntax -> expiry -> realm (another realm's ticket is INVALID) -> revocations and the realm's
+policy epoch (in memory) -> consumed set. EXPIRED, REVOKED and REPLAYED are only reported for
+authentic tickets; a redeem that fails changes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from authority.config import TicketPolicy
 from authority.counters import Counters
 from authority.errors import InvalidArgument, InvalidTicket
 from authority.keyring import KeyRing
+from authority.policy import Policy, check_realm
 from authority.state import ResumptionState, validate_state
 from authority.store.base import Store
 from authority.ticket_format import (
@@ -72,6 +75,7 @@ class Redemption:
     status: RedeemStatus
     contents: TicketContents | None = None
     key_id: bytes | None = None
+    reissue: bool = False  # OK under a key that no longer seals: hand the client a new ticket
 
     @property
     def handle(self) -> bytes:
@@ -85,8 +89,9 @@ class Sealer:
     """The ticket domain service; thread-safe. Single calls are batches of one."""
 
     def __init__(self, ring: KeyRing, backend: KeyBackend, store: Store, policy: TicketPolicy,
-                 clock: Clock, counters: Counters) -> None:
+                 clock: Clock, counters: Counters, rules: Policy | None = None) -> None:
         self._ring = ring
+        self._rules = rules if rules is not None else Policy(store, clock, policy.max_lifetime)
         self._backend = backend
         self._store = store
         self._policy = policy
@@ -101,36 +106,42 @@ class Sealer:
 
     # -- issue -----------------------------------------------------------------------------------
 
-    def issue(self, state: ResumptionState, lifetime: int = 0) -> IssuedTicket:
-        """Seal ``state`` into a new ticket under the sealing key.
+    def issue(self, state: ResumptionState, lifetime: int = 0, realm: str = "") -> IssuedTicket:
+        """Seal ``state`` into a new ticket of ``realm`` under the sealing key.
 
-        Raises: InvalidArgument (a state field), DeviceUnavailable, ResourceExhausted.
+        Raises: InvalidArgument (a state field, realm), DeviceUnavailable, ResourceExhausted.
         """
-        result = self.issue_many([(state, lifetime)], field=lambda _: "state")[0]
+        result = self.issue_many([(state, lifetime)], field=lambda _: "state",
+                                 realms=[realm])[0]
         if isinstance(result, InvalidArgument):
             raise result
         return result
 
     def issue_many(self, items: Sequence[tuple[ResumptionState, int]],
                    field: Callable[[int], str] = lambda i: f"items[{i}].state",
+                   realms: Sequence[str] | None = None,
                    ) -> list[IssuedTicket | InvalidArgument]:
         """Seal many states (with requested lifetimes) in one device session, in order.
 
-        A state that fails validation yields its InvalidArgument; the others are sealed.
+        ``realms`` (parallel to ``items``; default: the default realm "") names each ticket's
+        realm; the ticket also carries the realm's current policy epoch.
+        A state or realm that fails validation yields its InvalidArgument; the others are sealed.
         Raises: DeviceUnavailable, ResourceExhausted (for the whole batch).
         """
         out: list[IssuedTicket | InvalidArgument | None] = [None] * len(items)
         jobs: list[tuple[int, bytes, bytes, bytes, TicketContents]] = []
         now = math.floor(self._clock.now())
         for index, (state, lifetime) in enumerate(items):
+            realm = realms[index] if realms is not None else ""
             try:
                 validate_state(state, prefix=field(index))
+                check_realm(realm, _sibling(field(index), "realm"))
             except InvalidArgument as exc:
                 out[index] = exc
                 continue
             granted = self.grant_lifetime(lifetime)
             contents = TicketContents(secrets.token_bytes(TICKET_ID_LEN), now, now + granted,
-                                      state)
+                                      state, realm=realm, policy_epoch=self._rules.epoch(realm))
             key_id = self._ring.sealing_key()
             header = encode_header(key_id, self._backend.format_version)
             jobs.append((index, key_id, header, encode_contents(contents), contents))
@@ -145,21 +156,27 @@ class Sealer:
 
     # -- redeem ----------------------------------------------------------------------------------
 
-    def redeem(self, ticket: bytes, consume: bool = False) -> Redemption:
-        """Check a ticket and return its state if it may be resumed.
+    def redeem(self, ticket: bytes, consume: bool = False, realm: str = "") -> Redemption:
+        """Check a ticket presented to a gateway of ``realm`` and return its state if it may be
+        resumed.
 
-        Returns INVALID for anything malformed, foreign, tampered or under a destroyed key.
-        Raises: InvalidArgument (empty ticket), DeviceUnavailable (device or store down).
+        Returns INVALID for anything malformed, foreign, tampered, under a destroyed key or of
+        another realm. Raises: InvalidArgument (empty ticket), DeviceUnavailable.
         """
-        result = self.redeem_many([(ticket, consume)], field=lambda _: "ticket")[0]
+        result = self.redeem_many([(ticket, consume)], field=lambda _: "ticket",
+                                  realms=[realm])[0]
         if isinstance(result, InvalidArgument):
             raise result
         return result
 
     def redeem_many(self, items: Sequence[tuple[bytes, bool]],
                     field: Callable[[int], str] = lambda i: f"items[{i}].ticket",
+                    realms: Sequence[str] | None = None,
                     ) -> list[Redemption | InvalidArgument]:
         """Redeem many (ticket, consume) items with one device session and one store query.
+
+        ``realms`` (parallel to ``items``; default "") is the realm of the gateway presenting
+        each ticket: a ticket of another realm is INVALID.
 
         An empty ticket yields InvalidArgument; every other item yields a Redemption.
         Raises: DeviceUnavailable (for the whole batch).
@@ -192,17 +209,29 @@ class Sealer:
                 authentic.append((index, parsed.key_id, decode_contents(plain)))
             except InvalidTicket as exc:
                 out[index] = self._invalid("plaintext", exc)
-        for index, result in self._check_live(authentic, items):
+        for index, result in self._check_live(authentic, items, realms):
             out[index] = result
         return [r for r in out if r is not None]
 
     def _check_live(self, authentic: list[tuple[int, bytes, TicketContents]],
-                    items: Sequence[tuple[bytes, bool]]) -> list[tuple[int, Redemption]]:
-        """Expiry, then the consumed set (one query, one transaction for the consumes)."""
+                    items: Sequence[tuple[bytes, bool]], realms: Sequence[str] | None,
+                    ) -> list[tuple[int, Redemption]]:
+        """Expiry, realm, revocation, then the consumed set (one query, one transaction for the
+        consumes)."""
         now = self._clock.now()
-        live = [(i, k, c) for i, k, c in authentic if now < c.expires_at]
-        results = [(i, Redemption(RedeemStatus.EXPIRED, None, k)) for i, k, c in authentic
-                   if now >= c.expires_at]
+        results: list[tuple[int, Redemption]] = []
+        live: list[tuple[int, bytes, TicketContents]] = []
+        for i, k, c in authentic:
+            if now >= c.expires_at:
+                results.append((i, Redemption(RedeemStatus.EXPIRED, None, k)))
+            elif c.realm != (realms[i] if realms is not None else ""):
+                self._invalid("realm", InvalidTicket(f"ticket of realm {c.realm!r}"))
+                results.append((i, Redemption(RedeemStatus.INVALID)))
+            elif self._rules.is_revoked(c):
+                results.append((i, Redemption(RedeemStatus.REVOKED, None, k)))
+            else:
+                live.append((i, k, c))
+        primary = self._ring.primary_id
         lookups = [c.ticket_id for i, _, c in live if not items[i][1]]
         consumed = self._store.consumed_among(lookups, now)
         to_consume = [(i, k, c) for i, k, c in live if items[i][1]]
@@ -212,9 +241,11 @@ class Sealer:
         for i, key_id, contents in live:
             ok = is_fresh.get(i, contents.ticket_id not in consumed)
             status = RedeemStatus.OK if ok else RedeemStatus.REPLAYED
-            results.append((i, Redemption(status, contents if ok else None, key_id)))
+            results.append((i, Redemption(status, contents if ok else None, key_id,
+                                          ok and key_id != primary)))
         for _, result in results:
-            self._counters.inc(f"redeem.{result.status.name.lower()}")
+            if result.status != RedeemStatus.INVALID:  # counted by _invalid
+                self._counters.inc(f"redeem.{result.status.name.lower()}")
         return results
 
     def _invalid(self, stage: str, exc: InvalidTicket) -> Redemption:
@@ -242,3 +273,9 @@ class Sealer:
         fresh = self._store.consume_many([(ticket_id, expires_at)], now)[0]
         self._counters.inc("consumed" if fresh else "consume_replayed")
         return RedeemStatus.OK if fresh else RedeemStatus.REPLAYED
+
+
+def _sibling(field: str, name: str) -> str:
+    """``items[3].state`` -> ``items[3].realm``; ``state`` -> ``realm``."""
+    head, dot, _ = field.rpartition(".")
+    return f"{head}{dot}{name}"

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50051
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
-        *_SECTIONS}
+        "audit_log", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
@@ -78,6 +78,12 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, tpm=_tpm(data["tpm"]))
     if "tls" in data:
         cfg = replace(cfg, tls=_tls(data["tls"], config_file))
+    if "audit_log" in data:
+        value = data["audit_log"]
+        if not isinstance(value, str) or not value:
+            raise ConfigError("audit_log", "a file path (default: state_dir/audit.log)")
+        base_dir = config_file.parent if config_file else Path.cwd()
+        cfg = replace(cfg, audit_log=(base_dir / Path(value).expanduser()).resolve())
     validate(cfg)
     return cfg
 
@@ -230,6 +236,10 @@ def validate(cfg: Config) -> None:
     _positive("server.workers", cfg.server.workers)
     _positive("server.max_message_bytes", cfg.server.max_message_bytes)
     _positive("server.max_batch_items", cfg.server.max_batch_items)
+    if cfg.server.rate_limit_per_s < 0:
+        raise ConfigError("server.rate_limit_per_s", "must be 0 (off) or positive")
+    _positive("server.rate_burst", cfg.server.rate_burst)
+    _positive("server.max_concurrent_rpcs", cfg.server.max_concurrent_rpcs)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
     if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:

@@ -35,6 +35,9 @@ TAG_LEN = 16
 TICKET_ID_LEN = 16
 MAX_TICKET_LEN = 1024
 MAX_EXTENSIONS_LEN = 128
+MAX_REALM_LEN = 64
+EXT_REALM = 1          # extension: the gateway realm, UTF-8
+EXT_POLICY_EPOCH = 2   # extension: the realm's policy epoch when issued, u64
 
 _HEADER = struct.Struct(">B3s8s")
 # ticket_id, issued_at, expires_at, encr_id, encr_key_bits, prf_id, integ_id, dh_group,
@@ -62,7 +65,9 @@ class TicketContents:
     issued_at: int      # Unix seconds
     expires_at: int     # Unix seconds, absolute, 64-bit
     state: ResumptionState
-    extensions: bytes = b""  # type (1) | length (2) | value records; none defined in v1
+    extensions: bytes = b""  # further (unknown) type (1) | length (2) | value records, kept as is
+    realm: str = ""          # extension type 1 (UTF-8, <= 64 octets); absent: the default realm
+    policy_epoch: int = 0    # extension type 2 (u64) of the realm when issued; absent: 0
 
 
 def encode_header(key_id: bytes, version: int = FORMAT_V1) -> bytes:
@@ -115,7 +120,8 @@ def encode_contents(contents: TicketContents) -> bytes:
     s = contents.state
     if len(contents.ticket_id) != TICKET_ID_LEN:
         raise ValueError("ticket id must be 16 octets")
-    if len(contents.extensions) > MAX_EXTENSIONS_LEN:
+    extensions = encode_extensions(contents.realm, contents.policy_epoch) + contents.extensions
+    if len(extensions) > MAX_EXTENSIONS_LEN:
         raise ValueError("extensions too long")
     fixed = _FIXED.pack(contents.ticket_id, contents.issued_at, contents.expires_at, s.encr_id,
                         s.encr_key_bits, s.prf_id, s.integ_id, s.dh_group, s.auth_method,
@@ -123,7 +129,7 @@ def encode_contents(contents: TicketContents) -> bytes:
     if len(s.sk_d) > 0xFF:
         raise ValueError("sk_d too long")
     parts = [fixed, bytes([len(s.sk_d)]), s.sk_d]
-    for value in (s.id_i, s.id_r, s.gateway_data, contents.extensions):
+    for value in (s.id_i, s.id_r, s.gateway_data, extensions):
         if len(value) > 0xFFFF:
             raise ValueError("field too long")
         parts += [len(value).to_bytes(2, "big"), value]
@@ -154,18 +160,56 @@ def decode_contents(plaintext: bytes) -> TicketContents:
         raise InvalidTicket("plaintext truncated" if end > size else
                             "trailing octets in plaintext")
     id_i, id_r, gateway_data, extensions = fields
-    if extensions:
-        _check_extensions(extensions)
+    realm, epoch, others = decode_extensions(extensions) if extensions else ("", 0, b"")
     state = ResumptionState(id_i, id_r, spi_i, spi_r, sk_d, encr_id, encr_key_bits, prf_id,
                             integ_id, dh_group, auth_method, gateway_data)
-    return TicketContents(ticket_id, issued_at, expires_at, state, extensions)
+    return TicketContents(ticket_id, issued_at, expires_at, state, others, realm, epoch)
 
 
-def _check_extensions(extensions: bytes) -> None:
+def encode_extensions(realm: str, policy_epoch: int) -> bytes:
+    """The extension records for a realm and epoch; a default value ("" or 0) is left out.
+
+    Raises: ValueError if the realm is longer than 64 octets or the epoch outside u64.
+    """
+    out = b""
+    if realm:
+        raw = realm.encode("utf-8")
+        if len(raw) > MAX_REALM_LEN:
+            raise ValueError(f"realm longer than {MAX_REALM_LEN} octets")
+        out += bytes([EXT_REALM]) + len(raw).to_bytes(2, "big") + raw
+    if policy_epoch:
+        if not 0 < policy_epoch < 2**64:
+            raise ValueError("policy epoch outside 64 bits")
+        out += bytes([EXT_POLICY_EPOCH]) + (8).to_bytes(2, "big") + policy_epoch.to_bytes(8, "big")
+    return out
+
+
+def decode_extensions(extensions: bytes) -> tuple[str, int, bytes]:
+    """Split extension records into (realm, policy epoch, the other records as they were).
+
+    Raises: InvalidTicket on a truncated record, a repeated or malformed realm or epoch.
+    """
     reader = _Reader(extensions)
+    realm: str | None = None
+    epoch: int | None = None
+    others: list[bytes] = []
     while not reader.done():
-        reader.take(1)
-        reader.prefixed(2)
+        kind = reader.take(1)[0]
+        value = reader.prefixed(2)
+        if kind == EXT_REALM:
+            if realm is not None or not 0 < len(value) <= MAX_REALM_LEN:
+                raise InvalidTicket("bad realm extension")
+            try:
+                realm = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidTicket("realm extension not UTF-8") from None
+        elif kind == EXT_POLICY_EPOCH:
+            if epoch is not None or len(value) != 8:
+                raise InvalidTicket("bad policy epoch extension")
+            epoch = int.from_bytes(value, "big")
+        else:
+            others.append(bytes([kind]) + len(value).to_bytes(2, "big") + value)
+    return realm or "", epoch or 0, b"".join(others)
 
 
 class _Reader:

@@ -128,6 +128,13 @@ def peer_uris(context: grpc.ServicerContext) -> list[str]:
     return [str(u) for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
 
 
+def caller_identity(context: grpc.ServicerContext) -> str:
+    """Who is calling, for the audit log: the verified certificate's URI SAN, or ``local`` for
+    a caller without one (plaintext loopback, the admin socket). Never raises."""
+    uris = peer_uris(context)
+    return uris[0] if len(uris) == 1 else "local"
+
+
 def authorize(roles: RoleMap, method: str, context: grpc.ServicerContext) -> Identity | None:
     """Check one call; returns the caller's identity (None for health).
 

@@ -10,9 +10,11 @@ from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.errors import AuthorityError, InvalidArgument
 from authority.keyring import KeyRing
 from authority.keys import KeyRecord
+from authority.policy import BY_ID_I, BY_ISSUED_BEFORE, BY_OLD_SA, BY_TICKET_ID
 from authority.sealer import IssuedTicket, RedeemStatus, Redemption
-from authority.state import ResumptionState
-from authority.ticket_format import KEY_ID_LEN
+from authority.state import ID_MAX_LEN, ID_MIN_LEN, ResumptionState
+from authority.store.base import RevocationRecord
+from authority.ticket_format import KEY_ID_LEN, TICKET_ID_LEN
 
 # gRPC status code numbers by name (google.rpc.Code), without importing grpc here.
 _CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "FAILED_PRECONDITION": 9,
@@ -71,6 +73,9 @@ def redeem_response(result: Redemption,
         reply.issued_at.seconds = c.issued_at
         reply.key_id = result.key_id.hex()
         reply.ticket_id = result.handle
+        reply.reissue = result.reissue
+        reply.realm = c.realm
+        reply.policy_epoch = c.policy_epoch
     return reply
 
 
@@ -111,6 +116,45 @@ def key_info(record: KeyRecord, ring: KeyRing) -> admin_pb2.KeyInfo:
         sealing_ended_at=_maybe(record.sealing_ended_at),
         destroyed_at=_maybe(record.destroyed_at), seal_count=record.seal_count,
         rotates_at=_maybe(rotates_at))
+
+
+def revocation_selector(request: admin_pb2.RevokeTicketsRequest
+                        ) -> tuple[str, bytes, float | None]:
+    """The (kind, value, issued_before) of a RevokeTickets request.
+
+    Raises: InvalidArgument naming the selector field.
+    """
+    which = request.WhichOneof("selector")
+    if which == "id_i":
+        if not ID_MIN_LEN <= len(request.id_i) <= ID_MAX_LEN:
+            raise InvalidArgument("id_i", f"{ID_MIN_LEN} to {ID_MAX_LEN} octets (the IDi payload "
+                                          f"body), got {len(request.id_i)}")
+        return BY_ID_I, request.id_i, None
+    if which == "old_sa":
+        for name in ("spi_i", "spi_r"):
+            if len(getattr(request.old_sa, name)) != 8:
+                raise InvalidArgument(f"old_sa.{name}", "must be 8 octets")
+        return BY_OLD_SA, request.old_sa.spi_i + request.old_sa.spi_r, None
+    if which == "ticket_id":
+        if len(request.ticket_id) not in (TICKET_ID_LEN, TICKET_ID_LEN + 8):
+            raise InvalidArgument("ticket_id", f"must be {TICKET_ID_LEN} octets (or the "
+                                               f"{TICKET_ID_LEN + 8}-octet redeem handle)")
+        return BY_TICKET_ID, request.ticket_id[:TICKET_ID_LEN], None
+    if which == "issued_before":
+        seconds = request.issued_before.ToNanoseconds() / 1e9
+        if seconds <= 0:
+            raise InvalidArgument("issued_before", "must be after 1970-01-01T00:00:00Z")
+        return BY_ISSUED_BEFORE, b"", seconds
+    raise InvalidArgument("selector", "one of id_i, old_sa, ticket_id, issued_before is "
+                                      "required")
+
+
+def revocation_info(record: RevocationRecord) -> admin_pb2.Revocation:
+    """A stored revocation as a message."""
+    return admin_pb2.Revocation(
+        revocation_id=record.revocation_id, kind=record.kind, value=record.value,
+        issued_before=timestamp(record.issued_before), created_at=timestamp(record.created_at),
+        expires_at=timestamp(record.expires_at), reason=record.reason)
 
 
 def item_error(exc: AuthorityError) -> authority_pb2.ItemError:

@@ -30,6 +30,7 @@ from authority.errors import ConfigError, StartupError
 from authority.service.auth import RoleInterceptor, RoleMap
 from authority.service.interceptors import ErrorInterceptor
 from authority.service.observability import MetricsInterceptor, start_metrics_http
+from authority.service.ratelimit import RateLimitInterceptor, TokenBuckets
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 from authority.service.tls import ReloadingCredentials
 from authority.settings_loader import admin_listen_path, parse_listen
@@ -76,6 +77,7 @@ def _grpc_server(config: Config, interceptors: list[Any], workers: int) -> grpc.
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,  # beyond: RESOURCE_EXHAUSTED
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
                  ("grpc.so_reuseport", 0)])
@@ -137,6 +139,9 @@ def build_server(config: Config, clock: Clock | None = None,
     interceptors: list[Any] = [MetricsInterceptor(authority.metrics)]
     if tls is not None and tls.require_client_cert:
         interceptors.append(RoleInterceptor(RoleMap.from_settings(tls)))
+    if config.server.rate_limit_per_s > 0:
+        interceptors.append(RateLimitInterceptor(
+            TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)))
     interceptors.append(ErrorInterceptor())
     server = _grpc_server(config, interceptors, config.server.workers)
     authority_pb2_grpc.add_TicketAuthorityServicer_to_server(

@@ -19,6 +19,7 @@ from authority.errors import AuthorityError
 from authority.keys import KeyState
 from authority.sealer import IssuedTicket
 from authority.service import convert
+from authority.service.auth import caller_identity
 from authority.state import ResumptionState
 
 
@@ -30,11 +31,13 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
         self._max_batch = authority.config.server.max_batch_items
 
     def IssueTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        issued = self._sealer.issue(convert.state_from_proto(request), request.lifetime_seconds)
+        issued = self._sealer.issue(convert.state_from_proto(request), request.lifetime_seconds,
+                                    request.realm)
         return convert.issue_response(issued)
 
     def RedeemTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return convert.redeem_response(self._sealer.redeem(request.ticket, request.consume))
+        return convert.redeem_response(self._sealer.redeem(request.ticket, request.consume,
+                                                           request.realm))
 
     def ConsumeTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         status = self._sealer.consume(request.ticket_id)
@@ -46,7 +49,8 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
 
     def RedeemTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         convert.check_batch(len(request.items), self._max_batch)
-        results = self._sealer.redeem_many([(i.ticket, i.consume) for i in request.items])
+        results = self._sealer.redeem_many([(i.ticket, i.consume) for i in request.items],
+                                           realms=[i.realm for i in request.items])
         return convert.redeem_batch_response(list(results), request.batch_id)
 
     def IssueTicketStream(self, requests: Iterator[Any],  # noqa: N802
@@ -70,7 +74,8 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
             except AuthorityError as exc:
                 out[index] = exc
         sealed = self._sealer.issue_many([(s, life) for _, s, life in states],
-                                         field=lambda n: f"items[{states[n][0]}].state")
+                                         field=lambda n: f"items[{states[n][0]}].state",
+                                         realms=[items[i].realm for i, _, _ in states])
         for (index, _, _), result in zip(states, sealed, strict=True):
             out[index] = result
         return [r for r in out if r is not None]
@@ -84,7 +89,7 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
         self._ring = authority.ring
 
     def RotateKey(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        new, previous = self._ring.rotate(reason="operator")
+        new, previous = self._ring.rotate(reason="operator", actor=caller_identity(context))
         reply = admin_pb2.RotateKeyResponse(new_key=convert.key_info(new, self._ring))
         if previous is not None:
             reply.previous_key.CopyFrom(convert.key_info(previous, self._ring))
@@ -96,8 +101,33 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
         return admin_pb2.ListKeysResponse(keys=[convert.key_info(r, self._ring) for r in records])
 
     def RetireKey(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        record = self._ring.retire(convert.key_id_from_text(request.key_id))
+        record = self._ring.retire(convert.key_id_from_text(request.key_id),
+                                   actor=caller_identity(context))
         return admin_pb2.RetireKeyResponse(key=convert.key_info(record, self._ring))
+
+    def RevokeTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        kind, value, issued_before = convert.revocation_selector(request)
+        self._authority.audit.record(caller_identity(context), "tickets.revoke", {
+            "selector": kind, "value": value.hex() if isinstance(value, bytes) else value,
+            "issued_before": issued_before, "reason": request.reason})  # fail-closed: first
+        record = self._authority.policy.revoke(kind, value, issued_before, request.reason)
+        return admin_pb2.RevokeTicketsResponse(revocation_id=record.revocation_id,
+                                               expires_at=convert.timestamp(record.expires_at))
+
+    def ListRevocations(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return admin_pb2.ListRevocationsResponse(revocations=[
+            convert.revocation_info(r) for r in self._authority.policy.revocations()])
+
+    def BumpPolicyEpoch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._authority.audit.record(caller_identity(context), "policy.epoch_bump",
+                                     {"realm": request.realm})  # fail-closed: first
+        epoch = self._authority.policy.bump_epoch(request.realm)
+        return admin_pb2.BumpPolicyEpochResponse(realm=request.realm, policy_epoch=epoch)
+
+    def ListRealms(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return admin_pb2.ListRealmsResponse(realms=[
+            admin_pb2.RealmPolicy(realm=realm, policy_epoch=epoch)
+            for realm, epoch in sorted(self._authority.policy.epochs().items())])
 
     def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         a = self._authority

@@ -7,9 +7,24 @@ implementation of the same interface.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from authority.keys import KeyRecord
+
+
+@dataclass(frozen=True)
+class RevocationRecord:
+    """A stored revocation: it covers the tickets of its selector issued before
+    ``issued_before`` and is kept until ``expires_at``, when every covered ticket has expired."""
+
+    revocation_id: int      # assigned by the store (0 before)
+    kind: str               # "id_i", "old_sa" (value spi_i | spi_r), "ticket_id", "issued_before"
+    value: bytes            # empty for "issued_before"
+    issued_before: float    # covers tickets with issued_at < this (Unix seconds)
+    created_at: float
+    expires_at: float
+    reason: str
 
 
 class Store(Protocol):
@@ -37,6 +52,26 @@ class Store(Protocol):
 
     def purge_expired(self, now: float) -> int:
         """Delete consumed entries whose tickets have expired; return how many."""
+        ...
+
+    def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
+        """Store a revocation; return it with its assigned id."""
+        ...
+
+    def load_revocations(self, now: float) -> list[RevocationRecord]:
+        """Return the revocations that have not expired, oldest first."""
+        ...
+
+    def purge_revocations(self, now: float) -> int:
+        """Delete expired revocations; return how many."""
+        ...
+
+    def load_epochs(self) -> dict[str, int]:
+        """Return the policy epoch of every realm that has one above 0."""
+        ...
+
+    def bump_epoch(self, realm: str, now: float) -> int:
+        """Increment a realm's policy epoch atomically; return the new epoch."""
         ...
 
     def consumed_count(self, now: float) -> int:

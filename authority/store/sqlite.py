@@ -11,8 +11,10 @@ from pathlib import Path
 
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
+from authority.store.base import RevocationRecord
 
-SCHEMA_VERSION = 1
+#: 1: keys, consumed. 2: + revocations, realms (a version 1 file is migrated on open).
+SCHEMA_VERSION = 2
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 
 _SCHEMA = """
@@ -30,6 +32,20 @@ CREATE TABLE IF NOT EXISTS consumed (
     ticket_id BLOB PRIMARY KEY,
     expires_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revocations (
+    revocation_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    value BLOB NOT NULL,
+    issued_before REAL NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS realms (
+    realm TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    bumped_at REAL NOT NULL
+);
 """
 
 
@@ -58,6 +74,8 @@ class SqliteStore:
         row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1":  # the script above already created the version 2 tables
+            self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise StartupError(f"state store {self.path}: schema {row[0]}, this version "
                                f"reads {SCHEMA_VERSION}")
@@ -131,6 +149,45 @@ class SqliteStore:
         """Delete entries of expired tickets; return the count."""
         with self._tx() as db:
             return db.execute("DELETE FROM consumed WHERE expires_at<=?", (now,)).rowcount
+
+    def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
+        """Store a revocation; returns it with its new id."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO revocations (kind, value, issued_before, created_at, expires_at, "
+                "reason) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.kind, record.value, record.issued_before, record.created_at,
+                 record.expires_at, record.reason))
+            revocation_id = int(cursor.lastrowid or 0)
+        return RevocationRecord(revocation_id, record.kind, record.value, record.issued_before,
+                                record.created_at, record.expires_at, record.reason)
+
+    def load_revocations(self, now: float) -> list[RevocationRecord]:
+        """Return the live revocations, oldest first."""
+        with self._tx() as db:
+            rows = db.execute("SELECT revocation_id, kind, value, issued_before, created_at, "
+                              "expires_at, reason FROM revocations WHERE expires_at>? "
+                              "ORDER BY revocation_id", (now,)).fetchall()
+        return [RevocationRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
+
+    def purge_revocations(self, now: float) -> int:
+        """Delete revocations whose covered tickets have all expired; return the count."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM revocations WHERE expires_at<=?", (now,)).rowcount
+
+    def load_epochs(self) -> dict[str, int]:
+        """Return every realm whose policy epoch was bumped, with its epoch."""
+        with self._tx() as db:
+            rows = db.execute("SELECT realm, epoch FROM realms").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def bump_epoch(self, realm: str, now: float) -> int:
+        """Increment a realm's policy epoch (from 0 if never bumped) in one transaction."""
+        with self._tx() as db:
+            row = db.execute("SELECT epoch FROM realms WHERE realm=?", (realm,)).fetchone()
+            epoch = (int(row[0]) if row else 0) + 1
+            db.execute("INSERT OR REPLACE INTO realms VALUES (?, ?, ?)", (realm, epoch, now))
+        return epoch
 
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""

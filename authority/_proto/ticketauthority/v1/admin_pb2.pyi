@@ -115,3 +115,93 @@ class GetStatusResponse(_message.Message):
     counters: _containers.ScalarMap[str, int]
     sessions: int
     def __init__(self, backend: _Optional[str] = ..., library: _Optional[str] = ..., token: _Optional[str] = ..., sealing_key_id: _Optional[str] = ..., active_keys: _Optional[int] = ..., decrypt_only_keys: _Optional[int] = ..., destroyed_keys: _Optional[int] = ..., consumed_tickets: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ...) -> None: ...
+
+class SaSelector(_message.Message):
+    __slots__ = ("spi_i", "spi_r")
+    SPI_I_FIELD_NUMBER: _ClassVar[int]
+    SPI_R_FIELD_NUMBER: _ClassVar[int]
+    spi_i: bytes
+    spi_r: bytes
+    def __init__(self, spi_i: _Optional[bytes] = ..., spi_r: _Optional[bytes] = ...) -> None: ...
+
+class RevokeTicketsRequest(_message.Message):
+    __slots__ = ("id_i", "old_sa", "ticket_id", "issued_before", "reason")
+    ID_I_FIELD_NUMBER: _ClassVar[int]
+    OLD_SA_FIELD_NUMBER: _ClassVar[int]
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id_i: bytes
+    old_sa: SaSelector
+    ticket_id: bytes
+    issued_before: _timestamp_pb2.Timestamp
+    reason: str
+    def __init__(self, id_i: _Optional[bytes] = ..., old_sa: _Optional[_Union[SaSelector, _Mapping]] = ..., ticket_id: _Optional[bytes] = ..., issued_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Revocation(_message.Message):
+    __slots__ = ("revocation_id", "kind", "value", "issued_before", "created_at", "expires_at", "reason")
+    REVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    revocation_id: int
+    kind: str
+    value: bytes
+    issued_before: _timestamp_pb2.Timestamp
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    reason: str
+    def __init__(self, revocation_id: _Optional[int] = ..., kind: _Optional[str] = ..., value: _Optional[bytes] = ..., issued_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokeTicketsResponse(_message.Message):
+    __slots__ = ("revocation_id", "expires_at")
+    REVOCATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    revocation_id: int
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, revocation_id: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListRevocationsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevocationsResponse(_message.Message):
+    __slots__ = ("revocations",)
+    REVOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    revocations: _containers.RepeatedCompositeFieldContainer[Revocation]
+    def __init__(self, revocations: _Optional[_Iterable[_Union[Revocation, _Mapping]]] = ...) -> None: ...
+
+class BumpPolicyEpochRequest(_message.Message):
+    __slots__ = ("realm",)
+    REALM_FIELD_NUMBER: _ClassVar[int]
+    realm: str
+    def __init__(self, realm: _Optional[str] = ...) -> None: ...
+
+class BumpPolicyEpochResponse(_message.Message):
+    __slots__ = ("realm", "policy_epoch")
+    REALM_FIELD_NUMBER: _ClassVar[int]
+    POLICY_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    realm: str
+    policy_epoch: int
+    def __init__(self, realm: _Optional[str] = ..., policy_epoch: _Optional[int] = ...) -> None: ...
+
+class RealmPolicy(_message.Message):
+    __slots__ = ("realm", "policy_epoch")
+    REALM_FIELD_NUMBER: _ClassVar[int]
+    POLICY_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    realm: str
+    policy_epoch: int
+    def __init__(self, realm: _Optional[str] = ..., policy_epoch: _Optional[int] = ...) -> None: ...
+
+class ListRealmsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRealmsResponse(_message.Message):
+    __slots__ = ("realms",)
+    REALMS_FIELD_NUMBER: _ClassVar[int]
+    realms: _containers.RepeatedCompositeFieldContainer[RealmPolicy]
+    def __init__(self, realms: _Optional[_Iterable[_Union[RealmPolicy, _Mapping]]] = ...) -> None: ...

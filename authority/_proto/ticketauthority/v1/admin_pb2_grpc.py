@@ -54,6 +54,26 @@ class TicketAdminStub:
                 request_serializer=ticketauthority_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.RevokeTickets = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/RevokeTickets',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsResponse.FromString,
+                _registered_method=True)
+        self.ListRevocations = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/ListRevocations',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
+                _registered_method=True)
+        self.BumpPolicyEpoch = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/BumpPolicyEpoch',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochResponse.FromString,
+                _registered_method=True)
+        self.ListRealms = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/ListRealms',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.FromString,
+                _registered_method=True)
 
 
 class TicketAdminServicer:
@@ -83,6 +103,30 @@ class TicketAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeTickets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevocations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BumpPolicyEpoch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRealms(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TicketAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +149,26 @@ def add_TicketAdminServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.GetStatusRequest.FromString,
                     response_serializer=ticketauthority_dot_v1_dot_admin__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'RevokeTickets': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeTickets,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsResponse.SerializeToString,
+            ),
+            'ListRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevocations,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsResponse.SerializeToString,
+            ),
+            'BumpPolicyEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BumpPolicyEpoch,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochResponse.SerializeToString,
+            ),
+            'ListRealms': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRealms,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +279,114 @@ class TicketAdmin:
             '/ticketauthority.v1.TicketAdmin/GetStatus',
             ticketauthority_dot_v1_dot_admin__pb2.GetStatusRequest.SerializeToString,
             ticketauthority_dot_v1_dot_admin__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeTickets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/RevokeTickets',
+            ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.RevokeTicketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/ListRevocations',
+            ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.ListRevocationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BumpPolicyEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/BumpPolicyEpoch',
+            ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.BumpPolicyEpochResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRealms(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/ListRealms',
+            ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,43 +25,43 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ticketauthority/v1/authority.proto\x12\x12ticketauthority.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x0fResumptionState\x12\x0c\n\x04id_i\x18\x01 \x01(\x0c\x12\x0c\n\x04id_r\x18\x02 \x01(\x0c\x12\r\n\x05spi_i\x18\x03 \x01(\x0c\x12\r\n\x05spi_r\x18\x04 \x01(\x0c\x12\x0c\n\x04sk_d\x18\x05 \x01(\x0c\x12\x0f\n\x07\x65ncr_id\x18\x06 \x01(\r\x12\x15\n\rencr_key_bits\x18\x07 \x01(\r\x12\x0e\n\x06prf_id\x18\x08 \x01(\r\x12\x10\n\x08integ_id\x18\t \x01(\r\x12\x10\n\x08\x64h_group\x18\n \x01(\r\x12\x13\n\x0b\x61uth_method\x18\x0b \x01(\r\x12\x14\n\x0cgateway_data\x18\x0c \x01(\x0c\"b\n\x12IssueTicketRequest\x12\x32\n\x05state\x18\x01 \x01(\x0b\x32#.ticketauthority.v1.ResumptionState\x12\x18\n\x10lifetime_seconds\x18\x02 \x01(\r\"\x99\x01\n\x13IssueTicketResponse\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x18\n\x10lifetime_seconds\x18\x02 \x01(\r\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10ticket_lt_opaque\x18\x05 \x01(\x0c\"6\n\x13RedeemTicketRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63onsume\x18\x02 \x01(\x08\"\xfe\x01\n\x14RedeemTicketResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32 .ticketauthority.v1.RedeemResult\x12\x32\n\x05state\x18\x02 \x01(\x0b\x32#.ticketauthority.v1.ResumptionState\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tticket_id\x18\x05 \x01(\x0c\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x14\x43onsumeTicketRequest\x12\x11\n\tticket_id\x18\x01 \x01(\x0c\"I\n\x15\x43onsumeTicketResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32 .ticketauthority.v1.RedeemResult\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"^\n\x13IssueTicketsRequest\x12\x35\n\x05items\x18\x01 \x03(\x0b\x32&.ticketauthority.v1.IssueTicketRequest\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\"\xe4\x01\n\x14IssueTicketsResponse\x12<\n\x05items\x18\x01 \x03(\x0b\x32-.ticketauthority.v1.IssueTicketsResponse.Item\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x1a|\n\x04Item\x12\x39\n\x06ticket\x18\x01 \x01(\x0b\x32\'.ticketauthority.v1.IssueTicketResponseH\x00\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.ticketauthority.v1.ItemErrorH\x00\x42\t\n\x07outcome\"`\n\x14RedeemTicketsRequest\x12\x36\n\x05items\x18\x01 \x03(\x0b\x32\'.ticketauthority.v1.RedeemTicketRequest\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\"\xe9\x01\n\x15RedeemTicketsResponse\x12=\n\x05items\x18\x01 \x03(\x0b\x32..ticketauthority.v1.RedeemTicketsResponse.Item\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x1a\x7f\n\x04Item\x12<\n\x08redeemed\x18\x01 \x01(\x0b\x32(.ticketauthority.v1.RedeemTicketResponseH\x00\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.ticketauthority.v1.ItemErrorH\x00\x42\t\n\x07outcome*\xb0\x01\n\x0cRedeemResult\x12\x1d\n\x19REDEEM_RESULT_UNSPECIFIED\x10\x00\x12\x14\n\x10REDEEM_RESULT_OK\x10\x01\x12\x19\n\x15REDEEM_RESULT_INVALID\x10\x02\x12\x19\n\x15REDEEM_RESULT_EXPIRED\x10\x03\x12\x1a\n\x16REDEEM_RESULT_REPLAYED\x10\x04\x12\x19\n\x15REDEEM_RESULT_REVOKED\x10\x05\x32\xde\x05\n\x0fTicketAuthority\x12^\n\x0bIssueTicket\x12&.ticketauthority.v1.IssueTicketRequest\x1a\'.ticketauthority.v1.IssueTicketResponse\x12\x61\n\x0cRedeemTicket\x12\'.ticketauthority.v1.RedeemTicketRequest\x1a(.ticketauthority.v1.RedeemTicketResponse\x12\x64\n\rConsumeTicket\x12(.ticketauthority.v1.ConsumeTicketRequest\x1a).ticketauthority.v1.ConsumeTicketResponse\x12\x61\n\x0cIssueTickets\x12\'.ticketauthority.v1.IssueTicketsRequest\x1a(.ticketauthority.v1.IssueTicketsResponse\x12\x64\n\rRedeemTickets\x12(.ticketauthority.v1.RedeemTicketsRequest\x1a).ticketauthority.v1.RedeemTicketsResponse\x12j\n\x11IssueTicketStream\x12\'.ticketauthority.v1.IssueTicketsRequest\x1a(.ticketauthority.v1.IssueTicketsResponse(\x01\x30\x01\x12m\n\x12RedeemTicketStream\x12(.ticketauthority.v1.RedeemTicketsRequest\x1a).ticketauthority.v1.RedeemTicketsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"ticketauthority/v1/authority.proto\x12\x12ticketauthority.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x0fResumptionState\x12\x0c\n\x04id_i\x18\x01 \x01(\x0c\x12\x0c\n\x04id_r\x18\x02 \x01(\x0c\x12\r\n\x05spi_i\x18\x03 \x01(\x0c\x12\r\n\x05spi_r\x18\x04 \x01(\x0c\x12\x0c\n\x04sk_d\x18\x05 \x01(\x0c\x12\x0f\n\x07\x65ncr_id\x18\x06 \x01(\r\x12\x15\n\rencr_key_bits\x18\x07 \x01(\r\x12\x0e\n\x06prf_id\x18\x08 \x01(\r\x12\x10\n\x08integ_id\x18\t \x01(\r\x12\x10\n\x08\x64h_group\x18\n \x01(\r\x12\x13\n\x0b\x61uth_method\x18\x0b \x01(\r\x12\x14\n\x0cgateway_data\x18\x0c \x01(\x0c\"q\n\x12IssueTicketRequest\x12\x32\n\x05state\x18\x01 \x01(\x0b\x32#.ticketauthority.v1.ResumptionState\x12\x18\n\x10lifetime_seconds\x18\x02 \x01(\r\x12\r\n\x05realm\x18\x03 \x01(\t\"\x99\x01\n\x13IssueTicketResponse\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x18\n\x10lifetime_seconds\x18\x02 \x01(\r\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x18\n\x10ticket_lt_opaque\x18\x05 \x01(\x0c\"E\n\x13RedeemTicketRequest\x12\x0e\n\x06ticket\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63onsume\x18\x02 \x01(\x08\x12\r\n\x05realm\x18\x03 \x01(\t\"\xb4\x02\n\x14RedeemTicketResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32 .ticketauthority.v1.RedeemResult\x12\x32\n\x05state\x18\x02 \x01(\x0b\x32#.ticketauthority.v1.ResumptionState\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06key_id\x18\x04 \x01(\t\x12\x11\n\tticket_id\x18\x05 \x01(\x0c\x12-\n\tissued_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07reissue\x18\x07 \x01(\x08\x12\r\n\x05realm\x18\x08 \x01(\t\x12\x14\n\x0cpolicy_epoch\x18\t \x01(\x04\")\n\x14\x43onsumeTicketRequest\x12\x11\n\tticket_id\x18\x01 \x01(\x0c\"I\n\x15\x43onsumeTicketResponse\x12\x30\n\x06result\x18\x01 \x01(\x0e\x32 .ticketauthority.v1.RedeemResult\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"^\n\x13IssueTicketsRequest\x12\x35\n\x05items\x18\x01 \x03(\x0b\x32&.ticketauthority.v1.IssueTicketRequest\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\"\xe4\x01\n\x14IssueTicketsResponse\x12<\n\x05items\x18\x01 \x03(\x0b\x32-.ticketauthority.v1.IssueTicketsResponse.Item\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x1a|\n\x04Item\x12\x39\n\x06ticket\x18\x01 \x01(\x0b\x32\'.ticketauthority.v1.IssueTicketResponseH\x00\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.ticketauthority.v1.ItemErrorH\x00\x42\t\n\x07outcome\"`\n\x14RedeemTicketsRequest\x12\x36\n\x05items\x18\x01 \x03(\x0b\x32\'.ticketauthority.v1.RedeemTicketRequest\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\"\xe9\x01\n\x15RedeemTicketsResponse\x12=\n\x05items\x18\x01 \x03(\x0b\x32..ticketauthority.v1.RedeemTicketsResponse.Item\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\x04\x1a\x7f\n\x04Item\x12<\n\x08redeemed\x18\x01 \x01(\x0b\x32(.ticketauthority.v1.RedeemTicketResponseH\x00\x12.\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x1d.ticketauthority.v1.ItemErrorH\x00\x42\t\n\x07outcome*\xb0\x01\n\x0cRedeemResult\x12\x1d\n\x19REDEEM_RESULT_UNSPECIFIED\x10\x00\x12\x14\n\x10REDEEM_RESULT_OK\x10\x01\x12\x19\n\x15REDEEM_RESULT_INVALID\x10\x02\x12\x19\n\x15REDEEM_RESULT_EXPIRED\x10\x03\x12\x1a\n\x16REDEEM_RESULT_REPLAYED\x10\x04\x12\x19\n\x15REDEEM_RESULT_REVOKED\x10\x05\x32\xde\x05\n\x0fTicketAuthority\x12^\n\x0bIssueTicket\x12&.ticketauthority.v1.IssueTicketRequest\x1a\'.ticketauthority.v1.IssueTicketResponse\x12\x61\n\x0cRedeemTicket\x12\'.ticketauthority.v1.RedeemTicketRequest\x1a(.ticketauthority.v1.RedeemTicketResponse\x12\x64\n\rConsumeTicket\x12(.ticketauthority.v1.ConsumeTicketRequest\x1a).ticketauthority.v1.ConsumeTicketResponse\x12\x61\n\x0cIssueTickets\x12\'.ticketauthority.v1.IssueTicketsRequest\x1a(.ticketauthority.v1.IssueTicketsResponse\x12\x64\n\rRedeemTickets\x12(.ticketauthority.v1.RedeemTicketsRequest\x1a).ticketauthority.v1.RedeemTicketsResponse\x12j\n\x11IssueTicketStream\x12\'.ticketauthority.v1.IssueTicketsRequest\x1a(.ticketauthority.v1.IssueTicketsResponse(\x01\x30\x01\x12m\n\x12RedeemTicketStream\x12(.ticketauthority.v1.RedeemTicketsRequest\x1a).ticketauthority.v1.RedeemTicketsResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ticketauthority.v1.authority_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REDEEMRESULT']._serialized_start=1711
-  _globals['_REDEEMRESULT']._serialized_end=1887
+  _globals['_REDEEMRESULT']._serialized_start=1795
+  _globals['_REDEEMRESULT']._serialized_end=1971
   _globals['_RESUMPTIONSTATE']._serialized_start=92
   _globals['_RESUMPTIONSTATE']._serialized_end=316
   _globals['_ISSUETICKETREQUEST']._serialized_start=318
-  _globals['_ISSUETICKETREQUEST']._serialized_end=416
-  _globals['_ISSUETICKETRESPONSE']._serialized_start=419
-  _globals['_ISSUETICKETRESPONSE']._serialized_end=572
-  _globals['_REDEEMTICKETREQUEST']._serialized_start=574
-  _globals['_REDEEMTICKETREQUEST']._serialized_end=628
-  _globals['_REDEEMTICKETRESPONSE']._serialized_start=631
-  _globals['_REDEEMTICKETRESPONSE']._serialized_end=885
-  _globals['_CONSUMETICKETREQUEST']._serialized_start=887
-  _globals['_CONSUMETICKETREQUEST']._serialized_end=928
-  _globals['_CONSUMETICKETRESPONSE']._serialized_start=930
-  _globals['_CONSUMETICKETRESPONSE']._serialized_end=1003
-  _globals['_ITEMERROR']._serialized_start=1005
-  _globals['_ITEMERROR']._serialized_end=1047
-  _globals['_ISSUETICKETSREQUEST']._serialized_start=1049
-  _globals['_ISSUETICKETSREQUEST']._serialized_end=1143
-  _globals['_ISSUETICKETSRESPONSE']._serialized_start=1146
-  _globals['_ISSUETICKETSRESPONSE']._serialized_end=1374
-  _globals['_ISSUETICKETSRESPONSE_ITEM']._serialized_start=1250
-  _globals['_ISSUETICKETSRESPONSE_ITEM']._serialized_end=1374
-  _globals['_REDEEMTICKETSREQUEST']._serialized_start=1376
-  _globals['_REDEEMTICKETSREQUEST']._serialized_end=1472
-  _globals['_REDEEMTICKETSRESPONSE']._serialized_start=1475
-  _globals['_REDEEMTICKETSRESPONSE']._serialized_end=1708
-  _globals['_REDEEMTICKETSRESPONSE_ITEM']._serialized_start=1581
-  _globals['_REDEEMTICKETSRESPONSE_ITEM']._serialized_end=1708
-  _globals['_TICKETAUTHORITY']._serialized_start=1890
-  _globals['_TICKETAUTHORITY']._serialized_end=2624
+  _globals['_ISSUETICKETREQUEST']._serialized_end=431
+  _globals['_ISSUETICKETRESPONSE']._serialized_start=434
+  _globals['_ISSUETICKETRESPONSE']._serialized_end=587
+  _globals['_REDEEMTICKETREQUEST']._serialized_start=589
+  _globals['_REDEEMTICKETREQUEST']._serialized_end=658
+  _globals['_REDEEMTICKETRESPONSE']._serialized_start=661
+  _globals['_REDEEMTICKETRESPONSE']._serialized_end=969
+  _globals['_CONSUMETICKETREQUEST']._serialized_start=971
+  _globals['_CONSUMETICKETREQUEST']._serialized_end=1012
+  _globals['_CONSUMETICKETRESPONSE']._serialized_start=1014
+  _globals['_CONSUMETICKETRESPONSE']._serialized_end=1087
+  _globals['_ITEMERROR']._serialized_start=1089
+  _globals['_ITEMERROR']._serialized_end=1131
+  _globals['_ISSUETICKETSREQUEST']._serialized_start=1133
+  _globals['_ISSUETICKETSREQUEST']._serialized_end=1227
+  _globals['_ISSUETICKETSRESPONSE']._serialized_start=1230
+  _globals['_ISSUETICKETSRESPONSE']._serialized_end=1458
+  _globals['_ISSUETICKETSRESPONSE_ITEM']._serialized_start=1334
+  _globals['_ISSUETICKETSRESPONSE_ITEM']._serialized_end=1458
+  _globals['_REDEEMTICKETSREQUEST']._serialized_start=1460
+  _globals['_REDEEMTICKETSREQUEST']._serialized_end=1556
+  _globals['_REDEEMTICKETSRESPONSE']._serialized_start=1559
+  _globals['_REDEEMTICKETSRESPONSE']._serialized_end=1792
+  _globals['_REDEEMTICKETSRESPONSE_ITEM']._serialized_start=1665
+  _globals['_REDEEMTICKETSRESPONSE_ITEM']._serialized_end=1792
+  _globals['_TICKETAUTHORITY']._serialized_start=1974
+  _globals['_TICKETAUTHORITY']._serialized_end=2708
 # @@protoc_insertion_point(module_scope)

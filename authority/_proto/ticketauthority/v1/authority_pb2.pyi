@@ -54,12 +54,14 @@ class ResumptionState(_message.Message):
     def __init__(self, id_i: _Optional[bytes] = ..., id_r: _Optional[bytes] = ..., spi_i: _Optional[bytes] = ..., spi_r: _Optional[bytes] = ..., sk_d: _Optional[bytes] = ..., encr_id: _Optional[int] = ..., encr_key_bits: _Optional[int] = ..., prf_id: _Optional[int] = ..., integ_id: _Optional[int] = ..., dh_group: _Optional[int] = ..., auth_method: _Optional[int] = ..., gateway_data: _Optional[bytes] = ...) -> None: ...
 
 class IssueTicketRequest(_message.Message):
-    __slots__ = ("state", "lifetime_seconds")
+    __slots__ = ("state", "lifetime_seconds", "realm")
     STATE_FIELD_NUMBER: _ClassVar[int]
     LIFETIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REALM_FIELD_NUMBER: _ClassVar[int]
     state: ResumptionState
     lifetime_seconds: int
-    def __init__(self, state: _Optional[_Union[ResumptionState, _Mapping]] = ..., lifetime_seconds: _Optional[int] = ...) -> None: ...
+    realm: str
+    def __init__(self, state: _Optional[_Union[ResumptionState, _Mapping]] = ..., lifetime_seconds: _Optional[int] = ..., realm: _Optional[str] = ...) -> None: ...
 
 class IssueTicketResponse(_message.Message):
     __slots__ = ("ticket", "lifetime_seconds", "expires_at", "key_id", "ticket_lt_opaque")
@@ -76,28 +78,36 @@ class IssueTicketResponse(_message.Message):
     def __init__(self, ticket: _Optional[bytes] = ..., lifetime_seconds: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., ticket_lt_opaque: _Optional[bytes] = ...) -> None: ...
 
 class RedeemTicketRequest(_message.Message):
-    __slots__ = ("ticket", "consume")
+    __slots__ = ("ticket", "consume", "realm")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     CONSUME_FIELD_NUMBER: _ClassVar[int]
+    REALM_FIELD_NUMBER: _ClassVar[int]
     ticket: bytes
     consume: bool
-    def __init__(self, ticket: _Optional[bytes] = ..., consume: _Optional[bool] = ...) -> None: ...
+    realm: str
+    def __init__(self, ticket: _Optional[bytes] = ..., consume: _Optional[bool] = ..., realm: _Optional[str] = ...) -> None: ...
 
 class RedeemTicketResponse(_message.Message):
-    __slots__ = ("result", "state", "expires_at", "key_id", "ticket_id", "issued_at")
+    __slots__ = ("result", "state", "expires_at", "key_id", "ticket_id", "issued_at", "reissue", "realm", "policy_epoch")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_ID_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    REISSUE_FIELD_NUMBER: _ClassVar[int]
+    REALM_FIELD_NUMBER: _ClassVar[int]
+    POLICY_EPOCH_FIELD_NUMBER: _ClassVar[int]
     result: RedeemResult
     state: ResumptionState
     expires_at: _timestamp_pb2.Timestamp
     key_id: str
     ticket_id: bytes
     issued_at: _timestamp_pb2.Timestamp
-    def __init__(self, result: _Optional[_Union[RedeemResult, str]] = ..., state: _Optional[_Union[ResumptionState, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., ticket_id: _Optional[bytes] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    reissue: bool
+    realm: str
+    policy_epoch: int
+    def __init__(self, result: _Optional[_Union[RedeemResult, str]] = ..., state: _Optional[_Union[ResumptionState, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., key_id: _Optional[str] = ..., ticket_id: _Optional[bytes] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reissue: _Optional[bool] = ..., realm: _Optional[str] = ..., policy_epoch: _Optional[int] = ...) -> None: ...
 
 class ConsumeTicketRequest(_message.Message):
     __slots__ = ("ticket_id",)

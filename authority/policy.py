@@ -1,0 +1,169 @@
+"""Revocations and realm policy epochs: durable in the store, checked in memory on every redeem.
+
+A revocation covers the tickets of one selector (the identity id_i, the old IKE SA, one ticket
+id, or every ticket) issued before its ``issued_before`` time; it is kept until every covered
+ticket has expired (``issued_before`` + the maximum lifetime) and purged by maintenance. A
+realm's policy epoch starts at 0; bumping it makes every ticket of that realm sealed under an
+older epoch REVOKED. Changes are persisted first, then published as a new immutable index, so a
+redeem reads one snapshot without a store query.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from authority.clock import Clock
+from authority.errors import InvalidArgument
+from authority.store.base import RevocationRecord, Store
+from authority.ticket_format import MAX_REALM_LEN, TICKET_ID_LEN, TicketContents
+
+BY_ID_I = "id_i"
+BY_OLD_SA = "old_sa"
+BY_TICKET_ID = "ticket_id"
+BY_ISSUED_BEFORE = "issued_before"
+KINDS = (BY_ID_I, BY_OLD_SA, BY_TICKET_ID, BY_ISSUED_BEFORE)
+MAX_REASON_LEN = 256
+
+
+def check_realm(realm: str, field_name: str = "realm") -> str:
+    """Return ``realm`` if it may name a realm ("" is the default realm).
+
+    Raises: InvalidArgument naming ``field_name``.
+    """
+    if len(realm.encode("utf-8", "surrogatepass")) > MAX_REALM_LEN:
+        raise InvalidArgument(field_name, f"at most {MAX_REALM_LEN} octets of UTF-8")
+    if not realm.isprintable():
+        raise InvalidArgument(field_name, "control characters are not allowed")
+    return realm
+
+
+@dataclass(frozen=True)
+class _Index:
+    """One immutable snapshot: per selector value, the latest ``issued_before`` cutoff."""
+
+    by_kind: Mapping[str, Mapping[bytes, float]] = field(
+        default_factory=lambda: MappingProxyType({k: MappingProxyType({}) for k in KINDS}))
+    epochs: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def _build(records: list[RevocationRecord], epochs: dict[str, int]) -> _Index:
+    by_kind: dict[str, dict[bytes, float]] = {k: {} for k in KINDS}
+    for r in records:
+        table = by_kind[r.kind]
+        table[r.value] = max(table.get(r.value, -math.inf), r.issued_before)
+    return _Index(MappingProxyType({k: MappingProxyType(v) for k, v in by_kind.items()}),
+                  MappingProxyType(dict(epochs)))
+
+
+class Policy:
+    """Thread-safe revocation list and realm epochs over a store."""
+
+    def __init__(self, store: Store, clock: Clock, max_lifetime: int) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_lifetime = max_lifetime
+        self._lock = threading.Lock()  # serialises changes; readers use the published snapshot
+        self._records: list[RevocationRecord] = []
+        self._epochs: dict[str, int] = {}
+        self._index = _Index()
+
+    def load(self) -> None:
+        """Read revocations and epochs from the store. Raises: DeviceUnavailable."""
+        with self._lock:
+            self._records = self._store.load_revocations(self._clock.now())
+            self._epochs = self._store.load_epochs()
+            self._publish()
+
+    def _publish(self) -> None:
+        self._index = _build(self._records, self._epochs)
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def epoch(self, realm: str) -> int:
+        """The realm's current policy epoch (0 if never bumped)."""
+        return self._index.epochs.get(realm, 0)
+
+    def is_revoked(self, contents: TicketContents) -> bool:
+        """True if a revocation covers the ticket or its realm's epoch has moved past it."""
+        index = self._index
+        if contents.policy_epoch < index.epochs.get(contents.realm, 0):
+            return True
+        issued = contents.issued_at
+        s = contents.state
+        for kind, value in ((BY_ISSUED_BEFORE, b""), (BY_ID_I, s.id_i),
+                            (BY_OLD_SA, s.spi_i + s.spi_r), (BY_TICKET_ID, contents.ticket_id)):
+            cutoff = index.by_kind[kind].get(value)
+            if cutoff is not None and issued < cutoff:
+                return True
+        return False
+
+    # -- changes ---------------------------------------------------------------------------------
+
+    def revoke(self, kind: str, value: bytes, issued_before: float | None = None,
+               reason: str = "") -> RevocationRecord:
+        """Revoke the tickets of a selector issued before ``issued_before`` (default: now, i.e.
+        every such ticket issued so far).
+
+        Raises: InvalidArgument (naming the selector field or ``reason``), DeviceUnavailable.
+        """
+        now = self._clock.now()
+        if kind not in KINDS:
+            raise InvalidArgument("selector", f"unknown kind {kind!r}")
+        if len(reason) > MAX_REASON_LEN:
+            raise InvalidArgument("reason", f"at most {MAX_REASON_LEN} characters")
+        if kind == BY_ISSUED_BEFORE:
+            if issued_before is None or issued_before <= 0:
+                raise InvalidArgument("issued_before", "required")
+            if issued_before > now:
+                raise InvalidArgument("issued_before", "must not be in the future")
+            value = b""
+        else:
+            # Tickets are stamped with whole seconds: the next second covers the current one.
+            issued_before = math.floor(now) + 1
+        if kind == BY_TICKET_ID and len(value) != TICKET_ID_LEN:
+            raise InvalidArgument("ticket_id", f"must be {TICKET_ID_LEN} octets")
+        record = RevocationRecord(0, kind, value, issued_before, now,
+                                  math.ceil(issued_before) + self._max_lifetime, reason)
+        with self._lock:
+            record = self._store.add_revocation(record)
+            self._records = [*self._records, record]
+            self._publish()
+        return record
+
+    def bump_epoch(self, realm: str) -> int:
+        """Move a realm to its next policy epoch; older tickets of that realm become REVOKED.
+
+        Raises: InvalidArgument (realm), DeviceUnavailable.
+        """
+        check_realm(realm)
+        with self._lock:
+            epoch = self._store.bump_epoch(realm, self._clock.now())
+            self._epochs = {**self._epochs, realm: epoch}
+            self._publish()
+        return epoch
+
+    def purge(self) -> int:
+        """Forget revocations whose tickets have all expired. Raises: DeviceUnavailable."""
+        now = self._clock.now()
+        with self._lock:
+            purged = self._store.purge_revocations(now)
+            live = [r for r in self._records if r.expires_at > now]
+            if len(live) != len(self._records):
+                self._records = live
+                self._publish()
+        return purged
+
+    # -- views -----------------------------------------------------------------------------------
+
+    def revocations(self) -> list[RevocationRecord]:
+        """The live revocations, oldest first."""
+        now = self._clock.now()
+        return [r for r in self._records if r.expires_at > now]
+
+    def epochs(self) -> dict[str, int]:
+        """Every realm with an epoch above 0."""
+        return dict(self._index.epochs)

@@ -1,0 +1,147 @@
+"""Per-client rate limits: a token bucket per caller, RESOURCE_EXHAUSTED when it is empty.
+
+The caller is the URI SAN of its verified client certificate (mTLS), else its peer host
+(``ipv4:10.0.0.7``: the port is dropped, so new connections do not buy new buckets). Each
+request costs one token, a batch request (``items``) one token per item, and every message of a
+stream is charged as it arrives. A bucket holds at most ``burst`` tokens and refills at
+``rate`` per second; a request is let through when the bucket holds ``min(cost, burst)``
+tokens, and may take it below zero (so a batch larger than the burst passes once the bucket is
+full, and the debt is paid back before the next call). Health checks are never limited.
+
+At most ``max_clients`` buckets are kept (least recently used evicted first), so a flood of
+distinct callers cannot grow memory without bound; an evicted caller starts again with a full
+bucket, which only matters to a flood that already has that many distinct identities.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from authority.service.auth import HEALTH_PREFIX, peer_uris
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+MAX_CLIENTS = 10_000
+
+
+class TokenBuckets:
+    """Token buckets keyed by client; thread-safe; bounded (LRU)."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = MAX_CLIENTS,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        if rate <= 0 or burst <= 0 or max_clients <= 0:
+            raise ValueError("rate, burst and max_clients must be positive")
+        self.rate = rate
+        self.burst = burst
+        self._max = max_clients
+        self._now = now
+        self._lock = threading.Lock()
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+
+    def take(self, client: str, cost: int = 1) -> float:
+        """Charge ``cost`` tokens; returns 0.0 if allowed, else the seconds until it would be.
+        Never raises."""
+        cost = max(1, cost)
+        with self._lock:
+            now = self._now()
+            tokens, then = self._buckets.pop(client, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+            need = min(cost, self.burst)
+            if tokens >= need:
+                tokens -= cost
+                wait = 0.0
+            else:
+                wait = (need - tokens) / self.rate
+            self._buckets[client] = (tokens, now)
+            while len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+            return wait
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def client_key(context: grpc.ServicerContext) -> str:
+    """The caller's rate-limit key: its certificate URI, else its peer without the port.
+    Never raises."""
+    uris = peer_uris(context)
+    if len(uris) == 1:
+        return uris[0]
+    peer = str(context.peer())
+    if peer.startswith(("ipv4:", "ipv6:")):
+        return peer.rpartition(":")[0]
+    return peer
+
+
+def _cost(request: Any) -> int:
+    items = getattr(request, "items", None)
+    try:
+        return max(1, len(items)) if items is not None else 1
+    except TypeError:
+        return 1
+
+
+class RateLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses calls over the caller's rate with RESOURCE_EXHAUSTED before the handler runs."""
+
+    def __init__(self, buckets: TokenBuckets) -> None:
+        self.buckets = buckets
+
+    def _charge(self, context: grpc.ServicerContext, method: str, cost: int) -> None:
+        wait = self.buckets.take(client_key(context), cost)
+        if wait > 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"rate limit: {self.buckets.rate:g} requests/s (burst "
+                          f"{self.buckets.burst}) exceeded for {method}; retry in "
+                          f"{wait:.2f} s")
+
+    def _wrap(self, method: str, behavior: Behavior, stream_in: bool,
+              stream_out: bool) -> Behavior:
+        def arguments(request: Any, context: grpc.ServicerContext) -> Any:
+            if not stream_in:
+                self._charge(context, method, _cost(request))
+                return request
+
+            def metered() -> Iterator[Any]:
+                for message in request:
+                    self._charge(context, method, _cost(message))
+                    yield message
+
+            return metered()
+
+        if stream_out:
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                yield from behavior(arguments(request, context), context)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(arguments(request, context), context)
+
+        return unary
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        method = str(details.method)
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        for attr, make_handler, stream_in, stream_out in _KINDS:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make_handler(self._wrap(method, behavior, stream_in, stream_out),
+                                    request_deserializer=handler.request_deserializer,
+                                    response_serializer=handler.response_serializer)
+        return handler
+
+
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
+)
