@@ -35,25 +35,17 @@ from authority.errors import (
     StartupError,
     UnsealFailed,
 )
+from tests.pkcs11_fixtures import (  # noqa: F401
+    KID,
+    OTHER,
+    hsm_fixture,
+    requires_softhsm,
+)
 
-KID = bytes.fromhex("0102030405060708")
-OTHER = bytes.fromhex("1112131415161718")
-
-try:
-    MODULE_PATH: Path | None = find_softhsm_module()
-except StartupError:
-    MODULE_PATH = None
-
-pytestmark = pytest.mark.skipif(MODULE_PATH is None, reason="SoftHSM2 not installed")
+pytestmark = requires_softhsm
 
 
 # ------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture
-def hsm(tmp_path: Path) -> Pkcs11Settings:
-    """A freshly provisioned embedded token."""
-    return provision_embedded_token(tmp_path / "hsm")
 
 
 @pytest.fixture

@@ -12,37 +12,28 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from authority.backends.pkcs11 import Pkcs11Backend
-from authority.backends.softhsm import find_softhsm_module, provision_embedded_token
 from authority.config import Pkcs11Settings
 from authority.errors import (
     DeviceUnavailable,
     InvalidTicket,
     KeyNotFound,
-    StartupError,
     UnsealFailed,
 )
+from tests.pkcs11_fixtures import (  # noqa: F401
+    KID,
+    OTHER,
+    hsm_fixture,
+    requires_softhsm,
+)
 
-KID = bytes.fromhex("0102030405060708")
-OTHER = bytes.fromhex("1112131415161718")
 ABSENT = bytes.fromhex("2122232425262728")
 
-try:
-    MODULE_PATH: Path | None = find_softhsm_module()
-except StartupError:
-    MODULE_PATH = None
-
-pytestmark = pytest.mark.skipif(MODULE_PATH is None, reason="SoftHSM2 not installed")
-
-
-@pytest.fixture
-def hsm(tmp_path: Path) -> Pkcs11Settings:
-    return provision_embedded_token(tmp_path / "hsm")
+pytestmark = requires_softhsm
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from pkcs11.mechanisms import GCMParams
 
 from authority.backends.pkcs11 import Pkcs11Backend, key_label
 from authority.backends.softhsm import provision_embedded_token
+from authority.bench.machine import cpu_model
+from authority.bench.machine import distribution_version as version
 from authority.config import Pkcs11Settings
 
 KID = bytes.fromhex("0102030405060708")
@@ -45,25 +46,6 @@ POOL = 512                         # distinct sealed items cycled through
 
 #: one unit of work: returns how many ops it did
 Work = Callable[[], int]
-
-
-def cpu_model() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's guess)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def rate(make_work: Callable[[int], Work], threads: int, seconds: float) -> tuple[float, float]:
