@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from authority import __version__
+from authority.admin_cli import DEFAULT_ADDRESS, admin_channel, resolve_address
+from authority.admin_cli import run as run_admin
 from authority.errors import ConfigError, DeviceUnavailable, StartupError
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-_STATE_NAMES = {1: "ACTIVE", 2: "DECRYPT_ONLY", 3: "DESTROYED"}
+__all__ = ["DEFAULT_ADDRESS", "admin_channel", "build_parser", "main", "resolve_address"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -39,14 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=["pkcs11", "tpm"],
                        help="key device (default pkcs11: the embedded SoftHSM2 token; tpm: an "
                             "embedded swtpm unless tpm.tcti is set)")
-    keys = sub.add_parser("keys", help="list, rotate or retire ticket protection keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    listing = keys_sub.add_parser("list", help="list keys")
-    listing.add_argument("--all", action="store_true", help="include destroyed keys")
-    rotate = keys_sub.add_parser("rotate", help="generate a new sealing key in the device")
-    retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
-    retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
-    status = sub.add_parser("status", help="show backend, sealing key and counters")
+    clients = _admin_parsers(sub)
     certs = sub.add_parser("certs", help="development certificates for mTLS")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     init = certs_sub.add_parser("init", help="create a CA, a server certificate and one gateway "
@@ -71,22 +62,78 @@ def build_parser() -> argparse.ArgumentParser:
 
     configure_demo(sub.add_parser("demo", help="resume an IKE SA on a second gateway through the "
                                                "authority (real IKE_SESSION_RESUME over UDP)"))
-    for p in (listing, rotate, retire, status):
+    for p in clients:
         _common(p)
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-        tls = p.add_argument_group("mTLS to the authority (an admin client certificate)")
-        tls.add_argument("--tls-ca", type=Path, metavar="PEM",
-                         help="CA certificates that sign the server's certificate")
-        tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate")
-        tls.add_argument("--tls-key", type=Path, metavar="PEM", help="client key")
-        tls.add_argument("--tls-server-name", metavar="NAME",
-                         help="name to check the server's certificate against")
+        _client_flags(p)
     return parser
 
 
+def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                   ) -> list[argparse.ArgumentParser]:
+    """The keys, status, tickets and policy parsers; returns those that call the server."""
+    keys = sub.add_parser("keys", help="list, rotate or retire ticket protection keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    listing = keys_sub.add_parser("list", help="list keys")
+    listing.add_argument("--all", action="store_true", help="include destroyed keys")
+    rotate = keys_sub.add_parser("rotate", help="generate a new sealing key in the device")
+    retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
+    retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
+    status = sub.add_parser("status", help="show backend, sealing key and counters")
+    return [listing, rotate, retire, status, *_tickets_parsers(sub), *_policy_parsers(sub)]
+
+
+def _tickets_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                     ) -> list[argparse.ArgumentParser]:
+    tickets = sub.add_parser("tickets", help="revoke tickets, list revocations")
+    tickets_sub = tickets.add_subparsers(dest="tickets_command", required=True)
+    revoke = tickets_sub.add_parser(
+        "revoke", help="tickets issued so far that match one selector redeem as REVOKED until "
+                       "they expire")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id-i", metavar="HEX",
+                       help="the initiator's identity: hex of the whole IDi payload body (ID "
+                            "type octet, 3 reserved octets, data), e.g. 02000000 + the FQDN")
+    which.add_argument("--old-sa", metavar="SPI_I_HEX:SPI_R_HEX",
+                       help="the IKE SA the tickets were issued for (8-octet SPIs)")
+    which.add_argument("--ticket-id", metavar="HEX",
+                       help="a 16-octet ticket id or a 24-octet redeem handle")
+    which.add_argument("--issued-before", metavar="ISO8601",
+                       help="every ticket issued before this time (UTC unless given an offset)")
+    revoke.add_argument("--reason", default="", metavar="TEXT",
+                        help="kept with the revocation and audited (at most 256 characters)")
+    revocations = tickets_sub.add_parser("revocations", help="list live revocations")
+    return [revoke, revocations]
+
+
+def _policy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
+                    ) -> list[argparse.ArgumentParser]:
+    policy = sub.add_parser("policy", help="realm policy epochs")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    bump = policy_sub.add_parser(
+        "bump", help="bump a realm's policy epoch: its tickets issued so far redeem as REVOKED")
+    bump.add_argument("realm", metavar="REALM", help="the realm ('' for the default realm)")
+    listing = policy_sub.add_parser("list", help="realms whose epoch was bumped (others are 0)")
+    return [bump, listing]
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    tls = parser.add_argument_group("mTLS to the authority (an admin client certificate)")
+    tls.add_argument("--tls-ca", type=Path, metavar="PEM",
+                     help="CA certificates that sign the server's certificate")
+    tls.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate")
+    tls.add_argument("--tls-key", type=Path, metavar="PEM", help="client key")
+    tls.add_argument("--tls-server-name", metavar="NAME",
+                     help="name to check the server's certificate against")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
+    """Entry point of the console script; returns the exit status: 0; 1 when the command
+    fails (an admin call the server refuses, a broken audit chain); 2 for a bad flag or setting;
+    3 when the key device is unavailable.
+
+    Raises: SystemExit (status 2) from argparse for unknown or missing arguments."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
@@ -103,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _certs(args)
         if args.command == "audit":
             return _audit_verify(args.file)
-        return _admin(args)
+        return run_admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)
         return 2
@@ -157,135 +204,6 @@ def _certs(args: argparse.Namespace) -> int:
         return 2
     print(instructions(pki), end="")
     return 0
-
-
-def admin_channel(args: argparse.Namespace, address: str) -> Any:
-    """A plaintext channel, or an mTLS one when any --tls-* flag is given.
-
-    Raises: ConfigError for a half-given client certificate or an unreadable file."""
-    import grpc
-
-    if not any((args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)):
-        return grpc.insecure_channel(address)
-    from authority.client import ClientTls
-
-    tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
-    try:
-        credentials = tls.credentials()
-    except ValueError as exc:
-        raise ConfigError("--tls-cert", "give both --tls-cert and --tls-key") from exc
-    except OSError as exc:
-        raise ConfigError("--tls-*", f"cannot read {exc.filename}: {exc.strerror}") from exc
-    return grpc.secure_channel(address, credentials, options=tls.options())
-
-
-def resolve_address(args: argparse.Namespace) -> str:
-    """Where a local server's admin service listens: --listen, the config's
-    server.admin_listen or server.listen, the state directory's server.json (written by a
-    running server; its admin_address first), else the default."""
-    if args.listen:
-        return str(args.listen)
-    from authority.settings_loader import default_state_dir, load_config
-
-    state_dir = args.state_dir
-    if args.config:
-        config = load_config(args.config, state_dir=args.state_dir)
-        state_dir = config.state_dir
-        if config.server.admin_listen:
-            return config.server.admin_listen
-        if config.server.listen != DEFAULT_ADDRESS:
-            return config.server.listen
-    server_file = Path(state_dir or default_state_dir()) / "server.json"
-    try:
-        info = json.loads(server_file.read_text())
-        return str(info.get("admin_address") or info["address"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        return DEFAULT_ADDRESS
-
-
-def _admin(args: argparse.Namespace) -> int:
-    import grpc
-
-    from authority._proto.ticketauthority.v1 import admin_pb2, admin_pb2_grpc
-
-    address = resolve_address(args)
-    with admin_channel(args, address) as channel:
-        stub = admin_pb2_grpc.TicketAdminStub(channel)
-        try:
-            if args.command == "status":
-                reply = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=args.timeout)
-                _print(args, reply, _status_table)
-            elif args.keys_command == "list":
-                reply = stub.ListKeys(admin_pb2.ListKeysRequest(include_destroyed=args.all),
-                                      timeout=args.timeout)
-                _print(args, reply, lambda r: _keys_table(list(r.keys)))
-            elif args.keys_command == "rotate":
-                reply = stub.RotateKey(admin_pb2.RotateKeyRequest(), timeout=args.timeout)
-                _print(args, reply, lambda r: _keys_table([r.new_key, r.previous_key]))
-            else:
-                reply = stub.RetireKey(admin_pb2.RetireKeyRequest(key_id=args.key_id),
-                                       timeout=args.timeout)
-                _print(args, reply, lambda r: _keys_table([r.key]))
-        except grpc.RpcError as err:
-            return _rpc_failure(err, address)
-    return 0
-
-
-def _rpc_failure(err: Any, address: str) -> int:
-    code = err.code()
-    if code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-        print(f"ticket-authority: {code.name}: {err.details()} (admin commands need an admin "
-              "client certificate: --tls-ca, --tls-cert, --tls-key)", file=sys.stderr)
-    elif code.name == "UNAVAILABLE" and "connect" in (err.details() or "").lower():
-        print(f"ticket-authority: cannot reach the authority at {address}; is "
-              "'ticket-authority serve' running, and does it need --tls-* flags? (use "
-              "--listen, --state-dir or --config)",
-              file=sys.stderr)
-    else:
-        print(f"ticket-authority: {code.name}: {err.details()}", file=sys.stderr)
-    return 1
-
-
-def _print(args: argparse.Namespace, reply: Any, table: Any) -> None:
-    if args.json:
-        from google.protobuf import json_format
-
-        print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
-    else:
-        print(table(reply))
-
-
-def _when(ts: Any) -> str:
-    if not ts.seconds and not ts.nanos:
-        return "-"
-    return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _keys_table(keys: list[Any]) -> str:
-    rows = [("KEY ID", "STATE", "CREATED", "OPENS UNTIL", "SEALS")]
-    rows += [(k.key_id, _STATE_NAMES.get(k.state, "?"), _when(k.created_at),
-              _when(k.opens_until), str(k.seal_count)) for k in keys if k.key_id]
-    return _table(rows)
-
-
-def _status_table(s: Any) -> str:
-    rows = [("backend", s.backend), ("library", s.library), ("token", s.token),
-            ("sessions", str(s.sessions)), ("sealing key", s.sealing_key_id or "-"),
-            ("keys", f"{s.active_keys} active, {s.decrypt_only_keys} decrypt-only, "
-                     f"{s.destroyed_keys} destroyed"),
-            ("consumed tickets", str(s.consumed_tickets)), ("version", s.version),
-            ("started", _when(s.started_at))]
-    rows += [(f"  {name}", str(value)) for name, value in sorted(s.counters.items())]
-    return _table(rows, header=False)
-
-
-def _table(rows: Sequence[Sequence[str]], header: bool = True) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-             for r in rows]
-    if header:
-        lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

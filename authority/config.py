@@ -84,6 +84,8 @@ class TlsSettings:
 
     ``role_map``: (pattern, role) pairs tried in order against the client certificate's URI
     SAN; ``{trust_domain}`` is replaced, ``*`` matches one path segment.
+    ``realms``: (pattern, allowed realms) pairs, same pattern syntax, first match wins: a gateway
+    whose URI matches may only issue and redeem in those realms; an unmatched one is unrestricted.
     ``require_client_cert = False`` (TLS without client certificates, every caller may call
     everything) is allowed on a loopback listener only.
     """
@@ -94,6 +96,7 @@ class TlsSettings:
     trust_domain: str
     require_client_cert: bool = True
     role_map: tuple[tuple[str, str], ...] = DEFAULT_ROLE_MAP
+    realms: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

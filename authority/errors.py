@@ -33,6 +33,13 @@ class NotFound(AuthorityError):
     status = "NOT_FOUND"
 
 
+class PermissionDenied(AuthorityError):
+    """The caller is known but may not do this (for example a realm its certificate is not
+    allowed)."""
+
+    status = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(AuthorityError):
     """The request is well formed but the system is not in a state that allows it."""
 

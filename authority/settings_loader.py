@@ -22,7 +22,8 @@ from authority.config import (
     TlsSettings,
     TpmSettings,
 )
-from authority.errors import ConfigError
+from authority.errors import ConfigError, InvalidArgument
+from authority.policy import check_realm
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", 
              "call_timeout", "parent"}
 _PERSISTENT = range(0x81000000, 0x82000000)
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "trust_domain", "require_client_cert",
-             "role_map"}
+             "role_map", "realms"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
 
 
@@ -176,7 +177,25 @@ def _tls(data: Any, config_file: Path | None) -> TlsSettings:
         client_ca_file=paths["client_ca_file"], trust_domain=domain,
         require_client_cert=_coerce("tls.require_client_cert",
                                     data.get("require_client_cert", True), bool),
-        role_map=role_map)
+        role_map=role_map, realms=_realms(data.get("realms", {})))
+
+
+def _realms(table: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``[tls.realms]``: gateway URI pattern = [allowed realm, ...]."""
+    if not isinstance(table, dict):
+        raise ConfigError("tls.realms", "a table of gateway URI pattern = [realm, ...]")
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for pattern, realms in table.items():
+        if not isinstance(realms, list) or not all(isinstance(r, str) for r in realms):
+            raise ConfigError(f"tls.realms.{pattern}",
+                              f"a list of realm names (\"\" is the default realm), got {realms!r}")
+        for realm in realms:
+            try:
+                check_realm(realm, f"tls.realms.{pattern}")
+            except InvalidArgument as exc:
+                raise ConfigError(f"tls.realms.{pattern}", exc.message.split(": ", 1)[1]) from exc
+        out.append((str(pattern), tuple(realms)))
+    return tuple(out)
 
 
 def _pkcs11(data: Any) -> Pkcs11Settings:

@@ -219,6 +219,31 @@ def test_issue_takes_the_domain_state_or_the_message(pkcs11_harness: Harness) ->
             assert redeemed.state == domain
 
 
+def test_realm_binding_and_reissue_reach_the_caller(pkcs11_harness: Harness) -> None:
+    harness = pkcs11_harness
+    assert harness.running is not None
+    with TicketClient(harness.running.address) as client:
+        issued = client.issue(sample_state(4), realm="east")
+        batch = client.issue_many([sample_state(5)], realm="east")
+        assert isinstance(batch[0], IssuedTicket)
+        home = client.redeem(issued.ticket, realm="east")
+        assert home.ok and home.realm == "east" and home.policy_epoch == 0
+        assert not home.reissue
+        assert client.redeem(issued.ticket).result is RedeemResult.INVALID
+        assert client.redeem(issued.ticket, realm="west").result is RedeemResult.INVALID
+        harness.authority.ring.rotate(reason="test")
+        after = client.redeem_many([issued.ticket, batch[0].ticket], realm="east")
+        assert all(isinstance(r, Redeemed) and r.ok and r.reissue for r in after)
+
+    async def aio() -> Redeemed:
+        async with AsyncTicketClient(harness.running.address if harness.running else "") as ac:
+            sealed = await ac.issue(sample_state(6), realm="west")
+            return (await ac.redeem_many([sealed.ticket], realm="west"))[0]  # type: ignore
+
+    redeemed = run(aio())
+    assert redeemed.ok and redeemed.realm == "west" and not redeemed.reissue
+
+
 def test_async_round_trip(pkcs11_harness: Harness) -> None:
     assert pkcs11_harness.running is not None
     address = pkcs11_harness.running.address

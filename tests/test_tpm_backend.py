@@ -346,11 +346,13 @@ from authority.backends.tpm import open_tpm_backend
 from authority.config import TpmSettings
 tcti, key_dir, tpm_dir = sys.argv[1:4]
 backend = open_tpm_backend(TpmSettings(tcti=tcti, key_dir=Path(key_dir)), Path(tpm_dir))
-keys = [bytes([i]) * 8 for i in (1, 2)]
+# One key: once loaded it stays loaded (the LRU never evicts it), so wherever the kill lands
+# at least its two objects are left in the TPM. Two alternating keys would be evicted and
+# reloaded on every operation, and a kill between flush and load could leave nothing.
+key = bytes([1]) * 8
 aad = bytes(12)
 n = 0
 while True:
-    key = keys[n % 2]
     assert backend.unseal(key, aad, backend.seal(key, aad, b"loop")) == b"loop"
     n += 1
     if n == 20:

@@ -62,21 +62,24 @@ class AsyncTicketClient:
         self._batch_ids = itertools.count(1)
 
     async def issue(self, state: StateLike, lifetime: int = 0, *,
+                    realm: str = "",
                     timeout: float | None = None) -> IssuedTicket:
         """As ``TicketClient.issue``.
 
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError
         for a lifetime outside 32 bits."""
-        reply = await self._call("IssueTicket", models.issue_request(state, lifetime), True,
-                                 timeout)
+        request = models.issue_request(state, lifetime, realm)
+        reply = await self._call("IssueTicket", request, True, timeout)
         return models.issued_from_proto(reply)
 
     async def redeem(self, ticket: bytes, consume: bool = False, *,
+                     realm: str = "",
                      timeout: float | None = None) -> Redeemed:
         """As ``TicketClient.redeem``.
 
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
-        request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume)
+        request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume,
+                                                   realm=realm)
         reply = await self._call("RedeemTicket", request, not consume, timeout)
         return models.redeemed_from_proto(reply)
 
@@ -89,6 +92,7 @@ class AsyncTicketClient:
         return models.result_from_number(reply.result)
 
     async def issue_many(self, states: Sequence[StateLike], lifetime: int = 0, *,
+                         realm: str = "",
                          timeout: float | None = None) -> list[IssuedTicket | ItemError]:
         """As ``TicketClient.issue_many``.
 
@@ -97,11 +101,12 @@ class AsyncTicketClient:
         out: list[IssuedTicket | ItemError] = []
         for start in range(0, len(states), self.max_batch_items):
             chunk = states[start:start + self.max_batch_items]
-            request = models.issue_batch(chunk, lifetime, next(self._batch_ids))
+            request = models.issue_batch(chunk, lifetime, next(self._batch_ids), realm)
             out += models.issued_batch(await self._call("IssueTickets", request, True, timeout))
         return out
 
     async def redeem_many(self, tickets: Sequence[bytes], consume: bool = False, *,
+                          realm: str = "",
                           timeout: float | None = None) -> list[Redeemed | ItemError]:
         """As ``TicketClient.redeem_many``.
 
@@ -109,7 +114,7 @@ class AsyncTicketClient:
         out: list[Redeemed | ItemError] = []
         for start in range(0, len(tickets), self.max_batch_items):
             chunk = tickets[start:start + self.max_batch_items]
-            request = models.redeem_batch(chunk, consume, next(self._batch_ids))
+            request = models.redeem_batch(chunk, consume, next(self._batch_ids), realm)
             out += models.redeemed_batch(await self._call("RedeemTickets", request, not consume,
                                                           timeout))
         return out

@@ -115,8 +115,10 @@ class IssuedTicket:
 
 @dataclass(frozen=True)
 class Redeemed:
-    """The answer to a redeem. ``state``, ``ticket_id``, ``expires_at`` and ``issued_at`` are
-    set only when ``result`` is OK; ``key_id`` whenever the ticket's integrity verified."""
+    """The answer to a redeem. ``state``, ``ticket_id``, ``expires_at``, ``issued_at``,
+    ``realm`` and ``policy_epoch`` are set only when ``result`` is OK; ``key_id`` whenever the
+    ticket's integrity verified. ``reissue``: the ticket's key no longer seals, so hand the
+    client a fresh ticket in the resumed IKE_AUTH."""
 
     result: RedeemResult
     state: ResumptionState | None = None
@@ -124,6 +126,9 @@ class Redeemed:
     key_id: str = ""
     expires_at: float | None = None
     issued_at: float | None = None
+    reissue: bool = False
+    realm: str = ""
+    policy_epoch: int = 0
 
     @property
     def ok(self) -> bool:
@@ -177,12 +182,13 @@ def state_from_proto(msg: authority_pb2.ResumptionState) -> ResumptionState:
     return ResumptionState(**{name: getattr(msg, name) for name in _STATE_FIELDS})
 
 
-def issue_request(state: StateLike, lifetime: int) -> authority_pb2.IssueTicketRequest:
+def issue_request(state: StateLike, lifetime: int,
+                  realm: str = "") -> authority_pb2.IssueTicketRequest:
     """Raises ValueError for a lifetime outside 0..2^32-1; as ``state_to_proto`` otherwise."""
     if not 0 <= lifetime <= 0xFFFFFFFF:
         raise ValueError(f"lifetime: {lifetime} outside 0..2^32-1 seconds")
     return authority_pb2.IssueTicketRequest(state=state_to_proto(state),
-                                            lifetime_seconds=lifetime)
+                                            lifetime_seconds=lifetime, realm=realm)
 
 
 def issued_from_proto(msg: authority_pb2.IssueTicketResponse) -> IssuedTicket:
@@ -201,7 +207,8 @@ def redeemed_from_proto(msg: authority_pb2.RedeemTicketResponse) -> Redeemed:
     state = state_from_proto(msg.state) if msg.HasField("state") else None
     return Redeemed(result=result, state=state, ticket_id=msg.ticket_id, key_id=msg.key_id,
                     expires_at=_seconds(msg, "expires_at"),
-                    issued_at=_seconds(msg, "issued_at"))
+                    issued_at=_seconds(msg, "issued_at"), reissue=msg.reissue,
+                    realm=msg.realm, policy_epoch=msg.policy_epoch)
 
 
 def result_from_number(number: int) -> RedeemResult:
@@ -218,11 +225,11 @@ def item_error(msg: authority_pb2.ItemError) -> ItemError:
     return ItemError(code, msg.message)
 
 
-def issue_batch(states: Sequence[StateLike], lifetime: int,
-                batch_id: int) -> authority_pb2.IssueTicketsRequest:
+def issue_batch(states: Sequence[StateLike], lifetime: int, batch_id: int,
+                realm: str = "") -> authority_pb2.IssueTicketsRequest:
     """Raises as ``issue_request`` does."""
     return authority_pb2.IssueTicketsRequest(
-        items=[issue_request(s, lifetime) for s in states], batch_id=batch_id)
+        items=[issue_request(s, lifetime, realm) for s in states], batch_id=batch_id)
 
 
 def issued_batch(msg: authority_pb2.IssueTicketsResponse) -> list[IssuedTicket | ItemError]:
@@ -231,11 +238,12 @@ def issued_batch(msg: authority_pb2.IssueTicketsResponse) -> list[IssuedTicket |
             for i in msg.items]
 
 
-def redeem_batch(tickets: Sequence[bytes], consume: bool,
-                 batch_id: int) -> authority_pb2.RedeemTicketsRequest:
+def redeem_batch(tickets: Sequence[bytes], consume: bool, batch_id: int,
+                 realm: str = "") -> authority_pb2.RedeemTicketsRequest:
     """Never raises."""
     return authority_pb2.RedeemTicketsRequest(
-        items=[authority_pb2.RedeemTicketRequest(ticket=t, consume=consume) for t in tickets],
+        items=[authority_pb2.RedeemTicketRequest(ticket=t, consume=consume, realm=realm)
+               for t in tickets],
         batch_id=batch_id)
 
 

@@ -77,26 +77,32 @@ class TicketClient:
     # -- calls -----------------------------------------------------------------------------------
 
     def issue(self, state: StateLike, lifetime: int = 0, *,
+              realm: str = "",
               timeout: float | None = None) -> IssuedTicket:
         """Seal ``state`` into a ticket. ``lifetime`` 0 is the server default; a longer one than
-        the server's maximum is clamped. Retried on UNAVAILABLE.
+        the server's maximum is clamped. ``realm`` binds the ticket to this gateway's realm
+        (with the realm's current policy epoch). Retried on UNAVAILABLE.
 
         Raises AuthorityRejected (INVALID_ARGUMENT naming the state field, RESOURCE_EXHAUSTED,
         ...), AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError for a lifetime outside
         32 bits."""
-        reply = self._call("IssueTicket", models.issue_request(state, lifetime), True, timeout)
+        request = models.issue_request(state, lifetime, realm)
+        reply = self._call("IssueTicket", request, True, timeout)
         return models.issued_from_proto(reply)
 
     def redeem(self, ticket: bytes, consume: bool = False, *,
+               realm: str = "",
                timeout: float | None = None) -> Redeemed:
         """Check ``ticket``; OK carries the state. A bad ticket is a result (INVALID, EXPIRED,
-        REPLAYED, REVOKED), never an exception. With ``consume`` the ticket is also marked used
+        REPLAYED, REVOKED), never an exception; a ticket of another ``realm`` is INVALID, and
+        ``reissue`` says its key no longer seals. With ``consume`` the ticket is also marked used
         (prefer ``consume`` after the resumed IKE_AUTH verified); then UNAVAILABLE after the
         request was sent is not retried.
 
         Raises AuthorityRejected (INVALID_ARGUMENT for an empty ticket, ...),
         AuthorityUnavailable, AuthorityDeadlineExceeded."""
-        request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume)
+        request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume,
+                                                   realm=realm)
         reply = self._call("RedeemTicket", request, not consume, timeout)
         return models.redeemed_from_proto(reply)
 
@@ -111,6 +117,7 @@ class TicketClient:
         return models.result_from_number(reply.result)
 
     def issue_many(self, states: Sequence[StateLike], lifetime: int = 0, *,
+                   realm: str = "",
                    timeout: float | None = None) -> list[IssuedTicket | ItemError]:
         """Seal many states (IssueTickets, ``max_batch_items`` per message, ``timeout`` per
         message); results in order, a bad state gets its own ``ItemError``. Retried on
@@ -120,11 +127,12 @@ class TicketClient:
         message; ValueError for a lifetime outside 32 bits."""
         out: list[IssuedTicket | ItemError] = []
         for chunk in _chunks(states, self.max_batch_items):
-            request = models.issue_batch(chunk, lifetime, next(self._batch_ids))
+            request = models.issue_batch(chunk, lifetime, next(self._batch_ids), realm)
             out += models.issued_batch(self._call("IssueTickets", request, True, timeout))
         return out
 
     def redeem_many(self, tickets: Sequence[bytes], consume: bool = False, *,
+                    realm: str = "",
                     timeout: float | None = None) -> list[Redeemed | ItemError]:
         """Redeem many tickets (RedeemTickets, ``max_batch_items`` per message, ``timeout`` per
         message); results in order, an empty ticket gets its own ``ItemError``. Retried as
@@ -134,7 +142,7 @@ class TicketClient:
         message."""
         out: list[Redeemed | ItemError] = []
         for chunk in _chunks(tickets, self.max_batch_items):
-            request = models.redeem_batch(chunk, consume, next(self._batch_ids))
+            request = models.redeem_batch(chunk, consume, next(self._batch_ids), realm)
             out += models.redeemed_batch(self._call("RedeemTickets", request, not consume,
                                                     timeout))
         return out

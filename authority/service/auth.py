@@ -15,6 +15,11 @@ A certificate without exactly one URI SAN, or whose URI is outside the trust dom
 UNAUTHENTICATED; an identity in the trust domain with no role, or with another role, is
 PERMISSION_DENIED. On a plaintext loopback listener (no ``[tls]``) the interceptor is not
 installed: local development keeps every method open.
+
+``tls.realms`` further limits gateways to realms (``RealmLimits``): the ticket servicer refuses
+an issue or redeem naming a realm the caller's certificate is not allowed with
+PERMISSION_DENIED (per item in a batch). A caller matching no pattern, or without a
+certificate URI (plaintext, TLS without client certificates), is unrestricted.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Any
 import grpc
 
 from authority.config import ADMIN, GATEWAY, TlsSettings
+from authority.errors import PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,61 @@ class RoleMap:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED,
                          f"{uri} is not in trust domain {self.trust_domain}")
         return Identity(uri, None)
+
+
+class RealmLimits:
+    """Gateway URI patterns (as in ``RoleMap``) to the realms they may use; first match wins."""
+
+    def __init__(self, trust_domain: str,
+                 realms: Sequence[tuple[str, Sequence[str]]]) -> None:
+        self._rules = [(RoleMap._compile(pattern.replace("{trust_domain}", trust_domain)),
+                        frozenset(allowed)) for pattern, allowed in realms]
+
+    @classmethod
+    def from_settings(cls, tls: TlsSettings | None) -> RealmLimits | None:
+        """None when nothing is limited (no ``[tls]``, no client certificates, no table)."""
+        if tls is None or not tls.require_client_cert or not tls.realms:
+            return None
+        return cls(tls.trust_domain, tls.realms)
+
+    def allowed(self, uri: str) -> frozenset[str] | None:
+        """The realms ``uri`` may use, None for unrestricted. Never raises."""
+        for rule, realms in self._rules:
+            if rule.fullmatch(uri):
+                return realms
+        return None
+
+    def checker(self, context: grpc.ServicerContext) -> RealmCheck:
+        """The realm check of this call's caller. Never raises."""
+        uris = peer_uris(context)
+        if len(uris) != 1:
+            return RealmCheck(uris[0] if uris else "", None)
+        return RealmCheck(uris[0], self.allowed(uris[0]))
+
+
+@dataclass(frozen=True)
+class RealmCheck:
+    """The realms one caller may use (``allowed`` None: any)."""
+
+    uri: str
+    allowed: frozenset[str] | None
+
+    def refusal(self, realm: str, field: str | None = None) -> PermissionDenied | None:
+        """The error for a realm this caller may not use (its message starts with ``field``
+        when given, as batch item errors do), else None. Never raises."""
+        if self.allowed is None or realm in self.allowed:
+            return None
+        prefix = f"{field}: " if field else ""
+        return PermissionDenied(f"{prefix}realm {realm!r} not allowed for {self.uri}")
+
+    def check(self, realm: str) -> None:
+        """Raises: PermissionDenied naming the realm and the caller."""
+        refused = self.refusal(realm)
+        if refused is not None:
+            raise refused
+
+
+UNRESTRICTED = RealmCheck("", None)
 
 
 def peer_uris(context: grpc.ServicerContext) -> list[str]:

@@ -17,7 +17,7 @@ from authority.store.base import RevocationRecord
 from authority.ticket_format import KEY_ID_LEN, TICKET_ID_LEN
 
 # gRPC status code numbers by name (google.rpc.Code), without importing grpc here.
-_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "FAILED_PRECONDITION": 9,
+_CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "PERMISSION_DENIED": 7, "FAILED_PRECONDITION": 9,
           "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "UNKNOWN": 2}
 
 _STATE_FIELDS = tuple(f.name for f in fields(ResumptionState))

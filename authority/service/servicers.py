@@ -17,9 +17,9 @@ from authority._proto.ticketauthority.v1 import (
 from authority.app import Authority
 from authority.errors import AuthorityError
 from authority.keys import KeyState
-from authority.sealer import IssuedTicket
+from authority.sealer import IssuedTicket, Redemption
 from authority.service import convert
-from authority.service.auth import caller_identity
+from authority.service.auth import UNRESTRICTED, RealmCheck, RealmLimits, caller_identity
 from authority.state import ResumptionState
 
 
@@ -29,13 +29,22 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
     def __init__(self, authority: Authority) -> None:
         self._sealer = authority.sealer
         self._max_batch = authority.config.server.max_batch_items
+        self._realm_limits = RealmLimits.from_settings(authority.config.tls)
+
+    def _realms(self, context: grpc.ServicerContext) -> RealmCheck:
+        """Which realms this call's gateway may use (``tls.realms``)."""
+        if self._realm_limits is None:
+            return UNRESTRICTED
+        return self._realm_limits.checker(context)
 
     def IssueTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._realms(context).check(request.realm)
         issued = self._sealer.issue(convert.state_from_proto(request), request.lifetime_seconds,
                                     request.realm)
         return convert.issue_response(issued)
 
     def RedeemTicket(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        self._realms(context).check(request.realm)
         return convert.redeem_response(self._sealer.redeem(request.ticket, request.consume,
                                                            request.realm))
 
@@ -45,13 +54,19 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
 
     def IssueTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         convert.check_batch(len(request.items), self._max_batch)
-        return convert.issue_batch_response(self._issue_batch(request.items), request.batch_id)
+        return convert.issue_batch_response(self._issue_batch(request.items,
+                                                              self._realms(context)),
+                                            request.batch_id)
 
     def RedeemTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         convert.check_batch(len(request.items), self._max_batch)
-        results = self._sealer.redeem_many([(i.ticket, i.consume) for i in request.items],
-                                           realms=[i.realm for i in request.items])
-        return convert.redeem_batch_response(list(results), request.batch_id)
+        realms = self._realms(context)
+        if realms.allowed is None:
+            results = self._sealer.redeem_many([(i.ticket, i.consume) for i in request.items],
+                                               realms=[i.realm for i in request.items])
+            return convert.redeem_batch_response(list(results), request.batch_id)
+        return convert.redeem_batch_response(self._redeem_limited(request.items, realms),
+                                             request.batch_id)
 
     def IssueTicketStream(self, requests: Iterator[Any],  # noqa: N802
                           context: grpc.ServicerContext) -> Iterator[Any]:
@@ -63,11 +78,15 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
         for request in requests:
             yield self.RedeemTickets(request, context)
 
-    def _issue_batch(self, items: Any) -> list[IssuedTicket | AuthorityError]:
-        """Missing states fail their own item; the rest are sealed in one batch."""
+    def _issue_batch(self, items: Any, realms: RealmCheck) -> list[IssuedTicket | AuthorityError]:
+        """Missing states and refused realms fail their own item; the rest are sealed in one
+        batch."""
         states: list[tuple[int, ResumptionState, int]] = []
         out: list[IssuedTicket | AuthorityError | None] = [None] * len(items)
         for index, item in enumerate(items):
+            out[index] = realms.refusal(item.realm, f"items[{index}].realm")
+            if out[index] is not None:
+                continue
             try:
                 states.append((index, convert.state_from_proto(item, f"items[{index}].state"),
                                item.lifetime_seconds))
@@ -77,6 +96,21 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
                                          field=lambda n: f"items[{states[n][0]}].state",
                                          realms=[items[i].realm for i, _, _ in states])
         for (index, _, _), result in zip(states, sealed, strict=True):
+            out[index] = result
+        return [r for r in out if r is not None]
+
+
+    def _redeem_limited(self, items: Any, realms: RealmCheck
+                        ) -> list[Redemption | AuthorityError]:
+        """Items naming a realm the caller may not use fail alone; the rest redeem in one
+        batch."""
+        out: list[Redemption | AuthorityError | None] = [
+            realms.refusal(item.realm, f"items[{index}].realm") for index, item in enumerate(items)]
+        allowed = [index for index, refused in enumerate(out) if refused is None]
+        results = self._sealer.redeem_many([(items[i].ticket, items[i].consume) for i in allowed],
+                                           field=lambda n: f"items[{allowed[n]}].ticket",
+                                           realms=[items[i].realm for i in allowed])
+        for index, result in zip(allowed, results, strict=True):
             out[index] = result
         return [r for r in out if r is not None]
 
