@@ -24,24 +24,36 @@ START = 1_800_000_000.0
 
 
 BACKENDS = ["pkcs11", "tpm"]
+#: what ``harness`` and ``make_harness`` run on: each backend on the default grpc.aio server,
+#: and SoftHSM2 on the thread-pool server (``server.mode = "threads"``) too
+SERVERS = ["pkcs11", "tpm", "pkcs11-threads"]
 
 
-def make_config(state_dir: Path, backend: str = "pkcs11", **keys: Any) -> Config:
+def _server_param(param: str) -> tuple[str, str]:
+    """``"pkcs11-threads"`` -> (backend, server mode)."""
+    backend, _, mode = param.partition("-")
+    return backend, mode or "aio"
+
+
+def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "aio",
+                **keys: Any) -> Config:
     """Settings for a test server: its own state dir (so its own SoftHSM2 token or embedded
     swtpm), port 0, no background maintenance (tests call ``maintain`` with a manual clock)."""
     policy = replace(KeyPolicy(maintenance_interval=3600.0), **keys)
     return Config(state_dir=state_dir, keys=policy, backend=backend,
-                  server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen=""))
+                  server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen="",
+                                        mode=mode))
 
 
 class Harness:
     """Starts servers on one state dir and one manual clock; stops them all at teardown."""
 
-    def __init__(self, state_dir: Path, backend: str = "pkcs11") -> None:
+    def __init__(self, state_dir: Path, backend: str = "pkcs11", mode: str = "aio") -> None:
         self.state_dir = state_dir
         self.backend = backend
+        self.mode = mode
         self.clock = ManualClock(START)
-        self.config = make_config(state_dir, backend)
+        self.config = make_config(state_dir, backend, mode)
         self.running: RunningServer | None = None
         self._channels: list[grpc.Channel] = []
 
@@ -87,17 +99,18 @@ class Harness:
         return self.running.authority
 
 
-def _running(state_dir: Path, backend: str) -> Iterator[Harness]:
-    h = Harness(state_dir, backend)
+def _running(state_dir: Path, backend: str, mode: str = "aio") -> Iterator[Harness]:
+    h = Harness(state_dir, backend, mode)
     h.start()
     yield h
     h.stop()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=SERVERS)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
-    """A running authority on a fresh device, once per backend (SoftHSM2, swtpm)."""
-    yield from _running(tmp_path / "state", request.param)
+    """A running authority on a fresh device, once per backend (SoftHSM2, swtpm) and once on
+    the thread-pool server."""
+    yield from _running(tmp_path / "state", *_server_param(request.param))
 
 
 @pytest.fixture
@@ -106,15 +119,17 @@ def pkcs11_harness(tmp_path: Path) -> Iterator[Harness]:
     yield from _running(tmp_path / "state", "pkcs11")
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=SERVERS)
 def make_harness(request: pytest.FixtureRequest,
                  tmp_path: Path) -> Iterator[Callable[..., Harness]]:
-    """Build a harness with a custom key policy, once per backend; started by the test."""
+    """Build a harness with a custom key policy, once per backend and server mode (as
+    ``harness``); started by the test."""
     made: list[Harness] = []
+    backend, mode = _server_param(request.param)
 
     def make(**keys: Any) -> Harness:
-        h = Harness(tmp_path / f"state{len(made)}", request.param)
-        h.config = make_config(h.state_dir, request.param, **keys)
+        h = Harness(tmp_path / f"state{len(made)}", backend, mode)
+        h.config = make_config(h.state_dir, backend, mode, **keys)
         made.append(h)
         return h
 

@@ -71,15 +71,16 @@ def test_the_client_table_is_bounded() -> None:
 
 
 def limited(h: Harness, rate: float = 0.01, burst: int = 3, **server: Any) -> Harness:
-    config = make_config(h.state_dir)
+    config = make_config(h.state_dir, mode=h.mode)
     h.start(replace(config, server=replace(config.server, rate_limit_per_s=rate,
                                            rate_burst=burst, **server)))
     return h
 
 
-@pytest.fixture
-def harness_off(tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tmp_path / "state")
+@pytest.fixture(params=["aio", "threads"])
+def harness_off(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    """Not started yet (``limited`` starts it), on each server mode."""
+    h = Harness(tmp_path / "state", mode=request.param)
     yield h
     h.stop()
 
@@ -146,7 +147,7 @@ def test_each_certificate_identity_has_its_own_bucket(tmp_path: Path) -> None:
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_refused_not_queued(harness_off: Harness) -> None:
-    config = make_config(harness_off.state_dir)
+    config = make_config(harness_off.state_dir, mode=harness_off.mode)
     h = harness_off
     h.start(replace(config, server=replace(config.server, max_concurrent_rpcs=1)))
     stub = h.tickets

@@ -109,11 +109,13 @@ def tls_settings(pki: DevPki, **changes: Any) -> TlsSettings:
                    **changes)
 
 
-@pytest.fixture
-def tls(tmp_path: Path) -> Iterator[Tls]:
+@pytest.fixture(params=["aio", "threads"])
+def tls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tls]:
+    """An mTLS server on each server mode (the role check is an interceptor in both)."""
     pki = init_dev_pki(tmp_path / "pki", server_name=SERVER_NAME)
-    h = Harness(tmp_path / "state", "pkcs11")
-    running = h.start(replace(make_config(h.state_dir), tls=tls_settings(pki)))
+    h = Harness(tmp_path / "state", "pkcs11", request.param)
+    running = h.start(replace(make_config(h.state_dir, mode=request.param),
+                              tls=tls_settings(pki)))
     yield Tls(h, pki, running.address)
     h.stop()
 

@@ -7,11 +7,12 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +28,7 @@ from authority.app import Authority
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
+from authority.service.aio_server import AioServers, create_aio_servers
 from authority.service.auth import RoleInterceptor, RoleMap
 from authority.service.interceptors import ErrorInterceptor
 from authority.service.observability import MetricsInterceptor, start_metrics_http
@@ -40,32 +42,37 @@ log = logging.getLogger(__name__)
 TICKET_SERVICE = authority_pb2.DESCRIPTOR.services_by_name["TicketAuthority"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["TicketAdmin"].full_name
 SERVER_FILE = "server.json"
+T = TypeVar("T")
 
 
 @dataclass
 class RunningServer:
-    """A started server and what it serves."""
+    """A started server (either mode) and what it serves."""
 
-    server: grpc.Server
+    server: Any                               # grpc.Server, or grpc.aio.Server in aio mode
     port: int
     address: str
     authority: Authority
-    health: health.HealthServicer
+    health: Any                               # the health servicer (sync or aio)
     metrics_server: Any = None
     metrics_port: int | None = None
     tls: ReloadingCredentials | None = None   # None: plaintext (loopback only)
-    admin_server: grpc.Server | None = None   # with server.admin_listen: TicketAdmin there
+    admin_server: Any = None                  # with server.admin_listen: TicketAdmin there
     admin_address: str | None = None
+    aio: AioServers | None = None             # aio mode: the loop that runs the servers
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the device."""
-        self.health.enter_graceful_shutdown()
-        admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
-        self.server.stop(grace).wait()
-        if admin_stopped is not None:
-            admin_stopped.wait()
-            if self.admin_address and self.admin_address.startswith("unix:"):
-                Path(self.admin_address[len("unix:"):]).unlink(missing_ok=True)
+        if self.aio is not None:
+            self.aio.stop(grace)
+        else:
+            self.health.enter_graceful_shutdown()
+            admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
+            self.server.stop(grace).wait()
+            if admin_stopped is not None:
+                admin_stopped.wait()
+        if self.admin_address and self.admin_address.startswith("unix:"):
+            Path(self.admin_address[len("unix:"):]).unlink(missing_ok=True)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server.server_close()
@@ -124,10 +131,11 @@ def build_server(config: Config, clock: Clock | None = None,
                  authority: Authority | None = None) -> RunningServer:
     """Open the authority (unless given) and start a server on ``config.server.listen``.
 
-    Port 0 picks a free port; ``RunningServer.port`` says which. With ``config.tls`` the
-    listener speaks TLS and (with client certificates) checks each call's role
-    (authority/service/auth.py); without it, it is plaintext on loopback and every method is
-    open (local development). With ``server.admin_listen`` TicketAdmin is served there
+    ``server.mode`` picks a grpc.aio server (default; authority/service/aio.py) or a
+    thread-pool server. Port 0 picks a free port; ``RunningServer.port`` says which. With
+    ``config.tls`` the listener speaks TLS and (with client certificates) checks each call's
+    role (authority/service/auth.py); without it, it is plaintext on loopback and every method
+    is open (local development). With ``server.admin_listen`` TicketAdmin is served there
     (plaintext, no roles: a Unix socket 0600 or loopback) instead of on ``listen``.
     Raises: StartupError, ConfigError.
     """
@@ -136,6 +144,64 @@ def build_server(config: Config, clock: Clock | None = None,
     host, port = parse_listen(config.server.listen, loopback_only=not mutual)
     credentials = ReloadingCredentials(tls) if tls is not None else None
     authority = authority or Authority.open(config, clock)
+    try:
+        start = _start_aio if config.server.mode == "aio" else _start_threads
+        running = start(config, authority, credentials, f"{host}:{port}", host)
+        if config.server.metrics_listen:
+            try:
+                running.metrics_server, running.metrics_port = start_metrics_http(
+                    authority.metrics, config.server.metrics_listen)
+            except StartupError:
+                running.stop(0)
+                raise
+    except (StartupError, ConfigError):
+        authority.close()
+        raise
+    return running
+
+
+def _bind(server: Any, listen: str, credentials: ReloadingCredentials | None) -> int:
+    """Bind the main listener; returns the port. Raises: StartupError."""
+    try:
+        if credentials is None:
+            bound = int(server.add_insecure_port(listen))
+        else:
+            bound = int(server.add_secure_port(listen, credentials.credentials()))
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise StartupError(f"server.listen: cannot listen on {listen}")
+    return bound
+
+
+def _start_aio(config: Config, authority: Authority, credentials: ReloadingCredentials | None,
+               listen: str, host: str) -> RunningServer:
+    """Raises: StartupError, ConfigError (nothing is left running)."""
+    aio = create_aio_servers(config, authority, (TICKET_SERVICE, ADMIN_SERVICE))
+    try:
+        bound = aio.loop.run(_on_loop(lambda: _bind(aio.server, listen, credentials)))
+        admin_address = None
+        if aio.admin_server is not None:
+            admin_server = aio.admin_server
+            admin_address = aio.loop.run(_on_loop(lambda: _bind_admin(config, admin_server)))
+        aio.loop.run(aio.start((TICKET_SERVICE, ADMIN_SERVICE)))
+    except BaseException:
+        aio.stop(0)
+        raise
+    return RunningServer(aio.server, bound, f"{host}:{bound}", authority, aio.health,
+                         tls=credentials, admin_server=aio.admin_server,
+                         admin_address=admin_address, aio=aio)
+
+
+async def _on_loop(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def _start_threads(config: Config, authority: Authority,
+                   credentials: ReloadingCredentials | None, listen: str,
+                   host: str) -> RunningServer:
+    """Raises: StartupError, ConfigError (nothing is left running)."""
+    tls = config.tls
     interceptors: list[Any] = [MetricsInterceptor(authority.metrics)]
     if tls is not None and tls.require_client_cert:
         interceptors.append(RoleInterceptor(RoleMap.from_settings(tls)))
@@ -156,41 +222,23 @@ def build_server(config: Config, clock: Clock | None = None,
         admin_server = _grpc_server(
             config, [MetricsInterceptor(authority.metrics), ErrorInterceptor()], 4)
         _add_admin(admin_server, authority, health_servicer, (ADMIN_SERVICE,))
-        try:
-            admin_address = _bind_admin(config, admin_server)
-        except (StartupError, ConfigError):
-            authority.close()
-            raise
+        admin_address = _bind_admin(config, admin_server)
     else:
         _add_admin(server, authority, health_servicer, (TICKET_SERVICE, ADMIN_SERVICE))
     try:
-        if credentials is None:
-            bound = server.add_insecure_port(f"{host}:{port}")
-        else:
-            bound = server.add_secure_port(f"{host}:{port}", credentials.credentials())
-    except RuntimeError:
-        bound = 0
-    if not bound:
+        bound = _bind(server, listen, credentials)
+    except StartupError:
         if admin_server is not None:
             admin_server.stop(None)
-        authority.close()
-        raise StartupError(f"server.listen: cannot listen on {config.server.listen}")
-    running = RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer,
-                            tls=credentials, admin_server=admin_server,
-                            admin_address=admin_address)
-    if config.server.metrics_listen:
-        try:
-            running.metrics_server, running.metrics_port = start_metrics_http(
-                authority.metrics, config.server.metrics_listen)
-        except StartupError:
-            authority.close()
-            raise
+        raise
     server.start()
     if admin_server is not None:
         admin_server.start()
     for name in ("", TICKET_SERVICE, ADMIN_SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return running
+    return RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer,
+                         tls=credentials, admin_server=admin_server,
+                         admin_address=admin_address)
 
 
 def serve(config: Config) -> None:

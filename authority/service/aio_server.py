@@ -1,0 +1,149 @@
+"""Start the grpc.aio server (``server.mode = "aio"``) on an event loop in its own thread, so
+that ``build_server`` keeps one synchronous interface for both server modes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Coroutine
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from authority._proto.ticketauthority.v1 import admin_pb2_grpc, authority_pb2_grpc
+from authority.app import Authority
+from authority.config import Config
+from authority.service.aio import AioGuard, Runner, async_servicer
+from authority.service.auth import RoleMap
+from authority.service.ratelimit import TokenBuckets
+from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a daemon thread; other threads submit coroutines to it."""
+
+    def __init__(self, name: str = "grpc-aio") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result. Raises: what ``coro`` raises."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Stop the loop and join its thread. Never raises."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def inline_device_calls(config: Config) -> bool:
+    """Whether ticket calls run in the loop itself (``server.device_calls``; ``auto``: for the
+    PKCS#11 backend). Never raises."""
+    if config.server.device_calls == "auto":
+        return config.backend == "pkcs11"
+    return config.server.device_calls == "inline"
+
+
+@dataclass
+class AioServers:
+    """The aio listener(s), their loop and the pool for offloaded calls."""
+
+    loop: LoopThread
+    pool: futures.ThreadPoolExecutor
+    server: grpc.aio.Server
+    health: Any                           # grpc_health.v1 aio HealthServicer
+    admin_server: grpc.aio.Server | None = None
+
+    async def start(self, service_names: tuple[str, ...]) -> None:
+        """Start listening and report SERVING for ``service_names`` and the server."""
+        await self.server.start()
+        if self.admin_server is not None:
+            await self.admin_server.start()
+        for name in ("", *service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float | None) -> None:
+        """NOT_SERVING, drain for ``grace`` seconds, then stop the loop. Never raises."""
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            self.loop.run(self._stop(grace), timeout=(grace or 0) + 10)
+        self.loop.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        stops = [self.server.stop(grace)]
+        if self.admin_server is not None:
+            stops.append(self.admin_server.stop(grace))
+        await asyncio.gather(*stops)
+
+
+def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
+    limit = config.server.max_message_bytes
+    return grpc.aio.server(
+        interceptors=[guard],
+        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", limit),
+                 ("grpc.max_send_message_length", limit),
+                 ("grpc.so_reuseport", 0)])
+
+
+def _admin_services(server: grpc.aio.Server, authority: Authority, health_servicer: Any,
+                    run: Runner, names: tuple[str, ...]) -> None:
+    admin = async_servicer(TicketAdminServicer(authority), admin_pb2_grpc.TicketAdminServicer,
+                           run.offload)
+    admin_pb2_grpc.add_TicketAdminServicer_to_server(admin, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
+
+
+async def _build(config: Config, authority: Authority, loop: LoopThread,
+                 pool: futures.ThreadPoolExecutor, names: tuple[str, str]) -> AioServers:
+    """Create the server(s) and register the services (nothing listens yet)."""
+    tickets_name, admin_name = names
+    tls = config.tls
+    roles = RoleMap.from_settings(tls) if tls is not None and tls.require_client_cert else None
+    buckets = (TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)
+               if config.server.rate_limit_per_s > 0 else None)
+    run = Runner(pool, inline_device_calls(config))
+    server = _server(config, AioGuard(authority.metrics, roles, buckets))
+    tickets = async_servicer(TicketAuthorityServicer(authority),
+                             authority_pb2_grpc.TicketAuthorityServicer, run)
+    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(tickets, server)
+    health_servicer = health.aio.HealthServicer()
+    servers = AioServers(loop, pool, server, health_servicer)
+    if config.server.admin_listen:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (tickets_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        servers.admin_server = _server(config, AioGuard(authority.metrics))
+        _admin_services(servers.admin_server, authority, health_servicer, run, (admin_name,))
+    else:
+        _admin_services(server, authority, health_servicer, run, names)
+    return servers
+
+
+def create_aio_servers(config: Config, authority: Authority,
+                       names: tuple[str, str]) -> AioServers:
+    """The aio server(s) on a new loop thread, not yet listening (bind with ``on_loop``).
+    ``names`` are the full names of the ticket and admin services. Never raises for a valid
+    config."""
+    loop = LoopThread()
+    pool = futures.ThreadPoolExecutor(max_workers=config.server.workers,
+                                      thread_name_prefix="grpc-offload")
+    return loop.run(_build(config, authority, loop, pool, names))
