@@ -31,10 +31,11 @@ REQUIRED = [*RATES, "raw_device_per_s", "storm_tickets", "storm_seconds", "redee
 
 @pytest.fixture(scope="module")
 def own_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One tiny run that starts its own server (the slow part, shared by the tests below)."""
+    """One tiny run that starts its own server, once per server mode (the slow part, shared by
+    the tests below)."""
     state = tmp_path_factory.mktemp("bench") / "state"
     done = subprocess.run([sys.executable, "-m", "authority.bench", *TINY, "--state-dir",
-                           str(state)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           str(state), "--server-mode", "both"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     figures: dict[str, Any] = json.loads(done.stdout)  # stdout is only JSON
@@ -86,6 +87,18 @@ def running(tmp_path: Path) -> Iterator[RunningServer]:
     server = build_server(make_config(tmp_path / "state"))
     yield server
     server.stop(grace=1.0)
+
+
+def test_both_server_modes_are_measured_side_by_side(own_server_run: dict[str, Any]) -> None:
+    f = own_server_run
+    assert f["server_mode"] == "aio" and set(f["server_modes"]) == {"aio", "threads"}
+    assert f["server_modes"]["aio"]["unary_redeem_per_s"] == f["unary_redeem_per_s"]
+    for mode in f["server_modes"].values():
+        assert all(mode[k] > 0 for k in RATES)
+        assert 0 < mode["unary_redeem_vs_echo"] and 0 < mode["batch_vs_raw_device"]
+        assert mode["storm_seconds"] > 0 and mode["server_cpu_us_per_item"]["echo"] > 0
+    table = render(f)
+    assert "server modes" in table and "threads" in table.split("server modes")[1]
 
 
 def test_against_a_running_server_skips_the_raw_device(

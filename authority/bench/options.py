@@ -30,6 +30,12 @@ class Options:
     json: bool
     progress: bool
     pool_size: int = 2000      # distinct tickets cycled by the redeem phases
+    server_mode: str = "aio"   # "aio", "threads" or "both" (own server only)
+
+    @property
+    def server_modes(self) -> list[str]:
+        """The server modes measured, the first one's figures at the top level."""
+        return ["aio", "threads"] if self.server_mode == "both" else [self.server_mode]
 
     @property
     def own_server(self) -> bool:
@@ -59,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_positive_float, metavar="S",
                         help=f"seconds per measured phase (default {DEFAULT_DURATION:g}; "
                              f"--quick: {QUICK_DURATION:g})")
+    parser.add_argument("--server-mode", choices=["aio", "threads", "both"], default="aio",
+                        help="server.mode of the server the bench starts (default aio, the "
+                             "server's default); both: the gRPC phases once per mode, aio's "
+                             "figures at the top level and a comparison table")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     parser.add_argument("--json", action="store_true",
                         help="print only JSON on stdout (progress stays on stderr)")
@@ -72,7 +82,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(address=args.address, backend=args.backend, state_dir=args.state_dir,
                    concurrency=args.concurrency, batch_size=args.batch_size,
                    storm_tickets=storm, duration=duration, quick=args.quick, json=args.json,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, server_mode=args.server_mode)
 
 
 def _positive_int(text: str) -> int:

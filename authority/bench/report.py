@@ -131,5 +131,42 @@ def render(figures: Mapping[str, Any]) -> str:
     lines += ["", f"targets: {len(met)} met, {len(unmet)} not met, "
                   f"{len(by) - len(met) - len(unmet)} n/a; failed items: "
                   f"{figures.get('failures', 0)}"]
+    lines += _modes_table(figures.get("server_modes") or {})
     lines += [f"error: {e}" for e in figures.get("errors", [])]
     return "\n".join(lines)
+
+
+_MODE_ROWS = (
+    ("echo calls/s", "echo_calls_per_s", 0, 1),
+    ("unary issue calls/s", "unary_issue_per_s", 0, 1),
+    ("  = of echo", "unary_issue_vs_echo", 0, 100),
+    ("unary redeem calls/s", "unary_redeem_per_s", 0, 1),
+    ("  = of echo", "unary_redeem_vs_echo", 0, 100),
+    ("batched redeem tickets/s", "batch_redeem_per_s", 0, 1),
+    ("  = of raw device", "batch_vs_raw_device", 0, 100),
+    ("streamed redeem tickets/s", "stream_redeem_per_s", 0, 1),
+    ("storm seconds", "storm_seconds", 2, 1),
+    ("redeem p99 ms (open loop)", "redeem_p99_ms", 2, 1),
+)
+
+
+def _modes_table(modes: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``--server-mode both``: the same figures side by side, one column per server mode."""
+    if len(modes) < 2:
+        return []
+    names = list(modes)
+    rows = [("server mode", *names)]
+    for label, key, digits, scale in _MODE_ROWS:
+        cells = []
+        for name in names:
+            value = modes[name].get(key)
+            value = value * scale if isinstance(value, int | float) else value
+            cells.append(_n(value, "%" if scale == 100 else "", digits))
+        rows.append((label, *cells))
+    for phase in ("echo", "unary_redeem", "batch_redeem"):
+        rows.append((f"server CPU µs/item, {phase}",
+                     *[_n(modes[n]["server_cpu_us_per_item"].get(phase)) for n in names]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["", "server modes (the same phases against each; the top table is the first):"]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return out

@@ -29,6 +29,8 @@ class Results:
     savings: Savings | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    server_mode: str = ""                     # the mode measured ("" with --address)
+    by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # --server-mode both
 
     def rate(self, phase: str) -> float | None:
         """OK items per second of a phase, or None if it did not run (or nothing succeeded)."""
@@ -56,6 +58,8 @@ class Results:
         out.update(self._latency_figures())
         out["savings"] = self.savings.as_json() if self.savings else None
         out["failures"] = sum(t.failed for t in self.phases.values())
+        out["server_mode"] = self.server_mode or None
+        out["server_modes"] = self.by_mode
         out["phases"] = {name: _phase_json(t) for name, t in self.phases.items()}
         out["machine"] = self.machine
         out["backend_info"] = self.backend_info
@@ -63,6 +67,25 @@ class Results:
         out["skipped"] = self.skipped
         out["errors"] = self.errors
         out["targets"] = {t.name: t.as_json() for t in evaluate(out)}
+        return out
+
+    def mode_figures(self, raw_device_per_s: float | None) -> dict[str, Any]:
+        """The figures that compare server modes (rates, ratios, storm, latency, CPU)."""
+        echo = self.rate("echo")
+        out: dict[str, Any] = {"echo_calls_per_s": echo}
+        for key, phase in (("unary_issue_per_s", "unary_issue"),
+                           ("unary_redeem_per_s", "unary_redeem"),
+                           ("batch_redeem_per_s", "batch_redeem"),
+                           ("stream_redeem_per_s", "stream_redeem")):
+            out[key] = self.rate(phase)
+        out["unary_issue_vs_echo"] = _ratio(out["unary_issue_per_s"], echo)
+        out["unary_redeem_vs_echo"] = _ratio(out["unary_redeem_per_s"], echo)
+        out["batch_vs_raw_device"] = _ratio(out["batch_redeem_per_s"], raw_device_per_s)
+        out.update(self._storm_figures())
+        out.update({k: v for k, v in self._latency_figures().items()
+                    if k in ("redeem_p50_ms", "redeem_p99_ms", "redeem_p999_ms")})
+        out["server_cpu_us_per_item"] = {name: _phase_json(t)["server_cpu_us_per_item"]
+                                         for name, t in self.phases.items()}
         return out
 
     def _storm_figures(self) -> dict[str, Any]:
@@ -99,6 +122,10 @@ class Results:
                 "echo_p999_ms": _ms(percentile(echo, 0.999))}
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
@@ -120,4 +147,4 @@ def _settings(options: Options) -> dict[str, Any]:
     return {"address": options.address, "own_server": options.own_server,
             "concurrency": options.concurrency, "batch_size": options.batch_size,
             "storm_tickets": options.storm_tickets, "duration_s": options.duration,
-            "quick": options.quick, "client": CLIENT}
+            "quick": options.quick, "client": CLIENT, "server_mode": options.server_mode}

@@ -76,28 +76,34 @@ def _state_dir(opts: Options) -> Iterator[Path | None]:
 
 def _measure(opts: Options, state_dir: Path | None, results: Results,
              progress: Progress) -> None:
-    """(d) in process, then start the server (if ours) and run the gRPC phases against it."""
-    server: ServerProcess | None = None
-    pid: int | None
-    if opts.own_server:
-        assert state_dir is not None
-        config = load_config(state_dir=state_dir, backend=opts.backend)
-        _raw_device(opts, config, results, progress)
-        progress.say("starting the server (a subprocess) ...")
-        server = ServerProcess.start(config.state_dir, opts.backend)
-        address, pid = server.address, server.pid
-    else:
+    """(d) in process, then the gRPC phases against a running server (--address) or our own,
+    once per server mode (``--server-mode both``: aio's figures are the top-level ones)."""
+    if not opts.own_server:
         assert opts.address is not None
-        address, pid = opts.address, _running_pid(state_dir)
         results.skipped["raw_device"] = "needs the bench's own server (no --address)"
-    db_path = state_dir / "authority.db" if state_dir is not None else None
-    try:
-        asyncio.run(_over_grpc(address, pid, db_path, opts, results, progress))
-    finally:
-        if server is not None:
+        db_path = state_dir / "authority.db" if state_dir is not None else None
+        asyncio.run(_over_grpc(opts.address, _running_pid(state_dir), db_path, opts, results,
+                               progress))
+        return
+    assert state_dir is not None
+    config = load_config(state_dir=state_dir, backend=opts.backend)
+    _raw_device(opts, config, results, progress)
+    for mode in opts.server_modes:
+        run = results if mode == opts.server_modes[0] else Results(opts, results.machine)
+        run.server_mode = mode
+        progress.say(f"starting the server (a subprocess, server.mode = {mode}) ...")
+        server = ServerProcess.start(config.state_dir, opts.backend, mode)
+        try:
+            asyncio.run(_over_grpc(server.address, server.pid, config.state_dir / "authority.db",
+                                   opts, run, progress))
+        finally:
             code = server.stop()
             if code not in (0, -15):
-                results.errors.append(f"server exited with {code}: {server.log_tail()}")
+                results.errors.append(f"server ({mode}) exited with {code}: "
+                                      f"{server.log_tail()}")
+        if run is not results:
+            results.errors += [f"{mode}: {e}" for e in run.errors]
+        results.by_mode[mode] = run.mode_figures(results.rate("raw_device"))
 
 
 async def _over_grpc(address: str, pid: int | None, db_path: Path | None, opts: Options,

@@ -17,7 +17,7 @@ from authority.errors import StartupError
 
 #: the first line of ``_announce`` in authority/service/server.py
 BANNER = re.compile(r"listening on (\S+)")
-_CONFIG = '[server]\nmetrics_listen = ""\n'  # no fixed /metrics port to collide with
+_CONFIG = '[server]\nmetrics_listen = ""\nmode = "{mode}"\n'  # no fixed /metrics port
 
 
 @dataclass
@@ -35,14 +35,15 @@ class ServerProcess:
         return self.proc.pid
 
     @classmethod
-    def start(cls, state_dir: Path, backend: str, timeout: float = 120.0) -> ServerProcess:
+    def start(cls, state_dir: Path, backend: str, mode: str = "aio",
+              timeout: float = 120.0) -> ServerProcess:
         """Start ``python -m authority.cli serve`` on a free loopback port and wait for its
         banner. The first start on a state dir provisions the embedded token.
 
         Raises: StartupError (with the tail of the server log) if it exits or stays silent.
         """
         config = state_dir / "bench-server.toml"
-        config.write_text(_CONFIG)
+        config.write_text(_CONFIG.format(mode=mode))
         log_path = state_dir / "bench-server.log"
         cmd = [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state_dir),
                "--listen", "127.0.0.1:0", "--config", str(config), "--backend", backend,
