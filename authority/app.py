@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from authority.audit import AuditLog
@@ -57,7 +58,20 @@ def open_backend(config: Config) -> KeyBackend:
                                 call_timeout=config.tpm.call_timeout)
     from authority.backends.pkcs11 import Pkcs11Backend
 
-    return Pkcs11Backend.open(pkcs11_settings(config))
+    settings = pkcs11_settings(config)
+    if inline_device_calls(config):  # one loop thread makes every call: keep the GIL
+        settings = replace(settings, release_gil=False)
+    return Pkcs11Backend.open(settings)
+
+
+def inline_device_calls(config: Config) -> bool:
+    """Whether the aio server runs ticket calls in its loop (``server.device_calls``; ``auto``:
+    for the PKCS#11 backend). Never raises."""
+    if config.server.mode != "aio":
+        return False
+    if config.server.device_calls == "auto":
+        return config.backend == "pkcs11"
+    return config.server.device_calls == "inline"
 
 
 class Authority:

@@ -33,6 +33,8 @@ class Pkcs11Settings:
                                       # cap at a real HSM's session limit)
     session_timeout: float = 5.0      # seconds to wait for a free session before UNAVAILABLE
     softhsm2_conf: Path | None = None # SOFTHSM2_CONF to set before the module initialises
+    release_gil: bool = True          # drop the GIL during C_Encrypt/C_Decrypt; the server
+                                      # turns it off when its aio loop makes the calls inline
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,8 @@ def own_server_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     the tests below)."""
     state = tmp_path_factory.mktemp("bench") / "state"
     done = subprocess.run([sys.executable, "-m", "authority.bench", *TINY, "--state-dir",
-                           str(state), "--server-mode", "both"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=False)
+                           str(state), "--server-mode", "both"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     figures: dict[str, Any] = json.loads(done.stdout)  # stdout is only JSON
     return figures
@@ -95,7 +95,7 @@ def test_both_server_modes_are_measured_side_by_side(own_server_run: dict[str, A
     assert f["server_modes"]["aio"]["unary_redeem_per_s"] == f["unary_redeem_per_s"]
     for mode in f["server_modes"].values():
         assert all(mode[k] > 0 for k in RATES)
-        assert 0 < mode["unary_redeem_vs_echo"] and 0 < mode["batch_vs_raw_device"]
+        assert mode["unary_redeem_vs_echo"] > 0 and mode["batch_vs_raw_device"] > 0
         assert mode["storm_seconds"] > 0 and mode["server_cpu_us_per_item"]["echo"] > 0
     table = render(f)
     assert "server modes" in table and "threads" in table.split("server modes")[1]

@@ -36,9 +36,10 @@ def hsm(tmp_path: Path) -> Pkcs11Settings:
     return provision_embedded_token(tmp_path / "hsm")
 
 
-@pytest.fixture
-def keyed(hsm: Pkcs11Settings) -> Iterator[Pkcs11Backend]:
-    b = Pkcs11Backend.open(hsm)
+@pytest.fixture(params=[True, False], ids=["release-gil", "hold-gil"])
+def keyed(hsm: Pkcs11Settings, request: pytest.FixtureRequest) -> Iterator[Pkcs11Backend]:
+    """A backend whose device calls drop the GIL (the default) or keep it (aio inline)."""
+    b = Pkcs11Backend.open(replace(hsm, release_gil=request.param))
     b.create_key(KID)
     yield b
     b.close()
@@ -107,3 +108,16 @@ def test_growing_and_shrinking_sizes_in_one_session(hsm: Pkcs11Settings) -> None
         assert b.unseal_many([(KID, b"", s) for s in sealed]) == plain
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("release_gil", [True, False])
+def test_crypt_functions_hold_the_gil_only_when_asked(hsm: Pkcs11Settings,
+                                                      release_gil: bool) -> None:
+    import ctypes
+
+    from authority.backends.pkcs11._cryptoki import Cryptoki
+
+    functions = Cryptoki(os.path.realpath(hsm.module)).crypt_functions(release_gil)
+    python_api = [bool(type(f)._flags_ & ctypes._FUNCFLAG_PYTHONAPI)  # type: ignore[attr-defined]
+                  for f in functions]
+    assert python_api == [not release_gil] * 4

@@ -12,9 +12,9 @@ import grpc
 import pytest
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
+from authority.app import inline_device_calls
 from authority.config import Config
 from authority.errors import ConfigError
-from authority.service.aio_server import inline_device_calls
 from authority.settings_loader import load_config
 from tests.conftest import Harness, issue, make_config, redeem, sample_state
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from authority._proto.ticketauthority.v1 import admin_pb2_grpc, authority_pb2_grpc
-from authority.app import Authority
+from authority.app import Authority, inline_device_calls
 from authority.config import Config
 from authority.service.aio import AioGuard, Runner, async_servicer
 from authority.service.auth import RoleMap
@@ -49,14 +49,6 @@ class LoopThread:
         self._thread.join(10)
         if not self._thread.is_alive():
             self.loop.close()
-
-
-def inline_device_calls(config: Config) -> bool:
-    """Whether ticket calls run in the loop itself (``server.device_calls``; ``auto``: for the
-    PKCS#11 backend). Never raises."""
-    if config.server.device_calls == "auto":
-        return config.backend == "pkcs11"
-    return config.server.device_calls == "inline"
 
 
 @dataclass

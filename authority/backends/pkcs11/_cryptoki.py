@@ -17,7 +17,7 @@ _errors.translate stays the one place where device errors are interpreted.
 from __future__ import annotations
 
 import ctypes
-from typing import Final
+from typing import Any, Final
 
 from pkcs11 import exceptions as p11x
 
@@ -134,9 +134,12 @@ F_LOGIN = ctypes.CFUNCTYPE(RV, ULONG, ULONG, ctypes.c_char_p, ULONG)
 F_LOGOUT = ctypes.CFUNCTYPE(RV, ULONG)
 # C_EncryptInit/C_DecryptInit(session, CK_MECHANISM *, key) and C_Encrypt/C_Decrypt(session,
 # in, in_len, out, CK_ULONG *out_len). Pointers are passed as addresses or byref() objects:
-# c_void_p converts those fastest. CFUNCTYPE calls release the GIL.
+# c_void_p converts those fastest. CFUNCTYPE calls release the GIL, PYFUNCTYPE calls do not.
 F_CRYPT_INIT = ctypes.CFUNCTYPE(RV, ULONG, ctypes.c_void_p, ULONG)
 F_CRYPT = ctypes.CFUNCTYPE(RV, ULONG, ctypes.c_char_p, ULONG, ctypes.c_void_p, ctypes.c_void_p)
+# The same prototypes called without releasing the GIL (Cryptoki.crypt_functions).
+G_CRYPT_INIT = ctypes.PYFUNCTYPE(RV, ULONG, ctypes.c_void_p, ULONG)
+G_CRYPT = ctypes.PYFUNCTYPE(RV, ULONG, ctypes.c_char_p, ULONG, ctypes.c_void_p, ctypes.c_void_p)
 
 
 class CkFunctionList(ctypes.Structure):
@@ -202,6 +205,19 @@ class Cryptoki:
         self.encrypt = self._f.C_Encrypt
         self.decrypt_init = self._f.C_DecryptInit
         self.decrypt = self._f.C_Decrypt
+
+    def crypt_functions(self, release_gil: bool) -> tuple[Any, Any, Any, Any]:
+        """C_EncryptInit, C_Encrypt, C_DecryptInit, C_Decrypt; with ``release_gil`` False they
+        are called holding the GIL (no hand-off around a call of tens of microseconds when one
+        thread does all the calls). Never raises."""
+        if release_gil:
+            return self.encrypt_init, self.encrypt, self.decrypt_init, self.decrypt
+
+        def address(field: str) -> int:
+            return int(ctypes.cast(getattr(self._f, field), ctypes.c_void_p).value or 0)
+
+        return (G_CRYPT_INIT(address("C_EncryptInit")), G_CRYPT(address("C_Encrypt")),
+                G_CRYPT_INIT(address("C_DecryptInit")), G_CRYPT(address("C_Decrypt")))
 
     def reinitialize_with_os_locking(self) -> None:
         """C_Finalize (if initialised), then C_Initialize with CKF_OS_LOCKING_OK.

@@ -7,8 +7,10 @@ malloc'ed mechanism, an operation object with a fresh 8 KiB buffer (``buffer_siz
 passed down in 0.10.1), take the session's RLock, and call C_Decrypt twice (a size query, then
 the data), each call dropping and re-taking the GIL. Here each pooled session owns one
 parameter block, one mechanism and one output buffer, all allocated once; a call sets three
-fields and makes two device calls (each still drops the GIL: a network HSM may take
-milliseconds). The session is lent to one thread at a time (the pool), so this is unlocked.
+fields and makes two device calls. Each call drops the GIL (a network HSM may take
+milliseconds) unless ``pkcs11.release_gil`` is off: the aio server making every call from its
+one loop thread then saves two GIL hand-offs per call (docs/benchmarks.md). The session is
+lent to one thread at a time (the pool), so this is unlocked.
 
 Errors come back as python-pkcs11 exception classes (_cryptoki.rv_error), for _errors.translate.
 """
@@ -46,7 +48,7 @@ class GcmSession:
         "_out_ptr", "_params",
     )
 
-    def __init__(self, ck: Cryptoki, handle: int) -> None:
+    def __init__(self, ck: Cryptoki, handle: int, release_gil: bool = True) -> None:
         self._handle = handle
         self._params = CkGcmParams(
             ulIvLen=NONCE_LEN, ulIvBits=NONCE_LEN * 8, ulTagBits=TAG_LEN * 8
@@ -61,10 +63,8 @@ class GcmSession:
         self._out: Any = ctypes.create_string_buffer(0)
         self._out_ptr = 0
         self._grow(_INITIAL_CAPACITY)
-        self._init_encrypt = ck.encrypt_init
-        self._crypt_encrypt = ck.encrypt
-        self._init_decrypt = ck.decrypt_init
-        self._crypt_decrypt = ck.decrypt
+        (self._init_encrypt, self._crypt_encrypt, self._init_decrypt,
+         self._crypt_decrypt) = ck.crypt_functions(release_gil)
 
     def encrypt(self, key: int, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """Return ciphertext | tag. Raises: PKCS11Error subclasses."""

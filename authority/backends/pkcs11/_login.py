@@ -23,8 +23,10 @@ from authority.config import Secret
 class TokenLogin:
     """Opens logged-in RW sessions on one token for one backend."""
 
-    def __init__(self, module: Module, token: Any, label: str, pin: Secret) -> None:
+    def __init__(self, module: Module, token: Any, label: str, pin: Secret,
+                 release_gil: bool = True) -> None:
         self._module = module
+        self._release_gil = release_gil
         self._token = token
         self._label = label
         self._pin = pin
@@ -50,7 +52,8 @@ class TokenLogin:
         if not self._logged_in:
             self._logged_in = True
             REGISTRY.note_login(self._slot_id)
-        return PooledSession(session, GcmSession(self._module.ck, handle), handle)
+        gcm = GcmSession(self._module.ck, handle, self._release_gil)
+        return PooledSession(session, gcm, handle)
 
     def release(self, idle: list[PooledSession]) -> None:
         """This backend stops relying on the login; log out (through one of ``idle``) if it was

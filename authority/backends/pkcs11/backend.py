@@ -41,7 +41,8 @@ class Pkcs11Backend:
         self._token = token
         self._label = settings.token_label
         self._closed = False
-        self._login = TokenLogin(module, token, settings.token_label, settings.pin)
+        self._login = TokenLogin(module, token, settings.token_label, settings.pin,
+                                 settings.release_gil)
         self._pool = SessionPool(
             self._login.open_session, settings.sessions, settings.session_timeout
         )
