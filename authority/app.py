@@ -64,10 +64,19 @@ def open_backend(config: Config) -> KeyBackend:
     return Pkcs11Backend.open(settings)
 
 
+def server_mode(config: Config) -> str:
+    """``aio`` or ``threads``: ``server.mode``, with ``auto`` resolved to the faster server for
+    the backend as measured (docs/benchmarks.md: aio for pkcs11, threads for tpm). Never
+    raises."""
+    if config.server.mode == "auto":
+        return "aio" if config.backend == "pkcs11" else "threads"
+    return config.server.mode
+
+
 def inline_device_calls(config: Config) -> bool:
     """Whether the aio server runs ticket calls in its loop (``server.device_calls``; ``auto``:
     for the PKCS#11 backend). Never raises."""
-    if config.server.mode != "aio":
+    if server_mode(config) != "aio":
         return False
     if config.server.device_calls == "auto":
         return config.backend == "pkcs11"

@@ -117,8 +117,9 @@ class ServerSettings:
                                     # one each; 0: no rate limit (authority/service/ratelimit.py)
     rate_burst: int = 100           # bucket size: requests allowed at once before the rate
     max_concurrent_rpcs: int = 1024  # calls in flight or queued; beyond: RESOURCE_EXHAUSTED
-    mode: str = "aio"                # "aio": grpc.aio on one event loop; "threads": a pool of
-                                     # ``workers`` threads (docs/benchmarks.md compares them)
+    mode: str = "auto"               # "aio": grpc.aio on one event loop; "threads": a pool of
+                                     # ``workers`` threads; "auto": the faster for the backend
+                                     # (aio for pkcs11, threads for tpm: docs/benchmarks.md)
     device_calls: str = "auto"       # aio: "inline" in the loop, "offload" to ``workers``
                                      # threads; "auto": inline for pkcs11, offload for tpm
 

@@ -259,8 +259,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("server.rate_limit_per_s", "must be 0 (off) or positive")
     _positive("server.rate_burst", cfg.server.rate_burst)
     _positive("server.max_concurrent_rpcs", cfg.server.max_concurrent_rpcs)
-    if cfg.server.mode not in ("aio", "threads"):
-        raise ConfigError("server.mode", f"expected aio or threads, got {cfg.server.mode!r}")
+    if cfg.server.mode not in ("auto", "aio", "threads"):
+        raise ConfigError("server.mode",
+                          f"expected auto, aio or threads, got {cfg.server.mode!r}")
     if cfg.server.device_calls not in ("auto", "inline", "offload"):
         raise ConfigError("server.device_calls",
                           f"expected auto, inline or offload, got {cfg.server.device_calls!r}")

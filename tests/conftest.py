@@ -24,18 +24,20 @@ START = 1_800_000_000.0
 
 
 BACKENDS = ["pkcs11", "tpm"]
-#: what ``harness`` and ``make_harness`` run on: each backend on the default grpc.aio server,
-#: and SoftHSM2 on the thread-pool server (``server.mode = "threads"``) too
+#: what ``harness`` and ``make_harness`` run on: each backend on its default server
+#: (``server.mode = "auto"``: aio for SoftHSM2, threads for swtpm), and SoftHSM2 on the
+#: thread-pool server too
 SERVERS = ["pkcs11", "tpm", "pkcs11-threads"]
 
 
 def _server_param(param: str) -> tuple[str, str]:
-    """``"pkcs11-threads"`` -> (backend, server mode)."""
+    """``"pkcs11-threads"`` -> (backend, server mode); no mode: ``auto`` (the default: aio for
+    pkcs11, threads for tpm)."""
     backend, _, mode = param.partition("-")
-    return backend, mode or "aio"
+    return backend, mode or "auto"
 
 
-def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "aio",
+def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "auto",
                 **keys: Any) -> Config:
     """Settings for a test server: its own state dir (so its own SoftHSM2 token or embedded
     swtpm), port 0, no background maintenance (tests call ``maintain`` with a manual clock)."""
@@ -48,7 +50,7 @@ def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "aio",
 class Harness:
     """Starts servers on one state dir and one manual clock; stops them all at teardown."""
 
-    def __init__(self, state_dir: Path, backend: str = "pkcs11", mode: str = "aio") -> None:
+    def __init__(self, state_dir: Path, backend: str = "pkcs11", mode: str = "auto") -> None:
         self.state_dir = state_dir
         self.backend = backend
         self.mode = mode
@@ -99,7 +101,7 @@ class Harness:
         return self.running.authority
 
 
-def _running(state_dir: Path, backend: str, mode: str = "aio") -> Iterator[Harness]:
+def _running(state_dir: Path, backend: str, mode: str = "auto") -> Iterator[Harness]:
     h = Harness(state_dir, backend, mode)
     h.start()
     yield h

@@ -1,6 +1,7 @@
-"""Both server modes (``server.mode``: grpc.aio, the default, and the thread pool) and the aio
-server's ``device_calls`` options behave the same on a real channel: request decoding, error
-mapping, unexpected errors, offloaded calls, metrics, graceful stop."""
+"""Both server modes (``server.mode``: grpc.aio and the thread pool; ``auto`` picks aio for
+PKCS#11 and threads for the TPM) and the aio server's ``device_calls`` options behave the same
+on a real channel: request decoding, error mapping, unexpected errors, offloaded calls,
+metrics, graceful stop."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import grpc
 import pytest
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
-from authority.app import inline_device_calls
+from authority.app import inline_device_calls, server_mode
 from authority.config import Config
 from authority.errors import ConfigError
 from authority.settings_loader import load_config
@@ -81,11 +82,12 @@ def test_errors_reach_the_rpc_latency_metric_with_their_code(server: Harness) ->
     assert samples[("IssueTicket", "OK")] == 1
 
 
-@pytest.mark.parametrize("device_calls", ["inline", "offload"])
-def test_device_calls_inline_or_offloaded_serve_the_same(tmp_path: Path,
+@pytest.mark.parametrize(("backend", "device_calls"), [
+    ("pkcs11", "inline"), ("pkcs11", "offload"), ("tpm", "offload")])
+def test_device_calls_inline_or_offloaded_serve_the_same(tmp_path: Path, backend: str,
                                                          device_calls: str) -> None:
-    h = Harness(tmp_path / "state")
-    config = make_config(h.state_dir)
+    h = Harness(tmp_path / "state", backend, "aio")
+    config = make_config(h.state_dir, backend, "aio")
     h.start(replace(config, server=replace(config.server, device_calls=device_calls)))
     try:
         stub = h.tickets
@@ -98,19 +100,23 @@ def test_device_calls_inline_or_offloaded_serve_the_same(tmp_path: Path,
             timeout=10))
         assert [(r.batch_id, r.items[0].redeemed.result) for r in streamed] == [(7, OK)]
         status = h.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)  # offloaded
-        assert status.backend == "pkcs11"
+        assert status.backend == backend
     finally:
         h.stop()
 
 
-@pytest.mark.parametrize(("backend", "device_calls", "inline"), [
-    ("pkcs11", "auto", True), ("tpm", "auto", False),
-    ("tpm", "inline", True), ("pkcs11", "offload", False),
+@pytest.mark.parametrize(("backend", "mode", "device_calls", "resolved", "inline"), [
+    ("pkcs11", "auto", "auto", "aio", True), ("tpm", "auto", "auto", "threads", False),
+    ("tpm", "aio", "auto", "aio", False), ("tpm", "aio", "inline", "aio", True),
+    ("pkcs11", "aio", "offload", "aio", False), ("pkcs11", "threads", "inline", "threads", False),
 ])
-def test_auto_runs_pkcs11_inline_and_offloads_the_tpm(tmp_path: Path, backend: str,
-                                                      device_calls: str, inline: bool) -> None:
+def test_auto_picks_the_measured_faster_server(tmp_path: Path, backend: str, mode: str,
+                                               device_calls: str, resolved: str,
+                                               inline: bool) -> None:
     config = Config(state_dir=tmp_path, backend=backend)
-    config = replace(config, server=replace(config.server, device_calls=device_calls))
+    config = replace(config, server=replace(config.server, mode=mode,
+                                            device_calls=device_calls))
+    assert server_mode(config) == resolved
     assert inline_device_calls(config) is inline
 
 
@@ -128,8 +134,8 @@ def test_server_mode_settings_are_validated(tmp_path: Path, text: str, setting: 
     assert (server.mode, server.device_calls) == ("threads", "offload")
 
 
-def test_the_default_server_is_aio(tmp_path: Path) -> None:
-    assert load_config(state_dir=tmp_path).server.mode == "aio"
+def test_the_default_mode_is_auto(tmp_path: Path) -> None:
+    assert load_config(state_dir=tmp_path).server.mode == "auto"
 
 
 def test_stop_drains_and_releases_the_port(server: Harness) -> None:

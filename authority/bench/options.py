@@ -30,7 +30,7 @@ class Options:
     json: bool
     progress: bool
     pool_size: int = 2000      # distinct tickets cycled by the redeem phases
-    server_mode: str = "aio"   # "aio", "threads" or "both" (own server only)
+    server_mode: str = "auto"  # "auto", "aio", "threads" or "both" (own server only)
 
     @property
     def server_modes(self) -> list[str]:
@@ -65,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_positive_float, metavar="S",
                         help=f"seconds per measured phase (default {DEFAULT_DURATION:g}; "
                              f"--quick: {QUICK_DURATION:g})")
-    parser.add_argument("--server-mode", choices=["aio", "threads", "both"], default="aio",
-                        help="server.mode of the server the bench starts (default aio, the "
+    parser.add_argument("--server-mode", choices=["auto", "aio", "threads", "both"],
+                        default="auto",
+                        help="server.mode of the server the bench starts (default auto, the "
                              "server's default); both: the gRPC phases once per mode, aio's "
                              "figures at the top level and a comparison table")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")

@@ -24,7 +24,7 @@ from authority._proto.ticketauthority.v1 import (
     authority_pb2,
     authority_pb2_grpc,
 )
-from authority.app import Authority
+from authority.app import Authority, server_mode
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
@@ -131,9 +131,10 @@ def build_server(config: Config, clock: Clock | None = None,
                  authority: Authority | None = None) -> RunningServer:
     """Open the authority (unless given) and start a server on ``config.server.listen``.
 
-    ``server.mode`` picks a grpc.aio server (default; authority/service/aio.py) or a
-    thread-pool server. Port 0 picks a free port; ``RunningServer.port`` says which. With
-    ``config.tls`` the listener speaks TLS and (with client certificates) checks each call's
+    ``server.mode`` picks a grpc.aio server (authority/service/aio.py) or a thread-pool
+    server (``auto``: aio for PKCS#11, threads for the TPM, the faster of each as measured).
+    Port 0 picks a free port; ``RunningServer.port`` says which. With ``config.tls`` the
+    listener speaks TLS and (with client certificates) checks each call's
     role (authority/service/auth.py); without it, it is plaintext on loopback and every method
     is open (local development). With ``server.admin_listen`` TicketAdmin is served there
     (plaintext, no roles: a Unix socket 0600 or loopback) instead of on ``listen``.
@@ -145,7 +146,7 @@ def build_server(config: Config, clock: Clock | None = None,
     credentials = ReloadingCredentials(tls) if tls is not None else None
     authority = authority or Authority.open(config, clock)
     try:
-        start = _start_aio if config.server.mode == "aio" else _start_threads
+        start = _start_aio if server_mode(config) == "aio" else _start_threads
         running = start(config, authority, credentials, f"{host}:{port}", host)
         if config.server.metrics_listen:
             try:
