@@ -93,15 +93,20 @@ class InstrumentedBackend:
         self._metrics = metrics
         self.name = inner.name
         self.format_version = inner.format_version
+        self._by_op: dict[str, Any] = {}   # labelled histogram children: labels() is slow
 
     def _timed(self, op: str, call: Callable[[], Any]) -> Any:
-        self._metrics.device_inflight.inc()
+        inflight = self._metrics.device_inflight
+        inflight.inc()
         start = time.perf_counter()
         try:
             return call()
         finally:
-            self._metrics.device_seconds.labels(op).observe(time.perf_counter() - start)
-            self._metrics.device_inflight.dec()
+            child = self._by_op.get(op)
+            if child is None:
+                child = self._by_op[op] = self._metrics.device_seconds.labels(op)
+            child.observe(time.perf_counter() - start)
+            inflight.dec()
 
     def create_key(self, key_id: bytes) -> None:
         self._timed("create_key", lambda: self._inner.create_key(key_id))

@@ -96,6 +96,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: Metrics, roles: RoleMap | None = None,
                  buckets: TokenBuckets | None = None) -> None:
         self._histogram = metrics.rpc_seconds
+        self._children: dict[tuple[str, str], Any] = {}  # labels() is slow: one per pair
         self._roles = roles
         self._buckets = buckets
 
@@ -112,6 +113,12 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             method, behavior, kind.startswith("stream"))
         return make(wrapped, request_deserializer=_safe(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
+
+    def _observe(self, method: str, code: str, seconds: float) -> None:
+        child = self._children.get((method, code))
+        if child is None:
+            child = self._children[(method, code)] = self._histogram.labels(method, code)
+        child.observe(seconds)
 
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """Raises: Denied (role)."""
@@ -153,7 +160,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = _code_of(exc)
                 await _fail(exc, context)
             finally:
-                self._histogram.labels(name, code).observe(time.perf_counter() - start)
+                self._observe(name, code, time.perf_counter() - start)
 
         return call
 
@@ -172,7 +179,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 code = _code_of(exc)
                 await _fail(exc, context)
             finally:
-                self._histogram.labels(name, code).observe(time.perf_counter() - start)
+                self._observe(name, code, time.perf_counter() - start)
 
         return call
 

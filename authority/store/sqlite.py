@@ -98,6 +98,19 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise DeviceUnavailable(f"state store failed: {exc}") from exc
 
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """Run read-only statements under the lock, each in SQLite's own implicit read
+        transaction (WAL: a consistent snapshot, no write lock, no file-lock round trip).
+
+        Raises: DeviceUnavailable if SQLite fails.
+        """
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise DeviceUnavailable(f"state store failed: {exc}") from exc
+
     def load_keys(self) -> list[KeyRecord]:
         """Return every key record, oldest first."""
         with self._tx() as db:
@@ -131,7 +144,7 @@ class SqliteStore:
         """Return the ids that have a live consumed entry."""
         if not ticket_ids:
             return set()
-        with self._tx() as db:
+        with self._read() as db:
             return self._live(db, ticket_ids, now)
 
     @staticmethod
