@@ -48,6 +48,7 @@ class _Index:
     by_kind: Mapping[str, Mapping[bytes, float]] = field(
         default_factory=lambda: MappingProxyType({k: MappingProxyType({}) for k in KINDS}))
     epochs: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    revocations: bool = False  # any revocation at all (the hot path skips the lookups if not)
 
 
 def _build(records: list[RevocationRecord], epochs: dict[str, int]) -> _Index:
@@ -56,7 +57,7 @@ def _build(records: list[RevocationRecord], epochs: dict[str, int]) -> _Index:
         table = by_kind[r.kind]
         table[r.value] = max(table.get(r.value, -math.inf), r.issued_before)
     return _Index(MappingProxyType({k: MappingProxyType(v) for k, v in by_kind.items()}),
-                  MappingProxyType(dict(epochs)))
+                  MappingProxyType(dict(epochs)), bool(records))
 
 
 class Policy:
@@ -92,6 +93,8 @@ class Policy:
         index = self._index
         if contents.policy_epoch < index.epochs.get(contents.realm, 0):
             return True
+        if not index.revocations:
+            return False
         issued = contents.issued_at
         s = contents.state
         for kind, value in ((BY_ISSUED_BEFORE, b""), (BY_ID_I, s.id_i),

@@ -13,6 +13,7 @@ import enum
 import logging
 import math
 import secrets
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,10 @@ class RedeemStatus(enum.IntEnum):
     EXPIRED = 3
     REPLAYED = 4
     REVOKED = 5
+
+
+#: the Counters name of each outcome (computed once: Enum.name is a slow property)
+_COUNTER_NAMES = {status: f"redeem.{status.name.lower()}" for status in RedeemStatus}
 
 
 @dataclass(frozen=True)
@@ -243,9 +248,10 @@ class Sealer:
             status = RedeemStatus.OK if ok else RedeemStatus.REPLAYED
             results.append((i, Redemption(status, contents if ok else None, key_id,
                                           ok and key_id != primary)))
-        for _, result in results:
-            if result.status != RedeemStatus.INVALID:  # counted by _invalid
-                self._counters.inc(f"redeem.{result.status.name.lower()}")
+        counts = Counter(result.status for _, result in results)
+        counts.pop(RedeemStatus.INVALID, None)  # counted by _invalid
+        for status, count in counts.items():
+            self._counters.inc(_COUNTER_NAMES[status], count)
         return results
 
     def _invalid(self, stage: str, exc: InvalidTicket) -> Redemption:

@@ -65,7 +65,7 @@ def redeem_response(result: Redemption,
     """The RedeemTicket reply (filled into ``reply`` if given); only OK carries the state."""
     if reply is None:
         reply = authority_pb2.RedeemTicketResponse()
-    reply.result = result.status.value  # type: ignore[assignment]
+    reply.result = result.status  # type: ignore[assignment]  # an IntEnum: the proto number
     if result.contents is not None and result.key_id is not None:
         c = result.contents
         reply.state.CopyFrom(state_to_proto(c.state))
