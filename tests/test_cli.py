@@ -57,6 +57,7 @@ def test_operator_session(server: tuple[Server, Path]) -> None:
     srv, state = server
     banner = "".join(srv.banner)
     assert "ticket-authority status" in banner and "pkcs11" in banner
+    assert "server    aio (one event loop; ticket device calls inline)" in banner
     status = cli("status", "--state-dir", str(state))  # address found via the state dir
     assert status.returncode == 0, status.stderr
     assert "pkcs11" in status.stdout and "sealing key" in status.stdout
@@ -156,6 +157,7 @@ def test_serve_backend_tpm_starts_its_own_swtpm(tmp_path: Path) -> None:
         status = cli("status", "--state-dir", str(state))
         assert status.returncode == 0, status.stderr
         assert re.search(r"^backend\s+tpm$", status.stdout, re.MULTILINE)
+        assert "server    threads (16 workers)" in "".join(srv.banner)
         assert "swtpm" in status.stdout
         assert "ACTIVE" in cli("keys", "list", "--state-dir", str(state)).stdout
     finally:

@@ -24,7 +24,7 @@ from authority._proto.ticketauthority.v1 import (
     authority_pb2,
     authority_pb2_grpc,
 )
-from authority.app import Authority, server_mode
+from authority.app import Authority, inline_device_calls, server_mode
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
@@ -304,6 +304,13 @@ def _transport(config: Config) -> tuple[str, str, str]:
             "-cacert CA.pem -cert ADMIN.pem -key ADMIN.key")
 
 
+def _mode_line(config: Config) -> str:
+    if server_mode(config) == "threads":
+        return f"threads ({config.server.workers} workers)"
+    calls = "inline" if inline_device_calls(config) else f"on {config.server.workers} threads"
+    return f"aio (one event loop; ticket device calls {calls})"
+
+
 def _announce(config: Config, running: RunningServer) -> None:
     info = running.authority.backend.describe()
     primary = running.authority.ring.primary_id
@@ -316,6 +323,7 @@ def _announce(config: Config, running: RunningServer) -> None:
     print(f"ike-ticket-authority listening on {running.address} ({transport})\n"
           f"{admin_line}"
           f"  backend   {info.backend}: {info.token}\n"
+          f"  server    {_mode_line(config)}\n"
           f"  state     {config.state_dir}\n"
           f"  sealing   key {primary.hex() if primary else '-'}\n"
           f"Try:\n"
