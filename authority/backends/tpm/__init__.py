@@ -4,7 +4,11 @@ Modules:
 
 * ``backend``      -- :class:`TpmBackend` (the KeyBackend) and :func:`open_tpm_backend`;
 * ``worker``       -- the one thread that owns the TPM connection, fed by a bounded queue;
-* ``device``       -- the ESAPI connection: templates, storage primary, key LRU, seal/unseal;
+* ``device``       -- :class:`Device`, the worker thread's facade over the TPM, built from
+  ``connection`` (ESAPI calls, busy retries), ``probe`` (start-up properties), ``templates``
+  (object templates, creation, attributes), ``parent`` (storage primary or persistent parent),
+  ``keycache`` (LRU of loaded keys, saved contexts), ``sealing`` (encrypt-then-MAC) and
+  ``recovery`` (rerunning after a TPM restart or lost connection);
 * ``capabilities`` -- what the backend needs from a TPM and the start-up check;
 * ``blobs``        -- the TPM-wrapped key blobs on disk;
 * ``swtpm``        -- the embedded software TPM process;
