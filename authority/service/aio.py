@@ -32,7 +32,7 @@ import grpc.aio
 from authority.errors import AuthorityError, InvalidArgument, ResourceExhausted
 from authority.metrics import Metrics
 from authority.service.auth import HEALTH_PREFIX, Denied, RoleMap, authorize
-from authority.service.interceptors import _safe, _Undecodable
+from authority.service.interceptors import _Undecodable, rewrap
 from authority.service.ratelimit import TokenBuckets, _cost, client_key
 
 log = logging.getLogger(__name__)
@@ -106,13 +106,9 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = str(details.method)
-        kind = _kind(handler)
-        behavior = getattr(handler, kind)
-        make = getattr(grpc, f"{kind}_rpc_method_handler")
-        wrapped = (self._streaming if kind.endswith("stream") else self._unary)(
-            method, behavior, kind.startswith("stream"))
-        return make(wrapped, request_deserializer=_safe(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+        return rewrap(handler, lambda behavior, stream_in, stream_out: (
+            self._streaming if stream_out else self._unary)(method, behavior, stream_in),
+            safe_decoding=True)
 
     def _observe(self, method: str, code: str, seconds: float) -> None:
         child = self._children.get((method, code))
@@ -131,12 +127,19 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(request, _Undecodable):
             raise InvalidArgument("request", "not a valid message")
         if self._buckets is not None and not method.startswith(HEALTH_PREFIX):
-            wait = self._buckets.take(client_key(context), _cost(request))
-            if wait > 0:
-                raise ResourceExhausted(
-                    f"rate limit: {self._buckets.rate:g} requests/s (burst "
-                    f"{self._buckets.burst}) exceeded for {method}; retry in {wait:.2f} s")
+            refused = self._buckets.refusal(client_key(context), _cost(request), method)
+            if refused is not None:
+                raise ResourceExhausted(refused)
         return request
+
+    def _arguments(self, method: str, context: grpc.aio.ServicerContext, request: Any,
+                   stream_in: bool) -> Any:
+        """Admit the caller, then the request (or a metered request stream) for the behavior.
+        Raises: Denied; AuthorityError (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
+        self._admit(method, context)
+        if stream_in:
+            return self._metered(method, context, request)
+        return self._charge(method, context, request)
 
     def _metered(self, method: str, context: grpc.aio.ServicerContext,
                  requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -152,9 +155,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
             try:
-                self._admit(method, context)
-                arg = (self._metered(method, context, request) if stream_in
-                       else self._charge(method, context, request))
+                arg = self._arguments(method, context, request, stream_in)
                 return await behavior(arg, context)
             except BaseException as exc:
                 code = _code_of(exc)
@@ -170,9 +171,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), "OK"
             try:
-                self._admit(method, context)
-                arg = (self._metered(method, context, request) if stream_in
-                       else self._charge(method, context, request))
+                arg = self._arguments(method, context, request, stream_in)
                 async for response in behavior(arg, context):
                     yield response
             except BaseException as exc:
@@ -182,13 +181,6 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._observe(name, code, time.perf_counter() - start)
 
         return call
-
-
-def _kind(handler: Any) -> str:
-    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
-        if getattr(handler, kind) is not None:
-            return kind
-    raise ValueError("a method handler without a behavior")
 
 
 def _code_of(exc: BaseException) -> str:

@@ -34,6 +34,7 @@ import grpc
 
 from authority.config import ADMIN, GATEWAY, TlsSettings
 from authority.errors import PermissionDenied
+from authority.service.interceptors import rewrap
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +236,6 @@ def _guarded(roles: RoleMap, method: str, behavior: Behavior, stream_out: bool) 
     return unary
 
 
-_KINDS = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
-)
-
-
 class RoleInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuses a call before its handler runs unless the caller's role may make it."""
 
@@ -254,10 +247,5 @@ class RoleInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = str(details.method)
-        for attr, make_handler, stream_out in _KINDS:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make_handler(_guarded(self._roles, method, behavior, stream_out),
-                                    request_deserializer=handler.request_deserializer,
-                                    response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, lambda behavior, _stream_in, stream_out: _guarded(
+            self._roles, method, behavior, stream_out))

@@ -79,12 +79,27 @@ def _stream_response(behavior: Behavior, stream_in: bool) -> Behavior:
     return call
 
 
-_KINDS = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler, _unary_response, False),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler, _stream_response, False),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler, _unary_response, True),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler, _stream_response, True),
-)
+#: Wraps a handler's behavior, given whether it streams requests and responses.
+Wrap = Callable[[Any, bool, bool], Any]
+
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+def rewrap(handler: Any, wrap: Wrap, safe_decoding: bool = False) -> Any:
+    """``handler`` (a method handler of either server) with its behavior replaced by
+    ``wrap(behavior, stream_in, stream_out)``; with ``safe_decoding`` an undecodable request
+    body reaches the behavior as ``_Undecodable`` instead of failing in grpc. The one place
+    that knows the four kinds of method handler. Never raises."""
+    for kind in KINDS:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            make = getattr(grpc, f"{kind}_rpc_method_handler")
+            deserializer = handler.request_deserializer
+            return make(wrap(behavior, kind.startswith("stream"), kind.endswith("stream")),
+                        request_deserializer=_safe(deserializer) if safe_decoding
+                        else deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -95,10 +110,6 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        for attr, make_handler, wrap, stream_in in _KINDS:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make_handler(wrap(behavior, stream_in),
-                                    request_deserializer=_safe(handler.request_deserializer),
-                                    response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, lambda behavior, stream_in, stream_out: (
+            _stream_response if stream_out else _unary_response)(behavior, stream_in),
+            safe_decoding=True)

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from authority.errors import StartupError
 from authority.metrics import Metrics
+from authority.service.interceptors import rewrap
 from authority.settings_loader import parse_listen
 
 
@@ -22,35 +23,36 @@ class MetricsInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
-        if handler is None or (handler.unary_unary is None and handler.stream_stream is None):
-            return handler
+        if handler is None:
+            return None
         method = str(details.method).rsplit("/", 1)[-1]
         histogram = self._metrics.rpc_seconds
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
 
-            def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        def timed(inner: Any, stream_in: bool, stream_out: bool) -> Any:
+            if stream_in != stream_out:  # unary-stream and stream-unary calls are not timed
+                return inner
+            if not stream_out:
+                def unary(request: Any, context: grpc.ServicerContext) -> Any:
+                    start = time.perf_counter()
+                    try:
+                        return inner(request, context)
+                    finally:
+                        histogram.labels(method, _code(context)).observe(
+                            time.perf_counter() - start)
+
+                return unary
+
+            def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
                 start = time.perf_counter()
                 try:
-                    return inner(request, context)
+                    yield from inner(requests, context)
                 finally:
-                    histogram.labels(method, _code(context)).observe(time.perf_counter() - start)
+                    histogram.labels(method, _code(context)).observe(
+                        time.perf_counter() - start)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-        stream_inner = handler.stream_stream
+            return stream
 
-        def stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            start = time.perf_counter()
-            try:
-                yield from stream_inner(requests, context)
-            finally:
-                histogram.labels(method, _code(context)).observe(time.perf_counter() - start)
-
-        return grpc.stream_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return rewrap(handler, timed)
 
 
 def _code(context: grpc.ServicerContext) -> str:

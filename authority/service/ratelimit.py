@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from authority.service.auth import HEALTH_PREFIX, peer_uris
+from authority.service.interceptors import rewrap
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 MAX_CLIENTS = 10_000
@@ -62,6 +63,15 @@ class TokenBuckets:
                 self._buckets.popitem(last=False)
             return wait
 
+    def refusal(self, client: str, cost: int, method: str) -> str | None:
+        """Charge ``client`` as ``take`` does; the RESOURCE_EXHAUSTED message if over its rate,
+        else None. Never raises."""
+        wait = self.take(client, cost)
+        if wait <= 0:
+            return None
+        return (f"rate limit: {self.rate:g} requests/s (burst {self.burst}) exceeded for "
+                f"{method}; retry in {wait:.2f} s")
+
     def __len__(self) -> int:
         return len(self._buckets)
 
@@ -93,12 +103,9 @@ class RateLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         self.buckets = buckets
 
     def _charge(self, context: grpc.ServicerContext, method: str, cost: int) -> None:
-        wait = self.buckets.take(client_key(context), cost)
-        if wait > 0:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"rate limit: {self.buckets.rate:g} requests/s (burst "
-                          f"{self.buckets.burst}) exceeded for {method}; retry in "
-                          f"{wait:.2f} s")
+        refused = self.buckets.refusal(client_key(context), cost, method)
+        if refused is not None:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
 
     def _wrap(self, method: str, behavior: Behavior, stream_in: bool,
               stream_out: bool) -> Behavior:
@@ -130,18 +137,6 @@ class RateLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method = str(details.method)
         if handler is None or method.startswith(HEALTH_PREFIX):
             return handler
-        for attr, make_handler, stream_in, stream_out in _KINDS:
-            behavior = getattr(handler, attr)
-            if behavior is not None:
-                return make_handler(self._wrap(method, behavior, stream_in, stream_out),
-                                    request_deserializer=handler.request_deserializer,
-                                    response_serializer=handler.response_serializer)
-        return handler
+        return rewrap(handler, lambda behavior, stream_in, stream_out: self._wrap(
+            method, behavior, stream_in, stream_out))
 
-
-_KINDS = (
-    ("unary_unary", grpc.unary_unary_rpc_method_handler, False, False),
-    ("unary_stream", grpc.unary_stream_rpc_method_handler, False, True),
-    ("stream_unary", grpc.stream_unary_rpc_method_handler, True, False),
-    ("stream_stream", grpc.stream_stream_rpc_method_handler, True, True),
-)
