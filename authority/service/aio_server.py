@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from authority._proto.ticketauthority.v1 import admin_pb2_grpc, authority_pb2_grpc
 from authority.app import Authority, inline_device_calls
@@ -22,6 +21,7 @@ from authority.config import Config
 from authority.service.aio import AioGuard, Runner, async_servicer
 from authority.service.auth import RoleMap
 from authority.service.ratelimit import TokenBuckets
+from authority.service.registry import register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 
 T = TypeVar("T")
@@ -94,20 +94,9 @@ def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
                  ("grpc.so_reuseport", 0)])
 
 
-def _admin_services(server: grpc.aio.Server, authority: Authority, health_servicer: Any,
-                    run: Runner, names: tuple[str, ...]) -> None:
-    admin = async_servicer(TicketAdminServicer(authority), admin_pb2_grpc.TicketAdminServicer,
-                           run.offload)
-    admin_pb2_grpc.add_TicketAdminServicer_to_server(admin, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                        server)
-
-
 async def _build(config: Config, authority: Authority, loop: LoopThread,
-                 pool: futures.ThreadPoolExecutor, names: tuple[str, str]) -> AioServers:
+                 pool: futures.ThreadPoolExecutor) -> AioServers:
     """Create the server(s) and register the services (nothing listens yet)."""
-    tickets_name, admin_name = names
     tls = config.tls
     roles = RoleMap.from_settings(tls) if tls is not None and tls.require_client_cert else None
     buckets = (TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)
@@ -116,26 +105,19 @@ async def _build(config: Config, authority: Authority, loop: LoopThread,
     server = _server(config, AioGuard(authority.metrics, roles, buckets))
     tickets = async_servicer(TicketAuthorityServicer(authority),
                              authority_pb2_grpc.TicketAuthorityServicer, run)
-    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(tickets, server)
-    health_servicer = health.aio.HealthServicer()
-    servers = AioServers(loop, pool, server, health_servicer)
+    admin = async_servicer(TicketAdminServicer(authority), admin_pb2_grpc.TicketAdminServicer,
+                           run.offload)
+    servers = AioServers(loop, pool, server, health.aio.HealthServicer())
     if config.server.admin_listen:
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (tickets_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         servers.admin_server = _server(config, AioGuard(authority.metrics))
-        _admin_services(servers.admin_server, authority, health_servicer, run, (admin_name,))
-    else:
-        _admin_services(server, authority, health_servicer, run, names)
+    register(server, tickets, admin, servers.health, servers.admin_server)
     return servers
 
 
-def create_aio_servers(config: Config, authority: Authority,
-                       names: tuple[str, str]) -> AioServers:
-    """The aio server(s) on a new loop thread, not yet listening (bind with ``on_loop``).
-    ``names`` are the full names of the ticket and admin services. Never raises for a valid
-    config."""
+def create_aio_servers(config: Config, authority: Authority) -> AioServers:
+    """The aio server(s) on a new loop thread, not yet listening (bind on the loop). Never
+    raises for a valid config."""
     loop = LoopThread()
     pool = futures.ThreadPoolExecutor(max_workers=config.server.workers,
                                       thread_name_prefix="grpc-offload")
-    return loop.run(_build(config, authority, loop, pool, names))
+    return loop.run(_build(config, authority, loop, pool))

@@ -15,15 +15,8 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
-from authority._proto.ticketauthority.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    authority_pb2,
-    authority_pb2_grpc,
-)
 from authority.app import Authority, inline_device_calls, server_mode
 from authority.clock import Clock
 from authority.config import Config
@@ -33,14 +26,13 @@ from authority.service.auth import RoleInterceptor, RoleMap
 from authority.service.interceptors import ErrorInterceptor
 from authority.service.observability import MetricsInterceptor, start_metrics_http
 from authority.service.ratelimit import RateLimitInterceptor, TokenBuckets
+from authority.service.registry import ADMIN_SERVICE, TICKET_SERVICE, add_port, register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 from authority.service.tls import ReloadingCredentials
 from authority.settings_loader import admin_listen_path, parse_listen
 
 log = logging.getLogger(__name__)
 
-TICKET_SERVICE = authority_pb2.DESCRIPTOR.services_by_name["TicketAuthority"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["TicketAdmin"].full_name
 SERVER_FILE = "server.json"
 T = TypeVar("T")
 
@@ -90,14 +82,6 @@ def _grpc_server(config: Config, interceptors: list[Any], workers: int) -> grpc.
                  ("grpc.so_reuseport", 0)])
 
 
-def _add_admin(server: grpc.Server, authority: Authority,
-               health_servicer: health.HealthServicer, services: tuple[str, ...]) -> None:
-    admin_pb2_grpc.add_TicketAdminServicer_to_server(TicketAdminServicer(authority), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-
-
 def _bind_admin(config: Config, server: grpc.Server) -> str:
     """Bind the separate admin listener; returns its address. A Unix socket is made 0600
     (replacing a stale socket file). Raises: StartupError, ConfigError."""
@@ -109,21 +93,13 @@ def _bind_admin(config: Config, server: grpc.Server) -> str:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         old_umask = os.umask(0o177)   # the socket is created 0600: its owner only
         try:
-            bound = server.add_insecure_port(listen)
-        except RuntimeError:
-            bound = 0
+            add_port(lambda: server.add_insecure_port(listen), "server.admin_listen", listen)
         finally:
             os.umask(old_umask)
-        if not bound:
-            raise StartupError(f"server.admin_listen: cannot listen on {listen}")
         return listen
     host, port = parse_listen(listen, setting="server.admin_listen")
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise StartupError(f"server.admin_listen: cannot listen on {listen}")
+    bound = add_port(lambda: server.add_insecure_port(f"{host}:{port}"), "server.admin_listen",
+                     listen)
     return f"{host}:{bound}"
 
 
@@ -163,22 +139,16 @@ def build_server(config: Config, clock: Clock | None = None,
 
 def _bind(server: Any, listen: str, credentials: ReloadingCredentials | None) -> int:
     """Bind the main listener; returns the port. Raises: StartupError."""
-    try:
-        if credentials is None:
-            bound = int(server.add_insecure_port(listen))
-        else:
-            bound = int(server.add_secure_port(listen, credentials.credentials()))
-    except RuntimeError:
-        bound = 0
-    if not bound:
-        raise StartupError(f"server.listen: cannot listen on {listen}")
-    return bound
+    if credentials is None:
+        return add_port(lambda: server.add_insecure_port(listen), "server.listen", listen)
+    return add_port(lambda: server.add_secure_port(listen, credentials.credentials()),
+                    "server.listen", listen)
 
 
 def _start_aio(config: Config, authority: Authority, credentials: ReloadingCredentials | None,
                listen: str, host: str) -> RunningServer:
     """Raises: StartupError, ConfigError (nothing is left running)."""
-    aio = create_aio_servers(config, authority, (TICKET_SERVICE, ADMIN_SERVICE))
+    aio = create_aio_servers(config, authority)
     try:
         bound = aio.loop.run(_on_loop(lambda: _bind(aio.server, listen, credentials)))
         admin_address = None
@@ -211,21 +181,16 @@ def _start_threads(config: Config, authority: Authority,
             TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)))
     interceptors.append(ErrorInterceptor())
     server = _grpc_server(config, interceptors, config.server.workers)
-    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(
-        TicketAuthorityServicer(authority), server)
     health_servicer = health.HealthServicer()
     admin_server: grpc.Server | None = None
     admin_address: str | None = None
     if config.server.admin_listen:
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (TICKET_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         admin_server = _grpc_server(
             config, [MetricsInterceptor(authority.metrics), ErrorInterceptor()], 4)
-        _add_admin(admin_server, authority, health_servicer, (ADMIN_SERVICE,))
+    register(server, TicketAuthorityServicer(authority), TicketAdminServicer(authority),
+             health_servicer, admin_server)
+    if admin_server is not None:
         admin_address = _bind_admin(config, admin_server)
-    else:
-        _add_admin(server, authority, health_servicer, (TICKET_SERVICE, ADMIN_SERVICE))
     try:
         bound = _bind(server, listen, credentials)
     except StartupError:
