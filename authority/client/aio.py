@@ -17,18 +17,17 @@ from authority.client import models
 from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
 from authority.client.transport import (
     Backoff,
+    ClientSettings,
     ClientTls,
     RetryLoop,
-    channel_options,
-    check_plaintext,
-    check_settings,
+    chunks,
 )
 
 _READY = grpc.ChannelConnectivity.READY
 _FAILED = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 
 
-class AsyncTicketClient:
+class AsyncTicketClient(ClientSettings):
     """Issue, redeem and consume tickets at a ticket authority from asyncio code.
 
     Arguments, retry rule and exceptions as ``TicketClient`` (``interceptors`` are
@@ -42,17 +41,9 @@ class AsyncTicketClient:
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
                  max_batch_items: int = 1000) -> None:
-        check_settings(timeout, retries, max_batch_items)
-        self.address = address
-        self.tls = tls
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff or Backoff()
-        self.max_batch_items = max_batch_items
-        opts = channel_options(self.backoff, tls, options)
+        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options)
         chosen = list(interceptors) or None
         if tls is None:
-            check_plaintext(address)
             self._channel = grpc.aio.insecure_channel(address, options=opts,
                                                       interceptors=chosen)
         else:
@@ -99,8 +90,7 @@ class AsyncTicketClient:
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError
         for a lifetime outside 32 bits."""
         out: list[IssuedTicket | ItemError] = []
-        for start in range(0, len(states), self.max_batch_items):
-            chunk = states[start:start + self.max_batch_items]
+        for chunk in chunks(states, self.max_batch_items):
             request = models.issue_batch(chunk, lifetime, next(self._batch_ids), realm)
             out += models.issued_batch(await self._call("IssueTickets", request, True, timeout))
         return out
@@ -112,8 +102,7 @@ class AsyncTicketClient:
 
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
         out: list[Redeemed | ItemError] = []
-        for start in range(0, len(tickets), self.max_batch_items):
-            chunk = tickets[start:start + self.max_batch_items]
+        for chunk in chunks(tickets, self.max_batch_items):
             request = models.redeem_batch(chunk, consume, next(self._batch_ids), realm)
             out += models.redeemed_batch(await self._call("RedeemTickets", request, not consume,
                                                           timeout))

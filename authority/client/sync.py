@@ -16,18 +16,17 @@ from authority.client import models
 from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
 from authority.client.transport import (
     Backoff,
+    ClientSettings,
     ClientTls,
     RetryLoop,
-    channel_options,
-    check_plaintext,
-    check_settings,
+    chunks,
 )
 
 _CORE_READY = grpc.ChannelConnectivity.READY.value[0]
 _NOT_CONNECTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
-class TicketClient:
+class TicketClient(ClientSettings):
     """Issue, redeem and consume tickets at a ticket authority.
 
     ``address``: ``host:port`` (any gRPC target). ``tls``: ``ClientTls`` for TLS / mTLS; None
@@ -55,16 +54,8 @@ class TicketClient:
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
                  max_batch_items: int = 1000) -> None:
-        check_settings(timeout, retries, max_batch_items)
-        self.address = address
-        self.tls = tls
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff = backoff or Backoff()
-        self.max_batch_items = max_batch_items
-        opts = channel_options(self.backoff, tls, options)
+        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options)
         if tls is None:
-            check_plaintext(address)
             self._raw = grpc.insecure_channel(address, options=opts)
         else:
             self._raw = grpc.secure_channel(address, tls.credentials(), options=opts)
@@ -126,7 +117,7 @@ class TicketClient:
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded for a whole
         message; ValueError for a lifetime outside 32 bits."""
         out: list[IssuedTicket | ItemError] = []
-        for chunk in _chunks(states, self.max_batch_items):
+        for chunk in chunks(states, self.max_batch_items):
             request = models.issue_batch(chunk, lifetime, next(self._batch_ids), realm)
             out += models.issued_batch(self._call("IssueTickets", request, True, timeout))
         return out
@@ -141,7 +132,7 @@ class TicketClient:
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded for a whole
         message."""
         out: list[Redeemed | ItemError] = []
-        for chunk in _chunks(tickets, self.max_batch_items):
+        for chunk in chunks(tickets, self.max_batch_items):
             request = models.redeem_batch(chunk, consume, next(self._batch_ids), realm)
             out += models.redeemed_batch(self._call("RedeemTickets", request, not consume,
                                                     timeout))
@@ -216,6 +207,3 @@ class TicketClient:
             return err.code() not in _NOT_CONNECTED
         return True
 
-
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]

@@ -138,6 +138,41 @@ def channel_options(backoff: Backoff, tls: ClientTls | None,
     return options + list(extra)
 
 
+class ClientSettings:
+    """What both clients (sync and asyncio) keep: where, how, and how patiently."""
+
+    address: str
+    tls: ClientTls | None
+    timeout: float
+    retries: int
+    backoff: Backoff
+    max_batch_items: int
+
+    def _settle(self, address: str, tls: ClientTls | None, timeout: float, retries: int,
+                backoff: Backoff | None, max_batch_items: int,
+                options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+        """Check and keep the settings; returns the channel options.
+
+        Raises ValueError (bad settings), PlaintextRefused (no ``tls`` and a non-loopback
+        address)."""
+        check_settings(timeout, retries, max_batch_items)
+        self.address = address
+        self.tls = tls
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff or Backoff()
+        self.max_batch_items = max_batch_items
+        opts = channel_options(self.backoff, tls, options)
+        if tls is None:
+            check_plaintext(address)
+        return opts
+
+
+def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    """``items`` in slices of at most ``size`` (one batch message each). Never raises."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def check_settings(timeout: float, retries: int, max_batch_items: int) -> None:
     """Raises ValueError for a non-positive timeout, negative retries or batch size under 1."""
     if not timeout > 0:
