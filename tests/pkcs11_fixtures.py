@@ -7,10 +7,14 @@ Import the fixture explicitly (it is registered as ``hsm``)::
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import find_softhsm_module, provision_embedded_token
 from authority.config import Pkcs11Settings
 from authority.errors import StartupError
@@ -30,3 +34,24 @@ requires_softhsm = pytest.mark.skipif(MODULE_PATH is None, reason="SoftHSM2 not 
 def hsm_fixture(tmp_path: Path) -> Pkcs11Settings:
     """A freshly provisioned embedded token."""
     return provision_embedded_token(tmp_path / "hsm")
+
+
+def churn_key(keyed: Pkcs11Backend, worker: Callable[[threading.Event], None],
+              threads: int) -> None:
+    """Run ``worker(stop)`` on ``threads`` threads while ``KID`` is destroyed and re-created
+    five times; stop them and check that every one ended."""
+    stop = threading.Event()
+    running = [threading.Thread(target=worker, args=(stop,)) for _ in range(threads)]
+    for t in running:
+        t.start()
+    try:
+        for _ in range(5):
+            time.sleep(0.05)
+            keyed.destroy_key(KID)
+            time.sleep(0.05)
+            keyed.create_key(KID)
+    finally:
+        stop.set()
+    for t in running:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in running)

@@ -38,6 +38,7 @@ from authority.errors import (
 from tests.pkcs11_fixtures import (  # noqa: F401
     KID,
     OTHER,
+    churn_key,
     hsm_fixture,
     requires_softhsm,
 )
@@ -482,9 +483,8 @@ def test_threads_seal_and_unseal(keyed: Pkcs11Backend) -> None:
 
 def test_destroy_while_threads_use_the_key(keyed: Pkcs11Backend) -> None:
     outcomes: list[str] = []
-    stop = threading.Event()
 
-    def worker() -> None:
+    def worker(stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 sealed = keyed.seal(KID, b"", b"x")
@@ -497,19 +497,6 @@ def test_destroy_while_threads_use_the_key(keyed: Pkcs11Backend) -> None:
             except BaseException as exc:
                 outcomes.append(repr(exc))
 
-    threads = [threading.Thread(target=worker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(5):
-            time.sleep(0.05)
-            keyed.destroy_key(KID)
-            time.sleep(0.05)
-            keyed.create_key(KID)
-    finally:
-        stop.set()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads)
+    churn_key(keyed, worker, threads=6)
     assert set(outcomes) <= {"ok", "gone", "rekeyed"}, sorted(set(outcomes))
     assert keyed.unseal(KID, b"", keyed.seal(KID, b"", b"y")) == b"y"

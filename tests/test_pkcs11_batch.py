@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -27,6 +26,7 @@ from authority.errors import (
 from tests.pkcs11_fixtures import (  # noqa: F401
     KID,
     OTHER,
+    churn_key,
     hsm_fixture,
     requires_softhsm,
 )
@@ -256,9 +256,8 @@ def test_threads_call_unseal_many_concurrently(keyed: Pkcs11Backend) -> None:
 
 def test_destroy_and_create_while_threads_run_batches(keyed: Pkcs11Backend) -> None:
     outcomes: set[str] = set()
-    stop = threading.Event()
 
-    def worker() -> None:
+    def worker(stop: threading.Event) -> None:
         while not stop.is_set():
             try:
                 sealed = keyed.seal_many([(KID, b"", b"x")] * 20)
@@ -278,20 +277,7 @@ def test_destroy_and_create_while_threads_run_batches(keyed: Pkcs11Backend) -> N
                 else:
                     outcomes.add(repr(result))
 
-    threads = [threading.Thread(target=worker) for _ in range(5)]
-    for t in threads:
-        t.start()
-    try:
-        for _ in range(5):
-            time.sleep(0.05)
-            keyed.destroy_key(KID)
-            time.sleep(0.05)
-            keyed.create_key(KID)
-    finally:
-        stop.set()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads)
+    churn_key(keyed, worker, threads=5)
     assert outcomes <= {"ok", "gone", "rekeyed"}, sorted(outcomes)
     assert "ok" in outcomes
     assert keyed.unseal_many([(KID, b"", keyed.seal(KID, b"", b"y"))]) == [b"y"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pkcs11
@@ -17,23 +16,11 @@ import pytest
 from pkcs11.mechanisms import GCMParams
 
 from authority.backends.pkcs11 import Pkcs11Backend, key_label
-from authority.backends.softhsm import find_softhsm_module, provision_embedded_token
 from authority.config import Pkcs11Settings
-from authority.errors import StartupError, UnsealFailed
+from authority.errors import UnsealFailed
+from tests.pkcs11_fixtures import KID, hsm_fixture, requires_softhsm  # noqa: F401
 
-KID = bytes.fromhex("0102030405060708")
-
-try:
-    MODULE_PATH: Path | None = find_softhsm_module()
-except StartupError:
-    MODULE_PATH = None
-
-pytestmark = pytest.mark.skipif(MODULE_PATH is None, reason="SoftHSM2 not installed")
-
-
-@pytest.fixture
-def hsm(tmp_path: Path) -> Pkcs11Settings:
-    return provision_embedded_token(tmp_path / "hsm")
+pytestmark = requires_softhsm
 
 
 @pytest.fixture(params=[True, False], ids=["release-gil", "hold-gil"])
