@@ -9,9 +9,13 @@ from authority.bench.loops import Latencies, Tally, percentile
 from authority.bench.options import Options
 from authority.bench.savings import Savings
 from authority.bench.storm import StormRun
-from authority.bench.targets import evaluate
+from authority.bench.targets import evaluate, ratio
 
 CLIENT = "one grpc.aio client process, one channel"
+#: JSON key of each gRPC phase's rate (the raw device is added by ``figures``)
+_RATES = (("echo_calls_per_s", "echo"), ("unary_issue_per_s", "unary_issue"),
+          ("unary_redeem_per_s", "unary_redeem"), ("batch_redeem_per_s", "batch_redeem"),
+          ("stream_redeem_per_s", "stream_redeem"))
 
 
 @dataclass
@@ -44,16 +48,10 @@ class Results:
 
     def figures(self) -> dict[str, Any]:
         """The JSON document: flat figures, then details, then the targets."""
-        out: dict[str, Any] = {
-            "backend": self.backend_info.get("backend", self.options.backend),
-            "echo_calls_per_s": self.rate("echo"),
-            "unary_issue_per_s": self.rate("unary_issue"),
-            "unary_redeem_per_s": self.rate("unary_redeem"),
-            "batch_redeem_per_s": self.rate("batch_redeem"),
-            "stream_redeem_per_s": self.rate("stream_redeem"),
-            "raw_device_per_s": self.rate("raw_device"),
-            "raw_device_threads": self.device_threads,
-        }
+        out: dict[str, Any] = {"backend": self.backend_info.get("backend", self.options.backend)}
+        out.update((key, self.rate(phase)) for key, phase in _RATES)
+        out["raw_device_per_s"] = self.rate("raw_device")
+        out["raw_device_threads"] = self.device_threads
         out.update(self._storm_figures())
         out.update(self._latency_figures())
         out["savings"] = self.savings.as_json() if self.savings else None
@@ -71,16 +69,11 @@ class Results:
 
     def mode_figures(self, raw_device_per_s: float | None) -> dict[str, Any]:
         """The figures that compare server modes (rates, ratios, storm, latency, CPU)."""
-        echo = self.rate("echo")
-        out: dict[str, Any] = {"echo_calls_per_s": echo}
-        for key, phase in (("unary_issue_per_s", "unary_issue"),
-                           ("unary_redeem_per_s", "unary_redeem"),
-                           ("batch_redeem_per_s", "batch_redeem"),
-                           ("stream_redeem_per_s", "stream_redeem")):
-            out[key] = self.rate(phase)
-        out["unary_issue_vs_echo"] = _ratio(out["unary_issue_per_s"], echo)
-        out["unary_redeem_vs_echo"] = _ratio(out["unary_redeem_per_s"], echo)
-        out["batch_vs_raw_device"] = _ratio(out["batch_redeem_per_s"], raw_device_per_s)
+        out: dict[str, Any] = {key: self.rate(phase) for key, phase in _RATES}
+        echo = out["echo_calls_per_s"]
+        out["unary_issue_vs_echo"] = ratio(out["unary_issue_per_s"], echo)
+        out["unary_redeem_vs_echo"] = ratio(out["unary_redeem_per_s"], echo)
+        out["batch_vs_raw_device"] = ratio(out["batch_redeem_per_s"], raw_device_per_s)
         out.update(self._storm_figures())
         out.update({k: v for k, v in self._latency_figures().items()
                     if k in ("redeem_p50_ms", "redeem_p99_ms", "redeem_p999_ms")})
@@ -120,10 +113,6 @@ class Results:
         return {"echo_p50_ms": _ms(percentile(echo, 0.50)),
                 "echo_p99_ms": _ms(percentile(echo, 0.99)),
                 "echo_p999_ms": _ms(percentile(echo, 0.999))}
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import dh, ec, padding, rsa
 
+from authority.bench.targets import ratio
 from authority.ikev2 import derive_resumed_keys
 
 #: RFC 3526 group 14 (2048-bit MODP), generator 2
@@ -69,8 +70,8 @@ class Savings:
             "handshake_modp_rsa_us": self.handshake_modp_rsa_us,
             "redeem_client_us": self.redeem_client_us, "derive_resumed_keys_us": self.derive_us,
             "resumption_us": resumption,
-            "ratio_ecdh_ecdsa": _ratio(self.handshake_ecdh_ecdsa_us, resumption),
-            "ratio_modp_rsa": _ratio(self.handshake_modp_rsa_us, resumption)}
+            "ratio_ecdh_ecdsa": ratio(self.handshake_ecdh_ecdsa_us, resumption),
+            "ratio_modp_rsa": ratio(self.handshake_modp_rsa_us, resumption)}
 
 
 def cpu_us(operation: Callable[[], object], budget: float) -> float:
@@ -149,7 +150,3 @@ _SPI_I, _SPI_R = os.urandom(7) + b"\x01", os.urandom(7) + b"\x02"
 def _derive() -> object:
     """The gateway's resumption keys: HMAC-SHA-256 PRF, AES-GCM-256 (no integrity)."""
     return derive_resumed_keys(5, _SK_D, _NI, _NR, _SPI_I, _SPI_R, 20, 256, 0)
-
-
-def _ratio(handshake: float, resumption: float | None) -> float | None:
-    return handshake / resumption if resumption else None

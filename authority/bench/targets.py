@@ -38,7 +38,8 @@ def _num(figures: Mapping[str, Any], key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing (or b is 0). Never raises."""
     return a / b if a is not None and b else None
 
 
@@ -71,14 +72,14 @@ def evaluate(figures: Mapping[str, Any]) -> list[Target]:
     storm_note = "" if storm_n == STORM_TARGET_TICKETS else (
         f"projected from {storm_n:,}" if storm_n else "")
     return [
-        _judge("unary_issue_vs_echo", "unary issue >= 90% of echo", ">= 90% of echo", _ratio(
+        _judge("unary_issue_vs_echo", "unary issue >= 90% of echo", ">= 90% of echo", ratio(
             _num(figures, "unary_issue_per_s"), echo), 0.90, False,
             failures=fail(figures, "echo", "unary_issue")),
-        _judge("unary_redeem_vs_echo", "unary redeem >= 90% of echo", ">= 90% of echo", _ratio(
+        _judge("unary_redeem_vs_echo", "unary redeem >= 90% of echo", ">= 90% of echo", ratio(
             _num(figures, "unary_redeem_per_s"), echo), 0.90, False,
             failures=fail(figures, "echo", "unary_redeem")),
         _judge("batch_vs_raw_device", f"{device} batched redeem >= 80% of raw device",
-            ">= 80% of raw", _ratio(
+            ">= 80% of raw", ratio(
             _num(figures, "batch_redeem_per_s"), _num(figures, "raw_device_per_s")), 0.80,
             False, failures=fail(figures, "batch_redeem", "raw_device")),
         _judge("batch_redeem_rate", "SoftHSM2 batched redeem >= 12,000 tickets/s",
