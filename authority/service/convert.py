@@ -163,7 +163,8 @@ def item_error(exc: AuthorityError) -> authority_pb2.ItemError:
 
 
 def check_batch(count: int, limit: int) -> None:
-    """Raises: InvalidArgument naming ``items`` if a batch is empty or too large."""
+    """Raises: InvalidArgument naming ``items`` if a batch has more than ``limit`` items (an
+    empty batch is allowed and answered with no items)."""
     if count > limit:
         raise InvalidArgument("items", f"at most {limit} items per batch, got {count}")
 
