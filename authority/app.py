@@ -61,7 +61,34 @@ def open_backend(config: Config) -> KeyBackend:
     settings = pkcs11_settings(config)
     if inline_device_calls(config):  # one loop thread makes every call: keep the GIL
         settings = replace(settings, release_gil=False)
-    return Pkcs11Backend.open(settings)
+    local = Pkcs11Backend.open(settings)
+    count = device_processes(config)
+    if count == 0:
+        return local
+    from authority.backends.processes import DeviceProcesses
+
+    hello = {"module": str(settings.module), "token_label": settings.token_label,
+             "pin": settings.pin.reveal(), "session_timeout": settings.session_timeout,
+             "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": config.log_level}
+    try:
+        return DeviceProcesses(local, hello, count, asynchronous=server_mode(config) == "aio",
+                               wait=settings.session_timeout).start()
+    except BaseException:
+        local.close()
+        raise
+
+
+def device_processes(config: Config) -> int:
+    """How many device processes run batches (``server.device_processes``; ``auto``: one per
+    CPU, at most 4, for PKCS#11 on the aio server when there are 2 CPUs or more). Never
+    raises for a validated config."""
+    setting = config.server.device_processes
+    if config.backend != "pkcs11":
+        return 0
+    if setting == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return min(cpus, 4) if cpus >= 2 and server_mode(config) == "aio" else 0
+    return int(setting)
 
 
 def server_mode(config: Config) -> str:
@@ -90,7 +117,7 @@ class Authority:
                  clock: Clock) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.backend: KeyBackend = InstrumentedBackend(backend, self.metrics)
+        self.backend = InstrumentedBackend(backend, self.metrics)
         self.store = store
         self.clock = clock
         self.counters = Counters()

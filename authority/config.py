@@ -122,6 +122,9 @@ class ServerSettings:
                                      # (aio for pkcs11, threads for tpm: docs/benchmarks.md)
     device_calls: str = "auto"       # aio: "inline" in the loop, "offload" to ``workers``
                                      # threads; "auto": inline for pkcs11, offload for tpm
+    device_processes: int | str = "auto"  # pkcs11: child processes (own session each) that
+                                     # run batches; 0: none; "auto": one per CPU (at most 4)
+                                     # on the aio server with 2+ CPUs, else 0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ the service layer (authority/service/observability.py) into the same registry.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
@@ -107,6 +107,49 @@ class InstrumentedBackend:
                 child = self._by_op[op] = self._metrics.device_seconds.labels(op)
             child.observe(time.perf_counter() - start)
             inflight.dec()
+
+    async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        inflight = self._metrics.device_inflight
+        inflight.inc()
+        start = time.perf_counter()
+        try:
+            return await call()
+        finally:
+            child = self._by_op.get(op)
+            if child is None:
+                child = self._by_op[op] = self._metrics.device_seconds.labels(op)
+            child.observe(time.perf_counter() - start)
+            inflight.dec()
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the inner backend serves ``*_many_async`` on an event loop (device
+        processes in asynchronous mode); otherwise the async methods run the synchronous
+        ones."""
+        return bool(getattr(self._inner, "asynchronous", False))
+
+    async def detach(self) -> None:
+        """Release what the inner backend holds on the running event loop (device
+        processes' links); call on the loop before it stops. Never raises."""
+        detach = getattr(self._inner, "detach", None)
+        if detach is not None:
+            await detach()
+
+    async def seal_many_async(self, items: Sequence[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+        inner = getattr(self._inner, "seal_many_async", None)
+        if inner is None:
+            return self.seal_many(items)
+        result: list[bytes] = await self._timed_async("seal_many", lambda: inner(items))
+        return result
+
+    async def unseal_many_async(self, items: Sequence[tuple[bytes, bytes, bytes]]
+                                ) -> list[bytes | InvalidTicket]:
+        inner = getattr(self._inner, "unseal_many_async", None)
+        if inner is None:
+            return self.unseal_many(items)
+        result: list[bytes | InvalidTicket] = await self._timed_async(
+            "unseal_many", lambda: inner(items))
+        return result
 
     def create_key(self, key_id: bytes) -> None:
         self._timed("create_key", lambda: self._inner.create_key(key_id))

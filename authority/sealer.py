@@ -25,6 +25,7 @@ from authority.errors import InvalidArgument, InvalidTicket
 from authority.keyring import KeyRing
 from authority.policy import Policy, check_realm
 from authority.state import ResumptionState, validate_state
+from authority.steps import DeviceCall, Plan, run
 from authority.store.base import Store
 from authority.ticket_format import (
     TICKET_ID_LEN,
@@ -133,6 +134,14 @@ class Sealer:
         A state or realm that fails validation yields its InvalidArgument; the others are sealed.
         Raises: DeviceUnavailable, ResourceExhausted (for the whole batch).
         """
+        return run(self.issue_plan(items, field, realms), self._backend)
+
+    def issue_plan(self, items: Sequence[tuple[ResumptionState, int]],
+                   field: Callable[[int], str] = lambda i: f"items[{i}].state",
+                   realms: Sequence[str] | None = None,
+                   ) -> Plan[list[IssuedTicket | InvalidArgument]]:
+        """``issue_many`` as a plan (authority/steps.py): yields the one seal_many call.
+        Raises: as ``issue_many``."""
         out: list[IssuedTicket | InvalidArgument | None] = [None] * len(items)
         jobs: list[tuple[int, bytes, bytes, bytes, TicketContents]] = []
         now = math.floor(self._clock.now())
@@ -150,8 +159,8 @@ class Sealer:
             key_id = self._ring.sealing_key()
             header = encode_header(key_id, self._backend.format_version)
             jobs.append((index, key_id, header, encode_contents(contents), contents))
-        sealed = self._backend.seal_many([(k, h, plain) for _, k, h, plain, _ in jobs]
-                                         ) if jobs else []
+        sealed = (yield DeviceCall(True, [(k, h, plain) for _, k, h, plain, _ in jobs])
+                  ) if jobs else []
         for (index, key_id, header, _, contents), body in zip(jobs, sealed, strict=True):
             out[index] = IssuedTicket(assemble_ticket(header, body), key_id, contents.issued_at,
                                       contents.expires_at,
@@ -186,6 +195,14 @@ class Sealer:
         An empty ticket yields InvalidArgument; every other item yields a Redemption.
         Raises: DeviceUnavailable (for the whole batch).
         """
+        return run(self.redeem_plan(items, field, realms), self._backend)
+
+    def redeem_plan(self, items: Sequence[tuple[bytes, bool]],
+                    field: Callable[[int], str] = lambda i: f"items[{i}].ticket",
+                    realms: Sequence[str] | None = None,
+                    ) -> Plan[list[Redemption | InvalidArgument]]:
+        """``redeem_many`` as a plan (authority/steps.py): yields the one unseal_many call.
+        Raises: as ``redeem_many``."""
         out: list[Redemption | InvalidArgument | None] = [None] * len(items)
         pending: list[tuple[int, ParsedTicket]] = []
         for index, (ticket, _) in enumerate(items):
@@ -203,8 +220,8 @@ class Sealer:
                 out[index] = self._invalid("key", exc)
                 continue
             pending.append((index, parsed))
-        opened = self._backend.unseal_many([(p.key_id, p.header, p.sealed)
-                                            for _, p in pending]) if pending else []
+        opened = (yield DeviceCall(False, [(p.key_id, p.header, p.sealed)
+                                           for _, p in pending])) if pending else []
         authentic: list[tuple[int, bytes, TicketContents]] = []
         for (index, parsed), plain in zip(pending, opened, strict=True):
             if isinstance(plain, InvalidTicket):  # the device refused: tampered or foreign

@@ -28,6 +28,8 @@ from authority.policy import check_realm
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
+#: settings that take "auto" or an integer
+_AUTO_OR_INT = {"server.device_processes"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
         "audit_log", *_SECTIONS}
@@ -108,8 +110,17 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
         if key not in allowed:
             raise ConfigError(f"{name}.{key}", "unknown setting")
         default = getattr(cls(), key)
+        if f"{name}.{key}" in _AUTO_OR_INT:
+            values[key] = _auto_or_int(f"{name}.{key}", value)
+            continue
         values[key] = _coerce(f"{name}.{key}", value, type(default))
     return cls(**values)
+
+
+def _auto_or_int(setting: str, value: Any) -> int | str:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        return value  # type: ignore[no-any-return]
+    raise ConfigError(setting, f"expected auto or a whole number, got {value!r}")
 
 
 def _coerce(setting: str, value: Any, kind: type) -> Any:
@@ -265,6 +276,13 @@ def validate(cfg: Config) -> None:
     if cfg.server.device_calls not in ("auto", "inline", "offload"):
         raise ConfigError("server.device_calls",
                           f"expected auto, inline or offload, got {cfg.server.device_calls!r}")
+    processes = cfg.server.device_processes
+    if processes != "auto" and not (isinstance(processes, int) and 0 <= processes <= 64):
+        raise ConfigError("server.device_processes",
+                          f"expected auto or 0..64, got {cfg.server.device_processes!r}")
+    if cfg.backend != "pkcs11" and cfg.server.device_processes not in ("auto", 0):
+        raise ConfigError("server.device_processes", "only for backend pkcs11 (a TPM is one "
+                                                     "device: its backend has its own worker)")
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
     if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:

@@ -40,11 +40,14 @@ def _server_param(param: str) -> tuple[str, str]:
 def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "auto",
                 **keys: Any) -> Config:
     """Settings for a test server: its own state dir (so its own SoftHSM2 token or embedded
-    swtpm), port 0, no background maintenance (tests call ``maintain`` with a manual clock)."""
+    swtpm), port 0, no background maintenance (tests call ``maintain`` with a manual clock).
+    SoftHSM2 on the aio server runs its batches in 2 device processes (what ``auto`` gives
+    on 2+ CPUs), whatever this machine's CPU count."""
     policy = replace(KeyPolicy(maintenance_interval=3600.0), **keys)
+    processes = 2 if backend == "pkcs11" and mode in ("auto", "aio") else 0
     return Config(state_dir=state_dir, keys=policy, backend=backend,
                   server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen="",
-                                        mode=mode))
+                                        mode=mode, device_processes=processes))
 
 
 class Harness:

@@ -57,7 +57,7 @@ def test_operator_session(server: tuple[Server, Path]) -> None:
     srv, state = server
     banner = "".join(srv.banner)
     assert "ticket-authority status" in banner and "pkcs11" in banner
-    assert "server    aio (one event loop; ticket device calls inline)" in banner
+    assert "server    aio (one event loop; ticket device calls inline" in banner
     status = cli("status", "--state-dir", str(state))  # address found via the state dir
     assert status.returncode == 0, status.stderr
     assert "pkcs11" in status.stdout and "sealing key" in status.stdout

@@ -21,6 +21,7 @@ class BackendInfo:
     library: str      # module path and description, or TCTI
     token: str        # token label and serial, or TPM manufacturer
     sessions: int     # device sessions (or workers) in use
+    processes: int = 0  # device processes running batches (server.device_processes)
 
 
 class KeyBackend(Protocol):

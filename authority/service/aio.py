@@ -7,8 +7,10 @@ more CPU than the work; on one loop the same calls run back to back.
 Device work: the ticket calls run **inline** in the loop when ``server.device_calls`` is
 ``inline`` (``auto``: the PKCS#11 backend, whose calls take tens of microseconds), else in a
 thread pool of ``server.workers`` threads (``offload``; ``auto`` for the TPM, whose calls take
-milliseconds: its backend serialises them on its own worker). Admin calls always run in the
-pool (a key generation must not stall the loop).
+milliseconds: its backend serialises them on its own worker). With device processes
+(``server.device_processes``), batch calls run as plans (authority/steps.py): the loop does
+their Python work and awaits only the device process. Admin calls always run in the pool (a
+key generation must not stall the loop).
 
 ``AioGuard`` is the aio server's only interceptor and does, in order, what the thread-pool
 server's interceptors do: request decoding (an undecodable body is INVALID_ARGUMENT), the role
@@ -34,6 +36,7 @@ from authority.metrics import Metrics
 from authority.service.auth import HEALTH_PREFIX, Denied, RoleMap, authorize
 from authority.service.interceptors import _Undecodable, rewrap
 from authority.service.ratelimit import TokenBuckets, _cost, client_key
+from authority.steps import AsyncDevice, Plan, run_async
 
 log = logging.getLogger(__name__)
 
@@ -58,34 +61,56 @@ class Runner:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
 
-def async_servicer(sync: Any, base: type, run: Callable[..., Awaitable[Any]]) -> Any:
+#: batch methods the aio server can drive as plans (authority/steps.py) on its loop
+PLANS = {"IssueTickets": "issue_tickets_plan", "RedeemTickets": "redeem_tickets_plan"}
+
+Invoke = Callable[[Any, Any], Awaitable[Any]]
+
+
+def async_servicer(sync: Any, base: type, run: Callable[..., Awaitable[Any]],
+                   device: AsyncDevice | None = None) -> Any:
     """An instance of ``base`` (a generated servicer class) whose methods await ``run`` on the
     methods of ``sync``, the thread-pool server's servicer. A stream method named
     ``XStream`` answers each message with ``sync.Xs`` (``RedeemTicketStream`` ->
-    ``RedeemTickets``). Never raises."""
+    ``RedeemTickets``). With ``device`` (device processes), the methods in ``PLANS`` run as
+    plans on the loop, awaiting only the device. Never raises."""
     methods: dict[str, Any] = {}
     for name in dir(base):
         if name.startswith("_") or not callable(getattr(base, name)):
             continue
-        if name.endswith("Stream"):
-            methods[name] = _stream_method(getattr(sync, name[: -len("Stream")] + "s"), run)
-        else:
-            methods[name] = _unary_method(getattr(sync, name), run)
+        target = name[: -len("Stream")] + "s" if name.endswith("Stream") else name
+        invoke = (_planned(getattr(sync, PLANS[target]), device)
+                  if device is not None and target in PLANS else _ran(getattr(sync, target), run))
+        methods[name] = (_stream_method if name.endswith("Stream") else _unary_method)(invoke)
     return type(f"Aio{type(sync).__name__}", (base,), methods)()
 
 
-def _unary_method(fn: Callable[[Any, Any], Any], run: Callable[..., Awaitable[Any]]) -> Any:
-    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+def _ran(fn: Callable[[Any, Any], Any], run: Callable[..., Awaitable[Any]]) -> Invoke:
+    async def invoke(request: Any, context: Any) -> Any:
         return await run(fn, request, context)
+
+    return invoke
+
+
+def _planned(plan: Callable[[Any, Any], Plan[Any]], device: AsyncDevice) -> Invoke:
+    async def invoke(request: Any, context: Any) -> Any:
+        return await run_async(plan(request, context), device)
+
+    return invoke
+
+
+def _unary_method(invoke: Invoke) -> Any:
+    async def call(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await invoke(request, context)
 
     return call
 
 
-def _stream_method(fn: Callable[[Any, Any], Any], run: Callable[..., Awaitable[Any]]) -> Any:
+def _stream_method(invoke: Invoke) -> Any:
     async def call(self: Any, requests: AsyncIterator[Any],
                    context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async for request in requests:
-            yield await run(fn, request, context)
+            yield await invoke(request, context)
 
     return call
 

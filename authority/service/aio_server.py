@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2
 from authority._proto.ticketauthority.v1 import admin_pb2_grpc, authority_pb2_grpc
 from authority.app import Authority, inline_device_calls
 from authority.config import Config
+from authority.metrics import InstrumentedBackend
 from authority.service.aio import AioGuard, Runner, async_servicer
 from authority.service.auth import RoleMap
 from authority.service.ratelimit import TokenBuckets
@@ -60,6 +61,7 @@ class AioServers:
     server: grpc.aio.Server
     health: Any                           # grpc_health.v1 aio HealthServicer
     admin_server: grpc.aio.Server | None = None
+    device: InstrumentedBackend | None = None   # device processes driven on this loop
 
     async def start(self, service_names: tuple[str, ...]) -> None:
         """Start listening and report SERVING for ``service_names`` and the server."""
@@ -82,6 +84,8 @@ class AioServers:
         if self.admin_server is not None:
             stops.append(self.admin_server.stop(grace))
         await asyncio.gather(*stops)
+        if self.device is not None:
+            await self.device.detach()
 
 
 def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
@@ -103,11 +107,12 @@ async def _build(config: Config, authority: Authority, loop: LoopThread,
                if config.server.rate_limit_per_s > 0 else None)
     run = Runner(pool, inline_device_calls(config))
     server = _server(config, AioGuard(authority.metrics, roles, buckets))
+    device = authority.backend if authority.backend.asynchronous else None
     tickets = async_servicer(TicketAuthorityServicer(authority),
-                             authority_pb2_grpc.TicketAuthorityServicer, run)
+                             authority_pb2_grpc.TicketAuthorityServicer, run, device)
     admin = async_servicer(TicketAdminServicer(authority), admin_pb2_grpc.TicketAdminServicer,
                            run.offload)
-    servers = AioServers(loop, pool, server, health.aio.HealthServicer())
+    servers = AioServers(loop, pool, server, health.aio.HealthServicer(), device=device)
     if config.server.admin_listen:
         servers.admin_server = _server(config, AioGuard(authority.metrics))
     register(server, tickets, admin, servers.health, servers.admin_server)

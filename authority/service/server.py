@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from authority.app import Authority, inline_device_calls, server_mode
+from authority.app import Authority, device_processes, inline_device_calls, server_mode
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
@@ -273,7 +273,9 @@ def _mode_line(config: Config) -> str:
     if server_mode(config) == "threads":
         return f"threads ({config.server.workers} workers)"
     calls = "inline" if inline_device_calls(config) else f"on {config.server.workers} threads"
-    return f"aio (one event loop; ticket device calls {calls})"
+    processes = device_processes(config)
+    batches = f"; batches in {processes} device processes" if processes else ""
+    return f"aio (one event loop; ticket device calls {calls}{batches})"
 
 
 def _announce(config: Config, running: RunningServer) -> None:

@@ -21,6 +21,7 @@ from authority.sealer import IssuedTicket, Redemption
 from authority.service import convert
 from authority.service.auth import UNRESTRICTED, RealmCheck, RealmLimits, caller_identity
 from authority.state import ResumptionState
+from authority.steps import Plan, run
 
 
 class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
@@ -28,6 +29,7 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
 
     def __init__(self, authority: Authority) -> None:
         self._sealer = authority.sealer
+        self._device = authority.backend
         self._max_batch = authority.config.server.max_batch_items
         self._realm_limits = RealmLimits.from_settings(authority.config.tls)
 
@@ -53,16 +55,24 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
         return authority_pb2.ConsumeTicketResponse(result=convert.result_name(status))
 
     def IssueTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        convert.check_batch(len(request.items), self._max_batch)
-        return convert.issue_batch_response(self._issue_batch(request.items,
-                                                              self._realms(context)),
-                                            request.batch_id)
+        return run(self.issue_tickets_plan(request, context), self._device)
 
     def RedeemTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        return run(self.redeem_tickets_plan(request, context), self._device)
+
+    def issue_tickets_plan(self, request: Any, context: grpc.ServicerContext) -> Plan[Any]:
+        """IssueTickets as a plan (authority/steps.py), for the aio server to drive.
+        Raises: InvalidArgument (batch size), DeviceUnavailable, ResourceExhausted."""
         convert.check_batch(len(request.items), self._max_batch)
-        return convert.redeem_batch_response(self._redeem_batch(request.items,
-                                                                self._realms(context)),
-                                             request.batch_id)
+        results = yield from self._issue_batch(request.items, self._realms(context))
+        return convert.issue_batch_response(results, request.batch_id)
+
+    def redeem_tickets_plan(self, request: Any, context: grpc.ServicerContext) -> Plan[Any]:
+        """RedeemTickets as a plan (authority/steps.py), for the aio server to drive.
+        Raises: InvalidArgument (batch size), DeviceUnavailable."""
+        convert.check_batch(len(request.items), self._max_batch)
+        results = yield from self._redeem_batch(request.items, self._realms(context))
+        return convert.redeem_batch_response(results, request.batch_id)
 
     def IssueTicketStream(self, requests: Iterator[Any],  # noqa: N802
                           context: grpc.ServicerContext) -> Iterator[Any]:
@@ -74,7 +84,8 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
         for request in requests:
             yield self.RedeemTickets(request, context)
 
-    def _issue_batch(self, items: Any, realms: RealmCheck) -> list[IssuedTicket | AuthorityError]:
+    def _issue_batch(self, items: Any, realms: RealmCheck
+                     ) -> Plan[list[IssuedTicket | AuthorityError]]:
         """Missing states and refused realms fail their own item; the rest are sealed in one
         batch."""
         states: list[tuple[int, ResumptionState, int]] = []
@@ -88,25 +99,26 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
                                item.lifetime_seconds))
             except AuthorityError as exc:
                 out[index] = exc
-        sealed = self._sealer.issue_many([(s, life) for _, s, life in states],
-                                         field=lambda n: f"items[{states[n][0]}].state",
-                                         realms=[items[i].realm for i, _, _ in states])
+        sealed = yield from self._sealer.issue_plan(
+            [(s, life) for _, s, life in states], field=lambda n: f"items[{states[n][0]}].state",
+            realms=[items[i].realm for i, _, _ in states])
         for (index, _, _), result in zip(states, sealed, strict=True):
             out[index] = result
         return [r for r in out if r is not None]
 
-    def _redeem_batch(self, items: Any, realms: RealmCheck) -> list[Redemption | AuthorityError]:
+    def _redeem_batch(self, items: Any, realms: RealmCheck
+                      ) -> Plan[list[Redemption | AuthorityError]]:
         """Items naming a realm the caller may not use fail alone; the rest redeem in one
         batch."""
         if realms.allowed is None:  # nothing to refuse (the usual case): skip the bookkeeping
-            return list(self._sealer.redeem_many([(i.ticket, i.consume) for i in items],
-                                                 realms=[i.realm for i in items]))
+            return list((yield from self._sealer.redeem_plan(
+                [(i.ticket, i.consume) for i in items], realms=[i.realm for i in items])))
         out: list[Redemption | AuthorityError | None] = [
             realms.refusal(item.realm, f"items[{index}].realm") for index, item in enumerate(items)]
         allowed = [index for index, refused in enumerate(out) if refused is None]
-        results = self._sealer.redeem_many([(items[i].ticket, items[i].consume) for i in allowed],
-                                           field=lambda n: f"items[{allowed[n]}].ticket",
-                                           realms=[items[i].realm for i in allowed])
+        results = yield from self._sealer.redeem_plan(
+            [(items[i].ticket, items[i].consume) for i in allowed],
+            field=lambda n: f"items[{allowed[n]}].ticket", realms=[items[i].realm for i in allowed])
         for index, result in zip(allowed, results, strict=True):
             out[index] = result
         return [r for r in out if r is not None]

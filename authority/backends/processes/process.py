@@ -1,0 +1,124 @@
+"""One device process as the service sees it: start it, wait for it, call it, end it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import authority
+from authority.backends.processes.channel import Channel
+from authority.backends.processes.wire import WireError, decode_reply
+from authority.errors import DeviceUnavailable, InvalidTicket, StartupError
+
+log = logging.getLogger("authority.backends.processes")
+
+_PACKAGE_ROOT = str(Path(authority.__file__).resolve().parent.parent)
+
+
+class DeviceProcess:
+    """A child process with its own device session, reached over a socket pair."""
+
+    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.index = index
+        self.proc = proc
+        self.channel = channel
+        self.info: dict[str, Any] = {}
+
+    @classmethod
+    def spawn(cls, index: int, hello: dict[str, Any]) -> DeviceProcess:
+        """Start the child and send it ``hello`` (its settings); do not wait for it.
+
+        Raises: StartupError (the process cannot be started).
+        """
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "authority.backends.processes.child",
+                 str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            ours.close()
+            raise StartupError(f"server.device_processes: cannot start a device process: "
+                               f"{exc.strerror}") from exc
+        finally:
+            theirs.close()
+        process = cls(index, proc, Channel(ours))
+        try:
+            process.channel.send(json.dumps({**hello, "index": index}).encode())
+        except OSError as exc:
+            process.kill()
+            raise StartupError(f"server.device_processes: device process {index} exited at "
+                               f"start ({exc})") from exc
+        return process
+
+    def ready(self, timeout: float) -> None:
+        """Wait for the child to open its session. Raises: StartupError with its reason."""
+        self.channel.sock.settimeout(timeout)
+        try:
+            reply = decode_reply(self.channel.recv())
+            self.info = json.loads(reply[0]) if reply and isinstance(reply[0], bytes) else {}
+        except DeviceUnavailable as exc:  # the child's StartupError, message kept
+            self.kill()
+            raise StartupError(exc.message) from None
+        except (EOFError, OSError, WireError, ValueError) as exc:
+            self.kill()
+            raise StartupError(f"server.device_processes: device process {self.index} did "
+                               f"not start ({type(exc).__name__}: {exc})") from exc
+        log.debug("device process %d (pid %d) ready", self.index, self.proc.pid)
+
+    def call(self, payload: bytes, timeout: float) -> list[bytes | InvalidTicket]:
+        """Send one request and return its results.
+
+        Raises: DeviceUnavailable, KeyNotFound (the whole request failed in the device);
+        BrokenProcess (the process died, timed out or answered garbage: replace it).
+        """
+        self.channel.sock.settimeout(timeout)
+        try:
+            self.channel.send(payload)
+            reply = self.channel.recv()
+        except (EOFError, OSError, WireError) as exc:
+            raise BrokenProcess(f"device process {self.index} (pid {self.proc.pid}) failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        try:
+            return decode_reply(reply)
+        except WireError as exc:
+            raise BrokenProcess(f"device process {self.index} sent a bad reply: {exc}") from exc
+
+    def alive(self) -> bool:
+        """Whether the child is still running. Never raises."""
+        return self.proc.poll() is None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the channel (the child logs out and exits), then wait; kill it if it does not
+        exit within ``timeout``. Never raises."""
+        self.channel.close()
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if self.proc.poll() is None:
+            log.warning("device process %d did not exit; killing it", self.index)
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the child and reap it. Never raises."""
+        self.channel.close()
+        try:
+            self.proc.kill()
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+
+class BrokenProcess(DeviceUnavailable):
+    """A device process died, hung or broke the protocol; its request failed and it must be
+    replaced."""

@@ -1,0 +1,223 @@
+"""Device processes (authority/backends/processes): batches sealed and unsealed in child
+processes with their own sessions on a real SoftHSM2 token, synchronously and on an event loop;
+keys made and destroyed here seen there; a killed process replaced; the PIN never on a command
+line or in an environment; every process gone after close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from authority.app import device_processes
+from authority.backends.pkcs11 import Pkcs11Backend
+from authority.backends.processes import DeviceProcesses
+from authority.config import Config, Pkcs11Settings, ServerSettings
+from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
+from authority.settings_loader import load_config
+from authority.ticket_format import encode_header
+from tests.pkcs11_fixtures import KID, OTHER, hsm_fixture, requires_softhsm  # noqa: F401
+
+pytestmark = requires_softhsm
+
+
+def _hello(settings: Pkcs11Settings) -> dict[str, object]:
+    return {"module": str(settings.module), "token_label": settings.token_label,
+            "pin": settings.pin.reveal(), "session_timeout": 5.0,
+            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": "WARNING"}
+
+
+def _open(hsm: Pkcs11Settings, asynchronous: bool = False, count: int = 2) -> DeviceProcesses:
+    local = Pkcs11Backend.open(replace(hsm, sessions=2))
+    return DeviceProcesses(local, _hello(hsm), count, asynchronous=asynchronous,
+                           start_timeout=30).start()
+
+
+@pytest.fixture
+def procs(hsm: Pkcs11Settings) -> Iterator[DeviceProcesses]:
+    backend = _open(hsm)
+    backend.create_key(KID)
+    yield backend
+    backend.close()
+
+
+def _items(backend: DeviceProcesses, n: int = 20) -> tuple[list[bytes], list[tuple[bytes, ...]]]:
+    header = encode_header(KID, 1)
+    plaintexts = [f"state {i}".encode() * 3 for i in range(n)]
+    sealed = backend.seal_many([(KID, header, p) for p in plaintexts])
+    return plaintexts, [(KID, header, body) for body in sealed]
+
+
+def _wait_for(condition: object, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+def test_batches_round_trip_through_the_processes(procs: DeviceProcesses) -> None:
+    plaintexts, items = _items(procs)
+    assert procs.unseal_many(items) == plaintexts
+    assert procs.describe().processes == 2
+    assert len(set(procs.pids())) == 2 and os.getpid() not in procs.pids()
+
+
+def test_item_errors_come_back_in_place(procs: DeviceProcesses) -> None:
+    plaintexts, items = _items(procs, 4)
+    key_id, header, body = items[1]
+    tampered = (key_id, header, body[:-1] + bytes([body[-1] ^ 1]))
+    unknown = (OTHER, encode_header(OTHER, 1), items[2][2])
+    results = procs.unseal_many([items[0], tampered, unknown, items[3]])
+    assert results[0] == plaintexts[0] and results[3] == plaintexts[3]
+    assert isinstance(results[1], UnsealFailed)
+    assert isinstance(results[2], KeyNotFound) and results[2].key_id == OTHER
+
+
+def test_sealing_under_a_missing_key_fails_the_batch(procs: DeviceProcesses) -> None:
+    header = encode_header(OTHER, 1)
+    with pytest.raises(KeyNotFound):
+        procs.seal_many([(OTHER, header, b"a"), (OTHER, header, b"b")])
+
+
+def test_a_key_made_here_opens_there_and_a_destroyed_one_does_not(
+        procs: DeviceProcesses) -> None:
+    procs.create_key(OTHER)  # after the processes opened their sessions
+    header = encode_header(OTHER, 1)
+    sealed = procs.seal_many([(OTHER, header, b"x"), (OTHER, header, b"y")])
+    items = [(OTHER, header, body) for body in sealed]
+    for _ in range(4):  # every process has used (and cached) the key
+        assert procs.unseal_many(items) == [b"x", b"y"]
+    procs.destroy_key(OTHER)
+    for _ in range(4):
+        assert all(isinstance(r, KeyNotFound) for r in procs.unseal_many(items))
+
+
+def test_the_pin_is_on_no_command_line_and_in_no_environment(procs: DeviceProcesses,
+                                                              hsm: Pkcs11Settings) -> None:
+    pin = hsm.pin.reveal().encode()
+    for pid in procs.pids():
+        assert pin not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert pin not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def test_a_killed_process_is_replaced(procs: DeviceProcesses) -> None:
+    plaintexts, items = _items(procs)
+    victim = procs.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: not Path(f"/proc/{victim}").exists()
+              or b"Z" in Path(f"/proc/{victim}/stat").read_bytes().split(b")")[1][:3])
+    outcomes = []
+    for _ in range(6):  # the dead one is noticed and replaced; the other one serves meanwhile
+        try:
+            outcomes.append(procs.unseal_many(items) == plaintexts)
+        except DeviceUnavailable:
+            outcomes.append(False)
+    assert outcomes[-1]
+    _wait_for(lambda: len(procs.pids()) == 2 and victim not in procs.pids())
+    assert procs.unseal_many(items) == plaintexts
+
+
+def test_close_ends_every_process(hsm: Pkcs11Settings) -> None:
+    backend = _open(hsm)
+    pids = backend.pids()
+    backend.close()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_process_that_cannot_log_in_stops_the_start(hsm: Pkcs11Settings) -> None:
+    local = Pkcs11Backend.open(hsm)
+    hello = {**_hello(hsm), "pin": "wrong-pin"}
+    try:
+        with pytest.raises(StartupError, match="pkcs11"):
+            DeviceProcesses(local, hello, 2, start_timeout=30).start()
+    finally:
+        local.close()
+
+
+def test_on_an_event_loop_requests_pipeline_and_survive_a_kill(hsm: Pkcs11Settings) -> None:
+    backend = _open(hsm, asynchronous=True)
+    try:
+        backend.create_key(KID)
+        header = encode_header(KID, 1)
+
+        async def scenario() -> None:
+            sealed = await backend.seal_many_async([(KID, header, b"%d" % i) for i in range(50)])
+            items = [(KID, header, body) for body in sealed]
+            many = await asyncio.gather(*(backend.unseal_many_async(items) for _ in range(12)))
+            assert all(r == [b"%d" % i for i in range(50)] for r in many)
+            victim = backend.pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            await asyncio.sleep(0.2)
+            results = await asyncio.gather(*(backend.unseal_many_async(items)
+                                             for _ in range(6)), return_exceptions=True)
+            assert all(isinstance(r, (list, DeviceUnavailable)) for r in results)
+            assert any(isinstance(r, list) for r in results)
+            deadline = time.monotonic() + 30
+            while victim in backend.pids() or len(backend.pids()) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # the successor attaches to this loop
+            again = await asyncio.gather(*(backend.unseal_many_async(items) for _ in range(6)))
+            assert all(r == [b"%d" % i for i in range(50)] for r in again)
+            await backend.detach()
+
+        asyncio.run(scenario())
+    finally:
+        backend.close()
+
+
+def test_single_items_stay_in_this_process(procs: DeviceProcesses) -> None:
+    """Unary calls (one item) use this process's own session: no socket round trip."""
+    plaintexts, items = _items(procs, 2)
+    for pid in procs.pids():
+        os.kill(pid, signal.SIGSTOP)  # a batch would hang; a single item must not
+    try:
+        assert procs.unseal_many(items[:1]) == plaintexts[:1]
+    finally:
+        for pid in procs.pids():
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize(("toml", "expected"), [
+    ("", "auto"), ("device_processes = 3", 3), ('device_processes = "auto"', "auto"),
+    ("device_processes = 0", 0)])
+def test_device_processes_setting(tmp_path: Path, toml: str, expected: object) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[server]\n{toml}\n")
+    assert load_config(path, state_dir=tmp_path).server.device_processes == expected
+
+
+@pytest.mark.parametrize("toml", ['device_processes = "many"', "device_processes = -1",
+                                  "device_processes = 65", "device_processes = true"])
+def test_bad_device_processes_settings_name_the_setting(tmp_path: Path, toml: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[server]\n{toml}\n")
+    with pytest.raises(Exception, match=r"server\.device_processes"):
+        load_config(path, state_dir=tmp_path)
+
+
+def test_a_tpm_cannot_have_device_processes(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('backend = "tpm"\n[server]\ndevice_processes = 2\n')
+    with pytest.raises(Exception, match=r"server\.device_processes: only for backend pkcs11"):
+        load_config(path, state_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("backend", "mode", "setting", "cpus", "expected"), [
+    ("pkcs11", "auto", "auto", 2, 2), ("pkcs11", "auto", "auto", 8, 4),
+    ("pkcs11", "auto", "auto", 1, 0), ("pkcs11", "threads", "auto", 2, 0),
+    ("tpm", "auto", "auto", 2, 0), ("pkcs11", "threads", 3, 1, 3)])
+def test_auto_resolves_per_backend_server_and_cpus(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: str, mode: str,
+        setting: object, cpus: int, expected: int) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cpus)))
+    config = Config(state_dir=tmp_path, backend=backend,
+                    server=ServerSettings(mode=mode, device_processes=setting))  # type: ignore[arg-type]
+    assert device_processes(config) == expected

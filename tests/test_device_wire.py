@@ -1,0 +1,73 @@
+"""The device-process wire format (authority/backends/processes/wire.py): round trips, and
+every malformed payload a WireError (hypothesis)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from authority.backends.processes import wire
+from authority.errors import DeviceUnavailable, InvalidTicket, KeyNotFound, UnsealFailed
+
+items = st.lists(st.tuples(st.binary(max_size=16), st.binary(max_size=16),
+                           st.binary(max_size=300)), max_size=20)
+results = st.lists(st.one_of(st.binary(max_size=300), st.just(UnsealFailed()),
+                             st.binary(min_size=8, max_size=8).map(KeyNotFound)), max_size=20)
+
+
+@given(st.sampled_from([wire.SEAL, wire.UNSEAL]), items)
+def test_requests_round_trip(op: int, batch: list[tuple[bytes, bytes, bytes]]) -> None:
+    assert wire.decode_request(wire.encode_request(op, batch)) == (op, batch)
+
+
+@given(results)
+def test_results_round_trip(batch: list[bytes | InvalidTicket]) -> None:
+    decoded = wire.decode_reply(wire.encode_results(batch))
+    assert len(decoded) == len(batch)
+    for got, sent in zip(decoded, batch, strict=True):
+        assert type(got) is type(sent)
+        if isinstance(sent, bytes):
+            assert got == sent
+        elif isinstance(sent, KeyNotFound):
+            assert isinstance(got, KeyNotFound) and got.key_id == sent.key_id
+
+
+def test_failures_come_back_as_the_errors_the_device_raised() -> None:
+    with pytest.raises(DeviceUnavailable, match="token gone"):
+        wire.decode_reply(wire.encode_failure(wire.DEVICE_UNAVAILABLE, "token gone"))
+    with pytest.raises(KeyNotFound) as caught:
+        wire.decode_reply(wire.encode_failure(wire.KEY_NOT_FOUND, b"\x01" * 8))
+    assert caught.value.key_id == b"\x01" * 8
+
+
+@given(st.binary(max_size=200))
+def test_any_request_payload_decodes_or_is_a_wire_error(payload: bytes) -> None:
+    with contextlib.suppress(wire.WireError):
+        wire.decode_request(payload)
+
+
+@given(st.binary(max_size=200))
+def test_any_reply_payload_decodes_or_raises_a_known_error(payload: bytes) -> None:
+    with contextlib.suppress(wire.WireError, DeviceUnavailable, KeyNotFound):
+        wire.decode_reply(payload)
+
+
+@given(items, st.integers(min_value=0, max_value=40))
+def test_a_truncated_request_is_a_wire_error(batch: list[tuple[bytes, bytes, bytes]],
+                                             cut: int) -> None:
+    payload = wire.encode_request(wire.UNSEAL, batch)
+    if cut == 0 or cut > len(payload) - 1:
+        return
+    with pytest.raises(wire.WireError):
+        wire.decode_request(payload[:-cut])
+
+
+def test_frames_beyond_the_limit_are_refused() -> None:
+    with pytest.raises(wire.WireError):
+        wire.frame_length((wire.MAX_FRAME + 1).to_bytes(4, "big"))
+    with pytest.raises(wire.WireError):
+        wire.frame_length(b"\x00\x01")
+    assert wire.frame_length(wire.frame(b"abc")[:4]) == 3
