@@ -245,7 +245,8 @@ def _keys_table(keys: list[Any]) -> str:
 
 def _status_table(s: Any) -> str:
     rows = [("backend", s.backend), ("library", s.library), ("token", s.token),
-            ("sessions", str(s.sessions)), ("sealing key", s.sealing_key_id or "-"),
+            ("sessions", str(s.sessions)),
+            ("device processes", str(s.device_processes)), ("sealing key", s.sealing_key_id or "-"),
             ("keys", f"{s.active_keys} active, {s.decrypt_only_keys} decrypt-only, "
                      f"{s.destroyed_keys} destroyed"),
             ("consumed tickets", str(s.consumed_tickets)), ("version", s.version),

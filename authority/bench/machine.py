@@ -73,4 +73,5 @@ def machine_lines(machine: dict[str, object], backend: dict[str, object]) -> lis
             f"Linux {machine['kernel']}, Python {machine['python']}{loads}",
             f"versions {listed}",
             f"backend  {backend.get('backend', '?')}: {backend.get('library', '?')}; "
-            f"token {backend.get('token', '?')}; {backend.get('sessions', '?')} sessions"]
+            f"token {backend.get('token', '?')}; {backend.get('sessions', '?')} sessions; "
+            f"{backend.get('device_processes', 0)} device processes"]

@@ -15,20 +15,25 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of ``pid`` and its live child processes (the embedded swtpm)
-    so far, all threads; None if ``pid`` is unreadable."""
+    """User + system CPU seconds of ``pid`` and its live child processes (the embedded swtpm,
+    device processes) so far, all threads; None if ``pid`` is unreadable."""
     if pid is None:
         return None
     own = _stat(pid)
     if own is None:
         return None
-    total = own[1]
+    return own[1] + sum(child[1] for child in map(_stat, children(pid)) if child is not None)
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``. Never raises."""
+    found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != pid:
             child = _stat(int(entry))
             if child is not None and child[0] == pid:
-                total += child[1]
-    return total
+                found.append(int(entry))
+    return found
 
 
 def _stat(pid: int) -> tuple[int, float] | None:
@@ -40,6 +45,15 @@ def _stat(pid: int) -> tuple[int, float] | None:
         return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICKS
     except (OSError, IndexError, ValueError):
         return None
+
+
+def tree_mb(pid: int | None, field: str) -> float | None:
+    """``status_mb`` of ``pid`` plus its child processes' (device processes, swtpm): shared
+    pages count once per process, so this overstates rather than understates."""
+    own = status_mb(pid, field)
+    if own is None or pid is None:
+        return own
+    return own + sum(status_mb(child, field) or 0.0 for child in children(pid))
 
 
 def status_mb(pid: int | None, field: str) -> float | None:
@@ -57,8 +71,8 @@ def status_mb(pid: int | None, field: str) -> float | None:
 
 
 class RssSampler:
-    """Samples VmRSS of a process every ``interval`` seconds in a thread; ``peak_mb`` is the
-    largest value seen. Use as a context manager around the measured work."""
+    """Samples VmRSS of a process and its children every ``interval`` seconds in a thread;
+    ``peak_mb`` is the largest sum seen. Use as a context manager around the measured work."""
 
     def __init__(self, pid: int | None, interval: float = 0.02) -> None:
         self.pid = pid
@@ -85,7 +99,7 @@ class RssSampler:
             self._stop.wait(self.interval)
 
     def _sample(self) -> None:
-        value = status_mb(self.pid, "VmRSS")
+        value = tree_mb(self.pid, "VmRSS")
         if value is not None and (self.peak_mb is None or value > self.peak_mb):
             self.peak_mb = value
 

@@ -43,6 +43,8 @@ def _rate_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
     batch = f["settings"]["batch_size"]
     raw = f.get("raw_device_per_s")
     threads = f.get("raw_device_threads")
+    procs = f.get("raw_device_processes")
+    via = f", {procs} device processes" if procs else ""
     return [
         (f"(a) echo Health/Check, {conc} in flight", _n(echo, " calls/s"), _cpu(f, "echo"),
          "-", "-"),
@@ -60,7 +62,7 @@ def _rate_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
          *_judged([by["batch_vs_raw_device"], by["batch_redeem_rate"]])),
         (f"(c) RedeemTicketStream x{batch}", _n(f.get("stream_redeem_per_s"), " tickets/s"),
          _cpu(f, "stream_redeem"), "-", "-"),
-        (f"(d) raw device unseal_many, {threads or '-'} thread(s)",
+        (f"(d) raw device unseal_many, {threads or '-'} thread(s){via}",
          _n(raw, " tickets/s"), f"- / {_n(_raw_cpu(f))}", "-",
          "-" if raw else f.get("skipped", {}).get("raw_device", "-")),
     ]

@@ -27,6 +27,7 @@ class Results:
     backend_info: dict[str, object] = field(default_factory=dict)
     phases: dict[str, Tally] = field(default_factory=dict)
     device_threads: int | None = None
+    device_processes: int | None = None
     latency: Latencies | None = None
     echo_latency: Latencies | None = None
     storm: StormRun | None = None
@@ -52,6 +53,7 @@ class Results:
         out.update((key, self.rate(phase)) for key, phase in _RATES)
         out["raw_device_per_s"] = self.rate("raw_device")
         out["raw_device_threads"] = self.device_threads
+        out["raw_device_processes"] = self.device_processes
         out.update(self._storm_figures())
         out.update(self._latency_figures())
         out["savings"] = self.savings.as_json() if self.savings else None

@@ -48,7 +48,8 @@ class Client:
         """The server's backend description (TicketAdmin/GetStatus)."""
         reply = await self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=TIMEOUT)
         return {"backend": reply.backend, "library": reply.library, "token": reply.token,
-                "sessions": reply.sessions, "version": reply.version}
+                "sessions": reply.sessions, "device_processes": reply.device_processes,
+                "version": reply.version}
 
     async def close(self) -> None:
         """Close the channel."""

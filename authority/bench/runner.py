@@ -128,6 +128,7 @@ def _raw_device(opts: Options, config: Config, results: Results, progress: Progr
         return
     results.phases["raw_device"] = run.tally
     results.device_threads = run.threads
+    results.device_processes = run.processes
     if not run.tally.ok:
         results.errors.append("raw device: no ticket unsealed "
                               f"({run.tally.first_error or 'no call completed'})")

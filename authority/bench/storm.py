@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from authority.bench.loops import StreamPlan, Tally, Tick, drain, streams
-from authority.bench.procstat import CpuMeter, RssSampler, status_mb
+from authority.bench.procstat import CpuMeter, RssSampler, tree_mb
 from authority.bench.rpc import Client, batch_items
 from authority.bench.workload import issue_batches, redeem_batches, redeemed_ok
 
@@ -92,5 +92,5 @@ def store_size(db_path: Path | None) -> int | None:
 
 
 def server_memory(server_pid: int | None) -> float | None:
-    """The server's peak resident size so far (VmHWM), MB."""
-    return status_mb(server_pid, "VmHWM")
+    """The peak resident size so far (VmHWM) of the server and its child processes, MB."""
+    return tree_mb(server_pid, "VmHWM")

@@ -185,4 +185,4 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
             destroyed_keys=states.count(KeyState.DESTROYED),
             consumed_tickets=a.store.consumed_count(a.clock.now()), version=__version__,
             started_at=convert.timestamp(a.started_at), counters=a.counters.snapshot(),
-            sessions=info.sessions)
+            sessions=info.sessions, device_processes=info.processes)

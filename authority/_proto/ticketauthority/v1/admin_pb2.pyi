@@ -82,7 +82,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("backend", "library", "token", "sealing_key_id", "active_keys", "decrypt_only_keys", "destroyed_keys", "consumed_tickets", "version", "started_at", "counters", "sessions")
+    __slots__ = ("backend", "library", "token", "sealing_key_id", "active_keys", "decrypt_only_keys", "destroyed_keys", "consumed_tickets", "version", "started_at", "counters", "sessions", "device_processes")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class GetStatusResponse(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
     backend: str
     library: str
     token: str
@@ -114,7 +115,8 @@ class GetStatusResponse(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     counters: _containers.ScalarMap[str, int]
     sessions: int
-    def __init__(self, backend: _Optional[str] = ..., library: _Optional[str] = ..., token: _Optional[str] = ..., sealing_key_id: _Optional[str] = ..., active_keys: _Optional[int] = ..., decrypt_only_keys: _Optional[int] = ..., destroyed_keys: _Optional[int] = ..., consumed_tickets: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    device_processes: int
+    def __init__(self, backend: _Optional[str] = ..., library: _Optional[str] = ..., token: _Optional[str] = ..., sealing_key_id: _Optional[str] = ..., active_keys: _Optional[int] = ..., decrypt_only_keys: _Optional[int] = ..., destroyed_keys: _Optional[int] = ..., consumed_tickets: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ..., device_processes: _Optional[int] = ...) -> None: ...
 
 class SaSelector(_message.Message):
     __slots__ = ("spi_i", "spi_r")
