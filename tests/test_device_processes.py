@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,6 +19,7 @@ import pytest
 from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.processes import DeviceProcesses
+from authority.backends.processes.handoff import Handoff
 from authority.config import Config, Pkcs11Settings, ServerSettings
 from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
 from authority.settings_loader import load_config
@@ -221,3 +223,21 @@ def test_auto_resolves_per_backend_server_and_cpus(
     config = Config(state_dir=tmp_path, backend=backend,
                     server=ServerSettings(mode=mode, device_processes=setting))  # type: ignore[arg-type]
     assert device_processes(config) == expected
+
+
+def test_a_returned_process_goes_to_the_caller_waiting_longest() -> None:
+    """No barging: the thread that gives a process back cannot take it again ahead of a
+    waiting one (queue.Queue let a bench thread starve for 5 s)."""
+    pool: Handoff[int] = Handoff()
+    pool.put(1)
+    taken = pool.get(1.0)
+    got: list[int | None] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get(10.0)))
+    waiter.start()
+    _wait_for(lambda: pool._waiters)  # the other thread is in line
+    pool.put(taken)  # type: ignore[arg-type]
+    assert pool.get(0.05) is None  # ... so this caller waits its turn
+    waiter.join(10)
+    assert got == [1]
+    assert pool.get(0.01) is None  # nothing idle: a timeout gives None and leaves the line
+    assert not pool._waiters

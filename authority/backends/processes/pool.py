@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from authority.backends.base import BackendInfo, KeyBackend
+from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.link import AsyncLink
 from authority.backends.processes.process import BrokenProcess, DeviceProcess
 from authority.backends.processes.wire import SEAL, UNSEAL, encode_request
@@ -59,7 +59,7 @@ class DeviceProcesses:
         self._wait = wait
         self._call_timeout = call_timeout
         self._start_timeout = start_timeout
-        self._idle: queue.Queue[DeviceProcess] = queue.Queue()  # FIFO: every process in turn
+        self._idle: Handoff[DeviceProcess] = Handoff()  # fair: no caller starves
         self._running = 0          # processes idle or serving a batch
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -234,11 +234,10 @@ class DeviceProcesses:
             with self._lock:
                 if self._running == 0 or self._closed.is_set():
                     return None
-            try:
-                process = self._idle.get(timeout=self._wait)
-            except queue.Empty:
+            process = self._idle.get(self._wait)
+            if process is None:
                 raise DeviceUnavailable(f"all {self._count} device processes stayed busy for "
-                                        f"{self._wait:g} s") from None
+                                        f"{self._wait:g} s")
             if process.alive():
                 return process
             log.error("device process %d (pid %d) exited (status %s); replacing it",
