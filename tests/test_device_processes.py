@@ -14,8 +14,10 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 
+from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.processes import DeviceProcesses
@@ -24,9 +26,11 @@ from authority.config import Config, Pkcs11Settings, ServerSettings
 from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
 from authority.settings_loader import load_config
 from authority.ticket_format import encode_header
+from tests.conftest import Harness, issue, make_config
 from tests.pkcs11_fixtures import KID, OTHER, hsm_fixture, requires_softhsm  # noqa: F401
 
 pytestmark = requires_softhsm
+OK = authority_pb2.REDEEM_RESULT_OK
 
 
 def _hello(settings: Pkcs11Settings) -> dict[str, object]:
@@ -241,3 +245,41 @@ def test_a_returned_process_goes_to_the_caller_waiting_longest() -> None:
     assert got == [1]
     assert pool.get(0.01) is None  # nothing idle: a timeout gives None and leaves the line
     assert not pool._waiters
+
+
+@pytest.mark.parametrize("mode", ["aio", "threads"])
+def test_a_server_with_device_processes_survives_losing_one(tmp_path: Path, mode: str) -> None:
+    """Over gRPC, on both servers: batches run in the device processes; a SIGKILLed one
+    costs at most some UNAVAILABLE batches (never another status, never a wrong result), is
+    replaced, and GetStatus counts it again."""
+    h = Harness(tmp_path / "state", "pkcs11", mode)
+    config = make_config(h.state_dir, "pkcs11", mode)
+    h.start(replace(config, server=replace(config.server, device_processes=2)))
+    try:
+        stub, admin = h.tickets, h.admin
+        tickets = [issue(stub, n).ticket for n in range(40)]
+        request = authority_pb2.RedeemTicketsRequest(items=[
+            authority_pb2.RedeemTicketRequest(ticket=t) for t in tickets])
+
+        def redeem_all() -> str:
+            try:
+                reply = stub.RedeemTickets(request, timeout=30)
+            except grpc.RpcError as exc:
+                return str(exc.code().name)
+            assert [i.redeemed.result for i in reply.items] == [OK] * len(tickets)
+            return "OK"
+
+        def status() -> int:
+            return int(admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
+                       .device_processes)
+
+        assert redeem_all() == "OK" and status() == 2
+        processes = h.authority.backend._inner
+        victim = processes.pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        codes = [redeem_all() for _ in range(8)]
+        assert set(codes) <= {"OK", "UNAVAILABLE"} and codes[-1] == "OK"
+        _wait_for(lambda: status() == 2 and victim not in processes.pids())
+        assert all(redeem_all() == "OK" for _ in range(4))
+    finally:
+        h.stop()
