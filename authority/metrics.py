@@ -69,6 +69,18 @@ class _StateCollector(Collector):
                                      "Live entries in the consumed-ticket set")
         consumed.add_metric([], self._a.store.consumed_count(self._a.clock.now()))
         yield consumed
+        yield from self._device()
+
+    def _device(self) -> Iterator[Any]:
+        info = self._a.backend.describe()
+        processes = GaugeMetricFamily("ticket_authority_device_processes",
+                                      "Device processes running batches")
+        processes.add_metric([], info.processes)
+        restarts = CounterMetricFamily("ticket_authority_device_process_restarts",
+                                       "Device processes replaced after dying, hanging or "
+                                       "breaking the protocol")
+        restarts.add_metric([], info.process_restarts)
+        yield from (processes, restarts)
 
     def _keys(self) -> Iterator[Any]:
         now = self._a.clock.now()

@@ -281,5 +281,8 @@ def test_a_server_with_device_processes_survives_losing_one(tmp_path: Path, mode
         assert set(codes) <= {"OK", "UNAVAILABLE"} and codes[-1] == "OK"
         _wait_for(lambda: status() == 2 and victim not in processes.pids())
         assert all(redeem_all() == "OK" for _ in range(4))
+        registry = h.authority.metrics.registry
+        assert registry.get_sample_value("ticket_authority_device_processes") == 2
+        assert registry.get_sample_value("ticket_authority_device_process_restarts_total") == 1
     finally:
         h.stop()

@@ -22,6 +22,7 @@ class BackendInfo:
     token: str        # token label and serial, or TPM manufacturer
     sessions: int     # device sessions (or workers) in use
     processes: int = 0  # device processes running batches (server.device_processes)
+    process_restarts: int = 0  # device processes replaced since start
 
 
 class KeyBackend(Protocol):

@@ -61,6 +61,7 @@ class DeviceProcesses:
         self._start_timeout = start_timeout
         self._idle: Handoff[DeviceProcess] = Handoff()  # fair: no caller starves
         self._running = 0          # processes idle or serving a batch
+        self._restarts = 0         # processes replaced (died, hung, broke the protocol)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._all: dict[int, DeviceProcess] = {}
@@ -249,6 +250,7 @@ class DeviceProcesses:
         process.kill()
         with self._lock:
             self._running -= 1
+            self._restarts += 1
             self._all.pop(process.index, None)
         if not self._closed.is_set():
             threading.Thread(target=self._respawn, args=(process.index,),
@@ -303,8 +305,8 @@ class DeviceProcesses:
     def describe(self) -> BackendInfo:
         """This process's backend, and how many device processes run."""
         with self._lock:
-            running = self._running
-        return replace(self._local.describe(), processes=running)
+            running, restarts = self._running, self._restarts
+        return replace(self._local.describe(), processes=running, process_restarts=restarts)
 
     def pids(self) -> list[int]:
         """Process ids of the running device processes (for status and tests)."""
