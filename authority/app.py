@@ -65,7 +65,7 @@ def open_backend(config: Config) -> KeyBackend:
     count = device_processes(config)
     if count == 0:
         return local
-    from authority.backends.processes import DeviceProcesses
+    from authority.backends.processes.pool import DeviceProcesses
 
     hello = {"module": str(settings.module), "token_label": settings.token_label,
              "pin": settings.pin.reveal(), "session_timeout": settings.session_timeout,

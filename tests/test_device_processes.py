@@ -20,8 +20,8 @@ import pytest
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
-from authority.backends.processes import DeviceProcesses
 from authority.backends.processes.handoff import Handoff
+from authority.backends.processes.pool import DeviceProcesses
 from authority.config import Config, Pkcs11Settings, ServerSettings
 from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
 from authority.settings_loader import load_config

@@ -1,5 +1,5 @@
-"""Device processes: batches sealed and unsealed in child processes with their own sessions."""
+"""Device processes: batches sealed and unsealed in child processes with their own sessions.
 
-from authority.backends.processes.pool import DeviceProcesses
-
-__all__ = ["DeviceProcesses"]
+``pool.DeviceProcesses`` is the backend the server uses; ``child`` is what each process runs
+(it imports nothing of the server side, so that it starts quickly).
+"""
