@@ -41,8 +41,12 @@ def _hello(settings: Pkcs11Settings) -> dict[str, object]:
 
 def _open(hsm: Pkcs11Settings, asynchronous: bool = False, count: int = 2) -> DeviceProcesses:
     local = Pkcs11Backend.open(replace(hsm, sessions=2))
-    return DeviceProcesses(local, _hello(hsm), count, asynchronous=asynchronous,
-                           start_timeout=30).start()
+    try:
+        return DeviceProcesses(local, _hello(hsm), count, asynchronous=asynchronous,
+                               start_timeout=30).start()
+    except BaseException:
+        local.close()  # as app.open_backend does: no backend left open for the next test
+        raise
 
 
 @pytest.fixture
@@ -71,6 +75,7 @@ def test_batches_round_trip_through_the_processes(procs: DeviceProcesses) -> Non
     plaintexts, items = _items(procs)
     assert procs.unseal_many(items) == plaintexts
     assert procs.describe().processes == 2
+    assert procs.describe().sessions == 2 + 2  # this process's two, one per device process
     assert len(set(procs.pids())) == 2 and os.getpid() not in procs.pids()
 
 

@@ -29,21 +29,37 @@ class Fleet:
         self.closed = threading.Event()
 
     def start(self) -> None:
-        """Start every process and wait until each has its session.
+        """Start every process and open their sessions one after the other (the interpreters
+        start in parallel). A process that fails to open gets one more try, in a new process.
 
-        Raises: StartupError (the first failing process's reason; none is left running).
+        Raises: StartupError (the reason of a process that failed twice; none is left running).
         """
-        started = []
+        started = [DeviceProcess.spawn(i) for i in range(self.count)]
         try:
-            started = [DeviceProcess.spawn(i, self._hello) for i in range(self.count)]
-            for process in started:
-                process.ready(self._start_timeout)
+            for n, process in enumerate(started):
+                started[n] = self._open(process)
         except StartupError:
             for process in started:
                 process.kill()
             raise
         for process in started:
             self._adopt(process)
+
+    def _open(self, process: DeviceProcess) -> DeviceProcess:
+        """``process`` with its session, or a new one if it failed once. Raises: StartupError."""
+        try:
+            process.open(self._hello, self._start_timeout)
+            return process
+        except StartupError as exc:
+            log.warning("device process %d failed to open its session, trying a new one: %s",
+                        process.index, exc)
+        again = DeviceProcess.spawn(process.index)
+        try:
+            again.open(self._hello, self._start_timeout)
+        except StartupError:
+            again.kill()
+            raise
+        return again
 
     @property
     def running(self) -> int:
@@ -78,8 +94,8 @@ class Fleet:
         delay = 0.5
         while not self.closed.is_set():
             try:
-                process = DeviceProcess.spawn(index, self._hello)
-                process.ready(self._start_timeout)
+                process = DeviceProcess.spawn(index)
+                process.open(self._hello, self._start_timeout)
             except StartupError as exc:
                 log.error("device process %d could not restart (retry in %g s): %s",
                           index, delay, exc)

@@ -221,8 +221,11 @@ class DeviceProcesses:
         return self._local.key_attributes(key_id)
 
     def describe(self) -> BackendInfo:
-        """This process's backend, and how many device processes run."""
-        return replace(self._local.describe(), processes=self._fleet.running,
+        """This process's backend; its sessions plus one per running device process (what a
+        token's session limit sees), and how many device processes run."""
+        info = self._local.describe()
+        running = self._fleet.running
+        return replace(info, sessions=info.sessions + running, processes=running,
                        process_restarts=self._fleet.restarts)
 
     def pids(self) -> list[int]:

@@ -32,8 +32,8 @@ class DeviceProcess:
         self.info: dict[str, Any] = {}
 
     @classmethod
-    def spawn(cls, index: int, hello: dict[str, Any]) -> DeviceProcess:
-        """Start the child and send it ``hello`` (its settings); do not wait for it.
+    def spawn(cls, index: int) -> DeviceProcess:
+        """Start the child (it imports its modules, then waits for ``hello``).
 
         Raises: StartupError (the process cannot be started).
         """
@@ -52,18 +52,20 @@ class DeviceProcess:
                                f"{exc.strerror}") from exc
         finally:
             theirs.close()
-        process = cls(index, proc, Channel(ours))
-        try:
-            process.channel.send(json.dumps({**hello, "index": index}).encode())
-        except OSError as exc:
-            process.kill()
-            raise StartupError(f"server.device_processes: device process {index} exited at "
-                               f"start ({exc})") from exc
-        return process
+        return cls(index, proc, Channel(ours))
 
-    def ready(self, timeout: float) -> None:
-        """Wait for the child to open its session. Raises: StartupError with its reason."""
+    def open(self, hello: dict[str, Any], timeout: float) -> None:
+        """Send the settings and wait until the child has opened its session.
+
+        Raises: StartupError with the child's reason.
+        """
         self.channel.sock.settimeout(timeout)
+        try:
+            self.channel.send(json.dumps({**hello, "index": self.index}).encode())
+        except OSError as exc:
+            self.kill()
+            raise StartupError(f"server.device_processes: device process {self.index} exited "
+                               f"at start ({exc})") from exc
         try:
             reply = decode_reply(self.channel.recv())
             self.info = json.loads(reply[0]) if reply and isinstance(reply[0], bytes) else {}
