@@ -38,6 +38,8 @@ log = logging.getLogger("authority.backends.processes")
 Items = Sequence[tuple[bytes, bytes, bytes]]
 Results = list[bytes | InvalidTicket]
 
+PIPELINE = 4  # requests in flight per device process (asynchronous mode)
+
 
 class DeviceProcesses:
     """A KeyBackend: ``local`` plus ``count`` device processes for batches. Thread-safe."""
@@ -62,6 +64,9 @@ class DeviceProcesses:
         self._idle: Handoff[DeviceProcess] = Handoff()  # synchronous: fair, no caller starves
         self._loop: asyncio.AbstractEventLoop | None = None  # asynchronous: the loop and
         self._links: dict[int, AsyncLink] = {}              # each process's link on it
+        # at most PIPELINE requests per process in flight: more only queue memory in the
+        # socket buffers (a batch is up to ~1 MB), the processes are busy either way
+        self._slots = asyncio.Semaphore(PIPELINE * count)
 
     def __repr__(self) -> str:
         return f"<DeviceProcesses {self._fleet.count} x {self._local!r}>"
@@ -164,11 +169,12 @@ class DeviceProcesses:
             self._loop = asyncio.get_running_loop()
             for process in self._fleet.live():
                 await self._attach(process)
-        links = [link for link in self._links.values() if not link.broken]
-        if not links:
-            return None
-        link = min(links, key=lambda candidate: candidate.pending)
-        results = await link.call(encode_request(op, items), self._call_timeout)
+        async with self._slots:
+            links = [link for link in self._links.values() if not link.broken]
+            if not links:
+                return None
+            link = min(links, key=lambda candidate: candidate.pending)
+            results = await link.call(encode_request(op, items), self._call_timeout)
         return _checked(results, items, link.process)
 
     async def _attach(self, process: DeviceProcess) -> None:
