@@ -6,6 +6,7 @@ line or in an environment; every process gone after close."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -291,3 +292,27 @@ def test_a_server_with_device_processes_survives_losing_one(tmp_path: Path, mode
         assert registry.get_sample_value("ticket_authority_device_process_restarts_total") == 1
     finally:
         h.stop()
+
+
+def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
+        procs: DeviceProcesses, caplog: pytest.LogCaptureFixture) -> None:
+    """While a successor fails to open its session (here: the PIN it is given is wrong), the
+    fleet runs one process short, batches keep being answered by the others, and the
+    successor is retried with backoff until it starts."""
+    plaintexts, items = _items(procs)
+    fleet = procs._fleet
+    right_pin = fleet._hello["pin"]
+    fleet._hello["pin"] = "not-the-pin"
+    victim = procs.pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(4):  # synchronous mode notices a dead process when it is next used
+        with contextlib.suppress(DeviceUnavailable):
+            procs.unseal_many(items)
+    _wait_for(lambda: "could not restart" in caplog.text)
+    assert len(procs.pids()) == 1
+    for _ in range(4):
+        assert procs.unseal_many(items) == plaintexts
+    fleet._hello["pin"] = right_pin
+    _wait_for(lambda: len(procs.pids()) == 2)
+    assert procs.describe().processes == 2 and fleet.restarts == 1
+    assert procs.unseal_many(items) == plaintexts
