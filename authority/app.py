@@ -68,7 +68,7 @@ def open_backend(config: Config) -> KeyBackend:
     from authority.backends.processes.pool import DeviceProcesses
 
     hello = {"module": str(settings.module), "token_label": settings.token_label,
-             "pin": settings.pin.reveal(), "session_timeout": settings.session_timeout,
+             "pin": settings.pin, "session_timeout": settings.session_timeout,
              "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": config.log_level}
     try:
         return DeviceProcesses(local, hello, count, asynchronous=server_mode(config) == "aio",

@@ -23,7 +23,7 @@ from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.pool import DeviceProcesses
-from authority.config import Config, Pkcs11Settings, ServerSettings
+from authority.config import Config, Pkcs11Settings, Secret, ServerSettings
 from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
 from authority.settings_loader import load_config
 from authority.ticket_format import encode_header
@@ -36,7 +36,7 @@ OK = authority_pb2.REDEEM_RESULT_OK
 
 def _hello(settings: Pkcs11Settings) -> dict[str, object]:
     return {"module": str(settings.module), "token_label": settings.token_label,
-            "pin": settings.pin.reveal(), "session_timeout": 5.0,
+            "pin": settings.pin, "session_timeout": 5.0,
             "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": "WARNING"}
 
 
@@ -112,6 +112,7 @@ def test_a_key_made_here_opens_there_and_a_destroyed_one_does_not(
 
 def test_the_pin_is_on_no_command_line_and_in_no_environment(procs: DeviceProcesses,
                                                               hsm: Pkcs11Settings) -> None:
+    assert hsm.pin.reveal() not in repr(procs._fleet.__dict__)  # held as a Secret here too
     pin = hsm.pin.reveal().encode()
     for pid in procs.pids():
         assert pin not in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -302,7 +303,7 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
     plaintexts, items = _items(procs)
     fleet = procs._fleet
     right_pin = fleet._hello["pin"]
-    fleet._hello["pin"] = "not-the-pin"
+    fleet._hello["pin"] = Secret("not-the-pin")
     victim = procs.pids()[0]
     os.kill(victim, signal.SIGKILL)
     for _ in range(4):  # synchronous mode notices a dead process when it is next used

@@ -15,6 +15,7 @@ from typing import Any
 import authority
 from authority.backends.processes.channel import Channel
 from authority.backends.processes.wire import WireError, decode_reply
+from authority.config import Secret
 from authority.errors import DeviceUnavailable, InvalidTicket, StartupError
 
 log = logging.getLogger("authority.backends.processes")
@@ -55,13 +56,15 @@ class DeviceProcess:
         return cls(index, proc, Channel(ours))
 
     def open(self, hello: dict[str, Any], timeout: float) -> None:
-        """Send the settings and wait until the child has opened its session.
+        """Send the settings (a ``Secret`` is revealed only into this message) and wait until
+        the child has opened its session.
 
         Raises: StartupError with the child's reason.
         """
         self.channel.sock.settimeout(timeout)
         try:
-            self.channel.send(json.dumps({**hello, "index": self.index}).encode())
+            settings = {k: v.reveal() if isinstance(v, Secret) else v for k, v in hello.items()}
+            self.channel.send(json.dumps({**settings, "index": self.index}).encode())
         except OSError as exc:
             self.kill()
             raise StartupError(f"server.device_processes: device process {self.index} exited "
