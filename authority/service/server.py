@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -230,6 +231,7 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+    _settle_heap()
     _announce(config, running)
     try:
         stop.wait()
@@ -237,6 +239,16 @@ def serve(config: Config) -> None:
         running.stop(config.server.grace_seconds)
         server_file.unlink(missing_ok=True)
         log.info("stopped")
+
+
+def _settle_heap() -> None:
+    """Move everything allocated at start-up (modules, grpc, protobuf) out of the collector's
+    sight. Measured under unary load: a full (generation 2) collection walked ~39,000 objects
+    and stalled the event loop 31 ms; after ``gc.freeze`` none ran in the same 8 s and the young
+    collections stayed under 0.4 ms. Only the long-running ``serve`` does this (tests build
+    many servers in one process)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _write_server_file(path: Path, address: str, admin_address: str | None = None) -> None:
