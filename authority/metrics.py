@@ -108,30 +108,31 @@ class InstrumentedBackend:
         self._by_op: dict[str, Any] = {}   # labelled histogram children: labels() is slow
 
     def _timed(self, op: str, call: Callable[[], Any]) -> Any:
-        inflight = self._metrics.device_inflight
-        inflight.inc()
-        start = time.perf_counter()
+        start = self._begin()
         try:
             return call()
         finally:
-            child = self._by_op.get(op)
-            if child is None:
-                child = self._by_op[op] = self._metrics.device_seconds.labels(op)
-            child.observe(time.perf_counter() - start)
-            inflight.dec()
+            self._end(op, start)
 
     async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        inflight = self._metrics.device_inflight
-        inflight.inc()
-        start = time.perf_counter()
+        start = self._begin()
         try:
             return await call()
         finally:
-            child = self._by_op.get(op)
-            if child is None:
-                child = self._by_op[op] = self._metrics.device_seconds.labels(op)
-            child.observe(time.perf_counter() - start)
-            inflight.dec()
+            self._end(op, start)
+
+    def _begin(self) -> float:
+        """Count one device call in flight; return its start time."""
+        self._metrics.device_inflight.inc()
+        return time.perf_counter()
+
+    def _end(self, op: str, start: float) -> None:
+        """Record the call's duration under ``op`` and count it out of flight."""
+        child = self._by_op.get(op)
+        if child is None:
+            child = self._by_op[op] = self._metrics.device_seconds.labels(op)
+        child.observe(time.perf_counter() - start)
+        self._metrics.device_inflight.dec()
 
     @property
     def asynchronous(self) -> bool:
