@@ -65,13 +65,12 @@ def open_backend(config: Config) -> KeyBackend:
     count = device_processes(config)
     if count == 0:
         return local
+    from authority.backends.processes.child import hello_for
     from authority.backends.processes.pool import DeviceProcesses
 
-    hello = {"module": str(settings.module), "token_label": settings.token_label,
-             "pin": settings.pin, "session_timeout": settings.session_timeout,
-             "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": config.log_level}
     try:
-        return DeviceProcesses(local, hello, count, asynchronous=server_mode(config) == "aio",
+        return DeviceProcesses(local, hello_for(settings, config.log_level), count,
+                               asynchronous=server_mode(config) == "aio",
                                wait=settings.session_timeout).start()
     except BaseException:
         local.close()

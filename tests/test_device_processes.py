@@ -21,6 +21,7 @@ import pytest
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
+from authority.backends.processes.child import hello_for
 from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.pool import DeviceProcesses
 from authority.config import Config, Pkcs11Settings, Secret, ServerSettings
@@ -35,9 +36,7 @@ OK = authority_pb2.REDEEM_RESULT_OK
 
 
 def _hello(settings: Pkcs11Settings) -> dict[str, object]:
-    return {"module": str(settings.module), "token_label": settings.token_label,
-            "pin": settings.pin, "session_timeout": 5.0,
-            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": "WARNING"}
+    return hello_for(settings, "WARNING")
 
 
 def _open(hsm: Pkcs11Settings, asynchronous: bool = False, count: int = 2) -> DeviceProcesses:

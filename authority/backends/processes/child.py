@@ -14,7 +14,6 @@ import logging
 import signal
 import socket
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +52,7 @@ def main(argv: list[str]) -> int:
     except (EOFError, OSError, ValueError, KeyError):
         return 1
     try:
-        channel.send(encode_results([json.dumps(asdict(backend.describe())).encode()]))
+        channel.send(encode_results([]))  # ready
         serve(channel, backend)
     finally:
         backend.close()
@@ -61,8 +60,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def hello_for(settings: Pkcs11Settings, log_level: str) -> dict[str, Any]:
+    """The settings a device process opens its backend with (the first frame; ``_open`` reads
+    it). The PIN stays a ``Secret`` until the message is written."""
+    return {"module": str(settings.module), "token_label": settings.token_label,
+            "pin": settings.pin, "session_timeout": settings.session_timeout,
+            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": log_level}
+
+
 def _open(hello: dict[str, Any]) -> KeyBackend:
-    """The backend the hello names (PKCS#11: one session, calls holding the GIL).
+    """The backend ``hello_for`` described (PKCS#11: one session, calls holding the GIL).
     Raises: StartupError; KeyError / ValueError for a malformed hello."""
     from authority.backends.pkcs11 import Pkcs11Backend
 

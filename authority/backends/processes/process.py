@@ -30,7 +30,6 @@ class DeviceProcess:
         self.index = index
         self.proc = proc
         self.channel = channel
-        self.info: dict[str, Any] = {}
 
     @classmethod
     def spawn(cls, index: int) -> DeviceProcess:
@@ -70,12 +69,11 @@ class DeviceProcess:
             raise StartupError(f"server.device_processes: device process {self.index} exited "
                                f"at start ({exc})") from exc
         try:
-            reply = decode_reply(self.channel.recv())
-            self.info = json.loads(reply[0]) if reply and isinstance(reply[0], bytes) else {}
+            decode_reply(self.channel.recv())  # an empty RESULTS reply: the session is open
         except DeviceUnavailable as exc:  # the child's StartupError, message kept
             self.kill()
             raise StartupError(exc.message) from None
-        except (EOFError, OSError, WireError, ValueError) as exc:
+        except (EOFError, OSError, WireError) as exc:
             self.kill()
             raise StartupError(f"server.device_processes: device process {self.index} did "
                                f"not start ({type(exc).__name__}: {exc})") from exc
