@@ -19,6 +19,7 @@ from authority._proto.ticketauthority.v1 import (
 from authority.clock import ManualClock
 from authority.config import Config, KeyPolicy, ServerSettings
 from authority.service.server import RunningServer, build_server
+from authority.settings_loader import load_config
 
 START = 1_800_000_000.0
 
@@ -48,6 +49,14 @@ def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "auto",
     return Config(state_dir=state_dir, keys=policy, backend=backend,
                   server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen="",
                                         mode=mode, device_processes=processes))
+
+
+def load_toml(tmp_path: Path, text: str) -> Config:
+    """``load_config`` of ``text`` written to a file in ``tmp_path`` (also the state dir).
+    Raises: ConfigError, as load_config."""
+    path = tmp_path / "authority.toml"
+    path.write_text(text)
+    return load_config(path, state_dir=tmp_path)
 
 
 class Harness:

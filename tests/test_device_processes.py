@@ -25,10 +25,15 @@ from authority.backends.processes.child import hello_for
 from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.pool import DeviceProcesses
 from authority.config import Config, Pkcs11Settings, Secret, ServerSettings
-from authority.errors import DeviceUnavailable, KeyNotFound, StartupError, UnsealFailed
-from authority.settings_loader import load_config
+from authority.errors import (
+    ConfigError,
+    DeviceUnavailable,
+    KeyNotFound,
+    StartupError,
+    UnsealFailed,
+)
 from authority.ticket_format import encode_header
-from tests.conftest import Harness, issue, make_config
+from tests.conftest import Harness, issue, load_toml, make_config
 from tests.pkcs11_fixtures import KID, OTHER, hsm_fixture, requires_softhsm  # noqa: F401
 
 pytestmark = requires_softhsm
@@ -201,25 +206,19 @@ def test_single_items_stay_in_this_process(procs: DeviceProcesses) -> None:
     ("", "auto"), ("device_processes = 3", 3), ('device_processes = "auto"', "auto"),
     ("device_processes = 0", 0)])
 def test_device_processes_setting(tmp_path: Path, toml: str, expected: object) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(f"[server]\n{toml}\n")
-    assert load_config(path, state_dir=tmp_path).server.device_processes == expected
+    assert load_toml(tmp_path, f"[server]\n{toml}\n").server.device_processes == expected
 
 
 @pytest.mark.parametrize("toml", ['device_processes = "many"', "device_processes = -1",
                                   "device_processes = 65", "device_processes = true"])
 def test_bad_device_processes_settings_name_the_setting(tmp_path: Path, toml: str) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text(f"[server]\n{toml}\n")
-    with pytest.raises(Exception, match=r"server\.device_processes"):
-        load_config(path, state_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^server\.device_processes:"):
+        load_toml(tmp_path, f"[server]\n{toml}\n")
 
 
 def test_a_tpm_cannot_have_device_processes(tmp_path: Path) -> None:
-    path = tmp_path / "c.toml"
-    path.write_text('backend = "tpm"\n[server]\ndevice_processes = 2\n')
-    with pytest.raises(Exception, match=r"server\.device_processes: only for backend pkcs11"):
-        load_config(path, state_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^server\.device_processes: only for backend pkcs11"):
+        load_toml(tmp_path, 'backend = "tpm"\n[server]\ndevice_processes = 2\n')
 
 
 @pytest.mark.parametrize(("backend", "mode", "setting", "cpus", "expected"), [

@@ -24,8 +24,7 @@ from authority._proto.ticketauthority.v1 import (
 from authority.certs import init_dev_pki
 from authority.errors import ConfigError
 from authority.service.ratelimit import TokenBuckets
-from authority.settings_loader import load_config
-from tests.conftest import Harness, issue, make_config, sample_state
+from tests.conftest import Harness, issue, load_toml, make_config, sample_state
 from tests.test_tls_roles import SERVER_NAME, Tls, tls_settings
 
 
@@ -181,10 +180,7 @@ def test_calls_beyond_max_concurrent_rpcs_are_refused_not_queued(harness_off: Ha
     ("max_concurrent_rpcs = 0", "server.max_concurrent_rpcs"),
 ])
 def test_limits_are_validated(tmp_path: Path, text: str, setting: str) -> None:
-    toml = tmp_path / "a.toml"
-    toml.write_text(f"[server]\n{text}\n")
     with pytest.raises(ConfigError, match=rf"^{setting}:"):
-        load_config(toml, state_dir=tmp_path)
-    toml.write_text("[server]\nrate_limit_per_s = 50\nrate_burst = 10\n")
-    server = load_config(toml, state_dir=tmp_path).server
+        load_toml(tmp_path, f"[server]\n{text}\n")
+    server = load_toml(tmp_path, "[server]\nrate_limit_per_s = 50\nrate_burst = 10\n").server
     assert (server.rate_limit_per_s, server.rate_burst) == (50.0, 10)

@@ -17,7 +17,7 @@ from authority.app import inline_device_calls, server_mode
 from authority.config import Config
 from authority.errors import ConfigError
 from authority.settings_loader import load_config
-from tests.conftest import Harness, issue, make_config, redeem, sample_state
+from tests.conftest import Harness, issue, load_toml, make_config, redeem, sample_state
 
 MODES = ["aio", "threads"]
 OK = authority_pb2.REDEEM_RESULT_OK
@@ -125,12 +125,9 @@ def test_auto_picks_the_measured_faster_server(tmp_path: Path, backend: str, mod
     ('device_calls = "sometimes"', "server.device_calls"),
 ])
 def test_server_mode_settings_are_validated(tmp_path: Path, text: str, setting: str) -> None:
-    toml = tmp_path / "a.toml"
-    toml.write_text(f"[server]\n{text}\n")
     with pytest.raises(ConfigError, match=rf"^{setting}:"):
-        load_config(toml, state_dir=tmp_path)
-    toml.write_text('[server]\nmode = "threads"\ndevice_calls = "offload"\n')
-    server = load_config(toml, state_dir=tmp_path).server
+        load_toml(tmp_path, f"[server]\n{text}\n")
+    server = load_toml(tmp_path, '[server]\nmode = "threads"\ndevice_calls = "offload"\n').server
     assert (server.mode, server.device_calls) == ("threads", "offload")
 
 
