@@ -53,6 +53,10 @@ def open_backend(config: Config) -> KeyBackend:
     if config.backend == "tpm":
         from authority.backends.tpm import open_tpm_backend
 
+        if device_processes(config):
+            from authority.backends.tpm.process import open_tpm_process
+
+            return open_tpm_process(config.tpm, config.state_dir / "tpm", config.log_level)
         return open_tpm_backend(config.tpm, config.state_dir / "tpm",
                                 queue_size=config.tpm.queue_size,
                                 call_timeout=config.tpm.call_timeout)
@@ -78,12 +82,13 @@ def open_backend(config: Config) -> KeyBackend:
 
 
 def device_processes(config: Config) -> int:
-    """How many device processes run batches (``server.device_processes``; ``auto``: one per
-    CPU, at most 4, for PKCS#11 on the aio server when there are 2 CPUs or more). Never
+    """How many device processes run (``server.device_processes``; ``auto``: for PKCS#11 one
+    per CPU, at most 4, running batches on the aio server when there are 2 CPUs or more; for
+    the TPM none: measured no faster, and slower unary calls, docs/benchmarks.md). Never
     raises for a validated config."""
     setting = config.server.device_processes
-    if config.backend != "pkcs11":
-        return 0
+    if config.backend == "tpm":
+        return 0 if setting == "auto" else int(setting)
     if setting == "auto":
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         return min(cpus, 4) if cpus >= 2 and server_mode(config) == "aio" else 0

@@ -124,7 +124,9 @@ class ServerSettings:
                                      # threads; "auto": inline for pkcs11, offload for tpm
     device_processes: int | str = "auto"  # pkcs11: child processes (own session each) that
                                      # run batches; 0: none; "auto": one per CPU (at most 4)
-                                     # on the aio server with 2+ CPUs, else 0
+                                     # on the aio server with 2+ CPUs, else 0. tpm: 1 runs
+                                     # the whole TPM backend in a process of its own (fault
+                                     # isolation), 0 in the server; "auto": 0
 
 
 @dataclass(frozen=True)

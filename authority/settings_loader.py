@@ -280,9 +280,9 @@ def validate(cfg: Config) -> None:
     if processes != "auto" and not (isinstance(processes, int) and 0 <= processes <= 64):
         raise ConfigError("server.device_processes",
                           f"expected auto or 0..64, got {cfg.server.device_processes!r}")
-    if cfg.backend != "pkcs11" and cfg.server.device_processes not in ("auto", 0):
-        raise ConfigError("server.device_processes", "only for backend pkcs11 (a TPM is one "
-                                                     "device: its backend has its own worker)")
+    if cfg.backend == "tpm" and cfg.server.device_processes not in ("auto", 0, 1):
+        raise ConfigError("server.device_processes", "0 or 1 for backend tpm (a TPM is one "
+                                                     "device: one process owns it)")
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
     if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:

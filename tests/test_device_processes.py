@@ -216,15 +216,10 @@ def test_bad_device_processes_settings_name_the_setting(tmp_path: Path, toml: st
         load_toml(tmp_path, f"[server]\n{toml}\n")
 
 
-def test_a_tpm_cannot_have_device_processes(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^server\.device_processes: only for backend pkcs11"):
-        load_toml(tmp_path, 'backend = "tpm"\n[server]\ndevice_processes = 2\n')
-
-
 @pytest.mark.parametrize(("backend", "mode", "setting", "cpus", "expected"), [
     ("pkcs11", "auto", "auto", 2, 2), ("pkcs11", "auto", "auto", 8, 4),
     ("pkcs11", "auto", "auto", 1, 0), ("pkcs11", "threads", "auto", 2, 0),
-    ("tpm", "auto", "auto", 2, 0), ("pkcs11", "threads", 3, 1, 3)])
+    ("tpm", "auto", "auto", 2, 0), ("tpm", "aio", 1, 2, 1), ("pkcs11", "threads", 3, 1, 3)])
 def test_auto_resolves_per_backend_server_and_cpus(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, backend: str, mode: str,
         setting: object, cpus: int, expected: int) -> None:

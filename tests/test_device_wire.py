@@ -9,8 +9,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from authority.backends.base import BackendInfo
 from authority.backends.processes import wire
-from authority.errors import DeviceUnavailable, InvalidTicket, KeyNotFound, UnsealFailed
+from authority.errors import (
+    DeviceUnavailable,
+    FailedPrecondition,
+    InvalidArgument,
+    InvalidTicket,
+    KeyNotFound,
+    UnsealFailed,
+)
 
 items = st.lists(st.tuples(st.binary(max_size=16), st.binary(max_size=16),
                            st.binary(max_size=300)), max_size=20)
@@ -18,7 +26,7 @@ results = st.lists(st.one_of(st.binary(max_size=300), st.just(UnsealFailed()),
                              st.binary(min_size=8, max_size=8).map(KeyNotFound)), max_size=20)
 
 
-@given(st.sampled_from([wire.SEAL, wire.UNSEAL]), items)
+@given(st.sampled_from(sorted(wire.OPS)), items)
 def test_requests_round_trip(op: int, batch: list[tuple[bytes, bytes, bytes]]) -> None:
     assert wire.decode_request(wire.encode_request(op, batch)) == (op, batch)
 
@@ -41,6 +49,31 @@ def test_failures_come_back_as_the_errors_the_device_raised() -> None:
     with pytest.raises(KeyNotFound) as caught:
         wire.decode_reply(wire.encode_failure(wire.KEY_NOT_FOUND, b"\x01" * 8))
     assert caught.value.key_id == b"\x01" * 8
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        wire.decode_reply(wire.encode_failure(wire.FAILED_PRECONDITION, "key already exists"))
+    bad = InvalidArgument("items[3].plaintext", "too long: at most 996 octets")
+    with pytest.raises(InvalidArgument) as invalid:
+        wire.decode_reply(wire.encode_invalid_argument(bad))
+    assert (invalid.value.field, invalid.value.message) == (bad.field, bad.message)
+
+
+@given(st.dictionaries(st.text(max_size=20), st.booleans(), max_size=30))
+def test_key_attributes_round_trip(flags: dict[str, bool]) -> None:
+    assert wire.decode_flags(wire.encode_flags(flags)) == flags
+
+
+@given(st.text(max_size=40), st.text(max_size=80), st.integers(0, 2**31))
+def test_backend_info_round_trips(library: str, token: str, sessions: int) -> None:
+    info = BackendInfo(backend="tpm", library=library, token=token, sessions=sessions)
+    assert wire.decode_info(wire.encode_info(info)) == info
+
+
+@given(st.binary(max_size=200) | st.just(b"[" * 100_000) | st.just(b'{"a": 1}')
+       | st.just(b'{"backend": "tpm", "library": 1, "token": "", "sessions": 1}'))
+def test_any_json_payload_decodes_or_is_a_wire_error(payload: bytes) -> None:
+    for decode in (wire.decode_flags, wire.decode_info):
+        with contextlib.suppress(wire.WireError):
+            decode(payload)
 
 
 @given(st.binary(max_size=200))
@@ -51,7 +84,8 @@ def test_any_request_payload_decodes_or_is_a_wire_error(payload: bytes) -> None:
 
 @given(st.binary(max_size=200))
 def test_any_reply_payload_decodes_or_raises_a_known_error(payload: bytes) -> None:
-    with contextlib.suppress(wire.WireError, DeviceUnavailable, KeyNotFound):
+    with contextlib.suppress(wire.WireError, DeviceUnavailable, KeyNotFound,
+                             FailedPrecondition, InvalidArgument):
         wire.decode_reply(payload)
 
 

@@ -29,7 +29,7 @@ from authority.backends.base import BackendInfo, KeyBackend
 from authority.backends.processes.fleet import Fleet
 from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.link import AsyncLink
-from authority.backends.processes.process import BrokenProcess, DeviceProcess
+from authority.backends.processes.process import BrokenProcess, DeviceProcess, checked, sealed
 from authority.backends.processes.wire import SEAL, UNSEAL, encode_request
 from authority.errors import DeviceUnavailable, InvalidTicket
 
@@ -89,7 +89,7 @@ class DeviceProcesses:
         """See KeyBackend.seal_many; batches of ``min_items`` or more run in a device process.
         Raises: KeyNotFound, DeviceUnavailable."""
         results = self._remote(SEAL, items) if len(items) >= self._min_items else None
-        return self._local.seal_many(items) if results is None else _sealed(results)
+        return self._local.seal_many(items) if results is None else sealed(results)
 
     def unseal_many(self, items: Items) -> Results:
         """See KeyBackend.unseal_many; batches of ``min_items`` or more run in a device
@@ -102,7 +102,7 @@ class DeviceProcesses:
         Raises: KeyNotFound, DeviceUnavailable."""
         results = (await self._remote_async(SEAL, items)
                    if len(items) >= self._min_items else None)
-        return self._local.seal_many(items) if results is None else _sealed(results)
+        return self._local.seal_many(items) if results is None else sealed(results)
 
     async def unseal_many_async(self, items: Items) -> Results:
         """``unseal_many`` for the event loop: awaits a device process.
@@ -133,7 +133,7 @@ class DeviceProcesses:
             self._idle.put(process)
             raise
         self._idle.put(process)
-        return _checked(results, items, process)
+        return checked(results, len(items), process.index)
 
     def _checkout(self) -> DeviceProcess | None:
         """An idle, live process; None if none is running. Raises: DeviceUnavailable."""
@@ -175,7 +175,7 @@ class DeviceProcesses:
                 return None
             link = min(links, key=lambda candidate: candidate.pending)
             results = await link.call(encode_request(op, items), self._call_timeout)
-        return _checked(results, items, link.process)
+        return checked(results, len(items), link.process.index)
 
     async def _attach(self, process: DeviceProcess) -> None:
         link = AsyncLink(process, self._link_broken)
@@ -243,21 +243,6 @@ class DeviceProcesses:
         self._links.clear()
         self._fleet.close()
         self._local.close()
-
-
-def _checked(results: Results, items: Items, process: DeviceProcess) -> Results:
-    """Raises: DeviceUnavailable if a process answered with the wrong number of results."""
-    if len(results) != len(items):
-        raise DeviceUnavailable(f"device process {process.index} returned {len(results)} "
-                                f"results for {len(items)} items")
-    return results
-
-
-def _sealed(results: Results) -> list[bytes]:
-    """Raises: DeviceUnavailable if a seal came back with an item error."""
-    if not all(isinstance(r, bytes) for r in results):
-        raise DeviceUnavailable("device process returned an item error for a seal")
-    return results  # type: ignore[return-value]  # checked above
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

@@ -125,3 +125,20 @@ class DeviceProcess:
 class BrokenProcess(DeviceUnavailable):
     """A device process died, hung or broke the protocol; its request failed and it must be
     replaced."""
+
+
+def checked(results: list[bytes | InvalidTicket], count: int, index: int
+            ) -> list[bytes | InvalidTicket]:
+    """``results`` if device process ``index`` answered ``count`` of them.
+    Raises: DeviceUnavailable otherwise."""
+    if len(results) != count:
+        raise DeviceUnavailable(f"device process {index} returned {len(results)} results "
+                                f"for {count} items")
+    return results
+
+
+def sealed(results: list[bytes | InvalidTicket]) -> list[bytes]:
+    """Seal results. Raises: DeviceUnavailable if one came back as an item error."""
+    if not all(isinstance(r, bytes) for r in results):
+        raise DeviceUnavailable("device process returned an item error for a seal")
+    return results  # type: ignore[return-value]  # checked above

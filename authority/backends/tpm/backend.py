@@ -35,7 +35,7 @@ from authority.errors import (
     UnsealFailed,
 )
 
-__all__ = ["TpmBackend", "open_tpm_backend"]
+__all__ = ["TpmBackend", "open_tpm_backend", "prepare_tpm_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +54,7 @@ def open_tpm_backend(settings: TpmSettings, tpm_dir: Path, *, queue_size: int = 
     Raises: StartupError naming the setting at fault (state_dir, tpm.tcti, tpm.key_dir,
     tpm.owner_auth, tpm.retries).
     """
-    if settings.retries < 0:
-        raise StartupError("tpm.retries: must not be negative")
-    tpm_dir = tpm_dir.absolute()
-    try:
-        tpm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if tpm_dir.stat().st_mode & 0o077:
-            os.chmod(tpm_dir, 0o700)
-    except OSError as exc:
-        raise StartupError(f"state_dir: cannot create {tpm_dir}: {exc.strerror or exc}") from exc
+    tpm_dir = prepare_tpm_dir(settings, tpm_dir)
     blobs = BlobStore(settings.key_dir if settings.key_dir is not None else tpm_dir / "keys")
     swtpm: SwtpmProcess | None = None
     tcti = settings.tcti
@@ -77,6 +69,21 @@ def open_tpm_backend(settings: TpmSettings, tpm_dir: Path, *, queue_size: int = 
         raise
     log.info("tpm backend open: %s", backend.describe())
     return backend
+
+
+def prepare_tpm_dir(settings: TpmSettings, tpm_dir: Path) -> Path:
+    """``tpm_dir`` made absolute, created with mode 0700 (tightened if it exists).
+    Raises: StartupError (state_dir, or tpm.retries negative)."""
+    if settings.retries < 0:
+        raise StartupError("tpm.retries: must not be negative")
+    tpm_dir = tpm_dir.absolute()
+    try:
+        tpm_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if tpm_dir.stat().st_mode & 0o077:
+            os.chmod(tpm_dir, 0o700)
+    except OSError as exc:
+        raise StartupError(f"state_dir: cannot create {tpm_dir}: {exc.strerror or exc}") from exc
+    return tpm_dir
 
 
 class TpmBackend:
