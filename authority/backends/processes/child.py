@@ -6,9 +6,10 @@ the TPM for the whole service and answers every backend call; it reads requests 
 up to ``depth`` of them at once on its backend, so the TPM worker can group queued jobs by key,
 and writes the replies in request order.
 
-Started by ``DeviceProcesses`` as ``python -m authority.backends.processes.child FD`` with the
-socket inherited as FD; the settings (PIN included) come as the first frame, never on the
-command line or in the environment. SIGINT and SIGTERM are ignored: the service owns this
+Started (by ``DeviceProcesses`` or ``RemoteBackend``, through ``fleet.py``) as
+``python -m authority.backends.processes.child FD`` with the socket inherited as FD; the settings
+(PIN or TPM owner auth included) come as the first frame, never on the command line or in the
+environment. SIGINT and SIGTERM are ignored: the service owns this
 process's life and ends it by closing the channel (or killing it).
 """
 
