@@ -237,6 +237,22 @@ def test_saturation_is_refused_at_once(tpm_settings: TpmSettings, tmp_path: Path
         backend.close()
 
 
+def test_close_fails_the_calls_in_flight(tpm_settings: TpmSettings, tmp_path: Path) -> None:
+    backend = RemoteBackend(_hello(tpm_settings, tmp_path), name="tpm", format_version=2,
+                            call_timeout=60.0).start()
+    backend.create_key(KID)
+    sealed = backend.seal(KID, HEADER, b"x")
+    pid = backend.pids()[0]
+    os.kill(pid, signal.SIGSTOP)  # the call below stays in flight until close
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(backend.unseal, KID, HEADER, sealed)
+        _wait_for(lambda: backend._waiting == 1)
+        backend.close()  # the stopped process does not exit: killed after its grace period
+        with pytest.raises(DeviceUnavailable):
+            pending.result(30)
+    assert not _alive(pid)
+
+
 def test_close_ends_the_process_and_the_embedded_swtpm(tmp_path: Path) -> None:
     backend = open_tpm_process(TpmSettings(), tmp_path / "tpm", "WARNING")
     backend.create_key(KID)

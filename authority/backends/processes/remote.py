@@ -21,6 +21,7 @@ runs every call is UNAVAILABLE (nothing else may talk to the device). Callers be
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -81,6 +82,8 @@ class RemoteBackend:
         self._waiting = 0                          # calls on self._loop: waiting or in flight
         self._info: BackendInfo | None = None
         self._closed = False
+        # a call always ends within: the wait for a slot, then the call (each call_timeout)
+        self._bound = 2 * call_timeout + 5.0
 
     def __repr__(self) -> str:
         return f"<RemoteBackend {self.name} in a device process>"
@@ -161,19 +164,31 @@ class RemoteBackend:
     def _call(self, op: int, items: Items, count: int | None = None) -> Results:
         """``_call_async`` from any thread but the loop's; ``count``: the results expected.
         Raises: as ``_call_async``; DeviceUnavailable once closed."""
-        if self._closed:
-            raise DeviceUnavailable(f"{self.name} backend is closed")
-        results = asyncio.run_coroutine_threadsafe(self._call_async(op, items),
-                                                   self._loop).result()
+        future = self._submit(op, items)
+        try:
+            results = future.result(self._bound)
+        except TimeoutError:  # only if the loop stopped under us (closed meanwhile)
+            future.cancel()
+            raise DeviceUnavailable(f"{self.name} backend is closed") from None
         return results if count is None else checked(results, count, 0)
 
     async def _await(self, op: int, items: Items) -> Results:
-        """``_call_async`` from another event loop (the aio server's)."""
+        """``_call_async`` from another event loop (the aio server's). Raises: as ``_call``."""
+        future = self._submit(op, items)
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(future), self._bound)
+        except TimeoutError:
+            raise DeviceUnavailable(f"{self.name} backend is closed") from None
+        return checked(results, len(items), 0)
+
+    def _submit(self, op: int, items: Items) -> concurrent.futures.Future[Results]:
+        """Schedule one call on the private loop. Raises: DeviceUnavailable once closed."""
         if self._closed:
             raise DeviceUnavailable(f"{self.name} backend is closed")
-        results = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-            self._call_async(op, items), self._loop))
-        return checked(results, len(items), 0)
+        try:
+            return asyncio.run_coroutine_threadsafe(self._call_async(op, items), self._loop)
+        except RuntimeError:  # the loop closed between the check and now
+            raise DeviceUnavailable(f"{self.name} backend is closed") from None
 
     # -- KeyBackend --------------------------------------------------------------------------
 
