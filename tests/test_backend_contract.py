@@ -16,7 +16,7 @@ import pytest
 from authority.backends.base import KeyBackend
 from authority.errors import FailedPrecondition, InvalidArgument, KeyNotFound, UnsealFailed
 from authority.ticket_format import SEAL_OVERHEAD, encode_header
-from tests.tpm_fixtures import HAVE_PYTSS, HAVE_SWTPM
+from tests.tpm_fixtures import requires_tpm
 
 K1 = bytes.fromhex("0102030405060708")
 K2 = bytes.fromhex("1112131415161718")
@@ -70,8 +70,7 @@ class Opener:
 @pytest.fixture(params=[
     pytest.param("pkcs11", marks=pytest.mark.skipif(not _softhsm_available(),
                                                    reason="SoftHSM2 not installed")),
-    pytest.param("tpm", marks=pytest.mark.skipif(not (HAVE_PYTSS and HAVE_SWTPM),
-                                                reason="swtpm or tpm2-pytss not installed")),
+    pytest.param("tpm", marks=requires_tpm),
 ])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
     made = Opener(str(request.param), tmp_path)

@@ -30,14 +30,14 @@ from tests.tpm_fixtures import (  # noqa: F401  (fixtures)
     HAVE_PYTSS,
     HAVE_SWTPM,
     requires_tools,
+    requires_tpm,
     run_tool,
     swtpm_fixture,
     tpm_backend_fixture,
     tpm_settings_fixture,
 )
 
-pytestmark = pytest.mark.skipif(not (HAVE_PYTSS and HAVE_SWTPM),
-                                reason="swtpm or tpm2-pytss not installed")
+pytestmark = requires_tpm
 
 if HAVE_PYTSS and HAVE_SWTPM:
     from authority.backends.base import KeyBackend
