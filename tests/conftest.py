@@ -3,6 +3,7 @@ port 0, real channels and stubs. Nothing here mocks the device or the transport.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,24 @@ def make_config(state_dir: Path, backend: str = "pkcs11", mode: str = "auto",
     return Config(state_dir=state_dir, keys=policy, backend=backend,
                   server=ServerSettings(listen="127.0.0.1:0", workers=16, metrics_listen="",
                                         mode=mode, device_processes=processes))
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0,
+               poll: float = 0.05) -> None:
+    """Poll ``condition`` until it holds; fail the test if ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(poll)
+
+
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited: absent, or a zombie not yet reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def load_toml(tmp_path: Path, text: str) -> Config:

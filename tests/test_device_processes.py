@@ -33,7 +33,7 @@ from authority.errors import (
     UnsealFailed,
 )
 from authority.ticket_format import encode_header
-from tests.conftest import Harness, issue, load_toml, make_config
+from tests.conftest import Harness, issue, load_toml, make_config, process_gone, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, hsm_fixture, requires_softhsm  # noqa: F401
 
 pytestmark = requires_softhsm
@@ -67,13 +67,6 @@ def _items(backend: DeviceProcesses, n: int = 20) -> tuple[list[bytes], list[tup
     plaintexts = [f"state {i}".encode() * 3 for i in range(n)]
     sealed = backend.seal_many([(KID, header, p) for p in plaintexts])
     return plaintexts, [(KID, header, body) for body in sealed]
-
-
-def _wait_for(condition: object, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_batches_round_trip_through_the_processes(procs: DeviceProcesses) -> None:
@@ -127,8 +120,7 @@ def test_a_killed_process_is_replaced(procs: DeviceProcesses) -> None:
     plaintexts, items = _items(procs)
     victim = procs.pids()[0]
     os.kill(victim, signal.SIGKILL)
-    _wait_for(lambda: not Path(f"/proc/{victim}").exists()
-              or b"Z" in Path(f"/proc/{victim}/stat").read_bytes().split(b")")[1][:3])
+    wait_until(lambda: process_gone(victim))
     outcomes = []
     for _ in range(6):  # the dead one is noticed and replaced; the other one serves meanwhile
         try:
@@ -136,7 +128,7 @@ def test_a_killed_process_is_replaced(procs: DeviceProcesses) -> None:
         except DeviceUnavailable:
             outcomes.append(False)
     assert outcomes[-1]
-    _wait_for(lambda: len(procs.pids()) == 2 and victim not in procs.pids())
+    wait_until(lambda: len(procs.pids()) == 2 and victim not in procs.pids())
     assert procs.unseal_many(items) == plaintexts
 
 
@@ -238,7 +230,7 @@ def test_a_returned_process_goes_to_the_caller_waiting_longest() -> None:
     got: list[int | None] = []
     waiter = threading.Thread(target=lambda: got.append(pool.get(10.0)))
     waiter.start()
-    _wait_for(lambda: pool._waiters)  # the other thread is in line
+    wait_until(lambda: pool._waiters)  # the other thread is in line
     pool.put(taken)  # type: ignore[arg-type]
     assert pool.get(0.05) is None  # ... so this caller waits its turn
     waiter.join(10)
@@ -279,7 +271,7 @@ def test_a_server_with_device_processes_survives_losing_one(tmp_path: Path, mode
         os.kill(victim, signal.SIGKILL)
         codes = [redeem_all() for _ in range(8)]
         assert set(codes) <= {"OK", "UNAVAILABLE"} and codes[-1] == "OK"
-        _wait_for(lambda: status() == 2 and victim not in processes.pids())
+        wait_until(lambda: status() == 2 and victim not in processes.pids())
         assert all(redeem_all() == "OK" for _ in range(4))
         registry = h.authority.metrics.registry
         assert registry.get_sample_value("ticket_authority_device_processes") == 2
@@ -302,11 +294,11 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
     for _ in range(4):  # synchronous mode notices a dead process when it is next used
         with contextlib.suppress(DeviceUnavailable):
             procs.unseal_many(items)
-    _wait_for(lambda: "could not restart" in caplog.text)
+    wait_until(lambda: "could not restart" in caplog.text)
     assert len(procs.pids()) == 1
     for _ in range(4):
         assert procs.unseal_many(items) == plaintexts
     fleet._hello["pin"] = right_pin
-    _wait_for(lambda: len(procs.pids()) == 2)
+    wait_until(lambda: len(procs.pids()) == 2)
     assert procs.describe().processes == 2 and fleet.restarts == 1
     assert procs.unseal_many(items) == plaintexts

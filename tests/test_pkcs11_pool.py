@@ -7,6 +7,7 @@ after it wait for it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from authority.backends.pkcs11._pool import PooledSession, SessionPool
 from authority.errors import DeviceUnavailable
+from tests import conftest
 
 
 class FakeSession:
@@ -46,11 +48,7 @@ def in_thread(target: Any) -> threading.Thread:
     return thread
 
 
-def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
+wait_until = functools.partial(conftest.wait_until, timeout=5.0, poll=0.005)
 
 
 def waiting(pool: SessionPool) -> int:

@@ -31,7 +31,7 @@ from authority.errors import (
     UnsealFailed,
 )
 from authority.ticket_format import encode_header
-from tests.conftest import Harness, issue, load_toml, make_config
+from tests.conftest import Harness, issue, load_toml, make_config, process_gone, wait_until
 from tests.tpm_fixtures import (  # noqa: F401
     HAVE_PYTSS,
     HAVE_SWTPM,
@@ -63,27 +63,9 @@ def remote(tpm_settings: TpmSettings, tmp_path: Path) -> Iterator[RemoteBackend]
     backend.close()
 
 
-def _wait_for(condition: object, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (killed, not yet reaped) is gone for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def test_every_call_runs_in_the_process(remote: RemoteBackend) -> None:
     pid = remote.pids()[0]
-    assert pid != os.getpid() and _alive(pid)
+    assert pid != os.getpid() and not process_gone(pid)
     assert remote.list_keys() == {KID}
     attrs = remote.key_attributes(KID)
     assert attrs["aes.fixed_tpm"] and attrs["aes.fixed_parent"]
@@ -189,9 +171,9 @@ def test_a_killed_process_is_replaced_and_the_keys_survive(remote: RemoteBackend
     os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(DeviceUnavailable):  # the call in flight, or one meanwhile
         remote.unseal(KID, HEADER, sealed)
-    _wait_for(lambda: remote.pids() and remote.pids()[0] != pid)
-    _wait_for(lambda: remote.describe().processes == 1)
-    assert not _alive(pid) and swtpm.running
+    wait_until(lambda: remote.pids() and remote.pids()[0] != pid)
+    wait_until(lambda: remote.describe().processes == 1)
+    assert process_gone(pid) and swtpm.running
     assert remote.unseal(KID, HEADER, sealed) == b"before the crash"
     assert remote.describe().process_restarts == 1
 
@@ -207,9 +189,9 @@ def test_a_hung_process_fails_its_calls_and_is_replaced(tpm_settings: TpmSetting
         os.kill(pid, signal.SIGSTOP)
         with pytest.raises(DeviceUnavailable, match="did not answer within 1 s"):
             backend.unseal(KID, HEADER, sealed)
-        _wait_for(lambda: backend.pids() and backend.pids()[0] != pid)
-        _wait_for(lambda: backend.describe().processes == 1)
-        assert not _alive(pid)
+        wait_until(lambda: backend.pids() and backend.pids()[0] != pid)
+        wait_until(lambda: backend.describe().processes == 1)
+        assert process_gone(pid)
         assert backend.unseal(KID, HEADER, sealed) == b"x"
     finally:
         backend.close()
@@ -225,7 +207,7 @@ def test_saturation_is_refused_at_once(tpm_settings: TpmSettings, tmp_path: Path
         os.kill(pid, signal.SIGSTOP)
         with ThreadPoolExecutor(2) as pool:
             waiting = [pool.submit(backend.unseal, KID, HEADER, sealed) for _ in range(2)]
-            _wait_for(lambda: backend._waiting == 2)
+            wait_until(lambda: backend._waiting == 2)
             started = time.monotonic()
             with pytest.raises(DeviceUnavailable, match="saturated"):
                 backend.unseal(KID, HEADER, sealed)
@@ -246,11 +228,11 @@ def test_close_fails_the_calls_in_flight(tpm_settings: TpmSettings, tmp_path: Pa
     os.kill(pid, signal.SIGSTOP)  # the call below stays in flight until close
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(backend.unseal, KID, HEADER, sealed)
-        _wait_for(lambda: backend._waiting == 1)
+        wait_until(lambda: backend._waiting == 1)
         backend.close()  # the stopped process does not exit: killed after its grace period
         with pytest.raises(DeviceUnavailable):
             pending.result(30)
-    assert not _alive(pid)
+    assert process_gone(pid)
 
 
 def test_close_ends_the_process_and_the_embedded_swtpm(tmp_path: Path) -> None:
@@ -261,7 +243,7 @@ def test_close_ends_the_process_and_the_embedded_swtpm(tmp_path: Path) -> None:
     swtpm_pid = int((tmp_path / "tpm" / "swtpm" / "swtpm.pid").read_text())
     backend.close()
     backend.close()  # idempotent
-    assert not _alive(pid) and not _alive(swtpm_pid)
+    assert process_gone(pid) and process_gone(swtpm_pid)
     with pytest.raises(DeviceUnavailable, match="closed"):
         backend.list_keys()
     again = open_tpm_process(TpmSettings(), tmp_path / "tpm", "WARNING")
@@ -314,8 +296,8 @@ def test_over_grpc_a_killed_tpm_process_costs_only_unavailable(tmp_path: Path,
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
             served = False
-        _wait_for(lambda: backend.pids() and backend.pids()[0] != pid)
-        _wait_for(lambda: backend.describe().processes == 1)
+        wait_until(lambda: backend.pids() and backend.pids()[0] != pid)
+        wait_until(lambda: backend.describe().processes == 1)
         if not served:
             assert _batch(harness.tickets, tickets[3:]) == [OK] * 3
         status = harness.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=10)
