@@ -51,12 +51,12 @@ def pkcs11_settings(config: Config) -> Pkcs11Settings:
 def open_backend(config: Config) -> KeyBackend:
     """Open the configured key backend. Raises: StartupError."""
     if config.backend == "tpm":
-        from authority.backends.tpm import open_tpm_backend
-
         if device_processes(config):
             from authority.backends.tpm.process import open_tpm_process
 
             return open_tpm_process(config.tpm, config.state_dir / "tpm", config.log_level)
+        from authority.backends.tpm import open_tpm_backend
+
         return open_tpm_backend(config.tpm, config.state_dir / "tpm",
                                 queue_size=config.tpm.queue_size,
                                 call_timeout=config.tpm.call_timeout)

@@ -100,7 +100,7 @@ def tpm_hello_for(settings: TpmSettings, tcti: str, tpm_dir: Path, log_level: st
     """The settings the TPM process opens the TPM at ``tcti`` with (``_open`` reads them);
     ``depth``: requests it runs at once. The owner auth stays a ``Secret`` until sent."""
     return {"backend": "tpm", "tcti": tcti, "tpm_dir": str(tpm_dir),
-            "key_dir": str(settings.key_dir or tpm_dir / "keys"),
+            "key_dir": None if settings.key_dir is None else str(settings.key_dir),
             "owner_auth": settings.owner_auth, "parent": settings.parent,
             "retries": settings.retries, "queue_size": settings.queue_size,
             "call_timeout": settings.call_timeout, "log_level": log_level, "depth": depth}
@@ -127,9 +127,9 @@ def _open_tpm(hello: dict[str, Any]) -> KeyBackend:
     hello."""
     from authority.backends.tpm import open_tpm_backend
 
-    parent = hello["parent"]
-    settings = TpmSettings(
-        tcti=str(hello["tcti"]), key_dir=Path(hello["key_dir"]),
+    parent, key_dir = hello["parent"], hello["key_dir"]
+    settings = TpmSettings(  # key_dir None: open_tpm_backend's default under tpm_dir
+        tcti=str(hello["tcti"]), key_dir=None if key_dir is None else Path(key_dir),
         owner_auth=Secret(hello["owner_auth"]), parent=None if parent is None else int(parent),
         retries=int(hello["retries"]), queue_size=int(hello["queue_size"]),
         call_timeout=float(hello["call_timeout"]))
