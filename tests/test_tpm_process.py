@@ -44,6 +44,7 @@ from tests.tpm_fixtures import (  # noqa: F401
 
 pytestmark = requires_tpm
 if HAVE_PYTSS and HAVE_SWTPM:
+    from authority.backends.processes.child import tpm_hello_for
     from authority.backends.processes.remote import RemoteBackend
     from authority.backends.tpm import SwtpmProcess
     from authority.backends.tpm.process import open_tpm_process
@@ -61,6 +62,15 @@ def remote(tpm_settings: TpmSettings, tmp_path: Path) -> Iterator[RemoteBackend]
     backend.create_key(KID)
     yield backend
     backend.close()
+
+
+def _started(settings: TpmSettings, tmp_path: Path, call_timeout: float,
+             max_waiting: int = 1024) -> RemoteBackend:
+    """A RemoteBackend on the fixture's swtpm with these bounds, started."""
+    assert settings.tcti is not None
+    hello = tpm_hello_for(settings, settings.tcti, tmp_path / "tpm", "WARNING", 8)
+    return RemoteBackend(hello, name="tpm", format_version=2, call_timeout=call_timeout,
+                         max_waiting=max_waiting).start()
 
 
 def test_every_call_runs_in_the_process(remote: RemoteBackend) -> None:
@@ -180,8 +190,7 @@ def test_a_killed_process_is_replaced_and_the_keys_survive(remote: RemoteBackend
 
 def test_a_hung_process_fails_its_calls_and_is_replaced(tpm_settings: TpmSettings,
                                                         tmp_path: Path) -> None:
-    backend = RemoteBackend(_hello(tpm_settings, tmp_path), name="tpm", format_version=2,
-                            call_timeout=1.0, max_waiting=2).start()
+    backend = _started(tpm_settings, tmp_path, call_timeout=1.0, max_waiting=2)
     try:
         backend.create_key(KID)
         sealed = backend.seal(KID, HEADER, b"x")
@@ -198,8 +207,7 @@ def test_a_hung_process_fails_its_calls_and_is_replaced(tpm_settings: TpmSetting
 
 
 def test_saturation_is_refused_at_once(tpm_settings: TpmSettings, tmp_path: Path) -> None:
-    backend = RemoteBackend(_hello(tpm_settings, tmp_path), name="tpm", format_version=2,
-                            call_timeout=60.0, max_waiting=2).start()
+    backend = _started(tpm_settings, tmp_path, call_timeout=60.0, max_waiting=2)
     pid = backend.pids()[0]
     try:
         backend.create_key(KID)
@@ -220,8 +228,7 @@ def test_saturation_is_refused_at_once(tpm_settings: TpmSettings, tmp_path: Path
 
 
 def test_close_fails_the_calls_in_flight(tpm_settings: TpmSettings, tmp_path: Path) -> None:
-    backend = RemoteBackend(_hello(tpm_settings, tmp_path), name="tpm", format_version=2,
-                            call_timeout=60.0).start()
+    backend = _started(tpm_settings, tmp_path, call_timeout=60.0)
     backend.create_key(KID)
     sealed = backend.seal(KID, HEADER, b"x")
     pid = backend.pids()[0]
@@ -251,13 +258,6 @@ def test_close_ends_the_process_and_the_embedded_swtpm(tmp_path: Path) -> None:
         assert again.list_keys() == {KID}
     finally:
         again.close()
-
-
-def _hello(settings: TpmSettings, tmp_path: Path) -> dict[str, object]:
-    from authority.backends.processes.child import tpm_hello_for
-
-    assert settings.tcti is not None
-    return tpm_hello_for(settings, settings.tcti, tmp_path / "tpm", "WARNING", 8)
 
 
 def test_setting_for_the_tpm(tmp_path: Path) -> None:
