@@ -28,6 +28,7 @@ from authority.state import ResumptionState, validate_state
 from authority.steps import DeviceCall, Plan, run
 from authority.store.base import Store
 from authority.ticket_format import (
+    MAX_TICKET_LEN,
     TICKET_ID_LEN,
     ParsedTicket,
     TicketContents,
@@ -36,6 +37,7 @@ from authority.ticket_format import (
     encode_contents,
     encode_header,
     parse_ticket,
+    sealed_ticket_len,
 )
 
 log = logging.getLogger(__name__)
@@ -145,20 +147,17 @@ class Sealer:
         out: list[IssuedTicket | InvalidArgument | None] = [None] * len(items)
         jobs: list[tuple[int, bytes, bytes, bytes, TicketContents]] = []
         now = math.floor(self._clock.now())
+        version = self._backend.format_version
         for index, (state, lifetime) in enumerate(items):
             realm = realms[index] if realms is not None else ""
             try:
-                validate_state(state, prefix=field(index))
-                check_realm(realm, _sibling(field(index), "realm"))
+                contents, plain = self._prepare(state, lifetime, realm, field(index), now,
+                                                version)
             except InvalidArgument as exc:
                 out[index] = exc
                 continue
-            granted = self.grant_lifetime(lifetime)
-            contents = TicketContents(secrets.token_bytes(TICKET_ID_LEN), now, now + granted,
-                                      state, realm=realm, policy_epoch=self._rules.epoch(realm))
             key_id = self._ring.sealing_key()
-            header = encode_header(key_id, self._backend.format_version)
-            jobs.append((index, key_id, header, encode_contents(contents), contents))
+            jobs.append((index, key_id, encode_header(key_id, version), plain, contents))
         sealed = (yield DeviceCall(True, [(k, h, plain) for _, k, h, plain, _ in jobs])
                   ) if jobs else []
         for (index, key_id, header, _, contents), body in zip(jobs, sealed, strict=True):
@@ -167,6 +166,28 @@ class Sealer:
                                       contents.expires_at - contents.issued_at)
         self._counters.inc("issued", len(jobs))
         return [r for r in out if r is not None]
+
+    def _prepare(self, state: ResumptionState, lifetime: int, realm: str, field: str, now: int,
+                 version: int) -> tuple[TicketContents, bytes]:
+        """Validate one item and encode its plaintext, checking that the ticket it makes under
+        format ``version`` fits the format's cap (before anything is sealed).
+
+        Raises: InvalidArgument naming a field of ``field`` (the state), its ``realm`` sibling,
+        or ``field`` itself when the sealed ticket would be too long.
+        """
+        validate_state(state, prefix=field)
+        check_realm(realm, _sibling(field, "realm"))
+        granted = self.grant_lifetime(lifetime)
+        contents = TicketContents(secrets.token_bytes(TICKET_ID_LEN), now, now + granted,
+                                  state, realm=realm, policy_epoch=self._rules.epoch(realm))
+        plain = encode_contents(contents)
+        size = sealed_ticket_len(version, len(plain))
+        if size > MAX_TICKET_LEN:
+            raise InvalidArgument(field, f"sealed ticket would be {size} octets, more than the "
+                                         f"{MAX_TICKET_LEN} the ticket format allows with this "
+                                         f"backend; shorten id_i, id_r, gateway_data or the "
+                                         f"realm")
+        return contents, plain
 
     # -- redeem ----------------------------------------------------------------------------------
 

@@ -82,6 +82,17 @@ def encode_header(key_id: bytes, version: int = FORMAT_V1) -> bytes:
     return _HEADER.pack(version, bytes(3), key_id)
 
 
+def sealed_ticket_len(version: int, plaintext_len: int) -> int:
+    """The length of the ticket a seal of ``plaintext_len`` octets makes under ``version``:
+    header, then what the version adds around the plaintext (``SEAL_OVERHEAD``).
+
+    Raises: ValueError if the version is unknown.
+    """
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"unknown ticket format version {version}")
+    return HEADER_LEN + SEAL_OVERHEAD[version] + plaintext_len
+
+
 def assemble_ticket(header: bytes, sealed: bytes) -> bytes:
     """Join a header and a sealed body into a ticket.
 
