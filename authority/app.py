@@ -129,7 +129,8 @@ class Authority:
         self.audit = AuditLog(config.audit_log or config.state_dir / "audit.log", clock.now)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
                             audit=self.audit.record)
-        self.policy = Policy(store, clock, config.tickets.max_lifetime)
+        self.policy = Policy(store, clock, config.tickets.max_lifetime,
+                             audit=self.audit.record)
         self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
                              self.counters, self.policy)
         self.metrics.watch(self)

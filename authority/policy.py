@@ -15,9 +15,12 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
+from authority.audit import SYSTEM, AuditHook
 from authority.clock import Clock
 from authority.errors import InvalidArgument
+from authority.state import ID_MAX_LEN, ID_MIN_LEN, SPI_LEN
 from authority.store.base import RevocationRecord, Store
 from authority.ticket_format import MAX_REALM_LEN, TICKET_ID_LEN, TicketContents
 
@@ -27,6 +30,20 @@ BY_TICKET_ID = "ticket_id"
 BY_ISSUED_BEFORE = "issued_before"
 KINDS = (BY_ID_I, BY_OLD_SA, BY_TICKET_ID, BY_ISSUED_BEFORE)
 MAX_REASON_LEN = 256
+
+
+def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
+    """The audit hook of a Policy built without one."""
+
+
+def _check_value(kind: str, value: bytes) -> None:
+    """Raises: InvalidArgument naming the selector field if ``value`` cannot select ``kind``."""
+    if kind == BY_ID_I and not ID_MIN_LEN <= len(value) <= ID_MAX_LEN:
+        raise InvalidArgument("id_i", f"{ID_MIN_LEN} to {ID_MAX_LEN} octets, got {len(value)}")
+    if kind == BY_OLD_SA and len(value) != 2 * SPI_LEN:
+        raise InvalidArgument("old_sa", f"spi_i | spi_r: {2 * SPI_LEN} octets, got {len(value)}")
+    if kind == BY_TICKET_ID and len(value) != TICKET_ID_LEN:
+        raise InvalidArgument("ticket_id", f"must be {TICKET_ID_LEN} octets")
 
 
 def check_realm(realm: str, field_name: str = "realm") -> str:
@@ -63,8 +80,10 @@ def _build(records: list[RevocationRecord], epochs: dict[str, int]) -> _Index:
 class Policy:
     """Thread-safe revocation list and realm epochs over a store."""
 
-    def __init__(self, store: Store, clock: Clock, max_lifetime: int) -> None:
+    def __init__(self, store: Store, clock: Clock, max_lifetime: int,
+                 audit: AuditHook | None = None) -> None:
         self._store = store
+        self._audit: AuditHook = audit or _no_audit  # called after validation, before a commit
         self._clock = clock
         self._max_lifetime = max_lifetime
         self._lock = threading.Lock()  # serialises changes; readers use the published snapshot
@@ -107,17 +126,37 @@ class Policy:
     # -- changes ---------------------------------------------------------------------------------
 
     def revoke(self, kind: str, value: bytes, issued_before: float | None = None,
-               reason: str = "") -> RevocationRecord:
+               reason: str = "", actor: str = SYSTEM) -> RevocationRecord:
         """Revoke the tickets of a selector issued before ``issued_before`` (default: now, i.e.
-        every such ticket issued so far).
+        every such ticket issued so far). The request is validated completely, then audited
+        (``tickets.revoke`` by ``actor``), then stored: a refused request leaves no audit line.
 
-        Raises: InvalidArgument (naming the selector field or ``reason``), DeviceUnavailable.
+        Raises: InvalidArgument (naming the selector field or ``reason``), AuditUnavailable
+        (nothing stored), DeviceUnavailable.
+        """
+        record = self._revocation(kind, value, issued_before, reason)
+        self._audit(actor, "tickets.revoke", {
+            "selector": record.kind, "value": record.value.hex(),
+            "issued_before": record.issued_before, "reason": record.reason,
+            "expires_at": record.expires_at})
+        with self._lock:
+            record = self._store.add_revocation(record)
+            self._records = [*self._records, record]
+            self._publish()
+        return record
+
+    def _revocation(self, kind: str, value: bytes, issued_before: float | None,
+                    reason: str) -> RevocationRecord:
+        """The revocation a request asks for, every field checked.
+
+        Raises: InvalidArgument naming the selector field or ``reason``.
         """
         now = self._clock.now()
         if kind not in KINDS:
             raise InvalidArgument("selector", f"unknown kind {kind!r}")
         if len(reason) > MAX_REASON_LEN:
-            raise InvalidArgument("reason", f"at most {MAX_REASON_LEN} characters")
+            raise InvalidArgument("reason", f"at most {MAX_REASON_LEN} characters, "
+                                            f"got {len(reason)}")
         if kind == BY_ISSUED_BEFORE:
             if issued_before is None or issued_before <= 0:
                 raise InvalidArgument("issued_before", "required")
@@ -125,24 +164,21 @@ class Policy:
                 raise InvalidArgument("issued_before", "must not be in the future")
             value = b""
         else:
+            _check_value(kind, value)
             # Tickets are stamped with whole seconds: the next second covers the current one.
             issued_before = math.floor(now) + 1
-        if kind == BY_TICKET_ID and len(value) != TICKET_ID_LEN:
-            raise InvalidArgument("ticket_id", f"must be {TICKET_ID_LEN} octets")
-        record = RevocationRecord(0, kind, value, issued_before, now,
-                                  math.ceil(issued_before) + self._max_lifetime, reason)
-        with self._lock:
-            record = self._store.add_revocation(record)
-            self._records = [*self._records, record]
-            self._publish()
-        return record
+        return RevocationRecord(0, kind, value, issued_before, now,
+                                math.ceil(issued_before) + self._max_lifetime, reason)
 
-    def bump_epoch(self, realm: str) -> int:
+    def bump_epoch(self, realm: str, actor: str = SYSTEM) -> int:
         """Move a realm to its next policy epoch; older tickets of that realm become REVOKED.
+        The realm is checked, then the bump audited (``policy.epoch_bump`` by ``actor``), then
+        stored: a refused request leaves no audit line.
 
-        Raises: InvalidArgument (realm), DeviceUnavailable.
+        Raises: InvalidArgument (realm), AuditUnavailable (nothing changed), DeviceUnavailable.
         """
         check_realm(realm)
+        self._audit(actor, "policy.epoch_bump", {"realm": realm})
         with self._lock:
             epoch = self._store.bump_epoch(realm, self._clock.now())
             self._epochs = {**self._epochs, realm: epoch}

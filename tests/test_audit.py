@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from authority._proto.ticketauthority.v1 import admin_pb2, admin_pb2_grpc
 from authority.audit import GENESIS, AuditLog, AuditUnavailable, entry_hash, verify
@@ -24,7 +25,7 @@ from authority.cli import main
 from authority.errors import ConfigError, StartupError
 from authority.keys import KeyState
 from authority.settings_loader import load_config
-from tests.conftest import Harness, issue, make_config, sample_state
+from tests.conftest import START, Harness, issue, make_config, sample_state
 from tests.test_tls_roles import SERVER_NAME, Tls, tls_settings
 
 
@@ -251,3 +252,41 @@ def test_the_actor_is_the_admin_certificate_uri(tmp_path: Path) -> None:
             (pki.admin_uri, "key.created"), (pki.admin_uri, "key.rotated")]
     finally:
         h.stop()
+
+
+REFUSED_ADMIN_ACTIONS: list[tuple[str, Any, str]] = [
+    ("RevokeTickets", admin_pb2.RevokeTicketsRequest(id_i=b"\x02\x00\x00\x00who",
+                                                     reason="x" * 100_000), "reason"),
+    ("RevokeTickets", admin_pb2.RevokeTicketsRequest(
+        issued_before=Timestamp(seconds=int(START) + 3600)), "issued_before"),
+    ("RevokeTickets", admin_pb2.RevokeTicketsRequest(ticket_id=bytes(15)), "ticket_id"),
+    ("RevokeTickets", admin_pb2.RevokeTicketsRequest(reason="no selector"), "selector"),
+    ("BumpPolicyEpoch", admin_pb2.BumpPolicyEpochRequest(realm="blue\x07"), "realm"),
+    ("BumpPolicyEpoch", admin_pb2.BumpPolicyEpochRequest(realm="b" * 65), "realm"),
+]
+
+
+def test_refused_admin_actions_write_no_audit_line(pkcs11_harness: Harness) -> None:
+    """Validation comes first: a request refused with INVALID_ARGUMENT leaves the log as it was
+    (issue 12 point 6); a valid one is audited with what was done."""
+    h = pkcs11_harness
+    path = h.state_dir / "audit.log"
+    before = path.read_bytes()
+    for method, request, field in REFUSED_ADMIN_ACTIONS:
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(h.admin, method)(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, field)
+        assert err.value.details().startswith(f"{field}: "), err.value.details()
+        assert path.read_bytes() == before, f"{method} refused on {field} was audited"
+    assert not h.admin.ListRevocations(admin_pb2.ListRevocationsRequest()).revocations
+    assert not h.admin.ListRealms(admin_pb2.ListRealmsRequest()).realms
+    reply = h.admin.RevokeTickets(admin_pb2.RevokeTicketsRequest(
+        issued_before=Timestamp(seconds=int(START) - 10), reason="r" * 256))
+    h.admin.BumpPolicyEpoch(admin_pb2.BumpPolicyEpochRequest(realm="blue"))
+    assert actions(path)[-2:] == [("local", "tickets.revoke"), ("local", "policy.epoch_bump")]
+    revoked, bumped = entries(path)[-2:]
+    assert revoked["details"] == {"selector": "issued_before", "value": "",
+                                  "issued_before": START - 10, "reason": "r" * 256,
+                                  "expires_at": reply.expires_at.seconds}
+    assert bumped["details"] == {"realm": "blue"}
+    assert verify(path).ok

@@ -150,10 +150,8 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
 
     def RevokeTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         kind, value, issued_before = convert.revocation_selector(request)
-        self._authority.audit.record(caller_identity(context), "tickets.revoke", {
-            "selector": kind, "value": value.hex() if isinstance(value, bytes) else value,
-            "issued_before": issued_before, "reason": request.reason})  # fail-closed: first
-        record = self._authority.policy.revoke(kind, value, issued_before, request.reason)
+        record = self._authority.policy.revoke(kind, value, issued_before, request.reason,
+                                               actor=caller_identity(context))
         return admin_pb2.RevokeTicketsResponse(revocation_id=record.revocation_id,
                                                expires_at=convert.timestamp(record.expires_at))
 
@@ -162,9 +160,7 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
             convert.revocation_info(r) for r in self._authority.policy.revocations()])
 
     def BumpPolicyEpoch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        self._authority.audit.record(caller_identity(context), "policy.epoch_bump",
-                                     {"realm": request.realm})  # fail-closed: first
-        epoch = self._authority.policy.bump_epoch(request.realm)
+        epoch = self._authority.policy.bump_epoch(request.realm, actor=caller_identity(context))
         return admin_pb2.BumpPolicyEpochResponse(realm=request.realm, policy_epoch=epoch)
 
     def ListRealms(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
