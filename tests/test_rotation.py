@@ -129,3 +129,30 @@ def test_seal_budget_survives_restart(make_harness: Callable[..., Harness]) -> N
     h.restart()                      # the unused reservation counts as spent
     key_ids = [issue(h.tickets, n).key_id for n in range(4)]
     assert key_ids[:3] == [first] * 3 and key_ids[3] != first
+
+
+def _device_unseals(h: Harness) -> float:
+    """Unseal calls the authority has made to its device (its device-latency histogram)."""
+    count = h.authority.metrics.registry.get_sample_value(
+        "ticket_authority_device_operation_seconds_count", {"op": "unseal_many"})
+    return count or 0.0
+
+
+def test_closed_window_refuses_without_maintenance_or_device_call(harness: Harness) -> None:
+    """A DECRYPT_ONLY key past its window opens nothing even before maintenance destroys it,
+    and the refusal costs no device call (the window check in KeyRing.check_opens)."""
+    lifetime = harness.config.tickets.max_lifetime
+    old = issue(harness.tickets, lifetime=lifetime)
+    harness.admin.RotateKey(admin_pb2.RotateKeyRequest())
+    before = _device_unseals(harness)
+    assert redeem(harness.tickets, old.ticket).result == OK
+    assert _device_unseals(harness) == before + 1   # the count sees this authority's unseals
+    window = {r.key_id.hex(): r.opens_until for r in harness.authority.ring.records()}
+    closes = window[old.key_id]
+    assert closes is not None
+    harness.clock.advance(closes - harness.clock.now())  # the window closes; no maintenance
+    assert redeem(harness.tickets, old.ticket).result == INVALID
+    assert _device_unseals(harness) == before + 1
+    states = {r.key_id.hex(): r.state for r in harness.authority.ring.records()}
+    assert states[old.key_id] == KeyState.DECRYPT_ONLY   # still in the device, not yet destroyed
+    assert bytes.fromhex(old.key_id) in harness.authority.backend.list_keys()
