@@ -54,10 +54,19 @@ def test_secret_never_shows() -> None:
     assert "hunter2" not in f"{secret}" and secret.reveal() == "hunter2"
 
 
-@pytest.mark.parametrize("listen", ["127.0.0.1:0", "127.0.0.5:1", "localhost:50051",
-                                    "[::1]:50051"])
-def test_loopback_listen_is_accepted(listen: str) -> None:
-    parse_listen(listen)
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("127.0.0.1:0", "127.0.0.1", 0), ("127.0.0.5:1", "127.0.0.5", 1),
+    ("localhost:50051", "localhost", 50051), ("[::1]:50051", "[::1]", 50051),
+    ("127.0.0.1:65535", "127.0.0.1", 65535)])
+def test_loopback_listen_is_accepted(listen: str, host: str, port: int) -> None:
+    assert parse_listen(listen) == (host, port)
+
+
+@pytest.mark.parametrize(("listen", "host", "port"), [
+    ("0.0.0.0:50051", "0.0.0.0", 50051), ("[::]:1", "[::]", 1),  # noqa: S104
+    ("authority.example.net:443", "authority.example.net", 443)])
+def test_any_host_is_accepted_where_tls_allows_it(listen: str, host: str, port: int) -> None:
+    assert parse_listen(listen, loopback_only=False) == (host, port)
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:50051", "10.0.0.1:1", "[::]:1", "example.com:1",

@@ -3,7 +3,7 @@ every malformed payload a WireError (hypothesis)."""
 
 from __future__ import annotations
 
-import contextlib
+import json
 
 import pytest
 from hypothesis import given
@@ -68,25 +68,95 @@ def test_backend_info_round_trips(library: str, token: str, sessions: int) -> No
     assert wire.decode_info(wire.encode_info(info)) == info
 
 
-@given(st.binary(max_size=200) | st.just(b"[" * 100_000) | st.just(b'{"a": 1}')
-       | st.just(b'{"backend": "tpm", "library": 1, "token": "", "sessions": 1}'))
-def test_any_json_payload_decodes_or_is_a_wire_error(payload: bytes) -> None:
-    for decode in (wire.decode_flags, wire.decode_info):
-        with contextlib.suppress(wire.WireError):
-            decode(payload)
+def mutations(payloads: st.SearchStrategy[bytes]) -> st.SearchStrategy[bytes]:
+    """Well-formed payloads, each with up to three octets overwritten, cut or extended: inputs
+    that decode now and then, so that both outcomes are checked."""
+    edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=3)
+
+    def mutate(payload: bytes, changes: list[tuple[int, int]], cut: int, tail: bytes) -> bytes:
+        octets = bytearray(payload)
+        for position, value in changes:
+            if octets:
+                octets[position % len(octets)] = value
+        return bytes(octets[:len(octets) - cut] if cut else octets) + tail
+
+    return st.builds(mutate, payloads, edits, st.integers(0, 3), st.binary(max_size=2))
 
 
-@given(st.binary(max_size=200))
-def test_any_request_payload_decodes_or_is_a_wire_error(payload: bytes) -> None:
-    with contextlib.suppress(wire.WireError):
-        wire.decode_request(payload)
+requests = st.builds(wire.encode_request, st.sampled_from(sorted(wire.OPS)), items)
+replies = st.one_of(
+    st.builds(wire.encode_results, results),
+    st.builds(wire.encode_failure, st.integers(0, 8), st.binary(max_size=40)),
+    st.builds(wire.encode_failure, st.integers(0, 8), st.text(max_size=20)))
+json_payloads = st.one_of(
+    st.binary(max_size=200), st.just(b"[" * 100_000), st.just(b'{"a": 1}'),
+    st.just(b'{"backend": "tpm", "library": 1, "token": "", "sessions": 1}'),
+    st.dictionaries(st.text(max_size=8), st.booleans(), max_size=4).map(wire.encode_flags),
+    st.builds(BackendInfo, backend=st.text(max_size=8), library=st.text(max_size=8),
+              token=st.text(max_size=8), sessions=st.integers(0, 64)).map(wire.encode_info))
 
 
-@given(st.binary(max_size=200))
-def test_any_reply_payload_decodes_or_raises_a_known_error(payload: bytes) -> None:
-    with contextlib.suppress(wire.WireError, DeviceUnavailable, KeyNotFound,
-                             FailedPrecondition, InvalidArgument):
-        wire.decode_reply(payload)
+@given(json_payloads)
+def test_any_json_payload_decodes_to_what_it_says_or_is_a_wire_error(payload: bytes) -> None:
+    try:
+        flags = wire.decode_flags(payload)
+    except wire.WireError:
+        pass
+    else:
+        assert flags == json.loads(payload)
+        assert all(type(value) is bool for value in flags.values())
+    try:
+        info = wire.decode_info(payload)
+    except wire.WireError:
+        pass
+    else:
+        fields = json.loads(payload)
+        assert info == BackendInfo(backend=fields["backend"], library=fields["library"],
+                                   token=fields["token"], sessions=fields["sessions"])
+        assert wire.decode_info(wire.encode_info(info)) == info
+
+
+@given(st.binary(max_size=200) | mutations(requests))
+def test_a_request_payload_decodes_to_its_only_encoding_or_is_a_wire_error(
+        payload: bytes) -> None:
+    try:
+        op, batch = wire.decode_request(payload)
+    except wire.WireError:
+        return
+    assert op == payload[0] and op in wire.OPS
+    assert len(batch) == int.from_bytes(payload[1:5], "big")
+    assert wire.encode_request(op, batch) == payload   # one message, one encoding
+
+
+@given(st.binary(max_size=200) | mutations(replies))
+def test_a_reply_payload_decodes_to_what_it_carries_or_raises_a_known_error(
+        payload: bytes) -> None:
+    text = payload[2:].decode("utf-8", "replace")
+    try:
+        decoded = wire.decode_reply(payload)
+    except wire.WireError:
+        return
+    except KeyNotFound as exc:
+        assert payload[:2] == bytes([wire.FAILED, wire.KEY_NOT_FOUND])
+        assert exc.key_id == payload[2:]
+        return
+    except DeviceUnavailable as exc:
+        assert payload[0] == wire.FAILED
+        assert payload[1] in (wire.DEVICE_UNAVAILABLE, wire.STARTUP)
+        assert exc.message == text
+        return
+    except FailedPrecondition as exc:
+        assert payload[:2] == bytes([wire.FAILED, wire.FAILED_PRECONDITION])
+        assert exc.message == text
+        return
+    except InvalidArgument as exc:
+        assert payload[:2] == bytes([wire.FAILED, wire.INVALID_ARGUMENT])
+        field, _, problem = text.partition("\0")
+        assert (exc.field, exc.message) == (field, f"{field}: {problem}")
+        return
+    assert payload[0] == wire.RESULTS
+    assert len(decoded) == int.from_bytes(payload[1:5], "big")
+    assert wire.encode_results(decoded) == payload    # one message, one encoding
 
 
 @given(items, st.integers(min_value=0, max_value=40))

@@ -4,7 +4,6 @@ random bytes, random mutations) that must raise PayloadError and nothing else.""
 
 from __future__ import annotations
 
-import contextlib
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -415,20 +414,102 @@ def test_encoders_refuse_bad_values(call: Callable[[], object], message: str) ->
         call()
 
 
-# --- malformed input: PayloadError and nothing else -----------------------------------------
+# --- malformed input: PayloadError, or a value that matches the octets -------------------
 
-DECODERS: list[Callable[[bytes], object]] = [
-    p.decode_resume_request, p.decode_resume_response, p.decode_message, p.decode_ike_header,
-    p.decode_payload_header, p.decode_generic_payload, p.decode_nonce_payload,
-    p.decode_notify_payload, p.decode_notify_body,
-    lambda b: p.decode_payload_chain(b[0] if b else 0, b[1:]),
-    lambda b: p.ticket_from_notify(p.decode_notify_body(b)),
-]
+FLAG_BITS = FLAG_INITIATOR | FLAG_RESPONSE | FLAG_VERSION
+CRITICAL_BIT = 0x80
 
 
-def only_payload_error(decode: Callable[[bytes], object], octets: bytes) -> None:
-    with contextlib.suppress(PayloadError):
-        decode(octets)
+def reserved_bits_cleared(payload: bytes) -> bytes:
+    """One payload with the RESERVED bits of its generic header cleared (§3.2: ignored on
+    receipt, so the re-encoding has them zero)."""
+    return payload[:1] + bytes([payload[1] & CRITICAL_BIT]) + payload[2:]
+
+
+def check_ike_header(octets: bytes, header: IkeHeader) -> None:
+    assert p.encode_ike_header(header) == octets[:19] + bytes([octets[19] & FLAG_BITS]) + \
+        octets[20:]
+
+
+def check_payload_header(octets: bytes, header: PayloadHeader) -> None:
+    assert p.encode_payload_header(header) == reserved_bits_cleared(octets)
+
+
+def check_generic(octets: bytes, value: tuple[PayloadHeader, bytes]) -> None:
+    header, body = value
+    assert body == octets[4:] and header.length == len(octets)
+    assert p.encode_generic_payload(header.next_payload, body, header.critical) == \
+        reserved_bits_cleared(octets)
+
+
+def check_notify_payload(octets: bytes, value: tuple[PayloadHeader, Notify]) -> None:
+    header, notify = value
+    assert p.encode_notify_payload(notify, header.next_payload, header.critical) == \
+        reserved_bits_cleared(octets)
+
+
+def check_chain(octets: bytes, payloads: list[RawPayload]) -> None:
+    first, data = (octets[0] if octets else 0), octets[1:]
+    assert (payloads[0].payload_type if payloads else 0) == first
+    assert sum(4 + len(payload.body) for payload in payloads) == len(data)
+    assert p.decode_payload_chain(*p.encode_payload_chain(payloads)) == payloads
+
+
+def check_message(octets: bytes, value: tuple[IkeHeader, list[RawPayload]]) -> None:
+    header, payloads = value
+    assert (header.spi_i, header.spi_r, header.length) == (octets[:8], octets[8:16], len(octets))
+    assert p.decode_message(p.encode_message(header, payloads)) == value
+
+
+def check_request(octets: bytes, request: ResumeRequest) -> None:
+    assert request.spi_i == octets[:8] and octets[8:16] == ZERO
+    assert request.nonce in octets and request.ticket in octets
+    assert p.decode_resume_request(p.encode_resume_request(request)) == request
+
+
+def check_response(octets: bytes, response: ResumeResponse) -> None:
+    assert (response.spi_i, response.spi_r) == (octets[:8], octets[8:16])
+    assert p.decode_resume_response(p.encode_resume_response(response)) == response
+
+
+def check_notify_body(octets: bytes, notify: Notify) -> None:
+    assert p.encode_notify_body(notify) == octets
+
+
+def ticket_of(octets: bytes) -> Any:
+    return p.ticket_from_notify(p.decode_notify_body(octets))
+
+
+def check_ticket(octets: bytes, ticket: Any) -> None:
+    assert p.encode_notify_body(p.ticket_to_notify(ticket)) == octets
+
+
+# Each decoder, and what a value it returns must say about the octets it came from.
+DECODERS: dict[str, tuple[Callable[[bytes], Any], Callable[[bytes, Any], None]]] = {
+    "resume_request": (p.decode_resume_request, check_request),
+    "resume_response": (p.decode_resume_response, check_response),
+    "message": (p.decode_message, check_message),
+    "ike_header": (p.decode_ike_header, check_ike_header),
+    "payload_header": (p.decode_payload_header, check_payload_header),
+    "generic_payload": (p.decode_generic_payload, check_generic),
+    "nonce_payload": (p.decode_nonce_payload, check_generic),
+    "notify_payload": (p.decode_notify_payload, check_notify_payload),
+    "notify_body": (p.decode_notify_body, check_notify_body),
+    "payload_chain": (lambda b: p.decode_payload_chain(b[0] if b else 0, b[1:]), check_chain),
+    "ticket_notify": (ticket_of, check_ticket),
+}
+
+
+def decoded_or_payload_error(name: str, octets: bytes) -> bool:
+    """Decode ``octets`` with decoder ``name``: either PayloadError (False) or a value whose
+    check against the octets holds (True)."""
+    decode, check = DECODERS[name]
+    try:
+        value = decode(octets)
+    except PayloadError:
+        return False
+    check(octets, value)
+    return True
 
 
 @FAST
@@ -451,9 +532,9 @@ def test_every_truncated_response_raises(response: ResumeResponse) -> None:
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
-def test_random_bytes_raise_only_payload_error(octets: bytes) -> None:
-    for decode in DECODERS:
-        only_payload_error(decode, octets)
+def test_random_bytes_decode_to_what_they_carry_or_raise_payload_error(octets: bytes) -> None:
+    for name in DECODERS:
+        decoded_or_payload_error(name, octets)
 
 
 @settings(max_examples=300, deadline=None)
@@ -463,19 +544,48 @@ def test_random_payloads_behind_a_valid_header(flags: int, spi_i: bytes, spi_r: 
                                                first: int, body: bytes) -> None:
     header = IkeHeader(spi_i, spi_r, first, IKE_SESSION_RESUME, flags, 0, 28 + len(body))
     octets = p.encode_ike_header(header) + body
-    only_payload_error(p.decode_resume_request, octets)
-    only_payload_error(p.decode_resume_response, octets)
+    for name in ("resume_request", "resume_response", "message"):
+        decoded_or_payload_error(name, octets)
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.one_of(requests.map(p.encode_resume_request),
                  responses.map(p.encode_resume_response)),
        st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4))
-def test_mutated_messages_raise_only_payload_error(octets: bytes,
+def test_mutated_messages_decode_to_what_they_carry_or_raise(octets: bytes,
                                                    edits: list[tuple[int, int]]) -> None:
     mutated = bytearray(octets)
     for position, value in edits:
         mutated[position % len(mutated)] = value
     assume(bytes(mutated) != octets)
-    only_payload_error(p.decode_resume_request, bytes(mutated))
-    only_payload_error(p.decode_resume_response, bytes(mutated))
+    for name in ("resume_request", "resume_response", "message"):
+        decoded_or_payload_error(name, bytes(mutated))
+
+
+def chain_octets(payloads: list[RawPayload]) -> bytes:
+    first, data = p.encode_payload_chain(payloads)
+    return bytes([first]) + data
+
+
+single_payloads = st.one_of(
+    ike_headers.map(p.encode_ike_header),
+    st.builds(p.encode_generic_payload, st.integers(0, 255), bodies, st.booleans()),
+    st.builds(p.encode_nonce_payload, nonces, st.integers(0, 255), st.booleans()),
+    st.builds(p.encode_notify_payload, notifies_any, st.integers(0, 255), st.booleans()),
+    notifies_any.map(p.encode_notify_body),
+    ticket_notifies.map(lambda ticket: p.encode_notify_body(p.ticket_to_notify(ticket))),
+    raw_payloads.map(chain_octets))
+
+
+@settings(max_examples=300, deadline=None)
+@given(single_payloads,
+       st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=2),
+       st.integers(0, 2), st.binary(max_size=2))
+def test_payloads_with_edits_decode_to_what_they_carry_or_raise(
+        octets: bytes, edits: list[tuple[int, int]], cut: int, tail: bytes) -> None:
+    mutated = bytearray(octets)
+    for position, value in edits:
+        mutated[position % len(mutated)] = value
+    edited = bytes(mutated[:len(mutated) - cut] if cut else mutated) + tail
+    for name in DECODERS:
+        decoded_or_payload_error(name, edited)
