@@ -149,7 +149,8 @@ class KeyRing:
                actor: str = SYSTEM) -> tuple[KeyRecord, KeyRecord | None]:
         """Generate a new key in the device and make it the sealing key.
 
-        The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds. The change is
+        The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds (longer if the
+        store's lifetime horizon, after a lowered maximum, is later). The change is
         audited (``key.created``, ``key.rotated``) before it is committed.
         Returns (new, previous). Raises: DeviceUnavailable, AuditUnavailable (nothing changed).
         """
@@ -161,8 +162,10 @@ class KeyRing:
             changed = [new]
             previous = self._records.get(self._primary) if self._primary else None
             if previous is not None:
+                # its tickets may carry a longer lifetime granted before a lowered maximum
+                opens_until = max(now + self._max_lifetime, self._store.lifetime_horizon())
                 previous = replace(previous, state=KeyState.DECRYPT_ONLY, sealing_ended_at=now,
-                                   opens_until=now + self._max_lifetime)
+                                   opens_until=opens_until)
                 changed.append(previous)
             try:
                 self._audit(actor, "key.created", {"key_id": key_id.hex(), "reason": reason})

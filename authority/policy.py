@@ -86,20 +86,31 @@ class Policy:
         self._audit: AuditHook = audit or _no_audit  # called after validation, before a commit
         self._clock = clock
         self._max_lifetime = max_lifetime
+        self._horizon = 0.0  # until when tickets granted a longer lifetime may be live
         self._lock = threading.Lock()  # serialises changes; readers use the published snapshot
         self._records: list[RevocationRecord] = []
         self._epochs: dict[str, int] = {}
         self._index = _Index()
 
     def load(self) -> None:
-        """Read revocations and epochs from the store. Raises: DeviceUnavailable."""
+        """Record this start's maximum lifetime in the store (which gives the lifetime
+        horizon), then read revocations and epochs. Raises: DeviceUnavailable."""
         with self._lock:
-            self._records = self._store.load_revocations(self._clock.now())
+            now = self._clock.now()
+            self._horizon = self._store.record_max_lifetime(self._max_lifetime, now)
+            self._records = self._store.load_revocations(now)
             self._epochs = self._store.load_epochs()
             self._publish()
 
     def _publish(self) -> None:
         self._index = _build(self._records, self._epochs)
+
+    def retention(self, since: float) -> float:
+        """Until when something about tickets issued before ``since`` must be kept (a
+        revocation, a consumed entry): every such ticket has expired by then, whatever maximum
+        lifetime it was granted under (``since`` + the current maximum, or the store's lifetime
+        horizon after a lowered maximum, whichever is later)."""
+        return max(math.ceil(since) + self._max_lifetime, self._horizon)
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -167,8 +178,8 @@ class Policy:
             _check_value(kind, value)
             # Tickets are stamped with whole seconds: the next second covers the current one.
             issued_before = math.floor(now) + 1
-        return RevocationRecord(0, kind, value, issued_before, now,
-                                math.ceil(issued_before) + self._max_lifetime, reason)
+        return RevocationRecord(0, kind, value, issued_before, now, self.retention(issued_before),
+                                reason)
 
     def bump_epoch(self, realm: str, actor: str = SYSTEM) -> int:
         """Move a realm to its next policy epoch; older tickets of that realm become REVOKED.

@@ -303,7 +303,8 @@ class Sealer:
     def consume(self, handle: bytes) -> RedeemStatus:
         """Mark the ticket behind a redeem's handle as used: OK the first time, REPLAYED after.
 
-        The entry lives until the ticket's expiry, capped at now + the maximum lifetime.
+        The entry lives until the ticket's expiry, capped at the retention bound of tickets
+        issued by now (``Policy.retention``).
         Raises: InvalidArgument (malformed handle), DeviceUnavailable (store down).
         """
         if len(handle) != TICKET_HANDLE_LEN:
@@ -313,7 +314,7 @@ class Sealer:
         now = self._clock.now()
         if now >= expires_at:
             return RedeemStatus.EXPIRED
-        expires_at = min(expires_at, math.ceil(now) + self._policy.max_lifetime)
+        expires_at = min(expires_at, math.ceil(self._rules.retention(now)))
         fresh = self._store.consume_many([(ticket_id, expires_at)], now)[0]
         self._counters.inc("consumed" if fresh else "consume_replayed")
         return RedeemStatus.OK if fresh else RedeemStatus.REPLAYED

@@ -74,6 +74,17 @@ class Store(Protocol):
         """Increment a realm's policy epoch atomically; return the new epoch."""
         ...
 
+    def record_max_lifetime(self, max_lifetime: int, now: float) -> float:
+        """Remember the maximum ticket lifetime this start runs with; return the lifetime
+        horizon: the time until which tickets granted a longer lifetime by an earlier start may
+        still be live (0 if none). A maximum lower than the previous start's moves the horizon
+        to at least ``now`` + the previous maximum; it never moves back."""
+        ...
+
+    def lifetime_horizon(self) -> float:
+        """The horizon ``record_max_lifetime`` last returned (0 if none)."""
+        ...
+
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""
         ...

@@ -202,6 +202,24 @@ class SqliteStore:
             db.execute("INSERT OR REPLACE INTO realms VALUES (?, ?, ?)", (realm, epoch, now))
         return epoch
 
+    def record_max_lifetime(self, max_lifetime: int, now: float) -> float:
+        """Store this start's maximum lifetime; return the (possibly moved) horizon, in one
+        transaction."""
+        with self._tx() as db:
+            previous = _meta(db, "max_lifetime")
+            horizon = float(_meta(db, "lifetime_horizon") or 0)
+            if previous is not None and int(previous) > max_lifetime:
+                horizon = max(horizon, now + int(previous))
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("max_lifetime", str(max_lifetime)),
+                            ("lifetime_horizon", repr(horizon))])
+        return horizon
+
+    def lifetime_horizon(self) -> float:
+        """The stored lifetime horizon (0 if none)."""
+        with self._read() as db:
+            return float(_meta(db, "lifetime_horizon") or 0)
+
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""
         with self._tx() as db:
@@ -212,3 +230,9 @@ class SqliteStore:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _meta(db: sqlite3.Connection, name: str) -> str | None:
+    """One value of the meta table (None if unset)."""
+    row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+    return None if row is None else str(row[0])
