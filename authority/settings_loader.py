@@ -234,7 +234,12 @@ def _pin(data: dict[str, Any]) -> Secret:
 
 
 def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) -> Secret:
-    """A secret read from a file or an environment variable (exactly one of them)."""
+    """A secret read from a file or an environment variable (exactly one of them).
+
+    The variable (``pkcs11.pin_env``, ``tpm.owner_auth_env``) is removed from ``os.environ``
+    once read, so that no process started afterwards inherits it (children get a minimal
+    environment anyway: authority/backends/processes/environment.py); a second load in the same
+    process finds it unset. Raises: ConfigError naming the setting."""
     prefix = setting.rsplit(".", 1)[0]
     if file_key in data and env_key in data:
         raise ConfigError(setting, f"give {file_key} or {env_key}, not both")
@@ -243,9 +248,10 @@ def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) 
             return Secret(Path(data[file_key]).read_text().strip())
         except OSError as exc:
             raise ConfigError(f"{prefix}.{file_key}", f"cannot read: {exc.strerror}") from exc
-    value = os.environ.get(str(data[env_key]))
+    value = os.environ.pop(str(data[env_key]), None)
     if value is None:
-        raise ConfigError(f"{prefix}.{env_key}", f"environment variable {data[env_key]} unset")
+        raise ConfigError(f"{prefix}.{env_key}", f"environment variable {data[env_key]} unset "
+                                                 "(it is removed from the environment once read)")
     return Secret(value)
 
 

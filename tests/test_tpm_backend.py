@@ -308,7 +308,7 @@ def test_swtpm_restart_keeps_every_ticket(tpm_settings: TpmSettings, swtpm: Swtp
 
 def test_swtpm_restart_under_a_live_backend(tpm_settings: TpmSettings, swtpm: SwtpmProcess,
                                            tmp_path: Path) -> None:
-    """The swtpm dies (no TPM2_Shutdown) and comes back on the same port and state while the
+    """The swtpm dies (no TPM2_Shutdown) and comes back on the same sockets and state while the
     backend stays open. A call during the outage is UNAVAILABLE and the next one reconnects; a
     restart between two calls is noticed as handles the TPM no longer has (it was reset), and
     the objects are reloaded from the blobs. Every ticket still opens."""
@@ -322,12 +322,12 @@ def test_swtpm_restart_under_a_live_backend(tpm_settings: TpmSettings, swtpm: Sw
         processes[-1].kill()
         with pytest.raises(DeviceUnavailable):
             backend.unseal(K1, _aad(K1), one)
-        processes.append(SwtpmProcess.start(swtpm.state_dir, port=swtpm.port))
+        processes.append(SwtpmProcess.start(swtpm.state_dir))
         assert backend.unseal(K1, _aad(K1), one) == b"one"
         assert backend.counters()["reconnects"] == 1
 
         processes[-1].kill()
-        processes.append(SwtpmProcess.start(swtpm.state_dir, port=swtpm.port))
+        processes.append(SwtpmProcess.start(swtpm.state_dir))
         assert backend.unseal(K1, _aad(K1), one) == b"one"
         assert backend.unseal(K2, _aad(K2), two) == b"two"
         assert backend.unseal(K1, _aad(K1), backend.seal(K1, _aad(K1), b"new")) == b"new"

@@ -1,4 +1,4 @@
-"""TPM fixtures: a real swtpm per test, in tmp_path, on varied high loopback ports; no mocks.
+"""TPM fixtures: a real swtpm per test, in tmp_path, on Unix sockets in its state dir; no mocks.
 
 Import the fixtures a test module uses explicitly (recent pytest allows ``pytest_plugins`` only in
 the top-level conftest)::
@@ -41,7 +41,7 @@ if HAVE_PYTSS and HAVE_SWTPM:
 
 @pytest.fixture(name="swtpm")
 def swtpm_fixture(tmp_path: Path) -> Iterator[SwtpmProcess]:
-    """A swtpm with its state in tmp_path/swtpm on a random free port pair; stopped after the test
+    """A swtpm with its state and sockets in tmp_path/swtpm; stopped after the test
     (TPM2_Shutdown first; stopping twice is harmless). A test that restarts it stops the new
     process itself."""
     if not (HAVE_PYTSS and HAVE_SWTPM):

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import authority
 from authority.backends.processes.channel import Channel
+from authority.backends.processes.environment import child_environment
 from authority.backends.processes.wire import WireError, decode_reply
 from authority.config import Secret
 from authority.errors import DeviceUnavailable, InvalidTicket, StartupError
 
 log = logging.getLogger("authority.backends.processes")
-
-_PACKAGE_ROOT = str(Path(authority.__file__).resolve().parent.parent)
 
 
 class DeviceProcess:
@@ -33,19 +29,18 @@ class DeviceProcess:
 
     @classmethod
     def spawn(cls, index: int) -> DeviceProcess:
-        """Start the child (it imports its modules, then waits for ``hello``).
+        """Start the child (it imports its modules, then waits for ``hello``), with a minimal
+        environment (environment.py: nothing of ours it does not need, no secret).
 
         Raises: StartupError (the process cannot be started).
         """
         ours, theirs = socket.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "authority.backends.processes.child",
                  str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                env=child_environment(python=True))
         except OSError as exc:
             ours.close()
             raise StartupError(f"server.device_processes: cannot start a device process: "

@@ -1,16 +1,19 @@
-"""The embedded software TPM: a ``swtpm`` child process on free high loopback ports.
+"""The embedded software TPM: a ``swtpm`` child process on Unix sockets in its state directory.
 
 Used when ``tpm.tcti`` is not set (development, tests, single-host deployments without a TPM).
-The TPM state lives in a private directory and survives restarts, so key blobs made under it keep
-loading. This module talks to the swtpm only with two raw TPM 2.0 commands (GetRandom as the
-readiness probe, Shutdown before stopping); everything else goes through tpm2-pytss in the
-backend. Measured behaviour it works around (docs/devices.md):
+The TPM state lives in a private (0700) directory and survives restarts, so key blobs made under
+it keep loading. The swtpm listens on no TCP port: its data channel (``tpm.sock``, TCTI
+``swtpm:path=...``) and its control channel (``tpm.sock.ctrl``: the name the swtpm TCTI derives)
+are Unix sockets (0600) inside that directory, so only the service's user (and root) can send it
+commands or stop it. It runs with a minimal environment (no secret of the service's).
 
-* the swtpm TCTI opens a TCP connection per command, so the client side leaves thousands of
-  sockets in TIME_WAIT on ephemeral ports: the server ports are picked at random *outside* the
-  kernel's ephemeral range and varied on every start;
-* a TPM stopped without TPM2_Shutdown counts as an unclean shutdown (dictionary-attack state), so
-  :meth:`SwtpmProcess.stop` sends TPM2_Shutdown(CLEAR) first.
+This module talks to the swtpm only with two raw TPM 2.0 commands (GetRandom as the readiness
+probe, Shutdown before stopping); everything else goes through tpm2-pytss in the backend. A TPM
+stopped without TPM2_Shutdown counts as an unclean shutdown (dictionary-attack state), so
+:meth:`SwtpmProcess.stop` sends TPM2_Shutdown(CLEAR) first.
+
+What it protects: the state directory holds the TPM's seeds, so a copy of it opens the key
+blobs elsewhere; the embedded swtpm is a development default, not hardware protection.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import shutil
 import signal
 import socket
@@ -29,17 +31,19 @@ import time
 from pathlib import Path
 from typing import IO, Final
 
+from authority.backends.processes.environment import child_environment
 from authority.errors import StartupError
 
-__all__ = ["SwtpmProcess", "free_port_pair"]
+__all__ = ["SwtpmProcess"]
 
 log = logging.getLogger(__name__)
 
 PID_FILE: Final = "swtpm.pid"
 OWNER_FILE: Final = "swtpm.owner"   # "<pid> <start time>" of the process that started it
 LOG_FILE: Final = "swtpm.log"
-_HOST: Final = "127.0.0.1"
-_START_ATTEMPTS: Final = 8
+SOCKET_FILE: Final = "tpm.sock"      # the data channel; the control channel is this + ".ctrl"
+_CTRL_SUFFIX: Final = ".ctrl"        # what the swtpm TCTI appends for the control channel
+_SUN_PATH_MAX: Final = 107           # octets of a Unix socket path (sun_path less its NUL)
 _READY_TIMEOUT: Final = 5.0
 _STOP_TIMEOUT: Final = 5.0
 
@@ -52,52 +56,14 @@ _TPM_RC_SUCCESS: Final = 0x000
 _TPM_RC_INITIALIZE: Final = 0x100
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's ephemeral (client) port range; Linux's default if unreadable."""
-    try:
-        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text("ascii").split()
-        return int(text[0]), int(text[1])
-    except (OSError, ValueError, IndexError):
-        return 32768, 60999
+def _tpm_command(path: Path, command: bytes, timeout: float = 2.0) -> int:
+    """Send one raw TPM 2.0 command to the swtpm data socket ``path``; return the response code.
 
-
-def _port_free(port: int) -> bool:
-    """True if ``port`` can be bound on the loopback address right now (no SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_pair(rng: random.Random | None = None, tries: int = 200) -> int:
-    """Return an even port P such that P and P+1 are free on 127.0.0.1, outside the ephemeral range.
-
-    Picked at random in [20000, 65534) minus the kernel's ephemeral range, so consecutive starts
-    use different ports (the swtpm TCTI leaves sockets in TIME_WAIT).
-    Raises: StartupError if no free pair was found.
+    Raises: OSError (no such socket, connection refused, timeout, short response).
     """
-    rng = rng or random.SystemRandom()
-    low_eph, high_eph = _ephemeral_range()
-    ranges = [(lo, hi) for lo, hi in ((20000, low_eph), (high_eph + 1, 65534)) if hi - lo >= 4]
-    if not ranges:
-        ranges = [(20000, 65534)]
-    weights = [hi - lo for lo, hi in ranges]
-    for _ in range(tries):
-        lo, hi = rng.choices(ranges, weights)[0]
-        port = rng.randrange(lo, hi - 1) & ~1
-        if port >= lo and _port_free(port) and _port_free(port + 1):
-            return port
-    raise StartupError("tpm.tcti: no free pair of loopback ports for the embedded swtpm")
-
-
-def _tpm_command(port: int, command: bytes, timeout: float = 2.0) -> int:
-    """Send one raw TPM 2.0 command to the swtpm server port; return the response code.
-
-    Raises: OSError (connection refused, timeout, short response).
-    """
-    with socket.create_connection((_HOST, port), timeout=timeout) as conn:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(timeout)
+        conn.connect(str(path))
         conn.sendall(command)
         header = b""
         while len(header) < 10:
@@ -117,6 +83,23 @@ def _shutdown_command() -> bytes:
     return struct.pack(">HIIH", _TPM_ST_NO_SESSIONS, 12, _TPM_CC_SHUTDOWN, _TPM_SU_CLEAR)
 
 
+def _check_socket_path(state_dir: Path) -> None:
+    """Refuse a state directory whose control socket path a Unix socket cannot have (too long)
+    or that the swtpm's and the TCTI's ``key=value,...`` options cannot carry (a comma).
+
+    Raises: StartupError naming state_dir.
+    """
+    ctrl = str(state_dir / (SOCKET_FILE + _CTRL_SUFFIX))
+    if len(ctrl.encode()) > _SUN_PATH_MAX:
+        raise StartupError(
+            f"state_dir: the embedded swtpm's socket {ctrl} is too long for a Unix socket "
+            f"({len(ctrl.encode())} octets, at most {_SUN_PATH_MAX}): use a shorter state_dir, "
+            "or set tpm.tcti to a TPM")
+    if "," in str(state_dir):
+        raise StartupError(f"state_dir: the embedded swtpm cannot use {state_dir}: its path "
+                           "contains a comma (swtpm and TCTI options are comma-separated)")
+
+
 def _private_dir(path: Path) -> None:
     """Create ``path`` (and parents) if missing and make it 0700. Raises: OSError."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -125,19 +108,20 @@ def _private_dir(path: Path) -> None:
 
 
 class SwtpmProcess:
-    """A running ``swtpm socket --tpm2`` child on 127.0.0.1:``port`` (control on ``port``+1)."""
+    """A running ``swtpm socket --tpm2`` child listening on ``state_dir/tpm.sock`` (data) and
+    ``state_dir/tpm.sock.ctrl`` (control)."""
 
-    def __init__(self, state_dir: Path, port: int, process: subprocess.Popen[bytes],
+    def __init__(self, state_dir: Path, process: subprocess.Popen[bytes],
                  log_file: IO[bytes]) -> None:
         """Use :meth:`start`."""
         self.state_dir = state_dir
-        self.port = port
-        self.ctrl_port = port + 1
+        self.socket_path = state_dir / SOCKET_FILE
+        self.ctrl_path = state_dir / (SOCKET_FILE + _CTRL_SUFFIX)
         self._process = process
         self._log_file = log_file
 
     def __repr__(self) -> str:
-        return f"<SwtpmProcess pid={self.pid} port={self.port} state={str(self.state_dir)!r}>"
+        return f"<SwtpmProcess pid={self.pid} state={str(self.state_dir)!r}>"
 
     @property
     def pid(self) -> int:
@@ -146,7 +130,7 @@ class SwtpmProcess:
     @property
     def tcti(self) -> str:
         """The TCTI string that reaches this swtpm (also for tpm2-tools' TPM2TOOLS_TCTI)."""
-        return f"swtpm:host={_HOST},port={self.port}"
+        return f"swtpm:path={self.socket_path}"
 
     @property
     def running(self) -> bool:
@@ -155,14 +139,15 @@ class SwtpmProcess:
     # -- start ---------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, state_dir: Path, port: int | None = None) -> SwtpmProcess:
-        """Start a swtpm with its state in ``state_dir`` (created 0700); wait until it answers.
+    def start(cls, state_dir: Path) -> SwtpmProcess:
+        """Start a swtpm with its state and its sockets in ``state_dir`` (created 0700); wait
+        until it answers.
 
-        ``port`` None: a random free pair of high loopback ports, retried on a clash. The flags
-        ``not-need-init,startup-clear`` make the TPM usable at once. A swtpm orphaned on the same
-        state directory by a killed process (the process that started it is gone) is stopped
-        first; one still owned by a live process is refused.
-        Raises: StartupError naming tpm.tcti (swtpm missing, no port, never answered).
+        The flags ``not-need-init,startup-clear`` make the TPM usable at once. A swtpm orphaned
+        on the same state directory by a killed process (the process that started it is gone)
+        is stopped first; one still owned by a live process is refused.
+        Raises: StartupError naming tpm.tcti (swtpm missing, exited, never answered) or
+        state_dir (cannot be created; a path a Unix socket cannot have).
         """
         binary = shutil.which("swtpm")
         if binary is None:
@@ -172,73 +157,70 @@ class SwtpmProcess:
                 "(e.g. 'device:/dev/tpmrm0')"
             )
         state_dir = state_dir.absolute()
+        _check_socket_path(state_dir)
         try:
             _private_dir(state_dir)
         except OSError as exc:
             raise StartupError(f"state_dir: cannot create swtpm state dir {state_dir}: "
                                f"{exc.strerror}") from exc
         _stop_orphan(state_dir)
-        problems: list[str] = []
-        for _ in range(_START_ATTEMPTS if port is None else 1):
-            chosen = port if port is not None else free_port_pair()
-            started = cls._try_start(binary, state_dir, chosen, problems)
-            if started is not None:
-                log.info("embedded swtpm started: pid %d, port %d, state %s",
-                         started.pid, chosen, state_dir)
-                return started
-        raise StartupError(f"tpm.tcti: the embedded swtpm did not start: {'; '.join(problems)}")
+        started, problem = cls._try_start(binary, state_dir)
+        if started is None:
+            raise StartupError(f"tpm.tcti: the embedded swtpm did not start: {problem}")
+        log.info("embedded swtpm started: pid %d, sockets and state in %s", started.pid,
+                 state_dir)
+        return started
 
     @classmethod
-    def _try_start(cls, binary: str, state_dir: Path, port: int,
-                   problems: list[str]) -> SwtpmProcess | None:
-        """One attempt on ``port``; None (with a note in ``problems``) if swtpm exited or hung."""
+    def _try_start(cls, binary: str, state_dir: Path) -> tuple[SwtpmProcess | None, str]:
+        """Start it and wait for GetRandom to succeed: (the swtpm, "") or (None, why not)."""
         log_path = state_dir / LOG_FILE
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         log_file = os.fdopen(fd, "ab")
+        data = state_dir / SOCKET_FILE
         argv = [
             binary, "socket", "--tpm2",
-            "--server", f"type=tcp,port={port},bindaddr={_HOST}",
-            "--ctrl", f"type=tcp,port={port + 1},bindaddr={_HOST}",
+            "--server", f"type=unixio,path={data},mode=0600",
+            "--ctrl", f"type=unixio,path={data}{_CTRL_SUFFIX},mode=0600",
             "--tpmstate", f"dir={state_dir},mode=0600",
             "--flags", "not-need-init,startup-clear",
             "--pid", f"file={state_dir / PID_FILE}",
         ]
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                   stderr=subprocess.STDOUT, close_fds=True)
-        swtpm = cls(state_dir, port, process, log_file)
+                                   stderr=subprocess.STDOUT, close_fds=True,
+                                   env=child_environment())
+        swtpm = cls(state_dir, process, log_file)
         deadline = time.monotonic() + _READY_TIMEOUT
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                problems.append(f"port {port}: exited with status {process.returncode} "
-                                f"({_tail(log_path)})")
                 log_file.close()
-                return None
+                return None, f"exited with status {process.returncode} ({_tail(log_path)})"
             try:
-                rc = _tpm_command(port, _get_random_command(), timeout=1.0)
+                rc = _tpm_command(data, _get_random_command(), timeout=1.0)
             except OSError:
                 time.sleep(0.005)
                 continue
             if rc == _TPM_RC_SUCCESS:
                 _write_owner(state_dir)
-                return swtpm
-            problems.append(f"port {port}: TPM answered 0x{rc:x} to GetRandom")
+                return swtpm, ""
+            problem = f"the TPM answered 0x{rc:x} to GetRandom"
             break
         else:
-            problems.append(f"port {port}: no answer within {_READY_TIMEOUT:g}s")
+            problem = f"no answer on {data} within {_READY_TIMEOUT:g}s"
         swtpm._terminate()
-        return None
+        return None, problem
 
     # -- stop ----------------------------------------------------------------------------------
 
     def shutdown_tpm(self) -> bool:
         """Send TPM2_Shutdown(CLEAR) so the next start is an orderly one; False if it failed."""
         try:
-            rc = _tpm_command(self.port, _shutdown_command())
+            rc = _tpm_command(self.socket_path, _shutdown_command())
         except OSError as exc:
-            log.warning("swtpm on port %d: TPM2_Shutdown not sent: %s", self.port, exc)
+            log.warning("swtpm in %s: TPM2_Shutdown not sent: %s", self.state_dir, exc)
             return False
         if rc not in (_TPM_RC_SUCCESS, _TPM_RC_INITIALIZE):
-            log.warning("swtpm on port %d: TPM2_Shutdown answered 0x%x", self.port, rc)
+            log.warning("swtpm in %s: TPM2_Shutdown answered 0x%x", self.state_dir, rc)
             return False
         return True
 
@@ -247,7 +229,7 @@ class SwtpmProcess:
         if self.running:
             self.shutdown_tpm()
         self._terminate()
-        log.info("embedded swtpm stopped (port %d)", self.port)
+        log.info("embedded swtpm stopped (%s)", self.state_dir)
 
     def kill(self) -> None:
         """SIGKILL without TPM2_Shutdown: what a crash looks like (tests)."""
