@@ -98,3 +98,14 @@ class ConfigError(Exception):
 
 class StartupError(Exception):
     """The service cannot start (device missing, login refused, state unreadable)."""
+
+
+class KeyProtectionError(StartupError, FailedPrecondition):
+    """The key device cannot make a ticket key with the protection the service requires: it
+    refused a required attribute of the key template, or reports a key it made as extractable,
+    not sensitive, modifiable or otherwise not as asked. The message starts with the setting.
+
+    A StartupError: at start-up the service does not start. A FailedPrecondition
+    (FAILED_PRECONDITION) when a rotation meets it while serving: retrying does not help until
+    the device or its configuration changes; the key ring is left as it was.
+    """

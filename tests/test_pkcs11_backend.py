@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -22,6 +23,7 @@ import pkcs11
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pkcs11.attributes import AttributeMapper
 
 from authority.backends.base import KeyBackend
 from authority.backends.pkcs11 import Pkcs11Backend, _errors
@@ -287,6 +289,42 @@ def test_raw_session_cannot_read_key_value(hsm: Pkcs11Settings, keyed: Pkcs11Bac
             key[pkcs11.Attribute.VALUE]
         with pytest.raises(pkcs11.PKCS11Error):
             key.copy({pkcs11.Attribute.EXTRACTABLE: True})
+
+
+def _allowed_mechanisms_mapper() -> AttributeMapper:
+    """python-pkcs11 has no handler for CKA_ALLOWED_MECHANISMS (a CK_MECHANISM_TYPE array):
+    read it as one here, independently of the backend's own."""
+    mapper = AttributeMapper()
+    mapper.register_handler(
+        pkcs11.Attribute.ALLOWED_MECHANISMS,
+        lambda mechs: b"".join(struct.pack("L", int(m)) for m in mechs),
+        lambda raw: [pkcs11.Mechanism(v) for (v,) in struct.iter_unpack("L", raw)],
+    )
+    return mapper
+
+
+def test_softhsm2_accepts_the_full_template_and_allowed_mechanisms(
+    hsm: Pkcs11Settings, backend: Pkcs11Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="authority.backends.pkcs11")
+    backend.create_key(KID)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    lib = pkcs11.lib(os.path.realpath(hsm.module))
+    token = lib.get_token(token_label=hsm.token_label)
+    with token.open(attribute_mapper=_allowed_mechanisms_mapper()) as session:
+        key = session.get_key(id=KID, object_class=pkcs11.ObjectClass.SECRET_KEY)
+        attrs = key.get_attributes([pkcs11.Attribute.ALLOWED_MECHANISMS,
+                                    pkcs11.Attribute.COPYABLE, pkcs11.Attribute.DESTROYABLE])
+        assert attrs == {pkcs11.Attribute.ALLOWED_MECHANISMS: [pkcs11.Mechanism.AES_GCM],
+                         pkcs11.Attribute.COPYABLE: False, pkcs11.Attribute.DESTROYABLE: True}
+        # SoftHSM2 enforces it: the key does AES-GCM (the backend's seal) and nothing else
+        with pytest.raises(pkcs11.exceptions.MechanismInvalid):
+            key.encrypt(bytes(16), mechanism=pkcs11.Mechanism.AES_ECB)
+        with pytest.raises(pkcs11.exceptions.MechanismInvalid):
+            key.encrypt(bytes(16), mechanism=pkcs11.Mechanism.AES_CBC_PAD,
+                        mechanism_param=bytes(16))
+    sealed = backend.seal(KID, b"aad", b"state")
+    assert backend.unseal(KID, b"aad", sealed) == b"state"
 
 
 # ---------------------------------------------------------------------------- start-up errors

@@ -6,7 +6,8 @@ The only package of the authority that imports python-pkcs11. Its modules, one i
 * ``_errors``: the one translation of device errors into the authority's.
 * ``_module``: the process-wide module registry (one module, one SOFTHSM2_CONF, counted users).
 * ``_token``: finding the token and the checks before logging in.
-* ``_keys``: key ids, labels, the generation template, lookup and attributes.
+* ``_keys``: key ids, labels, lookup and attributes.
+* ``_template``: the key template, what other tokens may refuse of it, the read-back check.
 * ``_login``: opening a backend's sessions under the token-wide login.
 * ``_gcm``: AES-GCM on one session's raw handle (the hot path).
 * ``_pool``: the fair session pool, which is also the object (create/destroy) lock.

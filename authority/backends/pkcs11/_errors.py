@@ -62,6 +62,26 @@ _PIN_PROBLEMS: Final[dict[type[p11x.PKCS11Error], str]] = {
 }
 
 
+#: what a token answers C_GenerateKey when it refuses the template (PKCS#11 v2.40 5.14): an
+#: attribute it does not know, a value it does not take, a combination it does not allow; some
+#: tokens say only CKR_GENERAL_ERROR or CKR_FUNCTION_FAILED. Named by their CKR code.
+TEMPLATE_REFUSALS: Final[dict[type[p11x.PKCS11Error], str]] = {
+    p11x.AttributeReadOnly: "CKR_ATTRIBUTE_READ_ONLY",
+    p11x.AttributeTypeInvalid: "CKR_ATTRIBUTE_TYPE_INVALID",
+    p11x.AttributeValueInvalid: "CKR_ATTRIBUTE_VALUE_INVALID",
+    p11x.TemplateIncomplete: "CKR_TEMPLATE_INCOMPLETE",
+    p11x.TemplateInconsistent: "CKR_TEMPLATE_INCONSISTENT",
+    p11x.GeneralError: "CKR_GENERAL_ERROR",
+    p11x.FunctionFailed: "CKR_FUNCTION_FAILED",
+}
+
+
+def refusal_code(exc: p11x.PKCS11Error) -> str | None:
+    """The CKR name of ``exc`` if a token may mean by it that it refuses a key template, else
+    None (a device, session or login failure). Never raises."""
+    return TEMPLATE_REFUSALS.get(type(exc))
+
+
 def _name(exc: BaseException) -> str:
     """Short description of a device exception (its class, and its text if it has one)."""
     text = str(exc)

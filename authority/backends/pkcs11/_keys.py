@@ -1,4 +1,5 @@
-"""Ticket keys as token objects: ids, labels, the generation template, lookup and attributes.
+"""Ticket keys as token objects: ids, labels, lookup and attributes (the generation template
+is in _template.py).
 
 Every function here takes a python-pkcs11 session and raises python-pkcs11 exceptions (the
 caller translates them, _errors.translate).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Final, Protocol, cast
 
-from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
+from pkcs11 import Attribute, ObjectClass
 
 from authority.errors import InvalidArgument
 
@@ -30,22 +31,6 @@ ATTRIBUTES: Final[dict[str, Attribute]] = {
     "sign": Attribute.SIGN,
     "derive": Attribute.DERIVE,
     "modifiable": Attribute.MODIFIABLE,
-}
-
-_KEY_TEMPLATE: Final[dict[Attribute, Any]] = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.ENCRYPT: True,
-    Attribute.DECRYPT: True,
-    Attribute.WRAP: False,
-    Attribute.UNWRAP: False,
-    Attribute.SIGN: False,
-    Attribute.VERIFY: False,
-    Attribute.DERIVE: False,
-    Attribute.MODIFIABLE: False,
-    Attribute.COPYABLE: False,
 }
 
 
@@ -89,22 +74,6 @@ def search(session: Any, key_id: bytes, by_label_only: bool) -> list[AesKey]:
         by_id = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id}
         found.update({int(o.handle): o for o in session.get_objects(by_id)})
     return [cast(AesKey, o) for o in found.values()]
-
-
-def generate(session: Any, key_id: bytes) -> None:
-    """A non-extractable AES-256 token key labelled ``ita-<hex id>``, for encrypt and decrypt.
-
-    Raises: PKCS11Error subclasses.
-    """
-    session.generate_key(
-        KeyType.AES,
-        256,
-        id=key_id,
-        label=key_label(key_id),
-        store=True,
-        capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
-        template=_KEY_TEMPLATE,
-    )
 
 
 def list_ids(session: Any) -> set[bytes]:

@@ -17,6 +17,7 @@ from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
 from authority.backends.pkcs11._gcm import GcmSession
 from authority.backends.pkcs11._module import REGISTRY, Module
 from authority.backends.pkcs11._pool import PooledSession
+from authority.backends.pkcs11._template import MAPPER
 from authority.config import Secret
 
 
@@ -41,7 +42,7 @@ class TokenLogin:
         """
         phase = Phase.OPERATION if self._logged_in else Phase.LOGIN
         with device_errors(Ctx(phase, "opening a session", subject=self._label)):
-            session = self._token.open(rw=True)
+            session = self._token.open(rw=True, attribute_mapper=MAPPER)
             try:
                 handle = int(session.handle)
                 self._ensure_login(handle)

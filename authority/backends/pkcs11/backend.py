@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from authority.backends.base import BackendInfo
-from authority.backends.pkcs11 import _keys
+from authority.backends.pkcs11 import _keys, _template
 from authority.backends.pkcs11._crypt import find_key, seal_all, unseal_all
 from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
 from authority.backends.pkcs11._login import TokenLogin
@@ -107,17 +107,19 @@ class Pkcs11Backend:
     # -- keys --------------------------------------------------------------------------------
 
     def create_key(self, key_id: bytes) -> None:
-        """Generate a non-extractable AES-256 token key labelled ``ita-<hex id>``.
+        """Generate a non-extractable AES-256 token key labelled ``ita-<hex id>`` (the
+        template, and what may be left out of it on other tokens: _template.py).
 
         Raises: InvalidArgument (id not 8 bytes); FailedPrecondition (id taken);
-        DeviceUnavailable.
+        KeyProtectionError (the token refuses a required attribute, or made a key without the
+        required protection: it was destroyed); DeviceUnavailable.
         """
         _keys.check_key_id(key_id)
         ctx = Ctx(Phase.OPERATION, "create_key", key_id=key_id)
         with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
             if _keys.search(pooled.session, key_id, by_label_only=False):
                 raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
-            _keys.generate(pooled.session, key_id)
+            _template.create(pooled.session, key_id, self._label)
         log.info("created key %s", key_id.hex())
 
     def destroy_key(self, key_id: bytes) -> None:
