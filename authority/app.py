@@ -18,6 +18,7 @@ from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.policy import Policy
 from authority.sealer import Sealer
+from authority.statedir import StateLock
 from authority.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -136,26 +137,37 @@ class Authority:
         self.metrics.watch(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock: StateLock | None = None   # held from ``open`` until ``close``
 
     @classmethod
     def open(cls, config: Config, clock: Clock | None = None) -> Authority:
-        """Open device and store, load the key ring (creating the first key if needed).
+        """Lock the state directory (one authority per directory: authority/statedir.py), open
+        device and store, load the key ring (creating the first key if needed).
 
-        Raises: StartupError, DeviceUnavailable.
+        Raises: StartupError (another process holds the state directory, ...),
+        DeviceUnavailable.
         """
         prepare_state_dir(config.state_dir)
-        backend = open_backend(config)
+        lock = StateLock.acquire(config.state_dir)
+        try:
+            backend = open_backend(config)
+        except BaseException:
+            lock.release()
+            raise
         try:
             store = SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
         except StartupError:
             backend.close()
+            lock.release()
             raise
         try:
             authority = cls(config, backend, store, clock or SystemClock())
         except StartupError:   # the audit log cannot be opened
             store.close()
             backend.close()
+            lock.release()
             raise
+        authority._lock = lock
         try:
             authority.ring.load()
             authority.policy.load()
@@ -201,3 +213,5 @@ class Authority:
         self.store.close()
         self.backend.close()
         self.audit.close()
+        if self._lock is not None:
+            self._lock.release()
