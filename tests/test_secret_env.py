@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from authority._proto.ticketauthority.v1 import authority_pb2_grpc
+from authority.backends.processes.environment import DEVICE_VARIABLES, PROGRAM_VARIABLES
 from authority.backends.softhsm import provision_embedded_token
 from authority.config import Config
 from authority.service.server import RunningServer, build_server
@@ -25,8 +26,6 @@ if HAVE_PYTSS and HAVE_SWTPM:
 
 PIN_VAR = "TA_TEST_DEVICE_PIN"
 AUTH_VAR = "TA_TEST_OWNER_AUTH"
-_MINIMAL = {b"PATH", b"HOME", b"LANG", b"LANGUAGE", b"TZ", b"TMPDIR", b"LD_LIBRARY_PATH",
-            b"SOFTHSM2_CONF", b"TSS2_LOG", b"PYTHONPATH"}
 SERVER = '[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = ""\n'
 
 
@@ -56,9 +55,13 @@ def _names(pid: int) -> str:
                     for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3])
 
 
-def _allowed(name: bytes) -> bool:
-    """Whether a child may have the variable ``name`` (the minimal environment)."""
-    return name in _MINIMAL or name.startswith((b"LC_", b"PYTHON"))
+def _allowed(name: bytes, pid: int) -> bool:
+    """Whether child ``pid`` may have the variable ``name``: what any program needs; for a
+    device process (Python) also the interpreter's and the device libraries' configuration."""
+    if name.decode() in PROGRAM_VARIABLES or name.startswith(b"LC_"):
+        return True
+    device_process = b"python" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    return device_process and (name.decode() in DEVICE_VARIABLES or name.startswith(b"PYTHON"))
 
 
 def _assert_nowhere(var: str, secret: str, children: list[int], expect: int) -> None:
@@ -70,7 +73,7 @@ def _assert_nowhere(var: str, secret: str, children: list[int], expect: int) -> 
         assert secret.encode() not in environ, _names(pid)
         assert var.encode() + b"=" not in environ, _names(pid)
         names = {entry.split(b"=", 1)[0] for entry in environ.split(b"\0") if entry}
-        assert not [n for n in names if not _allowed(n)], (_names(pid), sorted(names))
+        assert not [n for n in names if not _allowed(n, pid)], (_names(pid), sorted(names))
     assert var not in os.environ
 
 

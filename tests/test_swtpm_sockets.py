@@ -2,7 +2,8 @@
 inside its 0700 state directory, so another local user cannot reach them (no TPM commands, no
 shutdown through the control channel). Read from /proc (no tool needed); real swtpm, real
 TPM process. The TPM process mode (``server.device_processes = 1``) reconnects a replaced process
-to the same swtpm."""
+to the same swtpm. And what the embedded swtpm does not protect: a copy of the state directory
+holds the TPM's seeds, so the key blobs open with the copy elsewhere."""
 
 from __future__ import annotations
 
@@ -197,3 +198,20 @@ def test_a_socket_path_too_long_is_refused_naming_state_dir(tmp_path: Path) -> N
     deep = tmp_path / ("d" * 60) / ("e" * 60) / "swtpm"
     with pytest.raises(StartupError, match=r"^state_dir: .*too long"):
         SwtpmProcess.start(deep)
+
+
+def test_a_copy_of_the_embedded_swtpm_state_opens_the_tickets_elsewhere(tmp_path: Path) -> None:
+    """Not a protection, a limit the threat model states: the embedded swtpm's state (its
+    seeds) is in state_dir, so a copy of it is as good as the TPM (a real TPM's is not)."""
+    backend = open_tpm_backend(TpmSettings(), tmp_path / "here" / "tpm")
+    try:
+        backend.create_key(KID)
+        sealed = backend.seal(KID, HEADER, b"not bound to this host")
+    finally:
+        backend.close()
+    shutil.copytree(tmp_path / "here", tmp_path / "elsewhere")
+    copy = open_tpm_backend(TpmSettings(), tmp_path / "elsewhere" / "tpm")
+    try:
+        assert copy.unseal(KID, HEADER, sealed) == b"not bound to this host"
+    finally:
+        copy.close()

@@ -4,12 +4,18 @@ process, the embedded swtpm): a minimal one, never a copy of its own.
 A copy would hand every child whatever the service was started with: a PIN or owner auth given
 by ``pkcs11.pin_env`` / ``tpm.owner_auth_env`` (the loader also removes those from
 ``os.environ`` once read), tokens of the shell that launched it, and so on, all readable in
-``/proc/<pid>/environ``. A child gets only what it needs to run and find its libraries and
-configuration: ``PATH``, ``HOME``, the locale (``LANG``, ``LANGUAGE``, ``LC_*``), ``TZ``,
-``TMPDIR``, ``LD_LIBRARY_PATH``, ``SOFTHSM2_CONF`` (SoftHSM2's token directory when the settings
-do not name one) and ``TSS2_LOG`` (tpm2-tss logging); a Python child also gets the interpreter's
-``PYTHON*`` variables and a ``PYTHONPATH`` that puts this ``authority`` package first, so it
-imports the same code as the service.
+``/proc/<pid>/environ``. Every child gets only what a program needs to run and find its
+libraries: ``PATH``, ``HOME``, the locale (``LANG``, ``LANGUAGE``, ``LC_*``), ``TZ``, ``TMPDIR``,
+``LD_LIBRARY_PATH``. A device process (Python, opening a PKCS#11 module or a TPM TCTI) also gets
+the interpreter's ``PYTHON*`` variables, a ``PYTHONPATH`` that puts this ``authority`` package
+first (so it imports the same code as the service), and the variables that point device
+libraries at their configuration -- none of them a secret: ``SOFTHSM2_CONF`` (SoftHSM2's token
+directory when the settings name none), ``OPENSC_CONF``, ``P11_KIT_SERVER_ADDRESS`` (p11-kit's
+remote client), ``ChrystokiConfigurationPath`` (Thales Luna), ``NFAST_HOME`` (Entrust nShield),
+``YUBIHSM_PKCS11_CONF``, ``CS_PKCS11_R3_CFG`` (Utimaco), ``TSS2_LOG`` (tpm2-tss logging) and the
+D-Bus addresses a ``tabrmd`` TCTI uses (``DBUS_SESSION_BUS_ADDRESS``, ``DBUS_SYSTEM_BUS_ADDRESS``,
+``XDG_RUNTIME_DIR``). A module that needs another variable does not find it in a device process
+(``server.device_processes = 0`` keeps the calls in the service's process).
 """
 
 from __future__ import annotations
@@ -20,18 +26,26 @@ from typing import Final
 
 import authority
 
-__all__ = ["child_environment"]
+__all__ = ["DEVICE_VARIABLES", "PROGRAM_VARIABLES", "child_environment"]
 
-_KEEP: Final = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
-                          "SOFTHSM2_CONF", "TSS2_LOG"})
+#: what any program needs (plus ``LC_*``)
+PROGRAM_VARIABLES: Final = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+                                      "LD_LIBRARY_PATH"})
+#: where device libraries find their configuration (plus ``PYTHON*``), for device processes
+DEVICE_VARIABLES: Final = frozenset({
+    "SOFTHSM2_CONF", "OPENSC_CONF", "P11_KIT_SERVER_ADDRESS", "ChrystokiConfigurationPath",
+    "NFAST_HOME", "YUBIHSM_PKCS11_CONF", "CS_PKCS11_R3_CFG", "TSS2_LOG",
+    "DBUS_SESSION_BUS_ADDRESS", "DBUS_SYSTEM_BUS_ADDRESS", "XDG_RUNTIME_DIR"})
 _PACKAGE_ROOT: Final = str(Path(authority.__file__).resolve().parent.parent)
 
 
-def child_environment(*, python: bool = False) -> dict[str, str]:
-    """The environment of a child process, from the current ``os.environ``; with ``python``,
-    for a Python child that imports this ``authority`` package. Never raises."""
-    env = {k: v for k, v in os.environ.items() if k in _KEEP or k.startswith("LC_")}
-    if python:
+def child_environment(*, device_process: bool = False) -> dict[str, str]:
+    """The environment of a child process, taken from the current ``os.environ``; with
+    ``device_process``, for a Python device process that imports this ``authority`` package
+    and opens a device library. Never raises."""
+    keep = PROGRAM_VARIABLES | DEVICE_VARIABLES if device_process else PROGRAM_VARIABLES
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("LC_")}
+    if device_process:
         env.update((k, v) for k, v in os.environ.items() if k.startswith("PYTHON"))
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")) if p)

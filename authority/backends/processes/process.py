@@ -40,7 +40,7 @@ class DeviceProcess:
                 [sys.executable, "-m", "authority.backends.processes.child",
                  str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                env=child_environment(python=True))
+                env=child_environment(device_process=True))
         except OSError as exc:
             ours.close()
             raise StartupError(f"server.device_processes: cannot start a device process: "
