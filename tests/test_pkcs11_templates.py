@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pkcs11
 import pytest
 from pkcs11 import DEFAULT, Attribute, KeyType, Mechanism
@@ -28,7 +29,7 @@ from pkcs11 import exceptions as p11x
 from pkcs11.attributes import AttributeMapper
 from pkcs11.defaults import DEFAULT_KEY_CAPABILITIES
 
-from authority._proto.ticketauthority.v1 import authority_pb2
+from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.pkcs11._login import TokenLogin
 from authority.cli import main
@@ -303,6 +304,28 @@ def test_refused_required_attribute_with_a_general_error_is_still_named(
         backend.create_key(KID)
     assert token_objects() == []
 
+
+def test_rotation_on_a_token_that_starts_refusing_is_failed_precondition(
+        tmp_path: Path, other_token: Callable[..., OtherToken]) -> None:
+    token = other_token()
+    harness = Harness(tmp_path / "state")
+    harness.start()
+    try:
+        stub = harness.tickets
+        ticket = issue(stub).ticket
+        keys = harness.authority.backend.list_keys()
+        token.refuses = frozenset({Attribute.SENSITIVE})
+        with pytest.raises(grpc.RpcError) as info:
+            harness.admin.RotateKey(admin_pb2.RotateKeyRequest())
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert info.value.details().startswith(
+            "pkcs11.module: token 'ticket-authority' refused the key template: CKA_SENSITIVE")
+        # nothing changed: the same key seals and opens
+        assert harness.authority.backend.list_keys() == keys
+        assert redeem(stub, ticket).result == authority_pb2.REDEEM_RESULT_OK
+        assert redeem(stub, issue(stub).ticket).result == authority_pb2.REDEEM_RESULT_OK
+    finally:
+        harness.stop()
 
 def test_a_token_refusing_every_key_is_unavailable_not_a_template_error(
         hsm: Pkcs11Settings, other_token: Callable[..., OtherToken],
