@@ -10,6 +10,7 @@ authentic tickets; a redeem that fails changes nothing.
 from __future__ import annotations
 
 import enum
+import hmac
 import logging
 import math
 import secrets
@@ -42,8 +43,12 @@ from authority.ticket_format import (
 
 log = logging.getLogger(__name__)
 
-#: The handle a gateway passes to ConsumeTicket: ticket id (16) | expiry (8, big-endian seconds).
-TICKET_HANDLE_LEN = TICKET_ID_LEN + 8
+#: octets of a consume handle's tag
+HANDLE_TAG_LEN = 16
+#: The handle a redeem returns and a gateway passes to ConsumeTicket: ticket id (16) | expiry
+#: (8, big-endian seconds) | tag (16): HMAC-SHA256 under the store's handle key, truncated.
+TICKET_HANDLE_LEN = TICKET_ID_LEN + 8 + HANDLE_TAG_LEN
+_HANDLE_LABEL = b"ike-ticket-authority consume handle v1\x00"
 
 
 class RedeemStatus(enum.IntEnum):
@@ -84,13 +89,31 @@ class Redemption:
     contents: TicketContents | None = None
     key_id: bytes | None = None
     reissue: bool = False  # OK under a key that no longer seals: hand the client a new ticket
+    handle: bytes = b""    # the authenticated handle for ConsumeTicket (empty unless OK)
 
-    @property
-    def handle(self) -> bytes:
-        """The opaque ticket id for ConsumeTicket (empty unless OK)."""
-        if self.contents is None:
-            return b""
-        return self.contents.ticket_id + self.contents.expires_at.to_bytes(8, "big")
+
+def make_handle(key: bytes, ticket_id: bytes, expires_at: int) -> bytes:
+    """The consume handle of an authentic ticket: id | expiry | tag under ``key``."""
+    body = ticket_id + expires_at.to_bytes(8, "big")
+    return body + _handle_tag(key, body)
+
+
+def open_handle(key: bytes, handle: bytes) -> tuple[bytes, int]:
+    """The (ticket id, expiry) of a handle ``make_handle`` made under ``key``.
+
+    Raises: InvalidArgument naming ``ticket_id`` for a wrong length or a tag that fails.
+    """
+    if len(handle) != TICKET_HANDLE_LEN:
+        raise InvalidArgument("ticket_id", f"must be the {TICKET_HANDLE_LEN}-octet handle "
+                                           f"returned by RedeemTicket, got {len(handle)}")
+    body, tag = handle[:-HANDLE_TAG_LEN], handle[-HANDLE_TAG_LEN:]
+    if not hmac.compare_digest(tag, _handle_tag(key, body)):
+        raise InvalidArgument("ticket_id", "not a handle returned by RedeemTicket")
+    return body[:TICKET_ID_LEN], int.from_bytes(body[TICKET_ID_LEN:], "big")
+
+
+def _handle_tag(key: bytes, body: bytes) -> bytes:
+    return hmac.digest(key, _HANDLE_LABEL + body, "sha256")[:HANDLE_TAG_LEN]
 
 
 class Sealer:
@@ -105,6 +128,7 @@ class Sealer:
         self._policy = policy
         self._clock = clock
         self._counters = counters
+        self._handle_secret: bytes | None = None  # the store's handle key, read on first use
 
     def grant_lifetime(self, requested: int) -> int:
         """0 means the default; anything longer than the maximum is clamped."""
@@ -281,16 +305,27 @@ class Sealer:
         fresh = self._store.consume_many([(c.ticket_id, c.expires_at) for _, _, c in to_consume],
                                          now)
         is_fresh = {i: new for (i, _, _), new in zip(to_consume, fresh, strict=True)}
+        handle_key = self._handle_key() if live else b""
         for i, key_id, contents in live:
-            ok = is_fresh.get(i, contents.ticket_id not in consumed)
-            status = RedeemStatus.OK if ok else RedeemStatus.REPLAYED
-            results.append((i, Redemption(status, contents if ok else None, key_id,
-                                          ok and key_id != primary)))
+            if is_fresh.get(i, contents.ticket_id not in consumed):
+                handle = make_handle(handle_key, contents.ticket_id, contents.expires_at)
+                results.append((i, Redemption(RedeemStatus.OK, contents, key_id,
+                                              key_id != primary, handle)))
+            else:
+                results.append((i, Redemption(RedeemStatus.REPLAYED, None, key_id)))
         counts = Counter(result.status for _, result in results)
         counts.pop(RedeemStatus.INVALID, None)  # counted by _invalid
         for status, count in counts.items():
             self._counters.inc(_COUNTER_NAMES[status], count)
         return results
+
+    def _handle_key(self) -> bytes:
+        """The store's consume-handle key (made by the store on first use; read once).
+        Raises: DeviceUnavailable."""
+        key = self._handle_secret
+        if key is None:
+            key = self._handle_secret = self._store.handle_key()
+        return key
 
     def _invalid(self, stage: str, exc: InvalidTicket) -> Redemption:
         log.debug("redeem: invalid ticket (%s): %s", stage, exc.cause)
@@ -303,14 +338,18 @@ class Sealer:
     def consume(self, handle: bytes) -> RedeemStatus:
         """Mark the ticket behind a redeem's handle as used: OK the first time, REPLAYED after.
 
-        The entry lives until the ticket's expiry, capped at the retention bound of tickets
-        issued by now (``Policy.retention``).
-        Raises: InvalidArgument (malformed handle), DeviceUnavailable (store down).
+        Only a handle an OK redeem returned is taken (its tag is checked under the store's
+        handle key), so a gateway cannot store entries for tickets it never presented. The
+        entry lives until the ticket's expiry, capped at the retention bound of tickets issued
+        by now (``Policy.retention``).
+        Raises: InvalidArgument naming ``ticket_id`` (malformed or not authentic: nothing is
+        stored), DeviceUnavailable (store down).
         """
-        if len(handle) != TICKET_HANDLE_LEN:
-            raise InvalidArgument("ticket_id", f"must be the {TICKET_HANDLE_LEN}-octet id "
-                                               f"returned by RedeemTicket, got {len(handle)}")
-        ticket_id, expires_at = handle[:TICKET_ID_LEN], int.from_bytes(handle[TICKET_ID_LEN:])
+        try:
+            ticket_id, expires_at = open_handle(self._handle_key(), handle)
+        except InvalidArgument:
+            self._counters.inc("consume_refused")
+            raise
         now = self._clock.now()
         if now >= expires_at:
             return RedeemStatus.EXPIRED

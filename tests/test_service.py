@@ -26,7 +26,7 @@ def test_round_trip_returns_state_exactly(harness: Harness) -> None:
     assert reply.key_id == issued.key_id
     assert reply.expires_at == issued.expires_at
     assert reply.issued_at.seconds == int(START)
-    assert len(reply.ticket_id) == 24
+    assert len(reply.ticket_id) == 40  # the consume handle: id | expiry | tag
 
 
 def test_issue_reply_fields(harness: Harness) -> None:

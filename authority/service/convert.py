@@ -11,7 +11,7 @@ from authority.errors import AuthorityError, InvalidArgument
 from authority.keyring import KeyRing
 from authority.keys import KeyRecord
 from authority.policy import BY_ID_I, BY_ISSUED_BEFORE, BY_OLD_SA, BY_TICKET_ID
-from authority.sealer import IssuedTicket, RedeemStatus, Redemption
+from authority.sealer import TICKET_HANDLE_LEN, IssuedTicket, RedeemStatus, Redemption
 from authority.state import ID_MAX_LEN, ID_MIN_LEN, ResumptionState
 from authority.store.base import RevocationRecord
 from authority.ticket_format import KEY_ID_LEN, TICKET_ID_LEN
@@ -144,9 +144,9 @@ def revocation_selector(request: admin_pb2.RevokeTicketsRequest
                 raise InvalidArgument(f"old_sa.{name}", "must be 8 octets")
         return BY_OLD_SA, request.old_sa.spi_i + request.old_sa.spi_r, None
     if which == "ticket_id":
-        if len(request.ticket_id) not in (TICKET_ID_LEN, TICKET_ID_LEN + 8):
+        if len(request.ticket_id) not in (TICKET_ID_LEN, TICKET_ID_LEN + 8, TICKET_HANDLE_LEN):
             raise InvalidArgument("ticket_id", f"must be {TICKET_ID_LEN} octets (or the "
-                                               f"{TICKET_ID_LEN + 8}-octet redeem handle)")
+                                               f"{TICKET_HANDLE_LEN}-octet redeem handle)")
         return BY_TICKET_ID, request.ticket_id[:TICKET_ID_LEN], None
     if which == "issued_before":
         seconds = request.issued_before.ToNanoseconds() / 1e9

@@ -85,6 +85,11 @@ class Store(Protocol):
         """The horizon ``record_max_lifetime`` last returned (0 if none)."""
         ...
 
+    def handle_key(self) -> bytes:
+        """The 32-octet key that authenticates consume handles: random, made on first use and
+        kept, the same for every process on this store."""
+        ...
+
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""
         ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from authority.store.base import RevocationRecord
 
 #: 1: keys, consumed. 2: + revocations, realms (a version 1 file is migrated on open).
 SCHEMA_VERSION = 2
+HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 
 _SCHEMA = """
@@ -219,6 +221,16 @@ class SqliteStore:
         """The stored lifetime horizon (0 if none)."""
         with self._read() as db:
             return float(_meta(db, "lifetime_horizon") or 0)
+
+    def handle_key(self) -> bytes:
+        """The consume-handle key; made (32 random octets) in the meta table on first use, in
+        one transaction, so concurrent first uses agree."""
+        with self._tx() as db:
+            value = _meta(db, "handle_key")
+            if value is None:
+                value = secrets.token_hex(HANDLE_KEY_LEN)
+                db.execute("INSERT INTO meta VALUES ('handle_key', ?)", (value,))
+        return bytes.fromhex(value)
 
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""
