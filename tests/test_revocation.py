@@ -191,3 +191,38 @@ def test_unknown_schema_is_refused(tmp_path: Path) -> None:
         db.executescript(_V1_SCHEMA.replace("'schema', '1'", "'schema', '99'"))
     with pytest.raises(StartupError, match="schema 99"):
         SqliteStore(path)
+
+
+@pytest.mark.parametrize(("kind", "value", "field"), [
+    ("id_i", b"\x02\x00\x00", "id_i"),
+    ("id_i", bytes(257), "id_i"),
+    ("old_sa", bytes(15), "old_sa"),
+    ("ticket_id", bytes(40), "ticket_id"),
+    ("owner", b"x", "selector"),
+])
+def test_policy_checks_each_selector_before_the_audit(tmp_path: Path, kind: str, value: bytes,
+                                                      field: str) -> None:
+    """Policy.revoke itself (not only the gRPC layer) refuses a value that cannot select its
+    kind, before its audit hook runs; a good one is audited with the effective cutoff."""
+    from authority.clock import ManualClock
+    from authority.errors import InvalidArgument
+    from authority.policy import Policy
+
+    store = SqliteStore(tmp_path / "authority.db")
+    lines: list[tuple[str, str, dict[str, Any]]] = []
+    policy = Policy(store, ManualClock(START), 3600,
+                    audit=lambda actor, action, details: lines.append((actor, action,
+                                                                       dict(details))))
+    try:
+        policy.load()
+        with pytest.raises(InvalidArgument) as err:
+            policy.revoke(kind, value, reason="test")
+        assert err.value.field == field
+        assert lines == []
+        record = policy.revoke("ticket_id", bytes(16), reason="test", actor="alice")
+        assert lines == [("alice", "tickets.revoke", {
+            "selector": "ticket_id", "value": bytes(16).hex(), "issued_before": START + 1,
+            "reason": "test", "expires_at": START + 1 + 3600})]
+        assert store.load_revocations(START) == [record]
+    finally:
+        store.close()
