@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
     from authority._proto.ticketauthority.v1 import admin_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+SERVER_FILE = "server.json"       # written by a running server in its state directory
 SPI_LEN = 8
 _STATE_NAMES = {1: "ACTIVE", 2: "DECRYPT_ONLY", 3: "DESTROYED"}
+_ACTIVE = 1
 _VALUE_WIDTH = 40
 
 
@@ -175,29 +178,52 @@ def admin_channel(args: argparse.Namespace, address: str) -> Any:
 
 
 def resolve_address(args: argparse.Namespace) -> str:
-    """Where a local server's admin service listens: --listen, the config's
-    server.admin_listen or server.listen, the state directory's server.json (written by a
-    running server; its admin_address first), else the default.
+    """Where the admin service of the server the flags name listens: --listen; else the
+    config's server.admin_listen, or its server.listen when that is not the default and not
+    port 0; else the address the running server wrote to its state directory's server.json
+    (its admin_address first). The state directory is --state-dir, the config's state_dir,
+    $TICKET_AUTHORITY_STATE_DIR, else the default one; only the default one, named by
+    nothing, may lack a server.json: then the default address.
 
-    Raises: ConfigError when --config is given and invalid."""
+    Raises: ConfigError naming what did not resolve (--state-dir, --config or
+    TICKET_AUTHORITY_STATE_DIR: no server.json, or a damaged one), or an invalid --config."""
     if args.listen:
         return str(args.listen)
     from authority.settings_loader import default_state_dir, load_config
 
-    state_dir = args.state_dir
+    state_dir: Path | None = args.state_dir
+    named_by = "--state-dir" if state_dir is not None else None
     if args.config:
         config = load_config(args.config, state_dir=args.state_dir)
-        state_dir = config.state_dir
         if config.server.admin_listen:
             return config.server.admin_listen
-        if config.server.listen != DEFAULT_ADDRESS:
-            return config.server.listen
-    server_file = Path(state_dir or default_state_dir()) / "server.json"
+        listen = config.server.listen
+        if listen != DEFAULT_ADDRESS and not listen.endswith(":0"):
+            return listen
+        state_dir, named_by = config.state_dir, named_by or "--config"
+    elif state_dir is None and os.environ.get("TICKET_AUTHORITY_STATE_DIR"):
+        named_by = "TICKET_AUTHORITY_STATE_DIR"
+    server_file = Path(state_dir or default_state_dir()) / SERVER_FILE
+    if named_by is None and not server_file.exists():
+        return DEFAULT_ADDRESS
+    return _server_file_address(server_file, named_by or str(server_file))
+
+
+def _server_file_address(server_file: Path, named_by: str) -> str:
+    """The admin address a running server wrote to ``server_file``.
+
+    Raises: ConfigError naming ``named_by`` when the file is missing or damaged."""
     try:
         info = json.loads(server_file.read_text())
         return str(info.get("admin_address") or info["address"])
-    except (OSError, ValueError, KeyError, AttributeError):
-        return DEFAULT_ADDRESS
+    except FileNotFoundError as exc:
+        raise ConfigError(named_by, f"{server_file} does not exist: no server is running with "
+                                    "this state directory (or give --listen HOST:PORT)") from exc
+    except OSError as exc:
+        raise ConfigError(named_by, f"cannot read {server_file}: {exc.strerror}") from exc
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(named_by, f"{server_file} is damaged (not what 'ticket-authority "
+                                    "serve' writes); give --listen HOST:PORT") from exc
 
 
 def _rpc_failure(err: Any, address: str) -> int:
@@ -217,11 +243,13 @@ def _rpc_failure(err: Any, address: str) -> int:
 
 
 def _print(args: argparse.Namespace, reply: Any, table: Callable[[Any], str]) -> None:
-    """Print ``reply`` as JSON (--json) or as ``table`` renders it. Never raises."""
+    """Print ``reply`` as JSON (--json: every field, zero values too) or as ``table`` renders
+    it. Never raises."""
     if args.json:
         from google.protobuf import json_format
 
-        print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
+        print(json_format.MessageToJson(reply, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True))
     else:
         print(table(reply))
 
@@ -236,10 +264,19 @@ def _realm(name: str) -> str:
     return name or "(default)"
 
 
+def _seals(key: Any) -> str:
+    """SEALS of one key: the sealing (ACTIVE) key's live count of seals made; for any other
+    key the server knows only the seals reserved for it in the store (blocks of
+    ``keys.seal_reservation``), an upper bound, shown as such."""
+    if key.state == _ACTIVE or not key.seal_count:
+        return str(key.seal_count)
+    return f"{key.seal_count} reserved"
+
+
 def _keys_table(keys: list[Any]) -> str:
     rows = [("KEY ID", "STATE", "CREATED", "OPENS UNTIL", "SEALS")]
     rows += [(k.key_id, _STATE_NAMES.get(k.state, "?"), _when(k.created_at),
-              _when(k.opens_until), str(k.seal_count)) for k in keys if k.key_id]
+              _when(k.opens_until), _seals(k)) for k in keys if k.key_id]
     return _table(rows)
 
 

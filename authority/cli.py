@@ -1,17 +1,24 @@
-"""The ``ticket-authority`` command: serve, and admin commands as gRPC clients of TicketAdmin."""
+"""The ticket-authority command: serve, and admin commands as gRPC clients of TicketAdmin."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import math
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from authority import __version__
 from authority.admin_cli import DEFAULT_ADDRESS, admin_channel, resolve_address
 from authority.admin_cli import run as run_admin
 from authority.errors import ConfigError, DeviceUnavailable, StartupError
+
+if TYPE_CHECKING:
+    from authority.config import Config
 
 __all__ = ["DEFAULT_ADDRESS", "admin_channel", "build_parser", "main", "resolve_address"]
 
@@ -26,7 +33,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="ticket-authority", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="ticket-authority",
+        description="IKEv2 session-resumption ticket authority: serve, and the admin commands "
+                    "(gRPC clients of TicketAdmin).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the authority (embedded SoftHSM2 token by default)")
@@ -52,8 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_sub.add_parser(
         "verify", help="check the hash chain of an audit log (exit 1 naming the first bad line)")
-    audit_verify.add_argument("file", type=Path, metavar="FILE",
-                              help="the audit log (default location: STATE_DIR/audit.log)")
+    audit_verify.add_argument("file", type=Path, metavar="FILE", nargs="?",
+                              help="the audit log (default: the configuration's audit_log, "
+                                   "else STATE_DIR/audit.log)")
+    audit_verify.add_argument("--state-dir", type=Path, metavar="DIR",
+                              help="state directory (default ~/.local/state/ticket-authority)")
+    audit_verify.add_argument("--config", type=Path, metavar="FILE",
+                              help="TOML configuration file (its audit_log and state_dir)")
     from authority.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
@@ -118,7 +133,8 @@ def _policy_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
 
 def _client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    parser.add_argument("--timeout", type=_seconds, default=10.0,
+                        help="seconds, more than 0 (default 10)")
     tls = parser.add_argument_group("mTLS to the authority (an admin client certificate)")
     tls.add_argument("--tls-ca", type=Path, metavar="PEM",
                      help="CA certificates that sign the server's certificate")
@@ -126,6 +142,17 @@ def _client_flags(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-key", type=Path, metavar="PEM", help="client key")
     tls.add_argument("--tls-server-name", metavar="NAME",
                      help="name to check the server's certificate against")
+
+
+def _seconds(text: str) -> float:
+    """A --timeout value. Raises: argparse.ArgumentTypeError unless a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"a number of seconds greater than 0, got {text!r}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "certs":
             return _certs(args)
         if args.command == "audit":
-            return _audit_verify(args.file)
+            return _audit_verify(args.file or _audit_log_path(args))
         return run_admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)
@@ -166,10 +193,63 @@ def _serve(args: argparse.Namespace) -> int:
     config = load_config(args.config, listen=args.listen, state_dir=args.state_dir,
                          log_level=args.log_level, backend=args.backend,
                          metrics_listen=args.metrics_listen)
+    check_listeners_free(config)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config)
     return 0
+
+
+def check_listeners_free(config: Config) -> None:
+    """Refuse to start when another process already listens on one of the TCP addresses the
+    server is to listen on (server.listen, server.admin_listen, server.metrics_listen): checked
+    before anything is provisioned, and without asking gRPC, whose C core would log a raw
+    add_port error first. Port 0, Unix sockets and names that do not resolve are left to the
+    listeners themselves.
+
+    Raises: StartupError naming the setting and the address."""
+    from authority.settings_loader import parse_listen
+
+    server = config.server
+    for setting, listen in (("server.listen", server.listen),
+                            ("server.admin_listen", server.admin_listen),
+                            ("server.metrics_listen", server.metrics_listen)):
+        if not listen or listen.startswith("unix:"):
+            continue
+        host, port = parse_listen(listen, setting=setting, loopback_only=False)
+        if port and _in_use(host.strip("[]"), port):
+            raise StartupError(f"{setting}: cannot listen on {listen}: the address is already "
+                               "in use")
+
+
+def _in_use(host: str, port: int) -> bool:
+    """Whether binding ``host:port`` as a listener does (SO_REUSEADDR, as gRPC and the
+    metrics server set it, so that a closed connection's TIME_WAIT does not count) fails
+    with EADDRINUSE for any address ``host`` resolves to. Never raises."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    for family, kind, proto, _name, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+    return False
+
+
+def _audit_log_path(args: argparse.Namespace) -> Path:
+    """The audit log serve writes with these flags: audit_log, else STATE_DIR/audit.log.
+
+    Raises: ConfigError for an invalid --config."""
+    from authority.settings_loader import load_config
+
+    config = load_config(args.config, state_dir=args.state_dir)
+    return config.audit_log or config.state_dir / "audit.log"
 
 
 def _audit_verify(path: Path) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import signal
@@ -13,6 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from authority.admin_cli import DEFAULT_ADDRESS, resolve_address
+from authority.audit import AuditLog
+from authority.bench.device import raw_device_rate
+from authority.bench.progress import Progress
+from authority.bench.runner import bench_config
+from authority.cli import build_parser, main
+from authority.errors import ConfigError
+from tests.conftest import Harness, issue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -165,3 +176,171 @@ def test_serve_backend_tpm_starts_its_own_swtpm(tmp_path: Path) -> None:
     leftover = subprocess.run(["pgrep", "-f", f"swtpm.*{state}"], capture_output=True,
                               text=True, check=False)
     assert leftover.stdout == "", "the embedded swtpm must stop with the service"
+
+
+# -- which server an admin command talks to --------------------------------------------------
+
+ADMIN_COMMANDS = [["status"], ["keys", "list"], ["keys", "rotate"], ["keys", "retire", "00" * 8],
+                  ["tickets", "revoke", "--id-i", "0200000061"], ["tickets", "revocations"],
+                  ["policy", "bump", "blue"], ["policy", "list"]]
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    status = main(list(args))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+@pytest.mark.parametrize("command", ADMIN_COMMANDS, ids=" ".join)
+def test_an_explicit_state_dir_without_a_server_is_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]) -> None:
+    for state in (tmp_path / "nowhere", tmp_path):  # no such directory; no server.json in it
+        status, out, err = run_main(capsys, *command, "--state-dir", str(state),
+                                    "--timeout", "2")
+        assert (status, out) == (2, ""), err
+        assert err.startswith("ticket-authority: --state-dir: "), err
+        assert str(state / "server.json") in err
+
+
+def test_a_config_whose_server_cannot_be_found_is_an_error(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    toml = tmp_path / "authority.toml"
+    for server in ("", '[server]\nlisten = "127.0.0.1:0"\n'):   # default listen; port 0
+        toml.write_text(f'state_dir = "{tmp_path / "state"}"\n{server}')
+        status, out, err = run_main(capsys, "keys", "rotate", "--config", str(toml),
+                                    "--timeout", "2")
+        assert (status, out) == (2, ""), err
+        assert err.startswith("ticket-authority: --config: "), err
+        assert str(tmp_path / "state" / "server.json") in err
+
+
+def test_a_target_that_resolves_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def target(*args: str) -> str:
+        return resolve_address(build_parser().parse_args(["status", *args]))
+
+    toml = tmp_path / "authority.toml"
+    toml.write_text('[server]\nlisten = "127.0.0.1:6000"\n')
+    assert target("--config", str(toml)) == "127.0.0.1:6000"
+    toml.write_text('[server]\nlisten = "127.0.0.1:6000"\nadmin_listen = "unix:/run/a.sock"\n')
+    assert target("--config", str(toml)) == "unix:/run/a.sock"
+    (tmp_path / "server.json").write_text('{"address": "127.0.0.1:7001", "pid": 1}')
+    assert target("--state-dir", str(tmp_path)) == "127.0.0.1:7001"
+    assert target("--state-dir", str(tmp_path), "--listen", "[::1]:7002") == "[::1]:7002"
+    # only the implicit default state directory may fall back to the default address
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.delenv("TICKET_AUTHORITY_STATE_DIR", raising=False)
+    assert target() == DEFAULT_ADDRESS
+    monkeypatch.setenv("TICKET_AUTHORITY_STATE_DIR", str(tmp_path / "env"))
+    with pytest.raises(ConfigError, match=r"^TICKET_AUTHORITY_STATE_DIR: .*server\.json"):
+        target()
+
+
+def test_a_damaged_server_file_is_an_error(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "server.json").write_text("{not json")
+    status, _, err = run_main(capsys, "status", "--state-dir", str(tmp_path))
+    assert status == 2 and err.startswith("ticket-authority: --state-dir: "), err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_timeout_must_be_a_positive_number(value: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["status", "--timeout", value, "--listen", "127.0.0.1:1"])
+    assert exit_.value.code == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+def every_parser(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from every_parser(sub)
+
+
+def test_help_shows_no_raw_markup() -> None:
+    for parser in every_parser(build_parser()):
+        assert "``" not in parser.format_help(), parser.prog
+
+
+# -- audit verify ----------------------------------------------------------------------------
+
+def test_audit_verify_defaults_to_the_state_dirs_log(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    log = AuditLog(state / "audit.log")
+    log.record("local", "key.created", {"key_id": "00" * 8})
+    log.close()
+    status, out, err = run_main(capsys, "audit", "verify", "--state-dir", str(state))
+    assert status == 0, err
+    assert out.startswith(f"{state / 'audit.log'}: OK, 1 lines")
+    monkeypatch.setenv("TICKET_AUTHORITY_STATE_DIR", str(state))
+    assert run_main(capsys, "audit", "verify")[1] == out
+    elsewhere = tmp_path / "elsewhere.log"
+    (state / "audit.log").rename(elsewhere)
+    toml = tmp_path / "authority.toml"
+    toml.write_text(f'state_dir = "{state}"\naudit_log = "{elsewhere}"\n')
+    status, out, _ = run_main(capsys, "audit", "verify", "--config", str(toml))
+    assert status == 0 and out.startswith(f"{elsewhere}: OK")
+    status, _, err = run_main(capsys, "audit", "verify", "--state-dir", str(state))
+    assert status == 2 and f"cannot read {state / 'audit.log'}" in err
+
+
+# -- keys list: seals made, seals reserved ---------------------------------------------------
+
+def test_keys_list_shows_seals_made_and_reserved_and_json_always_has_seals(
+        pkcs11_harness: Harness, capsys: pytest.CaptureFixture[str]) -> None:
+    h = pkcs11_harness
+    assert h.running is not None
+    address = h.running.address
+    status, out, _ = run_main(capsys, "keys", "list", "--json", "--listen", address)
+    assert status == 0
+    (fresh,) = json.loads(out)["keys"]
+    assert fresh["seal_count"] == "0"
+    issue(h.tickets, 1)
+    assert run_main(capsys, "keys", "rotate", "--listen", address)[0] == 0
+    issue(h.tickets, 2)
+    issue(h.tickets, 3)
+    status, out, _ = run_main(capsys, "keys", "list", "--listen", address)
+    rows = {line.split()[1]: line for line in out.splitlines()[2:]}
+    assert out.splitlines()[0].split()[-1] == "SEALS"
+    assert rows["ACTIVE"].endswith("  2")          # the sealing key's live count
+    assert re.search(r"  \d+ reserved$", rows["DECRYPT_ONLY"])  # the store's upper bound
+
+
+# -- serve: a busy port, and quiet bench and demo --------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--listen", "--metrics-listen"])
+def test_a_busy_port_is_refused_before_anything_is_provisioned(tmp_path: Path,
+                                                                flag: str) -> None:
+    state = tmp_path / "state"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        ports = {"--listen": "127.0.0.1:0", "--metrics-listen": ""} | {flag: address}
+        result = cli("serve", "--state-dir", str(state), *(x for kv in ports.items() for x in kv))
+    setting = {"--listen": "server.listen", "--metrics-listen": "server.metrics_listen"}[flag]
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"ticket-authority: {setting}: cannot listen on {address}: "
+                             "the address is already in use\n")
+    assert not (state / "hsm").exists() and not (state / "authority.db").exists()
+
+
+def test_demo_prints_no_log_lines() -> None:
+    result = cli("demo", "--timeout", "10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("IKEv2 session resumption")
+    assert " INFO " not in result.stderr and " INFO " not in result.stdout, result.stderr
+
+
+def test_bench_opens_its_device_without_log_lines(tmp_path: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    config = bench_config(tmp_path / "state", "pkcs11")
+    run = raw_device_rate(config, 4, 0.2, Progress(enabled=False).bar("raw", 0.2))
+    assert run.tally.ok
+    out, err = capfd.readouterr()
+    assert " INFO " not in out + err, err

@@ -74,6 +74,13 @@ def _state_dir(opts: Options) -> Iterator[Path | None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def bench_config(state_dir: Path, backend: str) -> Config:
+    """The settings of the bench's own device and server state; log level WARNING, so that
+    the device processes it starts print no INFO lines among the bench's output.
+    Raises: ConfigError."""
+    return load_config(state_dir=state_dir, backend=backend, log_level="WARNING")
+
+
 def _measure(opts: Options, state_dir: Path | None, results: Results,
              progress: Progress) -> None:
     """(d) in process, then the gRPC phases against a running server (--address) or our own,
@@ -86,7 +93,7 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
                                progress))
         return
     assert state_dir is not None
-    config = load_config(state_dir=state_dir, backend=opts.backend)
+    config = bench_config(state_dir, opts.backend)
     _raw_device(opts, config, results, progress)
     for mode in opts.server_modes:
         run = results if mode == opts.server_modes[0] else Results(opts, results.machine)

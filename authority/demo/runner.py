@@ -87,7 +87,8 @@ class DemoResult:
 @contextlib.contextmanager
 def embedded_authority(backend: str = "pkcs11") -> Iterator[tuple[str, str]]:
     """A ticket authority in this process: a temporary state directory with its own embedded
-    SoftHSM2 token (or swtpm), listening on 127.0.0.1 on a free port. Yields (address,
+    SoftHSM2 token (or swtpm), listening on 127.0.0.1 on a free port, logging WARNING and
+    above only (its INFO lines would interleave with the demo's narration). Yields (address,
     description); stops it and deletes the directory on exit.
 
     Raises ConfigError, StartupError, DeviceUnavailable if it cannot start."""
@@ -96,7 +97,7 @@ def embedded_authority(backend: str = "pkcs11") -> Iterator[tuple[str, str]]:
 
     with tempfile.TemporaryDirectory(prefix="ticket-authority-demo-") as tmp:
         config = load_config(state_dir=Path(tmp) / "state", listen="127.0.0.1:0",
-                             metrics_listen="", backend=backend)
+                             metrics_listen="", backend=backend, log_level="WARNING")
         running = build_server(config)
         try:
             info = running.authority.backend.describe()
