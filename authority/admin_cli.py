@@ -26,8 +26,7 @@ if TYPE_CHECKING:
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 SERVER_FILE = "server.json"       # written by a running server in its state directory
 SPI_LEN = 8
-_STATE_NAMES = {1: "ACTIVE", 2: "DECRYPT_ONLY", 3: "DESTROYED"}
-_ACTIVE = 1
+_ACTIVE = 1                       # KeyState.KEY_STATE_ACTIVE
 _VALUE_WIDTH = 40
 
 
@@ -275,9 +274,20 @@ def _seals(key: Any) -> str:
 
 def _keys_table(keys: list[Any]) -> str:
     rows = [("KEY ID", "STATE", "CREATED", "OPENS UNTIL", "SEALS")]
-    rows += [(k.key_id, _STATE_NAMES.get(k.state, "?"), _when(k.created_at),
+    rows += [(k.key_id, _state_name(k.state), _when(k.created_at),
               _when(k.opens_until), _seals(k)) for k in keys if k.key_id]
     return _table(rows)
+
+
+def _state_name(state: int) -> str:
+    """ACTIVE, DECRYPT_ONLY, ...: the KeyState enum's name (every state the proto has), or
+    the number of one this client does not know. Never raises."""
+    from authority._proto.ticketauthority.v1 import admin_pb2 as pb
+
+    try:
+        return str(pb.KeyState.Name(state)).removeprefix("KEY_STATE_")
+    except ValueError:
+        return str(state)
 
 
 def _status_table(s: Any) -> str:

@@ -344,3 +344,15 @@ def test_bench_opens_its_device_without_log_lines(tmp_path: Path,
     assert run.tally.ok
     out, err = capfd.readouterr()
     assert " INFO " not in out + err, err
+
+
+def test_keys_table_names_every_key_state_of_the_proto() -> None:
+    from authority._proto.ticketauthority.v1 import admin_pb2
+    from authority.admin_cli import commands
+
+    table = commands()[("keys", "list")].table
+    for name, number in admin_pb2.KeyState.items():
+        if number:
+            key = admin_pb2.KeyInfo(key_id="00" * 8, state=number)
+            listed = table(admin_pb2.ListKeysResponse(keys=[key]))
+            assert listed.splitlines()[2].split()[1] == name.removeprefix("KEY_STATE_")
