@@ -21,6 +21,7 @@ to their status, anything else UNKNOWN with an incident id in the log).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -192,6 +193,8 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def _streaming(self, method: str, behavior: Any, stream_in: bool) -> Any:
         name = method.rsplit("/", 1)[-1]
+        if inspect.iscoroutinefunction(behavior):
+            return self._writing(method, behavior, stream_in)
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), "OK"
@@ -199,6 +202,24 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 arg = self._arguments(method, context, request, stream_in)
                 async for response in behavior(arg, context):
                     yield response
+            except BaseException as exc:
+                code = _code_of(exc)
+                await _fail(exc, context)
+            finally:
+                self._observe(name, code, time.perf_counter() - start)
+
+        return call
+
+
+    def _writing(self, method: str, behavior: Any, stream_in: bool) -> Any:
+        """A response-streaming behavior that is a coroutine writing through
+        ``context.write`` (the aio health servicer's Watch), not an async generator."""
+        name = method.rsplit("/", 1)[-1]
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
+            start, code = time.perf_counter(), "OK"
+            try:
+                await behavior(self._arguments(method, context, request, stream_in), context)
             except BaseException as exc:
                 code = _code_of(exc)
                 await _fail(exc, context)
