@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.policy import Policy
 from authority.sealer import Sealer
-from authority.statedir import StateLock
+from authority.statedir import StateLock, check_backend, claim
 from authority.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -141,32 +142,25 @@ class Authority:
 
     @classmethod
     def open(cls, config: Config, clock: Clock | None = None) -> Authority:
-        """Lock the state directory (one authority per directory: authority/statedir.py), open
-        device and store, load the key ring (creating the first key if needed).
+        """Lock the state directory (one authority per directory), check it belongs to this
+        backend and device (authority/statedir.py), open device and store, load the key ring
+        (creating the first key if needed).
 
-        Raises: StartupError (another process holds the state directory, ...),
-        DeviceUnavailable.
+        Raises: StartupError (another process holds the state directory, it belongs to another
+        backend or device, ...), DeviceUnavailable.
         """
         prepare_state_dir(config.state_dir)
         lock = StateLock.acquire(config.state_dir)
-        try:
-            backend = open_backend(config)
-        except BaseException:
-            lock.release()
-            raise
-        try:
+        with contextlib.ExitStack() as undo:   # on failure, close what was opened
+            undo.callback(lock.release)
             store = SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
-        except StartupError:
-            backend.close()
-            lock.release()
-            raise
-        try:
+            undo.callback(store.close)
+            check_backend(store, config)
+            backend = open_backend(config)
+            undo.callback(backend.close)
+            claim(store, config, backend)
             authority = cls(config, backend, store, clock or SystemClock())
-        except StartupError:   # the audit log cannot be opened
-            store.close()
-            backend.close()
-            lock.release()
-            raise
+            undo.pop_all()
         authority._lock = lock
         try:
             authority.ring.load()

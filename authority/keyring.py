@@ -1,12 +1,21 @@
 """The key ring: which key seals, which keys open, and the rules that move keys through their life.
 
 Modelled on Vault transit's key policy: a single sealing (ACTIVE) key; DECRYPT_ONLY keys open
-tickets until their window closes; unknown, destroyed or out-of-window ids are refused before any
-device call. Metadata lives in the store; the keys themselves only in the device.
+tickets until their window closes; unknown, destroyed, missing or out-of-window ids are refused
+before any device call. Metadata lives in the store; the keys themselves only in the device.
+
+The ring is reconciled with the keys the device lists at start, at each maintenance pass and
+when the device cannot find the sealing key (``_reconcile``): a key the device does not list is
+MISSING, never marked destroyed for that (a lost key directory, a removed token object: it may
+come back); a sealing key it does not list is replaced by a new one. A key is recorded PENDING
+before it is created in the device, so a crash or a timed-out create leaves a record, and the
+key is destroyed and the record dropped once ``PENDING_GRACE`` has passed. Device keys the ring
+never recorded are left alone (the token may be shared).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
@@ -34,6 +43,10 @@ from authority.ticket_format import KEY_ID_LEN
 
 log = logging.getLogger(__name__)
 
+#: seconds a PENDING key waits for its creation to complete before it is given up: longer than
+#: any device call (a TPM create may finish after its caller timed out)
+PENDING_GRACE = 600.0
+
 
 def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
     """The audit hook of a key ring built without one."""
@@ -51,6 +64,7 @@ class KeyRing:
         self._max_lifetime = tickets.max_lifetime
         self._clock = clock
         self._records: Mapping[bytes, KeyRecord] = MappingProxyType({})
+        self._pending: dict[bytes, KeyRecord] = {}  # PENDING, not published; _change_lock
         self._primary: bytes | None = None
         self._used = 0                       # seals made under the primary (this process)
         self._seal_lock = threading.Lock()   # guards _used and seal reservations
@@ -61,28 +75,103 @@ class KeyRing:
     def load(self) -> None:
         """Load metadata, reconcile it with the device, and make a first key if none seals.
 
-        Raises: DeviceUnavailable.
+        Raises: DeviceUnavailable, AuditUnavailable.
         """
         with self._change_lock:
-            records = {r.key_id: r for r in self._store.load_keys()}
-            present = self._backend.list_keys()
-            now = self._clock.now()
-            lost = [replace(r, state=KeyState.DESTROYED, destroyed_at=now)
-                    for r in records.values()
-                    if r.state != KeyState.DESTROYED and r.key_id not in present]
-            for r in lost:
-                log.warning("key %s is in the key ring but not in the device: marked destroyed",
-                            r.key_id.hex())
-                self._audit(SYSTEM, "key.destroyed", {"key_id": r.key_id.hex(),
-                                                      "reason": "missing from the device"})
-            if lost:
-                self._store.save_keys(lost)
-                records.update({r.key_id: r for r in lost})
-            for key_id in sorted(present - records.keys()):
-                log.warning("device key %s has no key ring entry; it is not used", key_id.hex())
+            records: dict[bytes, KeyRecord] = {}
+            self._pending = {}
+            for record in self._store.load_keys():
+                kept = self._pending if record.state == KeyState.PENDING else records
+                kept[record.key_id] = record
             self._install(records)
+            self._reconcile(at_start=True)
             if self._primary is None:
                 self.rotate(reason="first key")
+
+    def sealing_key_lost(self, key_id: bytes) -> DeviceUnavailable:
+        """The device could not find ``key_id`` to seal with. If it is still the sealing key,
+        reconcile the ring with the device: a sealing key the device no longer lists is
+        replaced by a new one (audited), so the next seal works.
+
+        Returns the error to answer the call with. Raises: DeviceUnavailable,
+        AuditUnavailable (the reconcile failed; the next seal that fails tries again).
+        """
+        with self._change_lock:
+            if key_id == self._primary:
+                self._reconcile()
+        return DeviceUnavailable(f"the device could not find sealing key {key_id.hex()}; the "
+                                 "key ring was reconciled with the device: retry")
+
+    def _reconcile(self, at_start: bool = False) -> None:
+        """Match the ring to the keys the device lists; callers hold ``_change_lock``.
+
+        Raises: DeviceUnavailable, AuditUnavailable (what is done so far stays done).
+        """
+        present = self._backend.list_keys()
+        if self._primary is not None and self._primary not in present:
+            new, _ = self.rotate(reason="sealing key missing from the device")
+            present = present | {new.key_id}
+        self._mark_presence(present)
+        self._destroy_found(present)
+        self._sweep_pending(present)
+        for key_id in sorted(present - self._records.keys() - self._pending.keys()):
+            (log.warning if at_start else log.debug)(
+                "device key %s has no key ring entry; it is not used", key_id.hex())
+
+    def _mark_presence(self, present: set[bytes]) -> None:
+        """DECRYPT_ONLY keys the device lacks become MISSING; MISSING keys it has are
+        DECRYPT_ONLY again. Audited first. Raises: DeviceUnavailable, AuditUnavailable."""
+        changed = []
+        for record in self._records.values():
+            hex_id = record.key_id.hex()
+            if record.state == KeyState.DECRYPT_ONLY and record.key_id not in present:
+                self._audit(SYSTEM, "key.missing", {"key_id": hex_id, "was": "DECRYPT_ONLY"})
+                log.warning("key %s is in the key ring but not in the device: MISSING until the "
+                            "device has it again or it is retired", hex_id)
+                changed.append(replace(record, state=KeyState.MISSING))
+            elif record.state == KeyState.MISSING and record.key_id in present:
+                self._audit(SYSTEM, "key.found", {"key_id": hex_id, "state": "DECRYPT_ONLY"})
+                log.warning("key %s is in the device again: DECRYPT_ONLY", hex_id)
+                changed.append(replace(record, state=KeyState.DECRYPT_ONLY))
+        if changed:
+            with self._seal_lock:
+                self._commit(changed)
+
+    def _destroy_found(self, present: set[bytes]) -> None:
+        """Destroy DESTROYED keys the device has again (a key directory back in place); a
+        device failure is logged and tried again at the next reconcile.
+        Raises: AuditUnavailable."""
+        for record in self._records.values():
+            if record.state != KeyState.DESTROYED or record.key_id not in present:
+                continue
+            self._audit(SYSTEM, "key.destroyed", {"key_id": record.key_id.hex(),
+                                                  "reason": "destroyed key found in the device"})
+            try:
+                self._backend.destroy_key(record.key_id)
+            except KeyNotFound:
+                pass
+            except DeviceUnavailable as exc:
+                log.error("could not destroy key %s found in the device: %s",
+                          record.key_id.hex(), exc.message)
+
+    def _sweep_pending(self, present: set[bytes]) -> None:
+        """Give up PENDING keys older than ``PENDING_GRACE``: destroy the key if the device has
+        it, then drop the record (audited ``key.abandoned`` first).
+        Raises: DeviceUnavailable, AuditUnavailable (the record stays; tried again later)."""
+        now = self._clock.now()
+        for record in list(self._pending.values()):
+            if now < record.created_at + PENDING_GRACE:
+                continue
+            in_device = record.key_id in present
+            self._audit(SYSTEM, "key.abandoned", {"key_id": record.key_id.hex(),
+                                                  "in_device": in_device})
+            if in_device:
+                with contextlib.suppress(KeyNotFound):
+                    self._backend.destroy_key(record.key_id)
+            self._store.delete_keys([record.key_id])
+            del self._pending[record.key_id]
+            log.warning("key %s was never completed: %s", record.key_id.hex(),
+                        "destroyed in the device" if in_device else "not in the device")
 
     def _install(self, records: dict[bytes, KeyRecord]) -> None:
         active = [r for r in records.values() if r.state == KeyState.ACTIVE]
@@ -139,6 +228,8 @@ class KeyRing:
             raise InvalidTicket("unknown key id")
         if record.state == KeyState.DESTROYED:
             raise InvalidTicket("key destroyed")
+        if record.state == KeyState.MISSING:
+            raise InvalidTicket("key missing from the device")
         if record.opens_until is not None and self._clock.now() >= record.opens_until:
             raise InvalidTicket("key past its decryption window")
         return record
@@ -147,16 +238,17 @@ class KeyRing:
 
     def rotate(self, reason: str = "operator",
                actor: str = SYSTEM) -> tuple[KeyRecord, KeyRecord | None]:
-        """Generate a new key in the device and make it the sealing key.
+        """Generate a new key in the device (recorded PENDING first) and make it the sealing
+        key.
 
         The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds (longer if the
         store's lifetime horizon, after a lowered maximum, is later). The change is
         audited (``key.created``, ``key.rotated``) before it is committed.
-        Returns (new, previous). Raises: DeviceUnavailable, AuditUnavailable (nothing changed).
+        Returns (new, previous). Raises: DeviceUnavailable, AuditUnavailable (nothing changed),
+        FailedPrecondition (the device refused the new key).
         """
         with self._change_lock:
-            key_id = self._new_key_id()
-            self._backend.create_key(key_id)
+            key_id = self._create()
             now = self._clock.now()
             new = KeyRecord(key_id, KeyState.ACTIVE, now)
             changed = [new]
@@ -175,7 +267,8 @@ class KeyRing:
                         "state": "DECRYPT_ONLY", "opens_until": previous.opens_until,
                         "reason": reason})
                 with self._seal_lock:
-                    self._commit(changed)
+                    self._commit(changed)   # the ACTIVE record replaces the PENDING one
+                self._pending.pop(key_id, None)
             except AuthorityError:
                 self._discard(key_id)
                 raise
@@ -183,8 +276,27 @@ class KeyRing:
                      previous.key_id.hex() if previous else "none")
             return new, previous
 
+    def _create(self) -> bytes:
+        """A new key id, recorded PENDING, then created in the device; callers hold
+        ``_change_lock``.
+
+        Raises: DeviceUnavailable (the PENDING record stays: the key may still be made, and is
+        swept after the grace), FailedPrecondition (the device refused: the record is dropped).
+        """
+        key_id = self._new_key_id()
+        record = KeyRecord(key_id, KeyState.PENDING, self._clock.now())
+        self._store.save_keys([record])
+        self._pending[key_id] = record
+        try:
+            self._backend.create_key(key_id)
+        except FailedPrecondition:   # the id is taken, or the key was refused and destroyed
+            self._forget_pending(key_id)
+            raise
+        return key_id
+
     def retire(self, key_id: bytes, actor: str = SYSTEM) -> KeyRecord:
-        """Destroy a DECRYPT_ONLY key in the device now (audited ``key.retired`` first).
+        """Destroy a DECRYPT_ONLY or MISSING key in the device now (audited ``key.retired``
+        first); a MISSING key the device does not have is marked DESTROYED.
 
         Raises: NotFound (unknown id), FailedPrecondition (the sealing key), DeviceUnavailable,
         AuditUnavailable (nothing changed).
@@ -201,19 +313,21 @@ class KeyRing:
             return self._destroy(record, reason="retired by operator", actor=actor)
 
     def maintain(self) -> None:
-        """Rotate a key that has sealed long enough; destroy keys whose window has closed.
+        """Reconcile with the device; rotate a key that has sealed long enough; destroy keys
+        whose window has closed (MISSING ones too: in the device if it has them again).
 
-        Raises: DeviceUnavailable (the next call tries again).
+        Raises: DeviceUnavailable, AuditUnavailable (the next call tries again).
         """
         with self._change_lock:
+            self._reconcile()
             now = self._clock.now()
             primary = self._records.get(self._primary) if self._primary else None
             period = self._policy.rotation_period
             if primary is None or (period and now >= primary.created_at + period):
                 self.rotate(reason="scheduled")
             for record in list(self._records.values()):
-                if (record.state == KeyState.DECRYPT_ONLY and record.opens_until is not None
-                        and now >= record.opens_until):
+                if (record.state in (KeyState.DECRYPT_ONLY, KeyState.MISSING)
+                        and record.opens_until is not None and now >= record.opens_until):
                     self._destroy(record, reason="decryption window closed")
 
     def _destroy(self, record: KeyRecord, reason: str, actor: str = SYSTEM) -> KeyRecord:
@@ -237,10 +351,27 @@ class KeyRing:
         return done
 
     def _discard(self, key_id: bytes) -> None:
+        """Destroy the key of a rotation that failed after its creation and drop its PENDING
+        record; if the device fails, the record stays for the sweep. Never raises."""
         try:
             self._backend.destroy_key(key_id)
-        except (KeyNotFound, DeviceUnavailable):
-            log.exception("could not remove unrecorded key %s", key_id.hex())
+        except DeviceUnavailable:
+            log.exception("could not remove unrecorded key %s; removed after %d s", key_id.hex(),
+                          PENDING_GRACE)
+            return
+        except KeyNotFound:
+            pass
+        self._forget_pending(key_id)
+
+    def _forget_pending(self, key_id: bytes) -> None:
+        """Drop a PENDING record whose key the device does not hold; if the store fails, the
+        sweep drops it later. Never raises."""
+        try:
+            self._store.delete_keys([key_id])
+        except DeviceUnavailable:
+            log.exception("could not drop the PENDING record of key %s", key_id.hex())
+            return
+        self._pending.pop(key_id, None)
 
     def _commit(self, changed: list[KeyRecord]) -> None:
         """Persist then publish; callers hold ``_seal_lock``."""
@@ -252,7 +383,7 @@ class KeyRing:
     def _new_key_id(self) -> bytes:
         while True:
             key_id = secrets.token_bytes(KEY_ID_LEN)
-            if key_id not in self._records:
+            if key_id not in self._records and key_id not in self._pending:
                 return key_id
 
     # -- views -----------------------------------------------------------------------------------

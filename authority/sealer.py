@@ -22,7 +22,7 @@ from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.config import TicketPolicy
 from authority.counters import Counters
-from authority.errors import InvalidArgument, InvalidTicket
+from authority.errors import InvalidArgument, InvalidTicket, KeyNotFound
 from authority.keyring import KeyRing
 from authority.policy import Policy, check_realm
 from authority.state import ResumptionState, validate_state
@@ -158,7 +158,8 @@ class Sealer:
         ``realms`` (parallel to ``items``; default: the default realm "") names each ticket's
         realm; the ticket also carries the realm's current policy epoch.
         A state or realm that fails validation yields its InvalidArgument; the others are sealed.
-        Raises: DeviceUnavailable, ResourceExhausted (for the whole batch).
+        Raises: DeviceUnavailable (also when the device lost the sealing key: the key ring
+        then makes a new one for the next call), ResourceExhausted (for the whole batch).
         """
         return run(self.issue_plan(items, field, realms), self._backend)
 
@@ -182,8 +183,11 @@ class Sealer:
                 continue
             key_id = self._ring.sealing_key()
             jobs.append((index, key_id, encode_header(key_id, version), plain, contents))
-        sealed = (yield DeviceCall(True, [(k, h, plain) for _, k, h, plain, _ in jobs])
-                  ) if jobs else []
+        try:
+            sealed = (yield DeviceCall(True, [(k, h, plain) for _, k, h, plain, _ in jobs])
+                      ) if jobs else []
+        except KeyNotFound as exc:   # the sealing key is gone from the device: UNAVAILABLE,
+            raise self._ring.sealing_key_lost(exc.key_id) from exc  # and a new key for the next
         for (index, key_id, header, _, contents), body in zip(jobs, sealed, strict=True):
             out[index] = IssuedTicket(assemble_ticket(header, body), key_id, contents.issued_at,
                                       contents.expires_at,

@@ -1,8 +1,16 @@
-"""Who may use a state directory: one authority process at a time (the lock).
+"""Who may use a state directory: one authority process at a time (the lock), with the one
+backend and device it was first used with (its owner).
 
 The lock is ``fcntl.flock`` on ``STATE_DIR/lock``, held from start-up until the authority is
 closed (or its process dies: the kernel releases it). The file holds the holder's process id,
 for the message that refuses a second authority.
+
+The owner is recorded in the store at the first start: the backend ("pkcs11", "tpm") and the
+device. A PKCS#11 device is its token as the token names itself (label, serial, manufacturer,
+model); a TPM is its key directory and where the TPM is (the embedded swtpm, or the TCTI).
+A start with another backend is refused before any device is opened, one with another device
+before the key ring is read: the keys recorded there are in another device, and reading them
+against this one would make them all look missing.
 """
 
 from __future__ import annotations
@@ -13,7 +21,11 @@ import os
 from pathlib import Path
 from typing import Final
 
+from authority.backends.base import KeyBackend
+from authority.config import Config
 from authority.errors import StartupError
+from authority.keys import KeyState
+from authority.store.base import Store
 
 LOCK_NAME: Final = "lock"
 
@@ -66,3 +78,66 @@ def _read_pid(fd: int) -> str:
     except OSError:
         return "unknown"
     return text if text.isdigit() else "unknown"
+
+
+def check_backend(store: Store, config: Config) -> None:
+    """Refuse a state directory that belongs to another backend (before opening any device).
+
+    Raises: StartupError naming the directory, both backends and the recorded device.
+    """
+    owner = store.state_owner()
+    if owner is not None and owner[0] != config.backend:
+        raise StartupError(
+            f"state_dir: {config.state_dir} belongs to backend {owner[0]} ({owner[1]}); "
+            f"refusing to start with backend {config.backend}: use another state_dir "
+            f"(--state-dir), or backend \"{owner[0]}\" (--backend {owner[0]})")
+
+
+def claim(store: Store, config: Config, backend: KeyBackend) -> None:
+    """Check that this start's device is the one the state directory belongs to; record it
+    at the first start.
+
+    A directory that records keys but no owner (made before owners were recorded) is claimed
+    only if the device holds at least one of its live keys.
+    Raises: StartupError naming the directory and both devices; DeviceUnavailable.
+    """
+    device = device_identity(config, backend)
+    owner = store.state_owner()
+    if owner == (config.backend, device):
+        return
+    if owner is not None:
+        raise StartupError(
+            f"state_dir: {config.state_dir} belongs to backend {owner[0]} ({owner[1]}); "
+            f"refusing to start with backend {config.backend} ({device}): use another "
+            "state_dir (--state-dir), or the device it belongs to")
+    live = {r.key_id for r in store.load_keys()
+            if r.state in (KeyState.ACTIVE, KeyState.DECRYPT_ONLY)}
+    if live and not live & backend.list_keys():
+        ids = ", ".join(sorted(k.hex() for k in live))
+        raise StartupError(
+            f"state_dir: {config.state_dir} records keys {ids}, none of which "
+            f"{config.backend} ({device}) holds, and not which device it belongs to: start it "
+            "with the backend and device it was used with, or use another state_dir")
+    store.set_state_owner(config.backend, device)
+
+
+def device_identity(config: Config, backend: KeyBackend) -> str:
+    """What names this start's device: the backend's own identity (a PKCS#11 token's label,
+    serial, manufacturer and model); for the TPM, its key directory (relative to the state
+    directory when inside it) and where the TPM is. Raises: DeviceUnavailable."""
+    if config.backend == "tpm":
+        tpm = config.tpm
+        key_dir = tpm.key_dir if tpm.key_dir is not None else config.state_dir / "tpm" / "keys"
+        where = "the embedded swtpm" if tpm.tcti is None else f"the TPM at {tpm.tcti}"
+        return f"key dir {_shown(key_dir, config.state_dir)}, {where}"
+    info = backend.describe()
+    return info.identity or f"token {info.token}"
+
+
+def _shown(path: Path, state_dir: Path) -> str:
+    """``path`` as STATE_DIR/... when inside the state directory (which may move), else
+    absolute."""
+    path, state_dir = path.absolute(), state_dir.absolute()
+    if path.is_relative_to(state_dir):
+        return str(Path("STATE_DIR") / path.relative_to(state_dir))
+    return str(path)

@@ -1,10 +1,11 @@
 """Domain work that needs the device, written once and run both ways (sans I/O).
 
 A *plan* is a generator: it does the work before the device, yields one ``DeviceCall``, gets
-the device's results sent back, does the rest, and returns its value. ``run`` drives a plan
-with a synchronous backend (the thread-pool server, the key ring, tests); ``run_async`` with a
-backend's ``*_many_async`` methods (the aio server with device processes: its event loop does
-the Python work and awaits only the device).
+the device's results sent back (or the device's error thrown in at the ``yield``, so the plan
+can answer it: a sealing key the device lost, authority/sealer.py), does the rest, and returns
+its value. ``run`` drives a plan with a synchronous backend (the thread-pool server, the key
+ring, tests); ``run_async`` with a backend's ``*_many_async`` methods (the aio server with
+device processes: its event loop does the Python work and awaits only the device).
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ def run(plan: Plan[T], device: SyncDevice) -> T:
     try:
         call = next(plan)
         while True:
-            results = (device.seal_many if call.seal else device.unseal_many)(call.items)
+            try:
+                results = (device.seal_many if call.seal else device.unseal_many)(call.items)
+            except Exception as exc:  # thrown into the plan: it answers it or it propagates
+                call = plan.throw(exc)
+                continue
             call = plan.send(results)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
@@ -58,10 +63,14 @@ async def run_async(plan: Plan[T], device: AsyncDevice) -> T:
     try:
         call = next(plan)
         while True:
-            if call.seal:
-                results = await device.seal_many_async(call.items)
-            else:
-                results = await device.unseal_many_async(call.items)
+            try:
+                if call.seal:
+                    results = await device.seal_many_async(call.items)
+                else:
+                    results = await device.unseal_many_async(call.items)
+            except Exception as exc:  # thrown into the plan: it answers it or it propagates
+                call = plan.throw(exc)
+                continue
             call = plan.send(results)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]

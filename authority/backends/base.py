@@ -23,6 +23,10 @@ class BackendInfo:
     sessions: int     # device sessions (or workers) in use
     processes: int = 0  # device processes running batches (server.device_processes)
     process_restarts: int = 0  # device processes replaced since start
+    #: what names the device across restarts (PKCS#11: token label, serial, manufacturer and
+    #: model read from the token); empty when the backend cannot tell (the authority then
+    #: names it from its settings: authority/statedir.py)
+    identity: str = ""
 
 
 class KeyBackend(Protocol):

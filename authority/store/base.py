@@ -38,6 +38,10 @@ class Store(Protocol):
         """Insert or replace the given records in one transaction (all or nothing)."""
         ...
 
+    def delete_keys(self, key_ids: Sequence[bytes]) -> None:
+        """Remove the records of these keys (PENDING keys given up) in one transaction."""
+        ...
+
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
         """Mark tickets (ticket_id, expires_at) used until they expire, in one transaction.
 
@@ -92,6 +96,16 @@ class Store(Protocol):
 
     def consumed_count(self, now: float) -> int:
         """Return the number of live consumed entries."""
+        ...
+
+    def state_owner(self) -> tuple[str, str] | None:
+        """The (backend, device) this state belongs to, as ``set_state_owner`` recorded them;
+        None until then."""
+        ...
+
+    def set_state_owner(self, backend: str, device: str) -> None:
+        """Record the backend ("pkcs11", "tpm") and the device (authority/statedir.py) this
+        state belongs to."""
         ...
 
     def close(self) -> None:

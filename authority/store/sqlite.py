@@ -127,6 +127,11 @@ class SqliteStore:
         with self._tx() as db:
             db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
+    def delete_keys(self, key_ids: Sequence[bytes]) -> None:
+        """Remove the records of these keys in one transaction."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in key_ids])
+
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
         """Mark tickets used in one transaction; True where newly consumed. An expired leftover
         entry is replaced."""
@@ -237,6 +242,18 @@ class SqliteStore:
         with self._tx() as db:
             row = db.execute("SELECT COUNT(*) FROM consumed WHERE expires_at>?", (now,)).fetchone()
         return int(row[0])
+
+    def state_owner(self) -> tuple[str, str] | None:
+        """The recorded (backend, device) of this state (meta "backend", "device"), or None."""
+        with self._read() as db:
+            backend, device = _meta(db, "backend"), _meta(db, "device")
+        return None if backend is None or device is None else (backend, device)
+
+    def set_state_owner(self, backend: str, device: str) -> None:
+        """Record the backend and device of this state, in one transaction."""
+        with self._tx() as db:
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [("backend", backend), ("device", device)])
 
     def close(self) -> None:
         """Close the database."""

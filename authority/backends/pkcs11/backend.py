@@ -231,4 +231,13 @@ class Pkcs11Backend:
             library=library,
             token=f"{self._label} (serial {serial})",
             sessions=self._settings.sessions,
+            identity=self.identity(),
         )
+
+    def identity(self) -> str:
+        """The token as it names itself: label, serial, manufacturer and model (what a state
+        directory records to recognise its token). Never raises."""
+        token = self._token
+        serial = bytes(token.serial).decode("ascii", "replace").strip()
+        return (f"token {token.label!r} (serial {serial}, manufacturer "
+                f"{str(token.manufacturer_id).strip()!r}, model {str(token.model).strip()!r})")
