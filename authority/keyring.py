@@ -99,6 +99,9 @@ class KeyRing:
         with self._change_lock:
             if key_id == self._primary:
                 self._reconcile()
+            if key_id == self._primary:   # the device still lists it: not replaced
+                log.error("the device could not find sealing key %s to seal with, yet lists "
+                          "it; the key is kept", key_id.hex())
         return DeviceUnavailable(f"the device could not find sealing key {key_id.hex()}; the "
                                  "key ring was reconciled with the device: retry")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
@@ -100,6 +101,30 @@ def test_another_token_on_the_same_state_dir_is_refused(tmp_path: Path) -> None:
         assert own in message and message.count("serial") == 2
         h.start(make_config(h.state_dir, "pkcs11", "threads"))
         assert redeem(h.tickets, ticket.ticket).result == OK
+    finally:
+        h.stop()
+
+
+@requires_tpm
+def test_state_dir_from_before_owners_is_claimed_only_by_a_device_with_its_keys(
+        tmp_path: Path) -> None:
+    h = Harness(tmp_path / "state", "pkcs11", "threads")
+    h.start()
+    try:
+        ticket = issue(h.tickets, lifetime=LONG)
+        h.stop()
+        with sqlite3.connect(h.state_dir / "authority.db") as db:   # as an older version left it
+            db.execute("DELETE FROM meta WHERE name IN ('backend', 'device')")
+        db.close()
+        with pytest.raises(StartupError) as err:
+            h.start(make_config(h.state_dir, "tpm"))
+        assert str(err.value).startswith(f"state_dir: {h.state_dir} records keys "
+                                         f"{ticket.key_id}, none of which tpm")
+        h.start(make_config(h.state_dir, "pkcs11", "threads"))
+        assert redeem(h.tickets, ticket.ticket).result == OK
+        h.stop()
+        with pytest.raises(StartupError, match="belongs to backend pkcs11"):
+            h.start(make_config(h.state_dir, "tpm"))
     finally:
         h.stop()
 
@@ -216,6 +241,24 @@ def test_sealing_key_lost_while_serving_is_replaced_by_itself(harness: Harness) 
     items = stub.IssueTickets(batch).items
     assert len(items) == 3 and all(i.ticket.key_id not in (lost, again) for i in items)
     assert {i.ticket.key_id for i in items} == {harness.authority.ring.primary_id.hex()}
+
+
+@requires_tpm
+def test_removed_blobs_of_the_sealing_key_are_noticed_by_maintenance(tmp_path: Path) -> None:
+    """A TPM key whose blob files are removed stays loaded in the TPM (its seals still work)
+    until the next maintenance pass finds it missing and replaces it."""
+    h = Harness(tmp_path / "state", "tpm")
+    h.start()
+    try:
+        old = issue(h.tickets).key_id
+        for path in blob_files(h, old):
+            path.unlink()
+        h.authority.maintain()
+        assert states(h)[old] == KeyState.MISSING
+        fresh = issue(h.tickets)
+        assert fresh.key_id != old and redeem(h.tickets, fresh.ticket).result == OK
+    finally:
+        h.stop()
 
 
 # -- keys whose creation never completed (issue 12.9) --------------------------------------------
