@@ -67,7 +67,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Server, Path]]:
 def test_operator_session(server: tuple[Server, Path]) -> None:
     srv, state = server
     banner = "".join(srv.banner)
-    assert "ticket-authority status" in banner and "pkcs11" in banner
+    assert " status --listen " in banner and "pkcs11" in banner
     assert "server    aio (one event loop; ticket device calls inline" in banner
     status = cli("status", "--state-dir", str(state))  # address found via the state dir
     assert status.returncode == 0, status.stderr
@@ -356,3 +356,40 @@ def test_keys_table_names_every_key_state_of_the_proto() -> None:
             key = admin_pb2.KeyInfo(key_id="00" * 8, state=number)
             listed = table(admin_pb2.ListKeysResponse(keys=[key]))
             assert listed.splitlines()[2].split()[1] == name.removeprefix("KEY_STATE_")
+
+
+# -- the banner's "Try:" lines work on the machine scripts/run set up --------------------------
+
+NOT_ON_MINIMAL_DEBIAN = {"grpcurl", "curl", "wget"}
+
+
+@pytest.mark.xfail(strict=True, reason="authority/service/server.py _announce prints "
+                   "'ticket-authority' (not on PATH: it is .venv/bin/ticket-authority), grpcurl "
+                   "and curl; issue 12.13, the fix is in that file's owner's hands")
+def test_the_try_lines_work_where_scripts_run_started_the_server(tmp_path: Path) -> None:
+    program = ROOT / ".venv" / "bin" / "ticket-authority"
+    if not program.exists():
+        pytest.skip("scripts/bootstrap has not run here")
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}   # a login shell's PATH: no .venv/bin
+    proc = subprocess.Popen([str(program), "serve", "--state-dir", str(tmp_path / "state"),
+                             "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        banner = []
+        for line in proc.stdout:
+            banner.append(line)
+            if line.startswith("Stop with"):
+                break
+        tries = banner[banner.index("Try:\n") + 1:-1]
+        assert tries
+        for line in tries:
+            command = line.strip()
+            assert command.split()[0] not in NOT_ON_MINIMAL_DEBIAN, command
+            done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=60, check=False)
+            assert done.returncode == 0, f"{command}: {done.stderr}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
