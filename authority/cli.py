@@ -111,7 +111,7 @@ def _tickets_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     which.add_argument("--old-sa", metavar="SPI_I_HEX:SPI_R_HEX",
                        help="the IKE SA the tickets were issued for (8-octet SPIs)")
     which.add_argument("--ticket-id", metavar="HEX",
-                       help="a 16-octet ticket id or a 24-octet redeem handle")
+                       help="a 16-octet ticket id or the 40-octet redeem handle")
     which.add_argument("--issued-before", metavar="ISO8601",
                        help="every ticket issued before this time (UTC unless given an offset)")
     revoke.add_argument("--reason", default="", metavar="TEXT",
