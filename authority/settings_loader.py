@@ -22,6 +22,7 @@ from authority.config import (
     TlsSettings,
     TpmSettings,
 )
+from authority.environ import take_variable
 from authority.errors import ConfigError, InvalidArgument
 from authority.policy import check_realm
 
@@ -238,7 +239,8 @@ def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) 
 
     The variable (``pkcs11.pin_env``, ``tpm.owner_auth_env``) is removed from ``os.environ``
     once read, so that no process started afterwards inherits it (children get a minimal
-    environment anyway: authority/backends/processes/environment.py); a second load in the same
+    environment anyway: authority/backends/processes/environment.py), and its value is zeroed
+    in this process's ``/proc/<pid>/environ`` (authority/environ.py); a second load in the same
     process finds it unset. Raises: ConfigError naming the setting."""
     prefix = setting.rsplit(".", 1)[0]
     if file_key in data and env_key in data:
@@ -248,7 +250,7 @@ def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) 
             return Secret(Path(data[file_key]).read_text().strip())
         except OSError as exc:
             raise ConfigError(f"{prefix}.{file_key}", f"cannot read: {exc.strerror}") from exc
-    value = os.environ.pop(str(data[env_key]), None)
+    value = take_variable(str(data[env_key]))
     if value is None:
         raise ConfigError(f"{prefix}.{env_key}", f"environment variable {data[env_key]} unset "
                                                  "(it is removed from the environment once read)")

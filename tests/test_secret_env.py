@@ -128,3 +128,24 @@ def test_owner_auth_env_is_in_no_child_and_leaves_the_environment(
     _assert_nowhere(AUTH_VAR, secret, children, expect=1 + processes)  # swtpm (+ TPM process)
     with grpc.insecure_channel(server.address) as channel:
         assert issue(authority_pb2_grpc.TicketAuthorityStub(channel)).ticket
+
+
+def test_the_secret_leaves_the_servers_own_proc_environ(tmp_path: Path) -> None:
+    """/proc/<pid>/environ shows the block copied at exec, not os.environ: the value read
+    through pin_env is zeroed there too (same user and root could read it before)."""
+    import subprocess
+    import sys
+    secret = "s3cret-pin-4242-not-anywhere"
+    config = tmp_path / "a.toml"
+    config.write_text('[pkcs11]\nmodule = "/nonexistent.so"\ntoken_label = "t"\n'
+                      f'pin_env = "{PIN_VAR}"\n')
+    code = ("import pathlib, sys; from authority.settings_loader import load_config; "
+            "cfg = load_config(pathlib.Path(sys.argv[1])); "
+            "assert cfg.pkcs11.pin.reveal() == sys.argv[2][::-1]; "
+            "env = pathlib.Path('/proc/self/environ').read_bytes(); "
+            "print('LEAK' if sys.argv[2][::-1].encode() in env else 'CLEAN')")
+    env = {**os.environ, PIN_VAR: secret}
+    out = subprocess.run([sys.executable, "-c", code, str(config), secret[::-1]], env=env,
+                         capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "CLEAN", out.stdout + out.stderr
