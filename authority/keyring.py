@@ -7,9 +7,9 @@ before any device call. Metadata lives in the store; the keys themselves only in
 The ring is reconciled with the keys the device lists at start, at each maintenance pass and
 when the device cannot find the sealing key (``_reconcile``): a key the device does not list is
 MISSING, never marked destroyed for that (a lost key directory, a removed token object: it may
-come back); a sealing key it does not list is replaced by a new one. A key is recorded PENDING
+come back); a sealing key it does not list is replaced by a new one. A key is recorded CREATING
 before it is created in the device, so a crash or a timed-out create leaves a record, and the
-key is destroyed and the record dropped once ``PENDING_GRACE`` has passed. Device keys the ring
+key is destroyed and the record dropped once ``CREATING_GRACE`` has passed. Device keys the ring
 never recorded are left alone (the token may be shared).
 """
 
@@ -43,9 +43,9 @@ from authority.ticket_format import KEY_ID_LEN
 
 log = logging.getLogger(__name__)
 
-#: seconds a PENDING key waits for its creation to complete before it is given up: longer than
+#: seconds a CREATING key waits for its creation to complete before it is given up: longer than
 #: any device call (a TPM create may finish after its caller timed out)
-PENDING_GRACE = 600.0
+CREATING_GRACE = 600.0
 
 
 def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
@@ -64,7 +64,7 @@ class KeyRing:
         self._max_lifetime = tickets.max_lifetime
         self._clock = clock
         self._records: Mapping[bytes, KeyRecord] = MappingProxyType({})
-        self._pending: dict[bytes, KeyRecord] = {}  # PENDING, not published; _change_lock
+        self._creating: dict[bytes, KeyRecord] = {}  # CREATING, not published; _change_lock
         self._primary: bytes | None = None
         self._used = 0                       # seals made under the primary (this process)
         self._seal_lock = threading.Lock()   # guards _used and seal reservations
@@ -79,9 +79,9 @@ class KeyRing:
         """
         with self._change_lock:
             records: dict[bytes, KeyRecord] = {}
-            self._pending = {}
+            self._creating = {}
             for record in self._store.load_keys():
-                kept = self._pending if record.state == KeyState.PENDING else records
+                kept = self._creating if record.state == KeyState.CREATING else records
                 kept[record.key_id] = record
             self._install(records)
             self._reconcile(at_start=True)
@@ -116,8 +116,8 @@ class KeyRing:
             present = present | {new.key_id}
         self._mark_presence(present)
         self._destroy_found(present)
-        self._sweep_pending(present)
-        for key_id in sorted(present - self._records.keys() - self._pending.keys()):
+        self._sweep_creating(present)
+        for key_id in sorted(present - self._records.keys() - self._creating.keys()):
             (log.warning if at_start else log.debug)(
                 "device key %s has no key ring entry; it is not used", key_id.hex())
 
@@ -157,13 +157,13 @@ class KeyRing:
                 log.error("could not destroy key %s found in the device: %s",
                           record.key_id.hex(), exc.message)
 
-    def _sweep_pending(self, present: set[bytes]) -> None:
-        """Give up PENDING keys older than ``PENDING_GRACE``: destroy the key if the device has
+    def _sweep_creating(self, present: set[bytes]) -> None:
+        """Give up CREATING keys older than ``CREATING_GRACE``: destroy the key if the device has
         it, then drop the record (audited ``key.abandoned`` first).
         Raises: DeviceUnavailable, AuditUnavailable (the record stays; tried again later)."""
         now = self._clock.now()
-        for record in list(self._pending.values()):
-            if now < record.created_at + PENDING_GRACE:
+        for record in list(self._creating.values()):
+            if now < record.created_at + CREATING_GRACE:
                 continue
             in_device = record.key_id in present
             self._audit(SYSTEM, "key.abandoned", {"key_id": record.key_id.hex(),
@@ -172,7 +172,7 @@ class KeyRing:
                 with contextlib.suppress(KeyNotFound):
                     self._backend.destroy_key(record.key_id)
             self._store.delete_keys([record.key_id])
-            del self._pending[record.key_id]
+            del self._creating[record.key_id]
             log.warning("key %s was never completed: %s", record.key_id.hex(),
                         "destroyed in the device" if in_device else "not in the device")
 
@@ -241,7 +241,7 @@ class KeyRing:
 
     def rotate(self, reason: str = "operator",
                actor: str = SYSTEM) -> tuple[KeyRecord, KeyRecord | None]:
-        """Generate a new key in the device (recorded PENDING first) and make it the sealing
+        """Generate a new key in the device (recorded CREATING first) and make it the sealing
         key.
 
         The previous key becomes DECRYPT_ONLY for ``max_lifetime`` seconds (longer if the
@@ -270,8 +270,8 @@ class KeyRing:
                         "state": "DECRYPT_ONLY", "opens_until": previous.opens_until,
                         "reason": reason})
                 with self._seal_lock:
-                    self._commit(changed)   # the ACTIVE record replaces the PENDING one
-                self._pending.pop(key_id, None)
+                    self._commit(changed)   # the ACTIVE record replaces the CREATING one
+                self._creating.pop(key_id, None)
             except AuthorityError:
                 self._discard(key_id)
                 raise
@@ -280,20 +280,20 @@ class KeyRing:
             return new, previous
 
     def _create(self) -> bytes:
-        """A new key id, recorded PENDING, then created in the device; callers hold
+        """A new key id, recorded CREATING, then created in the device; callers hold
         ``_change_lock``.
 
-        Raises: DeviceUnavailable (the PENDING record stays: the key may still be made, and is
+        Raises: DeviceUnavailable (the CREATING record stays: the key may still be made, and is
         swept after the grace), FailedPrecondition (the device refused: the record is dropped).
         """
         key_id = self._new_key_id()
-        record = KeyRecord(key_id, KeyState.PENDING, self._clock.now())
+        record = KeyRecord(key_id, KeyState.CREATING, self._clock.now())
         self._store.save_keys([record])
-        self._pending[key_id] = record
+        self._creating[key_id] = record
         try:
             self._backend.create_key(key_id)
         except FailedPrecondition:   # the id is taken, or the key was refused and destroyed
-            self._forget_pending(key_id)
+            self._forget_creating(key_id)
             raise
         return key_id
 
@@ -354,27 +354,27 @@ class KeyRing:
         return done
 
     def _discard(self, key_id: bytes) -> None:
-        """Destroy the key of a rotation that failed after its creation and drop its PENDING
+        """Destroy the key of a rotation that failed after its creation and drop its CREATING
         record; if the device fails, the record stays for the sweep. Never raises."""
         try:
             self._backend.destroy_key(key_id)
         except DeviceUnavailable:
             log.exception("could not remove unrecorded key %s; removed after %d s", key_id.hex(),
-                          PENDING_GRACE)
+                          CREATING_GRACE)
             return
         except KeyNotFound:
             pass
-        self._forget_pending(key_id)
+        self._forget_creating(key_id)
 
-    def _forget_pending(self, key_id: bytes) -> None:
-        """Drop a PENDING record whose key the device does not hold; if the store fails, the
+    def _forget_creating(self, key_id: bytes) -> None:
+        """Drop a CREATING record whose key the device does not hold; if the store fails, the
         sweep drops it later. Never raises."""
         try:
             self._store.delete_keys([key_id])
         except DeviceUnavailable:
-            log.exception("could not drop the PENDING record of key %s", key_id.hex())
+            log.exception("could not drop the CREATING record of key %s", key_id.hex())
             return
-        self._pending.pop(key_id, None)
+        self._creating.pop(key_id, None)
 
     def _commit(self, changed: list[KeyRecord]) -> None:
         """Persist then publish; callers hold ``_seal_lock``."""
@@ -386,7 +386,7 @@ class KeyRing:
     def _new_key_id(self) -> bytes:
         while True:
             key_id = secrets.token_bytes(KEY_ID_LEN)
-            if key_id not in self._records and key_id not in self._pending:
+            if key_id not in self._records and key_id not in self._creating:
                 return key_id
 
     # -- views -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 
 class KeyState(enum.IntEnum):
-    """Lifecycle of a protection key (values match the admin proto's KeyState; PENDING is kept
+    """Lifecycle of a protection key (values match the admin proto's KeyState; CREATING is kept
     in the store only and never shown)."""
 
     ACTIVE = 1          # seals new tickets and opens tickets
@@ -15,7 +15,7 @@ class KeyState(enum.IntEnum):
     DESTROYED = 3       # gone from the device
     MISSING = 4         # recorded, but the device does not list it: opens nothing until it
                         # is back (then DECRYPT_ONLY) or an operator retires it
-    PENDING = 5         # recorded before its creation in the device; ACTIVE once created, or
+    CREATING = 5        # recorded before its creation in the device; ACTIVE once created, or
                         # destroyed and dropped after a grace period (a crash, a timed-out create)
 
 

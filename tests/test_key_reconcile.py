@@ -22,7 +22,7 @@ from authority.app import open_backend, pkcs11_settings
 from authority.backends.softhsm import provision_embedded_token
 from authority.config import Config
 from authority.errors import StartupError
-from authority.keyring import PENDING_GRACE
+from authority.keyring import CREATING_GRACE
 from authority.keys import KeyRecord, KeyState
 from authority.store.sqlite import SqliteStore
 from tests.conftest import START, Harness, issue, make_config, redeem, sample_state
@@ -264,7 +264,7 @@ def test_removed_blobs_of_the_sealing_key_are_noticed_by_maintenance(tmp_path: P
 # -- keys whose creation never completed (issue 12.9) --------------------------------------------
 
 @pytest.mark.parametrize("backend", ["pkcs11", pytest.param("tpm", marks=requires_tpm)])
-def test_pending_key_is_destroyed_after_the_grace_and_unrecorded_keys_are_left(
+def test_creating_key_is_destroyed_after_the_grace_and_unrecorded_keys_are_left(
         tmp_path: Path, backend: str) -> None:
     h = Harness(tmp_path / "state", backend, "threads")
     h.start()
@@ -272,7 +272,7 @@ def test_pending_key_is_destroyed_after_the_grace_and_unrecorded_keys_are_left(
     h.stop()
     pending, foreign = bytes.fromhex("00000000000000e1"), bytes.fromhex("00000000000000f2")
     store = SqliteStore(h.state_dir / "authority.db")
-    store.save_keys([KeyRecord(pending, KeyState.PENDING, h.clock.now())])
+    store.save_keys([KeyRecord(pending, KeyState.CREATING, h.clock.now())])
     store.close()
     device = open_backend(h.config)
     try:
@@ -284,7 +284,7 @@ def test_pending_key_is_destroyed_after_the_grace_and_unrecorded_keys_are_left(
     try:
         assert pending in h.authority.backend.list_keys()  # within the grace: left alone
         assert set(states(h)) == recorded
-        h.clock.advance(PENDING_GRACE)
+        h.clock.advance(CREATING_GRACE)
         h.authority.maintain()
         present = h.authority.backend.list_keys()
         assert pending not in present and foreign in present
@@ -334,7 +334,7 @@ def test_crash_between_create_and_record_leaves_nothing_behind(tmp_path: Path) -
     h.start()
     try:
         assert orphan in h.authority.backend.list_keys()
-        h.clock.advance(PENDING_GRACE)
+        h.clock.advance(CREATING_GRACE)
         h.authority.maintain()
         present = h.authority.backend.list_keys()
         assert orphan not in present

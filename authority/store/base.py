@@ -39,7 +39,7 @@ class Store(Protocol):
         ...
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
-        """Remove the records of these keys (PENDING keys given up) in one transaction."""
+        """Remove the records of these keys (CREATING keys given up) in one transaction."""
         ...
 
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
