@@ -20,6 +20,7 @@ from authority.metrics import InstrumentedBackend, Metrics
 from authority.policy import Policy
 from authority.sealer import Sealer
 from authority.statedir import StateLock, check_backend, claim
+from authority.store.base import Store
 from authority.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,21 @@ def prepare_state_dir(path: Path) -> None:
         raise StartupError(f"state_dir: cannot create {path}: {exc.strerror}") from exc
     if not os.access(path, os.W_OK):
         raise StartupError(f"state_dir: {path} is not writable")
+
+
+def open_store(config: Config) -> Store:
+    """The configured state store: the PostgreSQL database of ``[postgresql]`` (shared by
+    replicas), else the embedded SQLite file STATE_DIR/authority.db.
+
+    Raises: ConfigError (``[postgresql]`` with the TPM backend), StartupError.
+    """
+    if config.postgresql is None:
+        return SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
+    from authority.settings_loader import check_shared_backend
+    from authority.store.postgres import PostgresStore
+
+    check_shared_backend(config)
+    return PostgresStore(config.postgresql)
 
 
 def pkcs11_settings(config: Config) -> Pkcs11Settings:
@@ -119,7 +135,7 @@ def inline_device_calls(config: Config) -> bool:
 class Authority:
     """Everything below the gRPC layer, wired together for one process."""
 
-    def __init__(self, config: Config, backend: KeyBackend, store: SqliteStore,
+    def __init__(self, config: Config, backend: KeyBackend, store: Store,
                  clock: Clock) -> None:
         self.config = config
         self.metrics = Metrics()
@@ -147,13 +163,14 @@ class Authority:
         (creating the first key if needed).
 
         Raises: StartupError (another process holds the state directory, it belongs to another
-        backend or device, ...), DeviceUnavailable.
+        backend or device, the store cannot be opened, ...), ConfigError (``[postgresql]``
+        with the TPM backend), DeviceUnavailable.
         """
         prepare_state_dir(config.state_dir)
         lock = StateLock.acquire(config.state_dir)
         with contextlib.ExitStack() as undo:   # on failure, close what was opened
             undo.callback(lock.release)
-            store = SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
+            store = open_store(config)
             undo.callback(store.close)
             check_backend(store, config)
             backend = open_backend(config)

@@ -54,6 +54,19 @@ class TpmSettings:
 
 
 @dataclass(frozen=True)
+class PostgresSettings:
+    """The PostgreSQL database the state lives in (``[postgresql]``), shared by replicas;
+    without it the state is the embedded SQLite file in state_dir."""
+
+    dsn: Secret                       # libpq "key=value ..." or postgresql:// URI; may hold the
+                                      # password, so never shown (dsn_file / dsn_env)
+    pool_size: int = 10               # connections this process keeps open at most
+    statement_timeout: float = 5.0    # seconds one statement may run (set on each connection)
+    connect_timeout: float = 5.0      # seconds to connect (libpq, whole seconds, rounded up)
+                                      # and to wait for a free pooled connection
+
+
+@dataclass(frozen=True)
 class TicketPolicy:
     """Ticket lifetimes, in seconds."""
 
@@ -144,6 +157,7 @@ class Config:
     log_level: str = "INFO"
     store_synchronous: str = "NORMAL"
     audit_log: Path | None = None          # None: state_dir/audit.log (authority/audit.py)
+    postgresql: PostgresSettings | None = None  # None: SQLite in state_dir/authority.db
 
     @property
     def embedded_token(self) -> bool:

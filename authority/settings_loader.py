@@ -16,6 +16,7 @@ from authority.config import (
     Config,
     KeyPolicy,
     Pkcs11Settings,
+    PostgresSettings,
     Secret,
     ServerSettings,
     TicketPolicy,
@@ -33,12 +34,14 @@ DEFAULT_PORT = 50051
 _AUTO_OR_INT = {"server.device_processes"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
-        "audit_log", *_SECTIONS}
+        "audit_log", "postgresql", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf"}
 _TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", "queue_size",
              "call_timeout", "parent"}
+_POSTGRES_KEYS = {"dsn", "dsn_file", "dsn_env", "pool_size", "statement_timeout",
+                  "connect_timeout"}
 _PERSISTENT = range(0x81000000, 0x82000000)
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "trust_domain", "require_client_cert",
              "role_map", "realms"}
@@ -82,6 +85,8 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, tpm=_tpm(data["tpm"]))
     if "tls" in data:
         cfg = replace(cfg, tls=_tls(data["tls"], config_file))
+    if "postgresql" in data:
+        cfg = replace(cfg, postgresql=_postgresql(data["postgresql"]))
     if "audit_log" in data:
         value = data["audit_log"]
         if not isinstance(value, str) or not value:
@@ -234,6 +239,54 @@ def _pin(data: dict[str, Any]) -> Secret:
     return _secret("pkcs11.pin", data, file_key="pin_file", env_key="pin_env")
 
 
+def _postgresql(data: Any) -> PostgresSettings:
+    """The ``[postgresql]`` table: the DSN from exactly one of dsn, dsn_file, dsn_env (as the
+    PIN), checked to parse without showing it. Raises: ConfigError naming the setting."""
+    data = _table("postgresql", data, _POSTGRES_KEYS)
+    sources = [k for k in ("dsn", "dsn_file", "dsn_env") if k in data]
+    if len(sources) != 1:
+        raise ConfigError("postgresql.dsn", "give exactly one of dsn_file, dsn_env or dsn")
+    if "dsn" in data:
+        if not isinstance(data["dsn"], str):
+            raise ConfigError("postgresql.dsn", "must be a string (a libpq connection string "
+                                                "or postgresql:// URI)")
+        dsn = Secret(data["dsn"])
+    else:
+        dsn = _secret("postgresql.dsn", data, file_key="dsn_file", env_key="dsn_env")
+    _check_dsn(f"postgresql.{sources[0]}", dsn, inline="dsn" in data)
+    defaults = PostgresSettings(dsn=Secret(""))
+    return PostgresSettings(
+        dsn=dsn,
+        pool_size=_coerce("postgresql.pool_size", data.get("pool_size", defaults.pool_size),
+                          int),
+        statement_timeout=_coerce("postgresql.statement_timeout",
+                                  data.get("statement_timeout", defaults.statement_timeout),
+                                  float),
+        connect_timeout=_coerce("postgresql.connect_timeout",
+                                data.get("connect_timeout", defaults.connect_timeout), float))
+
+
+def _check_dsn(setting: str, dsn: Secret, *, inline: bool) -> None:
+    """A DSN libpq parses (libpq's message is not repeated: it may quote the password).
+    Raises: ConfigError naming ``setting``."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not dsn.reveal().strip():
+        raise ConfigError(setting, "empty (a libpq connection string such as \"host=db.example"
+                                   ".org dbname=authority user=authority\" or a postgresql:// "
+                                   "URI)")
+    try:
+        params = conninfo_to_dict(dsn.reveal())
+    except psycopg.Error:
+        raise ConfigError(setting, "not a libpq connection string (key=value ...) or "
+                                   "postgresql:// URI (not shown: it may hold a password)"
+                          ) from None
+    if inline and params.get("password"):
+        log.warning("postgresql.dsn holds a password inline in the config file; prefer "
+                    "dsn_file or dsn_env (or libpq's ~/.pgpass)")
+
+
 def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) -> Secret:
     """A secret read from a file or an environment variable (exactly one of them).
 
@@ -291,6 +344,7 @@ def validate(cfg: Config) -> None:
     if cfg.backend == "tpm" and cfg.server.device_processes not in ("auto", 0, 1):
         raise ConfigError("server.device_processes", "0 or 1 for backend tpm (a TPM is one "
                                                      "device: one process owns it)")
+    _validate_postgresql(cfg)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
     if cfg.tickets.default_lifetime > cfg.tickets.max_lifetime:
@@ -319,6 +373,28 @@ def validate(cfg: Config) -> None:
         _positive("pkcs11.sessions", cfg.pkcs11.sessions)
         if cfg.pkcs11.session_timeout <= 0:
             raise ConfigError("pkcs11.session_timeout", "must be positive")
+
+
+def _validate_postgresql(cfg: Config) -> None:
+    """``[postgresql]``: sizes and timeouts, and a backend replicas can share.
+    Raises: ConfigError naming the setting."""
+    settings = cfg.postgresql
+    if settings is None:
+        return
+    check_shared_backend(cfg)
+    _positive("postgresql.pool_size", settings.pool_size)
+    _positive("postgresql.statement_timeout", settings.statement_timeout)
+    _positive("postgresql.connect_timeout", settings.connect_timeout)
+
+
+def check_shared_backend(cfg: Config) -> None:
+    """Refuse ``[postgresql]`` with ``backend = "tpm"``. Raises: ConfigError."""
+    if cfg.postgresql is not None and cfg.backend == "tpm":
+        raise ConfigError(
+            "postgresql", "cannot be used with backend \"tpm\": a TPM binds its keys to one "
+            "chip, so replicas sharing this database could not open each other's tickets; use "
+            "backend \"pkcs11\" with a token every replica reaches (a network HSM), or drop "
+            "[postgresql] to keep the state in state_dir (SQLite)")
 
 
 def admin_listen_path(admin_listen: str) -> Path | None:

@@ -1,7 +1,8 @@
 """The state store interface: key ring metadata and the consumed-ticket set.
 
-The embedded implementation is SQLite (authority/store/sqlite.py); replicas will share another
-implementation of the same interface.
+The embedded implementation is SQLite (authority/store/sqlite.py); replicas share a PostgreSQL
+database (authority/store/postgres.py). tests/test_store_contract.py holds both to this
+interface.
 """
 
 from __future__ import annotations
@@ -35,11 +36,21 @@ class Store(Protocol):
         ...
 
     def save_keys(self, records: list[KeyRecord]) -> None:
-        """Insert or replace the given records in one transaction (all or nothing)."""
+        """Insert or replace the given records in one transaction (all or nothing). A stored
+        ``seal_count`` is never lowered: seals reserved by another process (``reserve_seals``)
+        stay counted whatever count a caller's copy of the record holds."""
         ...
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys (CREATING keys given up) in one transaction."""
+        ...
+
+    def reserve_seals(self, key_id: bytes, block: int, limit: int) -> tuple[int, int] | None:
+        """Reserve up to ``block`` (> 0) more seals of an ACTIVE key, never past ``limit`` (its
+        nonce budget), atomically against every process on this store: concurrent callers get
+        disjoint ranges. Returns (first, end): seal numbers first..end-1 are the caller's, and
+        the record's ``seal_count`` is now ``end``; None if the key is unknown, not ACTIVE or its
+        budget is spent (``seal_count`` >= ``limit``)."""
         ...
 
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:

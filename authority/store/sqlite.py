@@ -121,16 +121,36 @@ class SqliteStore:
         return [KeyRecord(bytes(r[0]), KeyState(r[1]), *r[2:]) for r in rows]
 
     def save_keys(self, records: list[KeyRecord]) -> None:
-        """Insert or replace the records in one transaction."""
+        """Insert or replace the records in one transaction; a stored seal count is never
+        lowered (seals another process reserved stay counted)."""
         rows = [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
                  r.opens_until, r.destroyed_at) for r in records]
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
+                "SET state=excluded.state, created_at=excluded.created_at, "
+                "seal_count=max(seal_count, excluded.seal_count), "
+                "sealing_ended_at=excluded.sealing_ended_at, opens_until=excluded.opens_until, "
+                "destroyed_at=excluded.destroyed_at", rows)
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys in one transaction."""
         with self._tx() as db:
             db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in key_ids])
+
+    def reserve_seals(self, key_id: bytes, block: int, limit: int) -> tuple[int, int] | None:
+        """Reserve up to ``block`` seals of an ACTIVE key, never past ``limit``, in one
+        transaction (the file's write lock orders processes). Returns (first, end), or None if
+        the key is unknown, not ACTIVE or spent."""
+        with self._tx() as db:
+            row = db.execute("SELECT seal_count FROM keys WHERE key_id=? AND state=?",
+                             (key_id, int(KeyState.ACTIVE))).fetchone()
+            if row is None or int(row[0]) >= limit:
+                return None
+            first = int(row[0])
+            end = min(first + block, limit)
+            db.execute("UPDATE keys SET seal_count=? WHERE key_id=?", (end, key_id))
+        return first, end
 
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
         """Mark tickets used in one transaction; True where newly consumed. An expired leftover

@@ -1,0 +1,414 @@
+"""The shared store: one PostgreSQL database that several authority processes (replicas) use at
+once, through psycopg 3 and a psycopg_pool connection pool.
+
+Every method is one transaction; most are one statement in autocommit mode, which PostgreSQL
+commits before it reports the statement complete: a method that returns has committed (a
+consume is acknowledged only after its commit). Whatever fails below (connection refused or
+lost, a statement timeout, no free connection in time) is ``DeviceUnavailable`` with a message
+that never holds the DSN's password.
+
+The schema is created and migrated by the service: ``MIGRATIONS`` is an ordered list of steps,
+each a list of statements; the database records how many it has applied (meta ``schema``). A
+start applies the missing ones in one transaction under an advisory lock, so replicas starting
+at once do not race; a database migrated by a newer version is refused (an older binary must not
+write a schema it does not know). Later steps of the replica work (leases, heartbeats, the key
+ring's version) arrive as new migrations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import secrets
+from collections.abc import Iterator, Sequence
+from typing import Any, Final, LiteralString
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
+
+from authority.config import PostgresSettings
+from authority.errors import DeviceUnavailable, StartupError
+from authority.keys import KeyRecord, KeyState
+from authority.store.base import RevocationRecord
+
+log = logging.getLogger(__name__)
+
+HANDLE_KEY_LEN: Final = 32   # octets of the consume-handle key (meta "handle_key", hex)
+_SCHEMA_LOCK: Final = 0x7469636B_65747301  # advisory lock key: schema migrations
+_META_LOCK: Final = 0x7469636B_65747302    # advisory lock key: read-modify-write of meta rows
+_MIGRATION_TIMEOUT: Final = "300s"          # statement timeout while migrating
+_SECRET_KEYS: Final = ("password", "sslpassword")
+_HIDDEN: Final = "********"
+_ANYWHERE: Final = 6   # secrets this long are hidden wherever they appear in a message
+
+#: The schema, as the ordered steps that build it; step N takes a database from version N-1 to
+#: N. Never edit a released step: append one.
+MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
+    (   # 1: key ring, consumed set, revocations, realm epochs (as SQLite's schema 2)
+        """CREATE TABLE keys (
+            key_id bytea PRIMARY KEY,
+            state smallint NOT NULL,
+            created_at double precision NOT NULL,
+            seal_count bigint NOT NULL,
+            sealing_ended_at double precision,
+            opens_until double precision,
+            destroyed_at double precision)""",
+        """CREATE TABLE consumed (
+            ticket_id bytea PRIMARY KEY,
+            expires_at double precision NOT NULL)""",
+        "CREATE INDEX consumed_expires_at ON consumed (expires_at)",
+        """CREATE TABLE revocations (
+            revocation_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            kind text NOT NULL,
+            value bytea NOT NULL,
+            issued_before double precision NOT NULL,
+            created_at double precision NOT NULL,
+            expires_at double precision NOT NULL,
+            reason text NOT NULL)""",
+        "CREATE INDEX revocations_expires_at ON revocations (expires_at)",
+        """CREATE TABLE realms (
+            realm text PRIMARY KEY,
+            epoch bigint NOT NULL,
+            bumped_at double precision NOT NULL)""",
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_KEY_COLUMNS: Final = ("key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
+                       "destroyed_at")
+
+
+class PostgresStore:
+    """Store backed by a PostgreSQL database shared by every replica. Thread-safe (a pool)."""
+
+    def __init__(self, settings: PostgresSettings,
+                 migrations: Sequence[Sequence[LiteralString]] = MIGRATIONS) -> None:
+        """Connect, create or migrate the schema, and open the pool.
+
+        Raises: StartupError (an unparsable DSN, the database unreachable or refusing us, a
+        schema newer than ``migrations`` knows, a failed migration), naming the database by
+        its host, port, database and user only.
+        """
+        self._dsn = settings.dsn.reveal()
+        self.target = describe_dsn(self._dsn)
+        self._timeout_ms = max(1, math.ceil(settings.statement_timeout * 1000))
+        connect_timeout = max(1, math.ceil(settings.connect_timeout))
+        connect: dict[str, Any] = {"autocommit": True, "connect_timeout": connect_timeout}
+        try:
+            with psycopg.connect(self._dsn, autocommit=True,
+                                 connect_timeout=connect_timeout) as conn:
+                self.schema_version = migrate(conn, migrations, self.target)
+        except psycopg.Error as exc:
+            raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self._dsn, kwargs=connect, min_size=1, max_size=settings.pool_size, open=False,
+            configure=self._configure, name="state-store", timeout=settings.connect_timeout)
+        try:
+            self._pool.open(wait=True, timeout=settings.connect_timeout)
+        except psycopg.Error as exc:
+            self._pool.close()
+            raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
+
+    def _configure(self, conn: psycopg.Connection[Any]) -> None:
+        """Each new pool connection: the statement timeout (a session setting)."""
+        conn.execute("SELECT set_config('statement_timeout', %s, false)",
+                     (f"{self._timeout_ms}ms",))
+
+    def scrub(self, text: str) -> str:
+        """``text`` without the DSN or any password it holds (for errors and logs)."""
+        return scrub_secrets(text, self._dsn)
+
+    @contextlib.contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection (autocommit: each statement commits when it completes).
+
+        Raises: DeviceUnavailable if the database fails, is unreachable or no connection is
+        free within ``connect_timeout`` (its message without secrets).
+        """
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise DeviceUnavailable(f"state store failed: {self.scrub(str(exc))}") from None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection inside one transaction, committed when the body ends (rolled
+        back if it raises). Raises: DeviceUnavailable, as ``_conn``."""
+        with self._conn() as conn, conn.transaction():
+            yield conn
+
+    # -- key ring ----------------------------------------------------------------------------
+
+    def load_keys(self) -> list[KeyRecord]:
+        """Return every key record, oldest first."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT key_id, state, created_at, seal_count, sealing_ended_at,"
+                                " opens_until, destroyed_at FROM keys "
+                                "ORDER BY created_at, key_id").fetchall()
+        return [KeyRecord(bytes(r[0]), KeyState(r[1]), *r[2:]) for r in rows]
+
+    def save_keys(self, records: list[KeyRecord]) -> None:
+        """Insert or replace the records in one transaction; a stored seal count is never
+        lowered (other processes' reservations stay counted)."""
+        rows = [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
+                 r.opens_until, r.destroyed_at) for r in records]
+        if not rows:
+            return
+        with self._tx() as conn, conn.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO keys (key_id, state, created_at, seal_count, sealing_ended_at, "
+                "opens_until, destroyed_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (key_id) DO UPDATE SET state = EXCLUDED.state, "
+                "created_at = EXCLUDED.created_at, "
+                "seal_count = GREATEST(keys.seal_count, EXCLUDED.seal_count), "
+                "sealing_ended_at = EXCLUDED.sealing_ended_at, "
+                "opens_until = EXCLUDED.opens_until, destroyed_at = EXCLUDED.destroyed_at",
+                rows)
+
+    def delete_keys(self, key_ids: Sequence[bytes]) -> None:
+        """Remove the records of these keys (one statement)."""
+        if not key_ids:
+            return
+        with self._conn() as conn:
+            conn.execute("DELETE FROM keys WHERE key_id = ANY(%s::bytea[])", (list(key_ids),))
+
+    def reserve_seals(self, key_id: bytes, block: int, limit: int) -> tuple[int, int] | None:
+        """Reserve up to ``block`` seals of an ACTIVE key, never past ``limit``, atomically
+        across every process on this database (one statement; the row lock orders concurrent
+        reservations). Returns (first, end): seal numbers first..end-1 are the caller's; None
+        if the key is unknown, not ACTIVE or its budget is spent."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "UPDATE keys AS k SET seal_count = LEAST(old.seal_count + %(block)s, %(limit)s) "
+                "FROM (SELECT key_id, seal_count FROM keys WHERE key_id = %(key)s "
+                "AND state = %(active)s AND seal_count < %(limit)s FOR UPDATE) AS old "
+                "WHERE k.key_id = old.key_id RETURNING old.seal_count, k.seal_count",
+                {"key": key_id, "block": block, "limit": limit,
+                 "active": int(KeyState.ACTIVE)}).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    # -- consumed set ------------------------------------------------------------------------
+
+    def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
+        """Mark tickets used until they expire: one INSERT ... ON CONFLICT ... RETURNING for
+        the whole batch, answering per item; an expired leftover entry is replaced (and counts
+        as new). Returns when committed."""
+        if not entries:
+            return []
+        ids = [ticket_id for ticket_id, _ in entries]
+        with self._conn() as conn:
+            rows = conn.execute(
+                "INSERT INTO consumed (ticket_id, expires_at) "
+                "SELECT DISTINCT ON (id) id, exp "
+                "FROM unnest(%s::bytea[], %s::float8[]) WITH ORDINALITY AS t(id, exp, n) "
+                "ORDER BY id, n "
+                "ON CONFLICT (ticket_id) DO UPDATE SET expires_at = EXCLUDED.expires_at "
+                "WHERE consumed.expires_at <= %s::float8 "
+                "RETURNING ticket_id",
+                (ids, [float(expires_at) for _, expires_at in entries], now)).fetchall()
+        new = {bytes(r[0]) for r in rows}
+        fresh: list[bool] = []
+        for ticket_id in ids:   # a repeated id: only its first occurrence is new
+            fresh.append(ticket_id in new)
+            new.discard(ticket_id)
+        return fresh
+
+    def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
+        """Return the ids that have a live consumed entry (one statement)."""
+        if not ticket_ids:
+            return set()
+        with self._conn() as conn:
+            rows = conn.execute("SELECT ticket_id FROM consumed WHERE ticket_id = "
+                                "ANY(%s::bytea[]) AND expires_at > %s::float8",
+                                (list(ticket_ids), now)).fetchall()
+        return {bytes(r[0]) for r in rows}
+
+    def purge_expired(self, now: float) -> int:
+        """Delete the entries of expired tickets in bulk (one range delete on the expires_at
+        index); return how many."""
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM consumed WHERE expires_at <= %s::float8",
+                                (now,)).rowcount
+
+    def consumed_count(self, now: float) -> int:
+        """Return the number of live consumed entries."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT count(*) FROM consumed WHERE expires_at > %s::float8",
+                               (now,)).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- revocations and realm epochs --------------------------------------------------------
+
+    def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
+        """Store a revocation; returns it with its new id."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "INSERT INTO revocations (kind, value, issued_before, created_at, expires_at, "
+                "reason) VALUES (%s, %s, %s, %s, %s, %s) RETURNING revocation_id",
+                (record.kind, record.value, record.issued_before, record.created_at,
+                 record.expires_at, record.reason)).fetchone()
+        assert row is not None
+        return RevocationRecord(int(row[0]), record.kind, record.value, record.issued_before,
+                                record.created_at, record.expires_at, record.reason)
+
+    def load_revocations(self, now: float) -> list[RevocationRecord]:
+        """Return the live revocations, oldest first."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT revocation_id, kind, value, issued_before, created_at, "
+                                "expires_at, reason FROM revocations WHERE expires_at > "
+                                "%s::float8 ORDER BY revocation_id", (now,)).fetchall()
+        return [RevocationRecord(int(r[0]), r[1], bytes(r[2]), *r[3:]) for r in rows]
+
+    def purge_revocations(self, now: float) -> int:
+        """Delete revocations whose covered tickets have all expired; return the count."""
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM revocations WHERE expires_at <= %s::float8",
+                                (now,)).rowcount
+
+    def load_epochs(self) -> dict[str, int]:
+        """Return every realm whose policy epoch was bumped, with its epoch."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT realm, epoch FROM realms").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def bump_epoch(self, realm: str, now: float) -> int:
+        """Increment a realm's policy epoch (from 0 if never bumped) in one statement."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "INSERT INTO realms (realm, epoch, bumped_at) VALUES (%s, 1, %s) "
+                "ON CONFLICT (realm) DO UPDATE SET epoch = realms.epoch + 1, "
+                "bumped_at = EXCLUDED.bumped_at RETURNING epoch", (realm, now)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # -- meta --------------------------------------------------------------------------------
+
+    def record_max_lifetime(self, max_lifetime: int, now: float) -> float:
+        """Store this start's maximum lifetime; return the (possibly moved) horizon, in one
+        transaction serialised against other processes' (an advisory lock)."""
+        with self._tx() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_META_LOCK,))
+            previous = _meta(conn, "max_lifetime")
+            horizon = float(_meta(conn, "lifetime_horizon") or 0)
+            if previous is not None and int(previous) > max_lifetime:
+                horizon = max(horizon, now + int(previous))
+            _set_meta(conn, {"max_lifetime": str(max_lifetime),
+                             "lifetime_horizon": repr(horizon)})
+        return horizon
+
+    def lifetime_horizon(self) -> float:
+        """The stored lifetime horizon (0 if none)."""
+        with self._conn() as conn:
+            return float(_meta(conn, "lifetime_horizon") or 0)
+
+    def handle_key(self) -> bytes:
+        """The consume-handle key: the first process to ask makes it (insert if absent), every
+        process reads the one stored."""
+        with self._conn() as conn:
+            conn.execute("INSERT INTO meta (name, value) VALUES ('handle_key', %s) "
+                         "ON CONFLICT (name) DO NOTHING", (secrets.token_hex(HANDLE_KEY_LEN),))
+            value = _meta(conn, "handle_key")   # a new statement: sees whichever insert won
+        assert value is not None
+        return bytes.fromhex(value)
+
+    def state_owner(self) -> tuple[str, str] | None:
+        """The recorded (backend, device) of this state (meta "backend", "device"), or None."""
+        with self._conn() as conn:
+            rows = dict(conn.execute("SELECT name, value FROM meta WHERE name IN "
+                                     "('backend', 'device')").fetchall())
+        backend, device = rows.get("backend"), rows.get("device")
+        return None if backend is None or device is None else (str(backend), str(device))
+
+    def set_state_owner(self, backend: str, device: str) -> None:
+        """Record the backend and device of this state, in one statement."""
+        with self._conn() as conn:
+            _set_meta(conn, {"backend": backend, "device": device})
+
+    def close(self) -> None:
+        """Close the pool's connections. Never raises."""
+        self._pool.close(timeout=5.0)
+
+
+def migrate(conn: psycopg.Connection[Any],
+            migrations: Sequence[Sequence[LiteralString]] = MIGRATIONS,
+            target: str = "the database") -> int:
+    """Bring the database's schema to ``len(migrations)``: the missing steps, in order, in one
+    transaction under an advisory lock (a replica starting at the same time waits, then finds
+    the work done). Returns the version.
+
+    Raises: StartupError if the database has a newer schema than ``migrations`` (or an
+    unreadable version); psycopg.Error if a statement fails (nothing is applied).
+    """
+    with conn.transaction():
+        conn.execute("SELECT set_config('statement_timeout', %s, true)", (_MIGRATION_TIMEOUT,))
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (name text PRIMARY KEY, "
+                     "value text NOT NULL)")
+        stored = _meta(conn, "schema") or "0"
+        if not stored.isdigit():
+            raise StartupError(f"state store: schema version {stored!r} of {target} is not "
+                               "a number")
+        version, known = int(stored), len(migrations)
+        if version > known:
+            raise StartupError(
+                f"state store: schema {version} is newer than this version reads ({known}): "
+                f"upgrade ike-ticket-authority on this host ({target} was migrated by a newer "
+                "release)")
+        for step in migrations[version:]:
+            for statement in step:
+                conn.execute(statement)
+        if version < known:
+            _set_meta(conn, {"schema": str(known)})
+            log.info("state store: schema migrated from %d to %d", version, known)
+    return known
+
+
+def _meta(conn: psycopg.Connection[Any], name: str) -> str | None:
+    """One value of the meta table (None if unset)."""
+    row = conn.execute("SELECT value FROM meta WHERE name = %s", (name,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _set_meta(conn: psycopg.Connection[Any], values: dict[str, str]) -> None:
+    """Insert or replace meta rows (one statement)."""
+    conn.execute("INSERT INTO meta (name, value) SELECT * FROM unnest(%s::text[], %s::text[]) "
+                 "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                 (list(values), list(values.values())))
+
+
+def describe_dsn(dsn: str) -> str:
+    """What names the database in messages: ``postgresql host=... port=... dbname=...
+    user=...`` (never the password or other options).
+
+    Raises: StartupError if ``dsn`` is not a connection string (without repeating it: a
+    malformed one may hold a password).
+    """
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        raise StartupError("state store postgresql: the DSN is not a libpq connection string "
+                           "or postgresql:// URI") from None
+    shown = [f"{k}={params[k]}" for k in ("host", "port", "dbname", "user") if params.get(k)]
+    return " ".join(["postgresql", *shown])
+
+
+def scrub_secrets(text: str, dsn: str) -> str:
+    """``text`` with the DSN, its password(s) and anything shaped ``password=...`` or
+    ``//user:password@`` replaced by ``********``. Never raises."""
+    hidden = [dsn]
+    with contextlib.suppress(psycopg.Error):
+        params = conninfo_to_dict(dsn)
+        hidden += [str(params[k]) for k in _SECRET_KEYS if params.get(k)]
+    hidden += re.findall(r"//[^/@:\s]*:([^@\s]+)@", dsn)   # a URI's password as written
+    for secret in sorted({s for s in hidden if s}, key=len, reverse=True):
+        if len(secret) >= _ANYWHERE:
+            text = text.replace(secret, _HIDDEN)
+        else:   # a short one only as a word of its own: "y" must not garble "directory"
+            text = re.sub(rf"(?<![\w.-]){re.escape(secret)}(?![\w.-])", _HIDDEN, text)
+    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", rf"\1{_HIDDEN}", text,
+                  flags=re.IGNORECASE)
+    return re.sub(r"(//[^/@:\s]*:)[^@\s]+@", rf"\1{_HIDDEN}@", text)

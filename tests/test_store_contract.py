@@ -1,0 +1,497 @@
+"""The Store interface (authority/store/base.py) as one contract, run over both stores: the
+embedded SQLite file and a PostgreSQL database (a real server, tests/postgres_fixtures.py).
+Then what only the PostgreSQL store has (its schema, migrations, failures), and an authority on
+PostgreSQL over real gRPC (real SoftHSM2)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from authority._proto.ticketauthority.v1 import authority_pb2
+from authority.config import PostgresSettings, Secret
+from authority.errors import DeviceUnavailable, StartupError
+from authority.keys import KeyRecord, KeyState
+from authority.store.base import RevocationRecord, Store
+from authority.store.sqlite import SqliteStore
+from tests.conftest import START, Harness, issue, load_toml, make_config, redeem
+from tests.postgres_fixtures import (  # noqa: F401
+    PostgresServer,
+    postgres_dsn_fixture,
+    postgres_server_fixture,
+)
+
+STORES = ["sqlite", "postgresql"]
+K1, K2, K3 = (bytes([n]) * 8 for n in (1, 2, 3))
+LATER = int(START) + 3600
+
+OpenStore = Callable[[], Store]
+
+
+def pg_settings(dsn: str, **changes: Any) -> PostgresSettings:
+    return replace(PostgresSettings(dsn=Secret(dsn), pool_size=4), **changes)
+
+
+def open_postgres(dsn: str, **changes: Any) -> Store:
+    from authority.store.postgres import PostgresStore
+
+    return PostgresStore(pg_settings(dsn, **changes))
+
+
+@pytest.fixture(params=STORES)
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
+    """Opens a store on this test's location (a SQLite file, a fresh PostgreSQL database):
+    call it again for a reopen, or a second process's store on the same state."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        def make() -> Store:
+            return SqliteStore(tmp_path / "authority.db")
+    else:
+        dsn = request.getfixturevalue("postgres_dsn")
+
+        def make() -> Store:
+            return open_postgres(dsn)
+
+    def tracked() -> Store:
+        opened.append(make())
+        return opened[-1]
+
+    yield tracked
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store: OpenStore) -> Store:
+    return open_store()
+
+
+def in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
+    """Run ``work(i)`` for i in 0..count-1 on as many threads started at once; their results
+    (an exception fails the test)."""
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+    start = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        try:
+            start.wait()
+            results[i] = work(i)
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
+    assert not errors, errors
+    return results
+
+
+# -- the key ring -------------------------------------------------------------------------------
+
+def test_keys_round_trip_oldest_first_and_replace(store: Store) -> None:
+    assert store.load_keys() == []
+    newer = KeyRecord(K1, KeyState.ACTIVE, START + 10, seal_count=4096)
+    older = KeyRecord(K2, KeyState.DECRYPT_ONLY, START, seal_count=7, sealing_ended_at=START + 10,
+                      opens_until=START + 3610)
+    store.save_keys([newer, older])
+    assert store.load_keys() == [older, newer]
+    gone = replace(older, state=KeyState.DESTROYED, destroyed_at=START + 3611)
+    store.save_keys([gone])
+    assert store.load_keys() == [gone, newer]
+    store.save_keys([])
+    assert store.load_keys() == [gone, newer]
+
+
+def test_every_key_state_is_kept(store: Store) -> None:
+    records = [KeyRecord(bytes([n]) * 8, state, START + n) for n, state in enumerate(KeyState)]
+    store.save_keys(records)
+    assert store.load_keys() == records
+
+
+def test_delete_keys_removes_only_those(store: Store) -> None:
+    store.save_keys([KeyRecord(k, KeyState.CREATING, START + n)
+                     for n, k in enumerate((K1, K2, K3))])
+    store.delete_keys([K1, K3, bytes(8)])
+    assert [r.key_id for r in store.load_keys()] == [K2]
+    store.delete_keys([])
+    assert [r.key_id for r in store.load_keys()] == [K2]
+
+
+def test_save_keys_never_lowers_a_seal_count(open_store: OpenStore) -> None:
+    """A process saving its (older) copy of a record keeps the seals another reserved."""
+    mine, other = open_store(), open_store()
+    record = KeyRecord(K1, KeyState.ACTIVE, START, seal_count=100)
+    mine.save_keys([record])
+    assert other.reserve_seals(K1, 50, 1000) == (100, 150)
+    mine.save_keys([replace(record, seal_count=120)])     # a stale count, another change
+    mine.save_keys([replace(record, state=KeyState.DECRYPT_ONLY, seal_count=0,
+                            sealing_ended_at=START + 1)])
+    (stored,) = other.load_keys()
+    assert stored.seal_count == 150
+    assert stored.state == KeyState.DECRYPT_ONLY and stored.sealing_ended_at == START + 1
+    mine.save_keys([replace(stored, seal_count=200)])     # raising it is kept
+    assert other.load_keys()[0].seal_count == 200
+
+
+def test_reserve_seals_grants_blocks_up_to_the_limit(store: Store) -> None:
+    store.save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
+    assert store.reserve_seals(K1, 40, 100) == (0, 40)
+    assert store.reserve_seals(K1, 40, 100) == (40, 80)
+    assert store.reserve_seals(K1, 40, 100) == (80, 100)    # capped at the limit
+    assert store.load_keys()[0].seal_count == 100
+    assert store.reserve_seals(K1, 40, 100) is None         # spent
+    assert store.reserve_seals(K1, 40, 150) == (100, 140)   # a larger limit grants again
+    assert store.load_keys()[0].seal_count == 140
+
+
+@pytest.mark.parametrize("state", [s for s in KeyState if s != KeyState.ACTIVE])
+def test_reserve_seals_only_for_an_active_key(store: Store, state: KeyState) -> None:
+    store.save_keys([KeyRecord(K1, state, START, seal_count=5)])
+    assert store.reserve_seals(K1, 10, 100) is None
+    assert store.reserve_seals(K2, 10, 100) is None         # unknown
+    assert store.load_keys()[0].seal_count == 5
+
+
+def test_concurrent_reservations_never_overlap_nor_pass_the_limit(
+        open_store: OpenStore) -> None:
+    """Two stores on the same state (two processes), four threads each, reserving until the
+    budget is spent: the ranges are disjoint and cover exactly 0..limit."""
+    stores = [open_store(), open_store()]
+    stores[0].save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
+    limit, block = 500, 7
+
+    def reserve(i: int) -> list[tuple[int, int]]:
+        got = []
+        while (grant := stores[i % 2].reserve_seals(K1, block, limit)) is not None:
+            got.append(grant)
+        return got
+
+    ranges = sorted(r for got in in_threads(8, reserve) for r in got)
+    assert ranges[0][0] == 0 and ranges[-1][1] == limit
+    for (_, end), (first, _) in itertools.pairwise(ranges):
+        assert first == end, f"overlap or gap at {end}/{first}"
+    assert all(0 < e - f <= block for f, e in ranges)
+    assert stores[1].load_keys()[0].seal_count == limit
+
+
+# -- the consumed set ---------------------------------------------------------------------------
+
+def test_consume_many_answers_per_item(store: Store) -> None:
+    a, b, c, d = (bytes([n]) * 16 for n in (1, 2, 3, 4))
+    assert store.consume_many([], START) == []
+    assert store.consume_many([(a, LATER)], START) == [True]
+    # already consumed, new, repeated within the batch (first occurrence new), new
+    assert store.consume_many([(a, LATER), (b, LATER), (b, LATER), (c, LATER), (a, LATER)],
+                              START) == [False, True, False, True, False]
+    assert store.consume_many([(d, LATER), (d, LATER)], START) == [True, False]
+    assert store.consumed_among([a, b, c, d, bytes(16)], START) == {a, b, c, d}
+    assert store.consumed_count(START) == 4
+
+
+def test_an_expired_leftover_entry_is_replaced(store: Store) -> None:
+    old, live = bytes([1]) * 16, bytes([2]) * 16
+    assert store.consume_many([(old, int(START) + 10), (live, LATER)], START) == [True, True]
+    now = START + 10                       # old's ticket has expired (expires_at <= now)
+    assert store.consumed_among([old, live], now) == {live}
+    assert store.consume_many([(old, LATER), (live, LATER)], now) == [True, False]
+    assert store.consumed_among([old], now) == {old}       # live again, until LATER
+    assert store.purge_expired(now) == 0                    # replaced, not left to purge
+    assert store.consumed_among([old], LATER) == set()
+
+
+def test_a_consume_is_visible_to_another_store_once_it_returns(open_store: OpenStore) -> None:
+    first, second = open_store(), open_store()
+    ids = [bytes([n]) * 16 for n in range(3)]
+    assert first.consume_many([(i, LATER) for i in ids], START) == [True] * 3
+    assert second.consumed_among(ids, START) == set(ids)
+    assert second.consume_many([(ids[1], LATER)], START) == [False]
+
+
+def test_concurrent_consumers_of_one_ticket_one_wins(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    ticket = bytes([9]) * 16
+    answers = in_threads(8, lambda i: stores[i % 2].consume_many(
+        [(bytes([i]) * 16, LATER), (ticket, LATER)], START))
+    assert sum(a[1] for a in answers) == 1
+    assert all(a[0] for a in answers)
+
+
+def test_large_batches(store: Store) -> None:
+    ids = [n.to_bytes(16, "big") for n in range(1200)]
+    half = ids[::2]
+    assert store.consume_many([(i, LATER) for i in half], START) == [True] * len(half)
+    assert store.consumed_among(ids, START) == set(half)
+    assert store.consume_many([(i, LATER) for i in ids], START) == [
+        n % 2 == 1 for n in range(len(ids))]
+    assert store.consumed_count(START) == len(ids)
+
+
+def test_purge_removes_expired_entries_only(store: Store) -> None:
+    entries = [(n.to_bytes(16, "big"), int(START) + 10 * (n % 5)) for n in range(50)]
+    store.consume_many(entries, START - 1)
+    now = START + 20                       # expiries START+0, +10, +20 are over (<= now)
+    assert store.consumed_count(now) == 20
+    assert store.purge_expired(now) == 30
+    assert store.purge_expired(now) == 0
+    assert store.consumed_count(now) == 20
+    assert store.consumed_among([e[0] for e in entries], START - 1) == {
+        e[0] for e in entries if e[1] > now}
+
+
+# -- revocations and epochs ---------------------------------------------------------------------
+
+def revocation(kind: str, value: bytes, expires: float) -> RevocationRecord:
+    return RevocationRecord(0, kind, value, START, START - 1, expires, f"test {kind}")
+
+
+def test_revocations_get_ids_and_expire(store: Store) -> None:
+    first = store.add_revocation(revocation("id_i", b"\x02\x00\x00\x00alice", START + 100))
+    second = store.add_revocation(revocation("issued_before", b"", START + 50))
+    third = store.add_revocation(revocation("ticket_id", bytes(range(16)), START + 200))
+    assert 0 < first.revocation_id < second.revocation_id < third.revocation_id
+    assert first == replace(revocation("id_i", b"\x02\x00\x00\x00alice", START + 100),
+                            revocation_id=first.revocation_id)
+    assert store.load_revocations(START) == [first, second, third]
+    assert store.load_revocations(START + 50) == [first, third]    # expired at expires_at
+    assert store.purge_revocations(START + 100) == 2
+    assert store.load_revocations(START) == [third]
+    assert store.purge_revocations(START + 100) == 0
+
+
+def test_epochs_bump_atomically_per_realm(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    assert stores[0].load_epochs() == {}
+    assert stores[0].bump_epoch("", START) == 1
+    assert stores[1].bump_epoch("", START) == 2
+    got = in_threads(6, lambda i: [stores[i % 2].bump_epoch("blue", START) for _ in range(10)])
+    assert sorted(e for run in got for e in run) == list(range(1, 61))
+    assert stores[1].load_epochs() == {"": 2, "blue": 60}
+
+
+# -- meta: the lifetime horizon, the handle key, the owner --------------------------------------
+
+def test_the_lifetime_horizon_moves_only_forward(open_store: OpenStore) -> None:
+    store = open_store()
+    assert store.lifetime_horizon() == 0
+    assert store.record_max_lifetime(3600, START) == 0
+    assert store.record_max_lifetime(7200, START + 1) == 0        # raised: nothing to cover
+    assert store.record_max_lifetime(600, START + 2) == START + 2 + 7200
+    assert store.record_max_lifetime(600, START + 3) == START + 2 + 7200
+    assert store.record_max_lifetime(300, START + 9000) == START + 9000 + 600   # forward
+    assert store.record_max_lifetime(100, START + 5) == START + 9000 + 600      # never back
+    assert store.lifetime_horizon() == START + 9600
+    store.close()
+    assert open_store().lifetime_horizon() == START + 9600
+
+
+def test_the_handle_key_is_made_once_for_every_process(open_store: OpenStore) -> None:
+    stores = [open_store() for _ in range(3)]
+    keys = in_threads(6, lambda i: stores[i % 3].handle_key())
+    assert len(keys[0]) == 32 and len(set(keys)) == 1
+    for s in stores:
+        s.close()
+    assert open_store().handle_key() == keys[0]
+
+
+def test_the_owner_is_recorded_and_kept(open_store: OpenStore) -> None:
+    store = open_store()
+    assert store.state_owner() is None
+    store.set_state_owner("pkcs11", "token ta (serial 1)")
+    assert store.state_owner() == ("pkcs11", "token ta (serial 1)")
+    store.set_state_owner("pkcs11", "token ta (serial 2)")
+    store.close()
+    assert open_store().state_owner() == ("pkcs11", "token ta (serial 2)")
+
+
+def test_everything_survives_a_reopen(open_store: OpenStore) -> None:
+    store = open_store()
+    record = KeyRecord(K1, KeyState.ACTIVE, START, seal_count=4096)
+    store.save_keys([record])
+    store.consume_many([(bytes(16), LATER)], START)
+    kept = store.add_revocation(revocation("old_sa", bytes(16), START + 100))
+    store.bump_epoch("red", START)
+    store.close()
+    again = open_store()
+    assert again.load_keys() == [record]
+    assert again.consumed_among([bytes(16)], START) == {bytes(16)}
+    assert again.load_revocations(START) == [kept]
+    assert again.load_epochs() == {"red": 1}
+
+
+def test_a_closed_store_is_unavailable(open_store: OpenStore) -> None:
+    store = open_store()
+    store.close()
+    with pytest.raises(DeviceUnavailable, match=r"^state store failed: "):
+        store.consume_many([(bytes(16), LATER)], START)
+    with pytest.raises(DeviceUnavailable):
+        store.load_keys()
+
+
+# -- the PostgreSQL store only: schema, migrations, failures ------------------------------------
+
+def _schema(server: PostgresServer, dsn: str) -> str | None:
+    import psycopg
+
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_postgres_schema_is_created_and_migrated_in_order(postgres_server: PostgresServer,
+                                                          postgres_dsn: str) -> None:
+    from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+
+    store = PostgresStore(pg_settings(postgres_dsn))
+    assert store.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
+    store.save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
+    store.close()
+    assert _schema(postgres_server, postgres_dsn) == str(SCHEMA_VERSION)
+    newer = (*MIGRATIONS, ("CREATE TABLE probe (n int)", "INSERT INTO probe VALUES (1)"),
+             ("INSERT INTO probe VALUES (2)",))
+    migrated = PostgresStore(pg_settings(postgres_dsn), migrations=newer)
+    assert migrated.schema_version == SCHEMA_VERSION + 2
+    assert [r.key_id for r in migrated.load_keys()] == [K1]      # data kept
+    migrated.close()
+    again = PostgresStore(pg_settings(postgres_dsn), migrations=newer)  # nothing re-applied
+    again.close()
+    import psycopg
+
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT n FROM probe ORDER BY n").fetchall() == [(1,), (2,)]
+
+
+def test_postgres_a_failed_migration_applies_nothing(postgres_server: PostgresServer,
+                                                     postgres_dsn: str) -> None:
+    from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+
+    PostgresStore(pg_settings(postgres_dsn)).close()
+    broken = (*MIGRATIONS, ("CREATE TABLE probe (n int)", "SELECT no_such_function()"))
+    with pytest.raises(StartupError, match="no_such_function"):
+        PostgresStore(pg_settings(postgres_dsn), migrations=broken)
+    assert _schema(postgres_server, postgres_dsn) == str(SCHEMA_VERSION)
+    fixed = (*MIGRATIONS, ("CREATE TABLE probe (n int)",))   # probe was rolled back
+    PostgresStore(pg_settings(postgres_dsn), migrations=fixed).close()
+
+
+def test_postgres_an_older_version_refuses_a_newer_schema(postgres_dsn: str) -> None:
+    from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+
+    PostgresStore(pg_settings(postgres_dsn),
+                  migrations=(*MIGRATIONS, ("CREATE TABLE probe (n int)",))).close()
+    with pytest.raises(StartupError) as err:
+        PostgresStore(pg_settings(postgres_dsn))
+    assert str(err.value).startswith(
+        f"state store: schema {SCHEMA_VERSION + 1} is newer than this version reads "
+        f"({SCHEMA_VERSION}): upgrade ike-ticket-authority")
+    assert "(postgresql host=" in str(err.value)
+    assert postgres_dsn not in str(err.value)
+
+
+def test_postgres_replicas_starting_at_once_on_an_empty_database(postgres_dsn: str) -> None:
+    from authority.store.postgres import SCHEMA_VERSION, PostgresStore
+
+    stores: list[PostgresStore] = in_threads(
+        4, lambda i: PostgresStore(pg_settings(postgres_dsn)))
+    try:
+        assert {s.schema_version for s in stores} == {SCHEMA_VERSION}
+        stores[0].save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
+        assert all(s.load_keys()[0].key_id == K1 for s in stores)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_a_hung_statement_ends_at_the_statement_timeout(
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    """Another session holds the consumed table locked: a consume fails UNAVAILABLE after
+    ``statement_timeout`` instead of waiting for ever."""
+    import psycopg
+
+    store = open_postgres(postgres_dsn, statement_timeout=0.3)
+    try:
+        with psycopg.connect(postgres_dsn) as locker:
+            locker.execute("LOCK TABLE consumed IN ACCESS EXCLUSIVE MODE")
+            outcome = in_threads(1, lambda _: _raised(
+                lambda: store.consume_many([(bytes(16), LATER)], START)))[0]
+            assert isinstance(outcome, DeviceUnavailable), outcome
+            assert "statement timeout" in str(outcome)
+            locker.rollback()
+        assert store.consume_many([(bytes(16), LATER)], START) == [True]
+    finally:
+        store.close()
+
+
+def _raised(call: Callable[[], object]) -> object:
+    try:
+        return call()
+    except Exception as exc:   # the test inspects it
+        return exc
+
+
+def test_postgres_a_lost_connection_is_unavailable_then_recovers(
+        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+    store = open_postgres(postgres_dsn, pool_size=1)
+    try:
+        assert store.consumed_count(START) == 0
+        postgres_server.terminate_connections(postgres_dsn)
+        with pytest.raises(DeviceUnavailable) as err:
+            store.consume_many([(bytes(16), LATER)], START)
+        assert postgres_server.password not in str(err.value)
+        # the broken connection was dropped: the next call gets a new one
+        assert store.consume_many([(bytes(16), LATER)], START) == [True]
+    finally:
+        store.close()
+
+
+# -- an authority on PostgreSQL, over real gRPC -------------------------------------------------
+
+OK = authority_pb2.REDEEM_RESULT_OK
+REPLAYED = authority_pb2.REDEEM_RESULT_REPLAYED
+
+
+def test_an_authority_on_postgresql_issues_redeems_and_consumes(tmp_path: Path,
+                                                                postgres_dsn: str) -> None:
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(postgres_dsn + "\n")
+    loaded = load_toml(tmp_path, f'[postgresql]\ndsn_file = "{dsn_file}"\npool_size = 4\n')
+    assert loaded.postgresql is not None
+    h = Harness(tmp_path / "state")
+    h.config = replace(make_config(h.state_dir), postgresql=loaded.postgresql)
+    h.start()
+    try:
+        from authority.store.postgres import PostgresStore
+
+        assert isinstance(h.authority.store, PostgresStore)
+        assert not (h.state_dir / "authority.db").exists()
+        tickets = [issue(h.tickets, n).ticket for n in range(3)]
+        assert redeem(h.tickets, tickets[0]).result == OK
+        assert redeem(h.tickets, tickets[0], consume=True).result == OK
+        assert redeem(h.tickets, tickets[0]).result == REPLAYED
+        handle = redeem(h.tickets, tickets[1]).ticket_id
+        consume = authority_pb2.ConsumeTicketRequest(ticket_id=handle)
+        assert h.tickets.ConsumeTicket(consume).result == OK
+        assert h.tickets.ConsumeTicket(consume).result == REPLAYED
+        batch = h.tickets.RedeemTickets(authority_pb2.RedeemTicketsRequest(items=[
+            authority_pb2.RedeemTicketRequest(ticket=t, consume=True) for t in tickets]))
+        assert [i.redeemed.result for i in batch.items] == [REPLAYED, REPLAYED, OK]
+        h.restart()     # the state is the database's
+        assert [redeem(h.tickets, t).result for t in tickets] == [REPLAYED] * 3
+        assert h.tickets.ConsumeTicket(consume).result == REPLAYED
+    finally:
+        h.stop()
+    other = open_postgres(postgres_dsn)
+    try:
+        assert other.consumed_count(START) == 3
+        assert other.state_owner() is not None and other.state_owner()[0] == "pkcs11"
+    finally:
+        other.close()
