@@ -140,6 +140,28 @@ class ServerSettings:
                                      # on the aio server with 2+ CPUs, else 0. tpm: 1 runs
                                      # the whole TPM backend in a process of its own (fault
                                      # isolation), 0 in the server; "auto": 0
+    # -- what one client may hold (authority/service/admission.py) --
+    request_timeout: float = 5.0     # seconds a call may take to send its request once it
+                                     # started; beyond: the call is ended (DEADLINE_EXCEEDED
+                                     # on aio, CANCELLED on threads) and its worker/slot freed
+    stream_idle_timeout: float = 60.0  # seconds a request stream may go without a message
+                                     # (its first included); beyond: ended likewise
+    max_calls_per_client: int | str = "auto"  # with client certificates: calls one client
+                                     # (certificate URI, else peer host) may hold open at once:
+                                     # a unary call until its request arrived, a stream or a
+                                     # Health/Watch until it ends; beyond: RESOURCE_EXHAUSTED.
+                                     # "auto": workers // 2 on threads (below ``workers``, so
+                                     # one client never holds every worker), max_concurrent_rpcs
+                                     # // 8 on aio
+    max_streams_per_connection: int = 256  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls
+                                     # open at once on one connection (beyond: they wait)
+    connection_idle_timeout: float = 300.0  # close a connection without calls for this long;
+                                     # 0: never
+    connection_max_age: float = 3600.0  # send GOAWAY to a connection this old (clients
+                                     # reconnect: a new handshake, the current certificates);
+                                     # 0: never
+    connection_age_grace: float = 30.0  # calls still open then get this long, then the
+                                     # connection is closed
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 #: settings that take "auto" or an integer
-_AUTO_OR_INT = {"server.device_processes"}
+_AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
         "audit_log", "postgresql", *_SECTIONS}
@@ -344,6 +344,7 @@ def validate(cfg: Config) -> None:
     if cfg.backend == "tpm" and cfg.server.device_processes not in ("auto", 0, 1):
         raise ConfigError("server.device_processes", "0 or 1 for backend tpm (a TPM is one "
                                                      "device: one process owns it)")
+    _validate_call_limits(cfg)
     _validate_postgresql(cfg)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
@@ -395,6 +396,29 @@ def check_shared_backend(cfg: Config) -> None:
             "chip, so replicas sharing this database could not open each other's tickets; use "
             "backend \"pkcs11\" with a token every replica reaches (a network HSM), or drop "
             "[postgresql] to keep the state in state_dir (SQLite)")
+
+
+def _validate_call_limits(cfg: Config) -> None:
+    """What one client may hold (authority/service/admission.py). Raises: ConfigError."""
+    server = cfg.server
+    _positive("server.request_timeout", server.request_timeout)
+    _positive("server.stream_idle_timeout", server.stream_idle_timeout)
+    _positive("server.max_streams_per_connection", server.max_streams_per_connection)
+    for setting in ("connection_idle_timeout", "connection_max_age", "connection_age_grace"):
+        if getattr(server, setting) < 0:
+            raise ConfigError(f"server.{setting}", "must be 0 (never) or positive")
+    cap = server.max_calls_per_client
+    if cap == "auto":
+        return
+    if not isinstance(cap, int) or cap < 1:
+        raise ConfigError("server.max_calls_per_client", f"expected auto or a positive whole "
+                                                         f"number, got {cap!r}")
+    # the thread-pool server: server.mode "threads", or "auto" for the TPM (app.server_mode)
+    threads = server.mode == "threads" or (server.mode == "auto" and cfg.backend == "tpm")
+    if threads and cap >= server.workers:
+        raise ConfigError("server.max_calls_per_client",
+                          f"must be below server.workers ({server.workers}) on the thread-pool "
+                          f"server, so that one client cannot hold every worker; got {cap}")
 
 
 def admin_listen_path(admin_listen: str) -> Path | None:

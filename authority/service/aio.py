@@ -13,14 +13,17 @@ their Python work and awaits only the device process. Admin calls always run in 
 key generation must not stall the loop).
 
 ``AioGuard`` is the aio server's only interceptor and does, in order, what the thread-pool
-server's interceptors do: request decoding (an undecodable body is INVALID_ARGUMENT), the role
-check (with client certificates), the rate limit, metrics, and error mapping (authority errors
-to their status, anything else UNKNOWN with an incident id in the log).
+server's ``ThreadGuard`` does (authority/service/guard.py): admission before the request is
+read (the role check with client certificates, the caller's slot, the request deadline:
+authority/service/admission.py), request decoding (an undecodable body is INVALID_ARGUMENT),
+the rate limit, metrics, and error mapping (authority errors to their status, anything else
+UNKNOWN with an incident id in the log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -32,11 +35,10 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import grpc.aio
 
-from authority.errors import AuthorityError, InvalidArgument, ResourceExhausted
-from authority.metrics import Metrics
-from authority.service.auth import HEALTH_PREFIX, Denied, RoleMap, authorize
-from authority.service.interceptors import _Undecodable, rewrap
-from authority.service.ratelimit import TokenBuckets, _cost, client_key
+from authority.errors import AuthorityError, InvalidArgument
+from authority.service.admission import Deadlines, Gate, status_name, tick
+from authority.service.auth import Denied
+from authority.service.interceptors import KINDS, _safe
 from authority.steps import AsyncDevice, Plan, run_async
 
 log = logging.getLogger(__name__)
@@ -117,14 +119,33 @@ def _stream_method(invoke: Invoke) -> Any:
 
 
 class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Decoding, roles, rate limit, metrics and error mapping for every aio handler."""
+    """Admission, decoding, rate limit, metrics and error mapping for every aio handler
+    (authority/service/admission.py): each method is served by a request-streaming handler
+    that checks the caller before it reads the request with ``context.read``."""
 
-    def __init__(self, metrics: Metrics, roles: RoleMap | None = None,
-                 buckets: TokenBuckets | None = None) -> None:
-        self._histogram = metrics.rpc_seconds
-        self._children: dict[tuple[str, str], Any] = {}  # labels() is slow: one per pair
-        self._roles = roles
-        self._buckets = buckets
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self._guarded: dict[str, tuple[Any, Any]] = {}   # method: (its handler, guarded)
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the watchdog task (on the server's running loop). Never raises."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        period = tick(self.gate.limits)
+        while True:
+            await asyncio.sleep(period)
+            self.gate.expire()
+
+    async def close(self) -> None:
+        """Stop the watchdog task. Never raises."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: Any) -> Any:
@@ -132,112 +153,152 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method = str(details.method)
-        return rewrap(handler, lambda behavior, stream_in, stream_out: (
-            self._streaming if stream_out else self._unary)(method, behavior, stream_in),
-            safe_decoding=True)
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(method, handler)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
-    def _observe(self, method: str, code: str, seconds: float) -> None:
-        child = self._children.get((method, code))
-        if child is None:
-            child = self._children[(method, code)] = self._histogram.labels(method, code)
-        child.observe(seconds)
+    def _guard(self, method: str, handler: Any) -> Any:
+        """``handler`` as a request-streaming handler behind the gate. Never raises."""
+        behavior = next(getattr(handler, kind) for kind in KINDS
+                        if getattr(handler, kind) is not None)
+        stream_in, stream_out = handler.request_streaming, handler.response_streaming
+        options = {"request_deserializer": _safe(handler.request_deserializer),
+                   "response_serializer": handler.response_serializer}
+        if not stream_out:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, behavior, stream_in), **options)
+        if inspect.iscoroutinefunction(behavior):   # writes through context.write (Watch)
+            return grpc.stream_stream_rpc_method_handler(
+                self._writing(method, behavior, stream_in), **options)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, behavior, stream_in), **options)
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        """Raises: Denied (role)."""
-        if self._roles is not None:
-            authorize(self._roles, method, context)
+    # -- reading the request -------------------------------------------------------------
 
-    def _charge(self, method: str, context: grpc.aio.ServicerContext, request: Any) -> Any:
-        """Returns ``request`` once it decoded and the caller's bucket paid for it.
-        Raises: AuthorityError (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
-        if isinstance(request, _Undecodable):
-            raise InvalidArgument("request", "not a valid message")
-        if self._buckets is not None and not method.startswith(HEALTH_PREFIX):
-            refused = self._buckets.refusal(client_key(context), _cost(request), method)
-            if refused is not None:
-                raise ResourceExhausted(refused)
-        return request
+    async def _read(self, deadlines: Deadlines, context: grpc.aio.ServicerContext) -> Any:
+        """One ``context.read()`` that the watchdog cancels past the deadline.
+        Raises: TimeoutError (past the deadline), what the read raises."""
+        task = asyncio.current_task()
+        assert task is not None
+        deadline = deadlines.arm(task.cancel)
+        try:
+            return await context.read()
+        except asyncio.CancelledError:
+            if not deadline.expired:
+                raise
+            task.uncancel()
+            raise TimeoutError from None
+        finally:
+            deadline.disarm()
 
-    def _arguments(self, method: str, context: grpc.aio.ServicerContext, request: Any,
-                   stream_in: bool) -> Any:
-        """Admit the caller, then the request (or a metered request stream) for the behavior.
-        Raises: Denied; AuthorityError (INVALID_ARGUMENT, RESOURCE_EXHAUSTED)."""
-        self._admit(method, context)
-        if stream_in:
-            return self._metered(method, context, request)
-        return self._charge(method, context, request)
+    async def _first(self, method: str, client: str,
+                     context: grpc.aio.ServicerContext) -> Any:
+        """The request of a unary-request call, read within ``server.request_timeout``, and
+        charged. Raises: RequestTimeout; InvalidArgument; ResourceExhausted."""
+        try:
+            request = await self._read(self.gate.requests, context)
+        except TimeoutError:
+            raise self.gate.late(method, client, stream=False) from None
+        if request is grpc.aio.EOF:
+            raise InvalidArgument("request", "no request message")
+        return self.gate.charge(method, client, request)
 
-    def _metered(self, method: str, context: grpc.aio.ServicerContext,
-                 requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        async def each() -> AsyncIterator[Any]:
-            async for request in requests:
-                yield self._charge(method, context, request)
+    async def _messages(self, method: str, client: str,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        """The messages of a request stream, each within ``server.stream_idle_timeout`` of the
+        previous one, each charged. Raises: RequestTimeout; InvalidArgument;
+        ResourceExhausted."""
+        while True:
+            try:
+                request = await self._read(self.gate.streams, context)
+            except TimeoutError:
+                raise self.gate.late(method, client, stream=True) from None
+            if request is grpc.aio.EOF:
+                return
+            yield self.gate.charge(method, client, request)
 
-        return each()
+    # -- the three shapes ----------------------------------------------------------------
 
     def _unary(self, method: str, behavior: Any, stream_in: bool) -> Any:
-        name = method.rsplit("/", 1)[-1]
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
             try:
-                arg = self._arguments(method, context, request, stream_in)
-                return await behavior(arg, context)
+                client = gate.admit(method, context)
+                if stream_in:
+                    try:
+                        return await behavior(self._messages(method, client, context), context)
+                    finally:
+                        gate.release(client)
+                try:
+                    request = await self._first(method, client, context)
+                finally:
+                    gate.release(client)
+                return await behavior(request, context)
             except BaseException as exc:
                 code = _code_of(exc)
                 await _fail(exc, context)
             finally:
-                self._observe(name, code, time.perf_counter() - start)
+                gate.observe(name, code, time.perf_counter() - start)
 
         return call
 
     def _streaming(self, method: str, behavior: Any, stream_in: bool) -> Any:
-        name = method.rsplit("/", 1)[-1]
-        if inspect.iscoroutinefunction(behavior):
-            return self._writing(method, behavior, stream_in)
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def call(_requests: Any,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), "OK"
             try:
-                arg = self._arguments(method, context, request, stream_in)
-                async for response in behavior(arg, context):
-                    yield response
+                client = gate.admit(method, context)
+                try:
+                    arg = (self._messages(method, client, context) if stream_in
+                           else await self._first(method, client, context))
+                    async for response in behavior(arg, context):
+                        yield response
+                finally:
+                    gate.release(client)
             except BaseException as exc:
                 code = _code_of(exc)
                 await _fail(exc, context)
             finally:
-                self._observe(name, code, time.perf_counter() - start)
+                gate.observe(name, code, time.perf_counter() - start)
 
         return call
-
 
     def _writing(self, method: str, behavior: Any, stream_in: bool) -> Any:
         """A response-streaming behavior that is a coroutine writing through
         ``context.write`` (the aio health servicer's Watch), not an async generator."""
-        name = method.rsplit("/", 1)[-1]
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> None:
+        async def call(_requests: Any, context: grpc.aio.ServicerContext) -> None:
             start, code = time.perf_counter(), "OK"
             try:
-                await behavior(self._arguments(method, context, request, stream_in), context)
+                client = gate.admit(method, context)
+                try:
+                    arg = (self._messages(method, client, context) if stream_in
+                           else await self._first(method, client, context))
+                    await behavior(arg, context)
+                finally:
+                    gate.release(client)
             except BaseException as exc:
                 code = _code_of(exc)
                 await _fail(exc, context)
             finally:
-                self._observe(name, code, time.perf_counter() - start)
+                gate.observe(name, code, time.perf_counter() - start)
 
         return call
 
 
 def _code_of(exc: BaseException) -> str:
     """The status name a call that raised ``exc`` ends with (for metrics). Never raises."""
-    if isinstance(exc, AuthorityError):
-        return exc.status
-    if isinstance(exc, Denied):
-        return str(exc.code.name)
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
-    return "UNKNOWN"
+    return status_name(exc)
 
 
 async def _fail(exc: BaseException, context: grpc.aio.ServicerContext) -> NoReturn:

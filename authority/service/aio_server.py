@@ -8,7 +8,7 @@ import contextlib
 import threading
 from collections.abc import Coroutine
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +19,7 @@ from authority._proto.ticketauthority.v1 import admin_pb2_grpc, authority_pb2_gr
 from authority.app import Authority, inline_device_calls
 from authority.config import Config
 from authority.metrics import InstrumentedBackend
+from authority.service.admission import Gate, Limits, transport_options
 from authority.service.aio import AioGuard, Runner, async_servicer
 from authority.service.auth import RoleMap
 from authority.service.ratelimit import TokenBuckets
@@ -62,9 +63,12 @@ class AioServers:
     health: Any                           # grpc_health.v1 aio HealthServicer
     admin_server: grpc.aio.Server | None = None
     device: InstrumentedBackend | None = None   # device processes driven on this loop
+    guards: list[AioGuard] = field(default_factory=list)
 
     async def start(self, service_names: tuple[str, ...]) -> None:
         """Start listening and report SERVING for ``service_names`` and the server."""
+        for guard in self.guards:
+            guard.start()
         await self.server.start()
         if self.admin_server is not None:
             await self.admin_server.start()
@@ -84,8 +88,24 @@ class AioServers:
         if self.admin_server is not None:
             stops.append(self.admin_server.stop(grace))
         await asyncio.gather(*stops)
+        for guard in self.guards:
+            await guard.close()
         if self.device is not None:
             await self.device.detach()
+
+
+def roles_of(config: Config) -> RoleMap | None:
+    """The role map of the main listener (None without client certificates). Never raises."""
+    tls = config.tls
+    return RoleMap.from_settings(tls) if tls is not None and tls.require_client_cert else None
+
+
+def rate_limits(config: Config) -> TokenBuckets | None:
+    """The per-client token buckets (None: ``server.rate_limit_per_s`` is 0). Never raises
+    for a validated config."""
+    server = config.server
+    return (TokenBuckets(server.rate_limit_per_s, server.rate_burst)
+            if server.rate_limit_per_s > 0 else None)
 
 
 def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
@@ -95,26 +115,28 @@ def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0), *transport_options(config)])
 
 
 async def _build(config: Config, authority: Authority, loop: LoopThread,
                  pool: futures.ThreadPoolExecutor) -> AioServers:
     """Create the server(s) and register the services (nothing listens yet)."""
-    tls = config.tls
-    roles = RoleMap.from_settings(tls) if tls is not None and tls.require_client_cert else None
-    buckets = (TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)
-               if config.server.rate_limit_per_s > 0 else None)
     run = Runner(pool, inline_device_calls(config))
-    server = _server(config, AioGuard(authority.metrics, roles, buckets))
+    guard = AioGuard(Gate(authority.metrics, Limits.of(config, threads=False),
+                          roles_of(config), rate_limits(config)))
+    server = _server(config, guard)
     device = authority.backend if authority.backend.asynchronous else None
     tickets = async_servicer(TicketAuthorityServicer(authority),
                              authority_pb2_grpc.TicketAuthorityServicer, run, device)
     admin = async_servicer(TicketAdminServicer(authority), admin_pb2_grpc.TicketAdminServicer,
                            run.offload)
-    servers = AioServers(loop, pool, server, health.aio.HealthServicer(), device=device)
-    if config.server.admin_listen:
-        servers.admin_server = _server(config, AioGuard(authority.metrics))
+    servers = AioServers(loop, pool, server, health.aio.HealthServicer(), device=device,
+                         guards=[guard])
+    if config.server.admin_listen:   # local: no roles, no per-client cap, no rate limit
+        admin_guard = AioGuard(Gate(authority.metrics,
+                                    Limits.of(config, threads=False, per_client=False)))
+        servers.guards.append(admin_guard)
+        servers.admin_server = _server(config, admin_guard)
     register(server, tickets, admin, servers.health, servers.admin_server)
     return servers
 

@@ -2,8 +2,9 @@
 
 With ``[tls]`` and client certificates the TLS handshake already proved that the caller holds a
 certificate signed by ``tls.client_ca_file`` (a caller without one, or with one from another
-CA, never gets this far: its handshake fails and it sees UNAVAILABLE). This interceptor reads
-the verified certificate's URI SAN from the call's auth context and maps it to a role
+CA, never gets this far: its handshake fails and it sees UNAVAILABLE). ``authorize`` -- run by
+both servers' guards before a call's request is read (authority/service/admission.py) --
+reads the verified certificate's URI SAN from the call's auth context and maps it to a role
 (``tls.role_map``; by default ``spiffe://<trust-domain>/gateway/*`` -> gateway and
 ``spiffe://<trust-domain>/admin/*`` -> admin):
 
@@ -13,8 +14,8 @@ the verified certificate's URI SAN from the call's auth context and maps it to a
 
 A certificate without exactly one URI SAN, or whose URI is outside the trust domain, is
 UNAUTHENTICATED; an identity in the trust domain with no role, or with another role, is
-PERMISSION_DENIED. On a plaintext loopback listener (no ``[tls]``) the interceptor is not
-installed: local development keeps every method open.
+PERMISSION_DENIED. On a plaintext loopback listener (no ``[tls]``) there is no role check:
+local development keeps every method open.
 
 ``tls.realms`` further limits gateways to realms (``RealmLimits``): the ticket servicer refuses
 an issue or redeem naming a realm the caller's certificate is not allowed with
@@ -26,19 +27,15 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
 from authority.config import ADMIN, GATEWAY, TlsSettings
 from authority.errors import PermissionDenied
-from authority.service.interceptors import rewrap
 
 log = logging.getLogger(__name__)
-
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 TICKET_PREFIX = "/ticketauthority.v1.TicketAuthority/"
 ADMIN_PREFIX = "/ticketauthority.v1.TicketAdmin/"
@@ -197,55 +194,19 @@ def caller_identity(context: grpc.ServicerContext) -> str:
     return uris[0] if len(uris) == 1 else "local"
 
 
-def authorize(roles: RoleMap, method: str, context: grpc.ServicerContext) -> Identity | None:
-    """Check one call; returns the caller's identity (None for health).
+def authorize(roles: RoleMap, method: str, context: grpc.ServicerContext,
+              uris: list[str] | None = None) -> Identity | None:
+    """Check one call; returns the caller's identity (None for health). ``uris``: the
+    caller's ``peer_uris`` when already read.
 
     Raises: Denied."""
     needed = required_role(method)
     if needed == OPEN:
         return None
-    identity = roles.identify(peer_uris(context))
+    identity = roles.identify(peer_uris(context) if uris is None else uris)
     if needed is None or identity.role != needed:
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                      f"{identity.uri} (role {identity.role or 'none'}) may not call {method}")
     if needed == ADMIN:
         log.info("admin call %s by %s from %s", method, identity.uri, context.peer())
     return identity
-
-
-def _guarded(roles: RoleMap, method: str, behavior: Behavior, stream_out: bool) -> Behavior:
-    def check(context: grpc.ServicerContext) -> None:
-        try:
-            authorize(roles, method, context)
-        except Denied as denied:
-            if denied.code == grpc.StatusCode.PERMISSION_DENIED:
-                log.warning("denied: %s", denied.message)
-            context.abort(denied.code, denied.message)
-
-    if stream_out:
-        def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            check(context)
-            yield from behavior(request, context)
-
-        return stream
-
-    def unary(request: Any, context: grpc.ServicerContext) -> Any:
-        check(context)
-        return behavior(request, context)
-
-    return unary
-
-
-class RoleInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Refuses a call before its handler runs unless the caller's role may make it."""
-
-    def __init__(self, roles: RoleMap) -> None:
-        self._roles = roles
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = str(details.method)
-        return rewrap(handler, lambda behavior, _stream_in, stream_out: _guarded(
-            self._roles, method, behavior, stream_out))

@@ -6,7 +6,8 @@ request costs one token, a batch request (``items``) one token per item, and eve
 stream is charged as it arrives. A bucket holds at most ``burst`` tokens and refills at
 ``rate`` per second; a request is let through when the bucket holds ``min(cost, burst)``
 tokens, and may take it below zero (so a batch larger than the burst passes once the bucket is
-full, and the debt is paid back before the next call). Health checks are never limited.
+full, and the debt is paid back before the next call). Health checks are never limited. Both
+servers' guards charge the buckets (``Gate.charge`` in authority/service/admission.py).
 
 At most ``max_clients`` buckets are kept (least recently used evicted first), so a flood of
 distinct callers cannot grow memory without bound; an evicted caller starts again with a full
@@ -18,15 +19,13 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from authority.service.auth import HEALTH_PREFIX, peer_uris
-from authority.service.interceptors import rewrap
+from authority.service.auth import peer_uris
 
-Behavior = Callable[[Any, grpc.ServicerContext], Any]
 MAX_CLIENTS = 10_000
 
 
@@ -76,10 +75,11 @@ class TokenBuckets:
         return len(self._buckets)
 
 
-def client_key(context: grpc.ServicerContext) -> str:
+def client_key(context: grpc.ServicerContext, uris: list[str] | None = None) -> str:
     """The caller's rate-limit key: its certificate URI, else its peer without the port.
-    Never raises."""
-    uris = peer_uris(context)
+    ``uris``: the caller's ``peer_uris`` when already read. Never raises."""
+    if uris is None:
+        uris = peer_uris(context)
     if len(uris) == 1:
         return uris[0]
     peer = str(context.peer())
@@ -94,49 +94,3 @@ def _cost(request: Any) -> int:
         return max(1, len(items)) if items is not None else 1
     except TypeError:
         return 1
-
-
-class RateLimitInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls over the caller's rate with RESOURCE_EXHAUSTED before the handler runs."""
-
-    def __init__(self, buckets: TokenBuckets) -> None:
-        self.buckets = buckets
-
-    def _charge(self, context: grpc.ServicerContext, method: str, cost: int) -> None:
-        refused = self.buckets.refusal(client_key(context), cost, method)
-        if refused is not None:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-
-    def _wrap(self, method: str, behavior: Behavior, stream_in: bool,
-              stream_out: bool) -> Behavior:
-        def arguments(request: Any, context: grpc.ServicerContext) -> Any:
-            if not stream_in:
-                self._charge(context, method, _cost(request))
-                return request
-
-            def metered() -> Iterator[Any]:
-                for message in request:
-                    self._charge(context, method, _cost(message))
-                    yield message
-
-            return metered()
-
-        if stream_out:
-            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                yield from behavior(arguments(request, context), context)
-
-            return stream
-
-        def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            return behavior(arguments(request, context), context)
-
-        return unary
-
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        method = str(details.method)
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler
-        return rewrap(handler, lambda behavior, stream_in, stream_out: self._wrap(
-            method, behavior, stream_in, stream_out))
-

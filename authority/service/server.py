@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
@@ -22,11 +22,10 @@ from authority.app import Authority, device_processes, inline_device_calls, serv
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
-from authority.service.aio_server import AioServers, create_aio_servers
-from authority.service.auth import RoleInterceptor, RoleMap
-from authority.service.interceptors import ErrorInterceptor
-from authority.service.observability import MetricsInterceptor, start_metrics_http
-from authority.service.ratelimit import RateLimitInterceptor, TokenBuckets
+from authority.service.admission import Gate, Limits, transport_options
+from authority.service.aio_server import AioServers, create_aio_servers, rate_limits, roles_of
+from authority.service.guard import ThreadGuard
+from authority.service.observability import start_metrics_http
 from authority.service.registry import ADMIN_SERVICE, TICKET_SERVICE, add_port, register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 from authority.service.tls import ReloadingCredentials
@@ -35,6 +34,7 @@ from authority.settings_loader import admin_listen_path, parse_listen
 log = logging.getLogger(__name__)
 
 SERVER_FILE = "server.json"
+ADMIN_WORKERS = 4   # threads of the local admin listener (server.admin_listen)
 T = TypeVar("T")
 
 
@@ -53,6 +53,7 @@ class RunningServer:
     admin_server: Any = None                  # with server.admin_listen: TicketAdmin there
     admin_address: str | None = None
     aio: AioServers | None = None             # aio mode: the loop that runs the servers
+    guards: list[ThreadGuard] = field(default_factory=list)  # threads mode: their watchdogs
 
     def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the device."""
@@ -64,6 +65,8 @@ class RunningServer:
             self.server.stop(grace).wait()
             if admin_stopped is not None:
                 admin_stopped.wait()
+            for guard in self.guards:
+                guard.close()
         if self.admin_address and self.admin_address.startswith("unix:"):
             Path(self.admin_address[len("unix:"):]).unlink(missing_ok=True)
         if self.metrics_server is not None:
@@ -72,15 +75,15 @@ class RunningServer:
         self.authority.close()
 
 
-def _grpc_server(config: Config, interceptors: list[Any], workers: int) -> grpc.Server:
+def _grpc_server(config: Config, guard: ThreadGuard, workers: int) -> grpc.Server:
     limit = config.server.max_message_bytes
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=interceptors,
+        interceptors=[guard],
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,  # beyond: RESOURCE_EXHAUSTED
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", 0), *transport_options(config)])
 
 
 def _bind_admin(config: Config, server: grpc.Server) -> str:
@@ -173,30 +176,27 @@ def _start_threads(config: Config, authority: Authority,
                    credentials: ReloadingCredentials | None, listen: str,
                    host: str) -> RunningServer:
     """Raises: StartupError, ConfigError (nothing is left running)."""
-    tls = config.tls
-    interceptors: list[Any] = [MetricsInterceptor(authority.metrics)]
-    if tls is not None and tls.require_client_cert:
-        interceptors.append(RoleInterceptor(RoleMap.from_settings(tls)))
-    if config.server.rate_limit_per_s > 0:
-        interceptors.append(RateLimitInterceptor(
-            TokenBuckets(config.server.rate_limit_per_s, config.server.rate_burst)))
-    interceptors.append(ErrorInterceptor())
-    server = _grpc_server(config, interceptors, config.server.workers)
+    guards = [ThreadGuard(Gate(authority.metrics, Limits.of(config, threads=True),
+                               roles_of(config), rate_limits(config)))]
+    server = _grpc_server(config, guards[0], config.server.workers)
     health_servicer = health.HealthServicer()
     admin_server: grpc.Server | None = None
     admin_address: str | None = None
-    if config.server.admin_listen:
-        admin_server = _grpc_server(
-            config, [MetricsInterceptor(authority.metrics), ErrorInterceptor()], 4)
+    if config.server.admin_listen:   # local: no roles, no per-client cap, no rate limit
+        guards.append(ThreadGuard(Gate(authority.metrics,
+                                       Limits.of(config, threads=True, per_client=False))))
+        admin_server = _grpc_server(config, guards[1], ADMIN_WORKERS)
     register(server, TicketAuthorityServicer(authority), TicketAdminServicer(authority),
              health_servicer, admin_server)
-    if admin_server is not None:
-        admin_address = _bind_admin(config, admin_server)
     try:
+        if admin_server is not None:
+            admin_address = _bind_admin(config, admin_server)
         bound = _bind(server, listen, credentials)
-    except StartupError:
+    except (StartupError, ConfigError):
         if admin_server is not None:
             admin_server.stop(None)
+        for guard in guards:
+            guard.close()
         raise
     server.start()
     if admin_server is not None:
@@ -205,7 +205,7 @@ def _start_threads(config: Config, authority: Authority,
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, bound, f"{host}:{bound}", authority, health_servicer,
                          tls=credentials, admin_server=admin_server,
-                         admin_address=admin_address)
+                         admin_address=admin_address, guards=guards)
 
 
 def serve(config: Config) -> None:

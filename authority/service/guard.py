@@ -1,0 +1,241 @@
+"""The thread-pool server's only interceptor, ``ThreadGuard``: what ``AioGuard`` does on the
+aio server, in the same order. Admission first, before the request is read and so before a
+worker can be held waiting for it (authority/service/admission.py): the role check, the
+caller's slot, the request deadline; then request decoding (INVALID_ARGUMENT), the rate limit,
+the servicer; around it all metrics and error mapping (authority errors to their status,
+anything else UNKNOWN with an incident id in the log).
+
+Every method is served by a request-streaming handler (see admission.py for why). A
+response-streaming method that is non-blocking (the health servicer's Watch, which answers
+through a callback) stays non-blocking: its worker is freed once the request is read, and its
+slot is given back when the call ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from authority.errors import InvalidArgument
+from authority.service.admission import Gate, status_name, tick
+from authority.service.auth import Denied
+from authority.service.interceptors import _fail, _safe
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[..., Any]
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+
+class Watchdog:
+    """A daemon thread that ends the calls of ``gate`` whose waits expired."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self._period = tick(gate.limits)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="grpc-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self._gate.expire()
+
+    def close(self) -> None:
+        """Stop the thread. Never raises."""
+        self._stop.set()
+        self._thread.join(5)
+
+
+class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Admission, decoding, rate limit, metrics and error mapping for every handler."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+        self._guarded: dict[str, tuple[Any, Any]] = {}   # method: (its handler, guarded)
+        self._watchdog = Watchdog(gate)
+
+    def close(self) -> None:
+        """Stop the watchdog (once the server stopped). Never raises."""
+        self._watchdog.close()
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        method = str(details.method)
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(method, handler)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    def _guard(self, method: str, handler: Any) -> Any:
+        """``handler`` as a request-streaming handler behind the gate. Never raises."""
+        behavior = next(getattr(handler, kind) for kind in KINDS
+                        if getattr(handler, kind) is not None)
+        stream_in, stream_out = handler.request_streaming, handler.response_streaming
+        options = {"request_deserializer": _safe(handler.request_deserializer),
+                   "response_serializer": handler.response_serializer}
+        if not stream_out:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, behavior, stream_in), **options)
+        if getattr(behavior, "experimental_non_blocking", False) and not stream_in:
+            return grpc.stream_stream_rpc_method_handler(
+                self._non_blocking(method, behavior), **options)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(method, behavior, stream_in), **options)
+
+    # -- reading the request -------------------------------------------------------------
+
+    def _first(self, method: str, client: str, requests: Iterator[Any],
+               context: grpc.ServicerContext) -> Any:
+        """The request of a unary-request call, read within ``server.request_timeout``
+        (else the call is cancelled) and charged.
+
+        Raises: RequestTimeout; InvalidArgument (none, undecodable); ResourceExhausted."""
+        deadline = self.gate.requests.arm(context.cancel)
+        try:
+            request = next(requests, None)
+        except grpc.RpcError:
+            if deadline.expired:
+                raise self.gate.late(method, client, stream=False) from None
+            raise
+        finally:
+            deadline.disarm()
+        if request is None:
+            raise InvalidArgument("request", "no request message")
+        return self.gate.charge(method, client, request)
+
+    def _messages(self, method: str, client: str, requests: Iterator[Any],
+                  context: grpc.ServicerContext) -> Iterator[Any]:
+        """The messages of a request stream, each within ``server.stream_idle_timeout`` of the
+        previous one (else the call is cancelled), each charged.
+
+        Raises: RequestTimeout; InvalidArgument; ResourceExhausted."""
+        arm = self.gate.streams.arm
+        while True:
+            deadline = arm(context.cancel)
+            try:
+                request = next(requests, None)
+            except grpc.RpcError:
+                if deadline.expired:
+                    raise self.gate.late(method, client, stream=True) from None
+                raise
+            finally:
+                deadline.disarm()
+            if request is None:
+                return
+            yield self.gate.charge(method, client, request)
+
+    # -- the three shapes ----------------------------------------------------------------
+
+    def _unary(self, method: str, behavior: Behavior, stream_in: bool) -> Behavior:
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
+
+        def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            start, code = time.perf_counter(), "OK"
+            try:
+                client = gate.admit(method, context)
+                if stream_in:
+                    try:
+                        return behavior(self._messages(method, client, requests, context),
+                                        context)
+                    finally:
+                        gate.release(client)
+                try:
+                    request = self._first(method, client, requests, context)
+                finally:
+                    gate.release(client)
+                return behavior(request, context)
+            except Exception as exc:
+                code = _status(exc, context)
+                _failed(exc, context)
+            finally:
+                gate.observe(name, code, time.perf_counter() - start)
+
+        return call
+
+    def _streaming(self, method: str, behavior: Behavior, stream_in: bool) -> Behavior:
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
+
+        def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            start, code = time.perf_counter(), "OK"
+            try:
+                client = gate.admit(method, context)
+                try:
+                    arg = (self._messages(method, client, requests, context) if stream_in
+                           else self._first(method, client, requests, context))
+                    yield from behavior(arg, context)
+                finally:
+                    gate.release(client)
+            except Exception as exc:
+                code = _status(exc, context)
+                _failed(exc, context)
+            finally:
+                gate.observe(name, code, time.perf_counter() - start)
+
+        return call
+
+    def _non_blocking(self, method: str, behavior: Behavior) -> Behavior:
+        """A unary-request method that answers through ``send_response_callback`` and returns
+        at once (the health servicer's Watch): the worker is free once the request is read;
+        the slot is held until the call ends."""
+        gate, name = self.gate, method.rsplit("/", 1)[-1]
+
+        def call(requests: Iterator[Any], context: grpc.ServicerContext,
+                 send_response_callback: Callable[[Any], None]) -> None:
+            start = time.perf_counter()
+            try:
+                client = gate.admit(method, context)
+                try:
+                    request = self._first(method, client, requests, context)
+                except BaseException:
+                    gate.release(client)
+                    raise
+            except Exception as exc:
+                gate.observe(name, _status(exc, context), time.perf_counter() - start)
+                _failed(exc, context)
+
+            def ended() -> None:
+                gate.release(client)
+                gate.observe(name, _code(context), time.perf_counter() - start)
+
+            if not context.add_callback(ended):
+                ended()
+            behavior(request, context, send_response_callback)
+
+        call.experimental_non_blocking = True  # type: ignore[attr-defined]
+        return call
+
+
+def _status(exc: Exception, context: grpc.ServicerContext) -> str:
+    """The status name the call ends with (for metrics). Never raises."""
+    code = context.code()
+    if code is not None:   # the servicer aborted the call
+        return str(code.name)
+    return status_name(exc)
+
+
+def _code(context: grpc.ServicerContext) -> str:
+    code = context.code()
+    return "OK" if code is None else str(code.name)
+
+
+def _failed(exc: Exception, context: grpc.ServicerContext) -> None:
+    """End the call with the status ``exc`` deserves (always raises): a role refusal with its
+    code (logged when PERMISSION_DENIED), the request stream of a cancelled call as it is,
+    anything else as interceptors._fail maps it."""
+    if isinstance(exc, Denied):
+        if exc.code == grpc.StatusCode.PERMISSION_DENIED:
+            log.warning("denied: %s", exc.message)
+        context.abort(exc.code, exc.message)
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        raise exc
+    _fail(exc, context)
