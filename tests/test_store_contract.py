@@ -431,6 +431,24 @@ def test_postgres_a_hung_statement_ends_at_the_statement_timeout(
         store.close()
 
 
+def test_postgres_connections_are_configured(postgres_dsn: str) -> None:
+    """Each pooled connection has the statement timeout, and plans each execution of a
+    prepared statement for the table as it is then (a generic plan cached while the consumed
+    table was empty made a lookup of 100 ids among 30 000 entries take 28 ms instead of 0.3)."""
+    from authority.store.postgres import PostgresStore
+
+    store = open_postgres(postgres_dsn, statement_timeout=1.25, pool_size=2)
+    assert isinstance(store, PostgresStore)
+    try:
+        with store._conn() as first, store._conn() as second:   # both pool connections
+            for conn in (first, second):
+                assert conn.execute("SELECT current_setting('statement_timeout'), "
+                                    "current_setting('plan_cache_mode')").fetchone() == (
+                    "1250ms", "force_custom_plan")
+    finally:
+        store.close()
+
+
 def _raised(call: Callable[[], object]) -> object:
     try:
         return call()

@@ -113,8 +113,12 @@ class PostgresStore:
             raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
-        """Each new pool connection: the statement timeout (a session setting)."""
-        conn.execute("SELECT set_config('statement_timeout', %s, false)",
+        """Each new pool connection: the statement timeout, and a plan made for each execution
+        of a prepared statement (``plan_cache_mode``): a generic plan cached while the consumed
+        table was small or never analysed scans all of it for every lookup later (measured:
+        28 ms instead of 0.3 ms for 100 ids among 30 000 entries)."""
+        conn.execute("SELECT set_config('statement_timeout', %s, false), "
+                     "set_config('plan_cache_mode', 'force_custom_plan', false)",
                      (f"{self._timeout_ms}ms",))
 
     def scrub(self, text: str) -> str:
