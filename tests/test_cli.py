@@ -363,9 +363,6 @@ def test_keys_table_names_every_key_state_of_the_proto() -> None:
 NOT_ON_MINIMAL_DEBIAN = {"grpcurl", "curl", "wget"}
 
 
-@pytest.mark.xfail(strict=True, reason="authority/service/server.py _announce prints "
-                   "'ticket-authority' (not on PATH: it is .venv/bin/ticket-authority), grpcurl "
-                   "and curl; issue 12.13, the fix is in that file's owner's hands")
 def test_the_try_lines_work_where_scripts_run_started_the_server(tmp_path: Path) -> None:
     program = ROOT / ".venv" / "bin" / "ticket-authority"
     if not program.exists():

@@ -6,7 +6,10 @@ import gc
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from concurrent import futures
@@ -265,20 +268,32 @@ def _metrics_line(config: Config, running: RunningServer) -> str:
     if running.metrics_port is None:
         return ""
     host = config.server.metrics_listen.rpartition(":")[0]
-    return f"  curl http://{host}:{running.metrics_port}/metrics\n"
+    return f"  metrics   http://{host}:{running.metrics_port}/metrics (Prometheus)\n"
+
+
+def _command() -> str:
+    """How to run this ticket-authority from a shell: its name when PATH finds this very
+    program, else its path (scripts/run: .venv/bin/ticket-authority), else python -m."""
+    argv0 = Path(sys.argv[0])
+    if argv0.name != "ticket-authority":
+        return f"{sys.executable} -m authority.cli"
+    found = shutil.which("ticket-authority")
+    if found is not None and Path(found).resolve() == argv0.resolve():
+        return "ticket-authority"
+    return shlex.quote(str(argv0.absolute()))
 
 
 def _transport(config: Config) -> tuple[str, str, str]:
-    """(description, admin command flags, grpcurl flags) of the listener."""
+    """(description, admin command flags, gateway (demo) flags) of the listener."""
     tls = config.tls
     if tls is None:
-        return "plaintext, loopback only, no roles", "", "-plaintext"
+        return "plaintext, loopback only, no roles", "", ""
     if not tls.require_client_cert:
-        return ("TLS without client certificates, loopback only, no roles",
-                f" --tls-ca {tls.client_ca_file}", f"-cacert {tls.client_ca_file}")
-    flags = " --tls-ca CA.pem --tls-cert ADMIN.pem --tls-key ADMIN.key"
-    return (f"TLS, client certificates of trust domain {tls.trust_domain} required", flags,
-            "-cacert CA.pem -cert ADMIN.pem -key ADMIN.key")
+        ca = f" --tls-ca {tls.client_ca_file}"
+        return "TLS without client certificates, loopback only, no roles", ca, ca
+    return (f"TLS, client certificates of trust domain {tls.trust_domain} required",
+            " --tls-ca CA.pem --tls-cert ADMIN.pem --tls-key ADMIN.key",
+            " --tls-ca CA.pem --tls-cert GATEWAY.pem --tls-key GATEWAY.key")
 
 
 def _mode_line(config: Config) -> str:
@@ -293,7 +308,8 @@ def _mode_line(config: Config) -> str:
 def _announce(config: Config, running: RunningServer) -> None:
     info = running.authority.backend.describe()
     primary = running.authority.ring.primary_id
-    transport, flags, grpcurl = _transport(config)
+    transport, flags, gateway_flags = _transport(config)
+    command = _command()
     admin = running.address
     admin_line = ""
     if running.admin_address is not None:
@@ -305,9 +321,9 @@ def _announce(config: Config, running: RunningServer) -> None:
           f"  server    {_mode_line(config)}\n"
           f"  state     {config.state_dir}\n"
           f"  sealing   key {primary.hex() if primary else '-'}\n"
-          f"Try:\n"
-          f"  ticket-authority status --listen {admin}{flags}\n"
-          f"  ticket-authority keys list --listen {admin}{flags}\n"
-          f"  grpcurl {grpcurl} {running.address} list\n"
           f"{_metrics_line(config, running)}"
+          f"Try:\n"
+          f"  {command} status --listen {admin}{flags}\n"
+          f"  {command} keys list --listen {admin}{flags}\n"
+          f"  {command} demo --authority {running.address}{gateway_flags}\n"
           f"Stop with Ctrl-C or SIGTERM.", flush=True)
