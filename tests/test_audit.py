@@ -10,6 +10,8 @@ import itertools
 import json
 import os
 import stat
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,97 @@ def test_an_unwritable_log_refuses(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(AuditUnavailable):
         log.record("local", "key.rotated", {})
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from authority.audit import AuditLog
+log = AuditLog(Path(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()
+for n in range(int(sys.argv[3])):
+    log.record("system", "test.append", {"writer": sys.argv[2], "n": n})
+log.close()
+"""
+
+
+def test_processes_appending_at_once_form_one_chain(tmp_path: Path) -> None:
+    """Several processes on one host (server.processes) share one audit file: each opened it
+    (and read its head) before any wrote, then all append at once; every line is kept, in one
+    chain (today's code forked it: every process went on from the head it read at start)."""
+    path = tmp_path / "audit.log"
+    write_three(path)
+    writers, each = 4, 25
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(each)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for w in range(writers)]
+    try:
+        for proc in procs:   # all opened, all at the same head
+            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.close()
+        assert [proc.wait(timeout=120) for proc in procs] == [0] * writers
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    result = verify(path)
+    assert (result.ok, result.reason) == (True, "")
+    assert result.lines == 3 + writers * each
+    written = [(e["details"]["writer"], e["details"]["n"]) for e in entries(path)[3:]]
+    assert sorted(written) == [(str(w), n) for w in range(writers) for n in range(each)]
+    for w in range(writers):   # each writer's lines in its own order
+        assert [n for writer, n in written if writer == str(w)] == list(range(each))
+
+
+def test_a_tail_damaged_while_running_refuses_the_append(tmp_path: Path) -> None:
+    """Another process sharing the file left a torn line: the next append is refused (it
+    would chain onto nothing), as a start is; once repaired, appends go on."""
+    path = tmp_path / "audit.log"
+    write_three(path)
+    log = AuditLog(path)
+    good = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(b'{"seq":4,"torn')
+    with pytest.raises(AuditUnavailable, match=r"last line is damaged: incomplete line"):
+        log.record("local", "key.rotated", {})
+    path.write_bytes(good)
+    log.record("local", "key.rotated", {})
+    log.close()
+    assert verify(path).ok and verify(path).lines == 4
+
+
+SHORT_WRITE = """
+import resource, signal, sys
+from pathlib import Path
+from authority.audit import AuditLog, AuditUnavailable
+path = Path(sys.argv[1])
+log = AuditLog(path)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # past the limit: EFBIG, or a short write
+size = path.stat().st_size
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 40, resource.RLIM_INFINITY))
+try:
+    log.record("local", "key.rotated", {"reason": "x" * 100})
+except AuditUnavailable as exc:
+    print(exc)
+"""
+
+
+def test_a_line_written_in_part_is_cut_off(tmp_path: Path) -> None:
+    """A write that stops part way (here: the file-size limit, a real short write) refuses
+    the action and leaves the file as it was: no torn line for the next append to trip on."""
+    path = tmp_path / "audit.log"
+    write_three(path)
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", SHORT_WRITE, str(path)], capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert "audit log cannot be written (short write" in done.stdout, done
+    assert path.read_bytes() == before
+    AuditLog(path).close()   # starts again
 
 
 def test_verify_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
