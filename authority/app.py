@@ -6,15 +6,16 @@ import contextlib
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from authority.audit import AuditLog
+from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
 from authority.clock import Clock, SystemClock
 from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
-from authority.errors import AuthorityError, StartupError
+from authority.errors import AuthorityError, ConfigError, StartupError
 from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.policy import Policy
@@ -52,6 +53,26 @@ def open_store(config: Config) -> Store:
 
     check_shared_backend(config)
     return PostgresStore(config.postgresql)
+
+
+def open_audit(config: Config, store: Store, now: Callable[[], float]) -> AuditSink:
+    """Where the audit chain is kept: with ``[postgresql]``, the database's audit table, one
+    chain for every replica (authority/audit_pg.py); else the file ``audit_log`` (default
+    STATE_DIR/audit.log), one chain for every process appending to it.
+
+    Raises: ConfigError (``audit_log`` set with ``[postgresql]``), StartupError.
+    """
+    if config.postgresql is None:
+        return AuditLog(config.audit_log or config.state_dir / "audit.log", now)
+    if config.audit_log is not None:
+        raise ConfigError("audit_log", "not used with [postgresql]: the audit chain is kept in "
+                                       "the database (check it with 'ticket-authority audit "
+                                       "verify --config FILE'); remove audit_log")
+    from authority.audit_pg import AuditTable, PostgresAuditLog
+
+    if not isinstance(store, AuditTable):
+        raise StartupError("audit: [postgresql] is set but the store keeps no audit table")
+    return PostgresAuditLog(store, now)
 
 
 def pkcs11_settings(config: Config) -> Pkcs11Settings:
@@ -144,7 +165,7 @@ class Authority:
         self.clock = clock
         self.counters = Counters()
         self.started_at = clock.now()
-        self.audit = AuditLog(config.audit_log or config.state_dir / "audit.log", clock.now)
+        self.audit: AuditSink = open_audit(config, store, clock.now)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
                             audit=self.audit.record)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,

@@ -61,14 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="check the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     audit_verify = audit_sub.add_parser(
-        "verify", help="check the hash chain of an audit log (exit 1 naming the first bad line)")
+        "verify", help="check the hash chain of an audit log, or of the database with "
+                       "[postgresql] (exit 1 naming the first bad line or seq)")
     audit_verify.add_argument("file", type=Path, metavar="FILE", nargs="?",
                               help="the audit log (default: the configuration's audit_log, "
                                    "else STATE_DIR/audit.log)")
     audit_verify.add_argument("--state-dir", type=Path, metavar="DIR",
                               help="state directory (default ~/.local/state/ticket-authority)")
     audit_verify.add_argument("--config", type=Path, metavar="FILE",
-                              help="TOML configuration file (its audit_log and state_dir)")
+                              help="TOML configuration file (its audit_log and state_dir; "
+                                   "with [postgresql], the chain in the database)")
     from authority.bench import add_arguments as bench_arguments
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
@@ -176,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "certs":
             return _certs(args)
         if args.command == "audit":
-            return _audit_verify(args.file or _audit_log_path(args))
+            return _audit_verify_command(args)
         return run_admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)
@@ -242,14 +244,40 @@ def _in_use(host: str, port: int) -> bool:
     return False
 
 
-def _audit_log_path(args: argparse.Namespace) -> Path:
-    """The audit log serve writes with these flags: audit_log, else STATE_DIR/audit.log.
+def _audit_verify_command(args: argparse.Namespace) -> int:
+    """``audit verify``: FILE if given; else the chain serve keeps with these flags: the
+    database's with ``[postgresql]``, else the file audit_log, else STATE_DIR/audit.log.
 
     Raises: ConfigError for an invalid --config."""
+    if args.file:
+        return _audit_verify(args.file)
     from authority.settings_loader import load_config
 
     config = load_config(args.config, state_dir=args.state_dir)
-    return config.audit_log or config.state_dir / "audit.log"
+    if config.postgresql is not None:
+        return _audit_verify_database(config)
+    return _audit_verify(config.audit_log or config.state_dir / "audit.log")
+
+
+def _audit_verify_database(config: Config) -> int:
+    """``audit verify`` of the database's chain: 0 when it holds, 1 naming the first bad
+    entry's seq, 2 when the database cannot be read (it only reads: nothing is migrated).
+
+    Raises: StartupError for a DSN that is not one."""
+    from authority.audit_pg import describe, verify_database
+
+    assert config.postgresql is not None
+    target = describe(config.postgresql)
+    try:
+        result = verify_database(config.postgresql)
+    except DeviceUnavailable as exc:
+        print(f"ticket-authority: audit verify: cannot read {target}: {exc}", file=sys.stderr)
+        return 2
+    if not result.ok:
+        print(f"{target}: seq {result.first_bad_line}: {result.reason}")
+        return 1
+    print(f"{target}: OK, {result.lines} entries, chain head {result.last_hash}")
+    return 0
 
 
 def _audit_verify(path: Path) -> int:

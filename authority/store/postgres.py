@@ -12,23 +12,26 @@ each a list of statements; the database records how many it has applied (meta ``
 start applies the missing ones in one transaction under an advisory lock, so replicas starting
 at once do not race; a database migrated by a newer version is refused (an older binary must not
 write a schema it does not know). Later steps of the replica work (leases, heartbeats, the key
-ring's version) arrive as new migrations.
+ring's version) arrive as new migrations; the audit chain's table is one (append-only: a
+trigger refuses UPDATE, DELETE and TRUNCATE).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, LiteralString
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
+from authority.audit import canonical
 from authority.config import PostgresSettings
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
@@ -74,9 +77,27 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
             epoch bigint NOT NULL,
             bumped_at double precision NOT NULL)""",
     ),
+    (   # the audit chain of every replica (authority/audit_pg.py), append-only
+        """CREATE TABLE audit (
+            seq bigint PRIMARY KEY CHECK (seq > 0),
+            time text NOT NULL,
+            actor text NOT NULL,
+            action text NOT NULL,
+            details json NOT NULL,
+            prev text NOT NULL,
+            hash text NOT NULL)""",
+        """CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'the audit table is append-only'; END $$""",
+        "CREATE TRIGGER audit_no_change BEFORE UPDATE OR DELETE ON audit "
+        "FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
+        "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
+        "FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
+AUDIT_SELECT: Final = ("SELECT seq, time, actor, action, details::text, prev, hash "
+                       "FROM audit")   # the columns ``audit_entry`` reads, in its order
 _KEY_COLUMNS: Final = ("key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
                        "destroyed_at")
 
@@ -332,6 +353,35 @@ class PostgresStore:
         with self._conn() as conn:
             _set_meta(conn, {"backend": backend, "device": device})
 
+    # -- audit chain (authority/audit_pg.py) -------------------------------------------------
+
+    def append_audit(self, make: Callable[[dict[str, Any] | None], dict[str, Any]]
+                     ) -> dict[str, Any]:
+        """Append one entry to the audit table in one transaction holding the table's
+        EXCLUSIVE lock (appends of every replica queue, reads go on): ``make(head)`` gets the
+        last entry (None: none yet) and returns the next, inserted and committed before this
+        returns it. The lock is taken before the head is read, so two replicas appending at
+        once write seq n and n+1, never two entries after one head (seq is the key, too).
+
+        Raises: DeviceUnavailable (nothing inserted; if the connection is lost during the
+        commit, the entry may be there), whatever ``make`` raises (nothing inserted).
+        """
+        with self._tx() as conn:
+            conn.execute("LOCK TABLE audit IN EXCLUSIVE MODE")
+            entry = make(audit_entry(conn.execute(
+                AUDIT_SELECT + " ORDER BY seq DESC LIMIT 1").fetchone()))
+            conn.execute("INSERT INTO audit (seq, time, actor, action, details, prev, hash) "
+                         "VALUES (%s, %s, %s, %s, %s::json, %s, %s)",
+                         (entry["seq"], entry["time"], entry["actor"], entry["action"],
+                          canonical(entry["details"]).decode(), entry["prev"], entry["hash"]))
+        return entry
+
+    def audit_head(self) -> dict[str, Any] | None:
+        """The audit table's last entry (None if it has none)."""
+        with self._conn() as conn:
+            return audit_entry(conn.execute(
+                AUDIT_SELECT + " ORDER BY seq DESC LIMIT 1").fetchone())
+
     def close(self) -> None:
         """Close the pool's connections. Never raises."""
         self._pool.close(timeout=5.0)
@@ -369,6 +419,16 @@ def migrate(conn: psycopg.Connection[Any],
             _set_meta(conn, {"schema": str(known)})
             log.info("state store: schema migrated from %d to %d", version, known)
     return known
+
+
+def audit_entry(row: Sequence[Any] | None) -> dict[str, Any] | None:
+    """An audit entry (authority/audit.py's members) from a row of ``AUDIT_SELECT``; None for
+    None. Raises: ValueError if its details are not JSON (the column type forbids it)."""
+    if row is None:
+        return None
+    seq, stamp, actor, action, details, prev, digest = row
+    return {"seq": int(seq), "time": stamp, "actor": actor, "action": action,
+            "details": json.loads(details), "prev": prev, "hash": digest}
 
 
 def _meta(conn: psycopg.Connection[Any], name: str) -> str | None:
