@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
 from authority.clock import Clock, SystemClock
+from authority.cluster import MAINTENANCE, Lease, ReplicaIdentity
 from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, StartupError
@@ -25,6 +27,10 @@ from authority.store.base import Store
 from authority.store.sqlite import SqliteStore
 
 log = logging.getLogger(__name__)
+
+#: seconds after its last heartbeat a replica's record is dropped from the store (it stays
+#: listed, not live, until then)
+REPLICA_FORGET = 24 * 3600.0
 
 
 def prepare_state_dir(path: Path) -> None:
@@ -154,7 +160,8 @@ def inline_device_calls(config: Config) -> bool:
 
 
 class Authority:
-    """Everything below the gRPC layer, wired together for one process."""
+    """Everything below the gRPC layer, wired together for one process: one replica of the
+    authorities sharing its store (authority/cluster.py)."""
 
     def __init__(self, config: Config, backend: KeyBackend, store: Store,
                  clock: Clock) -> None:
@@ -166,8 +173,12 @@ class Authority:
         self.counters = Counters()
         self.started_at = clock.now()
         self.audit: AuditSink = open_audit(config, store, clock.now)
+        self.replica = ReplicaIdentity.new(clock)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
-                            audit=self.audit.record)
+                            audit=self.audit.record, cluster=config.cluster,
+                            replica=self.replica)
+        self.lease = Lease(store, MAINTENANCE, self.replica.replica_id, clock,
+                           config.cluster.lease_duration)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,
                              audit=self.audit.record)
         self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
@@ -208,40 +219,74 @@ class Authority:
             raise
         return authority
 
-    def maintain(self) -> None:
-        """One maintenance pass: scheduled rotation, key destruction, consumed-set purge.
+    def heartbeat(self) -> bool:
+        """What every replica does each ``cluster.heartbeat_interval``: sync the key ring with
+        the store (authority/keyring.py ``KeyRing.sync``), then take or renew the maintenance
+        lease. Returns whether this replica holds the lease.
 
-        Raises: AuthorityError from the device or store (the loop logs and retries).
+        Raises: AuthorityError from the device or store.
         """
-        self.ring.maintain()
-        purged = self.store.purge_expired(self.clock.now())
+        self.ring.sync()
+        return self.lease.hold() is not None
+
+    def maintain(self) -> None:
+        """One maintenance pass: a heartbeat, then, on the lease holder only, the periodic work
+        (scheduled rotation, key destruction, CREATING sweeps, publication; every key ring
+        write fenced by the lease's epoch) and the purges (consumed set, revocations, replicas
+        silent for ``REPLICA_FORGET``).
+
+        Raises: AuthorityError from the device or store (the loop logs and retries);
+        StaleFence if another replica took the lease meanwhile.
+        """
+        self.ring.sync()
+        fence = self.lease.hold()
+        if fence is None:
+            return
+        self.ring.maintain(fence)
+        now = self.clock.now()
+        purged = self.store.purge_expired(now)
         if purged:
             log.debug("purged %d expired consumed-ticket entries", purged)
         revocations = self.policy.purge()
         if revocations:
             log.debug("purged %d expired revocations", revocations)
+        self.store.purge_replicas(now - REPLICA_FORGET)
 
     def start_maintenance(self) -> None:
-        """Run ``maintain`` every ``keys.maintenance_interval`` seconds in a daemon thread."""
+        """Heartbeat every ``cluster.heartbeat_interval`` seconds and run ``maintain`` every
+        ``keys.maintenance_interval`` seconds, in a daemon thread."""
         self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.config.keys.maintenance_interval):
+        due = time.monotonic() + self.config.keys.maintenance_interval
+        while not self._stop.wait(self.config.cluster.heartbeat_interval):
+            work = time.monotonic() >= due
+            what = "maintenance" if work else "heartbeat"
             try:
-                self.maintain()
+                if work:
+                    due = time.monotonic() + self.config.keys.maintenance_interval
+                    self.maintain()
+                else:
+                    self.heartbeat()
             except AuthorityError as exc:
-                self.counters.inc("maintenance_errors")
-                log.error("maintenance failed, will retry: %s", exc)
+                self.counters.inc(f"{what}_errors")
+                log.error("%s failed, will retry: %s", what, exc)
             except Exception:
-                self.counters.inc("maintenance_errors")
-                log.exception("maintenance failed unexpectedly, will retry")
+                self.counters.inc(f"{what}_errors")
+                log.exception("%s failed unexpectedly, will retry", what)
 
     def close(self) -> None:
-        """Stop maintenance, close the store and the device."""
+        """Stop maintenance, leave the replicas (the lease released, this replica no longer
+        live), close the store and the device."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for leave in (self.lease.release, self.ring.leave):
+            try:
+                leave()
+            except AuthorityError as exc:
+                log.warning("could not leave the replicas cleanly: %s", exc)
         self.store.close()
         self.backend.close()
         self.audit.close()

@@ -82,6 +82,25 @@ class KeyPolicy:
     max_seals_per_key: int = 2**31        # rotate before this many seals (AES-GCM random nonces)
     seal_reservation: int = 4096          # seals reserved per store write (lost on a crash)
     maintenance_interval: float = 5.0     # seconds between rotation/destruction/purge checks
+    publish_delay: float = 30.0           # seconds after its creation a new key seals even if a
+                                          # live replica has not reported it loaded (PENDING
+                                          # until then); 0: seals at once
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """How replicas sharing one store keep in step (``[cluster]``); one process alone is a
+    cluster of one, on the same code path."""
+
+    heartbeat_interval: float = 1.0   # seconds between a replica's heartbeats: it re-reads the
+                                      # key ring if its version moved, reports the keys it has
+                                      # loaded, renews or tries to take the maintenance lease
+    replica_timeout: float = 5.0      # a replica is live while its last heartbeat is this
+                                      # recent; a replica seals only while its key ring was
+                                      # confirmed this recently (at least 2 heartbeat intervals)
+    lease_duration: float = 5.0       # seconds the maintenance lease lasts unless its holder
+                                      # renews it (at each heartbeat); then another replica
+                                      # takes it over (at least 2 heartbeat intervals)
 
 
 GATEWAY = "gateway"
@@ -180,6 +199,7 @@ class Config:
     store_synchronous: str = "NORMAL"
     audit_log: Path | None = None          # None: state_dir/audit.log (authority/audit.py)
     postgresql: PostgresSettings | None = None  # None: SQLite in state_dir/authority.db
+    cluster: ClusterSettings = ClusterSettings()
 
     @property
     def embedded_token(self) -> bool:

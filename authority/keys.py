@@ -15,8 +15,12 @@ class KeyState(enum.IntEnum):
     DESTROYED = 3       # gone from the device
     MISSING = 4         # recorded, but the device does not list it: opens nothing until it
                         # is back (then DECRYPT_ONLY) or an operator retires it
-    CREATING = 5        # recorded before its creation in the device; ACTIVE once created, or
-                        # destroyed and dropped after a grace period (a crash, a timed-out create)
+    CREATING = 5        # recorded before its creation in the device; ACTIVE or PENDING once
+                        # created, or destroyed and dropped after a grace period (a crash, a
+                        # timed-out create)
+    PENDING = 6         # published, not yet sealing: every replica opens tickets under it, none
+                        # seals with it; ACTIVE once every live replica reported it loaded or
+                        # after ``keys.publish_delay``
 
 
 @dataclass(frozen=True)

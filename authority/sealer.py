@@ -1,7 +1,9 @@
 """Issue and redeem tickets: the ticket format, the key ring and the backend, in that order.
 
 Redeem checks, cheapest first (RFC 5723 section 9 / notes section 6):
-syntax -> key id known and in its window (no device call) -> one device unseal -> plaintext
+syntax -> key id known (an unknown one makes the key ring re-read the store once per request,
+rate-limited: a key another replica just made) and in its window (no device call) -> one
+device unseal -> plaintext
 syntax -> expiry -> realm (another realm's ticket is INVALID) -> revocations and the realm's
 policy epoch (in memory) -> consumed set. EXPIRED, REVOKED and REPLAYED are only reported for
 authentic tickets; a redeem that fails changes nothing.
@@ -253,16 +255,19 @@ class Sealer:
         """``redeem_many`` as a plan (authority/steps.py): yields the one unseal_many call.
         Raises: as ``redeem_many``."""
         out: list[Redemption | InvalidArgument | None] = [None] * len(items)
-        pending: list[tuple[int, ParsedTicket]] = []
+        well_formed: list[tuple[int, ParsedTicket]] = []
         for index, (ticket, _) in enumerate(items):
             if not ticket:
                 out[index] = InvalidArgument(field(index), "required")
                 continue
             try:
-                parsed = parse_ticket(ticket)
+                well_formed.append((index, parse_ticket(ticket)))
             except InvalidTicket as exc:
                 out[index] = self._invalid("malformed", exc)
-                continue
+        if any(not self._ring.knows(p.key_id) for _, p in well_formed):
+            self._ring.reread_unknown()   # a key made on another replica: once per request
+        pending: list[tuple[int, ParsedTicket]] = []
+        for index, parsed in well_formed:
             try:
                 self._ring.check_opens(parsed.key_id)  # no device call for a refused key
             except InvalidTicket as exc:

@@ -13,6 +13,7 @@ from typing import Any
 from authority.config import (
     DEFAULT_ROLE_MAP,
     ROLES,
+    ClusterSettings,
     Config,
     KeyPolicy,
     Pkcs11Settings,
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50051
 #: settings that take "auto" or an integer
 _AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client"}
-_SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy}
+_SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy,
+             "cluster": ClusterSettings}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
         "audit_log", "postgresql", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
@@ -359,6 +361,9 @@ def validate(cfg: Config) -> None:
     _positive("keys.seal_reservation", cfg.keys.seal_reservation)
     if cfg.keys.maintenance_interval <= 0:
         raise ConfigError("keys.maintenance_interval", "must be positive")
+    if cfg.keys.publish_delay < 0:
+        raise ConfigError("keys.publish_delay", "must be 0 (seal at once) or positive")
+    _validate_cluster(cfg.cluster)
     if cfg.backend not in _BACKENDS:
         raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: "
                                      f"{', '.join(_BACKENDS)})")
@@ -386,6 +391,16 @@ def _validate_postgresql(cfg: Config) -> None:
     _positive("postgresql.pool_size", settings.pool_size)
     _positive("postgresql.statement_timeout", settings.statement_timeout)
     _positive("postgresql.connect_timeout", settings.connect_timeout)
+
+
+def _validate_cluster(cluster: ClusterSettings) -> None:
+    """``[cluster]`` timings. Raises: ConfigError naming the setting."""
+    _positive("cluster.heartbeat_interval", cluster.heartbeat_interval)
+    for setting in ("replica_timeout", "lease_duration"):
+        if getattr(cluster, setting) < 2 * cluster.heartbeat_interval:
+            raise ConfigError(f"cluster.{setting}", "must be at least twice "
+                              f"cluster.heartbeat_interval ({cluster.heartbeat_interval} s), "
+                              f"got {getattr(cluster, setting)}")
 
 
 def check_shared_backend(cfg: Config) -> None:

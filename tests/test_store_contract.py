@@ -18,7 +18,14 @@ from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.config import PostgresSettings, Secret
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
-from authority.store.base import RevocationRecord, Store
+from authority.store.base import (
+    Fence,
+    LeaseRecord,
+    ReplicaRecord,
+    RevocationRecord,
+    StaleFence,
+    Store,
+)
 from authority.store.sqlite import SqliteStore
 from tests.conftest import START, Harness, issue, load_toml, make_config, redeem
 from tests.postgres_fixtures import (  # noqa: F401
@@ -184,6 +191,111 @@ def test_concurrent_reservations_never_overlap_nor_pass_the_limit(
     assert stores[1].load_keys()[0].seal_count == limit
 
 
+# -- the key ring's version, leases, replicas (issue 13: replicas share the key ring) -----------
+
+def test_the_ring_version_moves_only_by_compare_and_swap(open_store: OpenStore) -> None:
+    mine, other = open_store(), open_store()
+    assert mine.ring_version() == 0 and mine.load_ring() == (0, [])
+    first = KeyRecord(K1, KeyState.ACTIVE, START)
+    assert mine.commit_ring(0, [first]) == 1
+    assert mine.commit_ring(0, [KeyRecord(K2, KeyState.ACTIVE, START + 1)]) is None  # moved
+    assert other.load_ring() == (1, [first])                 # nothing of the loser written
+    creating = KeyRecord(K3, KeyState.CREATING, START + 2)
+    mine.save_keys([creating])                               # bookkeeping: not a ring change
+    assert other.ring_version() == 1
+    pending = KeyRecord(K2, KeyState.PENDING, START + 3)
+    assert other.commit_ring(1, [pending], delete=[K3]) == 2
+    assert mine.load_ring() == (2, [first, pending])
+    assert mine.commit_ring(2, [], delete=[]) == 3           # an empty change still moves it
+    assert other.ring_version() == 3
+
+
+def test_commit_ring_never_lowers_a_seal_count(open_store: OpenStore) -> None:
+    mine, other = open_store(), open_store()
+    record = KeyRecord(K1, KeyState.ACTIVE, START, seal_count=10)
+    assert mine.commit_ring(0, [record]) == 1
+    assert other.reserve_seals(K1, 40, 1000) == (10, 50)     # no version move
+    demoted = replace(record, state=KeyState.DECRYPT_ONLY, sealing_ended_at=START + 5)
+    assert mine.commit_ring(1, [demoted]) == 2
+    assert other.load_ring() == (2, [replace(demoted, seal_count=50)])
+
+
+def test_concurrent_ring_commits_one_wins(open_store: OpenStore) -> None:
+    """Eight writers on two stores commit at the same version: exactly one does."""
+    stores = [open_store(), open_store()]
+    outcomes = in_threads(8, lambda i: stores[i % 2].commit_ring(
+        0, [KeyRecord(bytes([i + 1]) * 8, KeyState.ACTIVE, START)]))
+    assert sorted(outcomes, key=str) == [1] + [None] * 7
+    winner = outcomes.index(1)
+    assert stores[0].load_ring() == (1, [KeyRecord(bytes([winner + 1]) * 8, KeyState.ACTIVE,
+                                                   START)])
+
+
+def test_a_lease_is_renewed_by_its_holder_and_taken_over_once_expired(
+        open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    assert a.load_lease("maintenance") is None
+    assert a.acquire_lease("maintenance", "A", START, 5) == 1
+    assert b.acquire_lease("maintenance", "B", START + 4.9, 5) is None
+    assert a.acquire_lease("maintenance", "A", START + 4, 5) == 1       # renewed: same epoch
+    assert b.acquire_lease("maintenance", "B", START + 8.9, 5) is None
+    assert a.acquire_lease("maintenance", "A", START + 20, 5) == 1      # expired, not taken
+    assert b.load_lease("maintenance") == LeaseRecord("maintenance", "A", 1, START + 25)
+    assert b.acquire_lease("maintenance", "B", START + 25, 5) == 2      # expired: taken over
+    assert a.acquire_lease("maintenance", "A", START + 26, 5) is None   # A learns it lost it
+    a.release_lease("maintenance", "A")                                 # not A's: no effect
+    assert a.load_lease("maintenance") == LeaseRecord("maintenance", "B", 2, START + 30)
+    b.release_lease("maintenance", "B")                                 # a clean stop
+    assert a.acquire_lease("maintenance", "A", START + 27, 5) == 3
+    assert a.acquire_lease("other", "B", START, 5) == 1                 # leases are per name
+
+
+def test_concurrent_takers_of_an_expired_lease_one_wins(open_store: OpenStore) -> None:
+    stores = [open_store(), open_store()]
+    assert stores[0].acquire_lease("maintenance", "old", START, 5) == 1
+    got = in_threads(8, lambda i: stores[i % 2].acquire_lease("maintenance", f"r{i}",
+                                                              START + 10, 5))
+    assert sorted(got, key=str) == [2] + [None] * 7
+    lease = stores[1].load_lease("maintenance")
+    assert lease is not None and lease.holder == f"r{got.index(2)}" and lease.epoch == 2
+
+
+def test_a_fenced_ring_commit_is_refused_after_a_takeover(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    fence_a = Fence("maintenance", "A", a.acquire_lease("maintenance", "A", START, 5) or 0)
+    assert a.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)], fence=fence_a) == 1
+    fence_b = Fence("maintenance", "B", b.acquire_lease("maintenance", "B", START + 6, 5) or 0)
+    assert fence_b.epoch == 2
+    with pytest.raises(StaleFence, match="another replica took it over"):   # A woke up late
+        a.commit_ring(1, [KeyRecord(K2, KeyState.PENDING, START + 7)], fence=fence_a)
+    with pytest.raises(DeviceUnavailable):   # what a maintenance pass catches and retries
+        a.commit_ring(1, [], fence=fence_a)
+    assert b.load_ring() == (1, [KeyRecord(K1, KeyState.ACTIVE, START)])   # nothing written
+    with pytest.raises(StaleFence):          # a fence of a lease never taken
+        a.commit_ring(1, [], fence=Fence("nobody", "A", 1))
+    assert b.commit_ring(1, [KeyRecord(K2, KeyState.PENDING, START + 7)], fence=fence_b) == 2
+    assert a.commit_ring(2, [], fence=None) == 3             # unfenced: CAS only
+
+
+def test_replicas_heartbeat_are_listed_and_purged(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    assert a.load_replicas() == []
+    first = ReplicaRecord("r1", "host-a", 101, START, START + 1, 3, frozenset({K1, K2}))
+    second = ReplicaRecord("r2", "host-b", 202, START + 0.5, START + 2, 2, frozenset())
+    a.heartbeat(first)
+    b.heartbeat(second)
+    assert b.load_replicas() == [first, second]
+    later = replace(first, heartbeat_at=START + 9, ring_version=4, loaded=frozenset({K3}))
+    a.heartbeat(later)
+    assert b.load_replicas() == [later, second]
+    assert a.purge_replicas(START + 2) == 0                  # heartbeat_at == before: kept
+    assert a.purge_replicas(START + 3) == 1
+    assert b.load_replicas() == [later]
+    b.remove_replica("r1")
+    b.remove_replica("nobody")
+    assert a.load_replicas() == []
+
+
 # -- the consumed set ---------------------------------------------------------------------------
 
 def test_consume_many_answers_per_item(store: Store) -> None:
@@ -335,6 +447,35 @@ def test_a_closed_store_is_unavailable(open_store: OpenStore) -> None:
         store.consume_many([(bytes(16), LATER)], START)
     with pytest.raises(DeviceUnavailable):
         store.load_keys()
+
+
+# -- the SQLite store only ----------------------------------------------------------------------
+
+def test_sqlite_a_schema_2_file_gets_the_ring_version_replicas_and_leases(
+        tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "authority.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:   # as the previous release left it
+        db.executescript("DROP TABLE key_ring; DROP TABLE replicas; DROP TABLE leases; "
+                         "UPDATE meta SET value = '2' WHERE name = 'schema'; "
+                         "INSERT INTO keys VALUES (x'0101010101010101', 1, 1800000000.0, 7, "
+                         "NULL, NULL, NULL);")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.load_ring() == (0, [KeyRecord(K1, KeyState.ACTIVE, START, seal_count=7)])
+        assert store.commit_ring(0, []) == 1
+        assert store.load_replicas() == [] and store.load_lease("maintenance") is None
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("3",)
+        db.execute("UPDATE meta SET value = '4' WHERE name = 'schema'")
+    db.close()
+    with pytest.raises(StartupError, match="schema 4, this version reads 3"):
+        SqliteStore(path)
 
 
 # -- the PostgreSQL store only: schema, migrations, failures ------------------------------------

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from authority.errors import DeviceUnavailable
 from authority.keys import KeyRecord
 
 
@@ -26,6 +27,48 @@ class RevocationRecord:
     created_at: float
     expires_at: float
     reason: str
+
+
+@dataclass(frozen=True)
+class Fence:
+    """Proof that the writer holds lease ``name`` at ``epoch``: a store refuses a write carrying
+    it (``StaleFence``) once another replica has taken the lease over (a higher epoch)."""
+
+    name: str
+    holder: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """A lease as stored: who holds it, under which fencing epoch, until when (Unix seconds of
+    the holder's clock)."""
+
+    name: str
+    holder: str
+    epoch: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One authority process as it last reported itself (a heartbeat).
+
+    ``loaded``: the keys of the key ring this replica's device holds and its ring knows (what
+    it can open); ``ring_version``: the key ring version it has loaded."""
+
+    replica_id: str         # random, new at each process start
+    host: str               # for display
+    pid: int                # for display
+    started_at: float
+    heartbeat_at: float
+    ring_version: int
+    loaded: frozenset[bytes]
+
+
+class StaleFence(DeviceUnavailable):
+    """A fenced write carried an epoch that is no longer its lease's: another replica took the
+    lease over. Nothing was written."""
 
 
 class Store(Protocol):
@@ -51,6 +94,62 @@ class Store(Protocol):
         disjoint ranges. Returns (first, end): seal numbers first..end-1 are the caller's, and
         the record's ``seal_count`` is now ``end``; None if the key is unknown, not ACTIVE or its
         budget is spent (``seal_count`` >= ``limit``)."""
+        ...
+
+    def load_ring(self) -> tuple[int, list[KeyRecord]]:
+        """The key ring's version and every key record (CREATING ones too), oldest first, read
+        in one snapshot."""
+        ...
+
+    def ring_version(self) -> int:
+        """The key ring's version (0 until the first ``commit_ring``)."""
+        ...
+
+    def commit_ring(self, version: int, save: Sequence[KeyRecord],
+                    delete: Sequence[bytes] = (), fence: Fence | None = None) -> int | None:
+        """Compare-and-swap on the key ring: if its version is still ``version`` (and, with
+        ``fence``, the fence's lease is still held at its epoch), save ``save`` (as
+        ``save_keys``: a stored seal count is never lowered), delete ``delete`` and move the
+        version to ``version`` + 1, in one transaction. Returns the new version; None if the
+        version had moved (nothing written).
+
+        Raises: StaleFence (nothing written), DeviceUnavailable.
+        """
+        ...
+
+    def acquire_lease(self, name: str, holder: str, now: float,
+                      duration: float) -> int | None:
+        """Take or renew lease ``name`` for ``holder`` until ``now`` + ``duration``, atomically
+        against every process on this store: granted if it is free, held by ``holder``, or
+        expired (``expires_at`` <= ``now``). A holder renewing keeps its epoch; a new holder
+        gets the previous epoch + 1 (1 for a new lease). Returns the epoch; None if another
+        holder has it unexpired."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Let lease ``name`` expire now if ``holder`` holds it (another may take it at once,
+        with the next epoch)."""
+        ...
+
+    def load_lease(self, name: str) -> LeaseRecord | None:
+        """Lease ``name`` as stored (None if never taken)."""
+        ...
+
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        """Insert or replace this replica's record."""
+        ...
+
+    def load_replicas(self) -> list[ReplicaRecord]:
+        """Every replica record, oldest start first."""
+        ...
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Drop a replica's record (it stopped cleanly)."""
+        ...
+
+    def purge_replicas(self, before: float) -> int:
+        """Drop the records of replicas whose last heartbeat is older than ``before``; return
+        how many."""
         ...
 
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:

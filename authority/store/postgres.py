@@ -11,9 +11,10 @@ The schema is created and migrated by the service: ``MIGRATIONS`` is an ordered 
 each a list of statements; the database records how many it has applied (meta ``schema``). A
 start applies the missing ones in one transaction under an advisory lock, so replicas starting
 at once do not race; a database migrated by a newer version is refused (an older binary must not
-write a schema it does not know). Later steps of the replica work (leases, heartbeats, the key
-ring's version) arrive as new migrations; the audit chain's table is one (append-only: a
-trigger refuses UPDATE, DELETE and TRUNCATE).
+write a schema it does not know). Later steps of the replica work arrive as new migrations: the
+audit chain's table (append-only: a trigger refuses UPDATE, DELETE and TRUNCATE); the key
+ring's version (the compare-and-swap of every key ring change), the replicas' heartbeats and
+the leases.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ from authority.audit import canonical
 from authority.config import PostgresSettings
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
-from authority.store.base import RevocationRecord
+from authority.store.base import (
+    Fence,
+    LeaseRecord,
+    ReplicaRecord,
+    RevocationRecord,
+    StaleFence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +100,40 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
         "CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
         "FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only()",
     ),
+    (   # 3: the key ring's version, replicas' heartbeats, leases (SQLite's schema 3)
+        """CREATE TABLE key_ring (
+            id smallint PRIMARY KEY CHECK (id = 1),
+            version bigint NOT NULL)""",
+        "INSERT INTO key_ring (id, version) VALUES (1, 0)",
+        """CREATE TABLE replicas (
+            replica_id text PRIMARY KEY,
+            host text NOT NULL,
+            pid integer NOT NULL,
+            started_at double precision NOT NULL,
+            heartbeat_at double precision NOT NULL,
+            ring_version bigint NOT NULL,
+            loaded bytea[] NOT NULL)""",
+        """CREATE TABLE leases (
+            name text PRIMARY KEY,
+            holder text NOT NULL,
+            epoch bigint NOT NULL,
+            expires_at double precision NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 AUDIT_SELECT: Final = ("SELECT seq, time, actor, action, details::text, prev, hash "
                        "FROM audit")   # the columns ``audit_entry`` reads, in its order
-_KEY_COLUMNS: Final = ("key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
-                       "destroyed_at")
+_KEY_SELECT: Final = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, "
+                      "opens_until, destroyed_at FROM keys ORDER BY created_at, key_id")
+_KEY_UPSERT: Final = (
+    "INSERT INTO keys (key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
+    "destroyed_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (key_id) DO UPDATE SET state = EXCLUDED.state, "
+    "created_at = EXCLUDED.created_at, "
+    "seal_count = GREATEST(keys.seal_count, EXCLUDED.seal_count), "
+    "sealing_ended_at = EXCLUDED.sealing_ended_at, opens_until = EXCLUDED.opens_until, "
+    "destroyed_at = EXCLUDED.destroyed_at")
 
 
 class PostgresStore:
@@ -171,28 +205,16 @@ class PostgresStore:
     def load_keys(self) -> list[KeyRecord]:
         """Return every key record, oldest first."""
         with self._conn() as conn:
-            rows = conn.execute("SELECT key_id, state, created_at, seal_count, sealing_ended_at,"
-                                " opens_until, destroyed_at FROM keys "
-                                "ORDER BY created_at, key_id").fetchall()
-        return [KeyRecord(bytes(r[0]), KeyState(r[1]), *r[2:]) for r in rows]
+            rows = conn.execute(_KEY_SELECT).fetchall()
+        return [_key(r) for r in rows]
 
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the records in one transaction; a stored seal count is never
         lowered (other processes' reservations stay counted)."""
-        rows = [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
-                 r.opens_until, r.destroyed_at) for r in records]
-        if not rows:
+        if not records:
             return
         with self._tx() as conn, conn.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO keys (key_id, state, created_at, seal_count, sealing_ended_at, "
-                "opens_until, destroyed_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (key_id) DO UPDATE SET state = EXCLUDED.state, "
-                "created_at = EXCLUDED.created_at, "
-                "seal_count = GREATEST(keys.seal_count, EXCLUDED.seal_count), "
-                "sealing_ended_at = EXCLUDED.sealing_ended_at, "
-                "opens_until = EXCLUDED.opens_until, destroyed_at = EXCLUDED.destroyed_at",
-                rows)
+            cursor.executemany(_KEY_UPSERT, _key_rows(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys (one statement)."""
@@ -215,6 +237,113 @@ class PostgresStore:
                 {"key": key_id, "block": block, "limit": limit,
                  "active": int(KeyState.ACTIVE)}).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
+
+    def load_ring(self) -> tuple[int, list[KeyRecord]]:
+        """The key ring's version and every key record, oldest first, in one snapshot (a
+        REPEATABLE READ transaction)."""
+        with self._conn() as conn, conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            version = _ring_version(conn)
+            rows = conn.execute(_KEY_SELECT).fetchall()
+        return version, [_key(r) for r in rows]
+
+    def ring_version(self) -> int:
+        """The key ring's version (one statement)."""
+        with self._conn() as conn:
+            return _ring_version(conn)
+
+    def commit_ring(self, version: int, save: Sequence[KeyRecord],
+                    delete: Sequence[bytes] = (), fence: Fence | None = None) -> int | None:
+        """Compare-and-swap on the key ring in one transaction: the version row's update (its
+        row lock orders concurrent commits; a loser finds the version moved), the fence checked
+        under a share lock on the lease row (a takeover waits for this commit, or this commit
+        sees its new epoch). Returns the new version, None if it had moved.
+        Raises: StaleFence."""
+        with self._tx() as conn:
+            if fence is not None:
+                row = conn.execute("SELECT holder, epoch FROM leases WHERE name = %s FOR SHARE",
+                                   (fence.name,)).fetchone()
+                if row is None or (str(row[0]), int(row[1])) != (fence.holder, fence.epoch):
+                    raise StaleFence(f"lease {fence.name!r} epoch {fence.epoch} is no longer "
+                                     "held: another replica took it over; nothing written")
+            moved = conn.execute("UPDATE key_ring SET version = version + 1 "
+                                 "WHERE id = 1 AND version = %s RETURNING version",
+                                 (version,)).fetchone()
+            if moved is None:
+                return None
+            if save:
+                with conn.cursor() as cursor:
+                    cursor.executemany(_KEY_UPSERT, _key_rows(save))
+            if delete:
+                conn.execute("DELETE FROM keys WHERE key_id = ANY(%s::bytea[])", (list(delete),))
+        return int(moved[0])
+
+    # -- leases and replicas -----------------------------------------------------------------
+
+    def acquire_lease(self, name: str, holder: str, now: float,
+                      duration: float) -> int | None:
+        """Take or renew a lease in one statement (an insert, or an update of a row held by
+        ``holder`` or expired; the row lock orders concurrent takers). Returns its epoch, None
+        if another holds it unexpired."""
+        with self._conn() as conn:
+            row = conn.execute(
+                "INSERT INTO leases AS l (name, holder, epoch, expires_at) "
+                "VALUES (%(name)s, %(holder)s, 1, %(until)s) "
+                "ON CONFLICT (name) DO UPDATE SET "
+                "epoch = CASE WHEN l.holder = EXCLUDED.holder THEN l.epoch ELSE l.epoch + 1 END, "
+                "holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at "
+                "WHERE l.holder = EXCLUDED.holder OR l.expires_at <= %(now)s::float8 "
+                "RETURNING epoch",
+                {"name": name, "holder": holder, "until": now + duration,
+                 "now": now}).fetchone()
+        return None if row is None else int(row[0])
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Let the lease expire now if ``holder`` holds it (one statement)."""
+        with self._conn() as conn:
+            conn.execute("UPDATE leases SET expires_at = 0 WHERE name = %s AND holder = %s",
+                         (name, holder))
+
+    def load_lease(self, name: str) -> LeaseRecord | None:
+        """The stored lease, or None."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT name, holder, epoch, expires_at FROM leases "
+                               "WHERE name = %s", (name,)).fetchone()
+        return None if row is None else LeaseRecord(str(row[0]), str(row[1]), int(row[2]),
+                                                     float(row[3]))
+
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        """Insert or replace the replica's record (one statement)."""
+        with self._conn() as conn:
+            conn.execute(
+                "INSERT INTO replicas (replica_id, host, pid, started_at, heartbeat_at, "
+                "ring_version, loaded) VALUES (%s, %s, %s, %s, %s, %s, %s::bytea[]) "
+                "ON CONFLICT (replica_id) DO UPDATE SET host = EXCLUDED.host, "
+                "pid = EXCLUDED.pid, started_at = EXCLUDED.started_at, "
+                "heartbeat_at = EXCLUDED.heartbeat_at, ring_version = EXCLUDED.ring_version, "
+                "loaded = EXCLUDED.loaded",
+                (replica.replica_id, replica.host, replica.pid, replica.started_at,
+                 replica.heartbeat_at, replica.ring_version, sorted(replica.loaded)))
+
+    def load_replicas(self) -> list[ReplicaRecord]:
+        """Every replica record, oldest start first."""
+        with self._conn() as conn:
+            rows = conn.execute("SELECT replica_id, host, pid, started_at, heartbeat_at, "
+                                "ring_version, loaded FROM replicas "
+                                "ORDER BY started_at, replica_id").fetchall()
+        return [ReplicaRecord(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4]),
+                              int(r[5]), frozenset(bytes(k) for k in r[6])) for r in rows]
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Drop a replica's record."""
+        with self._conn() as conn:
+            conn.execute("DELETE FROM replicas WHERE replica_id = %s", (replica_id,))
+
+    def purge_replicas(self, before: float) -> int:
+        """Drop records of replicas silent since before ``before``; return how many."""
+        with self._conn() as conn:
+            return conn.execute("DELETE FROM replicas WHERE heartbeat_at < %s::float8",
+                                (before,)).rowcount
 
     # -- consumed set ------------------------------------------------------------------------
 
@@ -429,6 +558,20 @@ def audit_entry(row: Sequence[Any] | None) -> dict[str, Any] | None:
     seq, stamp, actor, action, details, prev, digest = row
     return {"seq": int(seq), "time": stamp, "actor": actor, "action": action,
             "details": json.loads(details), "prev": prev, "hash": digest}
+
+
+def _ring_version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT version FROM key_ring WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(bytes(row[0]), KeyState(row[1]), *row[2:])
+
+
+def _key_rows(records: Sequence[KeyRecord]) -> list[tuple[Any, ...]]:
+    return [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
+             r.opens_until, r.destroyed_at) for r in records]
 
 
 def _meta(conn: psycopg.Connection[Any], name: str) -> str | None:

@@ -9,13 +9,21 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
-from authority.store.base import RevocationRecord
+from authority.store.base import (
+    Fence,
+    LeaseRecord,
+    ReplicaRecord,
+    RevocationRecord,
+    StaleFence,
+)
 
-#: 1: keys, consumed. 2: + revocations, realms (a version 1 file is migrated on open).
-SCHEMA_VERSION = 2
+#: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases (an
+#: older file is migrated on open).
+SCHEMA_VERSION = 3
 HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 
@@ -48,7 +56,34 @@ CREATE TABLE IF NOT EXISTS realms (
     epoch INTEGER NOT NULL,
     bumped_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS key_ring (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO key_ring VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS replicas (
+    replica_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    ring_version INTEGER NOT NULL,
+    loaded TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
+_KEY_UPSERT = ("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
+               "SET state=excluded.state, created_at=excluded.created_at, "
+               "seal_count=max(seal_count, excluded.seal_count), "
+               "sealing_ended_at=excluded.sealing_ended_at, opens_until=excluded.opens_until, "
+               "destroyed_at=excluded.destroyed_at")
+_KEY_SELECT = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
+               "destroyed_at FROM keys ORDER BY created_at, key_id")
 
 
 class SqliteStore:
@@ -76,7 +111,7 @@ class SqliteStore:
         row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] == "1":  # the script above already created the version 2 tables
+        elif row[0] in ("1", "2"):  # the script above already created the newer tables
             self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise StartupError(f"state store {self.path}: schema {row[0]}, this version "
@@ -116,22 +151,14 @@ class SqliteStore:
     def load_keys(self) -> list[KeyRecord]:
         """Return every key record, oldest first."""
         with self._tx() as db:
-            rows = db.execute("SELECT key_id, state, created_at, seal_count, sealing_ended_at, "
-                              "opens_until, destroyed_at FROM keys ORDER BY created_at").fetchall()
-        return [KeyRecord(bytes(r[0]), KeyState(r[1]), *r[2:]) for r in rows]
+            rows = db.execute(_KEY_SELECT).fetchall()
+        return [_key(r) for r in rows]
 
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the records in one transaction; a stored seal count is never
         lowered (seals another process reserved stay counted)."""
-        rows = [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
-                 r.opens_until, r.destroyed_at) for r in records]
         with self._tx() as db:
-            db.executemany(
-                "INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
-                "SET state=excluded.state, created_at=excluded.created_at, "
-                "seal_count=max(seal_count, excluded.seal_count), "
-                "sealing_ended_at=excluded.sealing_ended_at, opens_until=excluded.opens_until, "
-                "destroyed_at=excluded.destroyed_at", rows)
+            db.executemany(_KEY_UPSERT, _key_rows(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys in one transaction."""
@@ -151,6 +178,98 @@ class SqliteStore:
             end = min(first + block, limit)
             db.execute("UPDATE keys SET seal_count=? WHERE key_id=?", (end, key_id))
         return first, end
+
+    def load_ring(self) -> tuple[int, list[KeyRecord]]:
+        """The key ring's version and every key record, oldest first, in one transaction."""
+        with self._tx() as db:
+            version = _ring_version(db)
+            rows = db.execute(_KEY_SELECT).fetchall()
+        return version, [_key(r) for r in rows]
+
+    def ring_version(self) -> int:
+        """The key ring's version."""
+        with self._read() as db:
+            return _ring_version(db)
+
+    def commit_ring(self, version: int, save: Sequence[KeyRecord],
+                    delete: Sequence[bytes] = (), fence: Fence | None = None) -> int | None:
+        """Compare-and-swap on the key ring in one transaction (the file's write lock orders
+        processes). Returns the new version, None if it had moved. Raises: StaleFence."""
+        with self._tx() as db:
+            if fence is not None:
+                row = db.execute("SELECT holder, epoch FROM leases WHERE name=?",
+                                 (fence.name,)).fetchone()
+                if row is None or (str(row[0]), int(row[1])) != (fence.holder, fence.epoch):
+                    raise StaleFence(f"lease {fence.name!r} epoch {fence.epoch} is no longer "
+                                     "held: another replica took it over; nothing written")
+            if _ring_version(db) != version:
+                return None
+            db.executemany(_KEY_UPSERT, _key_rows(save))
+            db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in delete])
+            db.execute("UPDATE key_ring SET version=? WHERE id=1", (version + 1,))
+        return version + 1
+
+    def acquire_lease(self, name: str, holder: str, now: float,
+                      duration: float) -> int | None:
+        """Take or renew a lease in one transaction; returns its epoch, None if another holds
+        it unexpired."""
+        with self._tx() as db:
+            row = db.execute("SELECT holder, epoch, expires_at FROM leases WHERE name=?",
+                             (name,)).fetchone()
+            if row is None:
+                epoch = 1
+            elif str(row[0]) == holder:
+                epoch = int(row[1])
+            elif float(row[2]) <= now:
+                epoch = int(row[1]) + 1
+            else:
+                return None
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?, ?)",
+                       (name, holder, epoch, now + duration))
+        return epoch
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Let the lease expire now if ``holder`` holds it."""
+        with self._tx() as db:
+            db.execute("UPDATE leases SET expires_at=0 WHERE name=? AND holder=?",
+                       (name, holder))
+
+    def load_lease(self, name: str) -> LeaseRecord | None:
+        """The stored lease, or None."""
+        with self._read() as db:
+            row = db.execute("SELECT name, holder, epoch, expires_at FROM leases WHERE name=?",
+                             (name,)).fetchone()
+        return None if row is None else LeaseRecord(str(row[0]), str(row[1]), int(row[2]),
+                                                     float(row[3]))
+
+    def heartbeat(self, replica: ReplicaRecord) -> None:
+        """Insert or replace the replica's record (its loaded keys as hex, comma-separated)."""
+        loaded = ",".join(sorted(k.hex() for k in replica.loaded))
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO replicas VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (replica.replica_id, replica.host, replica.pid, replica.started_at,
+                        replica.heartbeat_at, replica.ring_version, loaded))
+
+    def load_replicas(self) -> list[ReplicaRecord]:
+        """Every replica record, oldest start first."""
+        with self._read() as db:
+            rows = db.execute("SELECT replica_id, host, pid, started_at, heartbeat_at, "
+                              "ring_version, loaded FROM replicas "
+                              "ORDER BY started_at, replica_id").fetchall()
+        return [ReplicaRecord(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4]),
+                              int(r[5]), frozenset(bytes.fromhex(k) for k in str(r[6]).split(",")
+                                                   if k))
+                for r in rows]
+
+    def remove_replica(self, replica_id: str) -> None:
+        """Drop a replica's record."""
+        with self._tx() as db:
+            db.execute("DELETE FROM replicas WHERE replica_id=?", (replica_id,))
+
+    def purge_replicas(self, before: float) -> int:
+        """Drop records of replicas silent since before ``before``; return how many."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM replicas WHERE heartbeat_at<?", (before,)).rowcount
 
     def consume_many(self, entries: Sequence[tuple[bytes, int]], now: float) -> list[bool]:
         """Mark tickets used in one transaction; True where newly consumed. An expired leftover
@@ -279,6 +398,20 @@ class SqliteStore:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _ring_version(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT version FROM key_ring WHERE id=1").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _key(row: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(bytes(row[0]), KeyState(row[1]), *row[2:])
+
+
+def _key_rows(records: Sequence[KeyRecord]) -> list[tuple[object, ...]]:
+    return [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
+             r.opens_until, r.destroyed_at) for r in records]
 
 
 def _meta(db: sqlite3.Connection, name: str) -> str | None:

@@ -17,11 +17,13 @@ class KeyState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KEY_STATE_DECRYPT_ONLY: _ClassVar[KeyState]
     KEY_STATE_DESTROYED: _ClassVar[KeyState]
     KEY_STATE_MISSING: _ClassVar[KeyState]
+    KEY_STATE_PENDING: _ClassVar[KeyState]
 KEY_STATE_UNSPECIFIED: KeyState
 KEY_STATE_ACTIVE: KeyState
 KEY_STATE_DECRYPT_ONLY: KeyState
 KEY_STATE_DESTROYED: KeyState
 KEY_STATE_MISSING: KeyState
+KEY_STATE_PENDING: KeyState
 
 class KeyInfo(_message.Message):
     __slots__ = ("key_id", "state", "created_at", "opens_until", "sealing_ended_at", "destroyed_at", "seal_count", "rotates_at")
