@@ -276,12 +276,17 @@ class Authority:
                 self.counters.inc(f"{what}_errors")
                 log.exception("%s failed unexpectedly, will retry", what)
 
-    def close(self) -> None:
-        """Stop maintenance, leave the replicas (the lease released, this replica no longer
-        live), close the store and the device."""
+    def stop_maintenance(self) -> None:
+        """Stop the heartbeats and maintenance (waits for a pass in progress); the lease is
+        kept until it expires (``close`` releases it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        """Stop maintenance, leave the replicas (the lease released, this replica no longer
+        live), close the store and the device."""
+        self.stop_maintenance()
         for leave in (self.lease.release, self.ring.leave):
             try:
                 leave()

@@ -31,10 +31,10 @@ from authority._proto.ticketauthority.v1 import (
 from authority.app import Authority
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import provision_embedded_token
-from authority.clock import ManualClock
+from authority.clock import ManualClock, SystemClock
 from authority.cluster import MAINTENANCE
 from authority.config import ClusterSettings, Config, Pkcs11Settings, PostgresSettings, Secret
-from authority.errors import DeviceUnavailable
+from authority.errors import ConfigError, DeviceUnavailable
 from authority.keyring import UNKNOWN_KEY_REREAD_GAP
 from authority.keys import KeyState
 from authority.sealer import RedeemStatus
@@ -49,7 +49,7 @@ from authority.ticket_format import (
     encode_contents,
     encode_header,
 )
-from tests.conftest import START, issue, make_config, redeem, sample_state
+from tests.conftest import START, issue, load_toml, make_config, redeem, sample_state, wait_until
 from tests.pkcs11_fixtures import requires_softhsm
 from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
@@ -71,6 +71,7 @@ class Cluster:
         self.kind = store
         self.dsn = dsn
         self.clock = ManualClock(START)
+        self.timing = TIMING
         self.token: Pkcs11Settings = provision_embedded_token(tmp_path / "hsm")
         self.replicas: list[Authority] = []
 
@@ -84,7 +85,7 @@ class Cluster:
     def config(self, n: int, **keys: Any) -> Config:
         keys.setdefault("publish_delay", PUBLISH_DELAY)
         config = replace(make_config(self.tmp_path / f"replica{n}", "pkcs11", "threads", **keys),
-                         pkcs11=replace(self.token, sessions=2), cluster=TIMING)
+                         pkcs11=replace(self.token, sessions=2), cluster=self.timing)
         if self.dsn is not None:   # the audit chain in the database, one for every replica
             return replace(config, postgresql=PostgresSettings(dsn=Secret(self.dsn)))
         return replace(config, audit_log=self.tmp_path / "audit.log")   # one file, shared
@@ -255,6 +256,51 @@ def test_alone_a_rotation_seals_at_once(cluster: Cluster) -> None:
     assert previous.state == KeyState.DECRYPT_ONLY
     assert previous.opens_until == (previous.sealing_ended_at or 0) + first.ring.max_lifetime
     assert "key.published" not in [action for action, _ in audit_actions(cluster)]
+
+
+def test_rotation_under_load_never_makes_a_valid_ticket_invalid(cluster: Cluster) -> None:
+    """B and C issue and redeem each other's tickets on threads while A rotates and the
+    replicas heartbeat (the key is published, then every replica switches): every redeem
+    is OK, before and after the new key seals."""
+    a, b, c = (cluster.start() for _ in range(3))
+    old = a.ring.primary_id
+    stop = threading.Event()
+    outcomes: list[tuple[bytes, RedeemStatus]] = []
+    errors: list[BaseException] = []
+
+    def load(issuer: Authority, redeemer: Authority, offset: int) -> None:
+        n = offset
+        try:
+            while not stop.is_set():
+                issued = issuer.sealer.issue(state_from_proto(
+                    authority_pb2.IssueTicketRequest(state=sample_state(n))))
+                outcomes.append((issued.key_id, opens(redeemer, issued.ticket)))
+                n += 2
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(b, c, 0)),
+               threading.Thread(target=load, args=(c, b, 1))]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(outcomes) >= 20)
+        new, _ = a.ring.rotate()
+        assert new.state == KeyState.PENDING
+        wait_until(lambda: len(outcomes) >= 40)
+        for replica in (b, c, a, b, c):   # published by A, then B and C switch
+            replica.heartbeat()
+        seen = len(outcomes)
+        wait_until(lambda: len(outcomes) >= seen + 40)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors, errors
+    assert {status for _, status in outcomes} == {RedeemStatus.OK}
+    keys = [key_id for key_id, _ in outcomes]
+    assert keys[0] == old and keys[-1] == new.key_id
+    assert keys.index(new.key_id) > 40        # nothing sealed under it while PENDING
 
 
 # -- compare-and-swap on the ring's version ------------------------------------------------------
@@ -521,3 +567,44 @@ def test_rotate_key_over_grpc_answers_pending_then_the_key_seals(pg_cluster: Clu
             channel.close()
         for server in servers:
             server.stop(grace=1.0)
+
+
+# -- the background loop, on the real clock ------------------------------------------------------
+
+def test_the_replicas_loops_publish_a_key_and_move_the_lease(pg_cluster: Cluster) -> None:
+    """Two replicas heartbeating on their own (start_maintenance, real time, short bounds):
+    a rotation on the non-holder is published by the heartbeats; when the holder stops, the
+    other takes the lease over."""
+    pg_cluster.clock = SystemClock()   # type: ignore[assignment]
+    pg_cluster.timing = ClusterSettings(heartbeat_interval=0.1, replica_timeout=1.0,
+                                        lease_duration=0.5)
+    a, b = (pg_cluster.start(maintenance_interval=0.2) for _ in range(2))
+    for replica in (a, b):
+        replica.start_maintenance()
+    wait_until(lambda: a.lease.epoch is not None or b.lease.epoch is not None)
+    holder, other = (a, b) if a.lease.epoch is not None else (b, a)
+    new, _ = other.ring.rotate()
+    wait_until(lambda: holder.ring.primary_id == other.ring.primary_id == new.key_id)
+    epoch = holder.lease.epoch
+    assert epoch is not None
+    holder.stop_maintenance()   # the holder stalls: no more heartbeats nor renewals
+    wait_until(lambda: other.lease.epoch == epoch + 1)
+    assert holder.lease.hold() is None
+
+
+# -- settings ------------------------------------------------------------------------------------
+
+def test_cluster_settings_and_publish_delay(tmp_path: Path) -> None:
+    config = load_toml(tmp_path, "[keys]\npublish_delay = 0\n[cluster]\nheartbeat_interval = 2\n"
+                                 "replica_timeout = 10\nlease_duration = 6.5\n")
+    assert config.keys.publish_delay == 0.0
+    assert config.cluster == ClusterSettings(heartbeat_interval=2.0, replica_timeout=10.0,
+                                             lease_duration=6.5)
+    assert load_toml(tmp_path, "").cluster == ClusterSettings()
+    for text, setting in [("[keys]\npublish_delay = -1\n", "keys.publish_delay"),
+                          ("[cluster]\nheartbeat_interval = 0\n", "cluster.heartbeat_interval"),
+                          ("[cluster]\nreplica_timeout = 1.5\n", "cluster.replica_timeout"),
+                          ("[cluster]\nlease_duration = 1\n", "cluster.lease_duration"),
+                          ("[cluster]\nnodes = 3\n", "cluster.nodes")]:
+        with pytest.raises(ConfigError, match=rf"^{setting}:"):
+            load_toml(tmp_path, text)
