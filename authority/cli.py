@@ -198,24 +198,30 @@ def _serve(args: argparse.Namespace) -> int:
     check_listeners_free(config)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from authority.service.supervisor import server_processes, supervise
+
+    if server_processes(config) > 1:   # replicas on one port (authority/service/supervisor.py)
+        return supervise(config)
     serve(config)
     return 0
 
 
 def check_listeners_free(config: Config) -> None:
     """Refuse to start when another process already listens on one of the TCP addresses the
-    server is to listen on (server.listen, server.admin_listen, server.metrics_listen): checked
+    server is to listen on (server.listen, server.admin_listen, server.metrics_listen: each
+    replica's with server.processes > 1): checked
     before anything is provisioned, and without asking gRPC, whose C core would log a raw
     add_port error first. Port 0, Unix sockets and names that do not resolve are left to the
     listeners themselves.
 
     Raises: StartupError naming the setting and the address."""
+    from authority.service.supervisor import metrics_listens
     from authority.settings_loader import parse_listen
 
     server = config.server
     for setting, listen in (("server.listen", server.listen),
                             ("server.admin_listen", server.admin_listen),
-                            ("server.metrics_listen", server.metrics_listen)):
+                            *(("server.metrics_listen", m) for m in metrics_listens(config))):
         if not listen or listen.startswith("unix:"):
             continue
         host, port = parse_listen(listen, setting=setting, loopback_only=False)

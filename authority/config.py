@@ -181,6 +181,12 @@ class ServerSettings:
                                      # 0: never
     connection_age_grace: float = 30.0  # calls still open then get this long, then the
                                      # connection is closed
+    processes: int | str = "auto"    # server processes on one machine, each a replica on
+                                     # ``listen`` (SO_REUSEPORT) sharing the state (SQLite:
+                                     # the state dir's database; PostgreSQL: the database);
+                                     # > 1: ``serve`` supervises them. "auto": as measured
+                                     # (authority/service/supervisor.py). Metrics: replica i
+                                     # on metrics_listen's port + i. TPM: 1 only
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
 #: settings that take "auto" or an integer
-_AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client"}
+_AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client",
+                "server.processes"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy,
              "cluster": ClusterSettings}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
@@ -347,6 +348,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("server.device_processes", "0 or 1 for backend tpm (a TPM is one "
                                                      "device: one process owns it)")
     _validate_call_limits(cfg)
+    _validate_processes(cfg)
     _validate_postgresql(cfg)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
@@ -379,6 +381,27 @@ def validate(cfg: Config) -> None:
         _positive("pkcs11.sessions", cfg.pkcs11.sessions)
         if cfg.pkcs11.session_timeout <= 0:
             raise ConfigError("pkcs11.session_timeout", "must be positive")
+
+
+def _validate_processes(cfg: Config) -> None:
+    """``server.processes``: auto or 1..64; 1 for the TPM; with a fixed metrics port, one
+    port per replica must fit. Raises: ConfigError naming the setting."""
+    processes = cfg.server.processes
+    if processes == "auto":
+        return
+    if not isinstance(processes, int) or not 1 <= processes <= 64:
+        raise ConfigError("server.processes", f"expected auto or 1..64, got {processes!r}")
+    if cfg.backend == "tpm" and processes > 1:
+        raise ConfigError("server.processes", "must be 1 with backend tpm: a TPM is one "
+                          "device that one process owns (its sessions and loaded keys), so "
+                          "several server processes cannot share it; use backend pkcs11 (a "
+                          "token every process opens) for several processes")
+    if cfg.server.metrics_listen and processes > 1:
+        port = parse_listen(cfg.server.metrics_listen, setting="server.metrics_listen",
+                            loopback_only=False)[1]
+        if port and port + processes - 1 > 65535:
+            raise ConfigError("server.metrics_listen", f"replica {processes - 1} would "
+                              f"listen on port {port + processes - 1} (port + replica index)")
 
 
 def _validate_postgresql(cfg: Config) -> None:

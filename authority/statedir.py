@@ -5,6 +5,15 @@ The lock is ``fcntl.flock`` on ``STATE_DIR/lock``, held from start-up until the 
 closed (or its process dies: the kernel releases it). The file holds the holder's process id,
 for the message that refuses a second authority.
 
+With ``server.processes`` > 1 the holder is the supervisor (authority/service/supervisor.py):
+it takes the lock, and hands the locked file to each replica process it starts (an inherited
+file descriptor: the same open file, so the same lock). A replica calls :func:`adopt` with it
+before opening its authority, whose :meth:`StateLock.acquire` then takes that lock instead of
+a new one (once). Any other process opens the file anew and is refused as before, naming the
+supervisor, whose pid the file holds. The lock lasts while the supervisor or any of its
+replicas keeps the file open: a replica left behind by a supervisor killed with SIGKILL still
+holds it until it has stopped (it stops when it sees its supervisor gone).
+
 The owner is recorded in the store at the first start: the backend ("pkcs11", "tpm") and the
 device. A PKCS#11 device is its token as the token names itself (label, serial, manufacturer,
 model); a TPM is its key directory and where the TPM is (the embedded swtpm, or the TCTI).
@@ -28,6 +37,9 @@ from authority.keys import KeyState
 from authority.store.base import Store
 
 LOCK_NAME: Final = "lock"
+#: (st_dev, st_ino) of a lock file -> the descriptor of it a supervisor gave this process,
+#: locked (``adopt``); taken by the next ``StateLock.acquire`` of that file
+_given: dict[tuple[int, int], int] = {}
 
 
 class StateLock:
@@ -48,6 +60,10 @@ class StateLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise StartupError(f"state_dir: cannot open {path}: {exc.strerror}") from exc
+        given = _given.pop(_file_id(fd), None)
+        if given is not None:   # our supervisor's lock: already held, its pid in the file
+            os.close(fd)
+            return cls(directory, given)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -63,12 +79,43 @@ class StateLock:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return cls(directory, fd)
 
+    def fileno(self) -> int:
+        """The locked file's descriptor (a supervisor passes it to its replicas).
+        Raises: ValueError once released."""
+        if self._fd is None:
+            raise ValueError("the state-dir lock was released")
+        return self._fd
+
     def release(self) -> None:
-        """Unlock (closing the file). Idempotent; never raises."""
+        """Unlock (closing the file; a lock adopted from a supervisor stays held by it and
+        its other replicas). Idempotent; never raises."""
         fd, self._fd = self._fd, None
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def adopt(fd: int) -> None:
+    """Take ``fd``, a descriptor of a state directory's lock file that this process inherited
+    from its supervisor, which holds the lock on it: the next ``StateLock.acquire`` of that
+    directory in this process uses it (once) instead of locking anew.
+
+    Raises: StartupError if ``fd`` is not an open file this process may lock (the lock is
+    held elsewhere: the descriptor is not the supervisor's open file).
+    """
+    try:
+        key = _file_id(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: the same open file
+    except OSError as exc:
+        raise StartupError(f"state_dir: the lock descriptor {fd} given by the supervisor is "
+                           f"not usable: {exc.strerror}") from exc
+    _given[key] = fd
+
+
+def _file_id(fd: int) -> tuple[int, int]:
+    """(device, inode) of an open file. Raises: OSError."""
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def _read_pid(fd: int) -> str:

@@ -4,6 +4,7 @@ server processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -18,7 +19,8 @@ from authority._proto.ticketauthority.v1 import authority_pb2_grpc
 from authority.app import Authority
 from authority.clock import ManualClock
 from authority.errors import StartupError
-from tests.conftest import issue, make_config, redeem
+from authority.statedir import StateLock, adopt
+from tests.conftest import issue, make_config, process_gone, redeem, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +65,64 @@ def test_second_server_process_is_refused_naming_the_first(tmp_path: Path) -> No
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_a_lock_handed_to_a_replica_is_adopted_once_and_stays_the_supervisors(
+        tmp_path: Path) -> None:
+    """The supervisor of server.processes holds the lock; a replica given its locked file
+    (here a duplicate descriptor: the same open file, as an inherited one) adopts it once;
+    anyone else, and a second open in the replica, is refused naming the supervisor."""
+    state = tmp_path / "state"
+    state.mkdir()
+    supervisor = StateLock.acquire(state)
+    try:
+        adopt(os.dup(supervisor.fileno()))
+        replica = StateLock.acquire(state)   # the given lock, not a new one
+        with pytest.raises(StartupError) as err:
+            StateLock.acquire(state)
+        assert f"process {os.getpid()}" in str(err.value)
+        replica.release()                    # closes the replica's descriptor only
+        with pytest.raises(StartupError):
+            StateLock.acquire(state)         # the supervisor still holds it
+    finally:
+        supervisor.release()
+    StateLock.acquire(state).release()
+
+
+def test_a_second_serve_is_refused_while_a_supervisor_and_its_replicas_run(
+        tmp_path: Path) -> None:
+    """server.processes = 2: the replicas share the state dir, a second independent serve
+    (one process or several) is refused naming the supervisor; killed with SIGKILL, the
+    supervisor's replicas stop by themselves and the state dir is free again."""
+    state = tmp_path / "state"
+    config = tmp_path / "two.toml"
+    config.write_text('[server]\nprocesses = 2\nmetrics_listen = ""\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
+         "--listen", "127.0.0.1:0", "--config", str(config)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("Stop with"):
+                break
+        replicas = [r["pid"] for r in json.loads((state / "server.json").read_text())["replicas"]]
+        assert len(replicas) == 2
+        for extra in ([], ["--config", str(config)]):
+            second = subprocess.run(
+                [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
+                 "--listen", "127.0.0.1:0", "--metrics-listen", "", *extra],
+                cwd=ROOT, capture_output=True, text=True, timeout=60)
+            assert second.returncode == 2, second.stderr
+            assert f"{state} is in use by process {proc.pid}" in second.stderr
+        with pytest.raises(StartupError) as err:
+            Authority.open(make_config(state, "pkcs11", "threads"), ManualClock())
+        assert f"process {proc.pid}" in str(err.value)
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: all(process_gone(pid) for pid in replicas), timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    Authority.open(make_config(state, "pkcs11", "threads"), ManualClock()).close()

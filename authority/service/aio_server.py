@@ -25,6 +25,7 @@ from authority.service.auth import RoleMap
 from authority.service.ratelimit import TokenBuckets
 from authority.service.registry import register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
+from authority.service.supervisor import reuse_port
 
 T = TypeVar("T")
 
@@ -115,7 +116,7 @@ def _server(config: Config, guard: AioGuard) -> grpc.aio.Server:
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0), *transport_options(config)])
+                 ("grpc.so_reuseport", reuse_port(config)), *transport_options(config)])
 
 
 async def _build(config: Config, authority: Authority, loop: LoopThread,

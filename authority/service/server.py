@@ -31,6 +31,7 @@ from authority.service.guard import ThreadGuard
 from authority.service.observability import start_metrics_http
 from authority.service.registry import ADMIN_SERVICE, TICKET_SERVICE, add_port, register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
+from authority.service.supervisor import reuse_port
 from authority.service.tls import ReloadingCredentials
 from authority.settings_loader import admin_listen_path, parse_listen
 
@@ -86,7 +87,7 @@ def _grpc_server(config: Config, guard: ThreadGuard, workers: int) -> grpc.Serve
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,  # beyond: RESOURCE_EXHAUSTED
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", limit),
-                 ("grpc.so_reuseport", 0), *transport_options(config)])
+                 ("grpc.so_reuseport", reuse_port(config)), *transport_options(config)])
 
 
 def _bind_admin(config: Config, server: grpc.Server) -> str:
@@ -234,7 +235,7 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
-    _settle_heap()
+    settle_heap()
     _announce(config, running)
     try:
         stop.wait()
@@ -244,7 +245,7 @@ def serve(config: Config) -> None:
         log.info("stopped")
 
 
-def _settle_heap() -> None:
+def settle_heap() -> None:
     """Move everything allocated at start-up (modules, grpc, protobuf) out of the collector's
     sight. Measured under unary load: a full (generation 2) collection walked ~39,000 objects
     and stalled the event loop 31 ms; after ``gc.freeze`` none ran in the same 8 s and the young
@@ -254,21 +255,29 @@ def _settle_heap() -> None:
     gc.freeze()
 
 
-def _write_server_file(path: Path, address: str, admin_address: str | None = None) -> None:
+def _write_server_file(path: Path, address: str, admin_address: str | None = None,
+                       replicas: list[dict[str, Any]] | None = None) -> None:
+    """Write server.json (atomically): the address, our pid, the admin address; with
+    ``server.processes`` > 1 (our pid is the supervisor's), the replicas. Raises: OSError."""
     info: dict[str, Any] = {"address": address, "pid": os.getpid()}
     if admin_address is not None:
         info["admin_address"] = admin_address
+    if replicas is not None:
+        info["replicas"] = replicas
     data = json.dumps(info)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(data)
     tmp.replace(path)
 
 
-def _metrics_line(config: Config, running: RunningServer) -> str:
-    if running.metrics_port is None:
+def _metrics_line(config: Config, ports: list[int]) -> str:
+    """The banner's metrics line: one URL, or one per replica (server.processes)."""
+    if not ports:
         return ""
     host = config.server.metrics_listen.rpartition(":")[0]
-    return f"  metrics   http://{host}:{running.metrics_port}/metrics (Prometheus)\n"
+    urls = ", ".join(f"http://{host}:{port}/metrics" for port in ports)
+    what = "Prometheus" if len(ports) == 1 else "Prometheus, one per replica"
+    return f"  metrics   {urls} ({what})\n"
 
 
 def _command() -> str:
@@ -296,7 +305,8 @@ def _transport(config: Config) -> tuple[str, str, str]:
             " --tls-ca CA.pem --tls-cert GATEWAY.pem --tls-key GATEWAY.key")
 
 
-def _mode_line(config: Config) -> str:
+def mode_line(config: Config) -> str:
+    """The banner's server line of one process: its mode, where device calls run."""
     if server_mode(config) == "threads":
         return f"threads ({config.server.workers} workers)"
     calls = "inline" if inline_device_calls(config) else f"on {config.server.workers} threads"
@@ -305,25 +315,45 @@ def _mode_line(config: Config) -> str:
     return f"aio (one event loop; ticket device calls {calls}{batches})"
 
 
+@dataclass(frozen=True)
+class Banner:
+    """What ``serve`` prints once listening (one process, or the supervisor of several)."""
+
+    address: str
+    admin_address: str | None
+    device: str                   # "pkcs11: <token>"
+    sealing: str                  # the sealing key's id in hex, or "-"
+    metrics_ports: list[int]
+    server: str                   # the server line (mode; processes)
+
+
 def _announce(config: Config, running: RunningServer) -> None:
     info = running.authority.backend.describe()
     primary = running.authority.ring.primary_id
+    announce(config, Banner(
+        running.address, running.admin_address, f"{info.backend}: {info.token}",
+        primary.hex() if primary else "-",
+        [] if running.metrics_port is None else [running.metrics_port], mode_line(config)))
+
+
+def announce(config: Config, banner: Banner) -> None:
+    """Print the banner: where it listens, the device, the state, and commands to try."""
     transport, flags, gateway_flags = _transport(config)
     command = _command()
-    admin = running.address
+    admin = banner.address
     admin_line = ""
-    if running.admin_address is not None:
-        admin, flags = running.admin_address, ""
+    if banner.admin_address is not None:
+        admin, flags = banner.admin_address, ""
         admin_line = f"TicketAdmin on {admin} (plaintext, no roles: local access only)\n"
-    print(f"ike-ticket-authority listening on {running.address} ({transport})\n"
+    print(f"ike-ticket-authority listening on {banner.address} ({transport})\n"
           f"{admin_line}"
-          f"  backend   {info.backend}: {info.token}\n"
-          f"  server    {_mode_line(config)}\n"
+          f"  backend   {banner.device}\n"
+          f"  server    {banner.server}\n"
           f"  state     {config.state_dir}\n"
-          f"  sealing   key {primary.hex() if primary else '-'}\n"
-          f"{_metrics_line(config, running)}"
+          f"  sealing   key {banner.sealing}\n"
+          f"{_metrics_line(config, banner.metrics_ports)}"
           f"Try:\n"
           f"  {command} status --listen {admin}{flags}\n"
           f"  {command} keys list --listen {admin}{flags}\n"
-          f"  {command} demo --authority {running.address}{gateway_flags}\n"
+          f"  {command} demo --authority {banner.address}{gateway_flags}\n"
           f"Stop with Ctrl-C or SIGTERM.", flush=True)

@@ -26,6 +26,9 @@ from authority.store.base import (
 SCHEMA_VERSION = 3
 HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
+#: seconds a statement waits for another connection's write lock (another process sharing the
+#: file: server.processes) before failing with "database is locked" (UNAVAILABLE)
+BUSY_TIMEOUT = 5.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -89,8 +92,11 @@ _KEY_SELECT = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, 
 class SqliteStore:
     """Store backed by one SQLite database file. Thread-safe through one lock."""
 
-    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
-        """Open (creating if needed) the database at ``path``.
+    def __init__(self, path: Path, synchronous: str = "NORMAL",
+                 busy_timeout: float = BUSY_TIMEOUT) -> None:
+        """Open (creating if needed) the database at ``path``. Other processes may share the
+        file (WAL): a write (``BEGIN IMMEDIATE``) waits up to ``busy_timeout`` seconds for
+        theirs to commit.
 
         Raises: StartupError if the file cannot be opened or has an unknown schema version.
         """
@@ -99,7 +105,8 @@ class SqliteStore:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(path, timeout=busy_timeout, check_same_thread=False,
+                                       isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
@@ -119,9 +126,11 @@ class SqliteStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        """Run the body in one transaction under the lock.
+        """Run the body in one transaction under the lock; ``BEGIN IMMEDIATE`` takes the
+        file's write lock first, waiting (busy timeout) while another process holds it.
 
-        Raises: DeviceUnavailable if SQLite fails (the transaction is rolled back).
+        Raises: DeviceUnavailable if SQLite fails (the transaction is rolled back), "database
+        is locked" included when the wait exceeded the busy timeout.
         """
         with self._lock:
             try:

@@ -1,0 +1,442 @@
+"""Several server processes on one machine (``server.processes`` > 1): ``serve`` becomes the
+supervisor of N replica processes listening on one port.
+
+Each replica (authority/service/replica.py) is a whole server: its own Authority (device
+sessions, key ring, maintenance loop, replica id: authority/cluster.py), sharing the state with
+the others exactly as replicas on several machines do -- the state directory's SQLite database
+(WAL; a write waits for another process's: authority/store/sqlite.py) or the PostgreSQL
+database -- and the device (the embedded SoftHSM2 token's files, or the configured token). The
+kernel spreads new connections over the replicas' listening sockets (SO_REUSEPORT on one
+host:port); a connection, and every call on it, stays with one replica.
+
+The supervisor
+
+- takes the state directory's lock and hands it to each replica (authority/statedir.py), so a
+  second, independent ``serve`` on that directory is still refused;
+- starts replica 0 on ``server.listen`` (port 0: a free port) and waits until it serves (the
+  first start provisions the embedded token and the first key), then the others, one at a
+  time, on the port replica 0 bound; likewise a HOST:PORT ``server.admin_listen``; a
+  ``unix:PATH`` admin listener is replica 0's, replica i's is ``unix:PATH.i``;
+- gives replica i the metrics port ``server.metrics_listen``'s port + i (port 0: a free port
+  each): each replica's metrics are its own, a Prometheus target of its own;
+- restarts a replica that exits, after 0.5 s, doubling up to 30 s while it keeps failing (the
+  delay is reset once one has run for 30 s);
+- forwards SIGHUP (TLS reload) to the replicas; on SIGTERM or SIGINT sends them SIGTERM (each
+  drains for ``server.grace_seconds``), waits, and exits once they have stopped;
+- writes server.json: the address, its own pid, the admin address and the replicas (index,
+  pid, replica id, metrics port, admin address).
+
+A replica whose supervisor is gone (killed) sees its end of their socket pair close, and stops.
+The settings (secrets included) reach a replica over that socket pair, never on its command
+line or in its environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from types import FrameType
+from typing import Any, Final
+
+from authority.config import Config
+from authority.errors import DeviceUnavailable, StartupError
+from authority.statedir import StateLock
+
+log = logging.getLogger(__name__)
+
+#: ``server.processes = "auto"``: one process (docs/benchmarks.md, "Replicas on one machine":
+#: on 2 cores a second process did not raise any rate; the measurement decides more cores)
+AUTO_PROCESSES: Final = 1
+START_TIMEOUT: Final = 120.0   # seconds a replica may take to serve (the first provisions)
+BACKOFF_FIRST: Final = 0.5     # seconds before restarting a replica that exited
+BACKOFF_MAX: Final = 30.0
+STABLE: Final = 30.0           # seconds a replica must run for its restart delay to reset
+STOP_MARGIN: Final = 15.0      # seconds past server.grace_seconds before SIGKILL
+POLL: Final = 0.1              # seconds between looks at the replicas
+_LENGTH: Final = struct.Struct(">I")
+
+
+def server_processes(config: Config) -> int:
+    """How many server processes ``serve`` runs: ``server.processes``, ``auto`` resolved to
+    ``AUTO_PROCESSES`` (the TPM: 1). Never raises for a validated config."""
+    setting = config.server.processes
+    if setting == "auto" or config.backend == "tpm":
+        return 1 if config.backend == "tpm" else AUTO_PROCESSES
+    return int(setting)
+
+
+def reuse_port(config: Config) -> int:
+    """``grpc.so_reuseport`` of this process's listeners: 1 when it is one of several
+    replicas on one port, else 0 (another server on the port is refused). Never raises."""
+    return int(server_processes(config) > 1)
+
+
+def metrics_listens(config: Config) -> list[str]:
+    """The metrics address of each replica: ``server.metrics_listen``'s port + index (port
+    0: each its own free port); none when metrics are off. Never raises for a validated
+    config."""
+    listen = config.server.metrics_listen
+    count = server_processes(config)
+    if not listen:
+        return []
+    host, _, port = listen.rpartition(":")
+    return [f"{host}:{int(port) + i if int(port) else 0}" for i in range(count)]
+
+
+def replica_config(config: Config, index: int, port: int | None = None,
+                   admin_port: int | None = None) -> Config:
+    """Replica ``index``'s settings: ``server.listen`` on ``port`` (the one replica 0 bound;
+    None: as configured), the admin listener likewise (``unix:PATH``: replica 0's, else
+    ``PATH.index``), its own metrics port. Never raises for a validated config."""
+    server = config.server
+    changes: dict[str, Any] = {}
+    if port is not None:
+        changes["listen"] = f"{server.listen.rpartition(':')[0]}:{port}"
+    admin = server.admin_listen
+    if admin.startswith("unix:") and index:
+        changes["admin_listen"] = f"{admin}.{index}"
+    elif admin and not admin.startswith("unix:") and admin_port is not None:
+        changes["admin_listen"] = f"{admin.rpartition(':')[0]}:{admin_port}"
+    if server.metrics_listen:
+        changes["metrics_listen"] = metrics_listens(config)[index]
+    return replace(config, server=replace(server, **changes))
+
+
+def send_frame(link: socket.socket, data: bytes) -> None:
+    """One length-prefixed frame. Raises: OSError."""
+    link.sendall(_LENGTH.pack(len(data)) + data)
+
+
+def receive_frame(link: socket.socket) -> bytes:
+    """One length-prefixed frame. Raises: OSError, EOFError (closed before it ended)."""
+    (size,) = _LENGTH.unpack(_receive_exactly(link, _LENGTH.size))
+    return _receive_exactly(link, size)
+
+
+def _receive_exactly(link: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = link.recv(size - len(data))
+        if not chunk:
+            raise EOFError("the peer closed the socket")
+        data += chunk
+    return data
+
+
+def receive_hello(link: socket.socket) -> dict[str, Any]:
+    """What the supervisor sends a replica first: its settings, index and lock descriptor.
+    Only its own supervisor holds the other end of this socket pair, so the pickle comes from
+    the process that started us. Raises: OSError, EOFError."""
+    hello: dict[str, Any] = pickle.loads(receive_frame(link))  # noqa: S301
+    return hello
+
+
+@dataclass
+class _Slot:
+    """One replica's place: the process now in it, and its restart schedule."""
+
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    link: socket.socket | None = None
+    info: dict[str, Any] | None = None   # its ready message (pid, replica id, ports...)
+    started: float = 0.0                 # monotonic time of the last start
+    failures: int = 0                    # exits in a row, each less than STABLE after start
+    due: float = 0.0                     # monotonic time of the next start
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the replicas of one ``serve``."""
+
+    def __init__(self, config: Config, lock: StateLock) -> None:
+        self.config = config
+        self._lock = lock
+        self._slots = [_Slot(i) for i in range(server_processes(config))]
+        self._port: int | None = None         # the shared port, once replica 0 bound it
+        self._admin_port: int | None = None
+        self._address: str | None = None      # replica 0's addresses, once it served
+        self._admin_address: str | None = None
+        self.stopping = threading.Event()
+
+    @property
+    def replicas(self) -> list[dict[str, Any]]:
+        """The ready messages of the replicas serving now."""
+        return [slot.info for slot in self._slots if slot.info is not None]
+
+    def start(self) -> None:
+        """Start the replicas one after the other, replica 0 first.
+
+        Raises: StartupError, DeviceUnavailable (a replica could not start; those started
+        are still running: call ``stop``)."""
+        for slot in self._slots:
+            if self.stopping.is_set():
+                return
+            error = self._launch(slot)
+            if error is not None:
+                raise error
+
+    def run(self) -> None:
+        """Watch the replicas until ``stopping`` is set: restart those that exit."""
+        while not self.stopping.wait(POLL):
+            for slot in self._slots:
+                if not self.stopping.is_set():
+                    self._tend(slot)
+
+    def forward(self, signum: int) -> None:
+        """Send ``signum`` to every live replica. Never raises."""
+        for slot in self._slots:
+            if slot.proc is not None and slot.alive:
+                slot.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        """SIGTERM to every replica; wait for them to drain (SIGKILL after
+        ``server.grace_seconds`` + 15 s). Never raises."""
+        self.stopping.set()
+        self.forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.server.grace_seconds + STOP_MARGIN
+        for slot in self._slots:
+            if slot.proc is None:
+                continue
+            try:
+                slot.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("replica %d (pid %d) did not stop in time: killed", slot.index,
+                            slot.proc.pid)
+                slot.proc.kill()
+                slot.proc.wait()
+            self._discard(slot)
+
+    def _tend(self, slot: _Slot) -> None:
+        """Restart ``slot`` when its replica has exited and its delay has passed."""
+        if slot.proc is not None:
+            status = slot.proc.poll()
+            if status is None:
+                return
+            self._lost(slot, f"replica {slot.index} (pid {slot.proc.pid}) exited with "
+                             f"status {status}")
+        if time.monotonic() < slot.due:
+            return
+        error = self._launch(slot)
+        if error is not None:
+            self._lost(slot, f"replica {slot.index} did not start: {error}")
+        elif not self.stopping.is_set():
+            self.write_server_file()
+
+    def _lost(self, slot: _Slot, why: str) -> None:
+        """Forget the slot's process and schedule its restart with backoff."""
+        now = time.monotonic()
+        if now - slot.started >= STABLE:
+            slot.failures = 0
+        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** slot.failures)
+        slot.failures += 1
+        slot.due = now + delay
+        self._discard(slot)
+        log.warning("%s; restarting it in %.1f s", why, delay)
+        if not self.stopping.is_set():
+            self.write_server_file()
+
+    def _discard(self, slot: _Slot) -> None:
+        """Kill the slot's process if it still runs, reap it, close the socket pair."""
+        if slot.proc is not None and slot.proc.poll() is None:
+            slot.proc.kill()
+            slot.proc.wait()
+        if slot.link is not None:
+            slot.link.close()
+        slot.proc, slot.link, slot.info = None, None, None
+
+    def _launch(self, slot: _Slot) -> StartupError | DeviceUnavailable | None:
+        """Start the slot's replica and wait until it serves; the error if it did not (its
+        process is then gone)."""
+        config = replica_config(self.config, slot.index, self._port, self._admin_port)
+        link, theirs = socket.socketpair()
+        lock_fd = self._lock.fileno()
+        try:
+            slot.proc = subprocess.Popen(
+                [sys.executable, "-m", "authority.service.replica", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(), lock_fd), stdin=subprocess.DEVNULL,
+                env=_environment(), process_group=0)
+        except OSError as exc:
+            link.close()
+            return StartupError(f"server.processes: cannot start replica {slot.index}: "
+                                f"{exc.strerror}")
+        finally:
+            theirs.close()
+        slot.link, slot.started = link, time.monotonic()
+        with contextlib.suppress(OSError):   # it exited at once: said below
+            send_frame(link, pickle.dumps({"config": config, "index": slot.index,
+                                           "lock_fd": lock_fd}))
+        message = _await_message(link, START_TIMEOUT, self.stopping)
+        if message is not None and "error" not in message:
+            slot.info = message
+            if slot.index == 0 and self._address is None:
+                self._port = int(message["port"])
+                self._admin_port = message.get("admin_port")
+                self._address = str(message["address"])
+                self._admin_address = message.get("admin_address")
+            log.info("replica %d serving: pid %d, replica id %s", slot.index, message["pid"],
+                     message["replica_id"])
+            return None
+        return self._failed(slot, message)
+
+    def _failed(self, slot: _Slot, message: dict[str, Any] | None
+                ) -> StartupError | DeviceUnavailable | None:
+        """The error of a replica that did not start (None when stopping); its process is
+        gone afterwards."""
+        assert slot.proc is not None
+        pid = slot.proc.pid
+        try:
+            status: int | None = slot.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            status = None
+        self._discard(slot)
+        if self.stopping.is_set():
+            return None
+        if message is not None:
+            text = f"replica {slot.index}: {message['error']}"
+            return DeviceUnavailable(text) if message.get("status") == 3 else StartupError(text)
+        if status is None:
+            return StartupError(f"server.processes: replica {slot.index} (pid {pid}) did not "
+                                f"serve within {START_TIMEOUT:.0f} s: killed")
+        return StartupError(f"server.processes: replica {slot.index} (pid {pid}) exited with "
+                            f"status {status} before serving (its log is above)")
+
+    def write_server_file(self) -> None:
+        """server.json: the address and admin address (replica 0's, the same for every
+        replica but a Unix admin socket), our pid, the replicas serving now. Logs (does not
+        raise) when it cannot be written."""
+        from authority.service.server import SERVER_FILE, _write_server_file
+
+        if self._address is None:
+            return
+        replicas = [{"index": s.index, "pid": s.info["pid"], "replica_id": s.info["replica_id"],
+                     "metrics_port": s.info.get("metrics_port"),
+                     "admin_address": s.info.get("admin_address")}
+                    for s in self._slots if s.info is not None]
+        try:
+            _write_server_file(self.config.state_dir / SERVER_FILE, self._address,
+                               self._admin_address, replicas)
+        except OSError as exc:
+            log.error("cannot write %s: %s", SERVER_FILE, exc.strerror)
+
+
+def _await_message(link: socket.socket, timeout: float,
+                   stopping: threading.Event) -> dict[str, Any] | None:
+    """The replica's one JSON line (ready, or its start-up error); None if it closed the
+    socket (exited), ``timeout`` passed or ``stopping`` was set."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    link.settimeout(POLL)
+    while b"\n" not in data:
+        if stopping.is_set() or time.monotonic() > deadline:
+            return None
+        try:
+            chunk = link.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    link.settimeout(None)
+    message: dict[str, Any] = json.loads(data.partition(b"\n")[0])
+    return message
+
+
+def _environment() -> dict[str, str]:
+    """A replica's environment: the minimal one of device processes (PATH, locale, the
+    device libraries' configuration, this package first on PYTHONPATH), never a copy of
+    ours (authority/backends/processes/environment.py)."""
+    from authority.backends.processes.environment import child_environment
+
+    return child_environment(device_process=True)
+
+
+def supervise(config: Config) -> int:
+    """``serve`` with ``server.processes`` > 1: lock the state directory, start the replicas,
+    print the banner, keep them running until SIGTERM or SIGINT, stop them; returns 0.
+
+    Raises: StartupError (the state directory is in use, a replica could not start: the
+    others are stopped), DeviceUnavailable.
+    """
+    from authority.app import prepare_state_dir
+
+    prepare_state_dir(config.state_dir)
+    lock = StateLock.acquire(config.state_dir)
+    supervisor = Supervisor(config, lock)
+    restore = _install_signals(supervisor)
+    try:
+        try:
+            supervisor.start()
+        except BaseException:
+            supervisor.stop()
+            raise
+        if not supervisor.stopping.is_set():
+            supervisor.write_server_file()
+            _announce(config, supervisor.replicas)
+            supervisor.run()
+        supervisor.stop()
+    finally:
+        restore()
+        _remove_server_file(config)
+        lock.release()
+    log.info("stopped")
+    return 0
+
+
+def _remove_server_file(config: Config) -> None:
+    from authority.service.server import SERVER_FILE
+
+    (config.state_dir / SERVER_FILE).unlink(missing_ok=True)
+
+
+def _install_signals(supervisor: Supervisor) -> Callable[[], None]:
+    """SIGTERM and SIGINT stop the replicas; SIGHUP is forwarded to them. Returns what puts
+    the previous handlers back."""
+
+    def on_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: stopping the replicas", signal.Signals(signum).name)
+        supervisor.stopping.set()
+
+    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+        log.info("received SIGHUP: forwarded to the replicas")
+        supervisor.forward(signum)
+
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_hangup}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    return restore
+
+
+def _announce(config: Config, replicas: list[dict[str, Any]]) -> None:
+    """The banner of one ``serve`` (authority/service/server.py), for N replicas."""
+    from authority.service.server import Banner, announce, mode_line
+
+    first = replicas[0]
+    pids = ", ".join(str(r["pid"]) for r in replicas)
+    announce(config, Banner(
+        str(first["address"]), first.get("admin_address"), str(first["device"]),
+        str(first["sealing"]),
+        [int(r["metrics_port"]) for r in replicas if r.get("metrics_port")],
+        f"{len(replicas)} processes on one port (SO_REUSEPORT), pids {pids}; each "
+        f"{mode_line(config)}"))
+
+

@@ -1,0 +1,344 @@
+"""Replicas on one machine (issue 13): ``server.processes = N`` makes ``serve`` the supervisor of
+N server processes on one port (SO_REUSEPORT), each a replica sharing the state (the state
+directory's SQLite file, or PostgreSQL) and the embedded SoftHSM2 token. Real processes, a real
+token, real gRPC; nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from authority._proto.ticketauthority.v1 import admin_pb2, admin_pb2_grpc, authority_pb2
+from authority._proto.ticketauthority.v1 import authority_pb2_grpc as ticket_grpc
+from authority.config import Config, ServerSettings
+from authority.errors import ConfigError, DeviceUnavailable
+from authority.service.supervisor import (
+    AUTO_PROCESSES,
+    metrics_listens,
+    replica_config,
+    server_processes,
+)
+from authority.store.sqlite import SqliteStore
+from tests.conftest import issue, load_toml, process_gone, redeem, wait_until
+from tests.postgres_fixtures import (  # noqa: F401
+    postgres_dsn_fixture,
+    postgres_server_fixture,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+OK = authority_pb2.REDEEM_RESULT_OK
+REPLAYED = authority_pb2.REDEEM_RESULT_REPLAYED
+T = TypeVar("T")
+#: a quick heartbeat, so that replicas see each other (and a new key) within a second or two
+CLUSTER = "[cluster]\nheartbeat_interval = 0.2\nreplica_timeout = 2.0\nlease_duration = 2.0\n"
+
+
+@dataclass
+class Served:
+    """A ``ticket-authority serve`` process (the supervisor) and where it listens."""
+
+    proc: subprocess.Popen[str]
+    address: str
+    state: Path
+    log: Path
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        """Its server.json."""
+        info: dict[str, Any] = json.loads((self.state / "server.json").read_text())
+        return info
+
+    def replica_pids(self) -> list[int]:
+        return [int(r["pid"]) for r in self.info()["replicas"]]
+
+    def channel(self) -> grpc.Channel:
+        """A channel with a connection of its own (the kernel picks its replica)."""
+        channel = grpc.insecure_channel(self.address,
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
+        self.channels.append(channel)
+        return channel
+
+    def stop(self) -> int:
+        for channel in self.channels:
+            channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def serve(state: Path, toml: str) -> Served:
+    """Start ``serve`` with the settings ``toml`` on port 0; wait for its banner.
+    Raises: AssertionError (with its log) if it exits first."""
+    state.parent.mkdir(parents=True, exist_ok=True)
+    config = state.parent / f"{state.name}.toml"
+    config.write_text(toml)
+    log = state.parent / f"{state.name}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
+             "--listen", "127.0.0.1:0", "--config", str(config)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    banner = ""
+    for line in proc.stdout:
+        banner += line
+        if line.startswith("Stop with"):
+            break
+    match = re.search(r"listening on (\S+)", banner)
+    assert match, f"{banner}\n{log.read_text()}"
+    return Served(proc, match.group(1), state, log)
+
+
+def started_at(channel: grpc.Channel) -> int:
+    """Which replica answers on ``channel``: its start time (GetStatus), in nanoseconds."""
+    reply = admin_pb2_grpc.TicketAdminStub(channel).GetStatus(admin_pb2.GetStatusRequest(),
+                                                              timeout=10)
+    return int(reply.started_at.ToNanoseconds())
+
+
+def sealing_key(channel: grpc.Channel) -> str:
+    """The sealing key of the replica answering on ``channel`` (GetStatus)."""
+    reply = admin_pb2_grpc.TicketAdminStub(channel).GetStatus(admin_pb2.GetStatusRequest(),
+                                                              timeout=10)
+    return str(reply.sealing_key_id)
+
+
+def one_channel_per_replica(served: Served, replicas: int = 2) -> dict[int, grpc.Channel]:
+    """New connections until every replica answered on one: {replica's start time: channel}.
+    Raises: AssertionError if 64 connections reached fewer replicas."""
+    found: dict[int, grpc.Channel] = {}
+    for _ in range(64):
+        channel = served.channel()
+        found.setdefault(started_at(channel), channel)
+        if len(found) == replicas:
+            return found
+    raise AssertionError(f"64 connections reached {len(found)} replica(s), not {replicas}")
+
+
+def retried(call: Callable[[], T], attempts: int = 5) -> T:
+    """``call``, again on UNAVAILABLE (a connection the dying replica had accepted)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+    raise AssertionError("unreachable")
+
+
+def issue_and_redeem(stub: ticket_grpc.TicketAuthorityStub, n: int) -> int:
+    """Issue a ticket and redeem it on ``stub`` (each retried on UNAVAILABLE); the result."""
+    ticket = retried(lambda: issue(stub, n)).ticket
+    result: int = retried(lambda: redeem(stub, ticket)).result
+    return result
+
+
+def stubs(channel: grpc.Channel) -> ticket_grpc.TicketAuthorityStub:
+    return ticket_grpc.TicketAuthorityStub(channel)
+
+
+def check_replayed_across(channels: list[grpc.Channel]) -> None:
+    """A ticket issued on each replica and consumed there is REPLAYED on every other one."""
+    for n, own in enumerate(channels):
+        ticket = issue(stubs(own), n).ticket
+        others = [c for c in channels if c is not own]
+        assert redeem(stubs(others[0]), ticket).result == OK       # any replica opens it
+        assert redeem(stubs(own), ticket, consume=True).result == OK
+        for other in others:
+            assert redeem(stubs(other), ticket, consume=True).result == REPLAYED
+
+
+@pytest.fixture(scope="module")
+def sqlite_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``serve`` with server.processes = 2 on SQLite and the embedded token; no metrics.
+    Stopped at the end of the module (the kill -9 test, last, leaves it whole again)."""
+    served = serve(tmp_path_factory.mktemp("pair") / "state",
+                   '[server]\nprocesses = 2\nmetrics_listen = ""\n[keys]\n'
+                   f'publish_delay = 600.0\n{CLUSTER}')
+    yield served
+    assert served.stop() == 0
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["0", "65", "\"many\"", "true", "1.5"])
+def test_processes_setting_is_auto_or_1_to_64(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_toml(tmp_path, f"[server]\nprocesses = {value}\n")
+    assert str(err.value).startswith("server.processes:")
+
+
+def test_tpm_refuses_several_processes_and_auto_is_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_toml(tmp_path, "backend = \"tpm\"\n[server]\nprocesses = 2\n")
+    message = str(err.value)
+    assert message.startswith("server.processes:") and "TPM is one device" in message
+    assert server_processes(load_toml(tmp_path, "backend = \"tpm\"\n")) == 1
+    assert server_processes(load_toml(tmp_path, "")) == AUTO_PROCESSES
+    assert server_processes(load_toml(tmp_path, "[server]\nprocesses = 3\n")) == 3
+
+
+def test_metrics_ports_must_fit_one_per_replica(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_toml(tmp_path, "[server]\nprocesses = 3\nmetrics_listen = \"127.0.0.1:65534\"\n")
+    assert str(err.value).startswith("server.metrics_listen:")
+
+
+def test_each_replica_gets_its_metrics_port_and_admin_listener(tmp_path: Path) -> None:
+    base = Config(state_dir=tmp_path, server=ServerSettings(
+        processes=3, listen="127.0.0.1:0", metrics_listen="127.0.0.1:9464",
+        admin_listen=f"unix:{tmp_path}/admin.sock"))
+    assert metrics_listens(base) == ["127.0.0.1:9464", "127.0.0.1:9465", "127.0.0.1:9466"]
+    first, third = replica_config(base, 0), replica_config(base, 2, 41000)
+    assert (first.server.listen, first.server.admin_listen) == (
+        "127.0.0.1:0", f"unix:{tmp_path}/admin.sock")
+    assert (third.server.listen, third.server.admin_listen, third.server.metrics_listen) == (
+        "127.0.0.1:41000", f"unix:{tmp_path}/admin.sock.2", "127.0.0.1:9466")
+    tcp = Config(state_dir=tmp_path, server=ServerSettings(
+        processes=2, admin_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0"))
+    second = replica_config(tcp, 1, 41000, 41001)
+    assert (second.server.admin_listen, second.server.metrics_listen) == (
+        "127.0.0.1:41001", "127.0.0.1:0")
+
+
+# -- SQLite shared by processes ----------------------------------------------------------------
+
+_HOLDER = """
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE")
+db.execute("INSERT INTO consumed VALUES (?, ?)", (b"h" * 16, 4_000_000_000))
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+db.execute("COMMIT")
+"""
+
+
+def _hold_write_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    """Another process holding the file's write lock for ``seconds``."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path), str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_sqlite_write_waits_for_another_process_then_commits(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "authority.db")
+    try:
+        holder = _hold_write_lock(tmp_path / "authority.db", 0.5)
+        assert store.consume_many([(b"t" * 16, 4_000_000_000)], 0.0) == [True]  # waited
+        assert holder.wait(timeout=10) == 0
+        assert store.consumed_among([b"h" * 16, b"t" * 16], 0.0) == {b"h" * 16, b"t" * 16}
+        assert store._db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    finally:
+        store.close()
+
+
+def test_sqlite_write_locked_past_the_busy_timeout_is_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "authority.db", busy_timeout=0.2)
+    try:
+        holder = _hold_write_lock(tmp_path / "authority.db", 3.0)
+        with pytest.raises(DeviceUnavailable) as err:
+            store.consume_many([(b"t" * 16, 4_000_000_000)], 0.0)
+        assert "database is locked" in str(err.value)
+        holder.kill()
+        holder.wait()
+    finally:
+        store.close()
+
+
+# -- two processes on one port -----------------------------------------------------------------
+
+
+def test_two_processes_answer_on_one_port_sharing_the_consumed_set(sqlite_pair: Served) -> None:
+    info = sqlite_pair.info()
+    assert info["address"] == sqlite_pair.address and info["pid"] == sqlite_pair.proc.pid
+    assert len(info["replicas"]) == 2 and len(set(sqlite_pair.replica_pids())) == 2
+    assert sqlite_pair.proc.pid not in sqlite_pair.replica_pids()
+    channels = one_channel_per_replica(sqlite_pair)
+    check_replayed_across(list(channels.values()))
+
+
+def test_a_key_one_replica_makes_in_the_shared_token_is_found_by_the_other(
+        sqlite_pair: Served) -> None:
+    """RotateKey on one replica: the new key seals only once every live replica reported it
+    loaded (publish_delay is 600 s here), i.e. the other replica found it in the token."""
+    channels = list(one_channel_per_replica(sqlite_pair).values())
+    admin = admin_pb2_grpc.TicketAdminStub(channels[0])
+    new = admin.RotateKey(admin_pb2.RotateKeyRequest(), timeout=30).new_key.key_id
+
+    def sealing() -> bool:
+        keys = admin.ListKeys(admin_pb2.ListKeysRequest(), timeout=10).keys
+        return any(k.key_id == new and k.state == admin_pb2.KEY_STATE_ACTIVE for k in keys)
+
+    wait_until(sealing, timeout=30)
+    for channel in channels:   # each replica now seals with it; the other opens what it seals
+        wait_until(lambda c=channel: sealing_key(c) == new, timeout=30)  # type: ignore[misc]
+    check_replayed_across(channels)
+
+
+def test_kill_9_of_a_replica_is_replaced_and_calls_keep_being_answered(
+        sqlite_pair: Served) -> None:
+    """Runs last on the module's pair: it leaves it with a new replica 1."""
+    channels = list(one_channel_per_replica(sqlite_pair).values())
+    ticket = issue(stubs(channels[0]), 7).ticket
+    assert redeem(stubs(channels[0]), ticket, consume=True).result == OK
+    victim = sqlite_pair.replica_pids()[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: process_gone(victim), timeout=10)
+    served_calls = 0
+    deadline = time.monotonic() + 60
+
+    def replaced() -> bool:
+        pids = sqlite_pair.replica_pids()
+        return len(pids) == 2 and victim not in pids
+
+    while not replaced():   # until the supervisor replaced it, fresh connections are served
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        assert issue_and_redeem(stubs(sqlite_pair.channel()), served_calls) == OK
+        served_calls += 1
+    assert served_calls > 0
+    assert sqlite_pair.proc.poll() is None
+    channels = list(one_channel_per_replica(sqlite_pair).values())   # the new one answers
+    for channel in channels:
+        assert redeem(stubs(channel), ticket, consume=True).result == REPLAYED
+    check_replayed_across(channels)
+    log = sqlite_pair.log.read_text()
+    assert f"replica 1 (pid {victim}) exited with status -9; restarting it in 0.5 s" in log
+
+
+def test_two_processes_on_postgresql_share_the_database(tmp_path: Path,
+                                                        postgres_dsn: str) -> None:
+    """The same on PostgreSQL: one database for both replicas; SIGTERM stops them all and the
+    supervisor exits 0, removing server.json."""
+    dsn_file = tmp_path / "dsn"
+    dsn_file.write_text(postgres_dsn)
+    dsn_file.chmod(0o600)
+    served = serve(tmp_path / "state",
+                   f'[server]\nprocesses = 2\nmetrics_listen = "127.0.0.1:0"\n{CLUSTER}'
+                   f'[postgresql]\ndsn_file = "{dsn_file}"\npool_size = 2\n')
+    try:
+        replicas = served.info()["replicas"]
+        assert all(r["metrics_port"] for r in replicas)
+        assert len({r["metrics_port"] for r in replicas}) == 2   # one port per replica
+        check_replayed_across(list(one_channel_per_replica(served).values()))
+        pids = served.replica_pids()
+    finally:
+        code = served.stop()
+    assert code == 0
+    assert all(process_gone(pid) for pid in pids)
+    assert not (served.state / "server.json").exists()
