@@ -342,3 +342,29 @@ def test_two_processes_on_postgresql_share_the_database(tmp_path: Path,
     assert code == 0
     assert all(process_gone(pid) for pid in pids)
     assert not (served.state / "server.json").exists()
+
+
+# -- bench ---------------------------------------------------------------------------------------
+
+
+def test_bench_measures_each_process_count_in_one_run(tmp_path: Path) -> None:
+    """``bench --server-processes 1,2``: the gRPC phases once per count against its own
+    server, the first count's figures at the top level, the client's connections spread
+    evenly over the replicas."""
+    done = subprocess.run(
+        [sys.executable, "-m", "authority.bench", "--quick", "--duration", "0.3",
+         "--storm-tickets", "300", "--concurrency", "4", "--batch-size", "50", "--json",
+         "--no-progress", "--state-dir", str(tmp_path / "state"), "--server-processes", "1,2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout)
+    assert figures["failures"] == 0 and not figures["errors"]
+    assert figures["server_processes"] == 1
+    assert set(figures["by_server_processes"]) == {"1", "2"}
+    for count in figures["by_server_processes"].values():
+        assert count["unary_redeem_per_s"] > 0 and count["batch_redeem_per_s"] > 0
+        assert count["storm_seconds"] > 0
+    assert figures["by_server_processes"]["1"]["unary_redeem_per_s"] == (
+        figures["unary_redeem_per_s"])
+    assert "4 channels" in figures["settings"]["client"]
+    assert figures["settings"]["server_processes"] == [1, 2]

@@ -31,11 +31,27 @@ class Options:
     progress: bool
     pool_size: int = 2000      # distinct tickets cycled by the redeem phases
     server_mode: str = "auto"  # "auto", "aio", "threads" or "both" (own server only)
+    server_processes: tuple[int, ...] = ()  # server.processes of each run (own server
+                                            # only); (): the server's default, one run
 
     @property
     def server_modes(self) -> list[str]:
         """The server modes measured, the first one's figures at the top level."""
         return ["aio", "threads"] if self.server_mode == "both" else [self.server_mode]
+
+    @property
+    def process_counts(self) -> list[int | None]:
+        """The server.processes measured, the first one's figures at the top level (None:
+        the server's default)."""
+        return list(self.server_processes) or [None]
+
+    @property
+    def client_channels(self) -> int:
+        """Connections the client spreads its calls over: 1, or with several server
+        processes in the run 2 per process of the largest count, evenly over the replicas
+        (one connection stays with one replica), the same for every count of the run."""
+        largest = max(self.server_processes, default=1)
+        return 1 if largest <= 1 else 2 * largest
 
     @property
     def own_server(self) -> bool:
@@ -70,6 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="server.mode of the server the bench starts (default auto, the "
                              "server's default); both: the gRPC phases once per mode, aio's "
                              "figures at the top level and a comparison table")
+    parser.add_argument("--server-processes", type=_process_counts, default=(),
+                        metavar="N[,N...]",
+                        help="server.processes of the server the bench starts (default: the "
+                             "server's); several: the gRPC phases once per count in the same "
+                             "run, the first's figures at the top level and a comparison "
+                             "table; with a count above 1 the client spreads its calls over "
+                             "2 connections per process, evenly over the replicas")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     parser.add_argument("--json", action="store_true",
                         help="print only JSON on stdout (progress stays on stderr)")
@@ -83,7 +106,8 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(address=args.address, backend=args.backend, state_dir=args.state_dir,
                    concurrency=args.concurrency, batch_size=args.batch_size,
                    storm_tickets=storm, duration=duration, quick=args.quick, json=args.json,
-                   progress=not args.no_progress, server_mode=args.server_mode)
+                   progress=not args.no_progress, server_mode=args.server_mode,
+                   server_processes=args.server_processes)
 
 
 def _positive_int(text: str) -> int:
@@ -105,3 +129,15 @@ def _batch_size(text: str) -> int:
     if value > MAX_BATCH:
         raise argparse.ArgumentTypeError(f"at most {MAX_BATCH} (server.max_batch_items)")
     return value
+
+
+def _process_counts(text: str) -> tuple[int, ...]:
+    """``--server-processes``: comma-separated counts, 1..64 each, no repeats."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"comma-separated whole numbers, got {text!r}"
+                                         ) from None
+    if not all(1 <= n <= 64 for n in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"distinct counts in 1..64, got {text!r}")
+    return counts

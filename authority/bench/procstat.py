@@ -15,14 +15,15 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of ``pid`` and its live child processes (the embedded swtpm,
-    device processes) so far, all threads; None if ``pid`` is unreadable."""
+    """User + system CPU seconds of ``pid`` and its live descendants (the embedded swtpm,
+    device processes; with server.processes the replicas and theirs) so far, all threads;
+    None if ``pid`` is unreadable."""
     if pid is None:
         return None
     own = _stat(pid)
     if own is None:
         return None
-    return own[1] + sum(child[1] for child in map(_stat, children(pid)) if child is not None)
+    return own[1] + sum(child[1] for child in map(_stat, descendants(pid)) if child is not None)
 
 
 def children(pid: int) -> list[int]:
@@ -33,6 +34,22 @@ def children(pid: int) -> list[int]:
             child = _stat(int(entry))
             if child is not None and child[0] == pid:
                 found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid``: its children, theirs, and so on. Never raises."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            stat = _stat(int(entry))
+            if stat is not None:
+                parents.setdefault(stat[0], []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        below = [p for p in parents.get(todo.pop(), []) if p != pid and p not in found]
+        found += below
+        todo += below
     return found
 
 
@@ -48,13 +65,13 @@ def _stat(pid: int) -> tuple[int, float] | None:
 
 
 def tree_mb(pid: int | None, field: str, kids: list[int] | None = None) -> float | None:
-    """``status_mb`` of ``pid`` plus its child processes' (device processes, swtpm; ``kids``
-    if known, else found by scanning /proc): shared pages count once per process, so this
-    overstates rather than understates."""
+    """``status_mb`` of ``pid`` plus its descendants' (device processes, swtpm, replicas;
+    ``kids`` if known, else found by scanning /proc): shared pages count once per process, so
+    this overstates rather than understates."""
     own = status_mb(pid, field)
     if own is None or pid is None:
         return own
-    found = children(pid) if kids is None else kids
+    found = descendants(pid) if kids is None else kids
     return own + sum(status_mb(child, field) or 0.0 for child in found)
 
 
@@ -108,7 +125,7 @@ class RssSampler:
 
     def _sample(self) -> None:
         if self.pid is not None and self._samples % self.RESCAN == 0:
-            self._kids = children(self.pid)
+            self._kids = descendants(self.pid)
         self._samples += 1
         value = tree_mb(self.pid, "VmRSS", self._kids)
         if value is not None and (self.peak_mb is None or value > self.peak_mb):

@@ -134,6 +134,10 @@ def render(figures: Mapping[str, Any]) -> str:
                   f"{len(by) - len(met) - len(unmet)} n/a; failed items: "
                   f"{figures.get('failures', 0)}"]
     lines += _modes_table(figures.get("server_modes") or {})
+    lines += _modes_table(figures.get("by_server_processes") or {}, "server.processes",
+                          "server processes (the same phases against each count, the client "
+                          f"on {figures['settings'].get('client', '-')}; the top table is the "
+                          "first):")
     lines += [f"error: {e}" for e in figures.get("errors", [])]
     return "\n".join(lines)
 
@@ -152,12 +156,15 @@ _MODE_ROWS = (
 )
 
 
-def _modes_table(modes: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """``--server-mode both``: the same figures side by side, one column per server mode."""
+def _modes_table(modes: Mapping[str, Mapping[str, Any]], heading: str = "server mode",
+                 title: str = "server modes (the same phases against each; the top table is "
+                              "the first):") -> list[str]:
+    """``--server-mode both`` (or ``--server-processes 1,2``): the same figures side by
+    side, one column per server mode (process count)."""
     if len(modes) < 2:
         return []
     names = list(modes)
-    rows = [("server mode", *names)]
+    rows = [(heading, *names)]
     for label, key, digits, scale in _MODE_ROWS:
         cells = []
         for name in names:
@@ -169,6 +176,6 @@ def _modes_table(modes: Mapping[str, Mapping[str, Any]]) -> list[str]:
         rows.append((f"server CPU µs/item, {phase}",
                      *[_n(modes[n]["server_cpu_us_per_item"].get(phase)) for n in names]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = ["", "server modes (the same phases against each; the top table is the first):"]
+    out = ["", title]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return out

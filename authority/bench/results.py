@@ -36,6 +36,8 @@ class Results:
     errors: list[str] = field(default_factory=list)
     server_mode: str = ""                     # the mode measured ("" with --address)
     by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # --server-mode both
+    server_processes: int | None = None       # server.processes measured (None: default)
+    by_processes: dict[str, dict[str, Any]] = field(default_factory=dict)  # --server-processes
 
     def rate(self, phase: str) -> float | None:
         """OK items per second of a phase, or None if it did not run (or nothing succeeded)."""
@@ -60,6 +62,8 @@ class Results:
         out["failures"] = sum(t.failed for t in self.phases.values())
         out["server_mode"] = self.server_mode or None
         out["server_modes"] = self.by_mode
+        out["server_processes"] = self.server_processes
+        out["by_server_processes"] = self.by_processes
         out["phases"] = {name: _phase_json(t) for name, t in self.phases.items()}
         out["machine"] = self.machine
         out["backend_info"] = self.backend_info
@@ -138,4 +142,14 @@ def _settings(options: Options) -> dict[str, Any]:
     return {"address": options.address, "own_server": options.own_server,
             "concurrency": options.concurrency, "batch_size": options.batch_size,
             "storm_tickets": options.storm_tickets, "duration_s": options.duration,
-            "quick": options.quick, "client": CLIENT, "server_mode": options.server_mode}
+            "quick": options.quick, "client": _client(options),
+            "server_mode": options.server_mode,
+            "server_processes": list(options.server_processes) or None}
+
+
+def _client(options: Options) -> str:
+    channels = options.client_channels
+    if channels == 1:
+        return CLIENT
+    return (f"one grpc.aio client process, {channels} channels (own connections, spread "
+            "evenly over the replicas)")

@@ -5,8 +5,9 @@ Echo and ticket calls go through the same channel, stubs and loops, so their rat
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -20,29 +21,80 @@ from authority._proto.ticketauthority.v1 import (
 from authority._proto.ticketauthority.v1 import authority_pb2 as pb
 from authority.bench.loops import Call
 from authority.bench.workload import OK, issue_request, issued_tickets, redeemed_ok
+from authority.errors import StartupError
 
 TIMEOUT = 30.0  # seconds per call: a stuck server fails the phase instead of hanging it
 _LIMIT = 16 << 20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+class _Rotating:
+    """The same stub over several channels: each call is made on the next channel."""
+
+    def __init__(self, stubs: list[Any]) -> None:
+        self._next = itertools.cycle(stubs)
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(next(self._next), method)
+
+
+def _channel(address: str, own_connection: bool = False) -> grpc.aio.Channel:
+    """A channel to ``address`` (plaintext loopback, like the server); ``own_connection``:
+    not shared with the other channels of this process."""
+    options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", _LIMIT),
+                                      ("grpc.max_send_message_length", _LIMIT)]
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.aio.insecure_channel(address, options=options)
+
+
 @dataclass
 class Client:
-    """The channel and stubs of one bench run (create inside the running event loop)."""
+    """The channel(s) and stubs of one bench run (create inside the running event loop)."""
 
     channel: grpc.aio.Channel
     tickets: authority_pb2_grpc.TicketAuthorityStub
     health: health_pb2_grpc.HealthStub
     admin: admin_pb2_grpc.TicketAdminStub
+    others: list[grpc.aio.Channel] = field(default_factory=list)  # spread: the rest
 
     @classmethod
     def connect(cls, address: str) -> Client:
         """A channel to ``address`` (plaintext loopback, like the server)."""
-        channel = grpc.aio.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", _LIMIT),
-                              ("grpc.max_send_message_length", _LIMIT)])
+        channel = _channel(address)
         return cls(channel, authority_pb2_grpc.TicketAuthorityStub(channel),
                    health_pb2_grpc.HealthStub(channel), admin_pb2_grpc.TicketAdminStub(channel))
+
+    @classmethod
+    async def spread(cls, address: str, count: int, replicas: int) -> Client:
+        """``count`` connections of their own to ``address``, the same number to each of
+        the ``replicas`` serving there (server.processes: the kernel gives each new
+        connection to one replica; one that reached a replica holding its share is closed);
+        calls take them in turn. A replica is told by its start time (GetStatus).
+
+        Raises: StartupError if 20 tries per connection did not spread them evenly;
+        grpc.aio.AioRpcError."""
+        share = max(1, count // replicas)
+        kept: dict[int, list[grpc.aio.Channel]] = {}
+        for _ in range(20 * count):
+            channel = _channel(address, own_connection=True)
+            who = await _started_at(channel)
+            if len(kept.get(who, [])) < share and (who in kept or len(kept) < replicas):
+                kept.setdefault(who, []).append(channel)
+                if sum(map(len, kept.values())) == count:
+                    break
+            else:
+                await channel.close()
+        channels = [c for group in kept.values() for c in group]
+        if len(channels) < count:
+            for channel in channels:
+                await channel.close()
+            raise StartupError(f"{len(channels)} of {count} connections spread over "
+                               f"{len(kept)} of {replicas} replicas at {address}")
+        tickets: Any = _Rotating([authority_pb2_grpc.TicketAuthorityStub(c) for c in channels])
+        health: Any = _Rotating([health_pb2_grpc.HealthStub(c) for c in channels])
+        return cls(channels[0], tickets, health, admin_pb2_grpc.TicketAdminStub(channels[0]),
+                   channels[1:])
 
     async def status(self) -> dict[str, object]:
         """The server's backend description (TicketAdmin/GetStatus)."""
@@ -52,8 +104,9 @@ class Client:
                 "version": reply.version}
 
     async def close(self) -> None:
-        """Close the channel."""
-        await self.channel.close()
+        """Close the channel(s)."""
+        for channel in [self.channel, *self.others]:
+            await channel.close()
 
     # -- unary calls -----------------------------------------------------------------------
 
@@ -118,6 +171,13 @@ class Client:
     def redeem_stream(self) -> Any:
         """A new RedeemTicketStream call (write batches, read one reply per batch)."""
         return self.tickets.RedeemTicketStream(timeout=TIMEOUT * 10)
+
+
+async def _started_at(channel: grpc.aio.Channel) -> int:
+    """When the replica answering on ``channel`` started (GetStatus), in nanoseconds."""
+    reply = await admin_pb2_grpc.TicketAdminStub(channel).GetStatus(admin_pb2.GetStatusRequest(),
+                                                                    timeout=TIMEOUT)
+    return int(reply.started_at.ToNanoseconds())
 
 
 def batch_items(request: Any) -> int:

@@ -95,27 +95,46 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
     assert state_dir is not None
     config = bench_config(state_dir, opts.backend)
     _raw_device(opts, config, results, progress)
-    for mode in opts.server_modes:
-        run = results if mode == opts.server_modes[0] else Results(opts, results.machine)
-        run.server_mode = mode
-        progress.say(f"starting the server (a subprocess, server.mode = {mode}) ...")
-        server = ServerProcess.start(config.state_dir, opts.backend, mode)
-        try:
-            asyncio.run(_over_grpc(server.address, server.pid, config.state_dir / "authority.db",
-                                   opts, run, progress))
-        finally:
-            code = server.stop()
-            if code not in (0, -15):
-                results.errors.append(f"server ({mode}) exited with {code}: "
-                                      f"{server.log_tail()}")
-        if run is not results:
-            results.errors += [f"{mode}: {e}" for e in run.errors]
-        results.by_mode[mode] = run.mode_figures(results.rate("raw_device"))
+    modes, counts = opts.server_modes, opts.process_counts
+    for mode in modes:
+        for count in counts:
+            first = (mode, count) == (modes[0], counts[0])
+            run = results if first else Results(opts, results.machine)
+            run.server_mode, run.server_processes = mode, count
+            _against_own_server(opts, config, run, progress)
+            if not first:
+                label = mode if count is None else f"{mode}, {count} processes"
+                results.errors += [f"{label}: {e}" for e in run.errors]
+            figures = run.mode_figures(results.rate("raw_device"))
+            if count == counts[0]:
+                results.by_mode[mode] = figures
+            if mode == modes[0] and count is not None:
+                results.by_processes[str(count)] = figures
+
+
+def _against_own_server(opts: Options, config: Config, run: Results,
+                        progress: Progress) -> None:
+    """Start the server for ``run``'s mode and process count, run the gRPC phases, stop it.
+    Raises: StartupError (it did not start)."""
+    mode, count = run.server_mode, run.server_processes
+    what = f"server.mode = {mode}" + ("" if count is None else f", server.processes = {count}")
+    progress.say(f"starting the server (a subprocess, {what}) ...")
+    server = ServerProcess.start(config.state_dir, opts.backend, mode, processes=count)
+    try:
+        asyncio.run(_over_grpc(server.address, server.pid, config.state_dir / "authority.db",
+                               opts, run, progress, count or 1))
+    finally:
+        code = server.stop()
+        if code not in (0, -15):
+            run.errors.append(f"server ({what}) exited with {code}: {server.log_tail()}")
 
 
 async def _over_grpc(address: str, pid: int | None, db_path: Path | None, opts: Options,
-                     results: Results, progress: Progress) -> None:
-    client = Client.connect(address)
+                     results: Results, progress: Progress, replicas: int = 1) -> None:
+    if opts.client_channels > 1:
+        client = await Client.spread(address, opts.client_channels, replicas)
+    else:
+        client = Client.connect(address)
     try:
         await phases.run_all(phases.Run(client, pid, db_path, opts, results, progress))
     finally:
