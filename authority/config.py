@@ -166,14 +166,18 @@ class ServerSettings:
     stream_idle_timeout: float = 60.0  # seconds a request stream may go without a message
                                      # (its first included); beyond: ended likewise
     max_calls_per_client: int | str = "auto"  # with client certificates: calls one client
-                                     # (certificate URI, else peer host) may hold open at once:
-                                     # a unary call until its request arrived, a stream or a
-                                     # Health/Watch until it ends; beyond: RESOURCE_EXHAUSTED.
-                                     # "auto": workers // 2 on threads (below ``workers``, so
-                                     # one client never holds every worker), max_concurrent_rpcs
-                                     # // 8 on aio
-    max_streams_per_connection: int = 256  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls
-                                     # open at once on one connection (beyond: they wait)
+                                     # (certificate URI, else peer host) may hold at once:
+                                     # streams and Health/Watch for their life, unary calls
+                                     # once their request is late (0.25 s); beyond:
+                                     # RESOURCE_EXHAUSTED. "auto": workers // 4 on threads
+                                     # (must stay below ``workers``: a held call holds a
+                                     # worker), max_concurrent_rpcs // 8 on aio
+    max_streams_per_connection: int = 1024  # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls
+                                     # open at once on one connection (beyond: they wait).
+                                     # Keep it well above what a client keeps in flight on one
+                                     # connection: the server counts a stream until it released
+                                     # the call, a little after the client saw the answer, so a
+                                     # client at the limit sees some calls refused (UNAVAILABLE)
     connection_idle_timeout: float = 300.0  # close a connection without calls for this long;
                                      # 0: never
     connection_max_age: float = 3600.0  # send GOAWAY to a connection this old (clients

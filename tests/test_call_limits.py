@@ -229,32 +229,85 @@ def test_an_idle_stream_is_ended_after_the_stream_idle_timeout(quick: Tls) -> No
         replies.cancel()
 
 
-def test_calls_beyond_the_per_client_cap_are_refused_and_others_still_served(
-        quick: Tls, tmp_path: Path) -> None:
+def test_streams_and_watches_beyond_the_per_client_cap_are_refused(quick: Tls,
+                                                                  tmp_path: Path) -> None:
     channel = attacker_channel(quick, tmp_path, "gateway")
-    held = Attacker(channel, 1)
-    held.watches()      # Watch and streams count; each stays open as long as the client wants
-    held.watches()
+    held = Attacker(channel, 2)
+    held.watches()      # each stays open as long as the client wants: it holds a slot
     stub = authority_pb2_grpc.TicketAuthorityStub(channel)
     try:
         for call in held.calls:
             assert next(call).status == health_pb2.HealthCheckResponse.SERVING
+        full = ("spiffe://example.org/gateway/mallory already has 2 calls open "
+                "(server.max_calls_per_client); retry when one has ended")
         with pytest.raises(grpc.RpcError) as refused:
-            stub.IssueTicket(authority_pb2.IssueTicketRequest(state=sample_state()), timeout=5)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert refused.value.details() == ("spiffe://example.org/gateway/mallory already has 2 "
-                                           "calls open (server.max_calls_per_client); retry "
-                                           "when one has ended")
-        served(quick)      # another gateway is not affected
+            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()))
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(stub.IssueTicketStream(iter([]), timeout=5))
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED, full)
+        # a unary call that sends its request holds no slot: the client is still served
+        stub.IssueTicket(authority_pb2.IssueTicketRequest(state=sample_state()), timeout=5)
+        served(quick)      # and so is another gateway
     finally:
         held.stop()
     for attempt in range(100):   # the server frees the slots just after the client cancels
         try:
-            stub.IssueTicket(authority_pb2.IssueTicketRequest(state=sample_state()), timeout=5)
+            next(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(),
+                                                           timeout=5))
             break
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < 99
             time.sleep(0.05)
+
+
+def test_a_client_stalling_its_requests_is_held_to_its_cap(tmp_path: Path) -> None:
+    """Unary calls whose request is late take a slot; beyond the cap they are ended."""
+    for mode in ("aio", "threads"):
+        t = start(tmp_path / mode, mode, request_timeout=2.0, max_calls_per_client=2)
+        stalled = Attacker(attacker_channel(t, tmp_path / mode, "gateway"), 5)
+        try:
+            stalled.bodiless_issues()
+            ends = [code_of(call) for call in stalled.calls]
+            if mode == "aio":
+                late = "request late, and spiffe://example.org/gateway/mallory already has 2"
+                assert sorted(code.name for code, _ in ends) == [
+                    "DEADLINE_EXCEEDED"] * 2 + ["RESOURCE_EXHAUSTED"] * 3
+                assert all(details.startswith(late) for code, details in ends
+                           if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+            else:
+                assert [code for code, _ in ends] == [grpc.StatusCode.CANCELLED] * 5
+            stub = authority_pb2_grpc.TicketAuthorityStub(stalled.channel)
+            assert stub.IssueTicket(authority_pb2.IssueTicketRequest(state=sample_state()),
+                                    timeout=5).ticket   # its late calls ended: served again
+        finally:
+            stalled.stop()
+            t.harness.stop()
+
+
+def test_a_suspect_client_at_its_cap_is_refused_at_once(tmp_path: Path) -> None:
+    """A client whose late calls fill its cap gets no new call waiting for a request."""
+    t = start(tmp_path, "aio", request_timeout=30.0, max_calls_per_client=2)
+    stalled = Attacker(attacker_channel(t, tmp_path, "gateway"), 4)
+    try:
+        stalled.bodiless_issues()
+        deadline = time.monotonic() + 10
+        while sum(call.done() for call in stalled.calls) < 2:   # the two past the cap
+            assert time.monotonic() < deadline, "the calls past the cap were not ended"
+            time.sleep(0.05)
+        ended = [code_of(call)[0] for call in stalled.calls if call.done()]
+        assert ended == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+        stub = authority_pb2_grpc.TicketAuthorityStub(stalled.channel)
+        with pytest.raises(grpc.RpcError) as err:   # two late calls held: no more waiting
+            stub.IssueTicket(authority_pb2.IssueTicketRequest(state=sample_state()), timeout=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "(server.max_calls_per_client)" in str(err.value.details())
+        served(t)   # another gateway is served
+    finally:
+        stalled.stop()
+        t.harness.stop()
 
 
 def test_a_call_without_a_request_message_is_invalid_argument(tls: Tls) -> None:
@@ -304,15 +357,15 @@ def test_call_limit_defaults_and_what_auto_means(tmp_path: Path) -> None:
     assert (server.request_timeout, server.stream_idle_timeout, server.max_calls_per_client,
             server.max_streams_per_connection, server.connection_idle_timeout,
             server.connection_max_age, server.connection_age_grace) == (
-        5.0, 60.0, "auto", 256, 300.0, 3600.0, 30.0)
+        5.0, 60.0, "auto", 1024, 300.0, 3600.0, 30.0)
     config = load_toml(tmp_path, "[server]\nworkers = 10\nmax_concurrent_rpcs = 800\n")
-    assert calls_per_client(config, threads=True) == 5     # below the workers
+    assert calls_per_client(config, threads=True) == 2     # well below the workers
     assert calls_per_client(config, threads=False) == 100
     config = load_toml(tmp_path, '[server]\nmode = "aio"\nworkers = 4\n'
                                  'max_calls_per_client = 32\n')  # aio: not bound by workers
     assert calls_per_client(config, threads=False) == 32
     options = dict(transport_options(config))
-    assert options["grpc.max_concurrent_streams"] == 256
+    assert options["grpc.max_concurrent_streams"] == 1024
     assert options["grpc.max_connection_idle_ms"] == 300_000
     assert options["grpc.max_connection_age_ms"] == 3_600_000
     assert options["grpc.max_connection_age_grace_ms"] == 30_000

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -53,3 +54,32 @@ def test_watch_of_an_unknown_service_says_service_unknown(server: Harness) -> No
     updates = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=30)
     assert next(updates).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
     updates.cancel()
+
+
+def test_watches_ending_during_a_graceful_stop_do_not_hang_it(tmp_path: Path) -> None:
+    """Watch answers without holding a worker on the thread-pool server; Watches that end
+    while the stop reports NOT_SERVING must not deadlock the server (the health servicer
+    sends while holding the lock its end-of-call callback takes)."""
+    for attempt in range(3):
+        h = Harness(tmp_path / f"state{attempt}", "pkcs11", "threads")
+        running = h.start()
+        channel = grpc.insecure_channel(running.address)
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+                       for _ in range(40)]   # more than the 16 workers
+            assert {next(w).status for w in watches} == {SERVING}
+            cancelling = threading.Thread(target=_cancel_all, args=(watches,))
+            stopping = threading.Thread(target=running.stop, kwargs={"grace": 1.0})
+            cancelling.start()
+            stopping.start()
+            stopping.join(20)
+            assert not stopping.is_alive(), "the server's stop hung"
+            cancelling.join(20)
+        finally:
+            channel.close()
+
+
+def _cancel_all(calls: list[Any]) -> None:
+    for call in calls:
+        call.cancel()

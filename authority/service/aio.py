@@ -36,7 +36,7 @@ import grpc
 import grpc.aio
 
 from authority.errors import AuthorityError, InvalidArgument
-from authority.service.admission import Deadlines, Gate, status_name, tick
+from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.auth import Denied
 from authority.service.interceptors import KINDS, _safe
 from authority.steps import AsyncDevice, Plan, run_async
@@ -178,30 +178,37 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     # -- reading the request -------------------------------------------------------------
 
-    async def _read(self, deadlines: Deadlines, context: grpc.aio.ServicerContext) -> Any:
-        """One ``context.read()`` that the watchdog cancels past the deadline.
-        Raises: TimeoutError (past the deadline), what the read raises."""
-        task = asyncio.current_task()
-        assert task is not None
-        deadline = deadlines.arm(task.cancel)
+    async def _read(self, wait: Wait, context: grpc.aio.ServicerContext) -> Any:
+        """One ``context.read()`` that the watchdog may end by cancelling this task.
+        Raises: TimeoutError (ended by the watchdog), what the read raises."""
         try:
             return await context.read()
         except asyncio.CancelledError:
-            if not deadline.expired:
+            if not wait.expired:
                 raise
-            task.uncancel()
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             raise TimeoutError from None
         finally:
-            deadline.disarm()
+            self.gate.arrived(wait)
 
-    async def _first(self, method: str, client: str,
-                     context: grpc.aio.ServicerContext) -> Any:
-        """The request of a unary-request call, read within ``server.request_timeout``, and
-        charged. Raises: RequestTimeout; InvalidArgument; ResourceExhausted."""
+    def _cancel(self) -> Callable[[], Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancel
+
+    async def _first(self, method: str, client: str, context: grpc.aio.ServicerContext,
+                     holds: bool) -> Any:
+        """The request of a unary-request call, read under the gate's request deadlines, and
+        charged. ``holds``: the call already holds a slot.
+
+        Raises: RequestTimeout; ResourceExhausted; InvalidArgument."""
+        wait = self.gate.request(client, self._cancel(), holds)
         try:
-            request = await self._read(self.gate.requests, context)
+            request = await self._read(wait, context)
         except TimeoutError:
-            raise self.gate.late(method, client, stream=False) from None
+            raise self.gate.ended(method, wait, stream=False) from None
         if request is grpc.aio.EOF:
             raise InvalidArgument("request", "no request message")
         return self.gate.charge(method, client, request)
@@ -211,11 +218,13 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """The messages of a request stream, each within ``server.stream_idle_timeout`` of the
         previous one, each charged. Raises: RequestTimeout; InvalidArgument;
         ResourceExhausted."""
+        cancel = self._cancel()
         while True:
+            wait = self.gate.message(client, cancel)
             try:
-                request = await self._read(self.gate.streams, context)
+                request = await self._read(wait, context)
             except TimeoutError:
-                raise self.gate.late(method, client, stream=True) from None
+                raise self.gate.ended(method, wait, stream=True) from None
             if request is grpc.aio.EOF:
                 return
             yield self.gate.charge(method, client, request)
@@ -228,17 +237,14 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
             try:
-                client = gate.admit(method, context)
-                if stream_in:
-                    try:
-                        return await behavior(self._messages(method, client, context), context)
-                    finally:
-                        gate.release(client)
+                client = gate.admit(method, context, holds=stream_in)
+                if not stream_in:
+                    request = await self._first(method, client, context, False)
+                    return await behavior(request, context)
                 try:
-                    request = await self._first(method, client, context)
+                    return await behavior(self._messages(method, client, context), context)
                 finally:
                     gate.release(client)
-                return await behavior(request, context)
             except BaseException as exc:
                 code = _code_of(exc)
                 await _fail(exc, context)
@@ -254,10 +260,10 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             start, code = time.perf_counter(), "OK"
             try:
-                client = gate.admit(method, context)
+                client = gate.admit(method, context, holds=True)
                 try:
                     arg = (self._messages(method, client, context) if stream_in
-                           else await self._first(method, client, context))
+                           else await self._first(method, client, context, True))
                     async for response in behavior(arg, context):
                         yield response
                 finally:
@@ -278,10 +284,10 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def call(_requests: Any, context: grpc.aio.ServicerContext) -> None:
             start, code = time.perf_counter(), "OK"
             try:
-                client = gate.admit(method, context)
+                client = gate.admit(method, context, holds=True)
                 try:
                     arg = (self._messages(method, client, context) if stream_in
-                           else await self._first(method, client, context))
+                           else await self._first(method, client, context, True))
                     await behavior(arg, context)
                 finally:
                     gate.release(client)

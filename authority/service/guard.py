@@ -13,10 +13,12 @@ slot is given back when the call ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -59,10 +61,13 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         self.gate = gate
         self._guarded: dict[str, tuple[Any, Any]] = {}   # method: (its handler, guarded)
         self._watchdog = Watchdog(gate)
+        # sends the responses of non-blocking calls (Watch), one thread, in order
+        self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpc-send")
 
     def close(self) -> None:
-        """Stop the watchdog (once the server stopped). Never raises."""
+        """Stop the watchdog and the sender (once the server stopped). Never raises."""
         self._watchdog.close()
+        self._sender.shutdown(wait=False, cancel_futures=True)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = continuation(details)
@@ -95,44 +100,46 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     # -- reading the request -------------------------------------------------------------
 
     def _first(self, method: str, client: str, requests: Iterator[Any],
-               context: grpc.ServicerContext) -> Any:
-        """The request of a unary-request call, read within ``server.request_timeout``
-        (else the call is cancelled) and charged.
+               context: grpc.ServicerContext, holds: bool) -> Any:
+        """The request of a unary-request call, read under the gate's request deadlines
+        (past them the watchdog cancels the call), and charged. ``holds``: the call already
+        holds a slot.
 
-        Raises: RequestTimeout; InvalidArgument (none, undecodable); ResourceExhausted."""
-        deadline = self.gate.requests.arm(context.cancel)
+        Raises: RequestTimeout; ResourceExhausted; InvalidArgument (none, undecodable)."""
+        gate = self.gate
+        wait = gate.request(client, context.cancel, holds)
         try:
             request = next(requests, None)
         except grpc.RpcError:
-            if deadline.expired:
-                raise self.gate.late(method, client, stream=False) from None
+            if wait.expired:
+                raise gate.ended(method, wait, stream=False) from None
             raise
         finally:
-            deadline.disarm()
+            gate.arrived(wait)
         if request is None:
             raise InvalidArgument("request", "no request message")
-        return self.gate.charge(method, client, request)
+        return gate.charge(method, client, request)
 
     def _messages(self, method: str, client: str, requests: Iterator[Any],
                   context: grpc.ServicerContext) -> Iterator[Any]:
         """The messages of a request stream, each within ``server.stream_idle_timeout`` of the
-        previous one (else the call is cancelled), each charged.
+        previous one (else the watchdog cancels the call), each charged.
 
         Raises: RequestTimeout; InvalidArgument; ResourceExhausted."""
-        arm = self.gate.streams.arm
+        gate = self.gate
         while True:
-            deadline = arm(context.cancel)
+            wait = gate.message(client, context.cancel)
             try:
                 request = next(requests, None)
             except grpc.RpcError:
-                if deadline.expired:
-                    raise self.gate.late(method, client, stream=True) from None
+                if wait.expired:
+                    raise gate.ended(method, wait, stream=True) from None
                 raise
             finally:
-                deadline.disarm()
+                gate.arrived(wait)
             if request is None:
                 return
-            yield self.gate.charge(method, client, request)
+            yield gate.charge(method, client, request)
 
     # -- the three shapes ----------------------------------------------------------------
 
@@ -142,18 +149,15 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             start, code = time.perf_counter(), "OK"
             try:
-                client = gate.admit(method, context)
-                if stream_in:
-                    try:
-                        return behavior(self._messages(method, client, requests, context),
-                                        context)
-                    finally:
-                        gate.release(client)
+                client = gate.admit(method, context, holds=stream_in)
+                if not stream_in:
+                    return behavior(self._first(method, client, requests, context, False),
+                                    context)
                 try:
-                    request = self._first(method, client, requests, context)
+                    return behavior(self._messages(method, client, requests, context),
+                                    context)
                 finally:
                     gate.release(client)
-                return behavior(request, context)
             except Exception as exc:
                 code = _status(exc, context)
                 _failed(exc, context)
@@ -168,10 +172,10 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             start, code = time.perf_counter(), "OK"
             try:
-                client = gate.admit(method, context)
+                client = gate.admit(method, context, holds=True)
                 try:
                     arg = (self._messages(method, client, requests, context) if stream_in
-                           else self._first(method, client, requests, context))
+                           else self._first(method, client, requests, context, True))
                     yield from behavior(arg, context)
                 finally:
                     gate.release(client)
@@ -186,16 +190,22 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
     def _non_blocking(self, method: str, behavior: Behavior) -> Behavior:
         """A unary-request method that answers through ``send_response_callback`` and returns
         at once (the health servicer's Watch): the worker is free once the request is read;
-        the slot is held until the call ends."""
-        gate, name = self.gate, method.rsplit("/", 1)[-1]
+        the slot is held until the call ends.
+
+        The behavior gets a callback that hands each response to the guard's sender thread:
+        grpcio's callback blocks until the message is sent, which needs the server's poller
+        thread, and the health servicer calls it holding its lock -- which the poller takes to
+        forget a Watch that ended: sending inline deadlocks the server (seen when Watches end
+        while ``enter_graceful_shutdown`` reports NOT_SERVING)."""
+        gate, name, sender = self.gate, method.rsplit("/", 1)[-1], self._sender
 
         def call(requests: Iterator[Any], context: grpc.ServicerContext,
                  send_response_callback: Callable[[Any], None]) -> None:
             start = time.perf_counter()
             try:
-                client = gate.admit(method, context)
+                client = gate.admit(method, context, holds=True)
                 try:
-                    request = self._first(method, client, requests, context)
+                    request = self._first(method, client, requests, context, True)
                 except BaseException:
                     gate.release(client)
                     raise
@@ -207,9 +217,13 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
                 gate.release(client)
                 gate.observe(name, _code(context), time.perf_counter() - start)
 
+            def send_later(response: Any) -> None:
+                with contextlib.suppress(RuntimeError):   # the server stopped
+                    sender.submit(send_response_callback, response)
+
             if not context.add_callback(ended):
                 ended()
-            behavior(request, context, send_response_callback)
+            behavior(request, context, send_later)
 
         call.experimental_non_blocking = True  # type: ignore[attr-defined]
         return call
