@@ -36,7 +36,7 @@ MAX_RPCS = 64          # server.max_concurrent_rpcs of the aio server here (defa
 #: than the thread-pool server's 16 workers
 CALLS = {"aio": MAX_RPCS + 6, "threads": 20}
 ANSWER_WITHIN = 5.0    # the well-behaved gateway's deadline per call
-SETTLE = 1.0           # seconds for the attacker's calls to reach the server
+SETTLE = 0.5           # seconds for the attacker's calls to reach the server
 OK = authority_pb2.REDEEM_RESULT_OK
 
 
@@ -266,7 +266,7 @@ def test_streams_and_watches_beyond_the_per_client_cap_are_refused(quick: Tls,
 def test_a_client_stalling_its_requests_is_held_to_its_cap(tmp_path: Path) -> None:
     """Unary calls whose request is late take a slot; beyond the cap they are ended."""
     for mode in ("aio", "threads"):
-        t = start(tmp_path / mode, mode, request_timeout=2.0, max_calls_per_client=2)
+        t = start(tmp_path / mode, mode, request_timeout=1.0, max_calls_per_client=2)
         stalled = Attacker(attacker_channel(t, tmp_path / mode, "gateway"), 5)
         try:
             stalled.bodiless_issues()

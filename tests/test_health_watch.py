@@ -38,7 +38,7 @@ def test_watch_reports_serving_then_not_serving_on_a_graceful_stop(server: Harne
             health_pb2.HealthCheckRequest(service=service), timeout=30)
         assert next(updates).status == SERVING
         running = server.running
-        stopping = threading.Thread(target=running.stop, kwargs={"grace": 2.0})
+        stopping = threading.Thread(target=running.stop, kwargs={"grace": 0.5})
         stopping.start()
         try:
             assert next(updates).status == NOT_SERVING
