@@ -19,19 +19,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, status_name, tick
 from authority.service.auth import Denied
-from authority.service.interceptors import _fail, _safe
+from authority.service.interceptors import KINDS, _fail, _safe
 
 log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
-KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
 class Watchdog:
@@ -242,7 +241,7 @@ def _code(context: grpc.ServicerContext) -> str:
     return "OK" if code is None else str(code.name)
 
 
-def _failed(exc: Exception, context: grpc.ServicerContext) -> None:
+def _failed(exc: Exception, context: grpc.ServicerContext) -> NoReturn:
     """End the call with the status ``exc`` deserves (always raises): a role refusal with its
     code (logged when PERMISSION_DENIED), the request stream of a cancelled call as it is,
     anything else as interceptors._fail maps it."""
