@@ -291,15 +291,52 @@ def _state_name(state: int) -> str:
 
 
 def _status_table(s: Any) -> str:
+    """The status as key/value rows, then the replicas the store knows (if it answered)."""
+    consumed = str(s.consumed_tickets) if s.store_reachable or not s.store else "?"
     rows = [("backend", s.backend), ("library", s.library), ("token", s.token),
             ("sessions", str(s.sessions)),
             ("device processes", str(s.device_processes)), ("sealing key", s.sealing_key_id or "-"),
             ("keys", f"{s.active_keys} active, {s.decrypt_only_keys} decrypt-only, "
                      f"{s.destroyed_keys} destroyed"),
-            ("consumed tickets", str(s.consumed_tickets)), ("version", s.version),
+            ("consumed tickets", consumed), ("version", s.version),
             ("started", _when(s.started_at))]
+    if s.store:   # a server that reports its store (issue 13)
+        rows += _store_rows(s)
     rows += [(f"  {name}", str(value)) for name, value in sorted(s.counters.items())]
-    return _table(rows, header=False)
+    text = _table(rows, header=False)
+    if s.replicas:
+        text += "\n\n" + _replicas_table(s)
+    return text
+
+
+def _store_rows(s: Any) -> list[tuple[str, str]]:
+    """The store, whether it answered, how fresh this replica's policy is, the lease."""
+    limit = f" (max {s.max_staleness_seconds:g} s)" if s.max_staleness_seconds else ""
+    lease = s.maintenance_lease
+    if not s.store_reachable:
+        holder = "?"
+    elif not lease.holder:
+        holder = "-"
+    else:
+        holder = (f"{lease.holder} (epoch {lease.epoch}, "
+                  f"{'expired' if lease.expired else 'until'} {_when(lease.expires_at)})")
+    return [("store", f"{s.store} {s.store_location} (schema {s.store_schema_version})"),
+            ("store reachable", "yes" if s.store_reachable else f"NO: {s.store_error}"),
+            ("policy confirmed", f"{s.policy_age_seconds:.1f} s ago{limit}"),
+            ("replica", s.replica_id), ("maintenance lease", holder)]
+
+
+def _replicas_table(s: Any) -> str:
+    """One row per replica: * marks the one that answered; HEARTBEAT is the age of its last
+    heartbeat by that replica's clock."""
+    now = s.server_time.ToNanoseconds() / 1e9
+    rows = [("REPLICA", "HOST", "PID", "STARTED", "HEARTBEAT", "RING", "LIVE", "LEASE")]
+    for r in s.replicas:
+        age = now - r.last_heartbeat.ToNanoseconds() / 1e9
+        rows.append((r.replica_id + ("*" if r.this_replica else ""), r.host, str(r.pid),
+                     _when(r.started_at), f"{max(age, 0.0):.1f} s ago", str(r.ring_version),
+                     "yes" if r.live else "no", "holder" if r.holds_lease else "-"))
+    return _table(rows)
 
 
 def _revoked_table(reply: Any) -> str:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
@@ -20,6 +21,7 @@ from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, StartupError
 from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
+from authority.outage import PolicyWatch, RedeemReads
 from authority.policy import Policy
 from authority.sealer import Sealer
 from authority.statedir import StateLock, check_backend, claim
@@ -181,10 +183,15 @@ class Authority:
                            config.cluster.lease_duration)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,
                              audit=self.audit.record)
-        self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
-                             self.counters, self.policy)
+        # the sealer's reads survive a store outage for store.max_staleness (authority/outage.py)
+        self.reads = RedeemReads(store, self.policy, self.counters)
+        self.sealer = Sealer(self.ring, self.backend, cast(Store, self.reads), config.tickets,
+                             clock, self.counters, self.policy)
+        self.watch = PolicyWatch(store, self.policy, config.cluster.heartbeat_interval,
+                                 config.store.max_staleness, on_recovered=self._wake_up)
         self.metrics.watch(self)
         self._stop = threading.Event()
+        self._wake = threading.Event()   # set: the heartbeat loop runs at once
         self._thread: threading.Thread | None = None
         self._lock: StateLock | None = None   # held from ``open`` until ``close``
 
@@ -214,6 +221,7 @@ class Authority:
         try:
             authority.ring.load()
             authority.policy.load()
+            authority.reads.handle_key()   # kept: redeems need no store call for it
         except Exception:
             authority.close()
             raise
@@ -254,13 +262,33 @@ class Authority:
 
     def start_maintenance(self) -> None:
         """Heartbeat every ``cluster.heartbeat_interval`` seconds and run ``maintain`` every
-        ``keys.maintenance_interval`` seconds, in a daemon thread."""
+        ``keys.maintenance_interval`` seconds, in a daemon thread; keep the revocations and
+        epochs current and enforce ``store.max_staleness`` on them (``PolicyWatch``, two more
+        daemon threads)."""
+        self.watch.start()
         self._thread = threading.Thread(target=self._loop, name="maintenance", daemon=True)
         self._thread.start()
 
+    def on_serving_change(self, listener: Callable[[bool], None]) -> None:
+        """Call ``listener(serving)`` when the replica stops or starts serving redeems: not
+        serving once its revocations and epochs were last confirmed current more than
+        ``store.max_staleness`` seconds ago (the store out of reach), serving again when they
+        are. Only while maintenance runs; called from a background thread."""
+        self.watch.add_listener(listener)
+
+    def _wake_up(self) -> None:
+        """The store answers again: heartbeat now (the key ring confirmed, the lease renewed)
+        rather than at the next interval."""
+        self._wake.set()
+
     def _loop(self) -> None:
         due = time.monotonic() + self.config.keys.maintenance_interval
-        while not self._stop.wait(self.config.cluster.heartbeat_interval):
+        failing = False
+        while True:
+            self._wake.wait(self.config.cluster.heartbeat_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             work = time.monotonic() >= due
             what = "maintenance" if work else "heartbeat"
             try:
@@ -271,17 +299,28 @@ class Authority:
                     self.heartbeat()
             except AuthorityError as exc:
                 self.counters.inc(f"{what}_errors")
-                log.error("%s failed, will retry: %s", what, exc)
+                # the first failure of a run at ERROR; the same every second after, at DEBUG
+                log.log(logging.DEBUG if failing else logging.ERROR,
+                        "%s failed, will retry: %s", what, exc)
+                failing = True
+                continue
             except Exception:
                 self.counters.inc(f"{what}_errors")
                 log.exception("%s failed unexpectedly, will retry", what)
+                failing = True
+                continue
+            if failing:
+                log.warning("%s succeeded again", what)
+            failing = False
 
     def stop_maintenance(self) -> None:
-        """Stop the heartbeats and maintenance (waits for a pass in progress); the lease is
-        kept until it expires (``close`` releases it)."""
+        """Stop the heartbeats, maintenance and the policy watch (waits for a pass in
+        progress); the lease is kept until it expires (``close`` releases it)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.watch.stop()
 
     def close(self) -> None:
         """Stop maintenance, leave the replicas (the lease released, this replica no longer

@@ -103,6 +103,21 @@ class ClusterSettings:
                                       # takes it over (at least 2 heartbeat intervals)
 
 
+@dataclass(frozen=True)
+class StoreSettings:
+    """How long a replica serves from what it has cached when its store cannot be reached
+    (``[store]``)."""
+
+    max_staleness: float = 5.0        # seconds after this replica last confirmed its cached
+                                      # revocations and realm epochs current (each heartbeat
+                                      # interval, or at once on a change notification) it still
+                                      # answers redeems without consume when the store cannot be
+                                      # reached; beyond: UNAVAILABLE and health NOT_SERVING.
+                                      # Default = cluster.replica_timeout, the bound after which
+                                      # a replica stops sealing with an unconfirmed key ring (at
+                                      # least 2 heartbeat intervals)
+
+
 GATEWAY = "gateway"
 ADMIN = "admin"
 ROLES = (GATEWAY, ADMIN)
@@ -210,6 +225,7 @@ class Config:
     audit_log: Path | None = None          # None: state_dir/audit.log (authority/audit.py)
     postgresql: PostgresSettings | None = None  # None: SQLite in state_dir/authority.db
     cluster: ClusterSettings = ClusterSettings()
+    store: StoreSettings = StoreSettings()   # [store]: outage bounds (either store)
 
     @property
     def embedded_token(self) -> bool:

@@ -6,20 +6,30 @@ ticket has expired (``issued_before`` + the maximum lifetime) and purged by main
 realm's policy epoch starts at 0; bumping it makes every ticket of that realm sealed under an
 older epoch REVOKED. Changes are persisted first, then published as a new immutable index, so a
 redeem reads one snapshot without a store query.
+
+Replicas sharing the store see each other's changes through the store's policy version, which
+every change moves in its transaction: ``refresh`` reads it (one row) and reloads revocations
+and epochs when it moved. The authority calls it at each notification of a change (PostgreSQL)
+and every ``cluster.heartbeat_interval`` (authority/app.py). Once ``enforce_staleness`` is on,
+the copy is trusted for ``store.max_staleness`` seconds after it was last confirmed current
+(a successful ``refresh``): past that, ``is_revoked`` raises DeviceUnavailable, so a replica
+cut off from its store stops vouching for tickets instead of ignoring revocations it cannot
+see.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from authority.audit import SYSTEM, AuditHook
 from authority.clock import Clock
-from authority.errors import InvalidArgument
+from authority.errors import DeviceUnavailable, InvalidArgument
 from authority.state import ID_MAX_LEN, ID_MIN_LEN, SPI_LEN
 from authority.store.base import RevocationRecord, Store
 from authority.ticket_format import MAX_REALM_LEN, TICKET_ID_LEN, TicketContents
@@ -81,8 +91,10 @@ class Policy:
     """Thread-safe revocation list and realm epochs over a store."""
 
     def __init__(self, store: Store, clock: Clock, max_lifetime: int,
-                 audit: AuditHook | None = None) -> None:
+                 audit: AuditHook | None = None,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
+        self._monotonic = monotonic   # staleness is measured on it, not on ``clock``
         self._audit: AuditHook = audit or _no_audit  # called after validation, before a commit
         self._clock = clock
         self._max_lifetime = max_lifetime
@@ -91,16 +103,90 @@ class Policy:
         self._records: list[RevocationRecord] = []
         self._epochs: dict[str, int] = {}
         self._index = _Index()
+        self._version = -1                  # the store's policy version the copy reflects
+        self._confirmed_at = -math.inf      # when the copy was last known current (monotonic)
+        self._max_staleness: float | None = None   # set by ``enforce_staleness``
+        self._fresh_until = math.inf        # ``is_revoked`` refuses past this (monotonic)
 
     def load(self) -> None:
         """Record this start's maximum lifetime in the store (which gives the lifetime
         horizon), then read revocations and epochs. Raises: DeviceUnavailable."""
         with self._lock:
+            started = self._monotonic()
             now = self._clock.now()
             self._horizon = self._store.record_max_lifetime(self._max_lifetime, now)
-            self._records = self._store.load_revocations(now)
-            self._epochs = self._store.load_epochs()
-            self._publish()
+            self._reload(now)
+        self._confirmed(started)
+
+    def refresh(self) -> bool:
+        """Confirm the copy is current: read the store's policy version and, if it moved (a
+        change made by another replica, or by this one), read revocations and epochs again.
+        Returns whether they were read again.
+
+        Raises: DeviceUnavailable (the copy stays as it was, unconfirmed: it ages).
+        """
+        started = self._monotonic()
+        moved = self._store.policy_version() != self._version
+        if moved:
+            with self._lock:
+                self._reload(self._clock.now())
+        self._confirmed(started)
+        return moved
+
+    def _reload(self, now: float) -> None:
+        """Read version, revocations and epochs (in that order: the copy is at least as new
+        as the version it records); callers hold ``_lock``. Raises: DeviceUnavailable."""
+        version = self._store.policy_version()
+        self._records = self._store.load_revocations(now)
+        self._epochs = self._store.load_epochs()
+        self._version = version
+        self._publish()
+
+    def _confirmed(self, at: float) -> None:
+        """The copy was current at ``at`` (monotonic)."""
+        with self._lock:
+            self._confirmed_at = max(self._confirmed_at, at)
+            if self._max_staleness is not None:
+                self._fresh_until = self._confirmed_at + self._max_staleness
+
+    def enforce_staleness(self, max_staleness: float) -> None:
+        """From now on ``is_revoked`` raises DeviceUnavailable when the copy was last confirmed
+        current more than ``max_staleness`` seconds ago (someone must ``refresh`` it more often
+        than that: authority/app.py's policy watch)."""
+        with self._lock:
+            self._max_staleness = max_staleness
+            self._fresh_until = self._confirmed_at + max_staleness
+
+    def fresh(self) -> bool:
+        """Whether the copy may be used: confirmed within the staleness bound (always, while it
+        is not enforced)."""
+        return self._monotonic() <= self._fresh_until
+
+    @property
+    def enforcing(self) -> bool:
+        """Whether the staleness bound is enforced (``enforce_staleness``)."""
+        return self._max_staleness is not None
+
+    @property
+    def max_staleness(self) -> float | None:
+        """The enforced staleness bound in seconds (None: not enforced)."""
+        return self._max_staleness
+
+    @property
+    def confirmed_at(self) -> float:
+        """When (monotonic) the copy was last confirmed current (-inf: never)."""
+        return self._confirmed_at
+
+    def confirmed_age(self) -> float:
+        """Seconds since the copy was last confirmed current (inf: never)."""
+        return self._monotonic() - self._confirmed_at
+
+    def stale_error(self) -> DeviceUnavailable:
+        """What a call that needs a fresh copy is refused with."""
+        return DeviceUnavailable(
+            f"revocations and realm epochs were last confirmed {self.confirmed_age():.1f} s "
+            f"ago, more than store.max_staleness ({self._max_staleness} s): the state store "
+            "cannot be reached from this replica; retry on another")
 
     def _publish(self) -> None:
         self._index = _build(self._records, self._epochs)
@@ -119,7 +205,12 @@ class Policy:
         return self._index.epochs.get(realm, 0)
 
     def is_revoked(self, contents: TicketContents) -> bool:
-        """True if a revocation covers the ticket or its realm's epoch has moved past it."""
+        """True if a revocation covers the ticket or its realm's epoch has moved past it.
+
+        Raises: DeviceUnavailable if the copy is past the enforced staleness bound.
+        """
+        if self._monotonic() > self._fresh_until:
+            raise self.stale_error()
         index = self._index
         if contents.policy_epoch < index.epochs.get(contents.realm, 0):
             return True

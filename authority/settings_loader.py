@@ -20,6 +20,7 @@ from authority.config import (
     PostgresSettings,
     Secret,
     ServerSettings,
+    StoreSettings,
     TicketPolicy,
     TlsSettings,
     TpmSettings,
@@ -35,7 +36,7 @@ DEFAULT_PORT = 50051
 _AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client",
                 "server.processes"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy,
-             "cluster": ClusterSettings}
+             "cluster": ClusterSettings, "store": StoreSettings}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
         "audit_log", "postgresql", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
@@ -366,6 +367,7 @@ def validate(cfg: Config) -> None:
     if cfg.keys.publish_delay < 0:
         raise ConfigError("keys.publish_delay", "must be 0 (seal at once) or positive")
     _validate_cluster(cfg.cluster)
+    _validate_store(cfg)
     if cfg.backend not in _BACKENDS:
         raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: "
                                      f"{', '.join(_BACKENDS)})")
@@ -424,6 +426,16 @@ def _validate_cluster(cluster: ClusterSettings) -> None:
             raise ConfigError(f"cluster.{setting}", "must be at least twice "
                               f"cluster.heartbeat_interval ({cluster.heartbeat_interval} s), "
                               f"got {getattr(cluster, setting)}")
+
+
+def _validate_store(cfg: Config) -> None:
+    """``[store]``: ``max_staleness`` at least twice ``cluster.heartbeat_interval`` (the
+    revocations are re-read that often: a healthy replica must never look stale).
+    Raises: ConfigError naming the setting."""
+    staleness, interval = cfg.store.max_staleness, cfg.cluster.heartbeat_interval
+    if not staleness >= 2 * interval:
+        raise ConfigError("store.max_staleness", "must be at least twice "
+                          f"cluster.heartbeat_interval ({interval} s), got {staleness}")
 
 
 def check_shared_backend(cfg: Config) -> None:

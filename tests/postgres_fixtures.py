@@ -134,6 +134,18 @@ class PostgresServer:
                   str(self.directory / "server.log"), "-w", "-t", "60", "start")
         self._running = True
 
+    def halt(self) -> None:
+        """pg_ctl stop -m fast, keeping the cluster (``resume`` starts it again): an outage
+        of the database for its clients. Only on a server of one's own (``private_server``):
+        other tests share the session's."""
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop",
+                  timeout=60)
+
+    def resume(self) -> None:
+        """pg_ctl start -w after ``halt``: returns once it accepts connections."""
+        self._run(str(self._bin / "pg_ctl"), "-D", str(self.data), "-l",
+                  str(self.directory / "server.log"), "-w", "-t", "60", "start")
+
     def stop(self) -> None:
         """pg_ctl stop -m fast (idempotent), then remove the directory."""
         if self._running:
@@ -183,6 +195,20 @@ def shared_server() -> PostgresServer:
             atexit.register(server.stop)
             _shared.append(server)
         return _shared[0]
+
+
+def private_server() -> Iterator[PostgresServer]:
+    """A server of the caller's own (stopped and removed afterwards), for tests that stop and
+    restart it (``halt``, ``resume``); skips when PostgreSQL cannot run here. Use as a
+    fixture's body: ``yield from private_server()``."""
+    reason = _unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer.launch()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session", name="postgres_server")

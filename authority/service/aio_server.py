@@ -76,6 +76,19 @@ class AioServers:
         for name in ("", *service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
+    def report(self, serving: bool, service_names: tuple[str, ...]) -> None:
+        """Set the health of the server and ``service_names`` to SERVING or NOT_SERVING from
+        another thread (the authority's store watch); ignored once stopping. Never raises."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        async def apply() -> None:
+            for name in ("", *service_names):
+                await self.health.set(name, status)
+
+        with contextlib.suppress(RuntimeError):   # the loop is closed: stopped meanwhile
+            asyncio.run_coroutine_threadsafe(apply(), self.loop.loop)
+
     def stop(self, grace: float | None) -> None:
         """NOT_SERVING, drain for ``grace`` seconds, then stop the loop. Never raises."""
         with contextlib.suppress(TimeoutError, RuntimeError):

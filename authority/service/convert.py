@@ -13,7 +13,7 @@ from authority.keys import KeyRecord
 from authority.policy import BY_ID_I, BY_ISSUED_BEFORE, BY_OLD_SA, BY_TICKET_ID
 from authority.sealer import TICKET_HANDLE_LEN, IssuedTicket, RedeemStatus, Redemption
 from authority.state import ID_MAX_LEN, ID_MIN_LEN, ResumptionState
-from authority.store.base import RevocationRecord
+from authority.store.base import LeaseRecord, ReplicaRecord, RevocationRecord
 from authority.ticket_format import KEY_ID_LEN, TICKET_ID_LEN
 
 # gRPC status code numbers by name (google.rpc.Code), without importing grpc here.
@@ -163,6 +163,25 @@ def revocation_info(record: RevocationRecord) -> admin_pb2.Revocation:
         revocation_id=record.revocation_id, kind=record.kind, value=record.value,
         issued_before=timestamp(record.issued_before), created_at=timestamp(record.created_at),
         expires_at=timestamp(record.expires_at), reason=record.reason)
+
+
+def replica_status(record: ReplicaRecord, lease: LeaseRecord | None, now: float,
+                   timeout: float, me: str) -> admin_pb2.ReplicaStatus:
+    """A replica's record as GetStatus shows it: live if its last heartbeat is at most
+    ``timeout`` seconds before ``now``; ``me`` is the answering replica's id."""
+    return admin_pb2.ReplicaStatus(
+        replica_id=record.replica_id, host=record.host, pid=record.pid,
+        started_at=timestamp(record.started_at), last_heartbeat=timestamp(record.heartbeat_at),
+        ring_version=max(record.ring_version, 0), live=record.heartbeat_at >= now - timeout,
+        holds_lease=lease is not None and lease.holder == record.replica_id
+        and lease.expires_at > now, this_replica=record.replica_id == me)
+
+
+def lease_status(lease: LeaseRecord, now: float) -> admin_pb2.LeaseStatus:
+    """The stored lease as GetStatus shows it (expired by ``now``)."""
+    return admin_pb2.LeaseStatus(holder=lease.holder, epoch=lease.epoch,
+                                 expires_at=timestamp(lease.expires_at),
+                                 expired=lease.expires_at <= now)
 
 
 def item_error(exc: AuthorityError) -> authority_pb2.ItemError:

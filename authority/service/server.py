@@ -122,6 +122,8 @@ def build_server(config: Config, clock: Clock | None = None,
     role (authority/service/auth.py); without it, it is plaintext on loopback and every method
     is open (local development). With ``server.admin_listen`` TicketAdmin is served there
     (plaintext, no roles: a Unix socket 0600 or loopback) instead of on ``listen``.
+    Health reports SERVING, and NOT_SERVING while the authority's revocations and epochs
+    are past ``store.max_staleness`` (its store out of reach; once maintenance runs).
     Raises: StartupError, ConfigError.
     """
     tls = config.tls
@@ -132,6 +134,7 @@ def build_server(config: Config, clock: Clock | None = None,
     try:
         start = _start_aio if server_mode(config) == "aio" else _start_threads
         running = start(config, authority, credentials, f"{host}:{port}", host)
+        _follow_store(running)
         if config.server.metrics_listen:
             try:
                 running.metrics_server, running.metrics_port = start_metrics_http(
@@ -143,6 +146,25 @@ def build_server(config: Config, clock: Clock | None = None,
         authority.close()
         raise
     return running
+
+
+def _follow_store(running: RunningServer) -> None:
+    """Health follows the authority's store: NOT_SERVING for the server and its services
+    while the replica's revocations and epochs are stale (``Authority.on_serving_change``),
+    SERVING again when confirmed; both server modes. Never raises."""
+    names = (TICKET_SERVICE, ADMIN_SERVICE)
+    aio, servicer = running.aio, running.health
+    if aio is not None:
+        running.authority.on_serving_change(lambda serving: aio.report(serving, names))
+        return
+
+    def report(serving: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *names):
+            servicer.set(name, status)   # ignored once stopping (graceful shutdown)
+
+    running.authority.on_serving_change(report)
 
 
 def _bind(server: Any, listen: str, credentials: ReloadingCredentials | None) -> int:

@@ -15,7 +15,8 @@ from authority._proto.ticketauthority.v1 import (
     authority_pb2_grpc,
 )
 from authority.app import Authority
-from authority.errors import AuthorityError
+from authority.cluster import MAINTENANCE
+from authority.errors import AuthorityError, DeviceUnavailable
 from authority.keys import KeyState
 from authority.sealer import IssuedTicket, Redemption
 from authority.service import convert
@@ -173,12 +174,41 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
         info = a.backend.describe()
         states = [r.state for r in self._ring.records()]
         primary = self._ring.primary_id
-        return admin_pb2.GetStatusResponse(
+        store = a.store.describe()
+        reply = admin_pb2.GetStatusResponse(
             backend=info.backend, library=info.library, token=info.token,
             sealing_key_id=primary.hex() if primary else "",
             active_keys=states.count(KeyState.ACTIVE),
             decrypt_only_keys=states.count(KeyState.DECRYPT_ONLY),
-            destroyed_keys=states.count(KeyState.DESTROYED),
-            consumed_tickets=a.store.consumed_count(a.clock.now()), version=__version__,
+            destroyed_keys=states.count(KeyState.DESTROYED), version=__version__,
             started_at=convert.timestamp(a.started_at), counters=a.counters.snapshot(),
-            sessions=info.sessions, device_processes=info.processes)
+            sessions=info.sessions, device_processes=info.processes,
+            store=store.kind, store_location=store.location,
+            store_schema_version=store.schema_version,
+            policy_age_seconds=min(a.policy.confirmed_age(), 1e9),
+            max_staleness_seconds=a.policy.max_staleness or 0.0,
+            replica_id=a.replica.replica_id)
+        self._cluster_status(reply)
+        return reply
+
+    def _cluster_status(self, reply: Any) -> None:
+        """The consumed count, replicas and lease, read from the store now; if it fails,
+        ``store_reachable`` false and why (the rest of the status still answers)."""
+        a = self._authority
+        now = a.clock.now()
+        reply.server_time.CopyFrom(convert.timestamp(now))
+        try:
+            consumed = a.store.consumed_count(now)
+            replicas = a.store.load_replicas()
+            lease = a.store.load_lease(MAINTENANCE)
+        except DeviceUnavailable as exc:
+            reply.store_reachable = False
+            reply.store_error = exc.message
+            return
+        reply.store_reachable = True
+        reply.consumed_tickets = consumed
+        timeout = a.config.cluster.replica_timeout
+        reply.replicas.extend(convert.replica_status(r, lease, now, timeout,
+                                                     a.replica.replica_id) for r in replicas)
+        if lease is not None:
+            reply.maintenance_lease.CopyFrom(convert.lease_status(lease, now))

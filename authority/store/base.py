@@ -7,6 +7,7 @@ interface.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -64,6 +65,49 @@ class ReplicaRecord:
     heartbeat_at: float
     ring_version: int
     loaded: frozenset[bytes]
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store is, for status: ``kind`` "sqlite" or "postgresql"; ``location`` the
+    file, or ``host=... port=... dbname=... user=...`` (never a password); the schema version
+    the database records."""
+
+    kind: str
+    location: str
+    schema_version: int
+
+
+class ChangeFeed(Protocol):
+    """Wake-ups for one reader of the policy version (``Store.policy_version``): the
+    PostgreSQL store's LISTEN connection, or a plain timer (SQLite: other processes' changes
+    are seen by re-reading). A wake-up says only "look now": the reader compares versions, so a
+    lost wake-up costs at most one ``timeout``."""
+
+    def wait(self, timeout: float) -> None:
+        """Return when a change may have been committed elsewhere (a notification, a
+        connection made again: what was notified meanwhile is lost), after ``timeout`` seconds
+        at the latest, or at once once closed. Never raises."""
+        ...
+
+    def close(self) -> None:
+        """End the feed (a ``wait`` in progress returns soon); idempotent. Never raises."""
+        ...
+
+
+class PollingFeed:
+    """A ChangeFeed without notifications: ``wait`` sleeps its timeout (or until closed)."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+
+    def wait(self, timeout: float) -> None:
+        """Sleep ``timeout`` seconds, or until closed. Never raises."""
+        self._closed.wait(timeout)
+
+    def close(self) -> None:
+        """Wake a ``wait`` in progress; later ones return at once. Never raises."""
+        self._closed.set()
 
 
 class StaleFence(DeviceUnavailable):
@@ -169,7 +213,8 @@ class Store(Protocol):
         ...
 
     def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
-        """Store a revocation; return it with its assigned id."""
+        """Store a revocation; return it with its assigned id. Moves the policy version
+        (``policy_version``) in the same transaction."""
         ...
 
     def load_revocations(self, now: float) -> list[RevocationRecord]:
@@ -177,7 +222,8 @@ class Store(Protocol):
         ...
 
     def purge_revocations(self, now: float) -> int:
-        """Delete expired revocations; return how many."""
+        """Delete expired revocations; return how many. Moves the policy version if it
+        deleted any."""
         ...
 
     def load_epochs(self) -> dict[str, int]:
@@ -185,7 +231,25 @@ class Store(Protocol):
         ...
 
     def bump_epoch(self, realm: str, now: float) -> int:
-        """Increment a realm's policy epoch atomically; return the new epoch."""
+        """Increment a realm's policy epoch atomically; return the new epoch. Moves the
+        policy version in the same transaction."""
+        ...
+
+    def policy_version(self) -> int:
+        """A counter of the changes to revocations and realm epochs, moved by every change
+        in the transaction that makes it: a replica whose copy was read at another version
+        reads them again (one cheap read per heartbeat instead of the whole policy)."""
+        ...
+
+    def changes(self) -> ChangeFeed:
+        """A new feed of wake-ups on policy changes for one reader (its own database
+        connection on PostgreSQL, which also tells the store whether the database can be
+        reached); close it when done."""
+        ...
+
+    def describe(self) -> StoreInfo:
+        """What this store is and the schema version its database records (read now; the
+        version found at open if the database cannot be read). Never raises."""
         ...
 
     def record_max_lifetime(self, max_lifetime: int, now: float) -> float:

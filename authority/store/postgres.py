@@ -14,7 +14,15 @@ at once do not race; a database migrated by a newer version is refused (an older
 write a schema it does not know). Later steps of the replica work arrive as new migrations: the
 audit chain's table (append-only: a trigger refuses UPDATE, DELETE and TRUNCATE); the key
 ring's version (the compare-and-swap of every key ring change), the replicas' heartbeats and
-the leases.
+the leases; the policy version.
+
+Replicas learn of each other's revocations and epoch bumps through the policy version (a
+counter every such change moves in its transaction) and a notification on ``CHANNEL`` sent
+with it: each replica keeps one connection of its own LISTENing (``PostgresChangeFeed``), which
+also watches whether the database can be reached. When that connection is lost and cannot be
+made again, the store is *down*: every call fails at once (``DeviceUnavailable``) instead of
+waiting for a pooled connection, until the feed connects again; the pool is then replaced by
+a new one (its connections made after the database's return, none left backing off).
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ import logging
 import math
 import re
 import secrets
+import select
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final, LiteralString
 
@@ -42,6 +53,7 @@ from authority.store.base import (
     ReplicaRecord,
     RevocationRecord,
     StaleFence,
+    StoreInfo,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +65,20 @@ _MIGRATION_TIMEOUT: Final = "300s"          # statement timeout while migrating
 _SECRET_KEYS: Final = ("password", "sslpassword")
 _HIDDEN: Final = "********"
 _ANYWHERE: Final = 6   # secrets this long are hidden wherever they appear in a message
+#: the channel of policy change notifications (payload: "revocation N", "epoch N", "purge N",
+#: N the new policy version)
+CHANNEL: Final = "ticket_authority_policy"
+#: seconds between two attempts to connect the change feed again while the database is away
+RECONNECT_DELAY: Final = 0.5
+#: seconds of one wait for a notification (a closed feed is noticed within one)
+_SLICE: Final = 0.5
+#: application_name of the change feed's connection (pg_stat_activity shows it)
+FEED_APPLICATION: Final = "ticket-authority change feed"
+#: TCP keepalive of every connection (ignored on a Unix socket): probes after this many idle
+#: seconds, every second, 3 unanswered ones end it -- a database cut off by the network is
+#: noticed in about 8 s instead of the kernel's 2 hours
+_KEEPALIVE: Final = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1,
+                     "keepalives_count": 3}
 
 #: The schema, as the ordered steps that build it; step N takes a database from version N-1 to
 #: N. Never edit a released step: append one.
@@ -119,6 +145,12 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
             epoch bigint NOT NULL,
             expires_at double precision NOT NULL)""",
     ),
+    (   # 4: the policy version: moved by every revocation, purge of revocations, epoch bump
+        """CREATE TABLE policy_version (
+            id smallint PRIMARY KEY CHECK (id = 1),
+            version bigint NOT NULL)""",
+        "INSERT INTO policy_version (id, version) VALUES (1, 0)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -150,22 +182,41 @@ class PostgresStore:
         self._dsn = settings.dsn.reveal()
         self.target = describe_dsn(self._dsn)
         self._timeout_ms = max(1, math.ceil(settings.statement_timeout * 1000))
+        self._pool_size = settings.pool_size
+        self.connect_timeout = settings.connect_timeout
         connect_timeout = max(1, math.ceil(settings.connect_timeout))
-        connect: dict[str, Any] = {"autocommit": True, "connect_timeout": connect_timeout}
+        user_timeout = math.ceil((settings.statement_timeout + settings.connect_timeout) * 1000)
+        #: what every connection is opened with (the pool's and the change feeds')
+        self.connect_kwargs: dict[str, Any] = {
+            "autocommit": True, "connect_timeout": connect_timeout, **_KEEPALIVE,
+            "tcp_user_timeout": user_timeout}
+        self._state_lock = threading.Lock()   # the pool's replacement, the down mark
+        self._down_since: float | None = None  # monotonic time the feed found it unreachable
         try:
-            with psycopg.connect(self._dsn, autocommit=True,
-                                 connect_timeout=connect_timeout) as conn:
+            with psycopg.connect(self._dsn, **self.connect_kwargs) as conn:
                 self.schema_version = migrate(conn, migrations, self.target)
         except psycopg.Error as exc:
             raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
-        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            self._dsn, kwargs=connect, min_size=1, max_size=settings.pool_size, open=False,
-            configure=self._configure, name="state-store", timeout=settings.connect_timeout)
         try:
-            self._pool.open(wait=True, timeout=settings.connect_timeout)
+            self._pool = self._open_pool()
         except psycopg.Error as exc:
-            self._pool.close()
             raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
+
+    def _open_pool(self) -> ConnectionPool[psycopg.Connection[Any]]:
+        """A new pool, open with its first connection made.
+
+        Raises: psycopg.Error (PoolTimeout: no connection within ``connect_timeout``).
+        """
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            self._dsn, kwargs=self.connect_kwargs, min_size=1, max_size=self._pool_size,
+            open=False, configure=self._configure, check=_check_connection,
+            name="state-store", timeout=self.connect_timeout)
+        try:
+            pool.open(wait=True, timeout=self.connect_timeout)
+        except psycopg.Error:
+            pool.close()
+            raise
+        return pool
 
     def _configure(self, conn: psycopg.Connection[Any]) -> None:
         """Each new pool connection: the statement timeout, and a plan made for each execution
@@ -185,8 +236,13 @@ class PostgresStore:
         """A pooled connection (autocommit: each statement commits when it completes).
 
         Raises: DeviceUnavailable if the database fails, is unreachable or no connection is
-        free within ``connect_timeout`` (its message without secrets).
+        free within ``connect_timeout`` (its message without secrets); at once while the store
+        is down (``mark_down``).
         """
+        down = self._down_since
+        if down is not None:
+            raise DeviceUnavailable(f"state store unreachable: {self.target} has not answered "
+                                    f"for {time.monotonic() - down:.1f} s; reconnecting")
         try:
             with self._pool.connection() as conn:
                 yield conn
@@ -398,13 +454,16 @@ class PostgresStore:
     # -- revocations and realm epochs --------------------------------------------------------
 
     def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
-        """Store a revocation; returns it with its new id."""
-        with self._conn() as conn:
+        """Store a revocation; returns it with its new id. The policy version moves and the
+        replicas are notified, in the same transaction (a notification is delivered only if
+        it commits)."""
+        with self._tx() as conn:
             row = conn.execute(
                 "INSERT INTO revocations (kind, value, issued_before, created_at, expires_at, "
                 "reason) VALUES (%s, %s, %s, %s, %s, %s) RETURNING revocation_id",
                 (record.kind, record.value, record.issued_before, record.created_at,
                  record.expires_at, record.reason)).fetchone()
+            _policy_changed(conn, "revocation")
         assert row is not None
         return RevocationRecord(int(row[0]), record.kind, record.value, record.issued_before,
                                 record.created_at, record.expires_at, record.reason)
@@ -419,9 +478,12 @@ class PostgresStore:
 
     def purge_revocations(self, now: float) -> int:
         """Delete revocations whose covered tickets have all expired; return the count."""
-        with self._conn() as conn:
-            return conn.execute("DELETE FROM revocations WHERE expires_at <= %s::float8",
-                                (now,)).rowcount
+        with self._tx() as conn:
+            purged = conn.execute("DELETE FROM revocations WHERE expires_at <= %s::float8",
+                                  (now,)).rowcount
+            if purged:
+                _policy_changed(conn, "purge")
+        return purged
 
     def load_epochs(self) -> dict[str, int]:
         """Return every realm whose policy epoch was bumped, with its epoch."""
@@ -430,14 +492,81 @@ class PostgresStore:
         return {str(r[0]): int(r[1]) for r in rows}
 
     def bump_epoch(self, realm: str, now: float) -> int:
-        """Increment a realm's policy epoch (from 0 if never bumped) in one statement."""
-        with self._conn() as conn:
+        """Increment a realm's policy epoch (from 0 if never bumped), move the policy version
+        and notify the replicas, in one transaction."""
+        with self._tx() as conn:
             row = conn.execute(
                 "INSERT INTO realms (realm, epoch, bumped_at) VALUES (%s, 1, %s) "
                 "ON CONFLICT (realm) DO UPDATE SET epoch = realms.epoch + 1, "
                 "bumped_at = EXCLUDED.bumped_at RETURNING epoch", (realm, now)).fetchone()
+            _policy_changed(conn, "epoch")
         assert row is not None
         return int(row[0])
+
+    def policy_version(self) -> int:
+        """The counter of revocation and epoch changes (one row)."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT version FROM policy_version WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
+    # -- reachability: the change feed ---------------------------------------------------------
+
+    def changes(self) -> PostgresChangeFeed:
+        """A new LISTEN connection's feed (connected at its first ``wait``)."""
+        return PostgresChangeFeed(self)
+
+    def connect(self, application_name: str) -> psycopg.Connection[Any]:
+        """A new connection of its own (not pooled), as the pool's are made, named
+        ``application_name`` (pg_stat_activity). Raises: psycopg.Error."""
+        return psycopg.connect(self._dsn, application_name=application_name,
+                               **self.connect_kwargs)
+
+    @property
+    def down_since(self) -> float | None:
+        """Since when (``time.monotonic``) the store is down; None while it is not."""
+        return self._down_since
+
+    def mark_down(self, reason: str) -> None:
+        """The database cannot be reached (a change feed lost its connection and could not
+        make one again): from now on every call fails at once until ``restore``. Never
+        raises."""
+        with self._state_lock:
+            if self._down_since is not None:
+                return
+            self._down_since = time.monotonic()
+        log.error("state store %s unreachable, calls fail until it answers again: %s",
+                  self.target, self.scrub(reason))
+
+    def restore(self) -> None:
+        """The database answers again (a change feed connected after losing its connection):
+        replace the pool by a new one, whose connections are made now (the old one's may be
+        broken, and its own reconnection backs off up to minutes), then let calls through.
+
+        Raises: DeviceUnavailable (no connection within ``connect_timeout``: still down).
+        """
+        try:
+            pool = self._open_pool()
+        except psycopg.Error as exc:
+            raise DeviceUnavailable(f"state store failed: {self.scrub(str(exc))}") from None
+        with self._state_lock:
+            old, self._pool = self._pool, pool
+            was_down, self._down_since = self._down_since, None
+        threading.Thread(target=old.close, kwargs={"timeout": self.connect_timeout},
+                         name="state-store-old-pool", daemon=True).start()
+        if was_down is not None:
+            log.warning("state store %s answers again after %.1f s", self.target,
+                        time.monotonic() - was_down)
+
+    def describe(self) -> StoreInfo:
+        """``postgresql``, the database (no password), the schema version its meta table
+        records (the one migrated to at open if it cannot be read now)."""
+        try:
+            with self._conn() as conn:
+                stored = _meta(conn, "schema")
+        except DeviceUnavailable:
+            stored = None
+        version = int(stored) if stored and stored.isdigit() else self.schema_version
+        return StoreInfo("postgresql", self.target.removeprefix("postgresql "), version)
 
     # -- meta --------------------------------------------------------------------------------
 
@@ -514,6 +643,139 @@ class PostgresStore:
     def close(self) -> None:
         """Close the pool's connections. Never raises."""
         self._pool.close(timeout=5.0)
+
+
+class PostgresChangeFeed:
+    """One replica's LISTEN connection on ``CHANNEL`` (a ``ChangeFeed``), and its watch on
+    the database: used by one thread at a time.
+
+    A lost connection is made again at once; if that fails in a way that says the database
+    cannot be reached (no answer, shutting down, starting up), the store is marked down
+    (``PostgresStore.mark_down``: its calls fail at once) and the feed tries again every
+    ``RECONNECT_DELAY`` seconds; once connected after a loss, the store's pool is replaced
+    (``restore``) and calls go through again. A refusal that is not about reaching it (a
+    password, too many connections) is logged and retried the same way, without marking the
+    store down: its pooled connections may still work.
+    """
+
+    def __init__(self, store: PostgresStore) -> None:
+        self._store = store
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lost = False           # a connection was lost: restore the store once back
+        self._closed = threading.Event()
+        self._waiting = False        # a ``wait`` is in progress (it owns the connection)
+
+    def wait(self, timeout: float) -> None:
+        """Return at the first notification, after ``timeout`` seconds, or (not connected)
+        once an attempt to connect succeeded or failed (then after ``RECONNECT_DELAY``).
+        Never raises."""
+        self._waiting = True
+        try:
+            self._wait(timeout)
+        finally:
+            self._waiting = False
+            if self._closed.is_set():
+                self._drop()
+
+    def _wait(self, timeout: float) -> None:
+        if self._closed.is_set():
+            return
+        if self._conn is None:
+            if not self._connect():
+                self._closed.wait(min(timeout, RECONNECT_DELAY))
+            return
+        try:
+            self._listen(self._conn, timeout)
+        except psycopg.Error as exc:
+            log.warning("state store change feed lost its connection: %s",
+                        self._store.scrub(str(exc)))
+            self._drop()
+            self._lost = True
+            if not self._connect():   # at once: a session ended alone comes back at once
+                self._closed.wait(min(timeout, RECONNECT_DELAY))
+
+    def _listen(self, conn: psycopg.Connection[Any], timeout: float) -> None:
+        """Wait for a notification up to ``timeout`` seconds, in slices of ``_SLICE`` (a
+        ``close`` from another thread is seen within one). Raises: psycopg.Error."""
+        deadline = time.monotonic() + timeout
+        while not self._closed.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            received = conn.notifies(timeout=min(remaining, _SLICE), stop_after=1)
+            try:
+                for _ in received:
+                    return
+            finally:
+                received.close()
+
+    def _connect(self) -> bool:
+        """Connect and LISTEN; after a loss, restore the store. Returns whether connected.
+        Never raises."""
+        if self._closed.is_set():
+            return False
+        try:
+            conn = self._store.connect(FEED_APPLICATION)
+            conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as exc:
+            reason = str(exc)
+            if _unreachable(exc):
+                self._store.mark_down(reason)
+            else:
+                log.error("state store change feed cannot connect: %s",
+                          self._store.scrub(reason))
+            return False
+        self._conn = conn
+        if self._lost or self._store.down_since is not None:
+            try:
+                self._store.restore()
+            except DeviceUnavailable as exc:
+                self._store.mark_down(exc.message)
+                self._drop()
+                return False
+            self._lost = False
+        return True
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def close(self) -> None:
+        """End the feed and close its connection (a ``wait`` in progress in another thread
+        returns within ``_SLICE`` seconds and closes it). Never raises."""
+        self._closed.set()
+        if not self._waiting:
+            self._drop()
+
+
+def _unreachable(exc: psycopg.Error) -> bool:
+    """Whether a failure to connect says the database cannot be reached: no answer at all
+    (no SQLSTATE), a connection exception (class 08) or an operator intervention (class 57:
+    shutting down, starting up, crashed)."""
+    state = exc.sqlstate
+    return state is None or state[:2] in ("08", "57")
+
+
+def _check_connection(conn: psycopg.Connection[Any]) -> None:
+    """Before the pool hands a connection out: one that has something to read while idle (a
+    server that ended it sent its last message and closed: a restart, a terminated session)
+    is tested with a round trip and dropped if it fails; a quiet one costs one ``select``.
+    Raises: psycopg.Error (the pool discards the connection and takes another)."""
+    if conn.closed:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
+
+
+def _policy_changed(conn: psycopg.Connection[Any], what: str) -> None:
+    """Move the policy version and notify ``CHANNEL`` (delivered when the caller's
+    transaction commits)."""
+    row = conn.execute("UPDATE policy_version SET version = version + 1 WHERE id = 1 "
+                       "RETURNING version").fetchone()
+    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"{what} {row[0] if row else '?'}"))
 
 
 def migrate(conn: psycopg.Connection[Any],

@@ -14,15 +14,19 @@ from typing import Any
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import (
+    ChangeFeed,
     Fence,
     LeaseRecord,
+    PollingFeed,
     ReplicaRecord,
     RevocationRecord,
     StaleFence,
+    StoreInfo,
 )
 
-#: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases (an
-#: older file is migrated on open).
+#: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases, policy
+#: version (an older file is migrated on open; the policy version table, added before schema 3
+#: was released, is created on open if missing).
 SCHEMA_VERSION = 3
 HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
@@ -79,6 +83,11 @@ CREATE TABLE IF NOT EXISTS leases (
     epoch INTEGER NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS policy_version (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO policy_version VALUES (1, 0);
 """
 _KEY_UPSERT = ("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
                "SET state=excluded.state, created_at=excluded.created_at, "
@@ -327,6 +336,7 @@ class SqliteStore:
                 (record.kind, record.value, record.issued_before, record.created_at,
                  record.expires_at, record.reason))
             revocation_id = int(cursor.lastrowid or 0)
+            _policy_changed(db)
         return RevocationRecord(revocation_id, record.kind, record.value, record.issued_before,
                                 record.created_at, record.expires_at, record.reason)
 
@@ -341,7 +351,10 @@ class SqliteStore:
     def purge_revocations(self, now: float) -> int:
         """Delete revocations whose covered tickets have all expired; return the count."""
         with self._tx() as db:
-            return db.execute("DELETE FROM revocations WHERE expires_at<=?", (now,)).rowcount
+            purged = db.execute("DELETE FROM revocations WHERE expires_at<=?", (now,)).rowcount
+            if purged:
+                _policy_changed(db)
+        return purged
 
     def load_epochs(self) -> dict[str, int]:
         """Return every realm whose policy epoch was bumped, with its epoch."""
@@ -355,7 +368,29 @@ class SqliteStore:
             row = db.execute("SELECT epoch FROM realms WHERE realm=?", (realm,)).fetchone()
             epoch = (int(row[0]) if row else 0) + 1
             db.execute("INSERT OR REPLACE INTO realms VALUES (?, ?, ?)", (realm, epoch, now))
+            _policy_changed(db)
         return epoch
+
+    def policy_version(self) -> int:
+        """The counter of revocation and epoch changes (one row)."""
+        with self._read() as db:
+            row = db.execute("SELECT version FROM policy_version WHERE id=1").fetchone()
+        return int(row[0]) if row else 0
+
+    def changes(self) -> ChangeFeed:
+        """A timer: SQLite tells no one of a change; readers re-read the policy version."""
+        return PollingFeed()
+
+    def describe(self) -> StoreInfo:
+        """``sqlite``, the file, the schema version it records (SCHEMA_VERSION if it cannot
+        be read now)."""
+        try:
+            with self._read() as db:
+                version = _meta(db, "schema")
+        except DeviceUnavailable:   # failing, or closed
+            version = None
+        return StoreInfo("sqlite", str(self.path),
+                         int(version) if version and version.isdigit() else SCHEMA_VERSION)
 
     def record_max_lifetime(self, max_lifetime: int, now: float) -> float:
         """Store this start's maximum lifetime; return the (possibly moved) horizon, in one
@@ -407,6 +442,11 @@ class SqliteStore:
         """Close the database."""
         with self._lock:
             self._db.close()
+
+
+def _policy_changed(db: sqlite3.Connection) -> None:
+    """Move the policy version (inside the caller's transaction)."""
+    db.execute("UPDATE policy_version SET version=version+1 WHERE id=1")
 
 
 def _ring_version(db: sqlite3.Connection) -> int:

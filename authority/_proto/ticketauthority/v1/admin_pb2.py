@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eticketauthority/v1/admin.proto\x12\x12ticketauthority.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x02\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.ticketauthority.v1.KeyState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bopens_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10sealing_ended_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nseal_count\x18\x07 \x01(\x04\x12.\n\nrotates_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10RotateKeyRequest\"t\n\x11RotateKeyResponse\x12,\n\x07new_key\x18\x01 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\x12\x31\n\x0cprevious_key\x18\x02 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\",\n\x0fListKeysRequest\x12\x19\n\x11include_destroyed\x18\x01 \x01(\x08\"=\n\x10ListKeysResponse\x12)\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\"\"\n\x10RetireKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x11RetireKeyResponse\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\"\x12\n\x10GetStatusRequest\"\xa3\x03\n\x11GetStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x16\n\x0esealing_key_id\x18\x04 \x01(\t\x12\x13\n\x0b\x61\x63tive_keys\x18\x05 \x01(\r\x12\x19\n\x11\x64\x65\x63rypt_only_keys\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65stroyed_keys\x18\x07 \x01(\r\x12\x18\n\x10\x63onsumed_tickets\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x45\n\x08\x63ounters\x18\x0b \x03(\x0b\x32\x33.ticketauthority.v1.GetStatusResponse.CountersEntry\x12\x10\n\x08sessions\x18\x0c \x01(\r\x12\x18\n\x10\x64\x65vice_processes\x18\r \x01(\r\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"*\n\nSaSelector\x12\r\n\x05spi_i\x18\x01 \x01(\x0c\x12\r\n\x05spi_r\x18\x02 \x01(\x0c\"\xbe\x01\n\x14RevokeTicketsRequest\x12\x0e\n\x04id_i\x18\x01 \x01(\x0cH\x00\x12\x30\n\x06old_sa\x18\x02 \x01(\x0b\x32\x1e.ticketauthority.v1.SaSelectorH\x00\x12\x13\n\tticket_id\x18\x03 \x01(\x0cH\x00\x12\x33\n\rissued_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x0e\n\x06reason\x18\x05 \x01(\tB\n\n\x08selector\"\xe3\x01\n\nRevocation\x12\x15\n\rrevocation_id\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x31\n\rissued_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\"^\n\x15RevokeTicketsResponse\x12\x15\n\rrevocation_id\x18\x01 \x01(\x04\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16ListRevocationsRequest\"N\n\x17ListRevocationsResponse\x12\x33\n\x0brevocations\x18\x01 \x03(\x0b\x32\x1e.ticketauthority.v1.Revocation\"\'\n\x16\x42umpPolicyEpochRequest\x12\r\n\x05realm\x18\x01 \x01(\t\">\n\x17\x42umpPolicyEpochResponse\x12\r\n\x05realm\x18\x01 \x01(\t\x12\x14\n\x0cpolicy_epoch\x18\x02 \x01(\x04\"2\n\x0bRealmPolicy\x12\r\n\x05realm\x18\x01 \x01(\t\x12\x14\n\x0cpolicy_epoch\x18\x02 \x01(\x04\"\x13\n\x11ListRealmsRequest\"E\n\x12ListRealmsResponse\x12/\n\x06realms\x18\x01 \x03(\x0b\x32\x1f.ticketauthority.v1.RealmPolicy*\xa4\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x1a\n\x16KEY_STATE_DECRYPT_ONLY\x10\x02\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x03\x12\x15\n\x11KEY_STATE_MISSING\x10\x04\x12\x15\n\x11KEY_STATE_PENDING\x10\x06\"\x04\x08\x05\x10\x05\x32\x8d\x06\n\x0bTicketAdmin\x12X\n\tRotateKey\x12$.ticketauthority.v1.RotateKeyRequest\x1a%.ticketauthority.v1.RotateKeyResponse\x12U\n\x08ListKeys\x12#.ticketauthority.v1.ListKeysRequest\x1a$.ticketauthority.v1.ListKeysResponse\x12X\n\tRetireKey\x12$.ticketauthority.v1.RetireKeyRequest\x1a%.ticketauthority.v1.RetireKeyResponse\x12X\n\tGetStatus\x12$.ticketauthority.v1.GetStatusRequest\x1a%.ticketauthority.v1.GetStatusResponse\x12\x64\n\rRevokeTickets\x12(.ticketauthority.v1.RevokeTicketsRequest\x1a).ticketauthority.v1.RevokeTicketsResponse\x12j\n\x0fListRevocations\x12*.ticketauthority.v1.ListRevocationsRequest\x1a+.ticketauthority.v1.ListRevocationsResponse\x12j\n\x0f\x42umpPolicyEpoch\x12*.ticketauthority.v1.BumpPolicyEpochRequest\x1a+.ticketauthority.v1.BumpPolicyEpochResponse\x12[\n\nListRealms\x12%.ticketauthority.v1.ListRealmsRequest\x1a&.ticketauthority.v1.ListRealmsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eticketauthority/v1/admin.proto\x12\x12ticketauthority.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x02\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.ticketauthority.v1.KeyState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bopens_until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10sealing_ended_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nseal_count\x18\x07 \x01(\x04\x12.\n\nrotates_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10RotateKeyRequest\"t\n\x11RotateKeyResponse\x12,\n\x07new_key\x18\x01 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\x12\x31\n\x0cprevious_key\x18\x02 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\",\n\x0fListKeysRequest\x12\x19\n\x11include_destroyed\x18\x01 \x01(\x08\"=\n\x10ListKeysResponse\x12)\n\x04keys\x18\x01 \x03(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\"\"\n\x10RetireKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"=\n\x11RetireKeyResponse\x12(\n\x03key\x18\x01 \x01(\x0b\x32\x1b.ticketauthority.v1.KeyInfo\"\x12\n\x10GetStatusRequest\"\x87\x06\n\x11GetStatusResponse\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07library\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\t\x12\x16\n\x0esealing_key_id\x18\x04 \x01(\t\x12\x13\n\x0b\x61\x63tive_keys\x18\x05 \x01(\r\x12\x19\n\x11\x64\x65\x63rypt_only_keys\x18\x06 \x01(\r\x12\x16\n\x0e\x64\x65stroyed_keys\x18\x07 \x01(\r\x12\x18\n\x10\x63onsumed_tickets\x18\x08 \x01(\x04\x12\x0f\n\x07version\x18\t \x01(\t\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x45\n\x08\x63ounters\x18\x0b \x03(\x0b\x32\x33.ticketauthority.v1.GetStatusResponse.CountersEntry\x12\x10\n\x08sessions\x18\x0c \x01(\r\x12\x18\n\x10\x64\x65vice_processes\x18\r \x01(\r\x12\r\n\x05store\x18\x0e \x01(\t\x12\x16\n\x0estore_location\x18\x0f \x01(\t\x12\x1c\n\x14store_schema_version\x18\x10 \x01(\r\x12\x17\n\x0fstore_reachable\x18\x11 \x01(\x08\x12\x13\n\x0bstore_error\x18\x12 \x01(\t\x12\x1a\n\x12policy_age_seconds\x18\x13 \x01(\x01\x12\x1d\n\x15max_staleness_seconds\x18\x14 \x01(\x01\x12\x12\n\nreplica_id\x18\x15 \x01(\t\x12\x33\n\x08replicas\x18\x16 \x03(\x0b\x32!.ticketauthority.v1.ReplicaStatus\x12:\n\x11maintenance_lease\x18\x17 \x01(\x0b\x32\x1f.ticketauthority.v1.LeaseStatus\x12/\n\x0bserver_time\x18\x18 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\xf1\x01\n\rReplicaStatus\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cring_version\x18\x06 \x01(\x04\x12\x0c\n\x04live\x18\x07 \x01(\x08\x12\x13\n\x0bholds_lease\x18\x08 \x01(\x08\x12\x14\n\x0cthis_replica\x18\t \x01(\x08\"m\n\x0bLeaseStatus\x12\x0e\n\x06holder\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x04 \x01(\x08\"*\n\nSaSelector\x12\r\n\x05spi_i\x18\x01 \x01(\x0c\x12\r\n\x05spi_r\x18\x02 \x01(\x0c\"\xbe\x01\n\x14RevokeTicketsRequest\x12\x0e\n\x04id_i\x18\x01 \x01(\x0cH\x00\x12\x30\n\x06old_sa\x18\x02 \x01(\x0b\x32\x1e.ticketauthority.v1.SaSelectorH\x00\x12\x13\n\tticket_id\x18\x03 \x01(\x0cH\x00\x12\x33\n\rissued_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x00\x12\x0e\n\x06reason\x18\x05 \x01(\tB\n\n\x08selector\"\xe3\x01\n\nRevocation\x12\x15\n\rrevocation_id\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x31\n\rissued_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x07 \x01(\t\"^\n\x15RevokeTicketsResponse\x12\x15\n\rrevocation_id\x18\x01 \x01(\x04\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x18\n\x16ListRevocationsRequest\"N\n\x17ListRevocationsResponse\x12\x33\n\x0brevocations\x18\x01 \x03(\x0b\x32\x1e.ticketauthority.v1.Revocation\"\'\n\x16\x42umpPolicyEpochRequest\x12\r\n\x05realm\x18\x01 \x01(\t\">\n\x17\x42umpPolicyEpochResponse\x12\r\n\x05realm\x18\x01 \x01(\t\x12\x14\n\x0cpolicy_epoch\x18\x02 \x01(\x04\"2\n\x0bRealmPolicy\x12\r\n\x05realm\x18\x01 \x01(\t\x12\x14\n\x0cpolicy_epoch\x18\x02 \x01(\x04\"\x13\n\x11ListRealmsRequest\"E\n\x12ListRealmsResponse\x12/\n\x06realms\x18\x01 \x03(\x0b\x32\x1f.ticketauthority.v1.RealmPolicy*\xa4\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10KEY_STATE_ACTIVE\x10\x01\x12\x1a\n\x16KEY_STATE_DECRYPT_ONLY\x10\x02\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x03\x12\x15\n\x11KEY_STATE_MISSING\x10\x04\x12\x15\n\x11KEY_STATE_PENDING\x10\x06\"\x04\x08\x05\x10\x05\x32\x8d\x06\n\x0bTicketAdmin\x12X\n\tRotateKey\x12$.ticketauthority.v1.RotateKeyRequest\x1a%.ticketauthority.v1.RotateKeyResponse\x12U\n\x08ListKeys\x12#.ticketauthority.v1.ListKeysRequest\x1a$.ticketauthority.v1.ListKeysResponse\x12X\n\tRetireKey\x12$.ticketauthority.v1.RetireKeyRequest\x1a%.ticketauthority.v1.RetireKeyResponse\x12X\n\tGetStatus\x12$.ticketauthority.v1.GetStatusRequest\x1a%.ticketauthority.v1.GetStatusResponse\x12\x64\n\rRevokeTickets\x12(.ticketauthority.v1.RevokeTicketsRequest\x1a).ticketauthority.v1.RevokeTicketsResponse\x12j\n\x0fListRevocations\x12*.ticketauthority.v1.ListRevocationsRequest\x1a+.ticketauthority.v1.ListRevocationsResponse\x12j\n\x0f\x42umpPolicyEpoch\x12*.ticketauthority.v1.BumpPolicyEpochRequest\x1a+.ticketauthority.v1.BumpPolicyEpochResponse\x12[\n\nListRealms\x12%.ticketauthority.v1.ListRealmsRequest\x1a&.ticketauthority.v1.ListRealmsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
-  _globals['_KEYSTATE']._serialized_start=2136
-  _globals['_KEYSTATE']._serialized_end=2300
+  _globals['_KEYSTATE']._serialized_start=2847
+  _globals['_KEYSTATE']._serialized_end=3011
   _globals['_KEYINFO']._serialized_start=88
   _globals['_KEYINFO']._serialized_end=427
   _globals['_ROTATEKEYREQUEST']._serialized_start=429
@@ -53,31 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=775
   _globals['_GETSTATUSREQUEST']._serialized_end=793
   _globals['_GETSTATUSRESPONSE']._serialized_start=796
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1215
-  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=1168
-  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=1215
-  _globals['_SASELECTOR']._serialized_start=1217
-  _globals['_SASELECTOR']._serialized_end=1259
-  _globals['_REVOKETICKETSREQUEST']._serialized_start=1262
-  _globals['_REVOKETICKETSREQUEST']._serialized_end=1452
-  _globals['_REVOCATION']._serialized_start=1455
-  _globals['_REVOCATION']._serialized_end=1682
-  _globals['_REVOKETICKETSRESPONSE']._serialized_start=1684
-  _globals['_REVOKETICKETSRESPONSE']._serialized_end=1778
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=1780
-  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=1804
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=1806
-  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=1884
-  _globals['_BUMPPOLICYEPOCHREQUEST']._serialized_start=1886
-  _globals['_BUMPPOLICYEPOCHREQUEST']._serialized_end=1925
-  _globals['_BUMPPOLICYEPOCHRESPONSE']._serialized_start=1927
-  _globals['_BUMPPOLICYEPOCHRESPONSE']._serialized_end=1989
-  _globals['_REALMPOLICY']._serialized_start=1991
-  _globals['_REALMPOLICY']._serialized_end=2041
-  _globals['_LISTREALMSREQUEST']._serialized_start=2043
-  _globals['_LISTREALMSREQUEST']._serialized_end=2062
-  _globals['_LISTREALMSRESPONSE']._serialized_start=2064
-  _globals['_LISTREALMSRESPONSE']._serialized_end=2133
-  _globals['_TICKETADMIN']._serialized_start=2303
-  _globals['_TICKETADMIN']._serialized_end=3084
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1571
+  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_start=1524
+  _globals['_GETSTATUSRESPONSE_COUNTERSENTRY']._serialized_end=1571
+  _globals['_REPLICASTATUS']._serialized_start=1574
+  _globals['_REPLICASTATUS']._serialized_end=1815
+  _globals['_LEASESTATUS']._serialized_start=1817
+  _globals['_LEASESTATUS']._serialized_end=1926
+  _globals['_SASELECTOR']._serialized_start=1928
+  _globals['_SASELECTOR']._serialized_end=1970
+  _globals['_REVOKETICKETSREQUEST']._serialized_start=1973
+  _globals['_REVOKETICKETSREQUEST']._serialized_end=2163
+  _globals['_REVOCATION']._serialized_start=2166
+  _globals['_REVOCATION']._serialized_end=2393
+  _globals['_REVOKETICKETSRESPONSE']._serialized_start=2395
+  _globals['_REVOKETICKETSRESPONSE']._serialized_end=2489
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_start=2491
+  _globals['_LISTREVOCATIONSREQUEST']._serialized_end=2515
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_start=2517
+  _globals['_LISTREVOCATIONSRESPONSE']._serialized_end=2595
+  _globals['_BUMPPOLICYEPOCHREQUEST']._serialized_start=2597
+  _globals['_BUMPPOLICYEPOCHREQUEST']._serialized_end=2636
+  _globals['_BUMPPOLICYEPOCHRESPONSE']._serialized_start=2638
+  _globals['_BUMPPOLICYEPOCHRESPONSE']._serialized_end=2700
+  _globals['_REALMPOLICY']._serialized_start=2702
+  _globals['_REALMPOLICY']._serialized_end=2752
+  _globals['_LISTREALMSREQUEST']._serialized_start=2754
+  _globals['_LISTREALMSREQUEST']._serialized_end=2773
+  _globals['_LISTREALMSRESPONSE']._serialized_start=2775
+  _globals['_LISTREALMSRESPONSE']._serialized_end=2844
+  _globals['_TICKETADMIN']._serialized_start=3014
+  _globals['_TICKETADMIN']._serialized_end=3795
 # @@protoc_insertion_point(module_scope)

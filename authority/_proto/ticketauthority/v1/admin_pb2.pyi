@@ -86,7 +86,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("backend", "library", "token", "sealing_key_id", "active_keys", "decrypt_only_keys", "destroyed_keys", "consumed_tickets", "version", "started_at", "counters", "sessions", "device_processes")
+    __slots__ = ("backend", "library", "token", "sealing_key_id", "active_keys", "decrypt_only_keys", "destroyed_keys", "consumed_tickets", "version", "started_at", "counters", "sessions", "device_processes", "store", "store_location", "store_schema_version", "store_reachable", "store_error", "policy_age_seconds", "max_staleness_seconds", "replica_id", "replicas", "maintenance_lease", "server_time")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,17 @@ class GetStatusResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    STORE_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    STORE_SCHEMA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STORE_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    STORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    POLICY_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAINTENANCE_LEASE_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     backend: str
     library: str
     token: str
@@ -120,7 +131,52 @@ class GetStatusResponse(_message.Message):
     counters: _containers.ScalarMap[str, int]
     sessions: int
     device_processes: int
-    def __init__(self, backend: _Optional[str] = ..., library: _Optional[str] = ..., token: _Optional[str] = ..., sealing_key_id: _Optional[str] = ..., active_keys: _Optional[int] = ..., decrypt_only_keys: _Optional[int] = ..., destroyed_keys: _Optional[int] = ..., consumed_tickets: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ..., device_processes: _Optional[int] = ...) -> None: ...
+    store: str
+    store_location: str
+    store_schema_version: int
+    store_reachable: bool
+    store_error: str
+    policy_age_seconds: float
+    max_staleness_seconds: float
+    replica_id: str
+    replicas: _containers.RepeatedCompositeFieldContainer[ReplicaStatus]
+    maintenance_lease: LeaseStatus
+    server_time: _timestamp_pb2.Timestamp
+    def __init__(self, backend: _Optional[str] = ..., library: _Optional[str] = ..., token: _Optional[str] = ..., sealing_key_id: _Optional[str] = ..., active_keys: _Optional[int] = ..., decrypt_only_keys: _Optional[int] = ..., destroyed_keys: _Optional[int] = ..., consumed_tickets: _Optional[int] = ..., version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., counters: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ..., device_processes: _Optional[int] = ..., store: _Optional[str] = ..., store_location: _Optional[str] = ..., store_schema_version: _Optional[int] = ..., store_reachable: _Optional[bool] = ..., store_error: _Optional[str] = ..., policy_age_seconds: _Optional[float] = ..., max_staleness_seconds: _Optional[float] = ..., replica_id: _Optional[str] = ..., replicas: _Optional[_Iterable[_Union[ReplicaStatus, _Mapping]]] = ..., maintenance_lease: _Optional[_Union[LeaseStatus, _Mapping]] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ReplicaStatus(_message.Message):
+    __slots__ = ("replica_id", "host", "pid", "started_at", "last_heartbeat", "ring_version", "live", "holds_lease", "this_replica")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_LEASE_FIELD_NUMBER: _ClassVar[int]
+    THIS_REPLICA_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    host: str
+    pid: int
+    started_at: _timestamp_pb2.Timestamp
+    last_heartbeat: _timestamp_pb2.Timestamp
+    ring_version: int
+    live: bool
+    holds_lease: bool
+    this_replica: bool
+    def __init__(self, replica_id: _Optional[str] = ..., host: _Optional[str] = ..., pid: _Optional[int] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ring_version: _Optional[int] = ..., live: _Optional[bool] = ..., holds_lease: _Optional[bool] = ..., this_replica: _Optional[bool] = ...) -> None: ...
+
+class LeaseStatus(_message.Message):
+    __slots__ = ("holder", "epoch", "expires_at", "expired")
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    holder: str
+    epoch: int
+    expires_at: _timestamp_pb2.Timestamp
+    expired: bool
+    def __init__(self, holder: _Optional[str] = ..., epoch: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expired: _Optional[bool] = ...) -> None: ...
 
 class SaSelector(_message.Message):
     __slots__ = ("spi_i", "spi_r")
