@@ -29,7 +29,8 @@ _TICK = 0.1
 
 @dataclass
 class Tally:
-    """What a phase did: items OK and failed, calls, wall seconds, CPU seconds, first error."""
+    """What a phase did: items OK and failed, calls, wall seconds, CPU seconds (client, server,
+    database), first error, and each successful call's seconds (closed loops)."""
 
     ok: int = 0
     failed: int = 0
@@ -37,7 +38,9 @@ class Tally:
     seconds: float = 0.0
     client_cpu: float = 0.0
     server_cpu: float | None = None
+    db_cpu: float | None = None       # the bench's own PostgreSQL (postmaster and backends)
     first_error: str = ""
+    latencies: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -71,6 +74,9 @@ class Tally:
         self.client_cpu += other.client_cpu
         if other.server_cpu is not None:
             self.server_cpu = (self.server_cpu or 0.0) + other.server_cpu
+        if other.db_cpu is not None:
+            self.db_cpu = (self.db_cpu or 0.0) + other.db_cpu
+        self.latencies += other.latencies
         self.first_error = self.first_error or other.first_error
 
 
@@ -105,17 +111,21 @@ async def _run(workers: list[Awaitable[None]], tally: Tally, tick: Tick | None) 
 async def closed_loop(call: Call, concurrency: int, seconds: float,
                       tick: Tick | None = None) -> Tally:
     """``concurrency`` workers each call again as soon as their call returns, for ``seconds``
-    (calls in flight at the deadline finish and count)."""
+    (calls in flight at the deadline finish and count); each answered call's seconds go to
+    ``latencies``."""
     tally = Tally()
     numbers = itertools.count()
     deadline = time.perf_counter() + seconds
 
     async def worker() -> None:
-        while time.perf_counter() < deadline and not tally.broken:
+        while (sent := time.perf_counter()) < deadline and not tally.broken:
             try:
-                tally.record(*await call(next(numbers)))
+                outcome = await call(next(numbers))
             except (TimeoutError, grpc.aio.AioRpcError) as exc:
                 tally.error(exc)
+                continue
+            tally.latencies.append(time.perf_counter() - sent)
+            tally.record(*outcome)
 
     return await _run([worker() for _ in range(concurrency)], tally, tick)
 

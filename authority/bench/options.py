@@ -13,6 +13,20 @@ QUICK_STORM = 20_000
 DEFAULT_DURATION = 5.0
 QUICK_DURATION = 1.5
 MAX_BATCH = 1000  # the server's default server.max_batch_items
+STORES = ("sqlite", "postgresql")
+#: ``--store postgresql``: (label, store, server.processes) of each configuration, in order;
+#: the first (one SQLite replica) is the baseline the PostgreSQL targets compare with
+STORE_RUNS = (("sqlite", "sqlite", 1), ("pg", "postgresql", 1), ("pg2", "postgresql", 2))
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One server the gRPC phases run against: its mode, store and server.processes."""
+
+    label: str                 # "" (not a store comparison), or a STORE_RUNS label
+    mode: str
+    store: str                 # "sqlite" or "postgresql"
+    processes: int | None      # None: the server's default
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class Options:
     server_mode: str = "auto"  # "auto", "aio", "threads" or "both" (own server only)
     server_processes: tuple[int, ...] = ()  # server.processes of each run (own server
                                             # only); (): the server's default, one run
+    stores: tuple[str, ...] = ("sqlite",)   # ("sqlite", "postgresql"): the STORE_RUNS
 
     @property
     def server_modes(self) -> list[str]:
@@ -46,11 +61,27 @@ class Options:
         return list(self.server_processes) or [None]
 
     @property
+    def compare_stores(self) -> bool:
+        """True for ``--store postgresql``: the three STORE_RUNS in one run."""
+        return "postgresql" in self.stores
+
+    @property
+    def configurations(self) -> list[Configuration]:
+        """Each server measured, in order: the first one's figures are the top level. Modes
+        times process counts; with ``--store postgresql`` the STORE_RUNS instead."""
+        if self.compare_stores:
+            mode = self.server_modes[0]
+            return [Configuration(label, mode, store, count)
+                    for label, store, count in STORE_RUNS]
+        return [Configuration("", mode, "sqlite", count)
+                for mode in self.server_modes for count in self.process_counts]
+
+    @property
     def client_channels(self) -> int:
         """Connections the client spreads its calls over: 1, or with several server
         processes in the run 2 per process of the largest count, evenly over the replicas
         (one connection stays with one replica), the same for every count of the run."""
-        largest = max(self.server_processes, default=1)
+        largest = max((c.processes or 1 for c in self.configurations), default=1)
         return 1 if largest <= 1 else 2 * largest
 
     @property
@@ -93,6 +124,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "run, the first's figures at the top level and a comparison "
                              "table; with a count above 1 the client spreads its calls over "
                              "2 connections per process, evenly over the replicas")
+    parser.add_argument("--store", type=_stores, default=("sqlite",),
+                        metavar="sqlite|postgresql",
+                        help="state store of the server the bench starts (default sqlite); "
+                             "postgresql (or sqlite,postgresql): the gRPC phases against one "
+                             "SQLite replica, one PostgreSQL replica and two PostgreSQL "
+                             "replicas (server.processes = 2) in the same run, on a "
+                             "PostgreSQL the bench starts and removes (Debian's postgresql "
+                             "package), SQLite's figures at the top level, PostgreSQL's as "
+                             "pg_* and pg2_*, with the issue's two PostgreSQL targets")
     parser.add_argument("--quick", action="store_true", help="a run under a minute")
     parser.add_argument("--json", action="store_true",
                         help="print only JSON on stdout (progress stays on stderr)")
@@ -100,14 +140,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace) -> Options:
-    """Resolve parsed flags into ``Options`` (--quick picks the smaller defaults)."""
+    """Resolve parsed flags into ``Options`` (--quick picks the smaller defaults).
+
+    Raises: ConfigError naming ``--store`` when PostgreSQL is asked for with flags it cannot
+    go with."""
     storm = args.storm_tickets or (QUICK_STORM if args.quick else DEFAULT_STORM)
     duration = args.duration or (QUICK_DURATION if args.quick else DEFAULT_DURATION)
+    stores = getattr(args, "store", ("sqlite",))
+    if "postgresql" in stores:
+        _check_postgresql(args)
     return Options(address=args.address, backend=args.backend, state_dir=args.state_dir,
                    concurrency=args.concurrency, batch_size=args.batch_size,
                    storm_tickets=storm, duration=duration, quick=args.quick, json=args.json,
                    progress=not args.no_progress, server_mode=args.server_mode,
-                   server_processes=args.server_processes)
+                   server_processes=args.server_processes, stores=stores)
+
+
+def _check_postgresql(args: argparse.Namespace) -> None:
+    """``--store postgresql`` needs the bench's own SoftHSM2 server, one server mode, and
+    sets the process counts itself. Raises: ConfigError."""
+    from authority.errors import ConfigError
+
+    if args.address is not None:
+        raise ConfigError("--store", "postgresql needs the bench's own servers (no --address)")
+    if args.backend != "pkcs11":
+        raise ConfigError("--store", "postgresql cannot be used with --backend tpm (a TPM "
+                                     "binds its keys to one chip; replicas share a token)")
+    if args.server_processes:
+        raise ConfigError("--store", "postgresql measures 1 SQLite replica, 1 and 2 "
+                                     "PostgreSQL replicas itself: drop --server-processes")
+    if args.server_mode == "both":
+        raise ConfigError("--store", "postgresql runs one server mode: give --server-mode "
+                                     "aio, threads or auto, not both")
 
 
 def _positive_int(text: str) -> int:
@@ -129,6 +193,17 @@ def _batch_size(text: str) -> int:
     if value > MAX_BATCH:
         raise argparse.ArgumentTypeError(f"at most {MAX_BATCH} (server.max_batch_items)")
     return value
+
+
+def _stores(text: str) -> tuple[str, ...]:
+    """``--store``: sqlite, postgresql or both (comma-separated); PostgreSQL always comes with
+    the SQLite baseline."""
+    names = {part.strip().lower() for part in text.split(",")}
+    unknown = names - set(STORES)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"sqlite, postgresql or sqlite,postgresql; got "
+                                         f"{text!r}")
+    return STORES if "postgresql" in names else ("sqlite",)
 
 
 def _process_counts(text: str) -> tuple[int, ...]:

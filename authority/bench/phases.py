@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from authority.bench import storm as storm_phase
 from authority.bench.loops import (
@@ -32,14 +32,23 @@ ROUND = 1.0        # seconds per slice of the interleaved echo / issue / redeem 
 
 @dataclass
 class Run:
-    """Where the phases run: the client, the server's pid (for CPU and RSS) and its store."""
+    """Where the phases run: the client, the server's pid (for CPU and RSS), how to read its
+    store's size, the bench's own PostgreSQL's pid (for its CPU), and the rate of (f) when it
+    is fixed for the run (``--store postgresql``: half of the first server's saturated rate,
+    the same load offered to each server; None: half of this server's)."""
 
     client: Client
     pid: int | None
-    db_path: Path | None
+    store_size: Callable[[], int | None]
     options: Options
     results: Results
     progress: Progress
+    db_pid: int | None = None
+    latency_rate: float | None = None
+
+    def meter(self) -> CpuMeter:
+        """A CPU meter of this client, the server and the database."""
+        return CpuMeter(self.pid, self.db_pid)
 
 
 def _tick(bar: Bar, what: str, unit: str = "") -> Tick:
@@ -51,7 +60,7 @@ def _tick(bar: Bar, what: str, unit: str = "") -> Tick:
 
 async def measured(call: Call, t: Run, seconds: float, bar: Bar, what: str) -> Tally:
     """A closed loop at the configured concurrency, with client and server CPU."""
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         tally = await closed_loop(call, t.options.concurrency, seconds, _tick(bar, what))
     meter.charge(tally)
     return tally
@@ -105,7 +114,7 @@ async def batched(t: Run, pool: list[bytes]) -> None:
     plan = StreamPlan(open=t.client.redeem_stream, next_request=lambda: next(source),
                       check=redeemed_ok, items=batch_items,
                       deadline=time.perf_counter() + opts.duration)
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         tally = await streams(plan, opts.concurrency, _tick(bar, "tickets"))
     meter.charge(tally)
     t.results.phases["stream_redeem"] = tally
@@ -119,15 +128,15 @@ async def latency(t: Run, pool: list[bytes]) -> None:
     if not saturated or not pool:
         t.results.skipped["latency"] = "no saturated unary redeem rate"
         return
-    rate, seconds = saturated / 2, 2 * t.options.duration
+    rate, seconds = t.latency_rate or saturated / 2, 2 * t.options.duration
     bar = t.progress.bar(f"(f) latency @{rate:,.0f}/s", seconds)
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         lat = await open_loop(t.client.redeem(pool), rate, seconds, _tick(bar, "calls"))
     meter.charge(lat.tally)
     t.results.latency, t.results.phases["latency"] = lat, lat.tally
     bar.close(f"{len(lat.seconds):,} redeems, p99 {_p99(lat.seconds)}")
     bar = t.progress.bar(f"(f) echo @{rate:,.0f}/s", t.options.duration)
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         echo = await open_loop(t.client.echo(), rate, t.options.duration, _tick(bar, "calls"))
     meter.charge(echo.tally)
     t.results.echo_latency, t.results.phases["latency_echo"] = echo, echo.tally
@@ -144,7 +153,7 @@ async def storm(t: Run) -> None:
     opts = t.options
     n, batch, conc = opts.storm_tickets, opts.batch_size, opts.concurrency
     bar = t.progress.bar("(e) storm: issue", n, "tickets")
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         tickets, issued = await storm_phase.pre_issue(
             t.client, n, batch, conc, lambda x: bar.update(x.ok, "issued"))
     meter.charge(issued)
@@ -152,15 +161,17 @@ async def storm(t: Run) -> None:
     bar.close(f"{len(tickets):,} tickets issued in {issued.seconds:.1f} s")
     bar = t.progress.bar("(e) storm: redeem", len(tickets), "tickets")
     tally, peak = await storm_phase.redeem_storm(
-        t.client, tickets, batch, conc, t.pid, lambda x: bar.update(x.ok, "redeemed"))
+        t.client, tickets, batch, conc, t.pid, lambda x: bar.update(x.ok, "redeemed"),
+        db_pid=t.db_pid)
     run = storm_phase.StormRun(issued, tally, len(tickets), peak,
                                storm_phase.server_memory(t.pid))
     t.results.storm, t.results.phases["storm"] = run, tally
     bar.close(f"{tally.ok:,} OK, {tally.failed:,} failed in {tally.seconds:.2f} s")
     bar = t.progress.bar("(e) consume all", len(tickets), "tickets")
-    with CpuMeter(t.pid) as meter:
+    with t.meter() as meter:
         run.consume, run.store_growth = await storm_phase.consume_all(
-            t.client, tickets, batch, conc, t.db_path, lambda x: bar.update(x.ok, "consumed"))
+            t.client, tickets, batch, conc, t.store_size,
+            lambda x: bar.update(x.ok, "consumed"))
     meter.charge(run.consume)
     t.results.phases["consume"] = run.consume
     per = run.store_bytes_per_ticket

@@ -133,27 +133,34 @@ class RssSampler:
 
 
 class CpuMeter:
-    """Client (this process) and server CPU seconds spent between ``start`` and ``stop``
-    (or inside a ``with`` block)."""
+    """Client (this process), server and database CPU seconds spent between ``start`` and
+    ``stop`` (or inside a ``with`` block). The database is the bench's own PostgreSQL
+    (``db_pid``: its postmaster, whose children are the backends); None: not measured."""
 
-    def __init__(self, server_pid: int | None) -> None:
+    def __init__(self, server_pid: int | None, db_pid: int | None = None) -> None:
         self.server_pid = server_pid
+        self.db_pid = db_pid
         self.client = 0.0
         self.server: float | None = None
+        self.db: float | None = None
         self._c0 = 0.0
         self._s0: float | None = None
+        self._d0: float | None = None
 
     def start(self) -> None:
         """Take the starting readings."""
         self._c0 = time.process_time()
         self._s0 = cpu_seconds(self.server_pid)
+        self._d0 = cpu_seconds(self.db_pid)
 
     def stop(self) -> None:
         """Add the CPU spent since ``start``."""
         self.client += time.process_time() - self._c0
-        s1 = cpu_seconds(self.server_pid)
+        s1, d1 = cpu_seconds(self.server_pid), cpu_seconds(self.db_pid)
         if self._s0 is not None and s1 is not None:
             self.server = (self.server or 0.0) + s1 - self._s0
+        if self._d0 is not None and d1 is not None:
+            self.db = (self.db or 0.0) + d1 - self._d0
 
     def __enter__(self) -> CpuMeter:
         self.start()
@@ -165,4 +172,4 @@ class CpuMeter:
 
     def charge(self, tally: Tally) -> None:
         """Give the CPU seconds measured to ``tally``."""
-        tally.client_cpu, tally.server_cpu = self.client, self.server
+        tally.client_cpu, tally.server_cpu, tally.db_cpu = self.client, self.server, self.db

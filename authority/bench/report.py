@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from authority.bench.machine import machine_lines
-from authority.bench.targets import Target, evaluate
+from authority.bench.targets import Target, evaluate, store_targets
 
 Row = tuple[str, str, str, str, str]
 
@@ -138,6 +138,7 @@ def render(figures: Mapping[str, Any]) -> str:
                           "server processes (the same phases against each count, the client "
                           f"on {figures['settings'].get('client', '-')}; the top table is the "
                           "first):")
+    lines += _store_table(figures)
     lines += [f"error: {e}" for e in figures.get("errors", [])]
     return "\n".join(lines)
 
@@ -154,6 +155,51 @@ _MODE_ROWS = (
     ("storm seconds", "storm_seconds", 2, 1),
     ("redeem p99 ms (open loop)", "redeem_p99_ms", 2, 1),
 )
+
+
+_STORE_NAMES = {"sqlite": "SQLite, 1 replica", "pg": "PostgreSQL, 1 replica",
+                "pg2": "PostgreSQL, 2 replicas"}
+_STORE_ROWS = (
+    ("storm seconds", "storm_seconds", 2, 1),
+    ("storm tickets/s", "storm_per_s", 0, 1),
+    ("batched redeem tickets/s", "batch_redeem_per_s", 0, 1),
+    ("batched redeem p99 ms per call", "batch_redeem_p99_ms", 2, 1),
+    ("unary redeem calls/s (saturated)", "unary_redeem_per_s", 0, 1),
+    ("unary redeem p99 ms (open loop)", "redeem_p99_ms", 2, 1),
+    ("unary redeem p50 ms (open loop)", "redeem_p50_ms", 2, 1),
+    ("  offered calls/s", "latency_offered_per_s", 0, 1),
+    ("echo calls/s", "echo_calls_per_s", 0, 1),
+    ("unary issue calls/s", "unary_issue_per_s", 0, 1),
+    ("consume tickets/s", "consume_per_s", 0, 1),
+    ("consumed store B/ticket", "store_bytes_per_ticket", 1, 1),
+)
+
+
+def _store_table(figures: Mapping[str, Any]) -> list[str]:
+    """``--store postgresql``: the figures of one SQLite replica and one and two PostgreSQL
+    replicas side by side, the CPU per item of server and database, and the two targets."""
+    stores = figures.get("by_store") or {}
+    if not stores:
+        return []
+    names = list(stores)
+    rows = [("store", *[_STORE_NAMES.get(n, n) for n in names])]
+    for label, key, digits, _ in _STORE_ROWS:
+        rows.append((label, *[_n(stores[n].get(key), "", digits) for n in names]))
+    for who, field in (("server", "server_cpu_us_per_item"),
+                       ("PostgreSQL", "db_cpu_us_per_item")):
+        for phase in ("storm", "batch_redeem", "unary_redeem", "consume"):
+            rows.append((f"{who} CPU µs/item, {phase}",
+                         *[_n((stores[n].get(field) or {}).get(phase)) for n in names]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = ["", "stores (the same phases against each, the client on "
+               f"{figures['settings'].get('client', '-')}; (f) offered the same rate to each; "
+               "the top table is SQLite's):"]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for target in store_targets(figures, stores):
+        value = _n(target.value, "x", 2)
+        out.append(f"target: {target.wants}: {value} -> {target.status}"
+                   + (f" ({target.note})" if target.note else ""))
+    return out
 
 
 def _modes_table(modes: Mapping[str, Mapping[str, Any]], heading: str = "server mode",

@@ -9,7 +9,7 @@ from authority.bench.loops import Latencies, Tally, percentile
 from authority.bench.options import Options
 from authority.bench.savings import Savings
 from authority.bench.storm import StormRun
-from authority.bench.targets import evaluate, ratio
+from authority.bench.targets import evaluate, ratio, store_comparison
 
 CLIENT = "one grpc.aio client process, one channel"
 #: JSON key of each gRPC phase's rate (the raw device is added by ``figures``)
@@ -38,6 +38,8 @@ class Results:
     by_mode: dict[str, dict[str, Any]] = field(default_factory=dict)  # --server-mode both
     server_processes: int | None = None       # server.processes measured (None: default)
     by_processes: dict[str, dict[str, Any]] = field(default_factory=dict)  # --server-processes
+    store: str = "sqlite"                     # the store of the server measured
+    by_store: dict[str, dict[str, Any]] = field(default_factory=dict)  # --store postgresql
 
     def rate(self, phase: str) -> float | None:
         """OK items per second of a phase, or None if it did not run (or nothing succeeded)."""
@@ -49,6 +51,11 @@ class Results:
         tally = self.phases.get("unary_redeem")
         return tally.client_cpu / tally.calls * 1e6 if tally and tally.calls else None
 
+    def call_p99_ms(self, phase: str) -> float | None:
+        """p99 of the seconds of a closed-loop phase's answered calls, in ms (None: none)."""
+        tally = self.phases.get(phase)
+        return _ms(percentile(tally.latencies, 0.99)) if tally is not None else None
+
     def figures(self) -> dict[str, Any]:
         """The JSON document: flat figures, then details, then the targets."""
         out: dict[str, Any] = {"backend": self.backend_info.get("backend", self.options.backend)}
@@ -56,8 +63,13 @@ class Results:
         out["raw_device_per_s"] = self.rate("raw_device")
         out["raw_device_threads"] = self.device_threads
         out["raw_device_processes"] = self.device_processes
+        out["batch_redeem_p99_ms"] = self.call_p99_ms("batch_redeem")
         out.update(self._storm_figures())
         out.update(self._latency_figures())
+        out["store"] = self.store if self.options.own_server else None
+        if self.by_store:
+            out["by_store"] = self.by_store
+            out.update(store_comparison(self.by_store))
         out["savings"] = self.savings.as_json() if self.savings else None
         out["failures"] = sum(t.failed for t in self.phases.values())
         out["server_mode"] = self.server_mode or None
@@ -80,11 +92,20 @@ class Results:
         out["unary_issue_vs_echo"] = ratio(out["unary_issue_per_s"], echo)
         out["unary_redeem_vs_echo"] = ratio(out["unary_redeem_per_s"], echo)
         out["batch_vs_raw_device"] = ratio(out["batch_redeem_per_s"], raw_device_per_s)
+        out["batch_redeem_p99_ms"] = self.call_p99_ms("batch_redeem")
+        out["unary_redeem_closed_p99_ms"] = self.call_p99_ms("unary_redeem")
         out.update(self._storm_figures())
         out.update({k: v for k, v in self._latency_figures().items()
-                    if k in ("redeem_p50_ms", "redeem_p99_ms", "redeem_p999_ms")})
-        out["server_cpu_us_per_item"] = {name: _phase_json(t)["server_cpu_us_per_item"]
-                                         for name, t in self.phases.items()}
+                    if k in ("redeem_p50_ms", "redeem_p99_ms", "redeem_p999_ms",
+                             "latency_offered_per_s")})
+        phases = {name: _phase_json(t) for name, t in self.phases.items()}
+        out["server_cpu_us_per_item"] = {n: p["server_cpu_us_per_item"]
+                                         for n, p in phases.items()}
+        out["db_cpu_us_per_item"] = {n: p["db_cpu_us_per_item"] for n, p in phases.items()}
+        out["failed"] = {name: t.failed for name, t in self.phases.items()}
+        consume = self.phases.get("consume")
+        out["consume_per_s"] = consume.per_s if consume is not None and consume.ok else None
+        out["store"], out["server_processes"] = self.store, self.server_processes
         return out
 
     def _storm_figures(self) -> dict[str, Any]:
@@ -128,13 +149,16 @@ def _ms(seconds: float | None) -> float | None:
 def _phase_json(tally: Tally) -> dict[str, Any]:
     busy = tally.seconds or 1.0
     items = (tally.ok + tally.failed) or 1
-    server = tally.server_cpu
+    server, db = tally.server_cpu, tally.db_cpu
     return {"ok": tally.ok, "failed": tally.failed, "calls": tally.calls,
             "seconds": tally.seconds, "per_s": tally.per_s,
             "client_cpu_pct": 100 * tally.client_cpu / busy,
             "server_cpu_pct": None if server is None else 100 * server / busy,
+            "db_cpu_pct": None if db is None else 100 * db / busy,
             "client_cpu_us_per_item": 1e6 * tally.client_cpu / items,
             "server_cpu_us_per_item": None if server is None else 1e6 * server / items,
+            "db_cpu_us_per_item": None if db is None else 1e6 * db / items,
+            "call_p99_ms": _ms(percentile(tally.latencies, 0.99)),
             "first_error": tally.first_error or None}
 
 
@@ -144,7 +168,8 @@ def _settings(options: Options) -> dict[str, Any]:
             "storm_tickets": options.storm_tickets, "duration_s": options.duration,
             "quick": options.quick, "client": _client(options),
             "server_mode": options.server_mode,
-            "server_processes": list(options.server_processes) or None}
+            "server_processes": list(options.server_processes) or None,
+            "stores": list(options.stores)}
 
 
 def _client(options: Options) -> str:

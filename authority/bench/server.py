@@ -36,16 +36,19 @@ class ServerProcess:
 
     @classmethod
     def start(cls, state_dir: Path, backend: str, mode: str = "aio",
-              timeout: float = 120.0, processes: int | None = None) -> ServerProcess:
+              timeout: float = 120.0, processes: int | None = None,
+              tables: str = "") -> ServerProcess:
         """Start ``python -m authority.cli serve`` on a free loopback port and wait for its
         banner. The first start on a state dir provisions the embedded token. ``processes``:
         its server.processes (None: the default); above 1 the pid is the supervisor's.
+        ``tables``: more of its config file (``[postgresql]``).
 
         Raises: StartupError (with the tail of the server log) if it exits or stays silent.
         """
         config = state_dir / "bench-server.toml"
         config.write_text(_CONFIG.format(mode=mode)
-                          + ("" if processes is None else f"processes = {processes}\n"))
+                          + ("" if processes is None else f"processes = {processes}\n")
+                          + tables)
         log_path = state_dir / "bench-server.log"
         cmd = [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state_dir),
                "--listen", "127.0.0.1:0", "--config", str(config), "--backend", backend,

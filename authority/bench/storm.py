@@ -2,13 +2,14 @@
 
 N tickets are issued beforehand (IssueTickets batches, not timed), then redeemed as fast as
 possible through pipelined RedeemTicketStream batches (timed, server RSS sampled). Afterwards
-every ticket is consumed (RedeemTickets with consume=True) and the SQLite growth is divided by
-the entries added.
+every ticket is consumed (RedeemTickets with consume=True) and the store's growth (the SQLite
+files, or PostgreSQL's consumed table) is divided by the entries added.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ class StormRun:
 
     @property
     def store_bytes_per_ticket(self) -> float | None:
-        """SQLite growth per consumed-ticket entry (None when not measured)."""
+        """Store growth per consumed-ticket entry (None when not measured)."""
         if self.store_growth is None or self.consume is None or not self.consume.ok:
             return None
         return self.store_growth / self.consume.ok
@@ -49,27 +50,30 @@ async def pre_issue(client: Client, count: int, batch_size: int, concurrency: in
 
 async def redeem_storm(client: Client, tickets: list[bytes], batch_size: int,
                        concurrency: int, server_pid: int | None,
-                       tick: Tick | None) -> tuple[Tally, float | None]:
+                       tick: Tick | None, db_pid: int | None = None
+                       ) -> tuple[Tally, float | None]:
     """Redeem every ticket once through ``concurrency`` pipelined streams; return the tally
-    (with CPU) and the peak server VmRSS sampled meanwhile."""
+    (with CPU; the database's too with ``db_pid``) and the peak server VmRSS sampled
+    meanwhile."""
     queue = iter(redeem_batches(tickets, batch_size))
     plan = StreamPlan(open=client.redeem_stream, next_request=lambda: next(queue, None),
                       check=redeemed_ok, items=batch_items)
-    with RssSampler(server_pid) as rss, CpuMeter(server_pid) as meter:
+    with RssSampler(server_pid) as rss, CpuMeter(server_pid, db_pid) as meter:
         tally = await streams(plan, concurrency, tick)
     meter.charge(tally)
     return tally, rss.peak_mb
 
 
 async def consume_all(client: Client, tickets: list[bytes], batch_size: int,
-                      concurrency: int, db_path: Path | None,
+                      concurrency: int, size: Callable[[], int | None],
                       tick: Tick | None) -> tuple[Tally, int | None]:
     """Consume every ticket (RedeemTickets, consume=True); return the tally and the growth in
-    bytes of the SQLite files (database + WAL after a checkpoint), when ``db_path`` is known."""
-    before = store_size(db_path)
+    bytes of the store as ``size`` reads it (``store_size`` of the SQLite file, or PostgreSQL's
+    consumed table), when it can."""
+    before = size()
     tally = await drain(redeem_batches(tickets, batch_size, consume=True),
                         client.redeem_request, concurrency, batch_items, tick)
-    after = store_size(db_path)
+    after = size()
     growth = after - before if before is not None and after is not None else None
     return tally, growth
 

@@ -61,7 +61,14 @@ def _phase_failures(figures: Mapping[str, Any], *names: str) -> int:
 
 
 def evaluate(figures: Mapping[str, Any]) -> list[Target]:
-    """Every target of the issue, in table order."""
+    """Every target of the issues, in table order (the PostgreSQL ones only when the run
+    compared stores)."""
+    by_store = figures.get("by_store")
+    extra = store_targets(figures, by_store) if isinstance(by_store, Mapping) else []
+    return _targets(figures) + extra
+
+
+def _targets(figures: Mapping[str, Any]) -> list[Target]:
     softhsm = figures.get("backend") == "pkcs11"
     device = "SoftHSM2" if softhsm else "swtpm"
     echo = _num(figures, "echo_calls_per_s")
@@ -100,3 +107,56 @@ def evaluate(figures: Mapping[str, Any]) -> list[Target]:
                _num(figures, "store_bytes_per_ticket"), 100.0, True,
                failures=fail(figures, "consume")),
     ]
+
+
+#: ``--store postgresql``: the JSON prefix of each PostgreSQL configuration's figures
+STORE_PREFIXES = (("pg", "pg_"), ("pg2", "pg2_"))
+#: the PostgreSQL targets of issue 13 (relative to one SQLite replica in the same run)
+PG2_STORM_RATIO = 0.8
+PG_P99_RATIO = 2.0
+
+
+def store_comparison(by_store: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The flat keys of ``--store postgresql``: every scalar figure of each PostgreSQL
+    configuration under its prefix (``pg_storm_seconds``, ``pg2_batch_redeem_per_s``...),
+    ``unary_redeem_p99_ms`` (the open-loop p99, ``redeem_p99_ms``) of each, the ratios to one
+    SQLite replica and whether each target was met (None: not measured)."""
+    sqlite = by_store.get("sqlite", {})
+    out: dict[str, Any] = {"unary_redeem_p99_ms": _num(sqlite, "redeem_p99_ms")}
+    for label, prefix in STORE_PREFIXES:
+        pg = by_store.get(label, {})
+        out.update((prefix + key, value) for key, value in pg.items()
+                   if value is None or isinstance(value, int | float | str))
+        out[prefix + "unary_redeem_p99_ms"] = _num(pg, "redeem_p99_ms")
+        for key in ("storm_per_s", "batch_redeem_per_s", "unary_redeem_per_s"):
+            name = key.removesuffix("_per_s")
+            out[f"{prefix}{name}_ratio_sqlite"] = ratio(_num(pg, key), _num(sqlite, key))
+        for key in ("redeem_p99_ms", "batch_redeem_p99_ms"):
+            name = "unary_redeem_p99" if key == "redeem_p99_ms" else "batch_redeem_p99"
+            out[f"{prefix}{name}_ratio_sqlite"] = ratio(_num(pg, key), _num(sqlite, key))
+    for target in store_targets(out, by_store):
+        out[target.name.replace("_vs_sqlite", "_target_met")] = target.met
+    return out
+
+
+def store_targets(figures: Mapping[str, Any],
+                  by_store: Mapping[str, Mapping[str, Any]]) -> list[Target]:
+    """The issue's PostgreSQL targets, judged from the ratios of ``store_comparison``."""
+    def failed(label: str, *phases: str) -> int:
+        counts = by_store.get(label, {}).get("failed") or {}
+        sqlite = by_store.get("sqlite", {}).get("failed") or {}
+        return sum(int(counts.get(p, 0)) + int(sqlite.get(p, 0)) for p in phases)
+
+    targets = [_judge("pg2_storm_vs_sqlite",
+                      f"storm through 2 PostgreSQL replicas >= {PG2_STORM_RATIO:g} of 1 "
+                      "SQLite replica's rate", f">= {PG2_STORM_RATIO:g}x SQLite",
+                      _num(figures, "pg2_storm_ratio_sqlite"), PG2_STORM_RATIO, False,
+                      failures=failed("pg2", "storm_issue", "storm"))]
+    for label, prefix in STORE_PREFIXES:
+        replicas = "1 PostgreSQL replica" if label == "pg" else "2 PostgreSQL replicas"
+        targets.append(_judge(
+            f"{prefix}unary_redeem_p99_vs_sqlite",
+            f"unary redeem p99 on {replicas} <= {PG_P99_RATIO:g}x 1 SQLite replica's",
+            f"<= {PG_P99_RATIO:g}x SQLite", _num(figures, f"{prefix}unary_redeem_p99_ratio_sqlite"),
+            PG_P99_RATIO, True, failures=failed(label, "latency")))
+    return targets
