@@ -38,7 +38,7 @@ import grpc.aio
 from authority.errors import AuthorityError, InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.auth import Denied
-from authority.service.interceptors import KINDS, _safe
+from authority.service.handlers import Guarded, serve, shape_of
 from authority.steps import AsyncDevice, Plan, run_async
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._guarded: dict[str, tuple[Any, Any]] = {}   # method: (its handler, guarded)
+        self._guarded = Guarded(self._guard)
         self._watchdog: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -149,38 +149,25 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        method = str(details.method)
-        known = self._guarded.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        guarded = self._guard(method, handler)
-        self._guarded[method] = (handler, guarded)
-        return guarded
+        return self._guarded(details, await continuation(details))
 
     def _guard(self, method: str, handler: Any) -> Any:
         """``handler`` as a request-streaming handler behind the gate. Never raises."""
-        behavior = next(getattr(handler, kind) for kind in KINDS
-                        if getattr(handler, kind) is not None)
-        stream_in, stream_out = handler.request_streaming, handler.response_streaming
-        options = {"request_deserializer": _safe(handler.request_deserializer),
-                   "response_serializer": handler.response_serializer}
-        if not stream_out:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, behavior, stream_in), **options)
+        shape = shape_of(handler)
+        behavior, stream_in = shape.behavior, shape.stream_in
+        if not shape.stream_out:
+            return serve(shape, self._unary(method, behavior, stream_in))
         if inspect.iscoroutinefunction(behavior):   # writes through context.write (Watch)
-            return grpc.stream_stream_rpc_method_handler(
-                self._writing(method, behavior, stream_in), **options)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, behavior, stream_in), **options)
+            return serve(shape, self._writing(method, behavior, stream_in))
+        return serve(shape, self._streaming(method, behavior, stream_in))
 
     # -- reading the request -------------------------------------------------------------
 
-    async def _read(self, wait: Wait, context: grpc.aio.ServicerContext) -> Any:
+    async def _read(self, method: str, wait: Wait, context: grpc.aio.ServicerContext,
+                    stream: bool) -> Any:
         """One ``context.read()`` that the watchdog may end by cancelling this task.
-        Raises: TimeoutError (ended by the watchdog), what the read raises."""
+        Raises: RequestTimeout, ResourceExhausted (ended by the watchdog); what the read
+        raises."""
         try:
             return await context.read()
         except asyncio.CancelledError:
@@ -189,9 +176,9 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            raise TimeoutError from None
         finally:
             self.gate.arrived(wait)
+        raise self.gate.ended(method, wait, stream)
 
     def _cancel(self) -> Callable[[], Any]:
         task = asyncio.current_task()
@@ -205,10 +192,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         Raises: RequestTimeout; ResourceExhausted; InvalidArgument."""
         wait = self.gate.request(client, self._cancel(), holds)
-        try:
-            request = await self._read(wait, context)
-        except TimeoutError:
-            raise self.gate.ended(method, wait, stream=False) from None
+        request = await self._read(method, wait, context, stream=False)
         if request is grpc.aio.EOF:
             raise InvalidArgument("request", "no request message")
         return self.gate.charge(method, client, request)
@@ -221,10 +205,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         cancel = self._cancel()
         while True:
             wait = self.gate.message(client, cancel)
-            try:
-                request = await self._read(wait, context)
-            except TimeoutError:
-                raise self.gate.ended(method, wait, stream=True) from None
+            request = await self._read(method, wait, context, stream=True)
             if request is grpc.aio.EOF:
                 return
             yield self.gate.charge(method, client, request)
@@ -235,8 +216,7 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         gate, name = self.gate, method.rsplit("/", 1)[-1]
 
         async def call(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            start, code = time.perf_counter(), "OK"
-            try:
+            async with _Observed(gate, name, context):
                 client = gate.admit(method, context, holds=stream_in)
                 if not stream_in:
                     request = await self._first(method, client, context, False)
@@ -245,59 +225,74 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     return await behavior(self._messages(method, client, context), context)
                 finally:
                     gate.release(client)
-            except BaseException as exc:
-                code = _code_of(exc)
-                await _fail(exc, context)
-            finally:
-                gate.observe(name, code, time.perf_counter() - start)
 
         return call
 
     def _streaming(self, method: str, behavior: Any, stream_in: bool) -> Any:
-        gate, name = self.gate, method.rsplit("/", 1)[-1]
-
         async def call(_requests: Any,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start, code = time.perf_counter(), "OK"
-            try:
-                client = gate.admit(method, context, holds=True)
-                try:
-                    arg = (self._messages(method, client, context) if stream_in
-                           else await self._first(method, client, context, True))
-                    async for response in behavior(arg, context):
-                        yield response
-                finally:
-                    gate.release(client)
-            except BaseException as exc:
-                code = _code_of(exc)
-                await _fail(exc, context)
-            finally:
-                gate.observe(name, code, time.perf_counter() - start)
+            async with self._holding(method, context) as client:
+                async for response in behavior(await self._arg(method, client, context,
+                                                               stream_in), context):
+                    yield response
 
         return call
 
     def _writing(self, method: str, behavior: Any, stream_in: bool) -> Any:
         """A response-streaming behavior that is a coroutine writing through
         ``context.write`` (the aio health servicer's Watch), not an async generator."""
-        gate, name = self.gate, method.rsplit("/", 1)[-1]
-
         async def call(_requests: Any, context: grpc.aio.ServicerContext) -> None:
-            start, code = time.perf_counter(), "OK"
-            try:
-                client = gate.admit(method, context, holds=True)
-                try:
-                    arg = (self._messages(method, client, context) if stream_in
-                           else await self._first(method, client, context, True))
-                    await behavior(arg, context)
-                finally:
-                    gate.release(client)
-            except BaseException as exc:
-                code = _code_of(exc)
-                await _fail(exc, context)
-            finally:
-                gate.observe(name, code, time.perf_counter() - start)
+            async with self._holding(method, context) as client:
+                await behavior(await self._arg(method, client, context, stream_in), context)
 
         return call
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, method: str,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[str]:
+        """Around a response-streaming call: observed (``_Observed``), admitted holding a slot
+        for its life; yields the caller's key. Raises: what ``_fail`` raises."""
+        gate = self.gate
+        async with _Observed(gate, method.rsplit("/", 1)[-1], context):
+            client = gate.admit(method, context, holds=True)
+            try:
+                yield client
+            finally:
+                gate.release(client)
+
+    async def _arg(self, method: str, client: str, context: grpc.aio.ServicerContext,
+                   stream_in: bool) -> Any:
+        """What a response-streaming behavior takes: the request stream, or the request.
+        Raises: what ``_first`` raises."""
+        if stream_in:
+            return self._messages(method, client, context)
+        return await self._first(method, client, context, True)
+
+
+class _Observed:
+    """Around one call's work: an exception ends the call with the status it deserves (and
+    raises; cancellation passes as it is), and the call's latency is recorded with the status
+    it ended with."""
+
+    __slots__ = ("_context", "_gate", "_name", "_start")
+
+    def __init__(self, gate: Gate, name: str, context: grpc.aio.ServicerContext) -> None:
+        self._gate, self._name, self._context = gate, name, context
+        self._start = time.perf_counter()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        traceback: Any) -> None:
+        """Raises: what ``_fail`` raises, for any exception."""
+        code = "OK"
+        try:
+            if exc is not None:
+                code = _code_of(exc)
+                await _fail(exc, self._context)
+        finally:
+            self._gate.observe(self._name, code, time.perf_counter() - self._start)
 
 
 def _code_of(exc: BaseException) -> str:

@@ -24,9 +24,10 @@ from typing import Any, NoReturn
 import grpc
 
 from authority.errors import InvalidArgument
-from authority.service.admission import Gate, status_name, tick
+from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.auth import Denied
-from authority.service.interceptors import KINDS, _fail, _safe
+from authority.service.handlers import Guarded, serve, shape_of
+from authority.service.interceptors import _fail
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, gate: Gate) -> None:
         self.gate = gate
-        self._guarded: dict[str, tuple[Any, Any]] = {}   # method: (its handler, guarded)
+        self._guarded = Guarded(self._guard)
         self._watchdog = Watchdog(gate)
         # sends the responses of non-blocking calls (Watch), one thread, in order
         self._sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpc-send")
@@ -69,76 +70,59 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         self._sender.shutdown(wait=False, cancel_futures=True)
 
     def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None:
-            return None
-        method = str(details.method)
-        known = self._guarded.get(method)
-        if known is not None and known[0] is handler:
-            return known[1]
-        guarded = self._guard(method, handler)
-        self._guarded[method] = (handler, guarded)
-        return guarded
+        return self._guarded(details, continuation(details))
 
     def _guard(self, method: str, handler: Any) -> Any:
         """``handler`` as a request-streaming handler behind the gate. Never raises."""
-        behavior = next(getattr(handler, kind) for kind in KINDS
-                        if getattr(handler, kind) is not None)
-        stream_in, stream_out = handler.request_streaming, handler.response_streaming
-        options = {"request_deserializer": _safe(handler.request_deserializer),
-                   "response_serializer": handler.response_serializer}
-        if not stream_out:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, behavior, stream_in), **options)
+        shape = shape_of(handler)
+        behavior, stream_in = shape.behavior, shape.stream_in
+        if not shape.stream_out:
+            return serve(shape, self._unary(method, behavior, stream_in))
         if getattr(behavior, "experimental_non_blocking", False) and not stream_in:
-            return grpc.stream_stream_rpc_method_handler(
-                self._non_blocking(method, behavior), **options)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(method, behavior, stream_in), **options)
+            return serve(shape, self._non_blocking(method, behavior))
+        return serve(shape, self._streaming(method, behavior, stream_in))
 
     # -- reading the request -------------------------------------------------------------
 
+    def _read(self, method: str, wait: Wait, requests: Iterator[Any], stream: bool) -> Any:
+        """The next message of ``requests`` (None at their end), read while ``wait`` runs
+        (past its deadline the watchdog cancels the call).
+
+        Raises: RequestTimeout, ResourceExhausted (the watchdog ended the call); grpc.RpcError
+        (the call ended otherwise)."""
+        try:
+            return next(requests, None)
+        except grpc.RpcError:
+            if not wait.expired:
+                raise
+        finally:
+            self.gate.arrived(wait)
+        raise self.gate.ended(method, wait, stream)
+
     def _first(self, method: str, client: str, requests: Iterator[Any],
                context: grpc.ServicerContext, holds: bool) -> Any:
-        """The request of a unary-request call, read under the gate's request deadlines
-        (past them the watchdog cancels the call), and charged. ``holds``: the call already
-        holds a slot.
+        """The request of a unary-request call, read under the gate's request deadlines, and
+        charged. ``holds``: the call already holds a slot.
 
         Raises: RequestTimeout; ResourceExhausted; InvalidArgument (none, undecodable)."""
-        gate = self.gate
-        wait = gate.request(client, context.cancel, holds)
-        try:
-            request = next(requests, None)
-        except grpc.RpcError:
-            if wait.expired:
-                raise gate.ended(method, wait, stream=False) from None
-            raise
-        finally:
-            gate.arrived(wait)
+        wait = self.gate.request(client, context.cancel, holds)
+        request = self._read(method, wait, requests, stream=False)
         if request is None:
             raise InvalidArgument("request", "no request message")
-        return gate.charge(method, client, request)
+        return self.gate.charge(method, client, request)
 
     def _messages(self, method: str, client: str, requests: Iterator[Any],
                   context: grpc.ServicerContext) -> Iterator[Any]:
         """The messages of a request stream, each within ``server.stream_idle_timeout`` of the
-        previous one (else the watchdog cancels the call), each charged.
+        previous one, each charged.
 
         Raises: RequestTimeout; InvalidArgument; ResourceExhausted."""
-        gate = self.gate
         while True:
-            wait = gate.message(client, context.cancel)
-            try:
-                request = next(requests, None)
-            except grpc.RpcError:
-                if wait.expired:
-                    raise gate.ended(method, wait, stream=True) from None
-                raise
-            finally:
-                gate.arrived(wait)
+            wait = self.gate.message(client, context.cancel)
+            request = self._read(method, wait, requests, stream=True)
             if request is None:
                 return
-            yield gate.charge(method, client, request)
+            yield self.gate.charge(method, client, request)
 
     # -- the three shapes ----------------------------------------------------------------
 
@@ -146,8 +130,7 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         gate, name = self.gate, method.rsplit("/", 1)[-1]
 
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            start, code = time.perf_counter(), "OK"
-            try:
+            with _Observed(gate, name, context):
                 client = gate.admit(method, context, holds=stream_in)
                 if not stream_in:
                     return behavior(self._first(method, client, requests, context, False),
@@ -157,11 +140,6 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
                                     context)
                 finally:
                     gate.release(client)
-            except Exception as exc:
-                code = _status(exc, context)
-                _failed(exc, context)
-            finally:
-                gate.observe(name, code, time.perf_counter() - start)
 
         return call
 
@@ -169,8 +147,7 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         gate, name = self.gate, method.rsplit("/", 1)[-1]
 
         def call(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            start, code = time.perf_counter(), "OK"
-            try:
+            with _Observed(gate, name, context):
                 client = gate.admit(method, context, holds=True)
                 try:
                     arg = (self._messages(method, client, requests, context) if stream_in
@@ -178,11 +155,6 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
                     yield from behavior(arg, context)
                 finally:
                     gate.release(client)
-            except Exception as exc:
-                code = _status(exc, context)
-                _failed(exc, context)
-            finally:
-                gate.observe(name, code, time.perf_counter() - start)
 
         return call
 
@@ -226,6 +198,32 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
 
         call.experimental_non_blocking = True  # type: ignore[attr-defined]
         return call
+
+
+class _Observed:
+    """Around one call's work: an exception ends the call with the status it deserves (and
+    raises), and the call's latency is recorded with the status it ended with. A
+    ``GeneratorExit`` (a response stream closed) passes as it is, recorded as OK."""
+
+    __slots__ = ("_context", "_gate", "_name", "_start")
+
+    def __init__(self, gate: Gate, name: str, context: grpc.ServicerContext) -> None:
+        self._gate, self._name, self._context = gate, name, context
+        self._start = time.perf_counter()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 traceback: Any) -> None:
+        """Raises: what ``_failed`` raises, for an Exception."""
+        code = "OK"
+        try:
+            if isinstance(exc, Exception):
+                code = _status(exc, self._context)
+                _failed(exc, self._context)
+        finally:
+            self._gate.observe(self._name, code, time.perf_counter() - self._start)
 
 
 def _status(exc: Exception, context: grpc.ServicerContext) -> str:
