@@ -130,14 +130,19 @@ class VerifyResult:
     last_hash: str = GENESIS
 
 
-def _check_line(raw: bytes, prev_seq: int, prev_hash: Any) -> dict[str, Any]:
-    """Parse and check one line (with its newline). Raises ValueError(reason)."""
+def _parse(raw: bytes) -> Any:
+    """The JSON value of one whole line (with its newline). Raises ValueError(reason)."""
     if not raw.endswith(b"\n"):
         raise ValueError("incomplete line (no newline at the end of the file)")
     try:
-        entry = json.loads(raw)
+        return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON ({exc})") from None
+
+
+def _check_line(raw: bytes, prev_seq: int, prev_hash: Any) -> dict[str, Any]:
+    """Parse and check one line (with its newline). Raises ValueError(reason)."""
+    entry = _parse(raw)
     if not isinstance(entry, dict):
         raise ValueError("not a JSON object")
     if set(entry) != FIELDS:
@@ -162,12 +167,7 @@ def head_of(raw: bytes) -> tuple[int, str]:
     """
     if not raw:
         return 0, GENESIS
-    if not raw.endswith(b"\n"):
-        raise ValueError("incomplete line (no newline at the end of the file)")
-    try:
-        entry = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not JSON ({exc})") from None
+    entry = _parse(raw)
     if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
         raise ValueError("not an audit entry")
     _check_line(raw, entry["seq"] - 1, entry.get("prev"))

@@ -63,11 +63,6 @@ CREATE TABLE IF NOT EXISTS realms (
     epoch INTEGER NOT NULL,
     bumped_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS key_ring (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO key_ring VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS replicas (
     replica_id TEXT PRIMARY KEY,
     host TEXT NOT NULL,
@@ -83,12 +78,12 @@ CREATE TABLE IF NOT EXISTS leases (
     epoch INTEGER NOT NULL,
     expires_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS policy_version (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    version INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO policy_version VALUES (1, 0);
 """
+#: one-row version counters (the key ring's, the policy's), created at 0
+_COUNTERS = ("key_ring", "policy_version")
+_SCHEMA += "".join(f"CREATE TABLE IF NOT EXISTS {name} (id INTEGER PRIMARY KEY CHECK (id = 1), "
+                   f"version INTEGER NOT NULL);\nINSERT OR IGNORE INTO {name} VALUES (1, 0);\n"
+                   for name in _COUNTERS)
 _KEY_UPSERT = ("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
                "SET state=excluded.state, created_at=excluded.created_at, "
                "seal_count=max(seal_count, excluded.seal_count), "
