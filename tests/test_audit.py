@@ -27,6 +27,7 @@ from authority.cli import main
 from authority.errors import ConfigError, StartupError
 from authority.keys import KeyState
 from authority.settings_loader import load_config
+from tests.audit_helpers import admin_actions_refused, run_together
 from tests.conftest import START, Harness, issue, make_config, sample_state
 from tests.test_tls_roles import SERVER_NAME, Tls, tls_settings
 
@@ -155,19 +156,7 @@ def test_processes_appending_at_once_form_one_chain(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(w), str(each)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for w in range(writers)]
-    try:
-        for proc in procs:   # all opened, all at the same head
-            assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
-        for proc in procs:
-            assert proc.stdin is not None
-            proc.stdin.write("go\n")
-            proc.stdin.close()
-        assert [proc.wait(timeout=120) for proc in procs] == [0] * writers
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    run_together(procs)
     result = verify(path)
     assert (result.ok, result.reason) == (True, "")
     assert result.lines == 3 + writers * each
@@ -289,16 +278,7 @@ def test_admin_actions_fail_closed_when_the_log_cannot_be_written(
         os.dup2(full, h.authority.audit._fd)   # the disk under the audit log is now full
     finally:
         os.close(full)
-    revoke = admin_pb2.RevokeTicketsRequest(id_i=b"\x02\x00\x00\x00who", reason="test")
-    for call in (lambda: h.admin.RotateKey(admin_pb2.RotateKeyRequest()),
-                 lambda: h.admin.RetireKey(admin_pb2.RetireKeyRequest(key_id=old.hex())),
-                 lambda: h.admin.RevokeTickets(revoke),
-                 lambda: h.admin.BumpPolicyEpoch(
-                     admin_pb2.BumpPolicyEpochRequest(realm="blue"))):
-        with pytest.raises(grpc.RpcError) as err:
-            call()
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "audit log cannot be written" in err.value.details()
+    admin_actions_refused(h, old)
     h.clock.advance(h.config.tickets.max_lifetime)
     with pytest.raises(AuditUnavailable):
         h.authority.maintain()

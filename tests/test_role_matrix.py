@@ -16,13 +16,11 @@ call got past the role check.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
 from cryptography import x509
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -30,10 +28,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
-from authority.certs import init_dev_pki
 from authority.config import ADMIN, GATEWAY, ROLES
-from tests.conftest import Harness, make_config
-from tests.test_tls_roles import SERVER_NAME, Tls, tls_settings
+from tests.test_tls_roles import Tls, tls_fixture  # noqa: F401
 
 ANYONE = "anyone with a certificate the handshake accepts"
 
@@ -127,16 +123,6 @@ def call(channel: grpc.Channel, method: MethodDescriptor) -> grpc.StatusCode:
         return grpc.StatusCode.OK
     except grpc.RpcError as err:
         return err.code()  # type: ignore[no-any-return]
-
-
-@pytest.fixture(params=["aio", "threads"])
-def tls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tls]:
-    pki = init_dev_pki(tmp_path / "pki", server_name=SERVER_NAME)
-    h = Harness(tmp_path / "state", "pkcs11", request.param)
-    running = h.start(replace(make_config(h.state_dir, mode=request.param),
-                              tls=tls_settings(pki)))
-    yield Tls(h, pki, running.address)
-    h.stop()
 
 
 def test_every_method_of_every_served_service_checks_the_callers_role(

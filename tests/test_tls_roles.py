@@ -109,9 +109,10 @@ def tls_settings(pki: DevPki, **changes: Any) -> TlsSettings:
                    **changes)
 
 
-@pytest.fixture(params=["aio", "threads"])
-def tls(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tls]:
-    """An mTLS server on each server mode (the role check is an interceptor in both)."""
+@pytest.fixture(name="tls", params=["aio", "threads"])
+def tls_fixture(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Tls]:
+    """An mTLS server on each server mode (the role check is an interceptor in both); named
+    ``tls_fixture`` so that other modules import it without shadowing (ruff F811)."""
     pki = init_dev_pki(tmp_path / "pki", server_name=SERVER_NAME)
     h = Harness(tmp_path / "state", "pkcs11", request.param)
     running = h.start(replace(make_config(h.state_dir, mode=request.param),
