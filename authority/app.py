@@ -229,8 +229,8 @@ class Authority:
 
     def heartbeat(self) -> bool:
         """What every replica does each ``cluster.heartbeat_interval``: sync the key ring with
-        the store (authority/keyring.py ``KeyRing.sync``), then take or renew the maintenance
-        lease. Returns whether this replica holds the lease.
+        the store (authority/keyring/publish.py ``KeyRing.sync``), then take or renew the
+        maintenance lease. Returns whether this replica holds the lease.
 
         Raises: AuthorityError from the device or store.
         """

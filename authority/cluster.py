@@ -4,7 +4,7 @@ lets one of them at a time do the periodic work.
 Every authority process is a replica, alone (SQLite, one process) or with others (one
 PostgreSQL database, or one SQLite file shared by processes on one host): the same code runs in
 both cases. A replica is known by a random id made at each start (its host and pid are kept for
-display only); it heartbeats into the store (authority/keyring.py ``KeyRing.sync``), and is
+display only); it heartbeats into the store (authority/keyring/publish.py ``KeyRing.sync``), and is
 *live* while its last heartbeat is at most ``cluster.replica_timeout`` old.
 
 The maintenance lease (``MAINTENANCE``) is a row of the store: holder, fencing epoch, expiry.

@@ -1,0 +1,160 @@
+"""This replica's copy of the key ring: what it holds, how it is read from the store, and
+how a change of it is committed (a compare-and-swap on the ring's version, ``RingCopy._apply``).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from authority.audit import AuditHook
+from authority.backends.base import KeyBackend
+from authority.clock import Clock
+from authority.cluster import ReplicaIdentity
+from authority.config import ClusterSettings, KeyPolicy, TicketPolicy
+from authority.errors import DeviceUnavailable
+from authority.keys import KeyRecord, KeyState
+from authority.store.base import Fence, ReplicaRecord, Store
+
+#: seconds a CREATING key waits for its creation to complete before it is given up: longer than
+#: any device call (a TPM create may finish after its caller timed out)
+CREATING_GRACE = 600.0
+#: compare-and-swap attempts of one key ring change before it fails UNAVAILABLE
+CAS_ATTEMPTS = 8
+#: the states of keys that open tickets (a replica reports those its device holds)
+OPENING = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
+
+Event = tuple[str, str, dict[str, Any]]   # (actor, action, details) for the audit hook
+
+
+def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
+    """The audit hook of a key ring built without one."""
+
+
+@dataclass
+class Change:
+    """One key ring change: records to save and to delete, and what to audit before it
+    commits."""
+
+    save: list[KeyRecord] = field(default_factory=list)
+    delete: list[bytes] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+class RingCopy:
+    """The state of a ``KeyRing`` and the primitives every part of it uses; thread-safe
+    through its locks (see ``__init__``)."""
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def __init__(self, backend: KeyBackend, store: Store, keys: KeyPolicy,
+                 tickets: TicketPolicy, clock: Clock, audit: AuditHook | None = None,
+                 cluster: ClusterSettings | None = None,
+                 replica: ReplicaIdentity | None = None) -> None:
+        self._backend = backend
+        self._audit: AuditHook = audit or _no_audit   # called before a change is committed
+        self._store = store
+        self._policy = keys
+        self._cluster = cluster or ClusterSettings()
+        self._replica = replica or ReplicaIdentity.new(clock)
+        self._max_lifetime = tickets.max_lifetime
+        self._clock = clock
+        # the ring as last read or committed (_change_lock): published records, CREATING ones
+        self._records: Mapping[bytes, KeyRecord] = MappingProxyType({})
+        self._creating: dict[bytes, KeyRecord] = {}
+        self._version = -1                   # the ring version the copy reflects (-1: none)
+        self._primary: bytes | None = None   # the ACTIVE key
+        self._pending: bytes | None = None   # the PENDING key, if any
+        self._verified: set[bytes] = set()   # keys this replica's device was seen to hold
+        self._confirmed_at = -math.inf       # when the copy was last confirmed current
+        self._reread_at = -math.inf          # when a redeem last made the ring be re-read
+        self._block_key: bytes | None = None  # the key of the seal block (_seal_lock)
+        self._next = 0                       # next seal number of the block (_seal_lock)
+        self._end = 0                        # end of the block, exclusive (_seal_lock)
+        self._seal_lock = threading.Lock()
+        self._change_lock = threading.RLock()  # the copy, rotation, retirement, maintenance
+        self._reread_lock = threading.Lock()
+
+    # -- reading the ring --------------------------------------------------------------------------
+
+    def _reload(self) -> None:
+        """Read the whole ring (CREATING records too). Raises: DeviceUnavailable."""
+        version, stored = self._store.load_ring()
+        published = {r.key_id: r for r in stored if r.state != KeyState.CREATING}
+        creating = {r.key_id: r for r in stored if r.state == KeyState.CREATING}
+        self._install(published, creating, version)
+
+    def _refresh(self) -> None:
+        """Re-read the ring if its version moved. Raises: DeviceUnavailable."""
+        if self._store.ring_version() != self._version:
+            self._reload()
+
+    def _install(self, records: dict[bytes, KeyRecord], creating: dict[bytes, KeyRecord],
+                 version: int) -> None:
+        self._records = MappingProxyType(dict(records))
+        self._creating = creating
+        self._version = version
+        active = [r for r in records.values() if r.state == KeyState.ACTIVE]
+        pending = [r for r in records.values() if r.state == KeyState.PENDING]
+        primary = max(active, key=lambda r: r.created_at).key_id if active else None
+        self._pending = max(pending, key=lambda r: r.created_at).key_id if pending else None
+        with self._seal_lock:
+            self._primary = primary
+            if self._block_key != primary:   # never seal from a block of a key that stopped
+                self._block_key, self._next, self._end = None, 0, 0
+
+    def _opening_ids(self) -> set[bytes]:
+        return {k for k, r in self._records.items() if r.state in OPENING}
+
+    # -- committing changes ------------------------------------------------------------------------
+
+    def _apply(self, build: Callable[[], Change | None], fence: Fence | None = None,
+               audited: list[Event] | None = None) -> bool:
+        """Commit the change ``build`` computes from the copy of the ring, with a
+        compare-and-swap on its version; if the ring moved, re-read it and build again. Each
+        event is audited once, before the commit. Callers hold ``_change_lock``.
+
+        Returns False if ``build`` found nothing to do (None). Raises: DeviceUnavailable (also
+        when the ring kept moving), StaleFence, AuditUnavailable.
+        """
+        audited = [] if audited is None else audited
+        for _ in range(CAS_ATTEMPTS):
+            change = build()
+            if change is None:
+                return False
+            for event in change.events:
+                if event not in audited:
+                    self._audit(*event)
+                    audited.append(event)
+            version = self._store.commit_ring(self._version, change.save, change.delete, fence)
+            if version is not None:
+                self._install_change(change, version)
+                return True
+            self._reload()
+        raise DeviceUnavailable(f"the key ring changed {CAS_ATTEMPTS} times during one update; "
+                                "retry")
+
+    def _install_change(self, change: Change, version: int) -> None:
+        records = dict(self._records)
+        creating = dict(self._creating)
+        for record in change.save:
+            if record.state == KeyState.CREATING:
+                creating[record.key_id] = record
+            else:
+                records[record.key_id] = record
+                creating.pop(record.key_id, None)
+        for key_id in change.delete:
+            records.pop(key_id, None)
+            creating.pop(key_id, None)
+        self._install(records, creating, version)
+
+    def _live_others(self, now: float) -> list[ReplicaRecord]:
+        """The other replicas whose last heartbeat is within ``cluster.replica_timeout``.
+        Raises: DeviceUnavailable."""
+        bound = now - self._cluster.replica_timeout
+        return [r for r in self._store.load_replicas()
+                if r.replica_id != self._replica.replica_id and r.heartbeat_at >= bound]
