@@ -1,5 +1,5 @@
 """The audit chain of replicas sharing a PostgreSQL database: one chain for the whole cluster,
-kept in the database's ``audit`` table (authority/store/postgres.py, an append-only table).
+kept in the database's ``audit`` table (authority/store/postgres/, an append-only table).
 
 Each row is one entry of authority/audit.py's format: the columns seq, time, actor, action,
 details (JSON), prev and hash are its members, and the entry rendered as the file's canonical
@@ -55,7 +55,7 @@ VERIFY_HINT = "run 'ticket-authority audit verify --config FILE'"
 
 @runtime_checkable
 class AuditTable(Protocol):
-    """What keeps the table: authority/store/postgres.py's PostgresStore."""
+    """What keeps the table: authority/store/postgres/store.py's PostgresStore."""
 
     target: str   # names the database in messages, without secrets
 

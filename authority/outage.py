@@ -16,7 +16,7 @@ While the store is out of reach, ``RedeemReads`` lets a redeem without consume a
 copy for those ``store.max_staleness`` seconds: its consumed-set lookup (which only says
 REPLAYED instead of OK) is skipped, and counted (``redeem.consumed_unchecked``). Everything
 that writes the store -- a consume, a seal reservation, an admin action -- fails UNAVAILABLE
-(authority/store/postgres.py fails its calls at once while it is down). Why the lookup may be
+(authority/store/postgres/ fails its calls at once while it is down). Why the lookup may be
 skipped: a ticket's single use is enforced where it is consumed (``consume = true`` or
 ConsumeTicket after IKE_AUTH), and that fails closed; a redeem without consume never marked
 anything, and a gateway that resumes without consuming accepts a ticket more than once anyway.

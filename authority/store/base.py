@@ -1,7 +1,7 @@
 """The state store interface: key ring metadata and the consumed-ticket set.
 
 The embedded implementation is SQLite (authority/store/sqlite.py); replicas share a PostgreSQL
-database (authority/store/postgres.py). tests/test_store_contract.py holds both to this
+database (authority/store/postgres/). tests/test_store_contract.py holds both to this
 interface.
 """
 
