@@ -65,7 +65,7 @@ def test_every_configuration_has_its_figures(store_run: tuple[dict[str, Any], Pa
         assert f[prefix + "consumed_entries"] == 400
     assert f["unary_redeem_p99_ms"] == f["redeem_p99_ms"]
     assert f["pg_unary_redeem_p99_ms"] == f["pg_redeem_p99_ms"]
-    offered = {s["latency_offered_per_s"] for s in f["by_store"].values()}
+    offered = {s["same_load_offered_per_s"] for s in f["by_store"].values()}
     assert len(offered) == 1  # the same load offered to each server
 
 

@@ -33,9 +33,10 @@ ROUND = 1.0        # seconds per slice of the interleaved echo / issue / redeem 
 @dataclass
 class Run:
     """Where the phases run: the client, the server's pid (for CPU and RSS), how to read its
-    store's size, the bench's own PostgreSQL's pid (for its CPU), and the rate of (f) when it
-    is fixed for the run (``--store postgresql``: half of the first server's saturated rate,
-    the same load offered to each server; None: half of this server's)."""
+    store's size, the bench's own PostgreSQL's pid (for its CPU), and the load offered to
+    every server of the run (``--store postgresql``: half of the first server's saturated
+    unary redeem rate; None: not compared), which (f) offers too when it differs from half of
+    this server's own rate."""
 
     client: Client
     pid: int | None
@@ -122,25 +123,40 @@ async def batched(t: Run, pool: list[bytes]) -> None:
 
 
 async def latency(t: Run, pool: list[bytes]) -> None:
-    """(f) Unary redeem offered open-loop at half the saturated rate of (b); then echo at the
-    same rate, the baseline that tells the ticket work from gRPC and the machine."""
+    """(f) Unary redeem offered open-loop at half the saturated rate of (b); then, when the
+    run compares servers at one load (``latency_rate``) that differs, at that rate; then echo
+    at the first rate, the baseline that tells the ticket work from gRPC and the machine."""
     saturated = t.results.rate("unary_redeem")
     if not saturated or not pool:
         t.results.skipped["latency"] = "no saturated unary redeem rate"
         return
-    rate, seconds = t.latency_rate or saturated / 2, 2 * t.options.duration
+    rate, seconds = saturated / 2, 2 * t.options.duration
     bar = t.progress.bar(f"(f) latency @{rate:,.0f}/s", seconds)
     with t.meter() as meter:
         lat = await open_loop(t.client.redeem(pool), rate, seconds, _tick(bar, "calls"))
     meter.charge(lat.tally)
-    t.results.latency, t.results.phases["latency"] = lat, lat.tally
+    t.results.latency = t.results.same_load = lat
+    t.results.phases["latency"] = lat.tally
     bar.close(f"{len(lat.seconds):,} redeems, p99 {_p99(lat.seconds)}")
+    if t.latency_rate is not None and round(t.latency_rate) != round(rate):
+        await _same_load(t, pool, t.latency_rate)
     bar = t.progress.bar(f"(f) echo @{rate:,.0f}/s", t.options.duration)
     with t.meter() as meter:
         echo = await open_loop(t.client.echo(), rate, t.options.duration, _tick(bar, "calls"))
     meter.charge(echo.tally)
     t.results.echo_latency, t.results.phases["latency_echo"] = echo, echo.tally
     bar.close(f"{len(echo.seconds):,} echoes, p99 {_p99(echo.seconds)}")
+
+
+async def _same_load(t: Run, pool: list[bytes], rate: float) -> None:
+    """(f) again at the load offered to the first server of the run, for ``duration``."""
+    bar = t.progress.bar(f"(f) latency @{rate:,.0f}/s (first server's)", t.options.duration)
+    with t.meter() as meter:
+        same = await open_loop(t.client.redeem(pool), rate, t.options.duration,
+                               _tick(bar, "calls"))
+    meter.charge(same.tally)
+    t.results.same_load, t.results.phases["latency_same_load"] = same, same.tally
+    bar.close(f"{len(same.seconds):,} redeems, p99 {_p99(same.seconds)}")
 
 
 def _p99(seconds: list[float]) -> str:

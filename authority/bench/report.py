@@ -167,7 +167,10 @@ _STORE_ROWS = (
     ("unary redeem calls/s (saturated)", "unary_redeem_per_s", 0, 1),
     ("unary redeem p99 ms (open loop)", "redeem_p99_ms", 2, 1),
     ("unary redeem p50 ms (open loop)", "redeem_p50_ms", 2, 1),
-    ("  offered calls/s", "latency_offered_per_s", 0, 1),
+    ("  offered calls/s (half its own rate)", "latency_offered_per_s", 0, 1),
+    ("unary redeem p99 ms at SQLite's load", "same_load_redeem_p99_ms", 2, 1),
+    ("  offered calls/s (half SQLite's rate)", "same_load_offered_per_s", 0, 1),
+    ("  failed calls (overload)", "same_load_failed", 0, 1),
     ("echo calls/s", "echo_calls_per_s", 0, 1),
     ("unary issue calls/s", "unary_issue_per_s", 0, 1),
     ("consume tickets/s", "consume_per_s", 0, 1),
@@ -192,8 +195,7 @@ def _store_table(figures: Mapping[str, Any]) -> list[str]:
                          *[_n((stores[n].get(field) or {}).get(phase)) for n in names]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = ["", "stores (the same phases against each, the client on "
-               f"{figures['settings'].get('client', '-')}; (f) offered the same rate to each; "
-               "the top table is SQLite's):"]
+               f"{figures['settings'].get('client', '-')}; the top table is SQLite's):"]
     out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for target in store_targets(figures, stores):
         value = _n(target.value, "x", 2)

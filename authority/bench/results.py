@@ -29,6 +29,7 @@ class Results:
     device_threads: int | None = None
     device_processes: int | None = None
     latency: Latencies | None = None
+    same_load: Latencies | None = None        # (f) at the run's common load (--store)
     echo_latency: Latencies | None = None
     storm: StormRun | None = None
     savings: Savings | None = None
@@ -98,6 +99,11 @@ class Results:
         out.update({k: v for k, v in self._latency_figures().items()
                     if k in ("redeem_p50_ms", "redeem_p99_ms", "redeem_p999_ms",
                              "latency_offered_per_s")})
+        same = self.same_load
+        out["same_load_offered_per_s"] = same.offered_per_s if same else None
+        out["same_load_redeem_p50_ms"] = _ms(percentile(same.seconds, 0.50)) if same else None
+        out["same_load_redeem_p99_ms"] = _ms(percentile(same.seconds, 0.99)) if same else None
+        out["same_load_failed"] = same.tally.failed if same else None
         phases = {name: _phase_json(t) for name, t in self.phases.items()}
         out["server_cpu_us_per_item"] = {n: p["server_cpu_us_per_item"]
                                          for n, p in phases.items()}
