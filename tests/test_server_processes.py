@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
+from tests.serve_helpers import read_banner
 
 ROOT = Path(__file__).resolve().parent.parent
 OK = authority_pb2.REDEEM_RESULT_OK
@@ -90,15 +90,9 @@ def serve(state: Path, toml: str) -> Served:
             [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
              "--listen", "127.0.0.1:0", "--config", str(config)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
-    assert proc.stdout is not None
-    banner = ""
-    for line in proc.stdout:
-        banner += line
-        if line.startswith("Stop with"):
-            break
-    match = re.search(r"listening on (\S+)", banner)
-    assert match, f"{banner}\n{log.read_text()}"
-    return Served(proc, match.group(1), state, log)
+    banner, address = read_banner(proc)
+    assert address, f"{banner}\n{log.read_text()}"
+    return Served(proc, address, state, log)
 
 
 def started_at(channel: grpc.Channel) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from authority.clock import ManualClock
 from authority.errors import StartupError
 from authority.statedir import StateLock, adopt
 from tests.conftest import issue, make_config, process_gone, redeem, wait_until
+from tests.serve_helpers import read_banner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,18 +48,12 @@ def test_second_server_process_is_refused_naming_the_first(tmp_path: Path) -> No
          "--listen", "127.0.0.1:0", "--metrics-listen", ""],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert proc.stdout is not None
-        banner = ""
-        for line in proc.stdout:
-            banner += line
-            if line.startswith("Stop with"):
-                break
-        match = re.search(r"listening on (\S+)", banner)
-        assert match, banner
+        banner, address = read_banner(proc)
+        assert address, banner
         with pytest.raises(StartupError) as err:
             Authority.open(make_config(state, "pkcs11", "threads"), ManualClock())
         assert str(state) in str(err.value) and f"process {proc.pid}" in str(err.value)
-        with grpc.insecure_channel(match.group(1)) as channel:   # the first still serves
+        with grpc.insecure_channel(address) as channel:   # the first still serves
             stub = authority_pb2_grpc.TicketAuthorityStub(channel)
             assert redeem(stub, issue(stub).ticket).result == 1
     finally:
@@ -102,10 +96,7 @@ def test_a_second_serve_is_refused_while_a_supervisor_and_its_replicas_run(
          "--listen", "127.0.0.1:0", "--config", str(config)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("Stop with"):
-                break
+        read_banner(proc)
         replicas = [r["pid"] for r in json.loads((state / "server.json").read_text())["replicas"]]
         assert len(replicas) == 2
         for extra in ([], ["--config", str(config)]):
