@@ -27,6 +27,7 @@ from authority.service.supervisor import (
     AUTO_PROCESSES,
     metrics_listens,
     replica_config,
+    reuse_port,
     server_processes,
 )
 from authority.store.sqlite import SqliteStore
@@ -209,6 +210,18 @@ def test_each_replica_gets_its_metrics_port_and_admin_listener(tmp_path: Path) -
         "127.0.0.1:41001", "127.0.0.1:0")
 
 
+def test_only_a_replica_of_a_supervisor_shares_its_port(tmp_path: Path) -> None:
+    """SO_REUSEPORT only where the supervisor gave an explicit count above 1: never for an
+    ``auto`` server built in process (a second server on its port must still fail)."""
+    auto = Config(state_dir=tmp_path)
+    assert reuse_port(auto) == 0
+    assert reuse_port(Config(state_dir=tmp_path, server=ServerSettings(processes=1))) == 0
+    two = Config(state_dir=tmp_path, server=ServerSettings(processes=2))
+    assert reuse_port(two) == 1
+    resolved = replica_config(auto, 0)
+    assert resolved.server.processes == AUTO_PROCESSES   # replicas get the count, not auto
+
+
 # -- SQLite shared by processes ----------------------------------------------------------------
 
 _HOLDER = """
@@ -313,6 +326,23 @@ def test_kill_9_of_a_replica_is_replaced_and_calls_keep_being_answered(
     check_replayed_across(channels)
     log = sqlite_pair.log.read_text()
     assert f"replica 1 (pid {victim}) exited with status -9; restarting it in 0.5 s" in log
+
+
+def test_a_replica_that_cannot_start_fails_serve_with_its_error(tmp_path: Path) -> None:
+    """Replica 0 cannot open its device: serve exits 2 with the replica's own message (and
+    the state dir is free again)."""
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[server]\nprocesses = 2\nmetrics_listen = ""\n[pkcs11]\n'
+                    f'module = "{tmp_path}/missing.so"\ntoken_label = "t"\npin = "1234"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(tmp_path / "state"),
+         "--listen", "127.0.0.1:0", "--config", str(toml)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert (f"ticket-authority: replica 0: pkcs11.module: {tmp_path}/missing.so does not "
+            "exist") in done.stderr
+    assert not done.stdout   # no banner
+    assert not (tmp_path / "state" / "server.json").exists()
 
 
 def test_two_processes_on_postgresql_share_the_database(tmp_path: Path,

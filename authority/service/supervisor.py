@@ -78,8 +78,10 @@ def server_processes(config: Config) -> int:
 
 def reuse_port(config: Config) -> int:
     """``grpc.so_reuseport`` of this process's listeners: 1 when it is one of several
-    replicas on one port, else 0 (another server on the port is refused). Never raises."""
-    return int(server_processes(config) > 1)
+    replicas on one port (the supervisor gives each an explicit count above 1), else 0
+    (another server on the port is refused; ``auto`` never shares). Never raises."""
+    processes = config.server.processes
+    return int(isinstance(processes, int) and processes > 1)
 
 
 def metrics_listens(config: Config) -> list[str]:
@@ -96,11 +98,12 @@ def metrics_listens(config: Config) -> list[str]:
 
 def replica_config(config: Config, index: int, port: int | None = None,
                    admin_port: int | None = None) -> Config:
-    """Replica ``index``'s settings: ``server.listen`` on ``port`` (the one replica 0 bound;
-    None: as configured), the admin listener likewise (``unix:PATH``: replica 0's, else
-    ``PATH.index``), its own metrics port. Never raises for a validated config."""
+    """Replica ``index``'s settings: the count of processes resolved, ``server.listen`` on
+    ``port`` (the one replica 0 bound; None: as configured), the admin listener likewise
+    (``unix:PATH``: replica 0's, else ``PATH.index``), its own metrics port. Never raises for
+    a validated config."""
     server = config.server
-    changes: dict[str, Any] = {}
+    changes: dict[str, Any] = {"processes": server_processes(config)}   # auto resolved
     if port is not None:
         changes["listen"] = f"{server.listen.rpartition(':')[0]}:{port}"
     admin = server.admin_listen
@@ -290,12 +293,14 @@ class Supervisor:
             log.info("replica %d serving: pid %d, replica id %s", slot.index, message["pid"],
                      message["replica_id"])
             return None
+        if message is None and self.stopping.is_set():
+            return None   # still starting: ``stop`` sends it SIGTERM and waits for it
         return self._failed(slot, message)
 
     def _failed(self, slot: _Slot, message: dict[str, Any] | None
                 ) -> StartupError | DeviceUnavailable | None:
-        """The error of a replica that did not start (None when stopping); its process is
-        gone afterwards."""
+        """The error of a replica that did not start (None when stopping meanwhile); its
+        process is gone afterwards."""
         assert slot.proc is not None
         pid = slot.proc.pid
         try:
