@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Final, Protocol, cast
 
 from pkcs11 import Attribute, ObjectClass
+from pkcs11.exceptions import ObjectHandleInvalid
 
 from authority.errors import InvalidArgument
 
@@ -77,10 +78,17 @@ def search(session: Any, key_id: bytes, by_label_only: bool) -> list[AesKey]:
 
 
 def list_ids(session: Any) -> set[bytes]:
-    """Ids of every secret key labelled ``ita-...``. Raises: PKCS11Error subclasses."""
+    """Ids of every secret key labelled ``ita-...``. A key destroyed between the search and the
+    reading of its attributes (by another session or process sharing the token: a replica
+    discarding the key of a rotation it lost) is not listed.
+
+    Raises: PKCS11Error subclasses."""
     ids: set[bytes] = set()
     for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-        attrs = obj.get_attributes([Attribute.LABEL, Attribute.ID])
+        try:
+            attrs = obj.get_attributes([Attribute.LABEL, Attribute.ID])
+        except ObjectHandleInvalid:
+            continue   # gone meanwhile
         if str(attrs.get(Attribute.LABEL, "")).startswith(KEY_LABEL_PREFIX):
             ids.add(bytes(attrs.get(Attribute.ID, b"")))
     return ids
