@@ -533,7 +533,8 @@ def test_rotation_on_a_under_load_on_b_and_c_makes_no_valid_ticket_invalid(
         wait_until(lambda: seals_with(trio.replicas, new), timeout=PUBLISH_DELAY + DEADLINE,
                    poll=0.05)
         print(f"\nnew key {new} sealing on every replica {time.monotonic() - start:.2f} s "
-              f"after RotateKey returned ({rotated.new_key.state} then)")
+              f"after RotateKey returned "
+              f"({admin_pb2.KeyState.Name(rotated.new_key.state)} then)")
         sealed_new = traffic.count(new)
         wait_until(lambda: traffic.count(new) >= sealed_new + 40, timeout=DEADLINE, poll=0.01)
     finally:
