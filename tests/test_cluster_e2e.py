@@ -895,18 +895,6 @@ def test_the_database_stopped_and_started_again_under_load(
     assert load.between(stale + 0.1, resuming) <= {"UNAVAILABLE"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a replica switches its redeems to its cached copy only once its change feed finds the "
-    "database unreachable (PostgresChangeFeed marks the store down); the feed's thread also "
-    "runs the periodic policy refresh, and a refresh that needs a pooled connection while "
-    "the database is going away waits postgresql.connect_timeout for one "
-    "(authority/store/postgres/connection.py: a pool timeout does not mark the store down). "
-    "Meanwhile a redeem without consume waits for a pooled connection too (RedeemReads asks "
-    "the store, not yet down) and is answered only after connect_timeout -- refused "
-    "UNAVAILABLE once store.max_staleness passed during the wait, which with the defaults "
-    "(5 s and 5 s) is always. Seen in test_the_database_stopped_and_started_again_under_load "
-    "(a replica's redeems refused within the bound); forced here by stopping the database "
-    "from within a refresh"))
 def test_a_redeem_right_after_the_database_stops_answers_from_the_cache(
         tmp_path: Path, own_database: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """One replica (in-process server, real database, real token) with connect_timeout =

@@ -11,8 +11,8 @@ import math
 import select
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Final, LiteralString
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final, LiteralString, Self
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -29,6 +29,10 @@ log = logging.getLogger("authority.store.postgres")
 #: noticed in about 8 s instead of the kernel's 2 hours
 _KEEPALIVE: Final = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 1,
                      "keepalives_count": 3}
+
+
+#: what a server that is not accepting connections answers (shutting down, starting up, ...)
+_NOT_ACCEPTING: Final = "the database system is"
 
 
 class Pool:
@@ -58,7 +62,10 @@ class Pool:
             "autocommit": True, "connect_timeout": connect_timeout, **_KEEPALIVE,
             "tcp_user_timeout": user_timeout}
         self._state_lock = threading.Lock()   # the pool's replacement, the down mark
-        self._down_since: float | None = None  # monotonic time the feed found it unreachable
+        self._down_since: float | None = None  # monotonic time it was found unreachable
+        #: a change feed follows this store (it restores it): only then does a pool
+        #: connection that cannot be made mark the store down
+        self._watched = False
         try:
             with psycopg.connect(self._dsn, **self.connect_kwargs) as conn:
                 self.schema_version = migrate(conn, migrations, self.target)
@@ -75,8 +82,10 @@ class Pool:
         Raises: psycopg.Error (PoolTimeout: no connection within ``connect_timeout``).
         """
         pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            self._dsn, kwargs=self.connect_kwargs, min_size=1, max_size=self._pool_size,
-            open=False, configure=self._configure, check=_check_connection,
+            self._dsn, connection_class=_WatchedConnection,
+            kwargs={**self.connect_kwargs, "on_failure": self._connect_failed},
+            min_size=1, max_size=self._pool_size, open=False, configure=self._configure,
+            check=_check_connection,
             name="state-store", timeout=self.connect_timeout)
         try:
             pool.open(wait=True, timeout=self.connect_timeout)
@@ -116,6 +125,9 @@ class Pool:
             with self._pool.connection() as conn:
                 yield conn
         except psycopg.Error as exc:
+            if self._down_since is not None:   # ``mark_down`` closed the pool while we waited
+                raise DeviceUnavailable(f"state store unreachable: {self.target}; "
+                                        "reconnecting") from None
             raise DeviceUnavailable(f"state store failed: {self.scrub(str(exc))}") from None
 
     @contextlib.contextmanager
@@ -140,14 +152,33 @@ class Pool:
 
     def mark_down(self, reason: str) -> None:
         """The database cannot be reached (a change feed lost its connection and could not
-        make one again): from now on every call fails at once until ``restore``. Never
-        raises."""
+        make one again, or a pool connection could not be made for that reason): from now
+        on every call fails at once until ``restore``, and the pool is closed, so that calls
+        waiting for one of its connections fail now instead of after ``connect_timeout``.
+        Never raises."""
         with self._state_lock:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
+            pool = self._pool
+        # not in this thread: it may be one of the pool's workers, which ``close`` joins
+        threading.Thread(target=pool.close, kwargs={"timeout": self.connect_timeout},
+                         name="state-store-down-pool", daemon=True).start()
         log.error("state store %s unreachable, calls fail until it answers again: %s",
                   self.target, self.scrub(reason))
+
+    def watched(self) -> None:
+        """A change feed follows this store from now on (it restores a store marked down):
+        a pool connection that cannot be made because the database cannot be reached marks
+        the store down at once. Without one the pool keeps retrying on its own. Never
+        raises."""
+        self._watched = True
+
+    def _connect_failed(self, exc: psycopg.Error) -> None:
+        """A pool connection could not be made: if that says the database cannot be reached
+        and a change feed will restore the store, mark it down. Never raises."""
+        if self._watched and unreachable(exc):
+            self.mark_down(str(exc))
 
     def restore(self) -> None:
         """The database answers again (a change feed connected after losing its connection):
@@ -172,6 +203,38 @@ class Pool:
     def close(self) -> None:
         """Close the pool's connections. Never raises."""
         self._pool.close(timeout=5.0)
+
+
+def unreachable(exc: psycopg.Error) -> bool:
+    """Whether a failure to connect says the database cannot be reached: a connection
+    exception (SQLSTATE class 08) or an operator intervention (class 57: shutting down,
+    starting up, crashed); a failure without SQLSTATE (libpq gives none for a refused
+    connection) when no server answered at all (no FATAL message: refused, no socket, no
+    answer in time) or it answered that it is not accepting connections ("the database
+    system is shutting down / starting up / in recovery mode"). A refusal of this client
+    (a password, a database that does not exist, too many connections) is not."""
+    state = exc.sqlstate
+    if state is not None:
+        return state[:2] in ("08", "57")
+    text = str(exc)
+    return "FATAL:" not in text or _NOT_ACCEPTING in text
+
+
+class _WatchedConnection(psycopg.Connection[Any]):
+    """A pool connection: a failure to make it is reported to ``on_failure`` (the pool's
+    kwargs carry it), then raised as usual."""
+
+    @classmethod
+    def connect(cls, conninfo: str = "", *,  # type: ignore[override]
+                on_failure: Callable[[psycopg.Error], None] | None = None,
+                **kwargs: Any) -> Self:
+        """Connect as ``psycopg.Connection.connect``. Raises: psycopg.Error."""
+        try:
+            return super().connect(conninfo, **kwargs)
+        except psycopg.Error as exc:
+            if on_failure is not None:
+                on_failure(exc)
+            raise
 
 
 def _check_connection(conn: psycopg.Connection[Any]) -> None:

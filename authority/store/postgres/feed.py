@@ -13,7 +13,7 @@ from typing import Any, Final
 import psycopg
 
 from authority.errors import DeviceUnavailable
-from authority.store.postgres.connection import Pool
+from authority.store.postgres.connection import Pool, unreachable
 
 log = logging.getLogger("authority.store.postgres")
 
@@ -36,13 +36,17 @@ class PostgresChangeFeed:
     cannot be reached (no answer, shutting down, starting up), the store is marked down
     (``PostgresStore.mark_down``: its calls fail at once) and the feed tries again every
     ``RECONNECT_DELAY`` seconds; once connected after a loss, the store's pool is replaced
-    (``restore``) and calls go through again. A refusal that is not about reaching it (a
-    password, too many connections) is logged and retried the same way, without marking the
-    store down: its pooled connections may still work.
+    (``restore``) and calls go through again. The pool marks the store down too (a pool
+    connection that cannot be made, no pooled connection within ``connect_timeout``): while
+    connected, the feed then restores it every ``RECONNECT_DELAY`` seconds until it answers.
+    A refusal that is not about reaching it (a password, too many connections) is logged and
+    retried the same way, without marking the store down: its pooled connections may still
+    work.
     """
 
     def __init__(self, store: Pool) -> None:
         self._store = store
+        store.watched()
         self._conn: psycopg.Connection[Any] | None = None
         self._lost = False           # a connection was lost: restore the store once back
         self._closed = threading.Event()
@@ -66,6 +70,10 @@ class PostgresChangeFeed:
         if self._conn is None:
             if not self._connect():
                 self._closed.wait(min(timeout, RECONNECT_DELAY))
+            return
+        if self._store.down_since is not None and not self._restore():
+            # marked down by the pool while this connection lived: try again shortly
+            self._closed.wait(min(timeout, RECONNECT_DELAY))
             return
         try:
             self._listen(self._conn, timeout)
@@ -102,7 +110,7 @@ class PostgresChangeFeed:
             conn.execute(f"LISTEN {CHANNEL}")
         except psycopg.Error as exc:
             reason = str(exc)
-            if _unreachable(exc):
+            if unreachable(exc):
                 self._store.mark_down(reason)
             else:
                 log.error("state store change feed cannot connect: %s",
@@ -110,13 +118,20 @@ class PostgresChangeFeed:
             return False
         self._conn = conn
         if self._lost or self._store.down_since is not None:
-            try:
-                self._store.restore()
-            except DeviceUnavailable as exc:
-                self._store.mark_down(exc.message)
+            if not self._restore():
                 self._drop()
                 return False
             self._lost = False
+        return True
+
+    def _restore(self) -> bool:
+        """Replace the store's pool (``restore``); returns whether it answered (else the
+        store stays marked down). Never raises."""
+        try:
+            self._store.restore()
+        except DeviceUnavailable as exc:
+            self._store.mark_down(exc.message)
+            return False
         return True
 
     def _drop(self) -> None:
@@ -131,12 +146,4 @@ class PostgresChangeFeed:
         self._closed.set()
         if not self._waiting:
             self._drop()
-
-
-def _unreachable(exc: psycopg.Error) -> bool:
-    """Whether a failure to connect says the database cannot be reached: no answer at all
-    (no SQLSTATE), a connection exception (class 08) or an operator intervention (class 57:
-    shutting down, starting up, crashed)."""
-    state = exc.sqlstate
-    return state is None or state[:2] in ("08", "57")
 
