@@ -99,8 +99,8 @@ def test_table_shows_the_stores_side_by_side(store_run: tuple[dict[str, Any], Pa
         assert text in section
 
 
-def test_the_dsn_file_is_removed(store_run: tuple[dict[str, Any], Path]) -> None:
-    assert not (store_run[1] / "bench-postgresql.dsn").exists()
+def test_the_dsn_files_are_removed(store_run: tuple[dict[str, Any], Path]) -> None:
+    assert store_run[1].is_dir() and not list(store_run[1].rglob("*.dsn"))
 
 
 @pytest.mark.parametrize("flags", [["--address", "127.0.0.1:1"], ["--backend", "tpm"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from authority.bench import storm as storm_phase
@@ -206,9 +206,39 @@ async def run_all(t: Run) -> None:
     pool: list[bytes] = []
     await warm_up(t, pool)
     await unary_rounds(t, pool)
+    await _redeem_phases(t, pool)
+    await storm(t)
+
+
+async def _redeem_phases(t: Run, pool: list[bytes]) -> None:
+    """(c) and (f), when the pool holds tickets to redeem."""
     if pool:
         await batched(t, pool)
         await latency(t, pool)
     else:
         t.results.skipped["batch_redeem"] = "no ticket could be issued"
-    await storm(t)
+
+
+async def run_interleaved(runs: list[Run]) -> None:
+    """Every gRPC phase against several servers running at once, phase by phase: a phase runs
+    against each server in turn (the other way round for the next phase) before the next
+    phase starts, so that a neighbour's load on a shared machine hurts them alike. (f) also
+    offers each server after the first half of the first server's saturated unary redeem
+    rate (``latency_rate``)."""
+    for t in runs:
+        t.results.backend_info = await t.client.status()
+    pools: list[list[bytes]] = [[] for _ in runs]
+    order = list(range(len(runs)))
+
+    async def each(step: Callable[[Run, list[bytes]], Awaitable[None]]) -> None:
+        for index in order:
+            await step(runs[index], pools[index])
+        order.reverse()
+
+    await each(warm_up)
+    await each(unary_rounds)
+    first = runs[0].results.rate("unary_redeem")
+    for t in runs[1:]:
+        t.latency_rate = first / 2 if first else None
+    await each(_redeem_phases)
+    await each(lambda t, _: storm(t))

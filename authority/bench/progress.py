@@ -56,20 +56,28 @@ class Bar:
 
 
 class Progress:
-    """Makes bars; ``enabled=False`` makes silent ones."""
+    """Makes bars; ``enabled=False`` makes silent ones. ``tag`` starts every label and line
+    (which server a phase ran against, when several run at once)."""
 
-    def __init__(self, enabled: bool, out: TextIO | None = None) -> None:
+    def __init__(self, enabled: bool, out: TextIO | None = None, tag: str = "") -> None:
         self._out = (out or sys.stderr) if enabled else None
         self._live = bool(self._out is not None and self._out.isatty())
+        self._tag = tag
+
+    def tagged(self, tag: str) -> Progress:
+        """The same output, every label and line starting with ``tag``."""
+        other = Progress(False, tag=tag)
+        other._out, other._live = self._out, self._live
+        return other
 
     def bar(self, label: str, total: float, unit: str = "s") -> Bar:
         """A new bar for a phase of ``total`` units (seconds, tickets...)."""
-        return Bar(self._out, label, total, unit, self._live)
+        return Bar(self._out, self._tag + label, total, unit, self._live)
 
     def say(self, line: str) -> None:
         """Print a line of information on stderr (when progress is enabled)."""
         if self._out is not None:
-            self._out.write(line + "\n")
+            self._out.write(self._tag + line + "\n")
             self._out.flush()
 
 

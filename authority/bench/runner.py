@@ -10,24 +10,23 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
 from authority.bench import phases
+from authority.bench.compare import compare_stores
 from authority.bench.database import BenchDatabase
 from authority.bench.device import raw_device_rate
 from authority.bench.machine import describe_machine, load_average, machine_lines
-from authority.bench.options import Configuration, Options, add_arguments, options_from
+from authority.bench.options import Options, add_arguments, options_from
 from authority.bench.progress import Progress
 from authority.bench.report import render
 from authority.bench.results import Results
-from authority.bench.rpc import Client
 from authority.bench.savings import measure
-from authority.bench.server import ServerProcess
 from authority.bench.storm import store_size
+from authority.bench.subject import Subject, connect, file_run, start
 from authority.config import Config
 from authority.errors import ConfigError, DeviceUnavailable, StartupError
 from authority.settings_loader import load_config
@@ -91,8 +90,8 @@ def bench_config(state_dir: Path, backend: str) -> Config:
 def _measure(opts: Options, state_dir: Path | None, results: Results,
              progress: Progress) -> None:
     """(d) in process, then the gRPC phases against a running server (--address) or our own,
-    once per configuration (server mode, process count, store): the first one's figures are
-    the top-level ones."""
+    once per configuration (server mode, process count), the first one's figures at the top
+    level; ``--store postgresql``: against its three servers at once, interleaved."""
     if not opts.own_server:
         assert opts.address is not None
         results.skipped["raw_device"] = "needs the bench's own server (no --address)"
@@ -103,93 +102,27 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
     assert state_dir is not None
     config = bench_config(state_dir, opts.backend)
     _raw_device(opts, config, results, progress)
-    with BenchDatabase(state_dir) as database:
+    if opts.compare_stores:
+        compare_stores(opts, config, results, progress)
+        return
+    with BenchDatabase(state_dir) as database:   # started only if a configuration needs it
         for index, conf in enumerate(opts.configurations):
             run = results if index == 0 else Results(opts, results.machine)
-            run.server_mode, run.server_processes, run.store = (conf.mode, conf.processes,
-                                                                conf.store)
-            rate = None
-            if conf.label and index:   # --store postgresql: the first server's load for (f)
-                rate = (results.rate("unary_redeem") or 0) / 2 or None
-            _against_own_server(opts, config, run, progress, database, rate)
-            _file(results, run, conf, index)
-
-
-def _file(results: Results, run: Results, conf: Configuration, index: int) -> None:
-    """Put ``run``'s figures where they go: by mode, by process count, by store; the errors
-    (and failed items) of a run that is not the first among the errors of the whole."""
-    if index:   # (f) at the first server's load may overload this one: a figure, not a fault
-        failed = {name: t for name, t in run.phases.items()
-                  if t.failed and name != "latency_same_load"}
-        for name, tally in failed.items():
-            run.errors.append(f"{name}: {tally.failed:,} failed items"
-                              + (f" ({tally.first_error})" if tally.first_error else ""))
-        results.errors += [f"{_label(conf)}: {e}" for e in run.errors]
-    figures = run.mode_figures(results.rate("raw_device"))
-    if conf.label:
-        results.by_store[conf.label] = figures
-        return
-    opts = results.options
-    if conf.processes == opts.process_counts[0]:
-        results.by_mode[conf.mode] = figures
-    if conf.mode == opts.server_modes[0] and conf.processes is not None:
-        results.by_processes[str(conf.processes)] = figures
-
-
-def _label(conf: Configuration) -> str:
-    """How errors name a configuration."""
-    what = [conf.mode] + ([] if conf.processes is None else [f"{conf.processes} processes"])
-    return ", ".join(what + ([conf.store] if conf.label else []))
-
-
-@dataclass
-class Subject:
-    """The server under test: where it listens, its pid (CPU, RSS), how to read its store's
-    size, how many replicas serve there, the bench's PostgreSQL's pid (its CPU) and the fixed
-    rate of (f) (None: half of this server's saturated rate)."""
-
-    address: str
-    pid: int | None
-    store_size: Callable[[], int | None]
-    replicas: int = 1
-    db_pid: int | None = None
-    latency_rate: float | None = None
-
-
-def _against_own_server(opts: Options, config: Config, run: Results, progress: Progress,
-                        database: BenchDatabase, latency_rate: float | None) -> None:
-    """Start the server for ``run``'s mode, process count and store (a fresh database of
-    ``database`` for PostgreSQL), run the gRPC phases, stop it.
-    Raises: StartupError (it or PostgreSQL did not start)."""
-    mode, count, store = run.server_mode, run.server_processes, run.store
-    what = f"server.mode = {mode}" + ("" if count is None else f", server.processes = {count}")
-    tables, size = "", (lambda: store_size(config.state_dir / "authority.db"))
-    if store == "postgresql":
-        progress.say("starting PostgreSQL (a fresh database) ...")
-        tables, size = database.fresh(), database.consumed_size
-        what += ", on PostgreSQL"
-    progress.say(f"starting the server (a subprocess, {what}) ...")
-    server = ServerProcess.start(config.state_dir, opts.backend, mode, processes=count,
-                                 tables=tables)
-    target = Subject(server.address, server.pid, size, count or 1,
-                     database.pid if store == "postgresql" else None, latency_rate)
-    try:
-        asyncio.run(_over_grpc(target, opts, run, progress))
-    finally:
-        code = server.stop()
-        if code not in (0, -15):
-            run.errors.append(f"server ({what}) exited with {code}: {server.log_tail()}")
+            run.server_mode, run.server_processes = conf.mode, conf.processes
+            started = start(opts, config.state_dir, conf, database, progress)
+            try:
+                asyncio.run(_over_grpc(started.subject, opts, run, progress))
+            finally:
+                started.stop(run)
+            file_run(results, run, conf, index)
 
 
 async def _over_grpc(target: Subject, opts: Options, results: Results,
                      progress: Progress) -> None:
-    if opts.client_channels > 1:
-        client = await Client.spread(target.address, opts.client_channels, target.replicas)
-    else:
-        client = Client.connect(target.address)
+    client = await connect(target, opts)
     try:
         await phases.run_all(phases.Run(client, target.pid, target.store_size, opts, results,
-                                        progress, target.db_pid, target.latency_rate))
+                                        progress, target.db_pid))
     finally:
         await client.close()
 
