@@ -27,6 +27,7 @@ from authority.service.supervisor import (
     AUTO_PROCESSES,
     metrics_listens,
     replica_config,
+    replica_device_processes,
     reuse_port,
     server_processes,
 )
@@ -220,6 +221,22 @@ def test_only_a_replica_of_a_supervisor_shares_its_port(tmp_path: Path) -> None:
     assert reuse_port(two) == 1
     resolved = replica_config(auto, 0)
     assert resolved.server.processes == AUTO_PROCESSES   # replicas get the count, not auto
+
+
+def test_replicas_split_the_cpus_for_their_device_processes(tmp_path: Path) -> None:
+    """``device_processes = auto`` with 2 replicas on 2 CPUs: batches inline in each (the
+    faster of the two as measured); on 8 CPUs 4 each; a set value is kept; one process keeps
+    auto."""
+    def config(**server: Any) -> Config:
+        return Config(state_dir=tmp_path, server=ServerSettings(**server))
+
+    assert replica_device_processes(config(processes=2), cpus=2) == 0
+    assert replica_device_processes(config(processes=2), cpus=8) == 4
+    assert replica_device_processes(config(processes=3), cpus=8) == 2
+    assert replica_device_processes(config(processes=4), cpus=4) == 0
+    assert replica_device_processes(config(processes=2, device_processes=2), cpus=2) == 2
+    assert replica_device_processes(config(processes=2, mode="threads"), cpus=8) == 0
+    assert replica_device_processes(config(processes=1), cpus=8) == "auto"
 
 
 # -- SQLite shared by processes ----------------------------------------------------------------
