@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from authority.bench import storm as storm_phase
 from authority.bench.loops import (
@@ -46,6 +46,7 @@ class Run:
     progress: Progress
     db_pid: int | None = None
     latency_rate: float | None = None
+    storm_tickets: list[bytes] = field(default_factory=list)   # (e)'s, once issued
 
     def meter(self) -> CpuMeter:
         """A CPU meter of this client, the server and the database."""
@@ -166,27 +167,46 @@ def _p99(seconds: list[float]) -> str:
 
 async def storm(t: Run) -> None:
     """(e) Issue N tickets (untimed), redeem them all (timed), then consume them all."""
+    await storm_issue(t)
+    await storm_redeem(t)
+    await consume(t)
+
+
+async def storm_issue(t: Run) -> None:
+    """(e) Issue the storm's N tickets (IssueTickets batches, not timed)."""
     opts = t.options
     n, batch, conc = opts.storm_tickets, opts.batch_size, opts.concurrency
     bar = t.progress.bar("(e) storm: issue", n, "tickets")
     with t.meter() as meter:
-        tickets, issued = await storm_phase.pre_issue(
+        t.storm_tickets, issued = await storm_phase.pre_issue(
             t.client, n, batch, conc, lambda x: bar.update(x.ok, "issued"))
     meter.charge(issued)
     t.results.phases["storm_issue"] = issued
-    bar.close(f"{len(tickets):,} tickets issued in {issued.seconds:.1f} s")
+    bar.close(f"{len(t.storm_tickets):,} tickets issued in {issued.seconds:.1f} s")
+
+
+async def storm_redeem(t: Run) -> None:
+    """(e) Redeem every ticket of the storm once (timed, server RSS sampled)."""
+    opts, tickets = t.options, t.storm_tickets
     bar = t.progress.bar("(e) storm: redeem", len(tickets), "tickets")
     tally, peak = await storm_phase.redeem_storm(
-        t.client, tickets, batch, conc, t.pid, lambda x: bar.update(x.ok, "redeemed"),
-        db_pid=t.db_pid)
-    run = storm_phase.StormRun(issued, tally, len(tickets), peak,
-                               storm_phase.server_memory(t.pid))
-    t.results.storm, t.results.phases["storm"] = run, tally
+        t.client, tickets, opts.batch_size, opts.concurrency, t.pid,
+        lambda x: bar.update(x.ok, "redeemed"), db_pid=t.db_pid)
+    t.results.storm = storm_phase.StormRun(t.results.phases["storm_issue"], tally,
+                                           len(tickets), peak,
+                                           storm_phase.server_memory(t.pid))
+    t.results.phases["storm"] = tally
     bar.close(f"{tally.ok:,} OK, {tally.failed:,} failed in {tally.seconds:.2f} s")
+
+
+async def consume(t: Run) -> None:
+    """(e) Consume every ticket of the storm; the store's growth per entry."""
+    run, tickets = t.results.storm, t.storm_tickets
+    assert run is not None
     bar = t.progress.bar("(e) consume all", len(tickets), "tickets")
     with t.meter() as meter:
         run.consume, run.store_growth = await storm_phase.consume_all(
-            t.client, tickets, batch, conc, t.store_size,
+            t.client, tickets, t.options.batch_size, t.options.concurrency, t.store_size,
             lambda x: bar.update(x.ok, "consumed"))
     meter.charge(run.consume)
     t.results.phases["consume"] = run.consume
@@ -219,10 +239,20 @@ async def _redeem_phases(t: Run, pool: list[bytes]) -> None:
         t.results.skipped["batch_redeem"] = "no ticket could be issued"
 
 
+def _without_pool(step: Callable[[Run], Awaitable[None]]
+                  ) -> Callable[[Run, list[bytes]], Awaitable[None]]:
+    async def run(t: Run, _: list[bytes]) -> None:
+        await step(t)
+
+    return run
+
+
 async def run_interleaved(runs: list[Run]) -> None:
     """Every gRPC phase against several servers running at once, phase by phase: a phase runs
     against each server in turn (the other way round for the next phase) before the next
-    phase starts, so that a neighbour's load on a shared machine hurts them alike. (f) also
+    phase starts, so that a neighbour's load on a shared machine hurts them alike; (e) is
+    three phases (issue, redeem, consume), so no server's storm runs after another's
+    consumes (PostgreSQL's autovacuum and checkpoints would follow those writes). (f) also
     offers each server after the first half of the first server's saturated unary redeem
     rate (``latency_rate``)."""
     for t in runs:
@@ -241,4 +271,6 @@ async def run_interleaved(runs: list[Run]) -> None:
     for t in runs[1:]:
         t.latency_rate = first / 2 if first else None
     await each(_redeem_phases)
-    await each(lambda t, _: storm(t))
+    # no server's consumes (PostgreSQL's writes) before another's storm
+    for step in (storm_issue, storm_redeem, consume):
+        await each(_without_pool(step))
