@@ -56,8 +56,11 @@ from authority.statedir import StateLock
 
 log = logging.getLogger(__name__)
 
-#: ``server.processes = "auto"``: one process (docs/benchmarks.md, "Replicas on one machine":
-#: on 2 cores a second process did not raise any rate; the measurement decides more cores)
+#: ``server.processes = "auto"``: one process. Measured on 2 cores (docs/benchmarks.md,
+#: "Replicas on one machine"): two replicas (batches inline) ran the storm 1.2-2.3x faster and
+#: batches mostly faster, for clients with several connections (one connection reaches one
+#: replica), but unary calls no faster for sure, +15 % server CPU per unary call, and 1.4x the
+#: memory (172-178 MB in the storm: over its 150 MB target). Not measured on more cores.
 AUTO_PROCESSES: Final = 1
 START_TIMEOUT: Final = 120.0   # seconds a replica may take to serve (the first provisions)
 BACKOFF_FIRST: Final = 0.5     # seconds before restarting a replica that exited
