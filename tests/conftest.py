@@ -3,11 +3,12 @@ port 0, real channels and stubs. Nothing here mocks the device or the transport.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -191,3 +192,28 @@ def issue(stub: Any, n: int = 0, lifetime: int = 0) -> Any:
 
 def redeem(stub: Any, ticket: bytes, consume: bool = False) -> Any:
     return stub.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume))
+
+T = TypeVar("T")
+
+
+def at_once(calls: list[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` on threads released together; their results in order.
+    Raises: AssertionError if one raised."""
+    barrier = threading.Barrier(len(calls))
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = calls[i]()
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return results

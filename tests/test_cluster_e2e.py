@@ -48,7 +48,7 @@ from authority._proto.ticketauthority.v1 import (
 from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
 from authority.config import Pkcs11Settings
-from tests.conftest import process_gone, sample_state, wait_until
+from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
 from tests.postgres_fixtures import PostgresServer, private_server, shared_server
 
@@ -267,30 +267,6 @@ def redeem_all(replica: Replica, tickets: list[bytes], consume: bool = False) ->
             for t in tickets[start:start + 500]]), timeout=CALL)
         results |= {int(item.redeemed.result) for item in reply.items}
     return results
-
-
-def at_once(calls: list[Callable[[], T]]) -> list[T]:
-    """Run ``calls`` on threads released together; their results in order.
-    Raises: AssertionError if one raised."""
-    barrier = threading.Barrier(len(calls))
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = calls[i]()
-        except BaseException as exc:   # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors, errors
-    return results
-
 
 
 # -- one token shared by processes ----------------------------------------------------------------
@@ -731,7 +707,6 @@ def child_pids(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
-
 
 
 def test_two_rotations_at_once_on_two_replicas_make_one_key(trio: Cluster) -> None:

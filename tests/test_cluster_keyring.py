@@ -49,7 +49,16 @@ from authority.ticket_format import (
     encode_contents,
     encode_header,
 )
-from tests.conftest import START, issue, load_toml, make_config, redeem, sample_state, wait_until
+from tests.conftest import (
+    START,
+    at_once,
+    issue,
+    load_toml,
+    make_config,
+    redeem,
+    sample_state,
+    wait_until,
+)
 from tests.pkcs11_fixtures import requires_softhsm
 from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
@@ -305,26 +314,6 @@ def test_rotation_under_load_never_makes_a_valid_ticket_invalid(cluster: Cluster
 
 # -- compare-and-swap on the ring's version ------------------------------------------------------
 
-def _at_once(calls: list[Callable[[], Any]]) -> list[Any]:
-    results: list[Any] = [None] * len(calls)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(calls))
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = calls[i]()
-        except BaseException as exc:   # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    return results
-
 
 @pytest.mark.parametrize("publish_delay", [PUBLISH_DELAY, 0.0])
 def test_two_rotations_at_once_make_one_new_key(cluster: Cluster, publish_delay: float) -> None:
@@ -333,7 +322,7 @@ def test_two_rotations_at_once_make_one_new_key(cluster: Cluster, publish_delay:
     for _ in range(3):
         cluster.clock.advance(1)   # each round later (the previous key: the last to stop)
         old = a.ring.primary_id
-        outcomes = _at_once([lambda: a.ring.rotate(actor="alice"),
+        outcomes = at_once([lambda: a.ring.rotate(actor="alice"),
                              lambda: b.ring.rotate(actor="bob")])
         (new_a, prev_a), (new_b, prev_b) = outcomes
         assert prev_a is not None and prev_b is not None
@@ -406,7 +395,7 @@ def test_seal_reservations_of_replicas_never_overlap(cluster: Cluster) -> None:
     budget, block = 50, 4
     replicas = [cluster.start(max_seals_per_key=budget, seal_reservation=block,
                               publish_delay=0.0) for _ in range(3)]
-    got = _at_once([lambda r=r: [r.ring.sealing_key() for _ in range(40)]  # type: ignore[misc]
+    got = at_once([lambda r=r: [r.ring.sealing_key() for _ in range(40)]  # type: ignore[misc]
                     for r in replicas])
     per_key: dict[bytes, int] = {}
     for seals in got:
