@@ -8,8 +8,9 @@ import shutil
 import subprocess
 from importlib import metadata
 
-_DISTRIBUTIONS = ("grpcio", "protobuf", "cryptography", "python-pkcs11", "tpm2-pytss")
-_DEBIAN_PACKAGES = ("softhsm2", "swtpm")
+_DISTRIBUTIONS = ("grpcio", "protobuf", "cryptography", "python-pkcs11", "tpm2-pytss", "psycopg",
+                  "psycopg-pool")
+_DEBIAN_PACKAGES = ("softhsm2", "swtpm", "postgresql")
 
 
 def cpu_model() -> str:
