@@ -129,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="state store of the server the bench starts (default sqlite); "
                              "postgresql (or sqlite,postgresql): the gRPC phases against one "
                              "SQLite replica, one PostgreSQL replica and two PostgreSQL "
-                             "replicas (server.processes = 2) in the same run, on a "
+                             "replicas (server.processes = 2), running at once and "
+                             "measured phase by phase in turn, on a "
                              "PostgreSQL the bench starts and removes (Debian's postgresql "
                              "package), SQLite's figures at the top level, PostgreSQL's as "
                              "pg_* and pg2_*, with the issue's two PostgreSQL targets")
