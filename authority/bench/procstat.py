@@ -26,17 +26,6 @@ def cpu_seconds(pid: int | None) -> float | None:
     return own[1] + sum(child[1] for child in map(_stat, descendants(pid)) if child is not None)
 
 
-def children(pid: int) -> list[int]:
-    """The live processes whose parent is ``pid``. Never raises."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != pid:
-            child = _stat(int(entry))
-            if child is not None and child[0] == pid:
-                found.append(int(entry))
-    return found
-
-
 def descendants(pid: int) -> list[int]:
     """The live processes below ``pid``: its children, theirs, and so on. Never raises."""
     parents: dict[int, list[int]] = {}
