@@ -31,7 +31,8 @@ log = logging.getLogger("authority.service.replica")  # also when run as __main_
 
 def main(argv: list[str]) -> int:
     """Run the replica whose socket pair end is ``argv[0]``; returns the exit status.
-    Raises: OSError, EOFError (the supervisor went away before sending the settings)."""
+    Raises: OSError, EOFError (the supervisor went away before sending the settings),
+    WireError (not a frame)."""
     from authority.service.supervisor import receive_hello
 
     link = socket.socket(fileno=int(argv[0]))

@@ -40,7 +40,6 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -50,6 +49,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import Any, Final
 
+from authority.backends.processes.channel import Channel
 from authority.config import Config
 from authority.errors import DeviceUnavailable, StartupError
 from authority.statedir import StateLock
@@ -68,7 +68,6 @@ BACKOFF_MAX: Final = 30.0
 STABLE: Final = 30.0           # seconds a replica must run for its restart delay to reset
 STOP_MARGIN: Final = 15.0      # seconds past server.grace_seconds before SIGKILL
 POLL: Final = 0.1              # seconds between looks at the replicas
-_LENGTH: Final = struct.Struct(">I")
 
 
 def server_processes(config: Config) -> int:
@@ -146,32 +145,13 @@ def replica_config(config: Config, index: int, port: int | None = None,
     return replace(config, server=replace(server, **changes))
 
 
-def send_frame(link: socket.socket, data: bytes) -> None:
-    """One length-prefixed frame. Raises: OSError."""
-    link.sendall(_LENGTH.pack(len(data)) + data)
-
-
-def receive_frame(link: socket.socket) -> bytes:
-    """One length-prefixed frame. Raises: OSError, EOFError (closed before it ended)."""
-    (size,) = _LENGTH.unpack(_receive_exactly(link, _LENGTH.size))
-    return _receive_exactly(link, size)
-
-
-def _receive_exactly(link: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = link.recv(size - len(data))
-        if not chunk:
-            raise EOFError("the peer closed the socket")
-        data += chunk
-    return data
-
-
 def receive_hello(link: socket.socket) -> dict[str, Any]:
-    """What the supervisor sends a replica first: its settings, index and lock descriptor.
-    Only its own supervisor holds the other end of this socket pair, so the pickle comes from
-    the process that started us. Raises: OSError, EOFError."""
-    hello: dict[str, Any] = pickle.loads(receive_frame(link))  # noqa: S301
+    """What the supervisor sends a replica first, one frame on their socket pair (framed as
+    the device processes' channel is: authority/backends/processes/channel.py): its settings,
+    index and lock descriptor. Only its own supervisor holds the other end of this socket
+    pair, so the pickle comes from the process that started us. Raises: OSError, EOFError,
+    WireError."""
+    hello: dict[str, Any] = pickle.loads(Channel(link).recv())  # noqa: S301
     return hello
 
 
@@ -310,8 +290,8 @@ class Supervisor:
             theirs.close()
         slot.link, slot.started = link, time.monotonic()
         with contextlib.suppress(OSError):   # it exited at once: said below
-            send_frame(link, pickle.dumps({"config": config, "index": slot.index,
-                                           "lock_fd": lock_fd}))
+            Channel(link).send(pickle.dumps({"config": config, "index": slot.index,
+                                             "lock_fd": lock_fd}))
         message = _await_message(link, START_TIMEOUT, self.stopping)
         if message is not None and "error" not in message:
             slot.info = message
