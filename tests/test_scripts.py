@@ -25,6 +25,8 @@ _CALLS = re.compile(r"(?:subprocess\.(?:run|Popen|check_output|check_call|call)|
                     r"create_subprocess_exec)\(\s*\[\s*\"([\w.+-]+)\"")
 _WHICH = re.compile(r"shutil\.which\(\s*\"([\w.+-]+)\"")
 _TPM2_TOOLS = re.compile(r"\"(tpm2_[a-z]+)\"")
+# a PostgreSQL server program run from its directory (authority/devdb.py: self._bin / "initdb")
+_PG_BINARY = re.compile(r"_bin\s*/\s*\"([\w.+-]+)\"")
 # a command in a shell script: at the start of a line or after ; & | { $( if ! then do exec
 # $sudo, past VAR=value assignments; not a variable (x=, x+=), a path (x/...) or a function
 _SHELL = re.compile(r"(?:^|[;&|{]|\$\(|\bif\s+!?|\bthen\b|\bdo\b|\bexec\b|\$sudo\b)\s*"
@@ -53,7 +55,7 @@ def programs() -> set[str]:
     found: set[str] = set()
     for path in SOURCES:
         text = path.read_text()
-        for pattern in (_CALLS, _WHICH, _TPM2_TOOLS):
+        for pattern in (_CALLS, _WHICH, _TPM2_TOOLS, _PG_BINARY):
             found.update(pattern.findall(text))
     for path in SCRIPTS:
         found.update(shell_commands(path.read_text()))
@@ -72,6 +74,7 @@ def package_of(program: str) -> str | None:
     """The Debian package that installed ``program`` (None: not found). Debian's own copy
     counts even where PATH finds another first (a pyenv python3, the .venv's)."""
     candidates = [f"{d}/{program}" for d in ("/usr/bin", "/bin", "/usr/sbin", "/sbin")]
+    candidates += map(str, Path("/usr/lib/postgresql").glob(f"*/bin/{program}"))
     path = shutil.which(program)
     if path is not None:
         candidates += [path, os.path.realpath(path)]
@@ -107,7 +110,7 @@ def on_every_debian(package: str) -> bool:
 def test_every_program_called_is_installed_by_bootstrap() -> None:
     called = programs()
     assert {"pgrep", "pkcs11-tool", "swtpm", "tpm2_createprimary", "dpkg-query",
-            "apt-get", "python3"} <= called
+            "apt-get", "python3", "initdb", "pg_ctl", "runuser"} <= called
     installed = provided(bootstrap_packages(BOOTSTRAP.read_text()))
     problems = []
     for program in sorted(called):
