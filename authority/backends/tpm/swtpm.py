@@ -164,16 +164,17 @@ class SwtpmProcess:
             raise StartupError(f"state_dir: cannot create swtpm state dir {state_dir}: "
                                f"{exc.strerror}") from exc
         _stop_orphan(state_dir)
-        started, problem = cls._try_start(binary, state_dir)
-        if started is None:
-            raise StartupError(f"tpm.tcti: the embedded swtpm did not start: {problem}")
+        started = cls._launch(binary, state_dir)
         log.info("embedded swtpm started: pid %d, sockets and state in %s", started.pid,
                  state_dir)
         return started
 
     @classmethod
-    def _try_start(cls, binary: str, state_dir: Path) -> tuple[SwtpmProcess | None, str]:
-        """Start it and wait for GetRandom to succeed: (the swtpm, "") or (None, why not)."""
+    def _launch(cls, binary: str, state_dir: Path) -> SwtpmProcess:
+        """Start it and wait for GetRandom to succeed.
+
+        Raises: StartupError naming tpm.tcti (it exited, refused GetRandom, never answered).
+        """
         log_path = state_dir / LOG_FILE
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         log_file = os.fdopen(fd, "ab")
@@ -194,7 +195,8 @@ class SwtpmProcess:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 log_file.close()
-                return None, f"exited with status {process.returncode} ({_tail(log_path)})"
+                raise _not_started(f"exited with status {process.returncode} "
+                                   f"({_tail(log_path)})")
             try:
                 rc = _tpm_command(data, _get_random_command(), timeout=1.0)
             except OSError:
@@ -202,13 +204,13 @@ class SwtpmProcess:
                 continue
             if rc == _TPM_RC_SUCCESS:
                 _write_owner(state_dir)
-                return swtpm, ""
+                return swtpm
             problem = f"the TPM answered 0x{rc:x} to GetRandom"
             break
         else:
             problem = f"no answer on {data} within {_READY_TIMEOUT:g}s"
         swtpm._terminate()
-        return None, problem
+        raise _not_started(problem)
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -256,6 +258,10 @@ class SwtpmProcess:
             if int(pid_file.read_text("ascii").strip()) == self.pid:
                 pid_file.unlink()
                 (self.state_dir / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _not_started(problem: str) -> StartupError:
+    return StartupError(f"tpm.tcti: the embedded swtpm did not start: {problem}")
 
 
 def _tail(path: Path, limit: int = 300) -> str:
