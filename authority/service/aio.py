@@ -25,9 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
@@ -35,13 +33,11 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import grpc.aio
 
-from authority.errors import AuthorityError, InvalidArgument
+from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
-from authority.service.auth import Denied
 from authority.service.handlers import Guarded, serve, shape_of
+from authority.service.interceptors import failure
 from authority.steps import AsyncDevice, Plan, run_async
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -303,20 +299,10 @@ def _code_of(exc: BaseException) -> str:
 
 
 async def _fail(exc: BaseException, context: grpc.aio.ServicerContext) -> NoReturn:
-    """Abort the call with the status ``exc`` deserves (always raises). Cancellation and an
-    abort already in flight are re-raised as they are."""
-    if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)):
+    """Abort the call with the status ``exc`` deserves (``interceptors.failure``; always
+    raises). Cancellation and an abort already in flight are re-raised as they are."""
+    if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)) or \
+            not isinstance(exc, Exception):
         raise exc
-    if isinstance(exc, AuthorityError):
-        await context.abort(grpc.StatusCode[exc.status], exc.message)
-    if isinstance(exc, Denied):
-        if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-            log.warning("denied: %s", exc.message)
-        await context.abort(exc.code, exc.message)
-    if not isinstance(exc, Exception):
-        raise exc
-    incident = uuid.uuid4().hex[:12]
-    log.error("unexpected error (incident %s)", incident, exc_info=exc)
-    await context.abort(grpc.StatusCode.UNKNOWN, f"unexpected server error (incident "
-                                                 f"{incident}); see the server log")
+    await context.abort(*failure(exc))
     raise AssertionError("unreachable")  # context.abort raises

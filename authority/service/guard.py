@@ -14,7 +14,6 @@ slot is given back when the call ends.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,11 +24,8 @@ import grpc
 
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
-from authority.service.auth import Denied
 from authority.service.handlers import Guarded, serve, shape_of
 from authority.service.interceptors import _fail
-
-log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
 
@@ -240,13 +236,8 @@ def _code(context: grpc.ServicerContext) -> str:
 
 
 def _failed(exc: Exception, context: grpc.ServicerContext) -> NoReturn:
-    """End the call with the status ``exc`` deserves (always raises): a role refusal with its
-    code (logged when PERMISSION_DENIED), the request stream of a cancelled call as it is,
-    anything else as interceptors._fail maps it."""
-    if isinstance(exc, Denied):
-        if exc.code == grpc.StatusCode.PERMISSION_DENIED:
-            log.warning("denied: %s", exc.message)
-        context.abort(exc.code, exc.message)
+    """End the call with the status ``exc`` deserves (always raises): the request stream of
+    a cancelled call as it is, anything else as interceptors._fail maps it."""
     if isinstance(exc, grpc.RpcError) and not context.is_active():
         raise exc
     _fail(exc, context)
