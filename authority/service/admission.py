@@ -235,19 +235,11 @@ class CallSlots:
                 client.suspect_until = self._now() + self.suspect_for
             return took
 
-    def held(self, key: str) -> int:
-        """Calls ``key`` holds now. Never raises."""
-        client = self._clients.get(key)
-        return client.held if client is not None else 0
-
     def prune(self) -> None:
         """Forget clients with nothing open whose suspicion expired. Never raises."""
         with self._lock:
             for key, client in list(self._clients.items()):
                 self._tidy(key, client)
-
-    def __len__(self) -> int:
-        return len(self._clients)
 
 
 class Wait:
@@ -302,22 +294,17 @@ class Deadlines:
         wait.at = self._now() + timeout
         self._queue.append(wait)
 
-    def expire(self) -> int:
-        """Hand every wait past its deadline to ``on_expiry``; returns how many. Never
-        raises (``on_expiry`` must not)."""
-        queue, now, expired = self._queue, self._now(), 0
+    def expire(self) -> None:
+        """Hand every wait past its deadline to ``on_expiry``. Never raises (``on_expiry``
+        must not)."""
+        queue, now = self._queue, self._now()
         while queue:
             head = queue[0]
             if head.waiting and head.at > now:
                 break
             queue.popleft()
             if head.waiting:
-                expired += 1
                 self._on_expiry(head)
-        return expired
-
-    def __len__(self) -> int:
-        return len(self._queue)
 
 
 def tick(limits: Limits) -> float:
