@@ -165,6 +165,14 @@ def test_a_client_holding_calls_open_never_starves_a_gateway(tls: Tls, tmp_path:
 ENDED = {"aio": grpc.StatusCode.DEADLINE_EXCEEDED, "threads": grpc.StatusCode.CANCELLED}
 
 
+def bodiless(tls: Tls, tmp_path: Path, role: str, n: int) -> Attacker:
+    """An attacker with ``role`` (``attacker_channel``) that opened ``n`` bodiless
+    ``IssueTicket`` calls (stop it)."""
+    attacker = Attacker(attacker_channel(tls, tmp_path, role), n)
+    attacker.bodiless_issues()
+    return attacker
+
+
 def code_of(future: Any, within: float = 10.0) -> tuple[grpc.StatusCode, str]:
     """The status a call future ends with (fails the test if it does not end ``within``)."""
     try:
@@ -178,8 +186,7 @@ def code_of(future: Any, within: float = 10.0) -> tuple[grpc.StatusCode, str]:
 
 def test_a_roleless_client_is_refused_before_its_request_is_read(tls: Tls,
                                                                  tmp_path: Path) -> None:
-    attacker = Attacker(attacker_channel(tls, tmp_path, "none"), 3)
-    attacker.bodiless_issues()
+    attacker = bodiless(tls, tmp_path, "none", 3)
     try:
         for call in attacker.calls:
             code, details = code_of(call)
@@ -191,8 +198,7 @@ def test_a_roleless_client_is_refused_before_its_request_is_read(tls: Tls,
 
 def test_a_bodiless_call_is_ended_after_the_request_timeout(quick: Tls,
                                                             tmp_path: Path) -> None:
-    attacker = Attacker(attacker_channel(quick, tmp_path, "gateway"), 2)
-    attacker.bodiless_issues()
+    attacker = bodiless(quick, tmp_path, "gateway", 2)
     try:
         for call in attacker.calls:
             code, details = code_of(call)
@@ -267,9 +273,8 @@ def test_a_client_stalling_its_requests_is_held_to_its_cap(tmp_path: Path) -> No
     """Unary calls whose request is late take a slot; beyond the cap they are ended."""
     for mode in ("aio", "threads"):
         t = start(tmp_path / mode, mode, request_timeout=1.0, max_calls_per_client=2)
-        stalled = Attacker(attacker_channel(t, tmp_path / mode, "gateway"), 5)
+        stalled = bodiless(t, tmp_path / mode, "gateway", 5)
         try:
-            stalled.bodiless_issues()
             ends = [code_of(call) for call in stalled.calls]
             if mode == "aio":
                 late = "request late, and spiffe://example.org/gateway/mallory already has 2"
@@ -290,9 +295,8 @@ def test_a_client_stalling_its_requests_is_held_to_its_cap(tmp_path: Path) -> No
 def test_a_suspect_client_at_its_cap_is_refused_at_once(tmp_path: Path) -> None:
     """A client whose late calls fill its cap gets no new call waiting for a request."""
     t = start(tmp_path, "aio", request_timeout=30.0, max_calls_per_client=2)
-    stalled = Attacker(attacker_channel(t, tmp_path, "gateway"), 4)
+    stalled = bodiless(t, tmp_path, "gateway", 4)
     try:
-        stalled.bodiless_issues()
         deadline = time.monotonic() + 10
         while sum(call.done() for call in stalled.calls) < 2:   # the two past the cap
             assert time.monotonic() < deadline, "the calls past the cap were not ended"
