@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import cast
 
 from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
@@ -21,7 +20,7 @@ from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, StartupError
 from authority.keyring import KeyRing
 from authority.metrics import InstrumentedBackend, Metrics
-from authority.outage import PolicyWatch, RedeemReads
+from authority.outage import PolicyWatch
 from authority.policy import Policy
 from authority.sealer import Sealer
 from authority.statedir import StateLock, check_backend, claim
@@ -183,10 +182,9 @@ class Authority:
                            config.cluster.lease_duration)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,
                              audit=self.audit.record)
-        # the sealer's reads survive a store outage for store.max_staleness (authority/outage.py)
-        self.reads = RedeemReads(store, self.policy, self.counters)
-        self.sealer = Sealer(self.ring, self.backend, cast(Store, self.reads), config.tickets,
-                             clock, self.counters, self.policy)
+        # the sealer's redeems survive a store outage for store.max_staleness (authority/outage.py)
+        self.sealer = Sealer(self.ring, self.backend, store, config.tickets, clock,
+                             self.counters, self.policy)
         self.watch = PolicyWatch(store, self.policy, config.cluster.heartbeat_interval,
                                  config.store.max_staleness, on_recovered=self._wake_up)
         self.metrics.watch(self)
@@ -221,7 +219,7 @@ class Authority:
         try:
             authority.ring.load()
             authority.policy.load()
-            authority.reads.handle_key()   # kept: redeems need no store call for it
+            authority.sealer.handle_key()   # kept: redeems need no store call for it
         except Exception:
             authority.close()
             raise

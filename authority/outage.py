@@ -12,27 +12,24 @@ than ``store.max_staleness`` seconds ago (the store cannot be reached, or answer
 the replica reports NOT_SERVING, and SERVING again once a refresh succeeds; it does not depend
 on a store call returning.
 
-While the store is out of reach, ``RedeemReads`` lets a redeem without consume answer from the
-copy for those ``store.max_staleness`` seconds: its consumed-set lookup (which only says
-REPLAYED instead of OK) is skipped, and counted (``redeem.consumed_unchecked``). Everything
-that writes the store -- a consume, a seal reservation, an admin action -- fails UNAVAILABLE
-(authority/store/postgres/ fails its calls at once while it is down). Why the lookup may be
-skipped: a ticket's single use is enforced where it is consumed (``consume = true`` or
-ConsumeTicket after IKE_AUTH), and that fails closed; a redeem without consume never marked
-anything, and a gateway that resumes without consuming accepts a ticket more than once anyway.
+While the store is out of reach, a redeem without consume answers from the copy for those
+``store.max_staleness`` seconds (authority/sealer.py ``Sealer._consumed_among``): its
+consumed-set lookup (which only says REPLAYED instead of OK) is skipped, and counted
+(``redeem.consumed_unchecked``). Everything that writes the store -- a consume, a seal
+reservation, an admin action -- fails UNAVAILABLE (authority/store/postgres/ fails its calls at
+once while it is down). Why the lookup may be skipped: a ticket's single use is enforced where
+it is consumed (``consume = true`` or ConsumeTicket after IKE_AUTH), and that fails closed; a
+redeem without consume never marked anything, and a gateway that resumes without consuming
+accepts a ticket more than once anyway.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
-import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
-from authority.counters import Counters
-from authority.errors import AuthorityError, DeviceUnavailable
+from authority.errors import AuthorityError
 from authority.policy import Policy
 from authority.store.base import ChangeFeed, Store
 
@@ -42,56 +39,6 @@ log = logging.getLogger(__name__)
 UNCHECKED = "redeem.consumed_unchecked"
 #: at most this many seconds between two looks at the staleness of the copy
 _TICK = 0.1
-
-
-class RedeemReads:
-    """The store as the sealer (authority/sealer.py) uses it: its consume-handle key read once
-    and kept; its consumed-set lookup skipped while the store cannot be reached and the policy
-    copy is fresh; everything else passed through."""
-
-    def __init__(self, store: Store, policy: Policy, counters: Counters,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._store = store
-        self._policy = policy
-        self._counters = counters
-        self._monotonic = monotonic
-        self._handle_key: bytes | None = None
-        self._failed_at = -math.inf   # when a lookup last failed (monotonic)
-
-    def handle_key(self) -> bytes:
-        """The store's consume-handle key (read once: it never changes).
-        Raises: DeviceUnavailable (not read yet and the store fails)."""
-        key = self._handle_key
-        if key is None:
-            key = self._handle_key = self._store.handle_key()
-        return key
-
-    def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
-        """The store's answer; while it cannot be reached (a lookup failed since the policy
-        copy was last confirmed) and the copy is fresh, none, without asking it.
-
-        Raises: DeviceUnavailable (the store fails and the staleness bound is not enforced,
-        or the copy is stale).
-        """
-        if not ticket_ids:
-            return set()
-        if self._failed_at <= self._policy.confirmed_at:
-            try:
-                return self._store.consumed_among(ticket_ids, now)
-            except DeviceUnavailable as exc:
-                if not self._policy.enforcing:
-                    raise
-                self._failed_at = self._monotonic()
-                log.warning("redeems without consume answer from the cached revocations for "
-                            "at most store.max_staleness (%s s), unchecked against the "
-                            "consumed set: %s", self._policy.max_staleness, exc.message)
-        if not self._policy.fresh():
-            raise self._policy.stale_error()
-        self._counters.inc(UNCHECKED, len(ticket_ids))
-        return set()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 class PolicyWatch:

@@ -16,6 +16,7 @@ import hmac
 import logging
 import math
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.config import TicketPolicy
 from authority.counters import Counters
-from authority.errors import InvalidArgument, InvalidTicket, KeyNotFound
+from authority.errors import DeviceUnavailable, InvalidArgument, InvalidTicket, KeyNotFound
 from authority.keyring import KeyRing
+from authority.outage import UNCHECKED
 from authority.policy import Policy, check_realm
 from authority.state import ResumptionState, validate_state
 from authority.steps import DeviceCall, Plan, run
@@ -131,6 +133,7 @@ class Sealer:
         self._clock = clock
         self._counters = counters
         self._handle_secret: bytes | None = None  # the store's handle key, read on first use
+        self._lookup_failed_at = -math.inf  # when a consumed-set lookup last failed (monotonic)
 
     def grant_lifetime(self, requested: int) -> int:
         """0 means the default; anything longer than the maximum is clamped."""
@@ -309,12 +312,12 @@ class Sealer:
                 live.append((i, k, c))
         primary = self._ring.primary_id
         lookups = [c.ticket_id for i, _, c in live if not items[i][1]]
-        consumed = self._store.consumed_among(lookups, now)
+        consumed = self._consumed_among(lookups, now)
         to_consume = [(i, k, c) for i, k, c in live if items[i][1]]
         fresh = self._store.consume_many([(c.ticket_id, c.expires_at) for _, _, c in to_consume],
                                          now)
         is_fresh = {i: new for (i, _, _), new in zip(to_consume, fresh, strict=True)}
-        handle_key = self._handle_key() if live else b""
+        handle_key = self.handle_key() if live else b""
         for i, key_id, contents in live:
             if is_fresh.get(i, contents.ticket_id not in consumed):
                 handle = make_handle(handle_key, contents.ticket_id, contents.expires_at)
@@ -328,8 +331,36 @@ class Sealer:
             self._counters.inc(_COUNTER_NAMES[status], count)
         return results
 
-    def _handle_key(self) -> bytes:
-        """The store's consume-handle key (made by the store on first use; read once).
+    def _consumed_among(self, ticket_ids: list[bytes], now: float) -> set[bytes]:
+        """The ids among ``ticket_ids`` the store has consumed; while it cannot be reached (a
+        lookup failed since the policy copy was last confirmed) and the copy is fresh, none,
+        without asking it, counted (``redeem.consumed_unchecked``; why this is safe:
+        authority/outage.py).
+
+        Raises: DeviceUnavailable (the store fails and the staleness bound is not enforced,
+        or the copy is stale).
+        """
+        if not ticket_ids:
+            return set()
+        rules = self._rules
+        if self._lookup_failed_at <= rules.confirmed_at:
+            try:
+                return self._store.consumed_among(ticket_ids, now)
+            except DeviceUnavailable as exc:
+                if not rules.enforcing:
+                    raise
+                self._lookup_failed_at = time.monotonic()
+                log.warning("redeems without consume answer from the cached revocations for "
+                            "at most store.max_staleness (%s s), unchecked against the "
+                            "consumed set: %s", rules.max_staleness, exc.message)
+        if not rules.fresh():
+            raise rules.stale_error()
+        self._counters.inc(UNCHECKED, len(ticket_ids))
+        return set()
+
+    def handle_key(self) -> bytes:
+        """The store's consume-handle key (made by the store on first use; read once and
+        kept: ``Authority.open`` reads it, so redeems need no store call for it).
         Raises: DeviceUnavailable."""
         key = self._handle_secret
         if key is None:
@@ -355,7 +386,7 @@ class Sealer:
         stored), DeviceUnavailable (store down).
         """
         try:
-            ticket_id, expires_at = open_handle(self._handle_key(), handle)
+            ticket_id, expires_at = open_handle(self.handle_key(), handle)
         except InvalidArgument:
             self._counters.inc("consume_refused")
             raise
