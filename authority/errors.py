@@ -1,7 +1,7 @@
 """The error hierarchy: every error the authority raises on purpose, each knowing its gRPC status.
 
 The domain never imports grpc, so the status is named by its ``grpc.StatusCode`` member name; the
-service layer's one interceptor turns it into the status (authority/service/interceptors.py).
+service layer's guards turn it into the status (``failure`` in authority/service/interceptors.py).
 """
 
 from __future__ import annotations

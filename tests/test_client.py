@@ -42,6 +42,7 @@ from authority.client import (
     ticket_nack_payload,
 )
 from authority.client.transport import RetryLoop
+from authority.config import Config
 from authority.ikev2.notify import (
     TICKET_NACK,
     TicketLtOpaque,
@@ -49,7 +50,9 @@ from authority.ikev2.notify import (
     decode_notify_payload,
     ticket_from_notify,
 )
-from authority.service.interceptors import ErrorInterceptor
+from authority.metrics import Metrics
+from authority.service.admission import Gate, Limits
+from authority.service.guard import ThreadGuard
 from authority.service.servicers import TicketAuthorityServicer
 from tests.conftest import START, Harness, sample_state
 
@@ -96,8 +99,9 @@ def free_port() -> int:
 def grpc_server(servicer: Any, port: int = 0,
                 credentials: Any = None) -> tuple[grpc.Server, int]:
     """A started server for ``servicer`` on 127.0.0.1 (plaintext unless ``credentials``)."""
+    guard = ThreadGuard(Gate(Metrics(), Limits.of(Config(state_dir=Path(".")), threads=True)))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                         interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+                         interceptors=[guard], options=[("grpc.so_reuseport", 0)])
     authority_pb2_grpc.add_TicketAuthorityServicer_to_server(servicer, server)
     address = f"127.0.0.1:{port}"
     bound = (server.add_secure_port(address, credentials) if credentials is not None
