@@ -15,7 +15,7 @@ from typing import IO
 import authority
 from authority.errors import StartupError
 
-#: the first line of ``_announce`` in authority/service/server.py
+#: the first line of ``announce`` in authority/service/server.py
 BANNER = re.compile(r"listening on (\S+)")
 _CONFIG = '[server]\nmetrics_listen = ""\nmode = "{mode}"\n'  # no fixed /metrics port
 
