@@ -30,10 +30,9 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.app import Authority
 from authority.backends.pkcs11 import Pkcs11Backend
-from authority.backends.softhsm import provision_embedded_token
 from authority.clock import ManualClock, SystemClock
 from authority.cluster import MAINTENANCE
-from authority.config import ClusterSettings, Config, Pkcs11Settings, PostgresSettings, Secret
+from authority.config import ClusterSettings
 from authority.errors import ConfigError, DeviceUnavailable
 from authority.keyring import UNKNOWN_KEY_REREAD_GAP
 from authority.keys import KeyState
@@ -41,7 +40,6 @@ from authority.sealer import RedeemStatus
 from authority.service.convert import state_from_proto
 from authority.service.server import build_server
 from authority.store.base import Fence, StaleFence, Store
-from authority.store.sqlite import SqliteStore
 from authority.ticket_format import (
     TICKET_ID_LEN,
     TicketContents,
@@ -54,7 +52,6 @@ from tests.conftest import (
     at_once,
     issue,
     load_toml,
-    make_config,
     redeem,
     sample_state,
     wait_until,
@@ -64,6 +61,7 @@ from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
+from tests.replica_fixtures import SharedToken
 
 pytestmark = requires_softhsm
 
@@ -72,43 +70,17 @@ TIMING = ClusterSettings(heartbeat_interval=1.0, replica_timeout=5.0, lease_dura
 PUBLISH_DELAY = 30.0
 
 
-class Cluster:
+class Cluster(SharedToken):
     """Replicas on one token, one store and one manual clock; closed at teardown."""
 
-    def __init__(self, tmp_path: Path, store: str, dsn: str | None) -> None:
-        self.tmp_path = tmp_path
-        self.kind = store
-        self.dsn = dsn
+    def __init__(self, tmp_path: Path, dsn: str | None) -> None:
+        super().__init__(tmp_path, dsn, TIMING)
         self.clock = ManualClock(START)
-        self.timing = TIMING
-        self.token: Pkcs11Settings = provision_embedded_token(tmp_path / "hsm")
-        self.replicas: list[Authority] = []
-
-    def open_store(self) -> Store:
-        if self.dsn is None:
-            return SqliteStore(self.tmp_path / "authority.db")
-        from authority.store.postgres import PostgresStore
-
-        return PostgresStore(PostgresSettings(dsn=Secret(self.dsn), pool_size=4))
-
-    def config(self, n: int, **keys: Any) -> Config:
-        keys.setdefault("publish_delay", PUBLISH_DELAY)
-        config = replace(make_config(self.tmp_path / f"replica{n}", "pkcs11", "threads", **keys),
-                         pkcs11=replace(self.token, sessions=2), cluster=self.timing)
-        if self.dsn is not None:   # the audit chain in the database, one for every replica
-            return replace(config, postgresql=PostgresSettings(dsn=Secret(self.dsn)))
-        return replace(config, audit_log=self.tmp_path / "audit.log")   # one file, shared
 
     def start(self, store: Store | None = None, **keys: Any) -> Authority:
         """A new replica, loaded (registered, its first heartbeat written)."""
-        config = self.config(len(self.replicas), **keys)
-        config.state_dir.mkdir(mode=0o700)
-        authority = Authority(config, Pkcs11Backend.open(config.pkcs11),   # type: ignore[arg-type]
-                              store or self.open_store(), self.clock)
-        self.replicas.append(authority)
-        authority.ring.load()
-        authority.policy.load()
-        return authority
+        keys.setdefault("publish_delay", PUBLISH_DELAY)
+        return self.load(self.replica_config(**keys), store or self.open_store(), self.clock)
 
     def token_keys(self) -> set[bytes]:
         """What the token holds, listed through a fresh session of its own."""
@@ -125,22 +97,18 @@ class Cluster:
         finally:
             store.close()
 
-    def close(self) -> None:
-        for authority in self.replicas:
-            authority.close()
-
 
 @pytest.fixture(params=STORES)
 def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cluster]:
     dsn = request.getfixturevalue("postgres_dsn") if request.param == "postgresql" else None
-    made = Cluster(tmp_path, request.param, dsn)
+    made = Cluster(tmp_path, dsn)
     yield made
     made.close()
 
 
 @pytest.fixture
 def pg_cluster(tmp_path: Path, postgres_dsn: str) -> Iterator[Cluster]:
-    made = Cluster(tmp_path, "postgresql", postgres_dsn)
+    made = Cluster(tmp_path, postgres_dsn)
     yield made
     made.close()
 
@@ -475,7 +443,7 @@ def test_the_lease_moves_when_its_holder_stops_renewing(cluster: Cluster) -> Non
     b.maintain()                                     # the holder rotates (A is live: PENDING)
     assert b.ring.pending_id is not None
     b.close()                                        # a clean stop releases the lease
-    cluster.replicas.remove(b)
+    cluster.members.remove(b)
     a.maintain()
     assert a.lease.epoch == 3
 
@@ -528,7 +496,7 @@ def test_a_ticket_under_a_key_made_elsewhere_costs_one_reread(cluster: Cluster) 
 def test_rotate_key_over_grpc_answers_pending_then_the_key_seals(pg_cluster: Cluster) -> None:
     a, b = pg_cluster.start(), pg_cluster.start()
     servers = [build_server(replica.config, authority=replica) for replica in (a, b)]
-    pg_cluster.replicas.clear()          # the servers close their authorities
+    pg_cluster.members.clear()           # the servers close their authorities
     channels = [grpc.insecure_channel(s.address) for s in servers]
     try:
         tickets = [authority_pb2_grpc.TicketAuthorityStub(ch) for ch in channels]

@@ -28,13 +28,9 @@ import pytest
 
 from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.app import Authority
-from authority.backends.pkcs11 import Pkcs11Backend
-from authority.backends.softhsm import provision_embedded_token
 from authority.clock import SystemClock
 from authority.config import (
     ClusterSettings,
-    Config,
-    Pkcs11Settings,
     PostgresSettings,
     Secret,
     StoreSettings,
@@ -44,13 +40,14 @@ from authority.sealer import RedeemStatus
 from authority.service.convert import state_from_proto
 from authority.store.base import RevocationRecord, Store
 from authority.store.sqlite import SqliteStore
-from tests.conftest import make_config, sample_state, wait_until
+from tests.conftest import sample_state, wait_until
 from tests.pkcs11_fixtures import requires_softhsm
 from tests.postgres_fixtures import (  # noqa: F401
     PostgresServer,
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
+from tests.replica_fixtures import SharedToken
 
 pytestmark = requires_softhsm
 
@@ -62,50 +59,19 @@ SLOW = ClusterSettings(heartbeat_interval=30.0, replica_timeout=60.0, lease_dura
 FAST = ClusterSettings(heartbeat_interval=0.5, replica_timeout=2.0, lease_duration=2.0)
 
 
-class Replicas:
+class Replicas(SharedToken):
     """Authorities on one token and one store, on the real clock; closed at teardown."""
-
-    def __init__(self, tmp_path: Path, dsn: str | None, timing: ClusterSettings) -> None:
-        self.tmp_path = tmp_path
-        self.dsn = dsn
-        self.timing = timing
-        self.token: Pkcs11Settings = provision_embedded_token(tmp_path / "hsm")
-        self.members: list[Authority] = []
-
-    def open_store(self) -> Store:
-        if self.dsn is None:
-            return SqliteStore(self.tmp_path / "authority.db")
-        from authority.store.postgres import PostgresStore
-
-        return PostgresStore(PostgresSettings(dsn=Secret(self.dsn), pool_size=4))
-
-    def config(self, n: int) -> Config:
-        config = replace(make_config(self.tmp_path / f"replica{n}", "pkcs11", "threads"),
-                         pkcs11=replace(self.token, sessions=2), cluster=self.timing,
-                         store=StoreSettings(max_staleness=2 * self.timing.heartbeat_interval))
-        if self.dsn is not None:
-            return replace(config, postgresql=PostgresSettings(dsn=Secret(self.dsn)))
-        return replace(config, audit_log=self.tmp_path / "audit.log")
 
     def start(self, count: int) -> list[Authority]:
         """``count`` new replicas, loaded, their maintenance running."""
         started = []
         for _ in range(count):
-            config = self.config(len(self.members))
-            config.state_dir.mkdir(mode=0o700)
-            assert config.pkcs11 is not None
-            authority = Authority(config, Pkcs11Backend.open(config.pkcs11), self.open_store(),
-                                  SystemClock())
-            self.members.append(authority)
-            authority.ring.load()
-            authority.policy.load()
+            config = replace(self.replica_config(), store=StoreSettings(
+                max_staleness=2 * self.timing.heartbeat_interval))
+            authority = self.load(config, self.open_store(), SystemClock())
             authority.start_maintenance()
             started.append(authority)
         return started
-
-    def close(self) -> None:
-        for authority in self.members:
-            authority.close()
 
 
 @pytest.fixture
