@@ -45,7 +45,19 @@ def states(h: Harness) -> dict[str, KeyState]:
 
 
 def blob_files(h: Harness, key_id: str) -> list[Path]:
-    return sorted((h.state_dir / "tpm" / "keys").glob(f"{key_id}.*"))
+    return sorted(key_dir(h).glob(f"{key_id}.*"))
+
+
+def key_dir(h: Harness) -> Path:
+    return h.state_dir / "tpm" / "keys"
+
+
+def move(paths: list[Path], to: Path) -> None:
+    """Move files into directory ``to`` (made if needed): a key directory's blobs taken away,
+    or put back."""
+    to.mkdir(exist_ok=True)
+    for path in paths:
+        path.rename(to / path.name)
 
 
 def destroy_in_token(config: Config, key_id: bytes) -> None:
@@ -139,9 +151,7 @@ def test_key_dir_without_the_keys_marks_them_missing_until_they_return(tmp_path:
         old = issue(h.tickets, lifetime=LONG)
         h.stop()
         aside = tmp_path / "aside"
-        aside.mkdir()
-        for path in blob_files(h, old.key_id):      # an unmounted or lost key directory
-            path.rename(aside / path.name)
+        move(blob_files(h, old.key_id), aside)      # an unmounted or lost key directory
         h.start()
         assert states(h)[old.key_id] == KeyState.MISSING
         fresh = issue(h.tickets)
@@ -152,8 +162,7 @@ def test_key_dir_without_the_keys_marks_them_missing_until_they_return(tmp_path:
         actions = audit_actions(h)
         assert ("key.missing", {"key_id": old.key_id, "was": "DECRYPT_ONLY"}) in actions
         assert "key.destroyed" not in [action for action, _ in actions]
-        for path in aside.iterdir():                # the directory is back
-            path.rename(h.state_dir / "tpm" / "keys" / path.name)
+        move(list(aside.iterdir()), key_dir(h))     # the directory is back
         h.authority.maintain()
         assert states(h)[old.key_id] == KeyState.DECRYPT_ONLY
         assert redeem(h.tickets, old.ticket).result == OK
@@ -189,16 +198,13 @@ def test_destroyed_key_found_in_the_device_again_is_destroyed(tmp_path: Path) ->
         old = issue(h.tickets, lifetime=LONG).key_id
         h.admin.RotateKey(admin_pb2.RotateKeyRequest())
         aside = tmp_path / "aside"
-        aside.mkdir()
-        for path in blob_files(h, old):
-            path.rename(aside / path.name)
+        move(blob_files(h, old), aside)
         h.authority.maintain()
         assert states(h)[old] == KeyState.MISSING
         h.clock.advance(h.config.tickets.max_lifetime)   # its window closes while it is away
         h.authority.maintain()
         assert states(h)[old] == KeyState.DESTROYED
-        for path in aside.iterdir():
-            path.rename(h.state_dir / "tpm" / "keys" / path.name)
+        move(list(aside.iterdir()), key_dir(h))
         h.authority.maintain()
         assert blob_files(h, old) == []
         assert ("key.destroyed", {"key_id": old, "reason": "destroyed key found in the device"}
