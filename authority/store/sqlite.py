@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
@@ -20,8 +20,15 @@ from authority.store.base import (
     PollingFeed,
     ReplicaRecord,
     RevocationRecord,
-    StaleFence,
     StoreInfo,
+)
+from authority.store.rows import (
+    check_fence,
+    key_record,
+    key_rows,
+    lease_record,
+    replica_record,
+    revocation_record,
 )
 
 #: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases, policy
@@ -165,13 +172,13 @@ class SqliteStore:
         """Return every key record, oldest first."""
         with self._tx() as db:
             rows = db.execute(_KEY_SELECT).fetchall()
-        return [_key(r) for r in rows]
+        return [key_record(r) for r in rows]
 
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the records in one transaction; a stored seal count is never
         lowered (seals another process reserved stay counted)."""
         with self._tx() as db:
-            db.executemany(_KEY_UPSERT, _key_rows(records))
+            db.executemany(_KEY_UPSERT, key_rows(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys in one transaction."""
@@ -197,7 +204,7 @@ class SqliteStore:
         with self._tx() as db:
             version = _ring_version(db)
             rows = db.execute(_KEY_SELECT).fetchall()
-        return version, [_key(r) for r in rows]
+        return version, [key_record(r) for r in rows]
 
     def ring_version(self) -> int:
         """The key ring's version."""
@@ -210,14 +217,11 @@ class SqliteStore:
         processes). Returns the new version, None if it had moved. Raises: StaleFence."""
         with self._tx() as db:
             if fence is not None:
-                row = db.execute("SELECT holder, epoch FROM leases WHERE name=?",
-                                 (fence.name,)).fetchone()
-                if row is None or (str(row[0]), int(row[1])) != (fence.holder, fence.epoch):
-                    raise StaleFence(f"lease {fence.name!r} epoch {fence.epoch} is no longer "
-                                     "held: another replica took it over; nothing written")
+                check_fence(fence, db.execute("SELECT holder, epoch FROM leases WHERE name=?",
+                                              (fence.name,)).fetchone())
             if _ring_version(db) != version:
                 return None
-            db.executemany(_KEY_UPSERT, _key_rows(save))
+            db.executemany(_KEY_UPSERT, key_rows(save))
             db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in delete])
             db.execute("UPDATE key_ring SET version=? WHERE id=1", (version + 1,))
         return version + 1
@@ -252,8 +256,7 @@ class SqliteStore:
         with self._read() as db:
             row = db.execute("SELECT name, holder, epoch, expires_at FROM leases WHERE name=?",
                              (name,)).fetchone()
-        return None if row is None else LeaseRecord(str(row[0]), str(row[1]), int(row[2]),
-                                                     float(row[3]))
+        return None if row is None else lease_record(row)
 
     def heartbeat(self, replica: ReplicaRecord) -> None:
         """Insert or replace the replica's record (its loaded keys as hex, comma-separated)."""
@@ -269,9 +272,7 @@ class SqliteStore:
             rows = db.execute("SELECT replica_id, host, pid, started_at, heartbeat_at, "
                               "ring_version, loaded FROM replicas "
                               "ORDER BY started_at, replica_id").fetchall()
-        return [ReplicaRecord(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4]),
-                              int(r[5]), frozenset(bytes.fromhex(k) for k in str(r[6]).split(",")
-                                                   if k))
+        return [replica_record(r, (bytes.fromhex(k) for k in str(r[6]).split(",") if k))
                 for r in rows]
 
     def remove_replica(self, replica_id: str) -> None:
@@ -332,8 +333,7 @@ class SqliteStore:
                  record.expires_at, record.reason))
             revocation_id = int(cursor.lastrowid or 0)
             _policy_changed(db)
-        return RevocationRecord(revocation_id, record.kind, record.value, record.issued_before,
-                                record.created_at, record.expires_at, record.reason)
+        return dataclasses.replace(record, revocation_id=revocation_id)
 
     def load_revocations(self, now: float) -> list[RevocationRecord]:
         """Return the live revocations, oldest first."""
@@ -341,7 +341,7 @@ class SqliteStore:
             rows = db.execute("SELECT revocation_id, kind, value, issued_before, created_at, "
                               "expires_at, reason FROM revocations WHERE expires_at>? "
                               "ORDER BY revocation_id", (now,)).fetchall()
-        return [RevocationRecord(r[0], r[1], bytes(r[2]), *r[3:]) for r in rows]
+        return [revocation_record(r) for r in rows]
 
     def purge_revocations(self, now: float) -> int:
         """Delete revocations whose covered tickets have all expired; return the count."""
@@ -447,15 +447,6 @@ def _policy_changed(db: sqlite3.Connection) -> None:
 def _ring_version(db: sqlite3.Connection) -> int:
     row = db.execute("SELECT version FROM key_ring WHERE id=1").fetchone()
     return int(row[0]) if row else 0
-
-
-def _key(row: Sequence[Any]) -> KeyRecord:
-    return KeyRecord(bytes(row[0]), KeyState(row[1]), *row[2:])
-
-
-def _key_rows(records: Sequence[KeyRecord]) -> list[tuple[object, ...]]:
-    return [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
-             r.opens_until, r.destroyed_at) for r in records]
 
 
 def _meta(db: sqlite3.Connection, name: str) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from authority.store.base import LeaseRecord, ReplicaRecord
 from authority.store.postgres.connection import Pool
+from authority.store.rows import lease_record, replica_record
 
 
 class ClusterRows(Pool):
@@ -42,8 +43,7 @@ class ClusterRows(Pool):
         with self._conn() as conn:
             row = conn.execute("SELECT name, holder, epoch, expires_at FROM leases "
                                "WHERE name = %s", (name,)).fetchone()
-        return None if row is None else LeaseRecord(str(row[0]), str(row[1]), int(row[2]),
-                                                     float(row[3]))
+        return None if row is None else lease_record(row)
 
     def heartbeat(self, replica: ReplicaRecord) -> None:
         """Insert or replace the replica's record (one statement)."""
@@ -64,8 +64,7 @@ class ClusterRows(Pool):
             rows = conn.execute("SELECT replica_id, host, pid, started_at, heartbeat_at, "
                                 "ring_version, loaded FROM replicas "
                                 "ORDER BY started_at, replica_id").fetchall()
-        return [ReplicaRecord(str(r[0]), str(r[1]), int(r[2]), float(r[3]), float(r[4]),
-                              int(r[5]), frozenset(bytes(k) for k in r[6])) for r in rows]
+        return [replica_record(r, (bytes(k) for k in r[6])) for r in rows]
 
     def remove_replica(self, replica_id: str) -> None:
         """Drop a replica's record."""

@@ -4,6 +4,7 @@ in its transaction (the replicas' change feeds wake up).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import psycopg
@@ -11,6 +12,7 @@ import psycopg
 from authority.store.base import RevocationRecord
 from authority.store.postgres.connection import Pool
 from authority.store.postgres.feed import CHANNEL
+from authority.store.rows import revocation_record
 
 
 class PolicyRows(Pool):
@@ -30,8 +32,7 @@ class PolicyRows(Pool):
                  record.expires_at, record.reason)).fetchone()
             _policy_changed(conn, "revocation")
         assert row is not None
-        return RevocationRecord(int(row[0]), record.kind, record.value, record.issued_before,
-                                record.created_at, record.expires_at, record.reason)
+        return dataclasses.replace(record, revocation_id=int(row[0]))
 
     def load_revocations(self, now: float) -> list[RevocationRecord]:
         """Return the live revocations, oldest first."""
@@ -39,7 +40,7 @@ class PolicyRows(Pool):
             rows = conn.execute("SELECT revocation_id, kind, value, issued_before, created_at, "
                                 "expires_at, reason FROM revocations WHERE expires_at > "
                                 "%s::float8 ORDER BY revocation_id", (now,)).fetchall()
-        return [RevocationRecord(int(r[0]), r[1], bytes(r[2]), *r[3:]) for r in rows]
+        return [revocation_record(r) for r in rows]
 
     def purge_revocations(self, now: float) -> int:
         """Delete revocations whose covered tickets have all expired; return the count."""

@@ -10,8 +10,9 @@ from typing import Any, Final
 import psycopg
 
 from authority.keys import KeyRecord, KeyState
-from authority.store.base import Fence, StaleFence
+from authority.store.base import Fence
 from authority.store.postgres.connection import Pool
+from authority.store.rows import check_fence, key_record, key_rows
 
 _KEY_SELECT: Final = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, "
                       "opens_until, destroyed_at FROM keys ORDER BY created_at, key_id")
@@ -34,7 +35,7 @@ class RingRows(Pool):
         """Return every key record, oldest first."""
         with self._conn() as conn:
             rows = conn.execute(_KEY_SELECT).fetchall()
-        return [_key(r) for r in rows]
+        return [key_record(r) for r in rows]
 
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the records in one transaction; a stored seal count is never
@@ -42,7 +43,7 @@ class RingRows(Pool):
         if not records:
             return
         with self._tx() as conn, conn.cursor() as cursor:
-            cursor.executemany(_KEY_UPSERT, _key_rows(records))
+            cursor.executemany(_KEY_UPSERT, key_rows(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
         """Remove the records of these keys (one statement)."""
@@ -73,7 +74,7 @@ class RingRows(Pool):
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             version = _ring_version(conn)
             rows = conn.execute(_KEY_SELECT).fetchall()
-        return version, [_key(r) for r in rows]
+        return version, [key_record(r) for r in rows]
 
     def ring_version(self) -> int:
         """The key ring's version (one statement)."""
@@ -89,11 +90,9 @@ class RingRows(Pool):
         Raises: StaleFence."""
         with self._tx() as conn:
             if fence is not None:
-                row = conn.execute("SELECT holder, epoch FROM leases WHERE name = %s FOR SHARE",
-                                   (fence.name,)).fetchone()
-                if row is None or (str(row[0]), int(row[1])) != (fence.holder, fence.epoch):
-                    raise StaleFence(f"lease {fence.name!r} epoch {fence.epoch} is no longer "
-                                     "held: another replica took it over; nothing written")
+                check_fence(fence, conn.execute("SELECT holder, epoch FROM leases "
+                                                "WHERE name = %s FOR SHARE",
+                                                (fence.name,)).fetchone())
             moved = conn.execute("UPDATE key_ring SET version = version + 1 "
                                  "WHERE id = 1 AND version = %s RETURNING version",
                                  (version,)).fetchone()
@@ -101,7 +100,7 @@ class RingRows(Pool):
                 return None
             if save:
                 with conn.cursor() as cursor:
-                    cursor.executemany(_KEY_UPSERT, _key_rows(save))
+                    cursor.executemany(_KEY_UPSERT, key_rows(save))
             if delete:
                 conn.execute("DELETE FROM keys WHERE key_id = ANY(%s::bytea[])", (list(delete),))
         return int(moved[0])
@@ -110,13 +109,3 @@ class RingRows(Pool):
 def _ring_version(conn: psycopg.Connection[Any]) -> int:
     row = conn.execute("SELECT version FROM key_ring WHERE id = 1").fetchone()
     return int(row[0]) if row else 0
-
-
-def _key(row: Sequence[Any]) -> KeyRecord:
-    return KeyRecord(bytes(row[0]), KeyState(row[1]), *row[2:])
-
-
-def _key_rows(records: Sequence[KeyRecord]) -> list[tuple[Any, ...]]:
-    return [(r.key_id, int(r.state), r.created_at, r.seal_count, r.sealing_ended_at,
-             r.opens_until, r.destroyed_at) for r in records]
-
