@@ -66,22 +66,26 @@ class KeyRing(Reconciliation):
         """
         if self._clock.now() - self._confirmed_at > self._cluster.replica_timeout:
             self._confirm()
+        key_id = self._take_seal()
+        return key_id if key_id is not None else self._reserve()
+
+    def _take_seal(self) -> bytes | None:
+        """One seal from the reserved block: its key's id; None if the block is spent."""
         with self._seal_lock:
             key_id = self._block_key
             if key_id is not None and self._next < self._end:
                 self._next += 1
                 return key_id
-        return self._reserve()
+        return None
 
     def _reserve(self) -> bytes:
         """Reserve a new block of seals (``keys.seal_reservation``) of the sealing key and take
         one. Raises: DeviceUnavailable."""
         with self._change_lock:
             for _ in range(3):
-                with self._seal_lock:
-                    if self._block_key is not None and self._next < self._end:
-                        self._next += 1
-                        return self._block_key
+                taken = self._take_seal()   # another thread may have reserved meanwhile
+                if taken is not None:
+                    return taken
                 primary = self._primary
                 if primary is None:
                     raise DeviceUnavailable("no sealing key")
