@@ -29,7 +29,6 @@ from authority.store.base import (
 from authority.store.sqlite import SqliteStore
 from tests.conftest import START, Harness, issue, load_toml, make_config, redeem
 from tests.postgres_fixtures import (  # noqa: F401
-    PostgresServer,
     postgres_dsn_fixture,
     postgres_server_fixture,
 )
@@ -480,7 +479,7 @@ def test_sqlite_a_schema_2_file_gets_the_ring_version_replicas_and_leases(
 
 # -- the PostgreSQL store only: schema, migrations, failures ------------------------------------
 
-def _schema(server: PostgresServer, dsn: str) -> str | None:
+def _schema(dsn: str) -> str | None:
     import psycopg
 
     with psycopg.connect(dsn) as conn:
@@ -488,15 +487,14 @@ def _schema(server: PostgresServer, dsn: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def test_postgres_schema_is_created_and_migrated_in_order(postgres_server: PostgresServer,
-                                                          postgres_dsn: str) -> None:
+def test_postgres_schema_is_created_and_migrated_in_order(postgres_dsn: str) -> None:
     from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 
     store = PostgresStore(pg_settings(postgres_dsn))
     assert store.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
     store.save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
     store.close()
-    assert _schema(postgres_server, postgres_dsn) == str(SCHEMA_VERSION)
+    assert _schema(postgres_dsn) == str(SCHEMA_VERSION)
     newer = (*MIGRATIONS, ("CREATE TABLE probe (n int)", "INSERT INTO probe VALUES (1)"),
              ("INSERT INTO probe VALUES (2)",))
     migrated = PostgresStore(pg_settings(postgres_dsn), migrations=newer)
@@ -511,15 +509,14 @@ def test_postgres_schema_is_created_and_migrated_in_order(postgres_server: Postg
         assert conn.execute("SELECT n FROM probe ORDER BY n").fetchall() == [(1,), (2,)]
 
 
-def test_postgres_a_failed_migration_applies_nothing(postgres_server: PostgresServer,
-                                                     postgres_dsn: str) -> None:
+def test_postgres_a_failed_migration_applies_nothing(postgres_dsn: str) -> None:
     from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 
     PostgresStore(pg_settings(postgres_dsn)).close()
     broken = (*MIGRATIONS, ("CREATE TABLE probe (n int)", "SELECT no_such_function()"))
     with pytest.raises(StartupError, match="no_such_function"):
         PostgresStore(pg_settings(postgres_dsn), migrations=broken)
-    assert _schema(postgres_server, postgres_dsn) == str(SCHEMA_VERSION)
+    assert _schema(postgres_dsn) == str(SCHEMA_VERSION)
     fixed = (*MIGRATIONS, ("CREATE TABLE probe (n int)",))   # probe was rolled back
     PostgresStore(pg_settings(postgres_dsn), migrations=fixed).close()
 
@@ -552,8 +549,7 @@ def test_postgres_replicas_starting_at_once_on_an_empty_database(postgres_dsn: s
             s.close()
 
 
-def test_postgres_a_hung_statement_ends_at_the_statement_timeout(
-        postgres_server: PostgresServer, postgres_dsn: str) -> None:
+def test_postgres_a_hung_statement_ends_at_the_statement_timeout(postgres_dsn: str) -> None:
     """Another session holds the consumed table locked: a consume fails UNAVAILABLE after
     ``statement_timeout`` instead of waiting for ever."""
     import psycopg
