@@ -69,9 +69,6 @@ class Pool:
         try:
             with psycopg.connect(self._dsn, **self.connect_kwargs) as conn:
                 self.schema_version = migrate(conn, migrations, self.target)
-        except psycopg.Error as exc:
-            raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
-        try:
             self._pool = self._open_pool()
         except psycopg.Error as exc:
             raise StartupError(f"state store {self.target}: {self.scrub(str(exc))}") from None
