@@ -198,7 +198,7 @@ T = TypeVar("T")
 
 def at_once(calls: list[Callable[[], T]]) -> list[T]:
     """Run ``calls`` on threads released together; their results in order.
-    Raises: AssertionError if one raised."""
+    Raises: AssertionError if one raised or did not finish within 120 s."""
     barrier = threading.Barrier(len(calls))
     results: list[Any] = [None] * len(calls)
     errors: list[BaseException] = []
@@ -215,5 +215,6 @@ def at_once(calls: list[Callable[[], T]]) -> list[T]:
         t.start()
     for t in threads:
         t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
     assert not errors, errors
     return results

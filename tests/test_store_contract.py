@@ -6,7 +6,6 @@ PostgreSQL over real gRPC (real SoftHSM2)."""
 from __future__ import annotations
 
 import itertools
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +26,7 @@ from authority.store.base import (
     Store,
 )
 from authority.store.sqlite import SqliteStore
-from tests.conftest import START, Harness, issue, load_toml, make_config, redeem
+from tests.conftest import START, Harness, at_once, issue, load_toml, make_config, redeem
 from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
     postgres_server_fixture,
@@ -80,26 +79,8 @@ def store(open_store: OpenStore) -> Store:
 
 def in_threads(count: int, work: Callable[[int], Any]) -> list[Any]:
     """Run ``work(i)`` for i in 0..count-1 on as many threads started at once; their results
-    (an exception fails the test)."""
-    results: list[Any] = [None] * count
-    errors: list[BaseException] = []
-    start = threading.Barrier(count)
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = work(i)
-        except BaseException as exc:   # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads), "a thread did not finish"
-    assert not errors, errors
-    return results
+    (an exception, or a thread that does not finish, fails the test)."""
+    return at_once([lambda i=i: work(i) for i in range(count)])  # type: ignore[misc]
 
 
 # -- the key ring -------------------------------------------------------------------------------
