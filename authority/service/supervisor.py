@@ -41,7 +41,6 @@ import pickle
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ from types import FrameType
 from typing import Any, Final
 
 from authority.backends.processes.channel import Channel
+from authority.backends.processes.process import spawn_child
 from authority.config import Config
 from authority.errors import DeviceUnavailable, StartupError
 from authority.statedir import StateLock
@@ -275,19 +275,13 @@ class Supervisor:
         """Start the slot's replica and wait until it serves; the error if it did not (its
         process is then gone)."""
         config = replica_config(self.config, slot.index, self._port, self._admin_port)
-        link, theirs = socket.socketpair()
         lock_fd = self._lock.fileno()
         try:
-            slot.proc = subprocess.Popen(
-                [sys.executable, "-m", "authority.service.replica", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(), lock_fd), stdin=subprocess.DEVNULL,
-                env=_environment(), process_group=0)
+            slot.proc, link = spawn_child("authority.service.replica", (lock_fd,),
+                                          process_group=0)
         except OSError as exc:
-            link.close()
             return StartupError(f"server.processes: cannot start replica {slot.index}: "
                                 f"{exc.strerror}")
-        finally:
-            theirs.close()
         slot.link, slot.started = link, time.monotonic()
         with contextlib.suppress(OSError):   # it exited at once: said below
             Channel(link).send(pickle.dumps({"config": config, "index": slot.index,
@@ -370,15 +364,6 @@ def _await_message(link: socket.socket, timeout: float,
     link.settimeout(None)
     message: dict[str, Any] = json.loads(data.partition(b"\n")[0])
     return message
-
-
-def _environment() -> dict[str, str]:
-    """A replica's environment: the minimal one of device processes (PATH, locale, the
-    device libraries' configuration, this package first on PYTHONPATH), never a copy of
-    ours (authority/backends/processes/environment.py)."""
-    from authority.backends.processes.environment import child_environment
-
-    return child_environment(device_process=True)
 
 
 def supervise(config: Config) -> int:

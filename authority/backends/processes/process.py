@@ -19,6 +19,26 @@ from authority.errors import DeviceUnavailable, InvalidTicket, StartupError
 log = logging.getLogger("authority.backends.processes")
 
 
+def spawn_child(module: str, extra_fds: tuple[int, ...] = (),
+                process_group: int | None = None,
+                ) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Start ``python -m module FD`` with the device processes' minimal environment
+    (environment.py) and one end of a new socket pair as FD (plus ``extra_fds`` inherited);
+    returns the process and our end. Raises: OSError (nothing is left open)."""
+    ours, theirs = socket.socketpair()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(), *extra_fds), stdin=subprocess.DEVNULL,
+            env=child_environment(device_process=True), process_group=process_group)
+    except OSError:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, ours
+
+
 class DeviceProcess:
     """A child process with its own device session, reached over a socket pair."""
 
@@ -34,19 +54,11 @@ class DeviceProcess:
 
         Raises: StartupError (the process cannot be started).
         """
-        ours, theirs = socket.socketpair()
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "authority.backends.processes.child",
-                 str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                env=child_environment(device_process=True))
+            proc, ours = spawn_child("authority.backends.processes.child")
         except OSError as exc:
-            ours.close()
             raise StartupError(f"server.device_processes: cannot start a device process: "
                                f"{exc.strerror}") from exc
-        finally:
-            theirs.close()
         return cls(index, proc, Channel(ours))
 
     def open(self, hello: dict[str, Any], timeout: float) -> None:
