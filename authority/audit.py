@@ -242,8 +242,14 @@ def _flocked(fd: int, wait: float = LOCK_WAIT) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-class _DamagedHead(Exception):
-    """The file's last line is not a valid chain link."""
+class DamagedHead(Exception):
+    """The chain's last link (a file's last line, a table's last entry) is not valid:
+    ``reason``, and ``seq`` when the entry names one (then shown as "seq N: reason")."""
+
+    def __init__(self, reason: str, seq: object = None) -> None:
+        super().__init__(reason if seq is None else f"seq {seq}: {reason}")
+        self.reason = reason
+        self.seq = seq
 
 
 class AuditLog:
@@ -272,7 +278,7 @@ class AuditLog:
         except OSError as exc:
             self.close()
             raise StartupError(f"audit_log: cannot read {path}: {exc.strerror or exc}") from exc
-        except _DamagedHead as exc:
+        except DamagedHead as exc:
             self.close()
             raise StartupError(
                 f"audit_log: the last line of {path} is damaged ({exc}); run "
@@ -282,14 +288,14 @@ class AuditLog:
     def _head(fd: int) -> tuple[int, str, int]:
         """The chain's head as the file holds it now: (seq, hash, the file's size).
 
-        Raises: OSError (unreadable), _DamagedHead (the last line is not a valid link).
+        Raises: OSError (unreadable), DamagedHead (the last line is not a valid link).
         """
         size = os.fstat(fd).st_size
         last, _ = _last_line(fd)
         try:
             seq, head = head_of(last)
         except ValueError as exc:
-            raise _DamagedHead(str(exc)) from None
+            raise DamagedHead(str(exc)) from None
         return seq, head, size
 
     def record(self, actor: str, action: str, details: Mapping[str, Any]) -> None:
@@ -310,7 +316,7 @@ class AuditLog:
                 raise AuditUnavailable(
                     f"audit log cannot be written ({exc.strerror or exc}): action refused"
                 ) from exc
-            except _DamagedHead as exc:
+            except DamagedHead as exc:
                 log.error("audit log %s: its last line is damaged (%s): refusing %s by %s",
                           self.path, exc, action, actor)
                 raise AuditUnavailable(
@@ -320,7 +326,7 @@ class AuditLog:
     def _append(self, fd: int, actor: str, action: str, details: Mapping[str, Any]) -> None:
         """Append the entry that follows the file's head (the caller holds the file lock).
 
-        Raises: OSError (the file cut back to its size before), _DamagedHead.
+        Raises: OSError (the file cut back to its size before), DamagedHead.
         """
         seq, prev, size = self._head(fd)
         entry = new_entry(seq + 1, prev, self._now(), actor, action, details)

@@ -38,6 +38,7 @@ import psycopg
 from authority.audit import (
     GENESIS,
     AuditUnavailable,
+    DamagedHead,
     VerifyResult,
     canonical,
     head_of,
@@ -70,19 +71,15 @@ class AuditTable(Protocol):
         ...
 
 
-class _DamagedHead(Exception):
-    """The table's last entry is not a valid chain link."""
-
-
 def _link(head: dict[str, Any] | None) -> tuple[int, str]:
     """(seq, hash) of the chain's last entry, checked as a link on its own; (0, GENESIS) for
-    none. Raises: _DamagedHead."""
+    none. Raises: DamagedHead."""
     if head is None:
         return 0, GENESIS
     try:
         return head_of(canonical(head) + b"\n")
     except ValueError as exc:
-        raise _DamagedHead(f"seq {head['seq']}: {exc}") from None
+        raise DamagedHead(str(exc), head["seq"]) from None
 
 
 class PostgresAuditLog:
@@ -103,10 +100,10 @@ class PostgresAuditLog:
         except DeviceUnavailable as exc:
             raise StartupError(f"audit: cannot read the audit chain of {store.target}: "
                                f"{exc}") from None
-        except _DamagedHead as exc:
-            seq, _, reason = str(exc).partition(": ")
-            raise StartupError(f"audit: the last entry ({seq}) of the audit chain in "
-                               f"{store.target} is damaged ({reason}); {VERIFY_HINT}") from None
+        except DamagedHead as exc:
+            raise StartupError(f"audit: the last entry (seq {exc.seq}) of the audit chain in "
+                               f"{store.target} is damaged ({exc.reason}); {VERIFY_HINT}"
+                               ) from None
 
     def record(self, actor: str, action: str, details: Mapping[str, Any]) -> None:
         """Append the entry after the database's head and commit it.
@@ -127,7 +124,7 @@ class PostgresAuditLog:
             log.error("audit entry not written (%s): refusing %s by %s", exc, action, actor)
             raise AuditUnavailable(
                 f"audit log cannot be written ({exc}): action refused") from None
-        except _DamagedHead as exc:
+        except DamagedHead as exc:
             log.error("audit chain: the last entry is damaged (%s): refusing %s by %s", exc,
                       action, actor)
             raise AuditUnavailable(f"audit log cannot be written (its last entry is damaged: "
