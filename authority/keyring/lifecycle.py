@@ -57,8 +57,9 @@ class Lifecycle(Publication):
             if replacing is not ... and self._primary != replacing:
                 return self._outcome()
             if self._pending is not None:
-                if immediate:
-                    self._apply(lambda: self._promotion(reason, actor), fence)
+                sealing = self._primary
+                if immediate and self._apply(lambda: self._promotion(reason, actor), fence):
+                    return self._outcome(replaced=sealing)
                 return self._outcome()
             base = (self._primary, self._pending)
             key_id = self._create()
@@ -70,13 +71,13 @@ class Lifecycle(Publication):
             except AuthorityError:
                 self._discard(key_id)
                 raise
-            if won:
-                new = self._records[key_id]
-                log.info("key %s created (%s), %s; previous %s", key_id.hex(), reason,
-                         new.state.name, base[0].hex() if base[0] else "none")
-            else:
+            if not won:
                 self._lost(key_id, actor, bool(audited))
-            return self._outcome()
+                return self._outcome()
+            new = self._records[key_id]
+            log.info("key %s created (%s), %s; previous %s", key_id.hex(), reason,
+                     new.state.name, base[0].hex() if base[0] else "none")
+            return self._outcome(replaced=base[0])
 
     def _rotation(self, key_id: bytes, base: tuple[bytes | None, bytes | None], reason: str,
                   actor: str, immediate: bool) -> Change | None:
@@ -97,16 +98,24 @@ class Lifecycle(Publication):
         return Change([KeyRecord(key_id, KeyState.PENDING, now)],
                        events=[(actor, "key.created", {**details, "state": "PENDING"})])
 
-    def _outcome(self) -> tuple[KeyRecord, KeyRecord | None]:
+    def _outcome(self, replaced: bytes | EllipsisType | None = ...
+                 ) -> tuple[KeyRecord, KeyRecord | None]:
         """(new, previous) as the ring stands: (PENDING, ACTIVE) during a publication, else
-        (ACTIVE, the key that sealed last before it). Raises: DeviceUnavailable (no key)."""
+        (ACTIVE, ``replaced``: the key this rotation made stop sealing, None for none). Without
+        ``replaced`` (this call changed nothing), the key that stopped sealing last (of two
+        that stopped in the same instant, the later created: keys seal in creation order).
+        Raises: DeviceUnavailable (no key)."""
         if self._pending is not None:
             return self._records[self._pending], (
                 self._records[self._primary] if self._primary else None)
         if self._primary is None:
             raise DeviceUnavailable("no sealing key")
+        if replaced is not ...:
+            return self._records[self._primary], (
+                self._records.get(replaced) if replaced is not None else None)
         ended = [r for r in self._records.values() if r.sealing_ended_at is not None]
-        previous = max(ended, key=lambda r: r.sealing_ended_at or 0.0) if ended else None
+        previous = max(ended, key=lambda r: (r.sealing_ended_at or 0.0, r.created_at),
+                       default=None)
         return self._records[self._primary], previous
 
     def _create(self) -> bytes:
