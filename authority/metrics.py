@@ -174,6 +174,9 @@ class InstrumentedBackend:
         result: set[bytes] = self._timed("list_keys", self._inner.list_keys)
         return result
 
+    def refresh(self) -> None:
+        self._timed("refresh", self._inner.refresh)
+
     def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
         result: bytes = self._timed("seal", lambda: self._inner.seal(key_id, aad, plaintext))
         return result

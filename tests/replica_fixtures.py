@@ -38,11 +38,12 @@ class SharedToken:
 
         return PostgresStore(PostgresSettings(dsn=Secret(self.dsn), pool_size=4))
 
-    def replica_config(self, **keys: Any) -> Config:
-        """The next replica's config (``keys``: KeyPolicy fields): its own state directory,
+    def replica_config(self, name: str | None = None, **keys: Any) -> Config:
+        """The next replica's config (``keys``: KeyPolicy fields): its own state directory
+        (``name``, else ``replica<N>``),
         sessions on the shared token, ``timing``, and the audit chain every replica shares (in
         the database, or one file)."""
-        state_dir = self.tmp_path / f"replica{len(self.members)}"
+        state_dir = self.tmp_path / (name or f"replica{len(self.members)}")
         config = replace(make_config(state_dir, "pkcs11", "threads", **keys),
                          pkcs11=replace(self.token, sessions=2), cluster=self.timing)
         if self.dsn is not None:

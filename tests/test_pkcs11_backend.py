@@ -119,7 +119,7 @@ def test_provision_is_idempotent_and_keeps_keys(tmp_path: Path) -> None:
     b.close()
     second = provision_embedded_token(tmp_path / "hsm")
     assert second.pin.reveal() == first.pin.reveal()
-    assert len(list((tmp_path / "hsm" / "tokens").iterdir())) == 1
+    assert len([p for p in (tmp_path / "hsm" / "tokens").iterdir() if p.is_dir()]) == 1
     b = Pkcs11Backend.open(second)
     try:
         assert b.list_keys() == {KID}
@@ -538,3 +538,57 @@ def test_destroy_while_threads_use_the_key(keyed: Pkcs11Backend) -> None:
     churn_key(keyed, worker, threads=6)
     assert set(outcomes) <= {"ok", "gone", "rekeyed"}, sorted(set(outcomes))
     assert keyed.unseal(KID, b"", keyed.seal(KID, b"", b"y")) == b"y"
+
+
+# ---------------------------------------------------------------------------- refresh
+
+
+def test_refresh_under_load_reopens_every_session_and_loses_no_call(
+        keyed: Pkcs11Backend) -> None:
+    """``refresh`` (the module re-initialised, every session closed and opened again) while
+    four threads seal and unseal: every call succeeds, and the sessions are new ones."""
+    before = keyed._pool.live()
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            try:
+                sealed = keyed.seal(KID, b"aad", b"plaintext")
+                assert keyed.unseal(KID, b"aad", sealed) == b"plaintext"
+            except BaseException as exc:  # noqa: BLE001 - every failure is reported
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(5):
+            keyed.refresh()
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures, failures
+    after = keyed._pool.live()
+    assert after and not any(pooled in before for pooled in after)   # all opened anew
+    assert keyed.list_keys() == {KID}
+
+
+def test_refresh_leaves_a_module_other_backends_use_alone(hsm: Pkcs11Settings) -> None:
+    """With two backends of this process on the module, ``refresh`` does nothing (it would cut
+    the other's sessions): both keep working."""
+    one = Pkcs11Backend.open(replace(hsm, sessions=2))
+    two = Pkcs11Backend.open(replace(hsm, sessions=2))
+    try:
+        one.create_key(KID)
+        sessions = list(two._pool.live())
+        one.refresh()
+        assert list(two._pool.live()) == sessions
+        sealed = two.seal(KID, b"aad", b"x")
+        assert one.unseal(KID, b"aad", sealed) == b"x"
+    finally:
+        two.close()
+        one.close()

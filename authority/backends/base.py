@@ -60,6 +60,16 @@ class KeyBackend(Protocol):
         """
         ...
 
+    def refresh(self) -> None:
+        """Drop any view of the device's keys this process keeps, so that the next calls see
+        keys other processes created or destroyed meanwhile. The key ring calls it before it
+        concludes that a key it expects is absent (a few times in a key's life, never per
+        ticket); a backend whose device has no such view does nothing.
+
+        Raises: DeviceUnavailable.
+        """
+        ...
+
     def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """Encrypt and authenticate ``plaintext`` (binding ``aad``) under the key.
 

@@ -70,6 +70,8 @@ class RingCopy:
         self._primary: bytes | None = None   # the ACTIVE key
         self._pending: bytes | None = None   # the PENDING key, if any
         self._verified: set[bytes] = set()   # keys this replica's device was seen to hold
+        # keys (and their states then) still absent after a refresh of the device's view
+        self._absent: dict[bytes, KeyState] = {}
         self._confirmed_at = -math.inf       # when the copy was last confirmed current
         self._reread_at = -math.inf          # when a redeem last made the ring be re-read
         self._block_key: bytes | None = None  # the key of the seal block (_seal_lock)
@@ -109,6 +111,34 @@ class RingCopy:
 
     def _opening_ids(self) -> set[bytes]:
         return {k for k, r in self._records.items() if r.state in OPENING}
+
+    def _expected(self) -> dict[bytes, KeyState]:
+        """Keys the device should hold, with their states: those that open tickets, and
+        CREATING ones (whose creation may have completed)."""
+        expected = {k: r.state for k, r in self._records.items() if r.state in OPENING}
+        expected.update((k, KeyState.CREATING) for k in self._creating)
+        return expected
+
+    # -- the device's keys -------------------------------------------------------------------------
+
+    def _list_device(self) -> set[bytes]:
+        """The keys the device lists, recorded as verified. When it lacks a key the ring
+        expects, the backend's view of the device is refreshed and the device listed again
+        before anything concludes the key is absent (another process may have made it: a view
+        can be stale, backends/base.py ``refresh``); a key still absent after a refresh is not
+        refreshed for again while its state stays the same. Callers hold ``_change_lock``.
+
+        Raises: DeviceUnavailable.
+        """
+        present = self._backend.list_keys()
+        lacking = {k: s for k, s in self._expected().items() if k not in present}
+        if lacking.items() - self._absent.items():
+            self._backend.refresh()
+            present = self._backend.list_keys()
+            lacking = {k: s for k, s in lacking.items() if k not in present}
+        self._absent = lacking
+        self._verified = set(present)
+        return present
 
     # -- committing changes ------------------------------------------------------------------------
 

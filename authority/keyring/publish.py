@@ -55,7 +55,7 @@ class Publication(RingCopy):
         if not self._opening_ids() - self._verified:
             return
         try:
-            self._verified = set(self._backend.list_keys())
+            self._list_device()
         except DeviceUnavailable as exc:
             log.warning("could not list the device's keys: %s", exc.message)
 

@@ -36,8 +36,7 @@ class Reconciliation(Lifecycle):
         """
         with self._change_lock:
             self._reload()   # CREATING records are outside the version: read them all
-            present = self._backend.list_keys()
-            self._verified = set(present)
+            present = self._list_device()
             self._reconcile(present, fence)
             self._destroy_found(present)
             self._sweep_creating(present, fence)

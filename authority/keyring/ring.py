@@ -45,8 +45,7 @@ class KeyRing(Reconciliation):
         with self._change_lock:
             now = self._clock.now()
             self._reload()
-            present = self._backend.list_keys()
-            self._verified = set(present)
+            present = self._list_device()
             self._heartbeat(now)
             self._confirmed_at = now
             self._reconcile(present)
@@ -143,7 +142,7 @@ class KeyRing(Reconciliation):
         with self._change_lock:
             self._refresh()
             if key_id == self._primary:
-                self._reconcile(self._backend.list_keys())
+                self._reconcile(self._list_device())
             if key_id == self._primary:   # the device still lists it: not replaced
                 log.error("the device could not find sealing key %s to seal with, yet lists "
                           "it; the key is kept", key_id.hex())

@@ -76,6 +76,24 @@ class ModuleRegistry:
         with self._lock:
             self._users = max(0, self._users - 1)
 
+    def refresh(self, module: Module) -> bool:
+        """Finalize and initialise ``module`` again so that it reads its tokens afresh, if one
+        backend alone uses it in this process (False, nothing done, otherwise: the other
+        backends' sessions would be cut). The caller has closed its sessions.
+
+        Raises: DeviceUnavailable (the module stays registered: a later refresh retries).
+        """
+        with self._lock:
+            if self._users != 1 or self._module is not module:
+                return False
+            if self._conf is not None:
+                os.environ["SOFTHSM2_CONF"] = self._conf
+            self._logins.clear()
+            with device_errors(Ctx(Phase.OPERATION, "re-initialise", subject=module.path)):
+                module.ck.reinitialize_with_os_locking()
+        log.info("pkcs11 module %s re-initialised to read the token afresh", module.path)
+        return True
+
     def note_login(self, slot_id: int) -> None:
         """Record that one more backend relies on the user login of ``slot_id``."""
         with self._lock:

@@ -120,6 +120,30 @@ class SessionPool:
             self._waiters.clear()
         return idle
 
+    @contextmanager
+    def emptied(self) -> Iterator[None]:
+        """Hold the pool exclusively (borrowers already served finish first, later ones wait)
+        with every session closed, for a re-initialisation of the module; the slots are then
+        opened again by :meth:`fill` or by the next borrowers.
+
+        Raises: DeviceUnavailable (closed, or no exclusive turn within the timeout).
+        """
+        self._claim(exclusive=True)
+        with self._lock:
+            closing, self._live = self._live, []
+            self._idle = deque([None] * len(self._idle))
+        for pooled in closing:   # nothing else is lent: we hold the pool exclusively
+            close_quietly(pooled)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._put_back(None, exclusive=True)
+
+    def reopen_with(self, opener: Callable[[], PooledSession]) -> None:
+        """Open sessions with ``opener`` from now on (a re-initialised module's login)."""
+        self._opener = opener
+
     def forget(self, pooled: PooledSession) -> None:
         """Stop tracking a session (closed by the caller)."""
         with self._lock:

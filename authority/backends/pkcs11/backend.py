@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -10,6 +11,7 @@ from authority.backends.base import BackendInfo
 from authority.backends.pkcs11 import _keys, _template
 from authority.backends.pkcs11._crypt import find_key, seal_all, unseal_all
 from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
+from authority.backends.pkcs11._filelock import token_files_locked
 from authority.backends.pkcs11._login import TokenLogin
 from authority.backends.pkcs11._module import REGISTRY, Module
 from authority.backends.pkcs11._pool import PooledSession, SessionPool, close_quietly
@@ -63,6 +65,18 @@ class Pkcs11Backend:
             raise StartupError("pkcs11.sessions: must be at least 1")
         if not settings.session_timeout > 0:
             raise StartupError("pkcs11.session_timeout: must be a positive number of seconds")
+        conf = settings.softhsm2_conf
+        try:
+            with token_files_locked(str(conf) if conf else os.environ.get("SOFTHSM2_CONF")):
+                backend = cls._open_locked(settings)
+        except DeviceUnavailable as exc:   # the token files' lock
+            raise StartupError(f"pkcs11.token_label: {exc.message}") from exc
+        log.info("pkcs11 backend open: %s", backend.describe())
+        return backend
+
+    @classmethod
+    def _open_locked(cls, settings: Pkcs11Settings) -> Pkcs11Backend:
+        """:meth:`open` once the token files' lock is held. Raises: StartupError."""
         module = REGISTRY.acquire(settings.module, settings.softhsm2_conf)
         try:
             token = find_token(module, settings.token_label)
@@ -73,8 +87,34 @@ class Pkcs11Backend:
         except BaseException:
             REGISTRY.release()
             raise
-        log.info("pkcs11 backend open: %s", backend.describe())
         return backend
+
+    def refresh(self) -> None:
+        """Read the token afresh: some tokens keep a per-process view of their objects that
+        can miss other processes' changes (SoftHSM2 2.6.1: a process that created or destroyed
+        a key may not see keys other processes made just before, tests/test_cluster_e2e.py).
+        PKCS#11's one way to drop such a view is to finalize and initialise the module again:
+        calls in progress finish, every session of this backend is closed, the module is
+        re-initialised (under the token files' lock, as at start) and the sessions are opened
+        and logged in again. Nothing is done while other backends of this process use the
+        module (they share its view, and it cannot be re-read without cutting their sessions).
+
+        Raises: DeviceUnavailable (the sessions are then re-opened by the next calls).
+        """
+        with self._pool.emptied(), token_files_locked(os.environ.get("SOFTHSM2_CONF")):
+            if not REGISTRY.refresh(self._module):
+                log.info("pkcs11: not re-reading the token: other backends of this process "
+                         "use the module")
+                return
+            try:
+                token = find_token(self._module, self._label)
+            except StartupError as exc:
+                raise DeviceUnavailable(str(exc)) from exc
+            self._token = token
+            self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
+                                     self._settings.release_gil)
+            self._pool.reopen_with(self._login.open_session)
+            self._pool.fill()
 
     def _start(self) -> None:
         """Open the first session (logging in), then the rest. Raises: StartupError."""
@@ -123,10 +163,23 @@ class Pkcs11Backend:
         log.info("created key %s", key_id.hex())
 
     def destroy_key(self, key_id: bytes) -> None:
-        """Destroy the token key(s) with this id and forget their handles in every session.
+        """Destroy the token key(s) with this id and forget their handles in every session;
+        a key not found is looked for again after a :meth:`refresh` (another process may have
+        made it), so that it is never left in the token for want of a fresh look.
 
         Raises: KeyNotFound; DeviceUnavailable.
         """
+        try:
+            self._destroy(key_id)
+        except KeyNotFound:
+            if not _keys.valid_id(key_id):
+                raise
+            self.refresh()
+            self._destroy(key_id)
+        log.info("destroyed key %s", key_id.hex())
+
+    def _destroy(self, key_id: bytes) -> None:
+        """:meth:`destroy_key` in this process's view. Raises: KeyNotFound; DeviceUnavailable."""
         ctx = Ctx(Phase.OPERATION, "destroy_key", key_id=key_id)
         with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
             found = []
@@ -138,7 +191,6 @@ class Pkcs11Backend:
                 other.keys.pop(key_id, None)
             for key in found:
                 key.destroy()
-        log.info("destroyed key %s", key_id.hex())
 
     def list_keys(self) -> set[bytes]:
         """Ids of every secret key labelled ``ita-...``. Raises: DeviceUnavailable."""

@@ -214,6 +214,12 @@ class DeviceProcesses:
         """See KeyBackend.list_keys. Raises: DeviceUnavailable."""
         return self._local.list_keys()
 
+    def refresh(self) -> None:
+        """See KeyBackend.refresh: this process's backend, which creates and destroys keys (a
+        device process never changes the token, so its view follows other processes' changes).
+        Raises: DeviceUnavailable."""
+        self._local.refresh()
+
     def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """See KeyBackend.seal. Raises: KeyNotFound, DeviceUnavailable."""
         return self._local.seal(key_id, aad, plaintext)

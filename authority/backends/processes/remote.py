@@ -235,6 +235,9 @@ class RemoteBackend:
         """See KeyBackend.list_keys. Raises: DeviceUnavailable."""
         return {key_id for key_id in self._call(LIST_KEYS, []) if isinstance(key_id, bytes)}
 
+    def refresh(self) -> None:
+        """Nothing to re-read: the one device process alone uses its device (the TPM)."""
+
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """See KeyBackend.key_attributes. Raises: KeyNotFound, DeviceUnavailable."""
         flags = self._call(KEY_ATTRIBUTES, [(key_id, b"", b"")], 1)[0]

@@ -187,6 +187,10 @@ class TpmBackend:
         """Ids of the keys whose blobs are in the key dir. Raises: DeviceUnavailable."""
         return self._worker.call(self._device.list_keys)
 
+    def refresh(self) -> None:
+        """Nothing to re-read: this process alone uses the TPM and its key directory (the
+        TPM backend is refused with a shared store)."""
+
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """TPMA_OBJECT bits of the key's two objects read back with TPM2_ReadPublic:
         "aes.fixed_tpm", "aes.fixed_parent", ..., "hmac.no_da", ...
