@@ -182,7 +182,7 @@ class Cluster:
 
     def start(self, *names: str) -> list[Replica]:
         """Start one replica per name, each once the previous one serves (as server.processes
-        does: processes opening one SoftHSM2 token at the same moment may not find it, see
+        does; opening at once is tested by
         test_processes_opening_one_softhsm2_token_at_once_all_succeed); return them."""
         started = []
         for name in names:
