@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from authority.backends.base import BackendInfo, KeyBackend
-from authority.errors import InvalidTicket
+from authority.errors import DeviceUnavailable, InvalidTicket
 
 if TYPE_CHECKING:
     from authority.app import Authority
@@ -65,11 +65,28 @@ class _StateCollector(Collector):
             invalid.add_metric([stage], counts.get(f"redeem.invalid.{stage}", 0))
         yield from (issued, redeems, invalid)
         yield from self._keys()
+        yield from self._store()
+        yield from self._device()
+
+    def _store(self) -> Iterator[Any]:
+        """``ticket_authority_store_up`` (1: the state store answered this scrape, 0: it did
+        not) and, only when it answered, the consumed-set size: a value the store cannot give
+        now is left out (its series goes stale in Prometheus), not repeated as if current; the
+        rest of the scrape still answers."""
+        up = GaugeMetricFamily("ticket_authority_store_up", "1 if the state store answered "
+                               "this scrape, 0 if it could not be reached (store-derived "
+                               "gauges are then left out)")
+        try:
+            count = self._a.store.consumed_count(self._a.clock.now())
+        except DeviceUnavailable:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
         consumed = GaugeMetricFamily("ticket_authority_consumed_tickets",
                                      "Live entries in the consumed-ticket set")
-        consumed.add_metric([], self._a.store.consumed_count(self._a.clock.now()))
-        yield consumed
-        yield from self._device()
+        consumed.add_metric([], count)
+        yield from (up, consumed)
 
     def _device(self) -> Iterator[Any]:
         info = self._a.backend.describe()

@@ -2,8 +2,9 @@
 
 Redeem checks, cheapest first (RFC 5723 section 9 / notes section 6):
 syntax -> key id known (an unknown one makes the key ring re-read the store once per request,
-rate-limited: a key another replica just made) and in its window (no device call) -> one
-device unseal -> plaintext
+rate-limited: a key another replica just made; if the store cannot be reached, the item is
+UNAVAILABLE rather than INVALID: only the store could say the key does not exist) and in its
+window (no device call) -> one device unseal -> plaintext
 syntax -> expiry -> realm (another realm's ticket is INVALID) -> revocations and the realm's
 policy epoch (in memory) -> consumed set. EXPIRED, REVOKED and REPLAYED are only reported for
 authentic tickets; a redeem that fails changes nothing.
@@ -25,7 +26,13 @@ from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.config import TicketPolicy
 from authority.counters import Counters
-from authority.errors import DeviceUnavailable, InvalidArgument, InvalidTicket, KeyNotFound
+from authority.errors import (
+    AuthorityError,
+    DeviceUnavailable,
+    InvalidArgument,
+    InvalidTicket,
+    KeyNotFound,
+)
 from authority.keyring import KeyRing
 from authority.outage import UNCHECKED
 from authority.policy import Policy, check_realm
@@ -67,6 +74,9 @@ class RedeemStatus(enum.IntEnum):
 
 #: the Counters name of each outcome (computed once: Enum.name is a slow property)
 _COUNTER_NAMES = {status: f"redeem.{status.name.lower()}" for status in RedeemStatus}
+#: the counter of redeems answered UNAVAILABLE because their key id is unknown here and the
+#: store could not be reached to look for it
+UNKNOWN_KEY_UNAVAILABLE = "redeem.unknown_key_unavailable"
 
 
 @dataclass(frozen=True)
@@ -229,24 +239,28 @@ class Sealer:
         resumed.
 
         Returns INVALID for anything malformed, foreign, tampered, under a destroyed key or of
-        another realm. Raises: InvalidArgument (empty ticket), DeviceUnavailable.
+        another realm. Raises: InvalidArgument (empty ticket), DeviceUnavailable (also: a key
+        id unknown here while the store cannot be reached to look for it).
         """
         result = self.redeem_many([(ticket, consume)], field=lambda _: "ticket",
                                   realms=[realm])[0]
-        if isinstance(result, InvalidArgument):
+        if isinstance(result, AuthorityError):
             raise result
         return result
 
     def redeem_many(self, items: Sequence[tuple[bytes, bool]],
                     field: Callable[[int], str] = lambda i: f"items[{i}].ticket",
                     realms: Sequence[str] | None = None,
-                    ) -> list[Redemption | InvalidArgument]:
+                    ) -> list[Redemption | AuthorityError]:
         """Redeem many (ticket, consume) items with one device session and one store query.
 
         ``realms`` (parallel to ``items``; default "") is the realm of the gateway presenting
         each ticket: a ticket of another realm is INVALID.
 
-        An empty ticket yields InvalidArgument; every other item yields a Redemption.
+        An empty ticket yields InvalidArgument; a ticket under a key id the key ring does not
+        know, even after re-reading it, while the store cannot be reached yields
+        DeviceUnavailable (that item alone: only the store could say whether another replica
+        made the key); every other item yields a Redemption.
         Raises: DeviceUnavailable (for the whole batch).
         """
         return run(self.redeem_plan(items, field, realms), self._backend)
@@ -254,10 +268,10 @@ class Sealer:
     def redeem_plan(self, items: Sequence[tuple[bytes, bool]],
                     field: Callable[[int], str] = lambda i: f"items[{i}].ticket",
                     realms: Sequence[str] | None = None,
-                    ) -> Plan[list[Redemption | InvalidArgument]]:
+                    ) -> Plan[list[Redemption | AuthorityError]]:
         """``redeem_many`` as a plan (authority/steps.py): yields the one unseal_many call.
         Raises: as ``redeem_many``."""
-        out: list[Redemption | InvalidArgument | None] = [None] * len(items)
+        out: list[Redemption | AuthorityError | None] = [None] * len(items)
         well_formed: list[tuple[int, ParsedTicket]] = []
         for index, (ticket, _) in enumerate(items):
             if not ticket:
@@ -267,10 +281,12 @@ class Sealer:
                 well_formed.append((index, parse_ticket(ticket)))
             except InvalidTicket as exc:
                 out[index] = self._invalid("malformed", exc)
-        if any(not self._ring.knows(p.key_id) for _, p in well_formed):
-            self._ring.reread_unknown()   # a key made on another replica: once per request
+        unsettled = self._unsettled_keys(well_formed)
         pending: list[tuple[int, ParsedTicket]] = []
         for index, parsed in well_formed:
+            if parsed.key_id in unsettled:
+                out[index] = self._unsettled(field(index))
+                continue
             try:
                 self._ring.check_opens(parsed.key_id)  # no device call for a refused key
             except InvalidTicket as exc:
@@ -291,6 +307,35 @@ class Sealer:
         for index, result in self._check_live(authentic, items, realms):
             out[index] = result
         return [r for r in out if r is not None]
+
+    def _unsettled_keys(self, well_formed: list[tuple[int, ParsedTicket]]) -> set[bytes]:
+        """The key ids among ``well_formed`` the key ring does not know, even after its re-read
+        (a key made on another replica: at most once per request), if the store is out of
+        reach; else none (an id unknown to a ring the store could confirm is INVALID). Never
+        raises."""
+        unknown = {p.key_id for _, p in well_formed if not self._ring.knows(p.key_id)}
+        if not unknown:
+            return unknown
+        self._ring.reread_unknown()
+        unknown = {key_id for key_id in unknown if not self._ring.knows(key_id)}
+        return unknown if unknown and self._store_out_of_reach() else set()
+
+    def _store_out_of_reach(self) -> bool:
+        """Whether this replica knows the store to be out of reach now, without asking it
+        (no store call more than the ring's one re-read): the store marked itself down
+        (PostgreSQL: a call -- the ring's re-read among them -- found the database
+        unreachable; cleared once it answers again), a consumed-set lookup failed since the
+        policy copy was last confirmed, or the copy is past ``store.max_staleness``."""
+        rules = self._rules
+        return (getattr(self._store, "down_since", None) is not None
+                or self._lookup_failed_at > rules.confirmed_at or not rules.fresh())
+
+    def _unsettled(self, field: str) -> DeviceUnavailable:
+        log.debug("redeem: unknown key id and the state store unreachable: UNAVAILABLE")
+        self._counters.inc(UNKNOWN_KEY_UNAVAILABLE)
+        return DeviceUnavailable(f"{field}: its key id is not known to this replica and the "
+                                 "state store cannot be reached to look for it (it may be a "
+                                 "key another replica made); retry")
 
     def _check_live(self, authentic: list[tuple[int, bytes, TicketContents]],
                     items: Sequence[tuple[bytes, bool]], realms: Sequence[str] | None,

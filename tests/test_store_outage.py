@@ -7,7 +7,10 @@ revocations, without asking the store, for ``store.max_staleness`` seconds after
 confirmation; consumes, issues that need a seal reservation and admin actions fail
 UNAVAILABLE at once; GetStatus says the store is unreachable; health turns NOT_SERVING past the
 bound (and redeems UNAVAILABLE). Within 2 s of the database's return everything works again by
-itself. Then the pool's check: a pooled connection the server ended is not handed out."""
+itself. What only the store could settle is UNAVAILABLE, not an answer: a ticket under a key id
+the replica does not know (a key another replica may have made); the /metrics scrape and
+GetStatus still answer with what they know. Then the pool's check: a pooled connection the
+server ended is not handed out."""
 
 from __future__ import annotations
 
@@ -30,15 +33,19 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.config import ClusterSettings, Config, PostgresSettings, Secret, StoreSettings
 from authority.errors import ConfigError
+from authority.keyring import UNKNOWN_KEY_REREAD_GAP
 from authority.outage import UNCHECKED
 from authority.service.server import RunningServer, build_server
+from authority.ticket_format import assemble_ticket, encode_header, parse_ticket
 from tests.conftest import issue, load_toml, make_config, redeem, sample_state, wait_until
 from tests.pkcs11_fixtures import requires_softhsm
 from tests.postgres_fixtures import PostgresServer, private_server
+from tests.test_metrics import scrape
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 OK = authority_pb2.REDEEM_RESULT_OK
+INVALID = authority_pb2.REDEEM_RESULT_INVALID
 REPLAYED = authority_pb2.REDEEM_RESULT_REPLAYED
 REVOKED = authority_pb2.REDEEM_RESULT_REVOKED
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -245,6 +252,84 @@ def _outage(server: Server, postgres: PostgresServer, load: Load,
     assert load.between(down, stale) >= {"REDEEM_RESULT_OK"}
     assert load.between(stale + 0.1, back) == {"UNAVAILABLE"}
     assert "REDEEM_RESULT_OK" in load.between(time.monotonic() - 0.2, time.monotonic())
+
+
+# -- what only the store could settle -----------------------------------------------------------
+
+CONSUMED = ("ticket_authority_consumed_tickets", ())
+STORE_UP = ("ticket_authority_store_up", ())
+
+
+def under_unknown_key(ticket: bytes) -> bytes:
+    """``ticket`` with its key id replaced by one no replica made: to this replica, a ticket
+    of a key another replica may have just made (it cannot tell them apart without the
+    store)."""
+    parsed = parse_ticket(ticket)
+    return assemble_ticket(encode_header(bytes(8), parsed.version), parsed.sealed)
+
+
+@requires_softhsm
+def test_what_only_the_store_could_settle_is_unavailable_during_an_outage(
+        tmp_path: Path, database: tuple[PostgresServer, str]) -> None:
+    postgres, dsn = database
+    config = outage_config(tmp_path, dsn, "threads")
+    config = replace(config, store=StoreSettings(max_staleness=60.0),   # not the object here
+                     server=replace(config.server, metrics_listen="127.0.0.1:0"))
+    server = Server(config)
+    try:
+        _unsettled_during_an_outage(server, postgres)
+    finally:
+        server.close()
+
+
+def _unsettled_during_an_outage(server: Server, postgres: PostgresServer) -> None:
+    tickets, admin = server.tickets, server.admin
+    port = server.running.metrics_port
+    assert port is not None
+    kept, used = (issue(tickets, n).ticket for n in (1, 2))
+    assert redeem(tickets, used, consume=True).result == OK
+    stranger = under_unknown_key(kept)
+    assert redeem(tickets, stranger).result == INVALID     # the store up: it has no such key
+    asked = time.monotonic()
+    metrics = scrape(port)
+    assert (metrics[CONSUMED], metrics[STORE_UP]) == (1, 1)
+    postgres.halt()
+    store = server.running.authority.store
+    wait_until(lambda: store.down_since is not None, timeout=SLACK)
+    time.sleep(max(asked + UNKNOWN_KEY_REREAD_GAP - time.monotonic(), 0))   # a re-read is due
+    # -- unary and batch: UNAVAILABLE for that ticket alone ---------------------------------------
+    assert refused(lambda: redeem(tickets, stranger)) == UNAVAILABLE
+    assert redeem(tickets, kept).result == OK
+    batch = tickets.RedeemTickets(authority_pb2.RedeemTicketsRequest(items=[
+        authority_pb2.RedeemTicketRequest(ticket=t)
+        for t in (kept, stranger, b"\x01" * 150, b"")]))
+    assert batch.items[0].redeemed.result == OK
+    assert batch.items[1].WhichOneof("outcome") == "error"
+    assert batch.items[1].error.code == UNAVAILABLE.value[0]
+    assert batch.items[1].error.message.startswith("items[1].ticket: ")
+    assert batch.items[2].redeemed.result == INVALID            # malformed: no store needed
+    assert batch.items[3].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # -- /metrics and GetStatus answer with what they know ----------------------------------------
+    metrics = scrape(port)
+    assert CONSUMED not in metrics and metrics[STORE_UP] == 0
+    assert metrics[("ticket_authority_tickets_issued_total", ())] == 2
+    status = admin.GetStatus(admin_pb2.GetStatusRequest())
+    assert not status.store_reachable and status.sealing_key_id
+    assert status.store == "postgresql" and status.active_keys == 1
+    # -- back: the same ticket is INVALID again, the gauge back -----------------------------------
+    postgres.resume()
+    wait_until(lambda: store.down_since is None, timeout=SLACK)
+
+    def settled() -> bool:
+        try:
+            return bool(redeem(tickets, stranger).result == INVALID)
+        except grpc.RpcError as err:
+            assert err.code() == UNAVAILABLE
+            return False
+
+    wait_until(settled, timeout=UNKNOWN_KEY_REREAD_GAP + SLACK, poll=0.1)
+    metrics = scrape(port)
+    assert (metrics[CONSUMED], metrics[STORE_UP]) == (1, 1)
 
 
 # -- the pool's check ---------------------------------------------------------------------------
