@@ -206,6 +206,13 @@ class ServerSettings:
                                      # > 1: ``serve`` supervises them. "auto": as measured
                                      # (authority/service/supervisor.py). Metrics: replica i
                                      # on metrics_listen's port + i. TPM: 1 only
+    replica_watchdog: float | str = "auto"  # with processes > 1: the supervisor kills
+                                     # (SIGTERM, SIGKILL 2 s later) and restarts a replica
+                                     # that gave no sign of life (a heartbeat its serving
+                                     # loop answers) for this many seconds: hung, stopped,
+                                     # stuck. "auto": 3 x cluster.replica_timeout, at least
+                                     # twice the longest PostgreSQL call (connect + statement
+                                     # timeouts). 1..86400 (authority/service/supervisor.py)
 
 
 @dataclass(frozen=True)

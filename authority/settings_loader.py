@@ -35,6 +35,8 @@ DEFAULT_PORT = 50051
 #: settings that take "auto" or an integer
 _AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client",
                 "server.processes"}
+#: settings that take "auto" or a number of seconds
+_AUTO_OR_SECONDS = {"server.replica_watchdog"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy,
              "cluster": ClusterSettings, "store": StoreSettings}
 _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
@@ -123,6 +125,9 @@ def _section(name: str, cls: type[Any], data: Any) -> Any:
         if f"{name}.{key}" in _AUTO_OR_INT:
             values[key] = _auto_or_int(f"{name}.{key}", value)
             continue
+        if f"{name}.{key}" in _AUTO_OR_SECONDS:
+            values[key] = _auto_or_seconds(f"{name}.{key}", value)
+            continue
         values[key] = _coerce(f"{name}.{key}", value, type(default))
     return cls(**values)
 
@@ -131,6 +136,14 @@ def _auto_or_int(setting: str, value: Any) -> int | str:
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
         return value  # type: ignore[no-any-return]
     raise ConfigError(setting, f"expected auto or a whole number, got {value!r}")
+
+
+def _auto_or_seconds(setting: str, value: Any) -> float | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise ConfigError(setting, f"expected auto or a number of seconds, got {value!r}")
 
 
 def _coerce(setting: str, value: Any, kind: type) -> Any:
@@ -350,6 +363,7 @@ def validate(cfg: Config) -> None:
                                                      "device: one process owns it)")
     _validate_call_limits(cfg)
     _validate_processes(cfg)
+    _validate_replica_watchdog(cfg.server.replica_watchdog)
     _validate_postgresql(cfg)
     _positive("tickets.default_lifetime", cfg.tickets.default_lifetime)
     _positive("tickets.max_lifetime", cfg.tickets.max_lifetime)
@@ -404,6 +418,13 @@ def _validate_processes(cfg: Config) -> None:
         if port and port + processes - 1 > 65535:
             raise ConfigError("server.metrics_listen", f"replica {processes - 1} would "
                               f"listen on port {port + processes - 1} (port + replica index)")
+
+
+def _validate_replica_watchdog(seconds: float | str) -> None:
+    """``server.replica_watchdog``: auto or 1..86400 seconds. Raises: ConfigError."""
+    if seconds != "auto" and not (isinstance(seconds, float) and 1.0 <= seconds <= 86400.0):
+        raise ConfigError("server.replica_watchdog",
+                          f"expected auto or 1..86400 seconds, got {seconds!r}")
 
 
 def _validate_postgresql(cfg: Config) -> None:

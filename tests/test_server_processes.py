@@ -32,7 +32,15 @@ from authority.service.supervisor import (
     server_processes,
 )
 from authority.store.sqlite import SqliteStore
-from tests.conftest import issue, load_toml, process_gone, redeem, wait_until
+from tests.conftest import (
+    at_once,
+    issue,
+    load_toml,
+    process_gone,
+    redeem,
+    sample_state,
+    wait_until,
+)
 from tests.postgres_fixtures import (  # noqa: F401
     postgres_dsn_fixture,
     postgres_server_fixture,
@@ -80,9 +88,8 @@ class Served:
         return self.proc.wait(timeout=60)
 
 
-def serve(state: Path, toml: str) -> Served:
-    """Start ``serve`` with the settings ``toml`` on port 0; wait for its banner.
-    Raises: AssertionError (with its log) if it exits first."""
+def launch(state: Path, toml: str) -> tuple[subprocess.Popen[str], Path]:
+    """Start ``serve`` with the settings ``toml`` on port 0 (not waiting); it and its log."""
     state.parent.mkdir(parents=True, exist_ok=True)
     config = state.parent / f"{state.name}.toml"
     config.write_text(toml)
@@ -92,9 +99,33 @@ def serve(state: Path, toml: str) -> Served:
             [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
              "--listen", "127.0.0.1:0", "--config", str(config)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
+    return proc, log
+
+
+def serve(state: Path, toml: str) -> Served:
+    """Start ``serve`` with the settings ``toml`` on port 0; wait for its banner.
+    Raises: AssertionError (with its log) if it exits first."""
+    proc, log = launch(state, toml)
     banner, address = read_banner(proc)
     assert address, f"{banner}\n{log.read_text()}"
     return Served(proc, address, state, log)
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` now (children, their children...), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue   # gone meanwhile
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found |= frontier
+    return found
 
 
 def started_at(channel: grpc.Channel) -> int:
@@ -186,6 +217,28 @@ def test_tpm_refuses_several_processes_and_auto_is_one(tmp_path: Path) -> None:
     assert server_processes(load_toml(tmp_path, "backend = \"tpm\"\n")) == 1
     assert server_processes(load_toml(tmp_path, "")) == AUTO_PROCESSES
     assert server_processes(load_toml(tmp_path, "[server]\nprocesses = 3\n")) == 3
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "-3", "\"soon\"", "true", "86401"])
+def test_replica_watchdog_setting_is_auto_or_seconds(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_toml(tmp_path, f"[server]\nprocesses = 2\nreplica_watchdog = {value}\n")
+    message = str(err.value)
+    assert message.startswith("server.replica_watchdog:") and "unknown" not in message
+
+
+def test_replica_watchdog_auto_outlasts_the_longest_store_call(tmp_path: Path) -> None:
+    """auto: 3 x cluster.replica_timeout (the peers' own bound on a silent replica), and
+    never less than twice what one PostgreSQL call may block (connect + statement)."""
+    from authority.service.supervisor import replica_watchdog
+
+    assert replica_watchdog(load_toml(tmp_path, "")) == 15.0
+    assert replica_watchdog(load_toml(tmp_path, "[server]\nreplica_watchdog = 4\n")) == 4.0
+    assert replica_watchdog(load_toml(
+        tmp_path, "[cluster]\nreplica_timeout = 8.0\n")) == 24.0
+    slow = ('[postgresql]\ndsn = "postgresql:///x"\nstatement_timeout = 20.0\n'
+            "connect_timeout = 10.0\n")
+    assert replica_watchdog(load_toml(tmp_path, slow)) == 60.0
 
 
 def test_metrics_ports_must_fit_one_per_replica(tmp_path: Path) -> None:
@@ -386,6 +439,119 @@ def test_two_processes_on_postgresql_share_the_database(tmp_path: Path,
     assert code == 0
     assert all(process_gone(pid) for pid in pids)
     assert not (served.state / "server.json").exists()
+
+
+# -- a replica that hangs; signals while the replicas start -------------------------------------
+
+PAIR = f'[server]\nprocesses = 2\nmetrics_listen = ""\n{CLUSTER}'
+#: a quick watchdog: a replica silent for 3 s is killed (SIGTERM, SIGKILL 2 s later) and replaced
+WATCHED = PAIR.replace("[server]\n", "[server]\nreplica_watchdog = 3.0\n")
+
+
+@pytest.fixture(scope="module")
+def watched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``serve`` with 2 replicas and a 3 s replica watchdog."""
+    served = serve(tmp_path_factory.mktemp("watched") / "state", WATCHED)
+    yield served
+    assert served.stop() == 0
+
+
+def _redeem_batches(channel: grpc.Channel, until: float) -> int:
+    """Issue 50 tickets and redeem them in one batch, again and again until ``until``
+    (monotonic); how many batches were answered."""
+    stub = stubs(channel)
+    done = 0
+    while time.monotonic() < until:
+        issued = stub.IssueTickets(authority_pb2.IssueTicketsRequest(items=[
+            authority_pb2.IssueTicketRequest(state=sample_state(n)) for n in range(50)]),
+            timeout=30)
+        stub.RedeemTickets(authority_pb2.RedeemTicketsRequest(items=[
+            authority_pb2.RedeemTicketRequest(ticket=item.ticket.ticket)
+            for item in issued.items]), timeout=30)
+        done += 1
+    return done
+
+
+def test_a_busy_replica_is_not_killed_by_the_watchdog(watched: Served) -> None:
+    """Both replicas issue and redeem batches on 6 connections for 1.5 times the watchdog's
+    bound: the proof of life does not wait behind the calls, so neither is replaced."""
+    pids = watched.replica_pids()
+    channels = list(one_channel_per_replica(watched).values())
+    channels += [watched.channel() for _ in range(4)]
+    until = time.monotonic() + 4.5
+    batches = at_once([lambda c=c: _redeem_batches(c, until) for c in channels])
+    assert all(batches)
+    assert watched.replica_pids() == pids
+    assert all(not process_gone(pid) for pid in pids)
+    assert "replica_watchdog" not in watched.log.read_text()
+
+
+def test_a_stopped_replica_is_killed_and_replaced_by_the_watchdog(watched: Served) -> None:
+    """SIGSTOP one replica (it hangs: it neither serves nor exits): within the watchdog's
+    bound plus the kill grace the supervisor kills it and starts another; the port answers on
+    both replicas again."""
+    victim = watched.replica_pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        wait_until(lambda: process_gone(victim), timeout=3.0 + 2.0 + 5.0)
+    finally:
+        if not process_gone(victim):
+            os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        pids = watched.replica_pids()
+        return len(pids) == 2 and victim not in pids
+
+    wait_until(replaced, timeout=30)
+    assert watched.proc.poll() is None
+    check_replayed_across(list(one_channel_per_replica(watched).values()))
+    log = watched.log.read_text()
+    assert f"replica 1 (pid {victim}) gave no sign of life for" in log
+    assert "server.replica_watchdog 3 s" in log
+
+
+def test_sighup_while_the_replicas_start_does_not_stop_the_service(tmp_path: Path) -> None:
+    """SIGHUP (TLS reload) sent to the supervisor again and again while its replicas start
+    (one still in Python's start-up has no handler yet): serve still comes up with both; a
+    SIGHUP afterwards reaches the serving replicas, which keep running."""
+    proc, log = launch(tmp_path / "state", PAIR)
+    wait_until(lambda: descendants(proc.pid) or proc.poll() is not None, poll=0.005)
+    for _ in range(100):                       # for ~2 s: both replicas' start-up
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.02)
+    banner, address = read_banner(proc)
+    assert address, f"{banner}\n{log.read_text()}"
+    served = Served(proc, address, tmp_path / "state", log)
+    try:
+        pids = served.replica_pids()
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGHUP)
+        check_replayed_across(list(one_channel_per_replica(served).values()))
+        assert served.replica_pids() == pids and proc.poll() is None
+        assert "received SIGHUP: forwarded to the replicas" in log.read_text()
+    finally:
+        assert served.stop() == 0
+    assert "exited with status" not in log.read_text()
+
+
+def test_sigterm_while_the_replicas_start_leaves_no_process(tmp_path: Path) -> None:
+    """SIGTERM to the supervisor once replica 1 is being started (replica 0 serves): serve
+    exits 0 and every process it started (replicas, their device processes) is gone."""
+    proc, log = launch(tmp_path / "state",
+                       PAIR.replace("[server]\n", "[server]\ndevice_processes = 1\n"))
+    wait_until(lambda: "replica 0 serving" in log.read_text() or proc.poll() is not None,
+               poll=0.005)
+    seen = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    while proc.poll() is None:                 # every process it starts or stops meanwhile
+        seen |= descendants(proc.pid)
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == 0, log.read_text()
+    assert len(seen) >= 3                      # replica 0, its device process, replica 1
+    wait_until(lambda: all(process_gone(pid) for pid in seen), timeout=10)
+    assert not (tmp_path / "state" / "server.json").exists()
 
 
 # -- bench ---------------------------------------------------------------------------------------

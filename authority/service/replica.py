@@ -8,7 +8,11 @@ serving, and answers with one JSON line: ready (pid, replica id, addresses, port
 sealing key) or the error that stopped it (exit status 2 for a setting or start-up error, 3 for
 the device, as ``serve``). It then serves until SIGTERM or SIGINT (drain for
 ``server.grace_seconds``), or until the supervisor is gone (its end of the socket pair closed);
-SIGHUP re-reads the TLS credentials.
+SIGHUP re-reads the TLS credentials (before the settings arrived: ignored). While it serves it
+sends the supervisor a heartbeat byte every ``server.replica_watchdog`` / 5 seconds from a
+thread of its own, each only once its event loop (aio) ran the callback the previous beat
+scheduled there, so a hung process or a stuck loop falls silent and the supervisor replaces it,
+while a busy one keeps beating (the loop runs that callback between calls, not after them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -35,6 +40,7 @@ def main(argv: list[str]) -> int:
     WireError (not a frame)."""
     from authority.service.supervisor import receive_hello
 
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until its handler: never a reason to die
     link = socket.socket(fileno=int(argv[0]))
     hello = receive_hello(link)
     config: Config = hello["config"]
@@ -63,6 +69,9 @@ def main(argv: list[str]) -> int:
         _tell(link, _ready(running))
         threading.Thread(target=_watch, args=(link, stop), name="supervisor-watch",
                          daemon=True).start()
+        threading.Thread(target=_heartbeat, args=(link, stop, _beat_interval(config),
+                                                  _loop_answers(running)),
+                         name="supervisor-heartbeat", daemon=True).start()
         from authority.service.server import settle_heap
 
         settle_heap()
@@ -109,6 +118,51 @@ def _watch(link: socket.socket, stop: threading.Event) -> None:
     if not stop.is_set():
         log.warning("the supervisor is gone: stopping")
         stop.set()
+
+
+def _beat_interval(config: Config) -> float:
+    """Seconds between heartbeats: a fifth of the supervisor's watchdog bound."""
+    from authority.service.supervisor import BEATS, replica_watchdog
+
+    return replica_watchdog(config) / BEATS
+
+
+def _loop_answers(running: Any) -> Callable[[], bool]:
+    """What tells whether the server's event loop ran the callback it scheduled there the
+    previous time (and schedules the next): always True on the thread-pool server, which has
+    no loop. Never raises."""
+    aio = running.aio
+    if aio is None:
+        return lambda: True
+    loop = aio.loop.loop
+    answered = threading.Event()
+    answered.set()
+
+    def answers() -> bool:
+        if not answered.is_set():
+            return False
+        answered.clear()
+        try:
+            loop.call_soon_threadsafe(answered.set)
+        except RuntimeError:   # the loop is closed: stopping
+            return False
+        return True
+
+    return answers
+
+
+def _heartbeat(link: socket.socket, stop: threading.Event, interval: float,
+               alive: Callable[[], bool]) -> None:
+    """Send the supervisor one byte every ``interval`` seconds while ``alive()`` (the loop
+    answered), until ``stop`` or the supervisor is gone."""
+    while not stop.wait(interval):
+        if not alive():
+            log.warning("the event loop did not run a callback within %.1f s", interval)
+            continue
+        try:
+            link.sendall(b".")
+        except OSError:
+            return
 
 
 def _install_signals(stop: threading.Event, tls: list[Any]) -> None:

@@ -21,8 +21,16 @@ The supervisor
   each): each replica's metrics are its own, a Prometheus target of its own;
 - restarts a replica that exits, after 0.5 s, doubling up to 30 s while it keeps failing (the
   delay is reset once one has run for 30 s);
-- forwards SIGHUP (TLS reload) to the replicas; on SIGTERM or SIGINT sends them SIGTERM (each
-  drains for ``server.grace_seconds``), waits, and exits once they have stopped;
+- watches that each serving replica is alive: a replica sends a heartbeat byte on the socket
+  pair every ``server.replica_watchdog`` / 5 seconds, from a thread of its own and only while
+  its event loop answers (a callback it schedules there runs: it does not queue behind calls,
+  which the loop interleaves); one silent for ``server.replica_watchdog`` seconds (hung,
+  SIGSTOPped, its loop stuck) gets SIGTERM, SIGKILL ``WATCHDOG_GRACE`` seconds later, and is
+  restarted as one that exited;
+- forwards SIGHUP (TLS reload) to the serving replicas; a replica still starting gets it once
+  it serves (before it has a handler, SIGHUP would kill it, and the start with it); on SIGTERM
+  or SIGINT sends them SIGTERM (each drains for ``server.grace_seconds``), waits, and exits once
+  they have stopped;
 - writes server.json: the address, its own pid, the admin address and the replicas (index,
   pid, replica id, metrics port, admin address).
 
@@ -68,6 +76,8 @@ BACKOFF_MAX: Final = 30.0
 STABLE: Final = 30.0           # seconds a replica must run for its restart delay to reset
 STOP_MARGIN: Final = 15.0      # seconds past server.grace_seconds before SIGKILL
 POLL: Final = 0.1              # seconds between looks at the replicas
+WATCHDOG_GRACE: Final = 2.0    # seconds between the watchdog's SIGTERM and its SIGKILL
+BEATS: Final = 5               # heartbeats a replica sends per server.replica_watchdog
 
 
 def server_processes(config: Config) -> int:
@@ -77,6 +87,21 @@ def server_processes(config: Config) -> int:
     if setting == "auto" or config.backend == "tpm":
         return 1 if config.backend == "tpm" else AUTO_PROCESSES
     return int(setting)
+
+
+def replica_watchdog(config: Config) -> float:
+    """Seconds a serving replica may go without a heartbeat: ``server.replica_watchdog``, or
+    for ``auto`` 3 x ``cluster.replica_timeout`` (by then its peers have long counted it
+    gone), and never less than twice the longest a PostgreSQL call may block its loop
+    (connect + statement timeouts). Never raises for a validated config."""
+    setting = config.server.replica_watchdog
+    if setting != "auto":
+        return float(setting)
+    seconds = 3 * config.cluster.replica_timeout
+    if config.postgresql is not None:
+        store = config.postgresql
+        seconds = max(seconds, 2 * (store.connect_timeout + store.statement_timeout))
+    return seconds
 
 
 def reuse_port(config: Config) -> int:
@@ -132,7 +157,8 @@ def replica_config(config: Config, index: int, port: int | None = None,
     a validated config."""
     server = config.server
     changes: dict[str, Any] = {"processes": server_processes(config),   # auto resolved
-                               "device_processes": replica_device_processes(config, _cpus())}
+                               "device_processes": replica_device_processes(config, _cpus()),
+                               "replica_watchdog": replica_watchdog(config)}
     if port is not None:
         changes["listen"] = f"{server.listen.rpartition(':')[0]}:{port}"
     admin = server.admin_listen
@@ -166,6 +192,9 @@ class _Slot:
     started: float = 0.0                 # monotonic time of the last start
     failures: int = 0                    # exits in a row, each less than STABLE after start
     due: float = 0.0                     # monotonic time of the next start
+    hangups: int = 0                     # the supervisor's SIGHUP count when it started
+    beat: float = 0.0                    # monotonic time of its last sign of life
+    condemned: float | None = None       # monotonic time the watchdog sent it SIGTERM
 
     @property
     def alive(self) -> bool:
@@ -183,6 +212,8 @@ class Supervisor:
         self._admin_port: int | None = None
         self._address: str | None = None      # replica 0's addresses, once it served
         self._admin_address: str | None = None
+        self._watchdog = replica_watchdog(config)
+        self._hangups = 0                     # SIGHUPs received
         self.stopping = threading.Event()
 
     @property
@@ -215,6 +246,14 @@ class Supervisor:
             if slot.proc is not None and slot.alive:
                 slot.proc.send_signal(signum)
 
+    def hangup(self) -> None:
+        """SIGHUP to every serving replica; one still starting gets it once it serves
+        (``_launch``). Never raises."""
+        self._hangups += 1
+        for slot in self._slots:
+            if slot.proc is not None and slot.info is not None and slot.alive:
+                slot.proc.send_signal(signal.SIGHUP)
+
     def stop(self) -> None:
         """SIGTERM to every replica; wait for them to drain (SIGKILL after
         ``server.grace_seconds`` + 15 s). Never raises."""
@@ -238,6 +277,7 @@ class Supervisor:
         if slot.proc is not None:
             status = slot.proc.poll()
             if status is None:
+                self._check_alive(slot)
                 return
             self._lost(slot, f"replica {slot.index} (pid {slot.proc.pid}) exited with "
                              f"status {status}")
@@ -248,6 +288,27 @@ class Supervisor:
             self._lost(slot, f"replica {slot.index} did not start: {error}")
         elif not self.stopping.is_set():
             self.write_server_file()
+
+    def _check_alive(self, slot: _Slot) -> None:
+        """The watchdog: note the serving replica's heartbeats; SIGTERM it once silent for
+        ``server.replica_watchdog`` seconds, SIGKILL it ``WATCHDOG_GRACE`` seconds later (its
+        exit is then seen as any other)."""
+        if slot.proc is None or slot.link is None or slot.info is None:
+            return
+        now = time.monotonic()
+        if _heard(slot.link):
+            slot.beat = now
+        if slot.condemned is not None:
+            if now - slot.condemned >= WATCHDOG_GRACE:
+                slot.proc.kill()
+            return
+        if now - slot.beat > self._watchdog:
+            log.warning("replica %d (pid %d) gave no sign of life for %.1f s "
+                        "(server.replica_watchdog %g s): stopping it (SIGKILL in %g s)",
+                        slot.index, slot.proc.pid, now - slot.beat, self._watchdog,
+                        WATCHDOG_GRACE)
+            slot.proc.terminate()
+            slot.condemned = now
 
     def _lost(self, slot: _Slot, why: str) -> None:
         """Forget the slot's process and schedule its restart with backoff."""
@@ -269,13 +330,14 @@ class Supervisor:
             slot.proc.wait()
         if slot.link is not None:
             slot.link.close()
-        slot.proc, slot.link, slot.info = None, None, None
+        slot.proc, slot.link, slot.info, slot.condemned = None, None, None, None
 
     def _launch(self, slot: _Slot) -> StartupError | DeviceUnavailable | None:
         """Start the slot's replica and wait until it serves; the error if it did not (its
         process is then gone)."""
         config = replica_config(self.config, slot.index, self._port, self._admin_port)
         lock_fd = self._lock.fileno()
+        slot.hangups = self._hangups
         try:
             slot.proc, link = spawn_child("authority.service.replica", (lock_fd,),
                                           process_group=0)
@@ -288,7 +350,9 @@ class Supervisor:
                                              "lock_fd": lock_fd}))
         message = _await_message(link, START_TIMEOUT, self.stopping)
         if message is not None and "error" not in message:
-            slot.info = message
+            slot.info, slot.beat = message, time.monotonic()
+            if self._hangups != slot.hangups and slot.proc is not None:   # SIGHUP meanwhile
+                slot.proc.send_signal(signal.SIGHUP)
             if slot.index == 0 and self._address is None:
                 self._port = int(message["port"])
                 self._admin_port = message.get("admin_port")
@@ -340,6 +404,20 @@ class Supervisor:
                                self._admin_address, replicas)
         except OSError as exc:
             log.error("cannot write %s: %s", SERVER_FILE, exc.strerror)
+
+
+def _heard(link: socket.socket) -> bool:
+    """Whether the replica sent anything (heartbeats) since we last looked; reads it all
+    without waiting. Never raises."""
+    heard = False
+    while True:
+        try:
+            chunk = link.recv(4096, socket.MSG_DONTWAIT)
+        except OSError:      # nothing more now (BlockingIOError), or the socket failed
+            return heard
+        if not chunk:        # the replica closed its end: its exit is seen by poll
+            return heard
+        heard = True
 
 
 def _await_message(link: socket.socket, timeout: float,
@@ -405,16 +483,17 @@ def _remove_server_file(config: Config) -> None:
 
 
 def _install_signals(supervisor: Supervisor) -> Callable[[], None]:
-    """SIGTERM and SIGINT stop the replicas; SIGHUP is forwarded to them. Returns what puts
+    """SIGTERM and SIGINT stop the replicas; SIGHUP is forwarded to them (``hangup``): it
+    never stops the service. Returns what puts
     the previous handlers back."""
 
     def on_stop(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping the replicas", signal.Signals(signum).name)
         supervisor.stopping.set()
 
-    def on_hangup(signum: int, _frame: FrameType | None) -> None:
+    def on_hangup(_signum: int, _frame: FrameType | None) -> None:
         log.info("received SIGHUP: forwarded to the replicas")
-        supervisor.forward(signum)
+        supervisor.hangup()
 
     handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_hangup}
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
