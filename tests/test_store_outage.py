@@ -269,10 +269,11 @@ def under_unknown_key(ticket: bytes) -> bytes:
 
 
 @requires_softhsm
+@pytest.mark.parametrize("mode", ["threads", "aio"])
 def test_what_only_the_store_could_settle_is_unavailable_during_an_outage(
-        tmp_path: Path, database: tuple[PostgresServer, str]) -> None:
+        tmp_path: Path, database: tuple[PostgresServer, str], mode: str) -> None:
     postgres, dsn = database
-    config = outage_config(tmp_path, dsn, "threads")
+    config = outage_config(tmp_path, dsn, mode)
     config = replace(config, store=StoreSettings(max_staleness=60.0),   # not the object here
                      server=replace(config.server, metrics_listen="127.0.0.1:0"))
     server = Server(config)
