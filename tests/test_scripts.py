@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BOOTSTRAP = ROOT / "scripts" / "bootstrap"
 SOURCES = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("authority/**/*.py"),
            *ROOT.glob("tools/*.py"), *ROOT.glob("examples/**/*.py")]
-SCRIPTS = [*ROOT.glob("scripts/*"), ROOT / ".ci" / "run"]
+SCRIPTS = [*ROOT.glob("scripts/*"), ROOT / ".ci" / "run", ROOT / "examples" / "cluster" / "run"]
 
 # argv[0] of a subprocess call, a shutil.which() lookup, or a tpm2-tools command named anywhere
 _CALLS = re.compile(r"(?:subprocess\.(?:run|Popen|check_output|check_call|call)|"
@@ -29,24 +29,31 @@ _TPM2_TOOLS = re.compile(r"\"(tpm2_[a-z]+)\"")
 _PG_BINARY = re.compile(r"_bin\s*/\s*\"([\w.+-]+)\"")
 # a command in a shell script: at the start of a line or after ; & | { $( if ! then do exec
 # $sudo, past VAR=value assignments; not a variable (x=, x+=), a path (x/...) or a function
-_SHELL = re.compile(r"(?:^|[;&|{]|\$\(|\bif\s+!?|\bthen\b|\bdo\b|\bexec\b|\$sudo\b)\s*"
-                    r"(?:[A-Z_]+=\S*\s+)*([a-z][\w.+-]*)(?![\w/=(+.-])")
+# call; ${...} is an expansion, not a group
+_SHELL = re.compile(r"(?:^|[;&|]|(?<!\$)\{|\$\(|\bif\s+!?|\bthen\b|\bdo\b|\bexec\b|"
+                    r"\$sudo\b)\s*(?:[A-Z_]+=\S*\s+)*([a-z][\w.+-]*)(?![\w/=(+.-])")
 _PLAIN_STRING = re.compile(r'"(?:[^"$]|\$(?!\())*"')   # a "..." without a $( ... ) inside
+_ARITHMETIC = re.compile(r"\(\(.*?\)\)")                # (( ... )): no command inside
+# the body of a here-document with a quoted delimiter (<<'PY'): text for another program
+_HEREDOC = re.compile(r"<<-?\s*'(\w+)'[^\n]*\n.*?^\s*\1$", re.MULTILINE | re.DOTALL)
+_FUNCTION = re.compile(r"^\s*([a-z_][\w-]*)\s*\(\)\s*\{", re.MULTILINE)  # name() { ...
 _SHELL_WORDS = {"if", "then", "else", "fi", "for", "in", "do", "done", "while", "case", "esac",
                 "set", "cd", "echo", "exit", "read", "export", "local", "return", "true",
-                "false", "exec",
+                "false", "exec", "until", "trap", "wait", "kill",   # bash builtins
                 "sudo"}   # bootstrap runs as root, or with sudo where the user has it
 _NOT_COMMANDS = {"tpm2_pytss"}   # the Python binding, not a program
 
 
 def shell_commands(text: str) -> set[str]:
-    """The programs a bash script runs by name."""
+    """The programs a bash script runs by name (not its own functions)."""
     text = re.sub(r"^debs=\([^)]*\)", "", text, flags=re.MULTILINE)  # package names
+    text = _HEREDOC.sub("", text)
     found: set[str] = set()
     for line in text.splitlines():
         code = "" if line.lstrip().startswith("#") else line.split(" #", 1)[0]
-        found.update(_SHELL.findall(_PLAIN_STRING.sub('""', code)))
-    return found - _SHELL_WORDS
+        code = _ARITHMETIC.sub("", _PLAIN_STRING.sub('""', code))
+        found.update(_SHELL.findall(code))
+    return found - _SHELL_WORDS - set(_FUNCTION.findall(text))
 
 
 def programs() -> set[str]:
