@@ -310,15 +310,15 @@ class Sealer:
 
     def _unsettled_keys(self, well_formed: list[tuple[int, ParsedTicket]]) -> set[bytes]:
         """The key ids among ``well_formed`` the key ring does not know, even after its re-read
-        (a key made on another replica: at most once per request), if the store is out of
-        reach; else none (an id unknown to a ring the store could confirm is INVALID). Never
-        raises."""
+        (a key made on another replica: at most once per request), if that re-read could not
+        reach the store or the store is known out of reach; else none (an id unknown to a ring
+        the store could confirm is INVALID). Never raises."""
         unknown = {p.key_id for _, p in well_formed if not self._ring.knows(p.key_id)}
         if not unknown:
             return unknown
-        self._ring.reread_unknown()
+        confirmed = self._ring.reread_unknown()
         unknown = {key_id for key_id in unknown if not self._ring.knows(key_id)}
-        return unknown if unknown and self._store_out_of_reach() else set()
+        return unknown if unknown and (not confirmed or self._store_out_of_reach()) else set()
 
     def _store_out_of_reach(self) -> bool:
         """Whether this replica knows the store to be out of reach now, without asking it

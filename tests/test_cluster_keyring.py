@@ -533,6 +533,39 @@ class CountingStore:
         return getattr(self._inner, name)
 
 
+class FailingRingReads(CountingStore):
+    """A store whose key ring version reads fail while ``failing`` (the store out of reach for
+    that one read: a timeout, a dropped connection), everything else answering."""
+
+    failing = False
+
+    def ring_version(self) -> int:
+        if self.failing:
+            raise DeviceUnavailable("state store: connection lost")
+        return super().ring_version()
+
+
+def test_an_unknown_key_id_is_unavailable_when_its_reread_fails(cluster: Cluster) -> None:
+    """The re-read a ticket under an unknown key id causes fails: the ticket is UNAVAILABLE
+    (only the store could say whether another replica made the key), not INVALID; once the
+    store answers, it redeems. Failed before (INVALID) when nothing else marked the store out
+    of reach (SQLite; a PostgreSQL statement timeout)."""
+    a = cluster.start(publish_delay=0.0)
+    flaky = FailingRingReads(cluster.open_store())
+    b = cluster.start(store=flaky, publish_delay=0.0)   # type: ignore[arg-type]
+    a.ring.rotate()
+    ticket = a.sealer.issue(state_from_proto(authority_pb2.IssueTicketRequest(
+        state=sample_state()))).ticket
+    flaky.failing = True
+    [result] = b.sealer.redeem_many([(ticket, False)])
+    assert isinstance(result, DeviceUnavailable) and "items[0].ticket" in result.message
+    [again] = b.sealer.redeem_many([(ticket, False)])   # within the gap: the same answer
+    assert isinstance(again, DeviceUnavailable)
+    flaky.failing = False
+    cluster.clock.advance(UNKNOWN_KEY_REREAD_GAP)
+    assert opens(b, ticket) == RedeemStatus.OK
+
+
 def test_a_ticket_under_a_key_made_elsewhere_costs_one_reread(cluster: Cluster) -> None:
     a = cluster.start(publish_delay=0.0)
     counted = CountingStore(cluster.open_store())

@@ -74,6 +74,7 @@ class RingCopy:
         self._absent: dict[bytes, KeyState] = {}
         self._confirmed_at = -math.inf       # when the copy was last confirmed current
         self._reread_at = -math.inf          # when a redeem last made the ring be re-read
+        self._reread_ok = True               # whether that re-read reached the store
         self._block_key: bytes | None = None  # the key of the seal block (_seal_lock)
         self._next = 0                       # next seal number of the block (_seal_lock)
         self._end = 0                        # end of the block, exclusive (_seal_lock)

@@ -151,24 +151,30 @@ class KeyRing(Reconciliation):
 
     # -- unknown key ids ---------------------------------------------------------------------------
 
-    def reread_unknown(self) -> None:
+    def reread_unknown(self) -> bool:
         """A redeem met a key id the ring does not know: re-read the ring if its version moved
         (a key made on another replica), at most once per ``UNKNOWN_KEY_REREAD_GAP`` seconds
-        and without waiting long for a change in progress. Never raises (a failure is logged;
-        the ticket is then INVALID)."""
+        and without waiting long for a change in progress.
+
+        Returns whether the ring is confirmed current: this re-read (or, within the gap, the
+        last one) reached the store. False: the store could not be asked (a failure, logged),
+        or a change in progress held the ring too long. Never raises."""
         now = self._clock.now()
         with self._reread_lock:
             if self._reread_at <= now < self._reread_at + UNKNOWN_KEY_REREAD_GAP:
-                return
+                return self._reread_ok
             self._reread_at = now
         if not self._change_lock.acquire(timeout=_REREAD_WAIT):
-            return
+            return False
         try:
             self._refresh()
+            self._reread_ok = True
         except AuthorityError as exc:
+            self._reread_ok = False
             log.warning("could not re-read the key ring for an unknown key id: %s", exc.message)
         finally:
             self._change_lock.release()
+        return self._reread_ok
 
     def knows(self, key_id: bytes) -> bool:
         """Whether the ring has a record of ``key_id`` (in any published state)."""
