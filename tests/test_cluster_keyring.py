@@ -320,6 +320,37 @@ def test_two_rotations_at_once_make_one_new_key(cluster: Cluster, publish_delay:
     assert len(cluster.stored()) == made   # the first key and one per round (two if sequential)
 
 
+def test_retire_on_two_replicas_at_once_and_beside_a_rotation_is_consistent(
+        cluster: Cluster) -> None:
+    """RetireKey of one key on two replicas at once: both answer it DESTROYED, the token no
+    longer has it, the ring has it DESTROYED everywhere. Then a retirement on A while B
+    rotates: one sealing key, the retired key destroyed, no orphan: the token holds exactly
+    the ring's live keys."""
+    a, b = cluster.start(publish_delay=0.0), cluster.start(publish_delay=0.0)
+    for _ in range(2):
+        cluster.clock.advance(1)
+        a.ring.rotate(actor="alice")
+    b.heartbeat()
+    old = [k for k, s in cluster.stored().items() if s == KeyState.DECRYPT_ONLY]
+    assert len(old) == 2
+    done = at_once([lambda: a.ring.retire(old[0], actor="alice"),
+                    lambda: b.ring.retire(old[0], actor="bob")])
+    assert [r.state for r in done] == [KeyState.DESTROYED, KeyState.DESTROYED]
+    assert cluster.stored()[old[0]] == KeyState.DESTROYED
+    assert old[0] not in cluster.token_keys()
+    cluster.clock.advance(1)
+    retired, (new, _) = at_once([lambda: a.ring.retire(old[1], actor="alice"),
+                                 lambda: b.ring.rotate(actor="bob")])
+    assert retired.state == KeyState.DESTROYED
+    for replica in (a, b):
+        replica.heartbeat()
+    stored = cluster.stored()
+    assert [k for k, s in stored.items() if s == KeyState.ACTIVE] == [new.key_id]
+    assert stored[old[1]] == KeyState.DESTROYED
+    assert cluster.token_keys() == {k for k, s in stored.items() if s != KeyState.DESTROYED}
+    assert states(a) == states(b) == stored
+
+
 class CommitsAfter:
     """A store that, once, runs ``before`` at the start of a key ring commit (another replica
     committing first, exactly between this replica's decision and its compare-and-swap)."""
