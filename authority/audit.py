@@ -42,20 +42,19 @@ a table of the database instead (authority/audit_pg.py); ``AuditSink`` is what b
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Protocol
 
 from authority.errors import AuthorityError, StartupError
+from authority.flock import flocked
 
 log = logging.getLogger(__name__)
 
@@ -219,29 +218,6 @@ def _last_line(fd: int) -> tuple[bytes, int]:
             return data, 0
 
 
-@contextlib.contextmanager
-def _flocked(fd: int, wait: float = LOCK_WAIT) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``fd``: every process appending to the file takes it.
-
-    Raises: OSError (another process held it for ``wait`` seconds, or the lock call failed).
-    """
-    deadline = time.monotonic() + wait
-    pause = 0.001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise OSError(0, f"locked by another process for {wait:g} s") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.02)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
 class DamagedHead(Exception):
     """The chain's last link (a file's last line, a table's last entry) is not valid:
     ``reason``, and ``seq`` when the entry names one (then shown as "seq N: reason")."""
@@ -273,7 +249,7 @@ class AuditLog:
             raise StartupError(f"audit_log: cannot open {path}: {exc.strerror}") from exc
         self._prev = GENESIS
         try:
-            with _flocked(self._fd):
+            with flocked(self._fd, LOCK_WAIT):
                 _, self._prev, _ = self._head(self._fd)
         except OSError as exc:
             self.close()
@@ -308,7 +284,7 @@ class AuditLog:
             if self._fd is None:
                 raise AuditUnavailable("audit log closed: action refused")
             try:
-                with _flocked(self._fd):
+                with flocked(self._fd, LOCK_WAIT):
                     self._append(self._fd, actor, action, details)
             except OSError as exc:
                 log.error("audit log %s not written (%s): refusing %s by %s", self.path,

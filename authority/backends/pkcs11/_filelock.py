@@ -13,16 +13,15 @@ file: no lock is taken and nothing changes for it.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Final
 
 from authority.errors import DeviceUnavailable
+from authority.flock import flocked
 
 log = logging.getLogger("authority.backends.pkcs11")
 
@@ -31,7 +30,6 @@ LOCK_NAME: Final = ".ticket-authority.lock"
 DEFAULT_CONF: Final = Path("/etc/softhsm/softhsm2.conf")
 #: seconds to wait for another process's open or login before giving up
 WAIT: Final = 30.0
-_POLL: Final = 0.005
 
 
 def lock_path(conf: str | None) -> Path | None:
@@ -63,14 +61,14 @@ def token_files_locked(conf: str | None, wait: float = WAIT) -> Iterator[None]:
     if path is None or fd is None:
         yield
         return
-    try:
-        _acquire(fd, path, wait)
+    with ExitStack() as held:
+        held.callback(os.close, fd)
         try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            held.enter_context(flocked(fd, wait))
+        except OSError as exc:
+            raise DeviceUnavailable(f"token lock {path}: {exc.strerror} (another process "
+                                    "opening or logging in to the token)") from None
+        yield
 
 
 def _open(path: Path) -> int | None:
@@ -80,18 +78,3 @@ def _open(path: Path) -> int | None:
     except OSError as exc:
         log.debug("no token file lock %s: %s", path, exc)
         return None
-
-
-def _acquire(fd: int, path: Path, wait: float) -> None:
-    """Take the lock, polling until ``wait`` has passed. Raises: DeviceUnavailable."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise DeviceUnavailable(
-                    f"another process has held the token lock {path} for more than "
-                    f"{wait:g} s (opening or logging in to the token)") from None
-            time.sleep(_POLL)
