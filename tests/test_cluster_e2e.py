@@ -709,8 +709,9 @@ def test_two_rotations_at_once_on_two_replicas_make_one_key(trio: Cluster) -> No
     """RotateKey on two replicas at the same moment: both answer the same new key; every
     replica's ListKeys agrees; the token holds exactly the ring's keys (no orphan: the
     losing replica destroyed the key it had made). Runs on the two replicas the kill -9 test
-    left (run the module whole). The loser's SoftHSM2 view may miss the winner's key until it
-    reads the token afresh (test_a_key_another_process_made_is_found_after_this_process_made_one)."""
+    left (run the module whole). The loser's SoftHSM2 view may miss the winner's key until
+    it reads the token afresh
+    (test_a_key_another_process_made_is_found_after_this_process_made_one)."""
     a, b = (r for r in trio.replicas if r.proc.poll() is None)
     old = a.status().sealing_key_id
     before = a.keys()
