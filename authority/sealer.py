@@ -327,7 +327,7 @@ class Sealer:
         unreachable; cleared once it answers again), a consumed-set lookup failed since the
         policy copy was last confirmed, or the copy is past ``store.max_staleness``."""
         rules = self._rules
-        return (getattr(self._store, "down_since", None) is not None
+        return (self._store.down_since is not None
                 or self._lookup_failed_at > rules.confirmed_at or not rules.fresh())
 
     def _unsettled(self, field: str) -> DeviceUnavailable:

@@ -282,6 +282,12 @@ class Store(Protocol):
         state belongs to."""
         ...
 
+    @property
+    def down_since(self) -> float | None:
+        """Since when (``time.monotonic``) the store knows itself unreachable (a call found the
+        database gone; cleared once it answers again); None while it does not. Never raises."""
+        ...
+
     def close(self) -> None:
         """Flush and close."""
         ...

@@ -433,6 +433,11 @@ class SqliteStore:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            [("backend", backend), ("device", device)])
 
+    @property
+    def down_since(self) -> float | None:
+        """Always None: a local file is never unreachable (a failing call raises instead)."""
+        return None
+
     def close(self) -> None:
         """Close the database."""
         with self._lock:
