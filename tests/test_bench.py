@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
-from authority.bench import main
+from authority.bench import gateway, main
 from authority.bench.loops import percentile
 from authority.bench.report import render
+from authority.bench.results import ceiling
 from authority.bench.targets import evaluate
 from authority.service.server import RunningServer, build_server
 from tests.conftest import make_config
@@ -27,6 +28,17 @@ RATES = ["echo_calls_per_s", "unary_issue_per_s", "unary_redeem_per_s", "batch_r
          "stream_redeem_per_s"]
 REQUIRED = [*RATES, "raw_device_per_s", "storm_tickets", "storm_seconds", "redeem_p99_ms",
             "peak_rss_mb", "backend", "targets", "machine", "savings"]
+#: issue 14's keys: always numbers in a run with the bench's own SoftHSM2 server
+CEILING_KEYS = ["raw_device_one_session_per_s", "unary_ceiling_per_s",
+                "unary_issue_ratio_ceiling", "unary_redeem_ratio_ceiling"]
+GATEWAY_KEYS = ["gateway_cpu_us_at_1", "gateway_cpu_us_at_8", "gateway_cpu_us_at_64",
+                "gateway_aio_cpu_us_at_1", "gateway_aio_cpu_us_at_8", "gateway_aio_cpu_us_at_64"]
+#: numbers with a coalescing client, null (with a note) without
+COALESCED_KEYS = ["gateway_cpu_us_at_8_coalesced", "gateway_cpu_us_at_64_coalesced",
+                  "gateway_aio_cpu_us_at_8_coalesced", "gateway_aio_cpu_us_at_64_coalesced"]
+CHAIN_KEYS = ["rsa2048_chain_verify_us", "ecdsa_p256_chain_verify_us",
+              "handshake_modp_rsa_chain_us", "handshake_ecdh_ecdsa_chain_us",
+              "ratio_modp_rsa_chain", "ratio_ecdh_ecdsa_chain"]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +75,9 @@ def test_targets_and_savings_are_reported(own_server_run: dict[str, Any]) -> Non
     targets = own_server_run["targets"]
     assert set(targets) == {"unary_issue_vs_echo", "unary_redeem_vs_echo",
                             "batch_vs_raw_device", "batch_redeem_rate", "storm_seconds",
-                            "redeem_p99_ms", "storm_rss_mb", "store_bytes_per_ticket"}
+                            "redeem_p99_ms", "storm_rss_mb", "store_bytes_per_ticket",
+                            "unary_issue_vs_ceiling", "unary_redeem_vs_ceiling",
+                            "gateway_cpu_vs_modp_rsa", "gateway_cpu_vs_ecdh_ecdsa"}
     for entry in targets.values():
         assert entry["met"] in (True, False), entry  # everything measurable was measured
     savings = own_server_run["savings"]
@@ -76,9 +90,86 @@ def test_table_has_a_row_per_figure(own_server_run: dict[str, Any]) -> None:
     for label in ("(a) echo", "(b) unary IssueTicket", "(b) unary RedeemTicket",
                   "(c) batched", "(c) RedeemTicketStream", "(d) raw device", "(e) failover",
                   "server RSS", "consumed-ticket store", "(f) unary redeem", "(g) handshake",
-                  "(g) resumption"):
+                  "(g) resumption", "(d) raw device, one session", "(b) unary ceiling",
+                  "IssueTicket / ceiling", "RedeemTicket / ceiling",
+                  "(g) handshake + 2-cert chain: ECDH + ECDSA",
+                  "(g) handshake + 2-cert chain: MODP + RSA",
+                  "(h) gateway CPU/resumption: TicketClient, threads, 64 at once",
+                  "(h) gateway CPU/resumption: AsyncTicketClient, tasks, 8 at once",
+                  "worst of 8 and 64"):
         assert label in table
     assert "machine  " in table and "backend  pkcs11" in table
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+
+
+def test_issue14_keys_are_numbers_or_documented_nulls(own_server_run: dict[str, Any]) -> None:
+    f = own_server_run
+    assert all(_number(f[k]) for k in CEILING_KEYS + GATEWAY_KEYS), \
+        {k: f.get(k) for k in CEILING_KEYS + GATEWAY_KEYS}
+    assert f["unary_ceiling_per_s"] == pytest.approx(
+        1 / (1 / f["echo_calls_per_s"] + 1 / f["raw_device_one_session_per_s"]))
+    assert f["unary_ceiling_per_s"] < min(f["echo_calls_per_s"],
+                                          f["raw_device_one_session_per_s"])
+    assert f["unary_redeem_ratio_ceiling"] == pytest.approx(
+        f["unary_redeem_per_s"] / f["unary_ceiling_per_s"])
+    windows = f["gateway"]["coalesce_window_s"]
+    for key in COALESCED_KEYS:   # a number exactly when that client has coalescing
+        client = "aio" if "_aio_" in key else "sync"
+        assert _number(f[key]) == (windows[client] is not None), (key, windows)
+        if f[key] is None:
+            assert any(n.startswith(f"{client} client has no coalesce_window")
+                       for n in f["gateway"]["notes"])
+    assert "gateway_cpu_us_at_1_coalesced" not in f       # nothing to coalesce one at a time
+    runs = f["gateway"]["runs"]
+    assert all(r["failed"] == 0 and r["resumptions"] >= 10 * r["concurrency"] for r in runs)
+    savings = f["savings"]
+    assert all(_number(savings[k]) for k in CHAIN_KEYS)
+    assert savings["handshake_modp_rsa_chain_us"] > savings["handshake_modp_rsa_us"]
+    assert savings["handshake_ecdh_ecdsa_chain_us"] > savings["handshake_ecdh_ecdsa_us"]
+    for mode in f["server_modes"].values():
+        assert _number(mode["unary_ceiling_per_s"]) and _number(mode["unary_issue_ratio_ceiling"])
+
+
+def test_ceiling_and_gateway_figures_without_measurements() -> None:
+    assert ceiling(None, 100.0, 10.0, 10.0) == {"unary_ceiling_per_s": None,
+                                                "unary_issue_ratio_ceiling": None,
+                                                "unary_redeem_ratio_ceiling": None}
+    bound = ceiling(300.0, 600.0, 100.0, 150.0)
+    assert bound["unary_ceiling_per_s"] == pytest.approx(200.0)
+    assert bound["unary_redeem_ratio_ceiling"] == pytest.approx(0.75)
+    flat = gateway.figures(None, "the server went away")
+    assert all(flat[k] is None for k in GATEWAY_KEYS + COALESCED_KEYS)
+    assert flat["gateway"]["notes"] == ["not measured: the server went away"]
+
+
+def test_gateway_targets_judge_coalesced_figures_else_uncoalesced_with_a_note() -> None:
+    figures: dict[str, Any] = {
+        "backend": "pkcs11", "gateway_cpu_us_at_8": 300.0, "gateway_cpu_us_at_64": 200.0,
+        "savings": {"handshake_modp_rsa_chain_us": 1000.0, "handshake_ecdh_ecdsa_chain_us": 250.0}}
+    by = {t.name: t for t in evaluate(figures)}
+    modp, ec = by["gateway_cpu_vs_modp_rsa"], by["gateway_cpu_vs_ecdh_ecdsa"]
+    assert modp.value == pytest.approx(0.3) and modp.met is False   # the worse of 8 and 64
+    assert ec.value == pytest.approx(1.2) and ec.met is False
+    assert "without coalescing" in modp.note
+    figures.update(gateway_cpu_us_at_8_coalesced=90.0, gateway_cpu_us_at_64_coalesced=60.0)
+    by = {t.name: t for t in evaluate(figures)}
+    modp, ec = by["gateway_cpu_vs_modp_rsa"], by["gateway_cpu_vs_ecdh_ecdsa"]
+    assert modp.value == pytest.approx(0.09) and modp.met is True and modp.note == "coalesced"
+    assert ec.value == pytest.approx(0.36) and ec.met is True
+
+
+def test_coalesce_window_is_read_from_the_constructor() -> None:
+    class Plain:
+        def __init__(self, address: str) -> None: ...
+
+    class Coalescing:
+        def __init__(self, address: str, *, coalesce_window: float = 0.0003) -> None: ...
+
+    assert gateway.coalesce_window(Plain) is None
+    assert gateway.coalesce_window(Coalescing) == pytest.approx(0.0003)
 
 
 @pytest.fixture
@@ -111,6 +202,9 @@ def test_against_a_running_server_skips_the_raw_device(
     assert f["targets"]["batch_vs_raw_device"]["met"] is None
     assert f["storm_tickets"] == 200 and f["storm_failures"] == 0
     assert f["consumed_entries"] == 200 and f["store_bytes_per_ticket"] > 0
+    assert f["unary_ceiling_per_s"] is None
+    assert f["targets"]["unary_issue_vs_ceiling"]["met"] is None
+    assert all(_number(f[k]) for k in GATEWAY_KEYS)   # (h) runs against any server
 
 
 def test_unreachable_address_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:

@@ -65,11 +65,22 @@ def _rate_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
         (f"(d) raw device unseal_many, {threads or '-'} thread(s){via}",
          _n(raw, " tickets/s"), f"- / {_n(_raw_cpu(f))}", "-",
          "-" if raw else f.get("skipped", {}).get("raw_device", "-")),
+        ("(d) raw device, one session (python-pkcs11 decrypt)",
+         _n(f.get("raw_device_one_session_per_s"), " decrypts/s"),
+         f"- / {_n(_raw_cpu(f, 'raw_device_one_session'))}", "-",
+         "-" if f.get("raw_device_one_session_per_s") else
+         f.get("skipped", {}).get("raw_device_one_session", "-")),
+        ("(b) unary ceiling 1/(1/echo + 1/one session)",
+         _n(f.get("unary_ceiling_per_s"), " calls/s"), "-", "-", "-"),
+        ("    unary IssueTicket / ceiling", _pct(f.get("unary_issue_ratio_ceiling"), 1), "-",
+         *_judged([by["unary_issue_vs_ceiling"]])),
+        ("    unary RedeemTicket / ceiling", _pct(f.get("unary_redeem_ratio_ceiling"), 1), "-",
+         *_judged([by["unary_redeem_vs_ceiling"]])),
     ]
 
 
-def _raw_cpu(f: Mapping[str, Any]) -> float | None:
-    p = f.get("phases", {}).get("raw_device")
+def _raw_cpu(f: Mapping[str, Any], phase: str = "raw_device") -> float | None:
+    p = f.get("phases", {}).get(phase)
     return p.get("client_cpu_us_per_item") if p else None
 
 
@@ -112,7 +123,43 @@ def _savings_rows(f: Mapping[str, Any]) -> list[Row]:
         ("    handshake / resumption",
          f"{_n(s['ratio_ecdh_ecdsa'], 'x', 1)} (EC), {_n(s['ratio_modp_rsa'], 'x', 1)} "
          f"(MODP/RSA)", "-", "-", "-"),
+        ("(g) handshake + 2-cert chain: ECDH + ECDSA",
+         f"{_n(s.get('handshake_ecdh_ecdsa_chain_us'), us)} (chain "
+         f"{_n(s.get('ecdsa_p256_chain_verify_us'))})", "-", "-", "-"),
+        ("(g) handshake + 2-cert chain: MODP + RSA",
+         f"{_n(s.get('handshake_modp_rsa_chain_us'), us)} (chain "
+         f"{_n(s.get('rsa2048_chain_verify_us'))})", "-", "-", "-"),
     ]
+
+
+def _gateway_rows(f: Mapping[str, Any], by: Mapping[str, Target]) -> list[Row]:
+    """(h) the gateway's CPU per resumption at each concurrency, without / with coalescing,
+    each as shares of the handshakes with chain; then the targets (the worst at 8 and 64)."""
+    savings = f.get("savings")
+    s: Mapping[str, Any] = savings if isinstance(savings, dict) else {}
+    modp, ec = s.get("handshake_modp_rsa_chain_us"), s.get("handshake_ecdh_ecdsa_chain_us")
+    rows: list[Row] = []
+    for client, prefix in (("TicketClient, threads", "gateway_cpu_us_at_"),
+                           ("AsyncTicketClient, tasks", "gateway_aio_cpu_us_at_")):
+        for level in (1, 8, 64):
+            value = _shares(f.get(f"{prefix}{level}"), modp, ec)
+            if level > 1:
+                value += f"; coalesced {_shares(f.get(f'{prefix}{level}_coalesced'), modp, ec)}"
+            rows.append((f"(h) gateway CPU/resumption: {client}, {level} at once", value, "-",
+                         "-", "-"))
+    modp_t, ec_t = by["gateway_cpu_vs_modp_rsa"], by["gateway_cpu_vs_ecdh_ecdsa"]
+    rows.append(("    threads, worst of 8 and 64 / handshake with chain",
+                 f"{_n(modp_t.value, 'x', 2)} MODP/RSA, {_n(ec_t.value, 'x', 2)} EC", "-",
+                 *_judged([modp_t, ec_t])))
+    notes = (f.get("gateway") or {}).get("notes") or []
+    return rows + [("    note", note, "-", "-", "-") for note in notes]
+
+
+def _shares(us: Any, modp: Any, ec: Any) -> str:
+    """``N µs (x% MODP/RSA, y% EC)``."""
+    if not isinstance(us, int | float):
+        return "-"
+    return f"{_n(us, ' µs')} ({_pct(us, modp)} MODP/RSA, {_pct(us, ec)} EC)"
 
 
 def render(figures: Mapping[str, Any]) -> str:
@@ -120,6 +167,7 @@ def render(figures: Mapping[str, Any]) -> str:
     by = {t.name: t for t in evaluate(figures)}
     rows: list[Row] = [("figure", "value", "CPU µs/item srv / cli", "target", "status")]
     rows += _rate_rows(figures, by) + _storm_rows(figures, by) + _savings_rows(figures)
+    rows += _gateway_rows(figures, by)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = machine_lines(figures["machine"], figures.get("backend_info") or {})
     lines.append("")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from authority.bench import gateway
 from authority.bench.loops import Latencies, Tally, percentile
 from authority.bench.options import Options
 from authority.bench.savings import Savings
@@ -33,6 +34,7 @@ class Results:
     echo_latency: Latencies | None = None
     storm: StormRun | None = None
     savings: Savings | None = None
+    gateway: dict[str, Any] | None = None     # (h): gateway.measure's document
     skipped: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     server_mode: str = ""                     # the mode measured ("" with --address)
@@ -64,6 +66,9 @@ class Results:
         out["raw_device_per_s"] = self.rate("raw_device")
         out["raw_device_threads"] = self.device_threads
         out["raw_device_processes"] = self.device_processes
+        out["raw_device_one_session_per_s"] = self.rate("raw_device_one_session")
+        out.update(ceiling(out["echo_calls_per_s"], out["raw_device_one_session_per_s"],
+                           out["unary_issue_per_s"], out["unary_redeem_per_s"]))
         out["batch_redeem_p99_ms"] = self.call_p99_ms("batch_redeem")
         out.update(self._storm_figures())
         out.update(self._latency_figures())
@@ -72,6 +77,7 @@ class Results:
             out["by_store"] = self.by_store
             out.update(store_comparison(self.by_store))
         out["savings"] = self.savings.as_json() if self.savings else None
+        out.update(gateway.figures(self.gateway, self.skipped.get("gateway", "")))
         out["failures"] = sum(t.failed for t in self.phases.values())
         out["server_mode"] = self.server_mode or None
         out["server_modes"] = self.by_mode
@@ -86,12 +92,16 @@ class Results:
         out["targets"] = {t.name: t.as_json() for t in evaluate(out)}
         return out
 
-    def mode_figures(self, raw_device_per_s: float | None) -> dict[str, Any]:
-        """The figures that compare server modes (rates, ratios, storm, latency, CPU)."""
+    def mode_figures(self, raw_device_per_s: float | None,
+                     one_session_per_s: float | None = None) -> dict[str, Any]:
+        """The figures that compare server modes (rates, ratios, storm, latency, CPU);
+        ``one_session_per_s``: the run's one-session device rate (for the unary ceiling)."""
         out: dict[str, Any] = {key: self.rate(phase) for key, phase in _RATES}
         echo = out["echo_calls_per_s"]
         out["unary_issue_vs_echo"] = ratio(out["unary_issue_per_s"], echo)
         out["unary_redeem_vs_echo"] = ratio(out["unary_redeem_per_s"], echo)
+        out.update(ceiling(echo, one_session_per_s, out["unary_issue_per_s"],
+                           out["unary_redeem_per_s"]))
         out["batch_vs_raw_device"] = ratio(out["batch_redeem_per_s"], raw_device_per_s)
         out["batch_redeem_p99_ms"] = self.call_p99_ms("batch_redeem")
         out["unary_redeem_closed_p99_ms"] = self.call_p99_ms("unary_redeem")
@@ -146,6 +156,17 @@ class Results:
         return {"echo_p50_ms": _ms(percentile(echo, 0.50)),
                 "echo_p99_ms": _ms(percentile(echo, 0.99)),
                 "echo_p999_ms": _ms(percentile(echo, 0.999))}
+
+
+def ceiling(echo: float | None, one_session: float | None, issue: float | None,
+            redeem: float | None) -> dict[str, float | None]:
+    """``unary_ceiling_per_s``: what an echo call plus one device operation allow,
+    1 / (1/echo + 1/one-session device rate); and unary issue and redeem as shares of it
+    (None where a figure is missing). Never raises."""
+    bound = 1 / (1 / echo + 1 / one_session) if echo and one_session else None
+    return {"unary_ceiling_per_s": bound,
+            "unary_issue_ratio_ceiling": ratio(issue, bound),
+            "unary_redeem_ratio_ceiling": ratio(redeem, bound)}
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -15,16 +16,17 @@ from pathlib import Path
 
 import grpc
 
-from authority.bench import phases
+from authority.bench import gateway, phases
 from authority.bench.compare import compare_stores
 from authority.bench.database import BenchDatabase
-from authority.bench.device import raw_device_rate
+from authority.bench.device import one_session_rate, raw_device_rate
 from authority.bench.machine import describe_machine, load_average, machine_lines
 from authority.bench.options import Options, add_arguments, options_from
 from authority.bench.progress import Progress
 from authority.bench.report import render
 from authority.bench.results import Results
 from authority.bench.savings import measure
+from authority.bench.server import child_env
 from authority.bench.storm import store_size
 from authority.bench.subject import Subject, connect, file_run, start
 from authority.config import Config
@@ -52,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except grpc.aio.AioRpcError as exc:
         print(f"ticket-authority bench: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
-    bar = progress.bar("(g) handshake vs resumption", 5 * _budget(opts))
+    bar = progress.bar("(g) handshake vs resumption", 7 * _budget(opts))
     results.savings = measure(results.redeem_client_us(), _budget(opts))
     bar.close("done")
     results.machine["load_after"] = load_average()
@@ -98,11 +100,14 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
         db_path = state_dir / "authority.db" if state_dir is not None else None
         target = Subject(opts.address, _running_pid(state_dir), lambda: store_size(db_path))
         asyncio.run(_over_grpc(target, opts, results, progress))
+        _gateway(opts.address, opts, results, progress)
         return
     assert state_dir is not None
     config = bench_config(state_dir, opts.backend)
     _raw_device(opts, config, results, progress)
+    _one_session(opts, config, results, progress)
     if opts.compare_stores:
+        results.skipped["gateway"] = "--store postgresql does not run (h)"
         compare_stores(opts, config, results, progress)
         return
     with BenchDatabase(state_dir) as database:   # started only if a configuration needs it
@@ -112,6 +117,8 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
             started = start(opts, config.state_dir, conf, database, progress)
             try:
                 asyncio.run(_over_grpc(started.subject, opts, run, progress))
+                if index == 0:
+                    _gateway(started.subject.address, opts, run, progress)
             finally:
                 started.stop(run)
             file_run(results, run, conf, index)
@@ -146,6 +153,58 @@ def _raw_device(opts: Options, config: Config, results: Results, progress: Progr
                               f"({run.tally.first_error or 'no call completed'})")
     bar.close(f"{run.tally.per_s:,.0f} tickets/s from {run.threads} thread(s)"
               + (f", error: {run.tally.first_error}" if run.tally.first_error else ""))
+
+
+def _one_session(opts: Options, config: Config, results: Results,
+                 progress: Progress) -> None:
+    """(d) the one-session python-pkcs11 decrypt loop (the unary ceiling's device rate),
+    PKCS#11 only; a failure is reported and the other phases still run."""
+    if config.backend != "pkcs11":
+        results.skipped["raw_device_one_session"] = "python-pkcs11 loop: PKCS#11 only"
+        return
+    bar = progress.bar("(d) one session", opts.duration)
+    try:
+        tally = one_session_rate(config, opts.duration, bar)
+    except (StartupError, ConfigError):
+        raise
+    except Exception as exc:
+        results.errors.append(f"raw device, one session: {type(exc).__name__}: {exc}")
+        bar.close(f"failed: {exc}")
+        return
+    results.phases["raw_device_one_session"] = tally
+    bar.close(f"{tally.per_s:,.0f} decrypts/s, "
+              f"{1e6 * tally.client_cpu / max(1, tally.ok):.0f} µs CPU each")
+
+
+def gateway_resumptions(opts: Options) -> int:
+    """Resumptions per run of (h): 400 per second of ``--duration`` (2,000 by default, 600
+    with --quick); each run does at least 10 per caller."""
+    return max(100, int(400 * opts.duration))
+
+
+def _gateway(address: str, opts: Options, results: Results, progress: Progress) -> None:
+    """(h) the gateway's CPU per resumption, in a process of its own against ``address``; a
+    failure is reported (errors, skipped) and the figures are null."""
+    count = gateway_resumptions(opts)
+    bar = progress.bar("(h) gateway CPU", 8 * count / 1000)
+    try:
+        measured = gateway.run_process(address, count, child_env())
+    except (RuntimeError, ValueError, subprocess.TimeoutExpired) as exc:
+        results.errors.append(f"gateway: {exc}")
+        results.skipped["gateway"] = str(exc)
+        bar.close(f"failed: {exc}")
+        return
+    results.gateway = measured
+    results.errors += gateway.failures(measured)
+    flat = gateway.figures(measured)
+    bar.close(", ".join(f"x{level} {_us(flat.get(f'gateway_cpu_us_at_{level}'))}"
+                        + ("" if level == 1 else
+                           f" ({_us(flat.get(f'gateway_cpu_us_at_{level}_coalesced'))} "
+                           "coalesced)") for level in gateway.LEVELS) + " µs CPU/resumption")
+
+
+def _us(value: object) -> str:
+    return f"{value:,.0f}" if isinstance(value, int | float) else "-"
 
 
 def _running_pid(state_dir: Path | None) -> int | None:

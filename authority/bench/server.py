@@ -55,7 +55,7 @@ class ServerProcess:
                "--log-level", "WARNING"]
         with log_path.open("w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
-                                    env=_child_env(), start_new_session=True)
+                                    env=child_env(), start_new_session=True)
         running = cls(proc, "", log_path)
         found = threading.Event()
         assert proc.stdout is not None
@@ -96,7 +96,7 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
     """Our environment, with this ``authority`` package first on the path of the child."""
     env = dict(os.environ)
     root = str(Path(authority.__file__).resolve().parent.parent)

@@ -7,6 +7,13 @@ from dataclasses import dataclass
 from typing import Any
 
 STORM_TARGET_TICKETS = 100_000
+#: issue 14: unary issue and redeem against 1 / (1/echo + 1/one-session device rate)
+CEILING_SHARE = 0.85
+#: issue 14: the gateway's CPU per resumption at these concurrencies (and above) ...
+GATEWAY_LEVELS = (8, 64)
+#: ... at most this share of a MODP-2048 + RSA-2048 handshake (with chain), and below an
+#: ECDH P-256 + ECDSA P-256 one (with chain)
+GATEWAY_MODP_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,62 @@ def _targets(figures: Mapping[str, Any]) -> list[Target]:
                "<= 100 B/ticket",
                _num(figures, "store_bytes_per_ticket"), 100.0, True,
                failures=fail(figures, "consume")),
+        *ceiling_targets(figures),
+        *gateway_targets(figures),
+    ]
+
+
+def ceiling_targets(figures: Mapping[str, Any]) -> list[Target]:
+    """Issue 14: unary issue and redeem >= 0.85 of ``unary_ceiling_per_s`` (PKCS#11: the
+    ceiling's device rate is a python-pkcs11 loop)."""
+    pkcs11 = figures.get("backend") == "pkcs11"
+    out = []
+    for rpc in ("issue", "redeem"):
+        out.append(_judge(
+            f"unary_{rpc}_vs_ceiling",
+            f"unary {rpc} >= {CEILING_SHARE:g} of 1 / (1/echo + 1/one-session device rate)",
+            f">= {CEILING_SHARE:.0%} of ceiling",
+            _num(figures, f"unary_{rpc}_ratio_ceiling"), CEILING_SHARE, False,
+            applies=pkcs11, failures=_phase_failures(figures, "echo", f"unary_{rpc}")))
+    return out
+
+
+def gateway_judged(figures: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The gateway CPU per resumption the targets judge: the worst of the coalesced figures at
+    GATEWAY_LEVELS, or of the uncoalesced ones when the client has no coalescing (then said in
+    the note); None when any is missing."""
+    for suffix, note in (("_coalesced", "coalesced"), ("", "without coalescing: the client "
+                                                          "has none")):
+        values = [_num(figures, f"gateway_cpu_us_at_{n}{suffix}") for n in GATEWAY_LEVELS]
+        if all(v is not None for v in values):
+            return max(v for v in values if v is not None), note
+    return None, ""
+
+
+def gateway_targets(figures: Mapping[str, Any]) -> list[Target]:
+    """Issue 14: at 8 and 64 concurrent resumptions, the gateway's CPU per resumption <= 1/10
+    of a MODP-2048 + RSA-2048 handshake and below an ECDH + ECDSA one, both with their
+    certificate chain (the ratio is judged)."""
+    worst, note = gateway_judged(figures)
+    savings = figures.get("savings")
+    savings = savings if isinstance(savings, Mapping) else {}
+    gateway = figures.get("gateway")
+    runs = gateway.get("runs", []) if isinstance(gateway, Mapping) else []
+    failed = sum(int(r.get("failed", 0)) for r in runs if r.get("client") == "sync"
+                 and r.get("concurrency") in GATEWAY_LEVELS)
+    levels = " and ".join(map(str, GATEWAY_LEVELS))
+    modp = ratio(worst, _num(savings, "handshake_modp_rsa_chain_us"))
+    ec = ratio(worst, _num(savings, "handshake_ecdh_ecdsa_chain_us"))
+    return [
+        _judge("gateway_cpu_vs_modp_rsa",
+               f"gateway CPU per resumption at {levels} concurrent <= "
+               f"{GATEWAY_MODP_SHARE:g} of a MODP-2048 + RSA-2048 handshake (with chain)",
+               f"<= {GATEWAY_MODP_SHARE:g}x MODP/RSA", modp, GATEWAY_MODP_SHARE, True,
+               failures=failed, note=note if modp is not None else ""),
+        _judge("gateway_cpu_vs_ecdh_ecdsa",
+               f"gateway CPU per resumption at {levels} concurrent below an ECDH P-256 + "
+               "ECDSA P-256 handshake (with chain)", "< 1x ECDH/ECDSA", ec, 1.0, True,
+               failures=failed, note=note if ec is not None else ""),
     ]
 
 
