@@ -4,6 +4,7 @@ shared and noisy)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -15,8 +16,11 @@ import pytest
 
 from authority.bench import gateway, main
 from authority.bench.loops import percentile
+from authority.bench.options import add_arguments, options_from
+from authority.bench.progress import Progress
 from authority.bench.report import render
-from authority.bench.results import ceiling
+from authority.bench.results import Results, ceiling
+from authority.bench.runner import gateway_phase
 from authority.bench.targets import evaluate
 from authority.service.server import RunningServer, build_server
 from tests.conftest import make_config
@@ -159,6 +163,18 @@ def test_gateway_targets_judge_coalesced_figures_else_uncoalesced_with_a_note() 
     modp, ec = by["gateway_cpu_vs_modp_rsa"], by["gateway_cpu_vs_ecdh_ecdsa"]
     assert modp.value == pytest.approx(0.09) and modp.met is True and modp.note == "coalesced"
     assert ec.value == pytest.approx(0.36) and ec.met is True
+
+
+def test_gateway_phase_is_skipped_for_a_server_off_loopback() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    opts = options_from(parser.parse_args(["--address", "192.0.2.1:50051", "--quick"]))
+    results = Results(opts, {})
+    gateway_phase("192.0.2.1:50051", opts, results, Progress(False))
+    assert results.gateway is None and not results.errors
+    assert "loopback" in results.skipped["gateway"]
+    flat = gateway.figures(results.gateway, results.skipped["gateway"])
+    assert flat["gateway_cpu_us_at_8"] is None and "loopback" in flat["gateway"]["notes"][0]
 
 
 def test_coalesce_window_is_read_from_the_constructor() -> None:

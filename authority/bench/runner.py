@@ -29,6 +29,7 @@ from authority.bench.savings import measure
 from authority.bench.server import child_env
 from authority.bench.storm import store_size
 from authority.bench.subject import Subject, connect, file_run, start
+from authority.client import is_loopback
 from authority.config import Config
 from authority.errors import ConfigError, DeviceUnavailable, StartupError
 from authority.settings_loader import load_config
@@ -100,7 +101,7 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
         db_path = state_dir / "authority.db" if state_dir is not None else None
         target = Subject(opts.address, _running_pid(state_dir), lambda: store_size(db_path))
         asyncio.run(_over_grpc(target, opts, results, progress))
-        _gateway(opts.address, opts, results, progress)
+        gateway_phase(opts.address, opts, results, progress)
         return
     assert state_dir is not None
     config = bench_config(state_dir, opts.backend)
@@ -118,7 +119,7 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
             try:
                 asyncio.run(_over_grpc(started.subject, opts, run, progress))
                 if index == 0:
-                    _gateway(started.subject.address, opts, run, progress)
+                    gateway_phase(started.subject.address, opts, run, progress)
             finally:
                 started.stop(run)
             file_run(results, run, conf, index)
@@ -182,9 +183,14 @@ def gateway_resumptions(opts: Options) -> int:
     return max(100, int(400 * opts.duration))
 
 
-def _gateway(address: str, opts: Options, results: Results, progress: Progress) -> None:
+def gateway_phase(address: str, opts: Options, results: Results, progress: Progress) -> None:
     """(h) the gateway's CPU per resumption, in a process of its own against ``address``; a
-    failure is reported (errors, skipped) and the figures are null."""
+    failure is reported (errors, skipped) and the figures are null; skipped for a server
+    that is not on loopback (the client library speaks plaintext only to loopback)."""
+    if not is_loopback(address):
+        results.skipped["gateway"] = ("the client library refuses plaintext to a "
+                                      "non-loopback address")
+        return
     count = gateway_resumptions(opts)
     bar = progress.bar("(h) gateway CPU", 8 * count / 1000)
     try:
