@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
@@ -13,7 +14,9 @@ import grpc
 import grpc.aio
 
 from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grpc
-from authority.client import models
+from authority.client import coalesce, models
+from authority.client.coalesce import Coalescer, Group, Lane, Outcome, Slot
+from authority.client.errors import AuthorityDeadlineExceeded
 from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
 from authority.client.transport import (
     Backoff,
@@ -31,7 +34,11 @@ class AsyncTicketClient(ClientSettings):
     """Issue, redeem and consume tickets at a ticket authority from asyncio code.
 
     Arguments, retry rule and exceptions as ``TicketClient`` (``interceptors`` are
-    ``grpc.aio`` client interceptors).
+    ``grpc.aio`` client interceptors). ``coalesce_window`` as there: concurrent ``issue`` /
+    ``redeem`` calls of tasks on this client's loop are merged into batch RPCs; a task cancelled
+    while it waits for its group gets CancelledError and is left out of (or just not answered
+    from) the batch, the others unaffected; a batch whose callers were all cancelled is
+    cancelled.
 
     Raises (constructor): PlaintextRefused (no ``tls`` and a non-loopback address), ValueError
     (bad settings or half an mTLS pair), OSError (an unreadable TLS file).
@@ -40,8 +47,9 @@ class AsyncTicketClient(ClientSettings):
     def __init__(self, address: str, tls: ClientTls | None = None, *, timeout: float = 2.0,
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-                 max_batch_items: int = 1000) -> None:
-        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options)
+                 max_batch_items: int = 1000, coalesce_window: float = 0.0002) -> None:
+        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options,
+                            coalesce_window)
         chosen = list(interceptors) or None
         if tls is None:
             self._channel = grpc.aio.insecure_channel(address, options=opts,
@@ -51,6 +59,8 @@ class AsyncTicketClient(ClientSettings):
                                                     interceptors=chosen)
         self._stub = authority_pb2_grpc.TicketAuthorityStub(self._channel)
         self._batch_ids = itertools.count(1)
+        self._lanes = Coalescer(self.coalesce_window, max_batch_items)
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def issue(self, state: StateLike, lifetime: int = 0, *,
                     realm: str = "",
@@ -60,7 +70,7 @@ class AsyncTicketClient(ClientSettings):
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError
         for a lifetime outside 32 bits."""
         request = models.issue_request(state, lifetime, realm)
-        reply = await self._call("IssueTicket", request, True, timeout)
+        reply = await self._merged(coalesce.ISSUE, request, timeout)
         return models.issued_from_proto(reply)
 
     async def redeem(self, ticket: bytes, consume: bool = False, *,
@@ -71,7 +81,8 @@ class AsyncTicketClient(ClientSettings):
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
         request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume,
                                                    realm=realm)
-        reply = await self._call("RedeemTicket", request, not consume, timeout)
+        reply = await self._merged(coalesce.REDEEM_CONSUME if consume else coalesce.REDEEM,
+                                   request, timeout)
         return models.redeemed_from_proto(reply)
 
     async def consume(self, ticket_id: bytes, *, timeout: float | None = None) -> RedeemResult:
@@ -145,6 +156,124 @@ class AsyncTicketClient(ClientSettings):
                     delay = loop.failed(err)
             await asyncio.sleep(delay)
 
+    async def _merged(self, lane: Lane, request: Any, timeout: float | None) -> Any:
+        """One ``issue`` / ``redeem`` call, coalesced with concurrent ones of its lane (unary
+        when coalescing is off), under the retry rule.
+
+        Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
+        if not self.coalesce_window:
+            return await self._call(lane.unary, request, lane.idempotent, timeout)
+        loop = RetryLoop(lane.unary, lane.idempotent, self.retries, self.backoff,
+                         self.timeout if timeout is None else timeout)
+        size = request.ByteSize()
+        while True:
+            loop.remaining()
+            settled = coalesce.settle(loop, await self._attempt(lane, request, size, loop))
+            if isinstance(settled, coalesce.Answer):
+                return settled.reply
+            if settled is not None:
+                await asyncio.sleep(settled)
+
+    async def _attempt(self, lane: Lane, request: Any, size: int, loop: RetryLoop) -> Outcome:
+        """One attempt: alone (the lane idle) or in a group. Raises AuthorityDeadlineExceeded
+        when the caller's deadline passes while it waits for its group; CancelledError."""
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def deliver(outcome: Outcome) -> None:
+            if not answer.done():
+                answer.set_result(outcome)
+
+        slot = Slot(request, loop.deadline, size, deliver)
+        group, leader = self._lanes.join(lane, slot, time.monotonic())
+        if group is None:
+            try:
+                return await self._alone(lane, request, loop)
+            finally:
+                self._finished(lane)
+        if leader:
+            group.timer = asyncio.get_running_loop().call_later(self._lanes.window,
+                                                                self._flush, group)
+        if group.full:
+            self._flush(group)
+        try:
+            async with asyncio.timeout(max(0.0, loop.deadline - time.monotonic())):
+                return await answer
+        except TimeoutError:
+            self._abandon(slot, group)
+            raise AuthorityDeadlineExceeded(
+                lane.unary, grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer within {loop.budget:g} s", max(1, loop.attempts + 1)) from None
+        except asyncio.CancelledError:
+            self._abandon(slot, group)
+            raise
+
+    def _abandon(self, slot: Slot, group: Group) -> None:
+        """The caller of ``slot`` stopped waiting: leave it out of its group, or cancel the
+        group's RPC if it went out and every caller of it is gone."""
+        self._lanes.abandon(slot, group)
+        if group.task is not None and all(s.gone for s in group.slots):
+            group.task.cancel()
+
+    async def _alone(self, lane: Lane, request: Any, loop: RetryLoop) -> Outcome:
+        """One unary attempt, as ``_call`` makes it. Raises AuthorityDeadlineExceeded;
+        CancelledError."""
+        if not lane.idempotent and not await self._connected(loop.remaining()):
+            return coalesce.NOT_SENT
+        try:
+            return coalesce.Answer(await getattr(self._stub, lane.unary)(
+                request, timeout=loop.remaining()))
+        except grpc.RpcError as err:
+            return coalesce.Failure(err)
+
+    def _finished(self, lane: Lane) -> None:
+        """A call of ``lane`` answered: send its open group if the lane is idle now."""
+        group = self._lanes.finished(lane)
+        if group is not None:
+            self._flush(group)
+
+    def _flush(self, group: Group) -> None:
+        """Send ``group`` now (a task) unless it already went."""
+        if group.timer is not None:
+            group.timer.cancel()
+        slots = self._lanes.take(group)
+        if slots is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send(group.lane, slots))
+        group.task = task
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, lane: Lane, slots: list[Slot]) -> None:
+        """Send the group's items (one: the unary RPC, else the batch RPC); every caller gets
+        its outcome through its slot. Cancelled when all its callers are gone (a cancellation,
+        e.g. by ``close``, reaches the callers as CancelledError). Never raises."""
+        outcomes: list[Outcome] = [coalesce.NOT_SENT] * len(slots)  # what the gone are given
+        try:
+            if slots:
+                outcomes = await self._send_slots(lane, slots)
+        except grpc.RpcError as err:
+            outcomes = [coalesce.failure_outcome(err, len(slots), self._lanes.refused_form)
+                        ] * len(slots)
+        except (Exception, asyncio.CancelledError) as exc:  # the channel closed, or all gone
+            outcomes = [coalesce.Raised(exc)] * len(slots)
+        finally:
+            for slot, outcome in zip(slots, outcomes, strict=True):
+                slot.deliver(outcome)
+            self._finished(lane)
+
+    async def _send_slots(self, lane: Lane, slots: list[Slot]) -> list[Outcome]:
+        """Raises grpc.RpcError, CancelledError (all callers gone)."""
+        remaining = max(s.deadline for s in slots) - time.monotonic()
+        if not lane.idempotent and not await self._connected(remaining):
+            return [coalesce.NOT_SENT] * len(slots)
+        if len(slots) == 1:
+            call = getattr(self._stub, lane.unary)(slots[0].request, timeout=remaining)
+        else:
+            batch = coalesce.batch_request(lane, [s.request for s in slots],
+                                           next(self._batch_ids))
+            call = getattr(self._stub, lane.batch)(batch, timeout=remaining)
+        return coalesce.outcomes_of(lane, len(slots), await call)
+
     async def _connected(self, timeout: float) -> bool:
         """Wait until the channel is READY (True), fails to connect or ``timeout`` passes
         (False). Never raises (but lets cancellation through)."""
@@ -159,3 +288,4 @@ class AsyncTicketClient(ClientSettings):
         except TimeoutError:
             return False
         return True
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Sequence
 from types import TracebackType
@@ -12,7 +13,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grpc
-from authority.client import models
+from authority.client import coalesce, models
+from authority.client.coalesce import Coalescer, Group, Lane, Outcome, Slot
+from authority.client.errors import AuthorityDeadlineExceeded
 from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
 from authority.client.transport import (
     Backoff,
@@ -35,6 +38,11 @@ class TicketClient(ClientSettings):
     it). ``retries``: how many times an UNAVAILABLE attempt may be repeated, ``backoff`` how long
     to wait in between. ``interceptors``: ``grpc`` client interceptors (e.g. to count attempts).
     ``options``: extra gRPC channel options. ``max_batch_items``: items per batch message.
+    ``coalesce_window``: seconds (default 0.0002; 0 turns coalescing off): concurrent ``issue``
+    and ``redeem`` calls on this client are merged into IssueTickets / RedeemTickets while a
+    call of their kind is in flight, for at most this long (see authority/client/coalesce.py);
+    a lone call goes out at once as the unary call. Each caller gets its own result or error,
+    as the unary call would give it, under its own deadline and the same retry rule.
 
     Retry rule (only UNAVAILABLE is ever retried; INVALID_ARGUMENT, DEADLINE_EXCEEDED and every
     other status fail at once):
@@ -53,8 +61,9 @@ class TicketClient(ClientSettings):
     def __init__(self, address: str, tls: ClientTls | None = None, *, timeout: float = 2.0,
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-                 max_batch_items: int = 1000) -> None:
-        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options)
+                 max_batch_items: int = 1000, coalesce_window: float = 0.0002) -> None:
+        opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options,
+                            coalesce_window)
         if tls is None:
             self._raw = grpc.insecure_channel(address, options=opts)
         else:
@@ -64,6 +73,8 @@ class TicketClient(ClientSettings):
         self._stub = authority_pb2_grpc.TicketAuthorityStub(self._channel)
         self._probe = health_pb2_grpc.HealthStub(self._raw).Check
         self._batch_ids = itertools.count(1)
+        self._lanes = Coalescer(self.coalesce_window, max_batch_items)
+        self._lock = threading.Condition()
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -78,7 +89,7 @@ class TicketClient(ClientSettings):
         ...), AuthorityUnavailable, AuthorityDeadlineExceeded; ValueError for a lifetime outside
         32 bits."""
         request = models.issue_request(state, lifetime, realm)
-        reply = self._call("IssueTicket", request, True, timeout)
+        reply = self._merged(coalesce.ISSUE, request, timeout)
         return models.issued_from_proto(reply)
 
     def redeem(self, ticket: bytes, consume: bool = False, *,
@@ -94,7 +105,8 @@ class TicketClient(ClientSettings):
         AuthorityUnavailable, AuthorityDeadlineExceeded."""
         request = authority_pb2.RedeemTicketRequest(ticket=ticket, consume=consume,
                                                    realm=realm)
-        reply = self._call("RedeemTicket", request, not consume, timeout)
+        reply = self._merged(coalesce.REDEEM_CONSUME if consume else coalesce.REDEEM, request,
+                             timeout)
         return models.redeemed_from_proto(reply)
 
     def consume(self, ticket_id: bytes, *, timeout: float | None = None) -> RedeemResult:
@@ -177,6 +189,123 @@ class TicketClient(ClientSettings):
                 except grpc.RpcError as err:
                     delay = loop.failed(err)
             time.sleep(delay)
+
+    def _merged(self, lane: Lane, request: Any, timeout: float | None) -> Any:
+        """One ``issue`` / ``redeem`` call, coalesced with concurrent ones of its lane (unary
+        when coalescing is off), under the retry rule.
+
+        Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
+        if not self.coalesce_window:
+            return self._call(lane.unary, request, lane.idempotent, timeout)
+        loop = RetryLoop(lane.unary, lane.idempotent, self.retries, self.backoff,
+                         self.timeout if timeout is None else timeout)
+        size = request.ByteSize()
+        while True:
+            loop.remaining()
+            settled = coalesce.settle(loop, self._attempt(lane, request, size, loop))
+            if isinstance(settled, coalesce.Answer):
+                return settled.reply
+            if settled is not None:
+                time.sleep(settled)
+
+    def _attempt(self, lane: Lane, request: Any, size: int, loop: RetryLoop) -> Outcome:
+        """One attempt: alone (the lane idle) or in a group. Raises AuthorityDeadlineExceeded
+        when the caller's deadline passes while it waits for its group."""
+        done = threading.Event()
+        answer: list[Outcome] = []
+
+        def deliver(outcome: Outcome) -> None:
+            answer.append(outcome)
+            done.set()
+
+        slot = Slot(request, loop.deadline, size, deliver)
+        with self._lock:
+            group, leader = self._lanes.join(lane, slot, time.monotonic())
+        if group is None:
+            try:
+                return self._alone(lane, request, loop)
+            finally:
+                self._finished(lane)
+        if leader:
+            self._lead(group, loop.deadline)
+        if not done.wait(max(0.0, loop.deadline - time.monotonic())):
+            with self._lock:
+                self._lanes.abandon(slot, group)
+            raise AuthorityDeadlineExceeded(
+                lane.unary, grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no answer within {loop.budget:g} s", max(1, loop.attempts + 1))
+        return answer[0]
+
+    def _alone(self, lane: Lane, request: Any, loop: RetryLoop) -> Outcome:
+        """One unary attempt, as ``_call`` makes it. Raises AuthorityDeadlineExceeded."""
+        if not lane.idempotent and not self._connected(loop.remaining()):
+            return coalesce.NOT_SENT
+        try:
+            return coalesce.Answer(getattr(self._stub, lane.unary)(request,
+                                                                    timeout=loop.remaining()))
+        except grpc.RpcError as err:
+            return coalesce.Failure(err)
+
+    def _finished(self, lane: Lane) -> None:
+        """A call of ``lane`` answered: wake the leader of its group if the lane is idle now."""
+        with self._lock:
+            if self._lanes.finished(lane) is not None:
+                self._lock.notify_all()
+
+    def _lead(self, group: Group, own_deadline: float) -> None:
+        """Wait (as the caller that opened ``group``) until it is due, then send it unless it
+        already went."""
+        with self._lock:
+            while not self._lanes.due(group, now := time.monotonic()):
+                self._lock.wait(group.opened + self._lanes.window - now)
+            slots = self._lanes.take(group)
+        if slots is not None:
+            self._send(group.lane, slots, own_deadline)
+
+    def _send(self, lane: Lane, slots: list[Slot], own_deadline: float) -> None:
+        """Send the group's items (one: the unary RPC, else the batch RPC) without waiting for
+        the answer; every caller gets its outcome through its slot. The connection check of a
+        non-idempotent group waits at most until ``own_deadline`` (the sender's). Never
+        raises."""
+        if not slots:
+            self._finished(lane)
+            return
+        now = time.monotonic()
+        remaining = max(s.deadline for s in slots) - now
+        try:
+            if not lane.idempotent and not self._connected(max(0.0, own_deadline - now)):
+                self._land(lane, slots, [coalesce.NOT_SENT] * len(slots))
+                return
+            if len(slots) == 1:
+                future = getattr(self._stub, lane.unary).future(slots[0].request,
+                                                                 timeout=remaining)
+            else:
+                batch = coalesce.batch_request(lane, [s.request for s in slots],
+                                               next(self._batch_ids))
+                future = getattr(self._stub, lane.batch).future(batch, timeout=remaining)
+        except Exception as exc:   # e.g. the channel was closed: each caller gets it
+            self._land(lane, slots, [coalesce.Raised(exc)] * len(slots))
+            return
+        future.add_done_callback(lambda done: self._answered(lane, slots, done))
+
+    def _answered(self, lane: Lane, slots: list[Slot], future: Any) -> None:
+        """The group's RPC ended: give each caller its outcome. Never raises."""
+        try:
+            outcomes = coalesce.outcomes_of(lane, len(slots), future.result())
+        except grpc.RpcError as err:
+            outcomes = [coalesce.failure_outcome(err, len(slots), self._shrink)] * len(slots)
+        except Exception as exc:   # cancelled by close()
+            outcomes = [coalesce.Raised(exc)] * len(slots)
+        self._land(lane, slots, outcomes)
+
+    def _land(self, lane: Lane, slots: list[Slot], outcomes: list[Outcome]) -> None:
+        for slot, outcome in zip(slots, outcomes, strict=True):
+            slot.deliver(outcome)
+        self._finished(lane)
+
+    def _shrink(self, limit: int, sent: int) -> None:
+        with self._lock:
+            self._lanes.refused_form(limit, sent)
 
     def _peek_ready(self) -> bool:
         """Whether the channel is READY now, without starting anything. Never raises.

@@ -4,6 +4,7 @@ by the sync and asyncio clients."""
 from __future__ import annotations
 
 import ipaddress
+import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -147,15 +148,19 @@ class ClientSettings:
     retries: int
     backoff: Backoff
     max_batch_items: int
+    coalesce_window: float
 
     def _settle(self, address: str, tls: ClientTls | None, timeout: float, retries: int,
                 backoff: Backoff | None, max_batch_items: int,
-                options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+                options: Sequence[tuple[str, Any]],
+                coalesce_window: float = 0.0) -> list[tuple[str, Any]]:
         """Check and keep the settings; returns the channel options.
 
-        Raises ValueError (bad settings), PlaintextRefused (no ``tls`` and a non-loopback
-        address)."""
+        Raises ValueError (bad settings, ``coalesce_window`` named when it is the bad one),
+        PlaintextRefused (no ``tls`` and a non-loopback address)."""
         check_settings(timeout, retries, max_batch_items)
+        check_window(coalesce_window, timeout)
+        self.coalesce_window = float(coalesce_window)
         self.address = address
         self.tls = tls
         self.timeout = timeout
@@ -171,6 +176,15 @@ class ClientSettings:
 def chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     """``items`` in slices of at most ``size`` (one batch message each). Never raises."""
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def check_window(window: float, timeout: float) -> None:
+    """Raises ValueError naming ``coalesce_window`` unless it is 0 (off) or a finite number of
+    seconds from 0 up to (not including) ``timeout``."""
+    if isinstance(window, bool) or not isinstance(window, int | float) \
+            or not (math.isfinite(window) and 0 <= window < timeout):
+        raise ValueError(f"coalesce_window must be 0 (off) or seconds below timeout "
+                         f"({timeout:g}), got {window!r}")
 
 
 def check_settings(timeout: float, retries: int, max_batch_items: int) -> None:

@@ -1,0 +1,300 @@
+"""Coalescing: concurrent ``issue`` / ``redeem`` calls of one client merged into batch RPCs.
+
+The bookkeeping here is shared by ``TicketClient`` (threads, under the client's lock) and
+``AsyncTicketClient`` (tasks on one loop); each client drives it with its own waiting and sending.
+
+Lanes: calls merge only with calls of the same lane, ``IssueTicket`` (into IssueTickets),
+``RedeemTicket`` without consume and ``RedeemTicket`` with consume (into RedeemTickets, consume
+set on every item), so that a batch is idempotent exactly when each of its calls is, and the
+retry rule stays the unary one. Realms and lifetimes are per item in the batch messages and mix
+freely. ``consume(ticket_id)`` has no batch RPC (the batches take tickets, not ticket ids) and is
+never merged.
+
+When a call goes out:
+
+- A call that finds its lane idle (nothing of its lane in flight, no group waiting) is sent at
+  once as the unary RPC: a lone call never waits.
+- A call that finds its lane busy joins the lane's open group. The group is sent (as one batch
+  RPC; a group of one as the unary RPC) as soon as the lane becomes idle, or ``coalesce_window``
+  seconds after the group opened, or when it is full (``max_batch_items`` items or
+  ``MAX_GROUP_BYTES``), whichever comes first. So merging needs no waiting at low load, and the
+  window bounds what coalescing can add to any call's latency.
+- A call with less than the window left before its deadline, or an item over
+  ``ALONE_BYTES``, is sent at once as the unary RPC (it is never held past its deadline, and an
+  oversize item cannot get the others' message refused).
+
+Each caller waits for its own outcome until its own deadline (a batch's deadline is the latest
+of its callers'), then classifies it with its own ``RetryLoop``: an answer, the per-item
+``ItemError`` as the status the unary call would have got (``items[3].`` taken off the front of
+its message), the whole batch's failure, or "not sent" (a non-idempotent group found no
+connection). A whole batch refused for its form (more items than the server's
+``max_batch_items``, or a message over its size limit) is not the callers' error: the client
+lowers its limits and the callers go again, without using an attempt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from authority._proto.ticketauthority.v1 import authority_pb2
+from authority.client.transport import RetryLoop
+
+#: an item larger than this (serialized) is sent alone, as the unary call
+ALONE_BYTES = 16 << 10
+#: a group holding this many octets of items is full
+MAX_GROUP_BYTES = 1 << 20
+_ITEM_PREFIX = re.compile(r"^items\[\d+\]\.")
+_ITEMS_LIMIT = re.compile(r"at most (\d+) items")
+
+
+@dataclass(frozen=True)
+class Lane:
+    """Calls that may share a batch: the unary and batch RPC names and the retry rule."""
+
+    unary: str
+    batch: str
+    idempotent: bool
+
+
+ISSUE = Lane("IssueTicket", "IssueTickets", True)
+REDEEM = Lane("RedeemTicket", "RedeemTickets", True)
+REDEEM_CONSUME = Lane("RedeemTicket", "RedeemTickets", False)
+
+
+# -- outcomes ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Status:
+    """A failure status in the shape ``RetryLoop.failed`` reads (as a ``grpc.RpcError``)."""
+
+    status: Any
+    text: str
+
+    def code(self) -> Any:
+        return self.status
+
+    def details(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The unary-shaped reply for this caller's item."""
+
+    reply: Any
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed attempt: the batch's or the unary call's error, or this item's ItemError."""
+
+    error: Any   # has code() and details()
+
+
+@dataclass(frozen=True)
+class NotSent:
+    """The group found no connection: nothing was sent."""
+
+
+@dataclass(frozen=True)
+class Resend:
+    """The batch was refused for its form, not for the items: go again (no attempt used)."""
+
+
+@dataclass(frozen=True)
+class Raised:
+    """A local exception while sending (e.g. the channel was closed)."""
+
+    exc: BaseException
+
+
+Outcome = Answer | Failure | NotSent | Resend | Raised
+NOT_SENT = NotSent()
+RESEND = Resend()
+
+
+def settle(loop: RetryLoop, outcome: Outcome) -> Answer | float | None:
+    """What one caller makes of its outcome: the ``Answer``, the sleep before its next attempt,
+    or None to go again at once (``Resend``).
+
+    Raises as ``RetryLoop.failed`` / ``not_connected`` do, or the ``Raised`` exception."""
+    if isinstance(outcome, Answer):
+        loop.sending()
+        return outcome
+    if isinstance(outcome, Failure):
+        loop.sending()
+        return loop.failed(outcome.error)
+    if isinstance(outcome, NotSent):
+        return loop.not_connected("no connection to the authority (request not sent)")
+    if isinstance(outcome, Resend):
+        return None
+    raise outcome.exc
+
+
+def batch_request(lane: Lane, items: list[Any], batch_id: int) -> Any:
+    """The batch message of ``items`` (unary request messages). Never raises."""
+    if lane is ISSUE:
+        return authority_pb2.IssueTicketsRequest(items=items, batch_id=batch_id)
+    return authority_pb2.RedeemTicketsRequest(items=items, batch_id=batch_id)
+
+
+def split_reply(lane: Lane, reply: Any, count: int) -> list[Outcome]:
+    """Each item's outcome from a batch reply, in request order. Never raises (a reply with the
+    wrong number of items fails every caller with INTERNAL)."""
+    if len(reply.items) != count:
+        bad = Failure(Status(grpc.StatusCode.INTERNAL,
+                             f"the authority answered {len(reply.items)} items for {count}"))
+        return [bad] * count
+    kind = "ticket" if lane is ISSUE else "redeemed"
+    return [Answer(getattr(item, kind)) if item.HasField(kind) else Failure(item_status(item.error))
+            for item in reply.items]
+
+
+def item_status(error: Any) -> Status:
+    """An ``ItemError`` message as the status the unary call would have failed with (its
+    message without the ``items[N].`` prefix, so it names the field as the unary one does).
+    Never raises."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == error.code),
+                grpc.StatusCode.UNKNOWN)
+    return Status(code, _ITEM_PREFIX.sub("", error.message))
+
+
+def form_refusal(err: Any) -> int | None:
+    """For a whole batch refused for its form (too many items for the server, or a message over
+    its size limit): the most items to send from now on (0: unknown, halve). None for any other
+    failure. Never raises."""
+    code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("items:"):
+        found = _ITEMS_LIMIT.search(details)
+        return int(found.group(1)) if found else 0
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        return 0
+    return None
+
+
+# -- groups --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Slot:
+    """One caller's item. ``deliver`` is called once with its outcome (by whoever sent it);
+    ``gone`` once the caller stopped waiting (deadline passed or cancelled)."""
+
+    request: Any
+    deadline: float
+    size: int
+    deliver: Callable[[Outcome], None]
+    gone: bool = False
+
+
+@dataclass(eq=False)
+class Group:
+    """The calls of one lane waiting to go out together."""
+
+    lane: Lane
+    opened: float
+    slots: list[Slot] = field(default_factory=list)
+    size: int = 0
+    full: bool = False
+    sent: bool = False
+    timer: Any = None   # the aio client's window timer
+    task: Any = None    # the aio client's sending task
+
+
+@dataclass
+class _LaneState:
+    in_flight: int = 0
+    open: Group | None = None
+
+
+class Coalescer:
+    """The lanes of one client: what is in flight, which group is open. Not thread-safe: the
+    sync client holds its lock around every call; the aio client uses it from its loop only."""
+
+    def __init__(self, window: float, max_items: int) -> None:
+        self.window = window
+        self.max_items = max_items
+        self.max_bytes = MAX_GROUP_BYTES
+        self._lanes: dict[Lane, _LaneState] = {}
+
+    def join(self, lane: Lane, slot: Slot, now: float) -> tuple[Group | None, bool]:
+        """Enter a call: (None, False) to send it at once as the unary call (the lane now counts
+        it in flight; call ``finished`` after), else (its group, whether it opened the group).
+        Never raises."""
+        state = self._lanes.setdefault(lane, _LaneState())
+        alone = (slot.size > ALONE_BYTES or slot.deadline - now <= self.window
+                 or self.max_items < 2)
+        if alone or (state.in_flight == 0 and state.open is None):
+            state.in_flight += 1
+            return None, False
+        group, opened = state.open, False
+        if group is None:
+            group, opened = Group(lane, now), True
+            state.open = group
+        group.slots.append(slot)
+        group.size += slot.size
+        if len(group.slots) >= self.max_items or group.size >= self.max_bytes:
+            group.full = True
+            state.open = None
+        return group, opened
+
+    def due(self, group: Group, now: float) -> bool:
+        """Whether ``group`` should go out now (or already went). Never raises."""
+        state = self._lanes[group.lane]
+        return (group.sent or group.full or state.in_flight == 0
+                or now >= group.opened + self.window)
+
+    def take(self, group: Group) -> list[Slot] | None:
+        """Mark ``group`` sent and counted in flight; its callers still waiting, or None if it
+        was already taken (then nothing is counted). Never raises."""
+        if group.sent:
+            return None
+        group.sent = True
+        state = self._lanes[group.lane]
+        if state.open is group:
+            state.open = None
+        state.in_flight += 1
+        return [s for s in group.slots if not s.gone]
+
+    def finished(self, lane: Lane) -> Group | None:
+        """A unary call or a batch of ``lane`` answered: the open group if the lane is now
+        idle (it is due), else None. Never raises."""
+        state = self._lanes[lane]
+        state.in_flight -= 1
+        return state.open if state.in_flight == 0 else None
+
+    def abandon(self, slot: Slot, group: Group) -> None:
+        """The caller of ``slot`` stopped waiting: leave it out of ``group`` if not yet sent.
+        Never raises."""
+        slot.gone = True
+        if not group.sent and slot in group.slots:
+            group.slots.remove(slot)
+            group.size -= slot.size
+
+    def refused_form(self, limit: int, sent: int) -> None:
+        """The server refused a batch of ``sent`` items for its form: send at most ``limit``
+        items from now on (0: half of ``sent``), and half as many octets. Never raises."""
+        self.max_items = max(1, min(self.max_items, limit or sent // 2, sent - 1))
+        self.max_bytes = max(ALONE_BYTES, self.max_bytes // 2)
+
+
+def outcomes_of(lane: Lane, count: int, reply: Any) -> list[Outcome]:
+    """The outcomes of ``count`` callers sent together: the reply itself for one (sent as the
+    unary call), else the batch reply split. Never raises."""
+    return [Answer(reply)] if count == 1 else split_reply(lane, reply, count)
+
+
+def failure_outcome(err: Any, count: int, shrink: Callable[[int, int], None]) -> Outcome:
+    """The outcome every caller of a failed send gets: ``Resend`` (after ``shrink``) for a batch
+    refused for its form, else the failure itself. Never raises."""
+    limit = form_refusal(err) if count > 1 else None
+    if limit is not None:
+        shrink(limit, count)
+        return RESEND
+    return Failure(err)

@@ -1,0 +1,441 @@
+"""Coalescing in the gateway-side clients (authority/client/coalesce.py) against real servers:
+the conftest Harness (real SoftHSM2 token) and, where the timing must be certain, the same real
+servicer behind a thread-pool gRPC server that holds each call for a while (``Paced``). RPCs are
+counted with real client interceptors, batch sizes by the paced servicer."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from authority._proto.ticketauthority.v1 import authority_pb2_grpc
+from authority.client import (
+    AsyncTicketClient,
+    AuthorityDeadlineExceeded,
+    AuthorityRejected,
+    AuthorityUnavailable,
+    Backoff,
+    IssuedTicket,
+    Redeemed,
+    RedeemResult,
+    TicketClient,
+)
+from authority.config import Config
+from authority.metrics import Metrics
+from authority.service.admission import Gate, Limits
+from authority.service.guard import ThreadGuard
+from authority.service.ratelimit import TokenBuckets
+from authority.service.servicers import TicketAuthorityServicer
+from tests.conftest import Harness, at_once, sample_state
+from tests.test_client import AsyncCounting, Counting, free_port, run
+
+FAST = Backoff(base=0.01, cap=0.02)
+WIDE = 0.5   # a window long enough that timing never decides a test
+
+
+class Paced(TicketAuthorityServicer):
+    """The real servicer, each ticket call held ``delay`` seconds first; records the size of
+    every batch it serves."""
+
+    def __init__(self, authority: Any, delay: float) -> None:
+        super().__init__(authority)
+        self.delay = delay
+        self.batches: list[int] = []
+
+    def _hold(self) -> None:
+        threading.Event().wait(self.delay)
+
+    def IssueTicket(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._hold()
+        return super().IssueTicket(request, context)
+
+    def RedeemTicket(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._hold()
+        return super().RedeemTicket(request, context)
+
+    def IssueTickets(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.batches.append(len(request.items))
+        self._hold()
+        return super().IssueTickets(request, context)
+
+    def RedeemTickets(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.batches.append(len(request.items))
+        self._hold()
+        return super().RedeemTickets(request, context)
+
+
+PacedServer = Callable[..., tuple[Paced, str]]
+
+
+def serve_paced(authority: Any, delay: float, buckets: TokenBuckets | None = None
+                ) -> tuple[Paced, grpc.Server, str]:
+    """A started thread-pool server for ``Paced(authority, delay)``, with a token-bucket rate
+    limit when ``buckets`` is given."""
+    servicer = Paced(authority, delay)
+    gate = Gate(Metrics(), Limits.of(Config(state_dir=Path(".")), threads=True),
+                buckets=buckets)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         interceptors=[ThreadGuard(gate)], options=[("grpc.so_reuseport", 0)])
+    authority_pb2_grpc.add_TicketAuthorityServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return servicer, server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def paced(pkcs11_harness: Harness) -> Iterator[PacedServer]:
+    """``serve_paced`` on the harness's authority; stopped at teardown."""
+    servers: list[grpc.Server] = []
+
+    def start(delay: float, buckets: TokenBuckets | None = None) -> tuple[Paced, str]:
+        servicer, server, where = serve_paced(pkcs11_harness.authority, delay, buckets)
+        servers.append(server)
+        return servicer, where
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+def address(harness: Harness) -> str:
+    assert harness.running is not None
+    return harness.running.address
+
+
+def tickets(harness: Harness, count: int, realm: str = "", per_batch: int = 1000) -> list[bytes]:
+    with TicketClient(address(harness), coalesce_window=0, max_batch_items=per_batch) as client:
+        issued = client.issue_many([sample_state(n) for n in range(count)], realm=realm)
+    return [i.ticket for i in issued if isinstance(i, IssuedTicket)]
+
+
+def tampered(ticket: bytes) -> bytes:
+    return ticket[:-1] + bytes([ticket[-1] ^ 1])
+
+
+def in_threads(calls: list[Callable[[], Any]]) -> list[Any]:
+    """``at_once``, each call's exception returned in place of its result."""
+    def catching(call: Callable[[], Any]) -> Callable[[], Any]:
+        def wrapped() -> Any:
+            try:
+                return call()
+            except Exception as exc:   # the test looks at it
+                return exc
+        return wrapped
+
+    return at_once([catching(c) for c in calls])
+
+
+# -- each caller gets its own answer -------------------------------------------------------------
+
+
+def _is_session(n: int, result: Any) -> bool:
+    return bool(result.ok and result.state.gateway_data == f"session={n}".encode())
+
+
+def _is_issued(lifetime: int, result: Any) -> bool:
+    return isinstance(result, IssuedTicket) and result.lifetime == lifetime
+
+
+def _mixed_calls(client: Any, good: list[bytes], east: bytes
+                 ) -> tuple[list[Callable[[], Any]], list[Callable[[Any], bool]]]:
+    """Calls of every kind, each with the check of what that caller alone should get."""
+    calls: list[Callable[[], Any]] = []
+    checks: list[Callable[[Any], bool]] = []
+
+    def add(call: Callable[[], Any], check: Callable[[Any], bool]) -> None:
+        calls.append(call)
+        checks.append(check)
+
+    for n, ticket in enumerate(good):
+        add(partial(client.redeem, ticket), partial(_is_session, n))
+        add(partial(client.redeem, tampered(ticket)), lambda r: r.result is RedeemResult.INVALID)
+    add(lambda: client.redeem(b""), lambda e: isinstance(e, AuthorityRejected)
+        and e.code == grpc.StatusCode.INVALID_ARGUMENT and e.details.startswith("ticket:"))
+    add(lambda: client.redeem(east, realm="east"), lambda r: r.ok and r.realm == "east")
+    add(lambda: client.redeem(east), lambda r: r.result is RedeemResult.INVALID)
+    for n in range(6):
+        add(partial(client.issue, sample_state(100 + n), lifetime=60 + n),
+            partial(_is_issued, 60 + n))
+    add(lambda: client.issue(sample_state(sk_d=b"\x00" * 20)),
+        lambda e: isinstance(e, AuthorityRejected) and e.code == grpc.StatusCode.INVALID_ARGUMENT
+        and e.details == "state.sk_d: must be 32 octets for PRF 5, got 20")
+    return calls, checks
+
+
+def test_threads_each_get_their_own_result_in_fewer_rpcs(pkcs11_harness: Harness) -> None:
+    good = tickets(pkcs11_harness, 12)
+    east = tickets(pkcs11_harness, 1, realm="east")[0]
+    counting = Counting()
+    with TicketClient(address(pkcs11_harness), coalesce_window=0.05,
+                      interceptors=[counting]) as client:
+        calls, checks = _mixed_calls(client, good, east)
+        results = in_threads(calls)
+        failed = [(i, r) for i, (r, check) in enumerate(zip(results, checks, strict=True))
+                  if not check(r)]
+        assert not failed
+        issued = [r for r in results if isinstance(r, IssuedTicket)]
+        redeemed = in_threads([partial(client.redeem, i.ticket, consume=True)
+                               for i in issued])
+        assert [r.state.gateway_data for r in redeemed] == [
+            f"session={100 + n}".encode() for n in range(6)]
+    rpcs = sum(counting.calls.values())
+    assert counting.calls["RedeemTickets"] + counting.calls["IssueTickets"] >= 1
+    assert rpcs < len(calls) + len(issued)
+
+
+def test_tasks_each_get_their_own_result_in_fewer_rpcs(pkcs11_harness: Harness) -> None:
+    good = tickets(pkcs11_harness, 12)
+    east = tickets(pkcs11_harness, 1, realm="east")[0]
+    counting = AsyncCounting()
+
+    async def main() -> tuple[list[Any], list[Callable[[Any], bool]], list[Any]]:
+        async with AsyncTicketClient(address(pkcs11_harness), coalesce_window=0.05,
+                                     interceptors=[counting]) as client:
+            calls, checks = _mixed_calls(client, good, east)
+            results = await asyncio.gather(*(c() for c in calls), return_exceptions=True)
+            issued = [r for r in results if isinstance(r, IssuedTicket)]
+            consumed = await asyncio.gather(*(client.redeem(i.ticket, consume=True)
+                                              for i in issued))
+            return list(results), checks, list(consumed)
+
+    results, checks, consumed = run(main())
+    assert [i for i, (r, check) in enumerate(zip(results, checks, strict=True))
+            if not check(r)] == []
+    assert [r.state.gateway_data for r in consumed] == [
+        f"session={100 + n}".encode() for n in range(6)]
+    # on one loop, everything after the first call of a lane joins one group
+    assert counting.calls["RedeemTicket"] == 2 and counting.calls["IssueTicket"] == 1
+    assert counting.calls["RedeemTickets"] == 2 and counting.calls["IssueTickets"] == 1
+
+
+def test_a_lone_call_is_unary_and_does_not_wait(pkcs11_harness: Harness) -> None:
+    counting = Counting()
+    with TicketClient(address(pkcs11_harness), coalesce_window=1.0,
+                      interceptors=[counting]) as client:
+        for n in range(3):
+            begun = time.monotonic()
+            assert client.redeem(client.issue(sample_state(n)).ticket).ok
+            assert time.monotonic() - begun < 0.5
+    assert dict(counting.calls) == {"IssueTicket": 3, "RedeemTicket": 3}
+
+
+def test_window_zero_is_unary_only(pkcs11_harness: Harness) -> None:
+    good = tickets(pkcs11_harness, 8)
+    counting = Counting()
+    with TicketClient(address(pkcs11_harness), coalesce_window=0,
+                      interceptors=[counting]) as client:
+        assert all(r.ok for r in at_once([partial(client.redeem, t) for t in good]))
+    assert dict(counting.calls) == {"RedeemTicket": 8}
+
+
+def test_the_window_is_validated() -> None:
+    for bad in (-0.001, math.nan, math.inf, 2.0, "0.1", True):
+        for make in (TicketClient, AsyncTicketClient):
+            with pytest.raises(ValueError, match="coalesce_window"):
+                make("127.0.0.1:1", coalesce_window=bad)  # type: ignore[arg-type]
+    TicketClient("127.0.0.1:1", coalesce_window=0).close()
+
+
+# -- merging, cancellation and deadlines (paced server) ------------------------------------------
+
+
+def test_followers_merge_while_a_call_is_in_flight(pkcs11_harness: Harness,
+                                                   paced: PacedServer) -> None:
+    servicer, where = paced(0.2)
+    good = tickets(pkcs11_harness, 8)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, interceptors=[counting]) as client:
+        results = at_once([partial(client.redeem, t) for t in good])
+    assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 8
+    assert counting.calls["RedeemTicket"] + counting.calls["RedeemTickets"] < 8
+    assert max(servicer.batches) >= 2
+
+
+def test_a_task_cancelled_mid_batch(pkcs11_harness: Harness, paced: PacedServer) -> None:
+    """T0 goes alone (0.3 s); T1-T4 wait in a group, T3 is cancelled there; the group goes
+    when T0 answers, T2 is cancelled while that batch is in flight. T2 and T3 get
+    CancelledError, the others their tickets' states; T3's item was never sent."""
+    servicer, where = paced(0.3)
+    good = tickets(pkcs11_harness, 5)
+
+    async def main() -> list[Any]:
+        async with AsyncTicketClient(where, coalesce_window=2.0, timeout=5.0) as client:
+            tasks = [asyncio.create_task(client.redeem(good[0]))]
+            await asyncio.sleep(0.05)
+            tasks += [asyncio.create_task(client.redeem(t)) for t in good[1:]]
+            await asyncio.sleep(0.1)
+            tasks[3].cancel()
+            await asyncio.sleep(0.3)   # T0 answered at 0.3 s: the batch is in flight
+            tasks[2].cancel()
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    results = run(main())
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert [results[i].state.gateway_data for i in (0, 1, 4)] == [
+        b"session=0", b"session=1", b"session=4"]
+    assert servicer.batches == [3]
+
+
+def test_a_deadline_shorter_than_the_window_is_not_held(pkcs11_harness: Harness,
+                                                        paced: PacedServer) -> None:
+    _, where = paced(0.2)
+    good = tickets(pkcs11_harness, 2)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, timeout=3.0,
+                      interceptors=[counting]) as client:
+        first = threading.Thread(target=client.redeem, args=(good[0],))
+        first.start()
+        time.sleep(0.05)   # the lane is busy: a caller with time to spare would wait
+        begun = time.monotonic()
+        assert client.redeem(good[1], timeout=0.4).ok
+        assert time.monotonic() - begun < 0.35
+        first.join()
+    assert dict(counting.calls) == {"RedeemTicket": 2}
+
+
+def test_a_deadline_passing_mid_batch_fails_only_its_caller(pkcs11_harness: Harness,
+                                                            paced: PacedServer) -> None:
+    """Window 0.1 s, each call held 0.4 s: T1 and T2 go together at 0.1 s; T2's deadline
+    (0.3 s) passes while the batch is in flight, T1 gets its answer."""
+    _, where = paced(0.4)
+    good = tickets(pkcs11_harness, 3)
+    with TicketClient(where, coalesce_window=0.1, timeout=3.0) as client:
+        out: dict[int, Any] = {}
+
+        def call(n: int, timeout: float) -> None:
+            try:
+                out[n] = client.redeem(good[n], timeout=timeout)
+            except AuthorityDeadlineExceeded as exc:
+                out[n] = (exc, time.monotonic() - begun)
+
+        begun = time.monotonic()
+        threads = [threading.Thread(target=call, args=(0, 3.0))]
+        threads[0].start()
+        time.sleep(0.02)
+        threads += [threading.Thread(target=call, args=(1, 3.0)),
+                    threading.Thread(target=call, args=(2, 0.3))]
+        for t in threads[1:]:
+            t.start()
+        for t in threads:
+            t.join()
+    assert out[0].ok and out[1].ok
+    exc, when = out[2]
+    assert exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and 0.25 < when < 0.45
+
+
+def test_async_deadline_passing_mid_batch(pkcs11_harness: Harness, paced: PacedServer) -> None:
+    _, where = paced(0.4)
+    good = tickets(pkcs11_harness, 3)
+
+    async def main() -> list[Any]:
+        async with AsyncTicketClient(where, coalesce_window=0.1, timeout=3.0) as client:
+            first = asyncio.create_task(client.redeem(good[0]))
+            await asyncio.sleep(0.02)
+            rest = [client.redeem(good[1]), client.redeem(good[2], timeout=0.3)]
+            return list(await asyncio.gather(first, *rest, return_exceptions=True))
+
+    results = run(main())
+    assert results[0].ok and results[1].ok
+    assert isinstance(results[2], AuthorityDeadlineExceeded)
+
+
+# -- whole-batch failures --------------------------------------------------------------------------
+
+
+def test_a_refused_batch_fails_each_of_its_callers(pkcs11_harness: Harness,
+                                                   paced: PacedServer) -> None:
+    """Rate limit: a bucket of 3, nearly no refill. T0 (alone) takes one token; the batch of
+    the seven that waited for it needs 3: RESOURCE_EXHAUSTED for the whole batch, so for each
+    of its callers, as a unary call of theirs would have got on an empty bucket."""
+    _, where = paced(0.2, TokenBuckets(rate=0.001, burst=3))
+    good = tickets(pkcs11_harness, 8)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, retries=3, backoff=FAST,
+                      interceptors=[counting]) as client:
+        results = in_threads([partial(client.redeem, t) for t in good])
+    served = [r for r in results if isinstance(r, Redeemed)]
+    refused = [r for r in results if not isinstance(r, Redeemed)]
+    assert len(served) == 1 and served[0].ok
+    assert len(refused) == 7
+    assert all(isinstance(e, AuthorityRejected) and e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+               for e in refused)
+    assert counting.calls["RedeemTickets"] == 1   # one batch, refused once, not retried
+
+
+def test_a_batch_too_large_for_the_server_is_split(tmp_path: Path) -> None:
+    """The server takes at most 2 items per batch, the client would send 1000: T0 goes alone,
+    the eleven that waited for it go as one batch, refused for its size. That is not the
+    callers' error: the client learns the limit and each caller gets its answer."""
+    h = Harness(tmp_path / "state")
+    h.start(replace(h.config, server=replace(h.config.server, max_batch_items=2)))
+    servicer, server, where = serve_paced(h.authority, 0.2)
+    try:
+        good = tickets(h, 12, per_batch=2)
+        with TicketClient(where, coalesce_window=WIDE) as client:
+            results = at_once([partial(client.redeem, t) for t in good])
+            limit = client._lanes.max_items   # what it learned
+        assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 12
+        assert limit == 2
+        assert servicer.batches[0] == 11 and max(servicer.batches[1:]) == 2
+    finally:
+        server.stop(None)
+        h.stop()
+
+
+def test_server_down_each_caller_unavailable_after_retries() -> None:
+    counting = Counting()
+    with TicketClient(f"127.0.0.1:{free_port()}", retries=2, backoff=FAST,
+                      coalesce_window=0.05, interceptors=[counting]) as client:
+        errors = in_threads([partial(client.issue, sample_state(n)) for n in range(6)]
+                            + [partial(client.redeem, bytes(80), consume=True)
+                               for _ in range(4)])
+    assert all(isinstance(e, AuthorityUnavailable) and e.code == grpc.StatusCode.UNAVAILABLE
+               and e.attempts == 3 for e in errors)
+    assert all(e.maybe_sent is False for e in errors[6:])
+    assert counting.calls["RedeemTicket"] + counting.calls["RedeemTickets"] == 0  # never sent
+
+
+def test_store_down_idempotent_retried_consumes_not(pkcs11_harness: Harness,
+                                                    paced: PacedServer) -> None:
+    """The server answers UNAVAILABLE (its store closed): each caller of an idempotent redeem
+    gets it after its retries, each consuming caller after one sending, as unary calls do."""
+    _, where = paced(0.1)
+    good = tickets(pkcs11_harness, 8)
+    pkcs11_harness.authority.store.close()
+    counting = Counting()
+    with TicketClient(where, retries=2, backoff=FAST, coalesce_window=WIDE,
+                      interceptors=[counting]) as client:
+        plain = in_threads([partial(client.redeem, t) for t in good[:4]])
+        consuming = in_threads([partial(client.redeem, t, consume=True) for t in good[4:]])
+    assert all(isinstance(e, AuthorityUnavailable) and e.attempts == 3 for e in plain)
+    assert all(isinstance(e, AuthorityUnavailable) and e.attempts == 1 and e.maybe_sent
+               and "not retried" in e.details for e in consuming)
+    assert counting.calls["RedeemTickets"] >= 2   # merged, retried merged
+
+
+def test_async_server_down_each_caller_unavailable() -> None:
+    counting = AsyncCounting()
+
+    async def main() -> list[Any]:
+        async with AsyncTicketClient(f"127.0.0.1:{free_port()}", retries=2, backoff=FAST,
+                                     coalesce_window=0.05, interceptors=[counting]) as client:
+            calls: list[Any] = [client.issue(sample_state(n)) for n in range(4)]
+            calls += [client.redeem(bytes(80), consume=True) for _ in range(3)]
+            return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    errors = run(main())
+    assert all(isinstance(e, AuthorityUnavailable) and e.attempts == 3 for e in errors)
+    assert all(e.maybe_sent is False for e in errors[4:])
+    assert counting.calls["RedeemTicket"] + counting.calls["RedeemTickets"] == 0
