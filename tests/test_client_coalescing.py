@@ -52,6 +52,7 @@ class Paced(TicketAuthorityServicer):
         super().__init__(authority)
         self.delay = delay
         self.batches: list[int] = []
+        self.arrived: list[float] = []   # when each batch came (time.monotonic)
 
     def _hold(self) -> None:
         threading.Event().wait(self.delay)
@@ -66,11 +67,13 @@ class Paced(TicketAuthorityServicer):
 
     def IssueTickets(self, request: Any, context: Any) -> Any:  # noqa: N802
         self.batches.append(len(request.items))
+        self.arrived.append(time.monotonic())
         self._hold()
         return super().IssueTickets(request, context)
 
     def RedeemTickets(self, request: Any, context: Any) -> Any:  # noqa: N802
         self.batches.append(len(request.items))
+        self.arrived.append(time.monotonic())
         self._hold()
         return super().RedeemTickets(request, context)
 
@@ -260,6 +263,20 @@ def test_followers_merge_while_a_call_is_in_flight(pkcs11_harness: Harness,
     assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 8
     assert counting.calls["RedeemTicket"] + counting.calls["RedeemTickets"] < 8
     assert max(servicer.batches) >= 2
+
+
+def test_a_full_group_goes_at_once(pkcs11_harness: Harness, paced: PacedServer) -> None:
+    """max_batch_items 3: T0 goes alone (held 0.3 s); of the seven that wait for it, each
+    group of three goes as soon as it is full, before T0 answers; the last one when the lane
+    is idle."""
+    servicer, where = paced(0.3)
+    good = tickets(pkcs11_harness, 8)
+    with TicketClient(where, coalesce_window=WIDE, max_batch_items=3) as client:
+        begun = time.monotonic()
+        results = at_once([partial(client.redeem, t) for t in good])
+    assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 8
+    assert sorted(servicer.batches) == [3, 3]
+    assert all(when - begun < 0.2 for when in servicer.arrived)
 
 
 def test_a_task_cancelled_mid_batch(pkcs11_harness: Harness, paced: PacedServer) -> None:

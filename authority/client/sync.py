@@ -221,6 +221,8 @@ class TicketClient(ClientSettings):
         slot = Slot(request, loop.deadline, size, deliver)
         with self._lock:
             group, leader = self._lanes.join(lane, slot, time.monotonic())
+            if group is not None and group.full:
+                self._lock.notify_all()   # its leader sends it now
         if group is None:
             try:
                 return self._alone(lane, request, loop)
