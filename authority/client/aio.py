@@ -177,19 +177,20 @@ class AsyncTicketClient(ClientSettings):
     async def _attempt(self, lane: Lane, request: Any, size: int, loop: RetryLoop) -> Outcome:
         """One attempt: alone (the lane idle) or in a group. Raises AuthorityDeadlineExceeded
         when the caller's deadline passes while it waits for its group; CancelledError."""
-        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-
-        def deliver(outcome: Outcome) -> None:
-            if not answer.done():
-                answer.set_result(outcome)
-
-        slot = Slot(request, loop.deadline, size, deliver)
+        slot = Slot(request, loop.deadline, size, coalesce.nobody)
         group, leader = self._lanes.join(lane, slot, time.monotonic())
         if group is None:
             try:
                 return await self._alone(lane, request, loop)
             finally:
                 self._finished(lane)
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+
+        def deliver(outcome: Outcome) -> None:
+            if not answer.done():
+                answer.set_result(outcome)
+
+        slot.deliver = deliver
         if leader:
             group.timer = asyncio.get_running_loop().call_later(self._lanes.window,
                                                                 self._flush, group)

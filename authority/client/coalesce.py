@@ -119,6 +119,10 @@ NOT_SENT = NotSent()
 RESEND = Resend()
 
 
+def nobody(outcome: Outcome) -> None:
+    """The ``deliver`` of a slot that goes out alone (no one waits for it). Never raises."""
+
+
 def settle(loop: RetryLoop, outcome: Outcome) -> Answer | float | None:
     """What one caller makes of its outcome: the ``Answer``, the sleep before its next attempt,
     or None to go again at once (``Resend``).

@@ -211,18 +211,14 @@ class TicketClient(ClientSettings):
     def _attempt(self, lane: Lane, request: Any, size: int, loop: RetryLoop) -> Outcome:
         """One attempt: alone (the lane idle) or in a group. Raises AuthorityDeadlineExceeded
         when the caller's deadline passes while it waits for its group."""
-        done = threading.Event()
-        answer: list[Outcome] = []
-
-        def deliver(outcome: Outcome) -> None:
-            answer.append(outcome)
-            done.set()
-
-        slot = Slot(request, loop.deadline, size, deliver)
+        slot = Slot(request, loop.deadline, size, coalesce.nobody)
         with self._lock:
             group, leader = self._lanes.join(lane, slot, time.monotonic())
-            if group is not None and group.full:
-                self._lock.notify_all()   # its leader sends it now
+            if group is not None:
+                box = _Box()
+                slot.deliver = box.put   # before anyone can take the group (under the lock)
+                if group.full:
+                    self._lock.notify_all()   # its leader sends it now
         if group is None:
             try:
                 return self._alone(lane, request, loop)
@@ -230,13 +226,13 @@ class TicketClient(ClientSettings):
                 self._finished(lane)
         if leader:
             self._lead(group, loop.deadline)
-        if not done.wait(max(0.0, loop.deadline - time.monotonic())):
+        if not box.done.wait(max(0.0, loop.deadline - time.monotonic())):
             with self._lock:
                 self._lanes.abandon(slot, group)
             raise AuthorityDeadlineExceeded(
                 lane.unary, grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no answer within {loop.budget:g} s", max(1, loop.attempts + 1))
-        return answer[0]
+        return box.outcome
 
     def _alone(self, lane: Lane, request: Any, loop: RetryLoop) -> Outcome:
         """One unary attempt, as ``_call`` makes it. Raises AuthorityDeadlineExceeded."""
@@ -338,3 +334,17 @@ class TicketClient(ClientSettings):
             return err.code() not in _NOT_CONNECTED
         return True
 
+
+
+class _Box:
+    """Where a waiting caller's outcome is put."""
+
+    __slots__ = ("done", "outcome")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.outcome: Outcome = coalesce.NOT_SENT
+
+    def put(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.done.set()
