@@ -67,6 +67,10 @@ def test_every_configuration_has_its_figures(store_run: tuple[dict[str, Any], Pa
     assert f["pg_unary_redeem_p99_ms"] == f["pg_redeem_p99_ms"]
     offered = {s["same_load_offered_per_s"] for s in f["by_store"].values()}
     assert len(offered) == 1  # the same load offered to each server
+    for prefix in ("", *PREFIXES):   # each server's unary rounds ran the one-session slices
+        assert f[prefix + "unary_ceiling_per_s"] > 0, prefix
+        assert f[prefix + "unary_redeem_ratio_ceiling"] > 0, prefix
+    assert f["gateway_cpu_us_at_8"] is None and "--store" in f["gateway"]["notes"][0]
 
 
 def test_ratios_and_targets_are_judged(store_run: tuple[dict[str, Any], Path]) -> None:

@@ -15,6 +15,7 @@ import contextlib
 
 from authority.bench import phases
 from authority.bench.database import BenchDatabase
+from authority.bench.device import OneSession
 from authority.bench.options import Options
 from authority.bench.progress import Progress
 from authority.bench.results import Results
@@ -27,9 +28,10 @@ STATE_DIRS = {"pg": "bench-pg", "pg2": "bench-pg2"}
 
 
 def compare_stores(opts: Options, config: Config, results: Results,
-                   progress: Progress) -> None:
+                   progress: Progress, device: OneSession | None = None) -> None:
     """Start every configuration's server, run the phases interleaved, stop them, and file
-    each one's figures (the first's are ``results``' own). Raises: StartupError."""
+    each one's figures (the first's are ``results``' own); ``device``: the one-session loop
+    run in each server's unary rounds. Raises: StartupError."""
     confs = opts.configurations
     runs = [results] + [Results(opts, results.machine) for _ in confs[1:]]
     started: list[Started] = []
@@ -44,7 +46,7 @@ def compare_stores(opts: Options, config: Config, results: Results,
                     state_dir.mkdir(mode=0o700, exist_ok=True)
                 started.append(start(opts, state_dir, conf, database,
                                      progress.tagged(f"[{conf.label}] ")))
-            asyncio.run(_interleaved(started, runs, opts, progress))
+            asyncio.run(_interleaved(started, runs, opts, progress, device))
         finally:
             for one, run in zip(started, runs, strict=False):
                 one.stop(run)
@@ -53,14 +55,15 @@ def compare_stores(opts: Options, config: Config, results: Results,
 
 
 async def _interleaved(started: list[Started], runs: list[Results], opts: Options,
-                       progress: Progress) -> None:
+                       progress: Progress, device: OneSession | None) -> None:
     clients: list[Client] = []
     try:
         for one in started:
             clients.append(await connect(one.subject, opts))
         await phases.run_interleaved([
             phases.Run(client, one.subject.pid, one.subject.store_size, opts, run,
-                       progress.tagged(f"[{conf.label}] "), one.subject.db_pid)
+                       progress.tagged(f"[{conf.label}] "), one.subject.db_pid,
+                       device=device)
             for client, one, run, conf in zip(clients, started, runs, opts.configurations,
                                                strict=True)])
     finally:

@@ -8,11 +8,12 @@ processes, two threads per process so that each always has its next batch waitin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -21,16 +22,16 @@ from pkcs11.mechanisms import GCMParams
 
 from authority.app import device_processes, open_backend, pkcs11_settings, prepare_state_dir
 from authority.backends.base import BackendInfo, KeyBackend
-from authority.backends.pkcs11 import Pkcs11Backend, key_label
+from authority.backends.pkcs11 import Pkcs11Backend
 from authority.bench.loops import Tally, describe_error
 from authority.bench.procstat import cpu_seconds
 from authority.bench.progress import Bar
 from authority.bench.workload import ticket_plaintext
-from authority.config import Config, Pkcs11Settings
+from authority.config import Config
 from authority.ticket_format import encode_header
 
 Items = Sequence[tuple[bytes, bytes, bytes]]
-NONCE = 12   # a sealed item is nonce | ciphertext | tag
+NONCE = 12   # AES-GCM nonce octets (as the backends' sealed items)
 
 
 @dataclass
@@ -122,64 +123,74 @@ def _loop(backend: KeyBackend, items: Items, threads: int, seconds: float, bar: 
     return tally
 
 
-def one_session_rate(config: Config, seconds: float, bar: Bar) -> Tally:
-    """(d) The one-session figure the unary ceiling uses: a direct python-pkcs11 AES-GCM
-    decrypt loop (``key.decrypt`` of one sealed ticket, its header as AAD) on one session from
-    one thread, in this process, no batching, no device processes, for ``seconds``. A
-    throw-away key (the backend opened in process with one session makes and destroys it);
-    the first decrypt must give the plaintext back. ``client_cpu``: this process's CPU.
 
-    Raises: StartupError, DeviceUnavailable (opening the token, making the key); ValueError
-    (not the PKCS#11 backend); python-pkcs11 errors from the loop (the first decrypt's
-    mismatch as RuntimeError)."""
-    if config.backend != "pkcs11":
-        raise ValueError("the one-session loop is python-pkcs11's (PKCS#11 backend only)")
-    settings = replace(pkcs11_settings(config), sessions=1)
-    prepare_state_dir(config.state_dir)
-    backend = Pkcs11Backend.open(settings)
-    try:
-        key_id = secrets.token_bytes(8)
-        backend.create_key(key_id)
+class OneSession:
+    """The one-session device figure the unary ceiling uses: a direct python-pkcs11 AES-GCM
+    decrypt loop (``key.decrypt`` of one sealed ticket plaintext, its header as AAD) on one
+    session from one thread, in this process: no batching, no device processes, no sealer.
+
+    Opened before the server starts and kept open while it runs, so that the loop runs in
+    slices interleaved with the echo and unary rounds (authority/bench/phases.py): a noisy
+    neighbour then hurts the ceiling and the calls alike. The key is an AES-256 session
+    object (not on the token: nothing the server could see); the backend, opened in process
+    with one session, loads the module and logs in (token-wide) and is closed by ``close``.
+    """
+
+    def __init__(self, config: Config) -> None:
+        """Raises: StartupError, DeviceUnavailable (the token); ValueError (not the PKCS#11
+        backend); PKCS11Error (the session or key); RuntimeError (the first decrypt did not
+        give the plaintext back)."""
+        if config.backend != "pkcs11":
+            raise ValueError("the one-session loop is python-pkcs11's (PKCS#11 backend only)")
+        settings = replace(pkcs11_settings(config), sessions=1)
+        prepare_state_dir(config.state_dir)
+        self._backend = Pkcs11Backend.open(settings)
+        self._session: Any = None
         try:
-            header = encode_header(key_id, backend.format_version)
-            plaintext = ticket_plaintext(0)
-            sealed = backend.seal(key_id, header, plaintext)
-            return _decrypt_loop(settings, key_id, (header, sealed, plaintext), seconds, bar)
-        finally:
-            backend.destroy_key(key_id)
-    finally:
-        backend.close()
+            lib = pkcs11.lib(os.path.realpath(settings.module))   # cached by path
+            self._session = lib.get_token(token_label=settings.token_label).open()
+            key = self._session.generate_key(pkcs11.KeyType.AES, 256, store=False)
+            self._decrypt = _decrypter(key)
+        except BaseException:
+            self.close()
+            raise
 
-
-def _decrypt_loop(settings: Pkcs11Settings, key_id: bytes, item: tuple[bytes, bytes, bytes],
-                  seconds: float, bar: Bar) -> Tally:
-    """``key.decrypt`` of one sealed item in a loop on a session of its own (logged in: the
-    backend's login is token-wide). Raises: RuntimeError (wrong plaintext), PKCS11Error."""
-    header, sealed, plaintext = item
-    lib = pkcs11.lib(os.path.realpath(settings.module))   # python-pkcs11 caches it by path
-    session = lib.get_token(token_label=settings.token_label).open()
-    try:
-        key: Any = session.get_key(label=key_label(key_id),
-                                   object_class=pkcs11.ObjectClass.SECRET_KEY)
-        nonce, body = sealed[:NONCE], sealed[NONCE:]
-
-        def decrypt() -> bytes:
-            out: bytes = key.decrypt(body, mechanism=pkcs11.Mechanism.AES_GCM,
-                                     mechanism_param=GCMParams(nonce, header, 128))
-            return out
-
-        if decrypt() != plaintext:
-            raise RuntimeError("the one-session decrypt did not give the sealed plaintext")
+    def run(self, seconds: float) -> Tally:
+        """Decrypt in a loop for ``seconds``; ``client_cpu`` is this process's CPU.
+        Raises: PKCS11Error."""
         tally = Tally()
         start, cpu = time.perf_counter(), time.process_time()
         deadline = start + seconds
-        while (now := time.perf_counter()) < deadline:
+        while time.perf_counter() < deadline:
             for _ in range(50):
-                decrypt()
+                self._decrypt()
             tally.record(50, 0)
-            bar.update(now - start, f"{tally.ok:,} decrypts")
         tally.seconds = time.perf_counter() - start
         tally.client_cpu = time.process_time() - cpu
         return tally
-    finally:
-        session.close()
+
+    def close(self) -> None:
+        """Close the session (its key goes with it) and the backend. Never raises."""
+        with contextlib.suppress(Exception):
+            if self._session is not None:
+                self._session.close()
+        with contextlib.suppress(Exception):
+            self._backend.close()
+
+
+def _decrypter(key: Any) -> Callable[[], bytes]:
+    """The loop's one operation, checked once. Raises: RuntimeError, PKCS11Error."""
+    plaintext = ticket_plaintext(0)
+    header = encode_header(secrets.token_bytes(8), 1)
+    nonce = os.urandom(NONCE)
+    body = key.encrypt(plaintext, mechanism=pkcs11.Mechanism.AES_GCM,
+                       mechanism_param=GCMParams(nonce, header, 128))
+
+    def decrypt() -> bytes:
+        out: bytes = key.decrypt(body, mechanism=pkcs11.Mechanism.AES_GCM,
+                                 mechanism_param=GCMParams(nonce, header, 128))
+        return out
+
+    if decrypt() != plaintext:
+        raise RuntimeError("the one-session decrypt did not give the sealed plaintext")
+    return decrypt

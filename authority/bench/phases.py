@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from authority.bench import storm as storm_phase
+from authority.bench.device import OneSession
 from authority.bench.loops import (
     Call,
     StreamPlan,
@@ -36,7 +37,8 @@ class Run:
     store's size, the bench's own PostgreSQL's pid (for its CPU), and the load offered to
     every server of the run (``--store postgresql``: half of the first server's saturated
     unary redeem rate; None: not compared), which (f) offers too when it differs from half of
-    this server's own rate."""
+    this server's own rate. ``device``: the one-session device loop of the unary ceiling,
+    run as a fourth slice of each unary round."""
 
     client: Client
     pid: int | None
@@ -47,6 +49,7 @@ class Run:
     db_pid: int | None = None
     latency_rate: float | None = None
     storm_tickets: list[bytes] = field(default_factory=list)   # (e)'s, once issued
+    device: OneSession | None = None   # (d) the one-session loop, run in the unary rounds
 
     def meter(self) -> CpuMeter:
         """A CPU meter of this client, the server and the database."""
@@ -82,12 +85,15 @@ async def warm_up(t: Run, pool: list[bytes]) -> None:
 
 async def unary_rounds(t: Run, pool: list[bytes]) -> None:
     """(a) echo and (b) unary issue and redeem, interleaved in rounds of one second each
-    so that a noisy neighbour hurts all three alike; the sums give the rates."""
+    so that a noisy neighbour hurts all three alike; the sums give the rates. With a
+    one-session device loop (``t.device``, the unary ceiling's device rate) it is a fourth
+    slice of each round (run in this thread: the channel is idle meanwhile)."""
     opts = t.options
     rounds = max(1, int(opts.duration / ROUND))
     calls = {"echo": t.client.echo(), "unary_issue": t.client.issue(pool, opts.pool_size),
              "unary_redeem": t.client.redeem(pool)}
-    bar = t.progress.bar("(a,b) echo/issue/redeem", 3 * opts.duration)
+    slices = len(calls) + (t.device is not None)
+    bar = t.progress.bar("(a,b) echo/issue/redeem", slices * opts.duration)
     for name in calls:
         t.results.phases[name] = Tally()
     for _ in range(rounds):
@@ -96,11 +102,26 @@ async def unary_rounds(t: Run, pool: list[bytes]) -> None:
                 continue
             tally = await measured(call, t, opts.duration / rounds, bar, name)
             t.results.phases[name].merge(tally)
+        _device_slice(t, opts.duration / rounds)
     r = t.results
     if not r.phases["unary_redeem"].calls:
         r.skipped["unary_redeem"] = "no ticket could be issued"
     bar.close(f"echo {_rate(r, 'echo')}, issue {_rate(r, 'unary_issue')}, "
               f"redeem {_rate(r, 'unary_redeem')} calls/s")
+
+
+def _device_slice(t: Run, seconds: float) -> None:
+    """One slice of the one-session device loop (if any); a failure is one of the run's
+    errors and ends the loop for this run."""
+    if t.device is None:
+        return
+    try:
+        tally = t.device.run(seconds)
+    except Exception as exc:
+        t.results.errors.append(f"raw device, one session: {type(exc).__name__}: {exc}")
+        t.device = None
+        return
+    t.results.phases.setdefault("raw_device_one_session", Tally()).merge(tally)
 
 
 async def batched(t: Run, pool: list[bytes]) -> None:

@@ -92,15 +92,15 @@ class Results:
         out["targets"] = {t.name: t.as_json() for t in evaluate(out)}
         return out
 
-    def mode_figures(self, raw_device_per_s: float | None,
-                     one_session_per_s: float | None = None) -> dict[str, Any]:
-        """The figures that compare server modes (rates, ratios, storm, latency, CPU);
-        ``one_session_per_s``: the run's one-session device rate (for the unary ceiling)."""
+    def mode_figures(self, raw_device_per_s: float | None) -> dict[str, Any]:
+        """The figures that compare server modes (rates, ratios, storm, latency, CPU, the
+        unary ceiling from this run's own one-session device slices)."""
         out: dict[str, Any] = {key: self.rate(phase) for key, phase in _RATES}
         echo = out["echo_calls_per_s"]
         out["unary_issue_vs_echo"] = ratio(out["unary_issue_per_s"], echo)
         out["unary_redeem_vs_echo"] = ratio(out["unary_redeem_per_s"], echo)
-        out.update(ceiling(echo, one_session_per_s, out["unary_issue_per_s"],
+        out["raw_device_one_session_per_s"] = self.rate("raw_device_one_session")
+        out.update(ceiling(echo, out["raw_device_one_session_per_s"], out["unary_issue_per_s"],
                            out["unary_redeem_per_s"]))
         out["batch_vs_raw_device"] = ratio(out["batch_redeem_per_s"], raw_device_per_s)
         out["batch_redeem_p99_ms"] = self.call_p99_ms("batch_redeem")

@@ -19,7 +19,7 @@ import grpc
 from authority.bench import gateway, phases
 from authority.bench.compare import compare_stores
 from authority.bench.database import BenchDatabase
-from authority.bench.device import one_session_rate, raw_device_rate
+from authority.bench.device import OneSession, raw_device_rate
 from authority.bench.machine import describe_machine, load_average, machine_lines
 from authority.bench.options import Options, add_arguments, options_from
 from authority.bench.progress import Progress
@@ -98,6 +98,7 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
     if not opts.own_server:
         assert opts.address is not None
         results.skipped["raw_device"] = "needs the bench's own server (no --address)"
+        results.skipped["raw_device_one_session"] = results.skipped["raw_device"]
         db_path = state_dir / "authority.db" if state_dir is not None else None
         target = Subject(opts.address, _running_pid(state_dir), lambda: store_size(db_path))
         asyncio.run(_over_grpc(target, opts, results, progress))
@@ -106,18 +107,30 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
     assert state_dir is not None
     config = bench_config(state_dir, opts.backend)
     _raw_device(opts, config, results, progress)
-    _one_session(opts, config, results, progress)
+    device = _one_session(config, results, progress)
+    try:
+        _own_servers(opts, config, results, progress, device)
+    finally:
+        if device is not None:
+            device.close()
+
+
+def _own_servers(opts: Options, config: Config, results: Results, progress: Progress,
+                 device: OneSession | None) -> None:
+    """The gRPC phases against the bench's own servers, one configuration after another (or
+    ``--store postgresql``'s at once); (h) against the first."""
     if opts.compare_stores:
         results.skipped["gateway"] = "--store postgresql does not run (h)"
-        compare_stores(opts, config, results, progress)
+        compare_stores(opts, config, results, progress, device)
         return
+    state_dir = config.state_dir
     with BenchDatabase(state_dir) as database:   # started only if a configuration needs it
         for index, conf in enumerate(opts.configurations):
             run = results if index == 0 else Results(opts, results.machine)
             run.server_mode, run.server_processes = conf.mode, conf.processes
             started = start(opts, config.state_dir, conf, database, progress)
             try:
-                asyncio.run(_over_grpc(started.subject, opts, run, progress))
+                asyncio.run(_over_grpc(started.subject, opts, run, progress, device))
                 if index == 0:
                     gateway_phase(started.subject.address, opts, run, progress)
             finally:
@@ -126,11 +139,11 @@ def _measure(opts: Options, state_dir: Path | None, results: Results,
 
 
 async def _over_grpc(target: Subject, opts: Options, results: Results,
-                     progress: Progress) -> None:
+                     progress: Progress, device: OneSession | None = None) -> None:
     client = await connect(target, opts)
     try:
         await phases.run_all(phases.Run(client, target.pid, target.store_size, opts, results,
-                                        progress, target.db_pid))
+                                        progress, target.db_pid, device=device))
     finally:
         await client.close()
 
@@ -156,25 +169,20 @@ def _raw_device(opts: Options, config: Config, results: Results, progress: Progr
               + (f", error: {run.tally.first_error}" if run.tally.first_error else ""))
 
 
-def _one_session(opts: Options, config: Config, results: Results,
-                 progress: Progress) -> None:
-    """(d) the one-session python-pkcs11 decrypt loop (the unary ceiling's device rate),
-    PKCS#11 only; a failure is reported and the other phases still run."""
+def _one_session(config: Config, results: Results, progress: Progress) -> OneSession | None:
+    """(d) the one-session python-pkcs11 loop of the unary ceiling, opened before the server
+    starts (PKCS#11 only: None otherwise, or when it fails, which is reported)."""
     if config.backend != "pkcs11":
         results.skipped["raw_device_one_session"] = "python-pkcs11 loop: PKCS#11 only"
-        return
-    bar = progress.bar("(d) one session", opts.duration)
+        return None
     try:
-        tally = one_session_rate(config, opts.duration, bar)
+        return OneSession(config)
     except (StartupError, ConfigError):
         raise
     except Exception as exc:
         results.errors.append(f"raw device, one session: {type(exc).__name__}: {exc}")
-        bar.close(f"failed: {exc}")
-        return
-    results.phases["raw_device_one_session"] = tally
-    bar.close(f"{tally.per_s:,.0f} decrypts/s, "
-              f"{1e6 * tally.client_cpu / max(1, tally.ok):.0f} µs CPU each")
+        progress.say(f"(d) one session: failed: {exc}")
+        return None
 
 
 def gateway_resumptions(opts: Options) -> int:

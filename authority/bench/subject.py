@@ -82,8 +82,7 @@ def file_run(results: Results, run: Results, conf: Configuration, index: int) ->
             run.errors.append(f"{name}: {tally.failed:,} failed items"
                               + (f" ({tally.first_error})" if tally.first_error else ""))
         results.errors += [f"{label(conf)}: {e}" for e in run.errors]
-    figures = run.mode_figures(results.rate("raw_device"),
-                               results.rate("raw_device_one_session"))
+    figures = run.mode_figures(results.rate("raw_device"))
     if conf.label:
         results.by_store[conf.label] = figures
         return
