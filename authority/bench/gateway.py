@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from authority.bench.workload import state_fields
@@ -46,6 +46,7 @@ from authority.state import ResumptionState
 
 LEVELS = (1, 8, 64)
 POOL = 256          # distinct tickets the resumptions cycle through (no consume)
+ROUNDS = 2          # each run's resumptions are done in this many interleaved rounds
 TIMEOUT = 30.0      # per client call: a stuck server fails the run instead of hanging it
 _NI = os.urandom(32)                  # the initiator's nonce and SPI, as decoded from its
 _SPI_I = os.urandom(7) + b"\x01"      # IKE_SESSION_RESUME request
@@ -70,6 +71,13 @@ class GatewayRun:
         """Process CPU microseconds per resumption (None: none succeeded)."""
         ok = self.resumptions - self.failed
         return self.cpu_s / self.resumptions * 1e6 if ok > 0 else None
+
+    def plus(self, other: GatewayRun) -> GatewayRun:
+        """This run and another round of it, summed."""
+        return replace(self, resumptions=self.resumptions + other.resumptions,
+                       failed=self.failed + other.failed, seconds=self.seconds + other.seconds,
+                       cpu_s=self.cpu_s + other.cpu_s,
+                       first_error=self.first_error or other.first_error)
 
     def as_json(self) -> dict[str, Any]:
         """Every field, the CPU per resumption and the rate."""
@@ -201,26 +209,35 @@ async def _tasks(client: AsyncTicketClient, tickets: list[bytes], concurrency: i
 Runner = Callable[[str, list[bytes], int, int, bool, "float | None"], GatewayRun]
 
 
-def measure(address: str, count: int) -> dict[str, Any]:
+def measure(address: str, count: int, rounds: int = ROUNDS) -> dict[str, Any]:
     """Issue the pool, then every run: each client (sync, aio), each level, without and (above
-    one at a time) with coalescing. ``count``: resumptions per run (at least 10 per caller).
+    one at a time) with coalescing; ``count`` resumptions per run (at least 10 per caller),
+    in ``rounds`` rounds that each do every run's share in turn (the other way round in the
+    next), so that a noisy neighbour hurts them alike; a run's figures are its rounds' sums.
 
-    Raises: TicketClientError when the pool cannot be issued."""
+    Raises: TicketClientError when the pool cannot be issued; RuntimeError when no ticket
+    was issued."""
     with TicketClient(address, timeout=TIMEOUT) as client:
         issued = client.issue_many([ResumptionState(**state_fields(n)) for n in range(POOL)])
     tickets = [item.ticket for item in issued if isinstance(item, IssuedTicket)]
     if not tickets:
         raise RuntimeError(f"no ticket issued for the gateway runs: {issued[0]}")
-    runs: list[GatewayRun] = []
-    for runner, client_class in ((sync_run, TicketClient), (aio_run, AsyncTicketClient)):
+    plan: list[tuple[Runner, int, bool, float | None]] = []
+    clients: list[tuple[Runner, type]] = [(sync_run, TicketClient), (aio_run, AsyncTicketClient)]
+    for runner, client_class in clients:
         window = coalesce_window(client_class)
         for level in LEVELS:
-            total = max(count, 10 * level)
             for coalesced in (False, True) if level > 1 else (False,):
-                if coalesced and window is None:
-                    continue
-                runs.append(runner(address, tickets, level, total, coalesced, window))
-    return {"runs": [r.as_json() for r in runs],
+                if not (coalesced and window is None):
+                    plan.append((runner, level, coalesced, window))
+    runs: dict[int, GatewayRun] = {}
+    for number in range(rounds):
+        order = list(enumerate(plan))
+        for index, (runner, level, coalesced, window) in order[::-1] if number % 2 else order:
+            share = -(-max(count, 10 * level) // rounds)
+            done = runner(address, tickets, level, share, coalesced, window)
+            runs[index] = runs[index].plus(done) if index in runs else done
+    return {"runs": [runs[i].as_json() for i in sorted(runs)], "rounds": rounds,
             "coalesce_window_s": {"sync": coalesce_window(TicketClient),
                                   "aio": coalesce_window(AsyncTicketClient)}}
 
