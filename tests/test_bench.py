@@ -6,15 +6,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pkcs11
 import pytest
 
+from authority.app import pkcs11_settings
+from authority.backends.pkcs11 import Pkcs11Backend
 from authority.bench import gateway, main
+from authority.bench.device import OneSession
 from authority.bench.loops import percentile
 from authority.bench.options import add_arguments, options_from
 from authority.bench.progress import Progress
@@ -22,6 +27,7 @@ from authority.bench.report import render
 from authority.bench.results import Results, ceiling
 from authority.bench.runner import gateway_phase
 from authority.bench.targets import evaluate
+from authority.config import Config
 from authority.service.server import RunningServer, build_server
 from tests.conftest import make_config
 
@@ -175,6 +181,33 @@ def test_gateway_phase_is_skipped_for_a_server_off_loopback() -> None:
     assert "loopback" in results.skipped["gateway"]
     flat = gateway.figures(results.gateway, results.skipped["gateway"])
     assert flat["gateway_cpu_us_at_8"] is None and "loopback" in flat["gateway"]["notes"][0]
+
+
+def _secret_key_labels(config: Config) -> list[str]:
+    settings = pkcs11_settings(config)
+    backend = Pkcs11Backend.open(settings)
+    try:
+        token = pkcs11.lib(os.path.realpath(settings.module)).get_token(
+            token_label=settings.token_label)
+        with token.open() as session:
+            return [str(key[pkcs11.Attribute.LABEL]) for key in session.get_objects(
+                {pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY})]
+    finally:
+        backend.close()
+
+
+def test_one_session_loop_decrypts_on_a_token_key_it_removes(tmp_path: Path) -> None:
+    config = make_config(tmp_path / "state")
+    device = OneSession(config)
+    try:
+        labels = _secret_key_labels(config)
+        assert len(labels) == 1 and labels[0].startswith("bench-one-session-")  # not "ita-"
+        tally = device.run(0.05)
+    finally:
+        device.close()
+    assert tally.ok >= 50 and tally.failed == 0 and tally.seconds >= 0.05
+    assert tally.client_cpu > 0
+    assert _secret_key_labels(config) == []   # nothing left on the token
 
 
 def test_coalesce_window_is_read_from_the_constructor() -> None:

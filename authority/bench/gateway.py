@@ -12,9 +12,11 @@ The gateway runs in a process of its own (``python -m authority.bench.gateway``,
 the bench against the server it measures), so that its CPU is the client's alone: per run, the
 process's CPU time (``time.process_time``: every thread, gRPC's included) over a fixed number of
 resumptions, divided by that number; the tickets are issued and every client warmed up before
-the clock starts. The figures the issue names (``gateway_cpu_us_at_N``) are those of the
-blocking ``TicketClient`` shared by N threads: the demo gateway's model (authority/demo/
-gateway.py), and an IKE daemon's worker pool. The asyncio client (N tasks on one loop) is
+the clock starts. Each run's resumptions are done in two rounds, every run's share in turn
+and then the other way round, so that a noisy neighbour hurts all runs alike. The figures
+the issue names (``gateway_cpu_us_at_N``) are those of the blocking ``TicketClient`` shared by
+N threads: the demo gateway's model (authority/demo/gateway.py), and an IKE daemon's worker
+pool. The asyncio client (N tasks on one loop) is
 measured the same way, as ``gateway_aio_cpu_us_at_N``.
 
 Coalescing (the client's ``coalesce_window`` keyword, seconds, 0 = off): "without" passes 0,
@@ -262,7 +264,8 @@ def figures(measured: dict[str, Any] | None, why_not: str = "") -> dict[str, Any
         notes.append(f"not measured: {why_not}")
     out["gateway"] = {"client": "TicketClient shared by N threads (gateway_cpu_us_at_N); "
                                 "AsyncTicketClient, N tasks (gateway_aio_cpu_us_at_N)",
-                      "coalesce_window_s": windows, "runs": runs, "notes": notes}
+                      "coalesce_window_s": windows, "rounds": (measured or {}).get("rounds"),
+                      "runs": runs, "notes": notes}
     return out
 
 
