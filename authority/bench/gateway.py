@@ -131,22 +131,23 @@ def sync_run(address: str, tickets: list[bytes], concurrency: int, count: int,
     warm-up of two per thread. Never raises for a failed call (counted)."""
     with TicketClient(address, timeout=TIMEOUT, **_settings(coalesced, window)) as client:
         _threads(client, tickets, concurrency, 2 * concurrency)
-        cpu, began = time.process_time(), time.perf_counter()
-        failed, error = _threads(client, tickets, concurrency, count)
-        seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+        failed, error, seconds, cpu = _threads(client, tickets, concurrency, count)
     return GatewayRun("sync", concurrency, coalesced and window is not None,
                       (window or 0.0) if coalesced else 0.0, count, failed, seconds, cpu, error)
 
 
 def _threads(client: TicketClient, tickets: list[bytes], concurrency: int,
-             count: int) -> tuple[int, str]:
-    """``count`` resumptions from ``concurrency`` threads (started, then released together);
-    (failed, first error)."""
+             count: int) -> tuple[int, str, float, float]:
+    """``count`` resumptions from ``concurrency`` threads, released together once all have
+    started; (failed, first error, wall seconds, process CPU seconds) from the release to the
+    last thread's end (starting the threads is not counted)."""
     numbers = itertools.count()
     failures: list[str] = []
+    started = threading.Barrier(concurrency + 1)
     go = threading.Event()
 
     def work() -> None:
+        started.wait()
         go.wait()
         while (n := next(numbers)) < count:
             try:
@@ -160,10 +161,13 @@ def _threads(client: TicketClient, tickets: list[bytes], concurrency: int,
     workers = [threading.Thread(target=work, name=f"gateway-{i}") for i in range(concurrency)]
     for worker in workers:
         worker.start()
+    started.wait()
+    cpu, began = time.process_time(), time.perf_counter()
     go.set()
     for worker in workers:
         worker.join()
-    return len(failures), failures[0] if failures else ""
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    return len(failures), failures[0] if failures else "", seconds, cpu
 
 
 # -- the asyncio client, N tasks ---------------------------------------------------------------
