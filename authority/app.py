@@ -54,7 +54,10 @@ def open_store(config: Config) -> Store:
     Raises: ConfigError (``[postgresql]`` with the TPM backend), StartupError.
     """
     if config.postgresql is None:
-        return SqliteStore(config.state_dir / "authority.db", config.store_synchronous)
+        from authority.service.supervisor import server_processes
+
+        return SqliteStore(config.state_dir / "authority.db", config.store_synchronous,
+                           sole_writer=server_processes(config) == 1)
     from authority.settings_loader import check_shared_backend
     from authority.store.postgres import PostgresStore
 

@@ -8,7 +8,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from authority.errors import DeviceUnavailable, StartupError
@@ -104,15 +104,21 @@ class SqliteStore:
     """Store backed by one SQLite database file. Thread-safe through one lock."""
 
     def __init__(self, path: Path, synchronous: str = "NORMAL",
-                 busy_timeout: float = BUSY_TIMEOUT) -> None:
+                 busy_timeout: float = BUSY_TIMEOUT, sole_writer: bool = False) -> None:
         """Open (creating if needed) the database at ``path``. Other processes may share the
         file (WAL): a write (``BEGIN IMMEDIATE``) waits up to ``busy_timeout`` seconds for
         theirs to commit.
+
+        ``sole_writer``: no other process writes the file's consumed set (one ``serve``
+        holding the state directory's lock, ``server.processes`` 1). The store then keeps the
+        consumed ids in memory as well (``ConsumedIndex``), and a lookup reads the file only
+        for an id found there: a redeem of an unconsumed ticket costs no query.
 
         Raises: StartupError if the file cannot be opened or has an unknown schema version.
         """
         self.path = path
         self._lock = threading.Lock()
+        self._index: ConsumedIndex | None = None
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             os.close(fd)
@@ -122,6 +128,9 @@ class SqliteStore:
             self._db.execute(f"PRAGMA synchronous={synchronous}")
             self._db.executescript(_SCHEMA)
             self._check_schema()
+            if sole_writer:
+                self._index = ConsumedIndex(
+                    bytes(r[0]) for r in self._db.execute("SELECT ticket_id FROM consumed"))
         except sqlite3.Error as exc:
             raise StartupError(f"state store {path}: {exc}") from exc
 
@@ -136,9 +145,11 @@ class SqliteStore:
                                f"reads {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, committed: Callable[[], object] | None = None
+            ) -> Iterator[sqlite3.Connection]:
         """Run the body in one transaction under the lock; ``BEGIN IMMEDIATE`` takes the
         file's write lock first, waiting (busy timeout) while another process holds it.
+        ``committed`` runs once the transaction committed, still under the lock.
 
         Raises: DeviceUnavailable if SQLite fails (the transaction is rolled back), "database
         is locked" included when the wait exceeded the busy timeout.
@@ -152,6 +163,8 @@ class SqliteStore:
                     self._db.execute("ROLLBACK")
                     raise
                 self._db.execute("COMMIT")
+                if committed is not None:
+                    committed()
             except sqlite3.Error as exc:
                 raise DeviceUnavailable(f"state store failed: {exc}") from exc
 
@@ -297,11 +310,16 @@ class SqliteStore:
                 fresh.append(ticket_id not in live)
                 live.add(ticket_id)
             rows = [entry for entry, new in zip(entries, fresh, strict=True) if new]
+            if self._index is not None:   # before the commit: at worst an id too many
+                self._index.add(ticket_id for ticket_id, _ in rows)
             db.executemany("INSERT OR REPLACE INTO consumed VALUES (?, ?)", rows)
         return fresh
 
     def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
-        """Return the ids that have a live consumed entry."""
+        """Return the ids that have a live consumed entry (with ``sole_writer``, only the ids
+        the in-memory index has are looked up in the file)."""
+        if self._index is not None:
+            ticket_ids = self._index.among(ticket_ids)
         if not ticket_ids:
             return set()
         with self._read() as db:
@@ -320,8 +338,12 @@ class SqliteStore:
 
     def purge_expired(self, now: float) -> int:
         """Delete entries of expired tickets; return the count."""
-        with self._tx() as db:
-            return db.execute("DELETE FROM consumed WHERE expires_at<=?", (now,)).rowcount
+        gone: list[bytes] = []
+        index = self._index
+        with self._tx(None if index is None else lambda: index.discard(gone)) as db:
+            gone.extend(bytes(r[0]) for r in db.execute(
+                "DELETE FROM consumed WHERE expires_at<=? RETURNING ticket_id", (now,)))
+        return len(gone)
 
     def add_revocation(self, record: RevocationRecord) -> RevocationRecord:
         """Store a revocation; returns it with its new id."""
@@ -458,3 +480,30 @@ def _meta(db: sqlite3.Connection, name: str) -> str | None:
     """One value of the meta table (None if unset)."""
     row = db.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
     return None if row is None else str(row[0])
+
+
+class ConsumedIndex:
+    """The ids of a consumed set kept in memory by the one process that writes it: a superset
+    of the file's ids at every moment (an id is added before its transaction commits and
+    removed after its deletion commits), so an id it lacks is not consumed. Thread-safe: the
+    store changes it under its lock, and each set operation is atomic."""
+
+    def __init__(self, ids: Iterable[bytes]) -> None:
+        self._ids = set(ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def among(self, ticket_ids: Sequence[bytes]) -> list[bytes]:
+        """The ids of ``ticket_ids`` the index has (only those may be consumed)."""
+        ids = self._ids
+        return [ticket_id for ticket_id in ticket_ids if ticket_id in ids]
+
+    def add(self, ticket_ids: Iterable[bytes]) -> None:
+        """Add ids (before their transaction commits)."""
+        self._ids.update(ticket_ids)
+
+    def discard(self, ticket_ids: Iterable[bytes]) -> None:
+        """Remove ids whose entries were deleted (after the deletion committed)."""
+        self._ids.difference_update(ticket_ids)
+
