@@ -5,6 +5,7 @@ RFC 5723 §5.1, and the resumed IKE_AUTH's AUTH value (RFC 5723 §4.3.3)."""
 from __future__ import annotations
 
 import hmac
+import importlib
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -172,6 +173,24 @@ def test_prf_plus_matches_stdlib_hmac() -> None:
         block = hmac.new(key, block + seed + bytes([counter]), "sha384").digest()
         out += block
     assert prf_plus(6, key, seed, 300) == out[:300]
+
+
+@pytest.mark.parametrize("prf_id", [2, 5, 6, 7])
+@pytest.mark.parametrize("key", [b"", b"k", bytes(range(200))], ids=["empty", "short", "long"])
+def test_prf_plus_keyed_hmac_either_way(prf_id: int, key: bytes,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """prf+ keys its HMAC once per call (OpenSSL's HMAC object, or ``hmac.new``'s where that
+    is missing): both give what one ``hmac.digest`` per block gives, for keys shorter and
+    longer than the hash's block."""
+    seed, size = b"seed" * 9, SIZES[prf_id]
+    expected, block = b"", b""
+    for counter in range(1, 5):
+        block = hmac.digest(key, block + seed + bytes([counter]), prf_info(prf_id).name[9:]
+                            .lower().replace("sha2_", "sha"))
+        expected += block
+    assert prf_plus(prf_id, key, seed, 4 * size) == expected
+    monkeypatch.setattr(importlib.import_module("authority.ikev2.prf"), "_openssl_hmac", None)
+    assert prf_plus(prf_id, key, seed, 4 * size) == expected
 
 
 @pytest.mark.parametrize("prf_id", ALL_PRFS)

@@ -91,14 +91,14 @@ def split_keys(keymat: bytes, lengths: KeyLengths) -> SaKeys:
     Raises ValueError unless ``keymat`` is exactly ``lengths.total`` octets."""
     if len(keymat) != lengths.total:
         raise ValueError(f"need {lengths.total} octets of keying material, got {len(keymat)}")
-    sizes = (lengths.sk_d, lengths.sk_a, lengths.sk_a, lengths.sk_e, lengths.sk_e,
-             lengths.sk_p, lengths.sk_p)
-    parts: list[bytes] = []
-    offset = 0
-    for size in sizes:
-        parts.append(keymat[offset : offset + size])
-        offset += size
-    return SaKeys(*parts)
+    a = lengths.sk_d
+    b = a + lengths.sk_a
+    c = b + lengths.sk_a
+    d = c + lengths.sk_e
+    e = d + lengths.sk_e
+    f = e + lengths.sk_p
+    return SaKeys(keymat[:a], keymat[a:b], keymat[b:c], keymat[c:d], keymat[d:e], keymat[e:f],
+                  keymat[f:])
 
 
 def _check_sk_d(prf_id: int, sk_d: bytes, name: str) -> None:
