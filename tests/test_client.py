@@ -615,3 +615,34 @@ def test_mtls_to_the_authority(pkcs11_harness: Harness, pki: Pki) -> None:
         TicketClient("authority.example.net:50051", tls=full).close()
     finally:
         server.stop(None)
+
+
+def test_redeemed_from_proto_maps_every_field() -> None:
+    """The reply conversion the client makes per call: every state field to its own field (no
+    two alike, so a swapped pair fails), the timestamps as ToNanoseconds() / 1e9 to the last
+    bit, an unknown result number as UNSPECIFIED, and the result of a state-less reply."""
+    from authority.client import models
+
+    fields = {"id_i": b"\x02\x00\x00\x00i", "id_r": b"\x02\x00\x00\x00r",
+              "spi_i": b"\x01" * 8, "spi_r": b"\x02" * 8, "sk_d": bytes(range(32)),
+              "encr_id": 20, "encr_key_bits": 256, "prf_id": 5, "integ_id": 0,
+              "dh_group": 19, "auth_method": 14, "gateway_data": b"gw"}
+    msg = authority_pb2.RedeemTicketResponse(
+        result=1, state=authority_pb2.ResumptionState(**fields), ticket_id=b"t" * 16,
+        key_id="00000000000000ab", reissue=True, realm="east", policy_epoch=7)
+    msg.expires_at.FromNanoseconds(1_765_000_000_123_456_789)
+    msg.issued_at.FromNanoseconds(1_764_999_000_000_000_001)
+    redeemed = models.redeemed_from_proto(msg)
+    assert redeemed.state is not None
+    assert {name: getattr(redeemed.state, name) for name in fields} == fields
+    assert redeemed.expires_at == float(msg.expires_at.ToNanoseconds()) / 1e9
+    assert redeemed.issued_at == float(msg.issued_at.ToNanoseconds()) / 1e9
+    assert (redeemed.result, redeemed.ticket_id, redeemed.key_id, redeemed.reissue,
+            redeemed.realm, redeemed.policy_epoch) == (
+        RedeemResult.OK, b"t" * 16, "00000000000000ab", True, "east", 7)
+    assert models.redeemed_from_proto(authority_pb2.RedeemTicketResponse(result=99)).result \
+        is RedeemResult.UNSPECIFIED
+    bare = models.redeemed_from_proto(authority_pb2.RedeemTicketResponse(result=4))
+    assert (bare.result, bare.state, bare.expires_at) == (RedeemResult.REPLAYED, None, None)
+    assert models.result_from_number(5) is RedeemResult.REVOKED
+    assert models.result_from_number(-1) is RedeemResult.UNSPECIFIED

@@ -70,6 +70,10 @@ class RedeemResult(enum.IntEnum):
     REVOKED = 5
 
 
+#: result number -> RedeemResult (a dict lookup: the enum's own call is several times slower)
+_RESULTS: dict[int, RedeemResult] = {int(r): r for r in RedeemResult}
+
+
 def ticket_nack_notify() -> Notify:
     """N(TICKET_NACK) as a ``Notify`` (protocol 0, no SPI, no data). Never raises."""
     return ticket_to_notify(TicketSignal(TICKET_NACK))
@@ -160,9 +164,13 @@ class ItemError:
 
 
 def _seconds(msg: Any, name: str) -> float | None:
+    """A Timestamp field as Unix seconds (None when unset): ``ToNanoseconds() / 1e9``, with the
+    nanosecond sum made here (the well-known type's method is Python too). Never raises."""
     if not msg.HasField(name):
         return None
-    return float(getattr(msg, name).ToNanoseconds()) / 1e9
+    stamp = getattr(msg, name)
+    seconds: float = (stamp.seconds * 1_000_000_000 + stamp.nanos) / 1e9
+    return seconds
 
 
 def state_to_proto(state: StateLike) -> authority_pb2.ResumptionState:
@@ -179,7 +187,10 @@ def state_to_proto(state: StateLike) -> authority_pb2.ResumptionState:
 
 def state_from_proto(msg: authority_pb2.ResumptionState) -> ResumptionState:
     """A ``ResumptionState`` message as the domain dataclass. Never raises."""
-    return ResumptionState(**{name: getattr(msg, name) for name in _STATE_FIELDS})
+    return ResumptionState(id_i=msg.id_i, id_r=msg.id_r, spi_i=msg.spi_i, spi_r=msg.spi_r,
+                           sk_d=msg.sk_d, encr_id=msg.encr_id, encr_key_bits=msg.encr_key_bits,
+                           prf_id=msg.prf_id, integ_id=msg.integ_id, dh_group=msg.dh_group,
+                           auth_method=msg.auth_method, gateway_data=msg.gateway_data)
 
 
 def issue_request(state: StateLike, lifetime: int,
@@ -200,10 +211,7 @@ def issued_from_proto(msg: authority_pb2.IssueTicketResponse) -> IssuedTicket:
 
 def redeemed_from_proto(msg: authority_pb2.RedeemTicketResponse) -> Redeemed:
     """Never raises (an unknown result number becomes UNSPECIFIED)."""
-    try:
-        result = RedeemResult(msg.result)
-    except ValueError:
-        result = RedeemResult.UNSPECIFIED
+    result = _RESULTS.get(msg.result, RedeemResult.UNSPECIFIED)
     state = state_from_proto(msg.state) if msg.HasField("state") else None
     return Redeemed(result=result, state=state, ticket_id=msg.ticket_id, key_id=msg.key_id,
                     expires_at=_seconds(msg, "expires_at"),
@@ -213,10 +221,7 @@ def redeemed_from_proto(msg: authority_pb2.RedeemTicketResponse) -> Redeemed:
 
 def result_from_number(number: int) -> RedeemResult:
     """Never raises (an unknown number becomes UNSPECIFIED)."""
-    try:
-        return RedeemResult(number)
-    except ValueError:
-        return RedeemResult.UNSPECIFIED
+    return _RESULTS.get(number, RedeemResult.UNSPECIFIED)
 
 
 def item_error(msg: authority_pb2.ItemError) -> ItemError:
