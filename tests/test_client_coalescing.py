@@ -456,3 +456,102 @@ def test_async_server_down_each_caller_unavailable() -> None:
     assert all(isinstance(e, AuthorityUnavailable) and e.attempts == 3 for e in errors)
     assert all(e.maybe_sent is False for e in errors[4:])
     assert counting.calls["RedeemTicket"] + counting.calls["RedeemTickets"] == 0
+
+
+# -- the sync client: who sends a group, and how its callers are woken -----------------------------
+
+
+class SentFrom(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Records the thread that makes each batch RPC; raises ``interrupt`` (once) in the thread
+    that sends the first batch, as a Ctrl-C reaching it mid-RPC would."""
+
+    def __init__(self, interrupt: BaseException | None = None) -> None:
+        self.threads: list[str] = []
+        self.interrupt = interrupt
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        method = details.method.decode() if isinstance(details.method, bytes) \
+            else details.method
+        if method.endswith("Tickets"):
+            self.threads.append(threading.current_thread().name)
+            if self.interrupt is not None:
+                interrupt, self.interrupt = self.interrupt, None
+                raise interrupt
+        return continuation(details, request)
+
+
+def _staggered(client: TicketClient, good: list[bytes], timeouts: list[float]
+               ) -> dict[int, Any]:
+    """T0 alone (the paced server holds it), then T1.. each with its own timeout, 20 ms
+    apart, on threads named ``caller-N``; each one's result or exception (BaseException
+    included) and when it came (seconds from the start)."""
+    out: dict[int, Any] = {}
+    begun = time.monotonic()
+
+    def call(n: int) -> None:
+        try:
+            out[n] = (client.redeem(good[n], timeout=timeouts[n]), time.monotonic() - begun)
+        except BaseException as exc:   # the test looks at it
+            out[n] = (exc, time.monotonic() - begun)
+
+    threads = []
+    for n in range(len(timeouts)):
+        threads.append(threading.Thread(target=call, args=(n,), name=f"caller-{n}"))
+        threads[-1].start()
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+def test_the_caller_with_the_latest_deadline_sends_its_group(pkcs11_harness: Harness,
+                                                             paced: PacedServer) -> None:
+    """The batch RPC is made, blocking, by the thread of the group's caller with the latest
+    deadline (T2's 8 s here, not the opener T1's 5 s nor a gRPC thread): whoever sends waits
+    for the answer until the batch's deadline, which is its own."""
+    servicer, where = paced(0.3)
+    good = tickets(pkcs11_harness, 4)
+    sent_from = SentFrom()
+    with TicketClient(where, coalesce_window=WIDE, timeout=10.0,
+                      interceptors=[sent_from]) as client:
+        out = _staggered(client, good, [10.0, 5.0, 8.0, 6.0])
+    assert [_is_session(n, out[n][0]) for n in range(4)] == [True] * 4
+    assert servicer.batches == [3]
+    assert sent_from.threads == ["caller-2"]
+
+
+def test_callers_of_a_batch_are_woken_past_one_whose_deadline_passed(
+        pkcs11_harness: Harness, paced: PacedServer) -> None:
+    """Window 0.1 s, each call held 0.4 s: T1-T5 go as one batch at 0.1 s; T3's deadline
+    (0.3 s) passes while it is in flight. The callers after T3 are still woken with their
+    answers as the batch answers (~0.5 s), not at their own deadlines (3 s)."""
+    _, where = paced(0.4)
+    good = tickets(pkcs11_harness, 6)
+    with TicketClient(where, coalesce_window=0.1, timeout=3.0) as client:
+        out = _staggered(client, good, [3.0, 3.0, 3.0, 0.3, 3.0, 3.0])
+    exc, when = out[3]
+    assert isinstance(exc, AuthorityDeadlineExceeded) and 0.25 < when < 0.5
+    assert all(_is_session(n, out[n][0]) for n in (0, 1, 2, 4, 5))
+    assert all(out[n][1] < 1.5 for n in (1, 2, 4, 5))
+
+
+def test_a_sender_interrupted_mid_batch_fails_each_caller_at_once(pkcs11_harness: Harness,
+                                                                  paced: PacedServer) -> None:
+    """The thread sending a batch is interrupted (KeyboardInterrupt) as it sends: it gets the
+    interrupt, each other caller of the batch CANCELLED at once (no one waits for an answer
+    that cannot come), and the lane keeps working."""
+    _, where = paced(0.2)
+    good = tickets(pkcs11_harness, 5)
+    sent_from = SentFrom(KeyboardInterrupt())
+    with TicketClient(where, coalesce_window=WIDE, timeout=5.0,
+                      interceptors=[sent_from]) as client:
+        out = _staggered(client, good[:4], [5.0, 5.0, 5.0, 5.0])
+        after = client.redeem(good[4])
+    assert _is_session(0, out[0][0])
+    sender = int(sent_from.threads[0].rsplit("-", 1)[1])
+    assert isinstance(out[sender][0], KeyboardInterrupt)
+    others = [out[n] for n in (1, 2, 3) if n != sender]
+    assert all(isinstance(exc, AuthorityRejected) and exc.code == grpc.StatusCode.CANCELLED
+               and when < 1.0 for exc, when in others)
+    assert _is_session(4, after)

@@ -23,6 +23,14 @@ When a call goes out:
   ``ALONE_BYTES``, is sent at once as the unary RPC (it is never held past its deadline, and an
   oversize item cannot get the others' message refused).
 
+Who sends: the aio client sends a group from a task of its own. The sync client has one of the
+group's callers send it from its own thread, blocking, as a unary call is made (a gRPC future
+would add a gRPC thread, started afresh whenever none of the channel's futures is in flight, and a
+thread hand-off per answer): the caller with the latest deadline (``sender_of``), so that no one
+waits past their own deadline. It then gives the others their outcomes and wakes the first; each
+caller wakes the next as it wakes, so that a batch's callers come back one after another rather
+than all fighting for the interpreter lock at once.
+
 Each caller waits for its own outcome until its own deadline (a batch's deadline is the latest
 of its callers'), then classifies it with its own ``RetryLoop``: an answer, the per-item
 ``ItemError`` as the status the unary call would have got (``items[3].`` taken off the front of
@@ -187,14 +195,16 @@ def form_refusal(err: Any) -> int | None:
 
 @dataclass(eq=False)
 class Slot:
-    """One caller's item. ``deliver`` is called once with its outcome (by whoever sent it);
-    ``gone`` once the caller stopped waiting (deadline passed or cancelled)."""
+    """One caller's item. ``deliver`` is called once with its outcome by whoever sent it (aio
+    client; the sync client wakes the caller through ``waiter``); ``gone`` once the caller
+    stopped waiting (deadline passed, cancelled or interrupted)."""
 
     request: Any
     deadline: float
     size: int
     deliver: Callable[[Outcome], None]
     gone: bool = False
+    waiter: Any = None   # the sync client's box (where its caller waits)
 
 
 @dataclass(eq=False)
@@ -286,6 +296,15 @@ class Coalescer:
         items from now on (0: half of ``sent``), and half as many octets. Never raises."""
         self.max_items = max(1, min(self.max_items, limit or sent // 2, sent - 1))
         self.max_bytes = max(ALONE_BYTES, self.max_bytes // 2)
+
+
+def sender_of(slots: list[Slot]) -> int:
+    """The index of the slot whose caller should send ``slots`` when one of the callers makes
+    the RPC itself (the sync client): the latest deadline, which is the batch's, so the sender
+    never waits past its own deadline; of equal ones the last to join. Raises ValueError for no
+    slots."""
+    latest = max(slot.deadline for slot in slots)
+    return max(i for i, slot in enumerate(slots) if slot.deadline == latest)
 
 
 def outcomes_of(lane: Lane, count: int, reply: Any) -> list[Outcome]:

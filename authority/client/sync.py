@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import threading
 import time
@@ -27,6 +28,12 @@ from authority.client.transport import (
 
 _CORE_READY = grpc.ChannelConnectivity.READY.value[0]
 _NOT_CONNECTED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+#: what the callers of a group get when its sender is interrupted mid-RPC
+_INTERRUPTED = coalesce.Failure(coalesce.Status(grpc.StatusCode.CANCELLED,
+                                                "the call carrying this item was interrupted"))
+#: what the callers of a group get when every deadline passed before it could be sent
+_LATE = coalesce.Failure(coalesce.Status(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                         "the deadline passed before the call was sent"))
 
 
 class TicketClient(ClientSettings):
@@ -74,7 +81,7 @@ class TicketClient(ClientSettings):
         self._probe = health_pb2_grpc.HealthStub(self._raw).Check
         self._batch_ids = itertools.count(1)
         self._lanes = Coalescer(self.coalesce_window, max_batch_items)
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -213,26 +220,58 @@ class TicketClient(ClientSettings):
         when the caller's deadline passes while it waits for its group."""
         slot = Slot(request, loop.deadline, size, coalesce.nobody)
         with self._lock:
-            group, leader = self._lanes.join(lane, slot, time.monotonic())
+            group, opened = self._lanes.join(lane, slot, time.monotonic())
             if group is not None:
-                box = _Box()
-                slot.deliver = box.put   # before anyone can take the group (under the lock)
+                box = slot.waiter = _Box()
                 if group.full:
-                    self._lock.notify_all()   # its leader sends it now
+                    self._dispatch(group)   # goes now, maybe from this very thread
         if group is None:
             try:
                 return self._alone(lane, request, loop)
             finally:
                 self._finished(lane)
-        if leader:
-            self._lead(group, loop.deadline)
-        if not box.done.wait(max(0.0, loop.deadline - time.monotonic())):
-            with self._lock:
+        try:
+            woken = self._wait(group, box, opened, loop.deadline)
+        except BaseException:   # interrupted: nobody else may be left waiting for this caller
+            self._give_up(lane, group, slot, box, _INTERRUPTED)
+            raise
+        if woken:
+            return box.outcome if box.slots is None else self._send(lane, box.slots, slot)
+        outcome = self._give_up(lane, group, slot, box, _LATE)
+        if outcome is not None:   # delivered as the deadline passed
+            return outcome
+        raise AuthorityDeadlineExceeded(
+            lane.unary, grpc.StatusCode.DEADLINE_EXCEEDED,
+            f"no answer within {loop.budget:g} s", max(1, loop.attempts + 1))
+
+    def _wait(self, group: Group, box: _Box, opened: bool, deadline: float) -> bool:
+        """Wait in ``group`` until this caller's box is signalled (True: it holds the outcome,
+        or the group to send) or its ``deadline`` passes (False). The caller that opened the
+        group sends it off when the window is over (to whichever caller is to send it)."""
+        if opened:
+            if box.wait(group.opened + self._lanes.window - time.monotonic()):
+                return box.taken()
+            with self._lock:   # the window is over: the group goes now unless it already went
+                self._dispatch(group)
+        return box.wait(deadline - time.monotonic()) and box.taken()
+
+    def _give_up(self, lane: Lane, group: Group, slot: Slot, box: _Box,
+                 why: Outcome) -> Outcome | None:
+        """The caller of ``slot`` stops waiting (deadline or interrupt). Its outcome if it was
+        delivered meanwhile (it wakes the next caller in its stead), else None: it leaves its
+        group, or, if it was to send the group, gives each other caller ``why``. Never
+        raises."""
+        with self._lock:
+            handed, chained = box.slots, box.chained
+            if handed is None and not chained:
                 self._lanes.abandon(slot, group)
-            raise AuthorityDeadlineExceeded(
-                lane.unary, grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no answer within {loop.budget:g} s", max(1, loop.attempts + 1))
-        return box.outcome
+        if handed is not None:
+            self._deliver(lane, handed, slot, [why] * len(handed))
+            return None
+        if chained:
+            box.taken()
+            return box.outcome
+        return None
 
     def _alone(self, lane: Lane, request: Any, loop: RetryLoop) -> Outcome:
         """One unary attempt, as ``_call`` makes it. Raises AuthorityDeadlineExceeded."""
@@ -245,61 +284,82 @@ class TicketClient(ClientSettings):
             return coalesce.Failure(err)
 
     def _finished(self, lane: Lane) -> None:
-        """A call of ``lane`` answered: wake the leader of its group if the lane is idle now."""
+        """A call of ``lane`` answered: its open group goes if the lane is idle now."""
         with self._lock:
-            if self._lanes.finished(lane) is not None:
-                self._lock.notify_all()
+            group = self._lanes.finished(lane)
+            if group is not None:
+                self._dispatch(group)
 
-    def _lead(self, group: Group, own_deadline: float) -> None:
-        """Wait (as the caller that opened ``group``) until it is due, then send it unless it
-        already went."""
-        with self._lock:
-            while not self._lanes.due(group, now := time.monotonic()):
-                self._lock.wait(group.opened + self._lanes.window - now)
-            slots = self._lanes.take(group)
-        if slots is not None:
-            self._send(group.lane, slots, own_deadline)
-
-    def _send(self, lane: Lane, slots: list[Slot], own_deadline: float) -> None:
-        """Send the group's items (one: the unary RPC, else the batch RPC) without waiting for
-        the answer; every caller gets its outcome through its slot. The connection check of a
-        non-idempotent group waits at most until ``own_deadline`` (the sender's). Never
-        raises."""
-        if not slots:
-            self._finished(lane)
+    def _dispatch(self, group: Group) -> None:
+        """Under the lock: take ``group`` (unless it already went) and hand it to the caller
+        that sends it, the one with the latest deadline (``coalesce.sender_of``): that caller's
+        thread makes the RPC, blocking, as a unary call would (no gRPC callback thread, no
+        hand-off on the way back). Never raises."""
+        slots = self._lanes.take(group)
+        if slots is None:
             return
-        now = time.monotonic()
-        remaining = max(s.deadline for s in slots) - now
+        if not slots:   # every caller gone: nothing to send
+            following = self._lanes.finished(group.lane)
+            if following is not None:
+                self._dispatch(following)
+            return
+        slots[coalesce.sender_of(slots)].waiter.hand(slots)
+
+    def _send(self, lane: Lane, slots: list[Slot], own: Slot) -> Outcome:
+        """Send the group's items from this thread (one: the unary RPC, else the batch RPC);
+        every other caller gets its outcome through its slot; ``own``'s is returned. Raises
+        only what interrupts this thread (e.g. KeyboardInterrupt: the others then get
+        CANCELLED)."""
+        outcomes: list[Outcome] = [_INTERRUPTED] * len(slots)
         try:
-            if not lane.idempotent and not self._connected(max(0.0, own_deadline - now)):
-                self._land(lane, slots, [coalesce.NOT_SENT] * len(slots))
-                return
-            if len(slots) == 1:
-                future = getattr(self._stub, lane.unary).future(slots[0].request,
-                                                                 timeout=remaining)
+            outcomes = self._outcomes(lane, slots)
+        finally:
+            self._deliver(lane, slots, own, outcomes)
+        return outcomes[slots.index(own)]
+
+    def _deliver(self, lane: Lane, slots: list[Slot], own: Slot,
+                 outcomes: list[Outcome]) -> None:
+        """Give each caller of ``slots`` but ``own`` (the sender) its outcome, and send the
+        lane's open group if the lane is idle now. The callers still waiting are chained and
+        only the first is woken; each wakes the next as it wakes (``_Box.taken``): a batch's
+        callers come back one after another, as the interpreter lock would let them run
+        anyway, instead of all of them fighting for it at once. Never raises."""
+        chain: list[_Box] = []
+        with self._lock:
+            for slot, outcome in zip(slots, outcomes, strict=True):
+                if slot is not own and not slot.gone:
+                    box = slot.waiter
+                    box.outcome, box.chained = outcome, True
+                    if chain:
+                        chain[-1].next = box
+                    chain.append(box)
+            group = self._lanes.finished(lane)
+            if group is not None:
+                self._dispatch(group)
+        if chain:
+            chain[0].signal()
+
+    def _outcomes(self, lane: Lane, slots: list[Slot]) -> list[Outcome]:
+        """Each caller's outcome of one blocking RPC carrying ``slots``, under the latest of
+        their deadlines (the sender's). Never raises ``Exception``s (each caller gets it)."""
+        count = len(slots)
+        remaining = max(s.deadline for s in slots) - time.monotonic()
+        if remaining <= 0:
+            return [_LATE] * count
+        try:
+            if not lane.idempotent and not self._connected(remaining):
+                return [coalesce.NOT_SENT] * count
+            if count == 1:
+                reply = getattr(self._stub, lane.unary)(slots[0].request, timeout=remaining)
             else:
                 batch = coalesce.batch_request(lane, [s.request for s in slots],
                                                next(self._batch_ids))
-                future = getattr(self._stub, lane.batch).future(batch, timeout=remaining)
-        except Exception as exc:   # e.g. the channel was closed: each caller gets it
-            self._land(lane, slots, [coalesce.Raised(exc)] * len(slots))
-            return
-        future.add_done_callback(lambda done: self._answered(lane, slots, done))
-
-    def _answered(self, lane: Lane, slots: list[Slot], future: Any) -> None:
-        """The group's RPC ended: give each caller its outcome. Never raises."""
-        try:
-            outcomes = coalesce.outcomes_of(lane, len(slots), future.result())
+                reply = getattr(self._stub, lane.batch)(batch, timeout=remaining)
         except grpc.RpcError as err:
-            outcomes = [coalesce.failure_outcome(err, len(slots), self._shrink)] * len(slots)
-        except Exception as exc:   # cancelled by close()
-            outcomes = [coalesce.Raised(exc)] * len(slots)
-        self._land(lane, slots, outcomes)
-
-    def _land(self, lane: Lane, slots: list[Slot], outcomes: list[Outcome]) -> None:
-        for slot, outcome in zip(slots, outcomes, strict=True):
-            slot.deliver(outcome)
-        self._finished(lane)
+            return [coalesce.failure_outcome(err, count, self._shrink)] * count
+        except Exception as exc:   # e.g. the channel was closed: each caller gets it
+            return [coalesce.Raised(exc)] * count
+        return coalesce.outcomes_of(lane, count, reply)
 
     def _shrink(self, limit: int, sent: int) -> None:
         with self._lock:
@@ -337,14 +397,34 @@ class TicketClient(ClientSettings):
 
 
 class _Box:
-    """Where a waiting caller's outcome is put."""
+    """Where a waiting caller is woken, once: with its outcome (set with ``chained``, under
+    the client's lock, before the wake-up), or with the group it is to send (``hand``). A bare
+    lock, acquired at birth: the cheapest wake-up a thread has."""
 
-    __slots__ = ("done", "outcome")
+    __slots__ = ("_signal", "chained", "next", "outcome", "slots")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self._signal = _thread.allocate_lock()
+        self._signal.acquire()
         self.outcome: Outcome = coalesce.NOT_SENT
+        self.slots: list[Slot] | None = None
+        self.chained = False
+        self.next: _Box | None = None   # the caller to wake after this one
 
-    def put(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.done.set()
+    def wait(self, timeout: float) -> bool:
+        """Whether the box was signalled within ``timeout`` seconds. Never raises."""
+        return self._signal.acquire(timeout=min(max(0.0, timeout), threading.TIMEOUT_MAX))
+
+    def signal(self) -> None:
+        self._signal.release()
+
+    def hand(self, slots: list[Slot]) -> None:
+        self.slots = slots
+        self._signal.release()
+
+    def taken(self) -> bool:
+        """This caller has what woke it: wake the next caller of its chain (once). True."""
+        following, self.next = self.next, None
+        if following is not None:
+            following.signal()
+        return True
