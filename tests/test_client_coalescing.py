@@ -217,8 +217,8 @@ def test_tasks_each_get_their_own_result_in_fewer_rpcs(pkcs11_harness: Harness) 
             if not check(r)] == []
     assert [r.state.gateway_data for r in consumed] == [
         f"session={100 + n}".encode() for n in range(6)]
-    # on one loop, everything after the first call of a lane joins one group
-    assert counting.calls["RedeemTicket"] == 2 and counting.calls["IssueTicket"] == 1
+    # on one loop, the calls of a lane made in the same round go as one batch (no unary first)
+    assert counting.calls["RedeemTicket"] == 0 and counting.calls["IssueTicket"] == 0
     assert counting.calls["RedeemTickets"] == 2 and counting.calls["IssueTickets"] == 1
 
 
@@ -555,3 +555,66 @@ def test_a_sender_interrupted_mid_batch_fails_each_caller_at_once(pkcs11_harness
     assert all(isinstance(exc, AuthorityRejected) and exc.code == grpc.StatusCode.CANCELLED
                and when < 1.0 for exc, when in others)
     assert _is_session(4, after)
+
+
+# -- the aio client: the calls of one loop round go together ---------------------------------------
+
+
+def test_async_lone_call_is_unary_and_does_not_wait(pkcs11_harness: Harness) -> None:
+    counting = AsyncCounting()
+
+    async def main() -> list[float]:
+        took = []
+        async with AsyncTicketClient(address(pkcs11_harness), coalesce_window=1.0,
+                                     interceptors=[counting]) as client:
+            for n in range(3):
+                begun = time.monotonic()
+                assert (await client.redeem((await client.issue(sample_state(n))).ticket)).ok
+                took.append(time.monotonic() - begun)
+        return took
+
+    assert max(run(main())) < 0.5
+    assert dict(counting.calls) == {"IssueTicket": 3, "RedeemTicket": 3}
+
+
+def test_async_calls_of_one_round_go_as_one_batch(pkcs11_harness: Harness,
+                                                  paced: PacedServer) -> None:
+    """Tasks that call in the same loop round (here: woken together by one batch's answer)
+    go as one batch, without a unary call first; the next round's calls again."""
+    servicer, where = paced(0.1)
+    good = tickets(pkcs11_harness, 6)
+    counting = AsyncCounting()
+
+    async def main() -> list[Any]:
+        async with AsyncTicketClient(where, coalesce_window=WIDE,
+                                     interceptors=[counting]) as client:
+            async def twice(ticket: bytes) -> Any:
+                await client.redeem(ticket)
+                return await client.redeem(ticket)
+            return list(await asyncio.gather(*(twice(t) for t in good)))
+
+    results = run(main())
+    assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 6
+    assert servicer.batches == [6, 6]
+    assert dict(counting.calls) == {"RedeemTickets": 2}
+
+
+def test_async_opener_cancelled_in_its_round_the_others_still_go(pkcs11_harness: Harness,
+                                                                  paced: PacedServer) -> None:
+    """T0 finds the lane idle and opens a group for its round; T1-T3 join it; T0 is
+    cancelled before the round ends. T0 gets CancelledError, the others their answers, and
+    the batch carries their three items only."""
+    servicer, where = paced(0.1)
+    good = tickets(pkcs11_harness, 4)
+
+    async def main() -> list[Any]:
+        async with AsyncTicketClient(where, coalesce_window=WIDE, timeout=5.0) as client:
+            tasks = [asyncio.create_task(client.redeem(t)) for t in good]
+            await asyncio.sleep(0)   # each made its call: T0 waits for the round's end
+            tasks[0].cancel()
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    results = run(main())
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert [_is_session(n, results[n]) for n in (1, 2, 3)] == [True] * 3
+    assert servicer.batches == [3]

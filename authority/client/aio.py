@@ -35,7 +35,9 @@ class AsyncTicketClient(ClientSettings):
 
     Arguments, retry rule and exceptions as ``TicketClient`` (``interceptors`` are
     ``grpc.aio`` client interceptors). ``coalesce_window`` as there: concurrent ``issue`` /
-    ``redeem`` calls of tasks on this client's loop are merged into batch RPCs; a task cancelled
+    ``redeem`` calls of tasks on this client's loop are merged into batch RPCs (on an idle lane,
+    the calls made in the same round of the loop go together, without a timer; a call alone
+    goes as the unary call, see authority/client/coalesce.py); a task cancelled
     while it waits for its group gets CancelledError and is left out of (or just not answered
     from) the batch, the others unaffected; a batch whose callers were all cancelled is
     cancelled.
@@ -178,12 +180,9 @@ class AsyncTicketClient(ClientSettings):
         """One attempt: alone (the lane idle) or in a group. Raises AuthorityDeadlineExceeded
         when the caller's deadline passes while it waits for its group; CancelledError."""
         slot = Slot(request, loop.deadline, size, coalesce.nobody)
-        group, leader = self._lanes.join(lane, slot, time.monotonic())
+        group, leader = self._lanes.join(lane, slot, time.monotonic(), tick=True)
         if group is None:
-            try:
-                return await self._alone(lane, request, loop)
-            finally:
-                self._finished(lane)
+            return await self._unary(lane, request, loop)
         answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
 
         def deliver(outcome: Outcome) -> None:
@@ -191,12 +190,14 @@ class AsyncTicketClient(ClientSettings):
                 answer.set_result(outcome)
 
         slot.deliver = deliver
-        if leader:
+        if leader and not group.tick:
             group.timer = asyncio.get_running_loop().call_later(self._lanes.window,
                                                                 self._flush, group)
         if group.full:
             self._flush(group)
         try:
+            if leader and group.tick and await self._after_round(group, slot):
+                return await self._unary(lane, request, loop)
             async with asyncio.timeout(max(0.0, loop.deadline - time.monotonic())):
                 return await answer
         except TimeoutError:
@@ -207,6 +208,33 @@ class AsyncTicketClient(ClientSettings):
         except asyncio.CancelledError:
             self._abandon(slot, group)
             raise
+
+    async def _unary(self, lane: Lane, request: Any, loop: RetryLoop) -> Outcome:
+        """A call counted in flight alone: the unary attempt, then the lane's open group goes if
+        the lane is idle. Raises as ``_alone``."""
+        try:
+            return await self._alone(lane, request, loop)
+        finally:
+            self._finished(lane)
+
+    async def _after_round(self, group: Group, slot: Slot) -> bool:
+        """The opener of a ``tick`` group (``slot``'s caller): let the tasks already ready to
+        run make their calls (they join the group), then send it. True when no one joined:
+        the caller sends its own call, as the unary call (the group is taken, counted in
+        flight). Raises CancelledError (the others still go)."""
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._lanes.abandon(slot, group)
+            self._flush(group)   # the others go (none left: the lane is idle again)
+            raise
+        if group.sent:   # it filled up meanwhile and went
+            return False
+        if group.slots == [slot]:
+            self._lanes.take(group)
+            return True
+        self._flush(group)
+        return False
 
     def _abandon(self, slot: Slot, group: Group) -> None:
         """The caller of ``slot`` stopped waiting: leave it out of its group, or cancel the

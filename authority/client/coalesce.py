@@ -13,7 +13,11 @@ never merged.
 When a call goes out:
 
 - A call that finds its lane idle (nothing of its lane in flight, no group waiting) is sent at
-  once as the unary RPC: a lone call never waits.
+  once as the unary RPC: a lone call never waits. In the aio client, "at once" is at the end of
+  the event loop's current round (no timer: a yield to the tasks already ready to run; a gRPC
+  call of grpc.aio starts in a task of its own anyway): the calls of the lane that other tasks
+  make in the same round join it and go with it as one batch; a call alone goes as the unary
+  RPC. (Tasks woken together, e.g. by one batch's answer, ask together.)
 - A call that finds its lane busy joins the lane's open group. The group is sent (as one batch
   RPC; a group of one as the unary RPC) as soon as the lane becomes idle, or ``coalesce_window``
   seconds after the group opened, or when it is full (``max_batch_items`` items or
@@ -217,6 +221,7 @@ class Group:
     size: int = 0
     full: bool = False
     sent: bool = False
+    tick: bool = False  # opened on an idle lane: goes at the end of the loop's round (aio)
     timer: Any = None   # the aio client's window timer
     task: Any = None    # the aio client's sending task
 
@@ -237,19 +242,23 @@ class Coalescer:
         self.max_bytes = MAX_GROUP_BYTES
         self._lanes: dict[Lane, _LaneState] = {}
 
-    def join(self, lane: Lane, slot: Slot, now: float) -> tuple[Group | None, bool]:
+    def join(self, lane: Lane, slot: Slot, now: float,
+             tick: bool = False) -> tuple[Group | None, bool]:
         """Enter a call: (None, False) to send it at once as the unary call (the lane now counts
         it in flight; call ``finished`` after), else (its group, whether it opened the group).
+        ``tick`` (the aio client): a call that finds its lane idle opens a group all the same,
+        marked ``tick``, which its opener sends at the end of the loop's round (``take`` it).
         Never raises."""
         state = self._lanes.setdefault(lane, _LaneState())
         alone = (slot.size > ALONE_BYTES or slot.deadline - now <= self.window
                  or self.max_items < 2)
-        if alone or (state.in_flight == 0 and state.open is None):
+        idle = state.in_flight == 0 and state.open is None
+        if alone or (idle and not tick):
             state.in_flight += 1
             return None, False
         group, opened = state.open, False
         if group is None:
-            group, opened = Group(lane, now), True
+            group, opened = Group(lane, now, tick=idle), True
             state.open = group
         group.slots.append(slot)
         group.size += slot.size
