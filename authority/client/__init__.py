@@ -27,7 +27,7 @@ UNAVAILABLE only, and only where repeating is safe:
   twice would report the caller's own ticket as REPLAYED.
 - INVALID_ARGUMENT, DEADLINE_EXCEEDED and every other status: never retried.
 
-Coalescing (``coalesce_window``, default 0.0002 s; 0 turns it off): concurrent ``issue`` and
+Coalescing (``coalesce_window``, default 0.0005 s; 0 turns it off): concurrent ``issue`` and
 ``redeem`` calls on one client (threads sharing a ``TicketClient``, tasks sharing an
 ``AsyncTicketClient``) are merged into IssueTickets / RedeemTickets while a call of the same kind
 (issue, redeem, redeem with consume) is in flight, each merged call waiting at most the window; a

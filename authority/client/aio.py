@@ -49,7 +49,8 @@ class AsyncTicketClient(ClientSettings):
     def __init__(self, address: str, tls: ClientTls | None = None, *, timeout: float = 2.0,
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-                 max_batch_items: int = 1000, coalesce_window: float = 0.0002) -> None:
+                 max_batch_items: int = 1000,
+                 coalesce_window: float = coalesce.DEFAULT_WINDOW) -> None:
         opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options,
                             coalesce_window)
         chosen = list(interceptors) or None

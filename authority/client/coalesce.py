@@ -56,6 +56,10 @@ import grpc
 from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.client.transport import RetryLoop
 
+#: the clients' default ``coalesce_window`` (seconds): at 64 callers of one TicketClient, 0.2 ms
+#: sent a group every 0.2 ms while a batch was still in flight (about 5 items per batch); 0.5 ms
+#: lets about twice as many join (docs/benchmarks.md (h)). A lone call never waits for it.
+DEFAULT_WINDOW = 0.0005
 #: an item larger than this (serialized) is sent alone, as the unary call
 ALONE_BYTES = 16 << 10
 #: a group holding this many octets of items is full

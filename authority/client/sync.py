@@ -45,7 +45,7 @@ class TicketClient(ClientSettings):
     it). ``retries``: how many times an UNAVAILABLE attempt may be repeated, ``backoff`` how long
     to wait in between. ``interceptors``: ``grpc`` client interceptors (e.g. to count attempts).
     ``options``: extra gRPC channel options. ``max_batch_items``: items per batch message.
-    ``coalesce_window``: seconds (default 0.0002; 0 turns coalescing off): concurrent ``issue``
+    ``coalesce_window``: seconds (default 0.0005; 0 turns coalescing off): concurrent ``issue``
     and ``redeem`` calls on this client are merged into IssueTickets / RedeemTickets while a
     call of their kind is in flight, for at most this long (see authority/client/coalesce.py);
     a lone call goes out at once as the unary call. Each caller gets its own result or error,
@@ -68,7 +68,8 @@ class TicketClient(ClientSettings):
     def __init__(self, address: str, tls: ClientTls | None = None, *, timeout: float = 2.0,
                  retries: int = 3, backoff: Backoff | None = None,
                  interceptors: Sequence[Any] = (), options: Sequence[tuple[str, Any]] = (),
-                 max_batch_items: int = 1000, coalesce_window: float = 0.0002) -> None:
+                 max_batch_items: int = 1000,
+                 coalesce_window: float = coalesce.DEFAULT_WINDOW) -> None:
         opts = self._settle(address, tls, timeout, retries, backoff, max_batch_items, options,
                             coalesce_window)
         if tls is None:
