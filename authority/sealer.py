@@ -112,17 +112,17 @@ def make_handle(key: bytes, ticket_id: bytes, expires_at: int) -> bytes:
     return body + _handle_tag(key, body)
 
 
-def open_handle(key: bytes, handle: bytes) -> tuple[bytes, int]:
+def open_handle(key: bytes, handle: bytes, field: str = "ticket_id") -> tuple[bytes, int]:
     """The (ticket id, expiry) of a handle ``make_handle`` made under ``key``.
 
-    Raises: InvalidArgument naming ``ticket_id`` for a wrong length or a tag that fails.
+    Raises: InvalidArgument naming ``field`` for a wrong length or a tag that fails.
     """
     if len(handle) != TICKET_HANDLE_LEN:
-        raise InvalidArgument("ticket_id", f"must be the {TICKET_HANDLE_LEN}-octet handle "
-                                           f"returned by RedeemTicket, got {len(handle)}")
+        raise InvalidArgument(field, f"must be the {TICKET_HANDLE_LEN}-octet handle "
+                                     f"returned by RedeemTicket, got {len(handle)}")
     body, tag = handle[:-HANDLE_TAG_LEN], handle[-HANDLE_TAG_LEN:]
     if not hmac.compare_digest(tag, _handle_tag(key, body)):
-        raise InvalidArgument("ticket_id", "not a handle returned by RedeemTicket")
+        raise InvalidArgument(field, "not a handle returned by RedeemTicket")
     return body[:TICKET_ID_LEN], int.from_bytes(body[TICKET_ID_LEN:], "big")
 
 
@@ -430,18 +430,42 @@ class Sealer:
         Raises: InvalidArgument naming ``ticket_id`` (malformed or not authentic: nothing is
         stored), DeviceUnavailable (store down).
         """
-        try:
-            ticket_id, expires_at = open_handle(self.handle_key(), handle)
-        except InvalidArgument:
-            self._counters.inc("consume_refused")
-            raise
+        result = self.consume_many([handle], field=lambda _: "ticket_id")[0]
+        if isinstance(result, InvalidArgument):
+            raise result
+        return result
+
+    def consume_many(self, handles: Sequence[bytes],
+                     field: Callable[[int], str] = lambda i: f"items[{i}].ticket_id",
+                     ) -> list[RedeemStatus | InvalidArgument]:
+        """:meth:`consume` for many handles, in order, in one store transaction: a handle
+        that is malformed or not authentic yields its InvalidArgument (naming ``field(i)``)
+        and stores nothing; the others are OK, REPLAYED (also a handle repeated within the
+        batch, after its first) or EXPIRED.
+
+        Raises: DeviceUnavailable (store down: for the whole batch, nothing acknowledged).
+        """
+        out: list[RedeemStatus | InvalidArgument | None] = [None] * len(handles)
+        entries: list[tuple[int, bytes, int]] = []
+        key = self.handle_key() if handles else b""
         now = self._clock.now()
-        if now >= expires_at:
-            return RedeemStatus.EXPIRED
-        expires_at = min(expires_at, math.ceil(self._rules.retention(now)))
-        fresh = self._store.consume_many([(ticket_id, expires_at)], now)[0]
-        self._counters.inc("consumed" if fresh else "consume_replayed")
-        return RedeemStatus.OK if fresh else RedeemStatus.REPLAYED
+        retention = math.ceil(self._rules.retention(now)) if handles else 0
+        for index, handle in enumerate(handles):
+            try:
+                ticket_id, expires_at = open_handle(key, handle, field(index))
+            except InvalidArgument as exc:
+                self._counters.inc("consume_refused")
+                out[index] = exc
+                continue
+            if now >= expires_at:
+                out[index] = RedeemStatus.EXPIRED
+                continue
+            entries.append((index, ticket_id, min(expires_at, retention)))
+        fresh = self._store.consume_many([(t, e) for _, t, e in entries], now)
+        for (index, _, _), new in zip(entries, fresh, strict=True):
+            self._counters.inc("consumed" if new else "consume_replayed")
+            out[index] = RedeemStatus.OK if new else RedeemStatus.REPLAYED
+        return [r for r in out if r is not None]
 
 
 def _sibling(field: str, name: str) -> str:

@@ -77,15 +77,31 @@ class Paced(TicketAuthorityServicer):
         self._hold()
         return super().RedeemTickets(request, context)
 
+    def ConsumeTicket(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self._hold()
+        return super().ConsumeTicket(request, context)
+
+    def ConsumeTickets(self, request: Any, context: Any) -> Any:  # noqa: N802
+        self.batches.append(len(request.items))
+        self.arrived.append(time.monotonic())
+        self._hold()
+        return super().ConsumeTickets(request, context)
+
+
+class WithoutConsumeTickets(Paced):
+    """A server of a release before ConsumeTickets: that method is UNIMPLEMENTED."""
+
+    ConsumeTickets = authority_pb2_grpc.TicketAuthorityServicer.ConsumeTickets
+
 
 PacedServer = Callable[..., tuple[Paced, str]]
 
 
-def serve_paced(authority: Any, delay: float, buckets: TokenBuckets | None = None
-                ) -> tuple[Paced, grpc.Server, str]:
-    """A started thread-pool server for ``Paced(authority, delay)``, with a token-bucket rate
+def serve_paced(authority: Any, delay: float, buckets: TokenBuckets | None = None,
+                kind: type[Paced] = Paced) -> tuple[Paced, grpc.Server, str]:
+    """A started thread-pool server for ``kind(authority, delay)``, with a token-bucket rate
     limit when ``buckets`` is given."""
-    servicer = Paced(authority, delay)
+    servicer = kind(authority, delay)
     gate = Gate(Metrics(), Limits.of(Config(state_dir=Path(".")), threads=True),
                 buckets=buckets)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
@@ -101,8 +117,9 @@ def paced(pkcs11_harness: Harness) -> Iterator[PacedServer]:
     """``serve_paced`` on the harness's authority; stopped at teardown."""
     servers: list[grpc.Server] = []
 
-    def start(delay: float, buckets: TokenBuckets | None = None) -> tuple[Paced, str]:
-        servicer, server, where = serve_paced(pkcs11_harness.authority, delay, buckets)
+    def start(delay: float, buckets: TokenBuckets | None = None,
+              kind: type[Paced] = Paced) -> tuple[Paced, str]:
+        servicer, server, where = serve_paced(pkcs11_harness.authority, delay, buckets, kind)
         servers.append(server)
         return servicer, where
 
@@ -622,3 +639,59 @@ def test_async_opener_cancelled_in_its_round_the_others_still_go(pkcs11_harness:
     assert isinstance(results[0], asyncio.CancelledError)
     assert [_is_session(n, results[n]) for n in (1, 2, 3)] == [True] * 3
     assert servicer.batches == [3]
+
+
+# -- consumes ------------------------------------------------------------------------------------
+
+
+def handles(harness: Harness, count: int) -> list[bytes]:
+    """Consume handles of ``count`` fresh tickets (each redeemed once, not consumed)."""
+    with TicketClient(address(harness), coalesce_window=0) as client:
+        return [client.redeem(t).ticket_id for t in tickets(harness, count)]
+
+
+def test_consumes_merge_into_consume_tickets(pkcs11_harness: Harness,
+                                             paced: PacedServer) -> None:
+    """Eight threads consume at once: each gets OK, in fewer RPCs than callers (a batch of
+    ConsumeTickets among them); consuming the same handles again: each REPLAYED."""
+    servicer, where = paced(0.2)
+    ids = handles(pkcs11_harness, 8)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, interceptors=[counting]) as client:
+        first = at_once([partial(client.consume, i) for i in ids])
+        again = at_once([partial(client.consume, i) for i in ids])
+    assert first == [RedeemResult.OK] * 8 and again == [RedeemResult.REPLAYED] * 8
+    assert counting.calls["ConsumeTicket"] + counting.calls["ConsumeTickets"] < 16
+    assert counting.calls["ConsumeTickets"] >= 2 and max(servicer.batches) >= 2
+
+
+def test_async_consumes_of_one_round_go_as_one_batch(pkcs11_harness: Harness) -> None:
+    ids = handles(pkcs11_harness, 6)
+    counting = AsyncCounting()
+
+    async def go() -> list[Any]:
+        async with AsyncTicketClient(address(pkcs11_harness), coalesce_window=WIDE,
+                                     interceptors=[counting]) as client:
+            return list(await asyncio.gather(*(client.consume(i) for i in [*ids, ids[0]])))
+
+    assert run(go()) == [RedeemResult.OK] * 6 + [RedeemResult.REPLAYED]
+    assert counting.calls == {"ConsumeTickets": 1}
+
+
+def test_a_server_without_consume_tickets_makes_the_lane_unary(pkcs11_harness: Harness,
+                                                               paced: PacedServer) -> None:
+    """An older server answers ConsumeTickets UNIMPLEMENTED (nothing consumed): the callers of
+    that batch go again alone, each gets OK, and later consumes of the client go unary; the
+    other lanes still merge."""
+    _, where = paced(0.2, kind=WithoutConsumeTickets)
+    ids = handles(pkcs11_harness, 12)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, interceptors=[counting]) as client:
+        first = at_once([partial(client.consume, i) for i in ids[:6]])
+        batches = counting.calls["ConsumeTickets"]
+        later = at_once([partial(client.consume, i) for i in ids[6:]])
+        redeemed = at_once([partial(client.redeem, t) for t in tickets(pkcs11_harness, 6)])
+    assert first == [RedeemResult.OK] * 6 and later == [RedeemResult.OK] * 6
+    assert batches >= 1 and counting.calls["ConsumeTickets"] == batches
+    assert counting.calls["ConsumeTicket"] >= 11
+    assert all(r.ok for r in redeemed) and counting.calls["RedeemTickets"] >= 1

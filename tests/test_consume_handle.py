@@ -100,3 +100,36 @@ def test_the_handle_key_is_made_once_and_kept(tmp_path: Path) -> None:
             assert (reopened.handle_key() == key) is same
         finally:
             reopened.close()
+
+
+def test_consume_tickets_answers_each_handle_in_one_batch(pkcs11_harness: Harness) -> None:
+    """ConsumeTickets: OK for each fresh handle, REPLAYED for one repeated in the batch (after
+    its first) and for one consumed before, EXPIRED for an expired ticket, an ItemError naming
+    ``items[i].ticket_id`` for a made-up handle (nothing stored for it); a batch over
+    ``server.max_batch_items`` is INVALID_ARGUMENT naming ``items``."""
+    h = pkcs11_harness
+    handles = [redeem(h.tickets, issue(h.tickets, n).ticket).ticket_id for n in range(4)]
+    assert consume(h, handles[3]) == OK
+    short_lived = issue(h.tickets, 9, lifetime=60).ticket
+    expired = redeem(h.tickets, short_lived).ticket_id
+    h.clock.advance(61)
+    request = authority_pb2.ConsumeTicketsRequest(batch_id=7, items=[
+        authority_pb2.ConsumeTicketRequest(ticket_id=t) for t in
+        [handles[0], handles[1], handles[0], _flip(handles[2], 39), handles[3], expired]])
+    reply = h.tickets.ConsumeTickets(request)
+    assert reply.batch_id == 7
+    kinds = [item.WhichOneof("outcome") for item in reply.items]
+    assert kinds == ["consumed", "consumed", "consumed", "error", "consumed", "consumed"]
+    assert [item.consumed.result for item in reply.items if item.HasField("consumed")] == [
+        OK, OK, REPLAYED, REPLAYED, EXPIRED]
+    error = reply.items[3].error
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert error.message.startswith("items[3].ticket_id: ")
+    assert consumed(h) == 3                           # handles 0, 1 and 3; not the made-up one
+    assert consume(h, handles[2]) == OK               # its real handle was not spent
+    too_many = authority_pb2.ConsumeTicketsRequest(items=[
+        authority_pb2.ConsumeTicketRequest(ticket_id=handles[0])] * 1001)
+    with pytest.raises(grpc.RpcError) as err:
+        h.tickets.ConsumeTickets(too_many)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("items: ")

@@ -27,14 +27,15 @@ UNAVAILABLE only, and only where repeating is safe:
   twice would report the caller's own ticket as REPLAYED.
 - INVALID_ARGUMENT, DEADLINE_EXCEEDED and every other status: never retried.
 
-Coalescing (``coalesce_window``, default 0.0005 s; 0 turns it off): concurrent ``issue`` and
-``redeem`` calls on one client (threads sharing a ``TicketClient``, tasks sharing an
-``AsyncTicketClient``) are merged into IssueTickets / RedeemTickets while a call of the same kind
-(issue, redeem, redeem with consume) is in flight, each merged call waiting at most the window; a
-lone call goes out at once as the unary call. Each caller still gets exactly its own result or
-its own exception (a per-item error as the unary call's), under its own deadline and the retry
-rule above; a task cancelled while it waits gets CancelledError, the others are unaffected.
-``consume`` has no batch RPC and is always sent alone. See ``authority/client/coalesce.py``.
+Coalescing (``coalesce_window``, default 0.0005 s; 0 turns it off): concurrent ``issue``,
+``redeem`` and ``consume`` calls on one client (threads sharing a ``TicketClient``, tasks
+sharing an ``AsyncTicketClient``) are merged into IssueTickets / RedeemTickets / ConsumeTickets
+while a call of the same kind (issue, redeem, redeem with consume, consume) is in flight, each
+merged call waiting at most the window; a lone call goes out at once as the unary call. Each
+caller still gets exactly its own result or its own exception (a per-item error as the unary
+call's), under its own deadline and the retry rule above; a task cancelled while it waits gets
+CancelledError, the others are unaffected. A server without ConsumeTickets (an older release)
+makes consumes go alone. See ``authority/client/coalesce.py``.
 
 Errors: ``AuthorityUnavailable`` (after the retries; ``AuthorityDeadlineExceeded`` is a kind of
 it), ``AuthorityRejected`` (``code``, ``details``), ``PlaintextRefused`` at construction. A gateway

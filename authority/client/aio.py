@@ -93,7 +93,7 @@ class AsyncTicketClient(ClientSettings):
 
         Raises AuthorityRejected, AuthorityUnavailable, AuthorityDeadlineExceeded."""
         request = authority_pb2.ConsumeTicketRequest(ticket_id=ticket_id)
-        reply = await self._call("ConsumeTicket", request, False, timeout)
+        reply = await self._merged(coalesce.CONSUME, request, timeout)
         return models.result_from_number(reply.result)
 
     async def issue_many(self, states: Sequence[StateLike], lifetime: int = 0, *,
@@ -282,8 +282,8 @@ class AsyncTicketClient(ClientSettings):
             if slots:
                 outcomes = await self._send_slots(lane, slots)
         except grpc.RpcError as err:
-            outcomes = [coalesce.failure_outcome(err, len(slots), self._lanes.refused_form)
-                        ] * len(slots)
+            outcomes = [coalesce.failure_outcome(err, len(slots), lane,
+                                                 self._lanes.refused_form)] * len(slots)
         except (Exception, asyncio.CancelledError) as exc:  # the channel closed, or all gone
             outcomes = [coalesce.Raised(exc)] * len(slots)
         finally:

@@ -1,4 +1,5 @@
-"""Coalescing: concurrent ``issue`` / ``redeem`` calls of one client merged into batch RPCs.
+"""Coalescing: concurrent ``issue`` / ``redeem`` / ``consume`` calls of one client merged into
+batch RPCs.
 
 The bookkeeping here is shared by ``TicketClient`` (threads, under the client's lock) and
 ``AsyncTicketClient`` (tasks on one loop); each client drives it with its own waiting and sending.
@@ -7,8 +8,8 @@ Lanes: calls merge only with calls of the same lane, ``IssueTicket`` (into Issue
 ``RedeemTicket`` without consume and ``RedeemTicket`` with consume (into RedeemTickets, consume
 set on every item), so that a batch is idempotent exactly when each of its calls is, and the
 retry rule stays the unary one. Realms and lifetimes are per item in the batch messages and mix
-freely. ``consume(ticket_id)`` has no batch RPC (the batches take tickets, not ticket ids) and is
-never merged.
+freely. ``consume(ticket_id)`` has a lane of its own (into ConsumeTickets, not idempotent); a
+server without a batch RPC (UNIMPLEMENTED) makes that lane unary from then on.
 
 When a call goes out:
 
@@ -80,6 +81,7 @@ class Lane:
 ISSUE = Lane("IssueTicket", "IssueTickets", True)
 REDEEM = Lane("RedeemTicket", "RedeemTickets", True)
 REDEEM_CONSUME = Lane("RedeemTicket", "RedeemTickets", False)
+CONSUME = Lane("ConsumeTicket", "ConsumeTickets", False)
 
 
 # -- outcomes ------------------------------------------------------------------------------------
@@ -161,6 +163,8 @@ def batch_request(lane: Lane, items: list[Any], batch_id: int) -> Any:
     """The batch message of ``items`` (unary request messages). Never raises."""
     if lane is ISSUE:
         return authority_pb2.IssueTicketsRequest(items=items, batch_id=batch_id)
+    if lane is CONSUME:
+        return authority_pb2.ConsumeTicketsRequest(items=items, batch_id=batch_id)
     return authority_pb2.RedeemTicketsRequest(items=items, batch_id=batch_id)
 
 
@@ -171,7 +175,7 @@ def split_reply(lane: Lane, reply: Any, count: int) -> list[Outcome]:
         bad = Failure(Status(grpc.StatusCode.INTERNAL,
                              f"the authority answered {len(reply.items)} items for {count}"))
         return [bad] * count
-    kind = "ticket" if lane is ISSUE else "redeemed"
+    kind = "ticket" if lane is ISSUE else "consumed" if lane is CONSUME else "redeemed"
     return [Answer(getattr(item, kind)) if item.HasField(kind) else Failure(item_status(item.error))
             for item in reply.items]
 
@@ -185,11 +189,18 @@ def item_status(error: Any) -> Status:
     return Status(code, _ITEM_PREFIX.sub("", error.message))
 
 
+#: ``form_refusal`` of a server that lacks the batch RPC: that lane goes unary from now on
+UNARY_ONLY = -1
+
+
 def form_refusal(err: Any) -> int | None:
     """For a whole batch refused for its form (too many items for the server, or a message over
-    its size limit): the most items to send from now on (0: unknown, halve). None for any other
-    failure. Never raises."""
+    its size limit): the most items to send from now on (0: unknown, halve); ``UNARY_ONLY`` when
+    the server does not have the batch RPC (nothing was done: each call goes again alone). None
+    for any other failure. Never raises."""
     code, details = err.code(), err.details() or ""
+    if code == grpc.StatusCode.UNIMPLEMENTED:   # a server without this batch RPC (older)
+        return UNARY_ONLY
     if code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("items:"):
         found = _ITEMS_LIMIT.search(details)
         return int(found.group(1)) if found else 0
@@ -234,6 +245,7 @@ class Group:
 class _LaneState:
     in_flight: int = 0
     open: Group | None = None
+    unary_only: bool = False   # the server lacks this lane's batch RPC
 
 
 class Coalescer:
@@ -255,7 +267,7 @@ class Coalescer:
         Never raises."""
         state = self._lanes.setdefault(lane, _LaneState())
         alone = (slot.size > ALONE_BYTES or slot.deadline - now <= self.window
-                 or self.max_items < 2)
+                 or self.max_items < 2 or state.unary_only)
         idle = state.in_flight == 0 and state.open is None
         if alone or (idle and not tick):
             state.in_flight += 1
@@ -304,9 +316,13 @@ class Coalescer:
             group.slots.remove(slot)
             group.size -= slot.size
 
-    def refused_form(self, limit: int, sent: int) -> None:
-        """The server refused a batch of ``sent`` items for its form: send at most ``limit``
-        items from now on (0: half of ``sent``), and half as many octets. Never raises."""
+    def refused_form(self, limit: int, sent: int, lane: Lane) -> None:
+        """The server refused a batch of ``sent`` items of ``lane`` for its form: send at most
+        ``limit`` items from now on (0: half of ``sent``), and half as many octets; for
+        ``UNARY_ONLY``, only ``lane``'s calls go alone from now on. Never raises."""
+        if limit == UNARY_ONLY:
+            self._lanes.setdefault(lane, _LaneState()).unary_only = True
+            return
         self.max_items = max(1, min(self.max_items, limit or sent // 2, sent - 1))
         self.max_bytes = max(ALONE_BYTES, self.max_bytes // 2)
 
@@ -326,11 +342,12 @@ def outcomes_of(lane: Lane, count: int, reply: Any) -> list[Outcome]:
     return [Answer(reply)] if count == 1 else split_reply(lane, reply, count)
 
 
-def failure_outcome(err: Any, count: int, shrink: Callable[[int, int], None]) -> Outcome:
+def failure_outcome(err: Any, count: int, lane: Lane,
+                    shrink: Callable[[int, int, Lane], None]) -> Outcome:
     """The outcome every caller of a failed send gets: ``Resend`` (after ``shrink``) for a batch
     refused for its form, else the failure itself. Never raises."""
     limit = form_refusal(err) if count > 1 else None
     if limit is not None:
-        shrink(limit, count)
+        shrink(limit, count, lane)
         return RESEND
     return Failure(err)

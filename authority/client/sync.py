@@ -45,8 +45,9 @@ class TicketClient(ClientSettings):
     it). ``retries``: how many times an UNAVAILABLE attempt may be repeated, ``backoff`` how long
     to wait in between. ``interceptors``: ``grpc`` client interceptors (e.g. to count attempts).
     ``options``: extra gRPC channel options. ``max_batch_items``: items per batch message.
-    ``coalesce_window``: seconds (default 0.0005; 0 turns coalescing off): concurrent ``issue``
-    and ``redeem`` calls on this client are merged into IssueTickets / RedeemTickets while a
+    ``coalesce_window``: seconds (default 0.0005; 0 turns coalescing off): concurrent ``issue``,
+    ``redeem`` and ``consume`` calls on this client are merged into IssueTickets /
+    RedeemTickets / ConsumeTickets while a
     call of their kind is in flight, for at most this long (see authority/client/coalesce.py);
     a lone call goes out at once as the unary call. Each caller gets its own result or error,
     as the unary call would give it, under its own deadline and the same retry rule.
@@ -124,7 +125,7 @@ class TicketClient(ClientSettings):
         Raises AuthorityRejected (INVALID_ARGUMENT for a malformed id), AuthorityUnavailable,
         AuthorityDeadlineExceeded."""
         request = authority_pb2.ConsumeTicketRequest(ticket_id=ticket_id)
-        reply = self._call("ConsumeTicket", request, False, timeout)
+        reply = self._merged(coalesce.CONSUME, request, timeout)
         return models.result_from_number(reply.result)
 
     def issue_many(self, states: Sequence[StateLike], lifetime: int = 0, *,
@@ -357,14 +358,14 @@ class TicketClient(ClientSettings):
                                                next(self._batch_ids))
                 reply = getattr(self._stub, lane.batch)(batch, timeout=remaining)
         except grpc.RpcError as err:
-            return [coalesce.failure_outcome(err, count, self._shrink)] * count
+            return [coalesce.failure_outcome(err, count, lane, self._shrink)] * count
         except Exception as exc:   # e.g. the channel was closed: each caller gets it
             return [coalesce.Raised(exc)] * count
         return coalesce.outcomes_of(lane, count, reply)
 
-    def _shrink(self, limit: int, sent: int) -> None:
+    def _shrink(self, limit: int, sent: int, lane: Lane) -> None:
         with self._lock:
-            self._lanes.refused_form(limit, sent)
+            self._lanes.refused_form(limit, sent, lane)
 
     def _peek_ready(self) -> bool:
         """Whether the channel is READY now, without starting anything. Never raises.

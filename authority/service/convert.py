@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -220,3 +221,18 @@ def redeem_batch_response(results: list[Redemption | AuthorityError],
         else:
             redeem_response(result, item.redeemed)
     return reply
+
+
+def consume_batch_response(results: Sequence[RedeemStatus | AuthorityError],
+                           batch_id: int) -> authority_pb2.ConsumeTicketsResponse:
+    """The ConsumeTickets reply, items in request order."""
+    reply = authority_pb2.ConsumeTicketsResponse(batch_id=batch_id)
+    for result in results:
+        item = reply.items.add()
+        if isinstance(result, AuthorityError):
+            item.error.CopyFrom(item_error(result))
+        else:
+            item.consumed.CopyFrom(authority_pb2.ConsumeTicketResponse(
+                result=result_name(result)))
+    return reply
+

@@ -55,6 +55,11 @@ class TicketAuthorityServicer(authority_pb2_grpc.TicketAuthorityServicer):
         status = self._sealer.consume(request.ticket_id)
         return authority_pb2.ConsumeTicketResponse(result=convert.result_name(status))
 
+    def ConsumeTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        convert.check_batch(len(request.items), self._max_batch)
+        results = self._sealer.consume_many([item.ticket_id for item in request.items])
+        return convert.consume_batch_response(results, request.batch_id)
+
     def IssueTickets(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         return run(self.issue_tickets_plan(request, context), self._device)
 

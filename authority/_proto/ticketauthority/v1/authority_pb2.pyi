@@ -174,3 +174,26 @@ class RedeemTicketsResponse(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[RedeemTicketsResponse.Item]
     batch_id: int
     def __init__(self, items: _Optional[_Iterable[_Union[RedeemTicketsResponse.Item, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
+
+class ConsumeTicketsRequest(_message.Message):
+    __slots__ = ("items", "batch_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ConsumeTicketRequest]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ConsumeTicketRequest, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...
+
+class ConsumeTicketsResponse(_message.Message):
+    __slots__ = ("items", "batch_id")
+    class Item(_message.Message):
+        __slots__ = ("consumed", "error")
+        CONSUMED_FIELD_NUMBER: _ClassVar[int]
+        ERROR_FIELD_NUMBER: _ClassVar[int]
+        consumed: ConsumeTicketResponse
+        error: ItemError
+        def __init__(self, consumed: _Optional[_Union[ConsumeTicketResponse, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ConsumeTicketsResponse.Item]
+    batch_id: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ConsumeTicketsResponse.Item, _Mapping]]] = ..., batch_id: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,11 @@ class TicketAuthorityStub:
                 request_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
                 response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
                 _registered_method=True)
+        self.ConsumeTickets = channel.unary_unary(
+                '/ticketauthority.v1.TicketAuthority/ConsumeTickets',
+                request_serializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsResponse.FromString,
+                _registered_method=True)
         self.IssueTicketStream = channel.stream_stream(
                 '/ticketauthority.v1.TicketAuthority/IssueTicketStream',
                 request_serializer=ticketauthority_dot_v1_dot_authority__pb2.IssueTicketsRequest.SerializeToString,
@@ -104,6 +109,13 @@ class TicketAuthorityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ConsumeTickets(self, request, context):
+        """ConsumeTicket for many handles in one store transaction (what coalescing clients send).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def IssueTicketStream(self, request_iterator, context):
         """Pipelined batches for failover storms: one response per request message, in order.
         """
@@ -144,6 +156,11 @@ def add_TicketAuthorityServicer_to_server(servicer, server):
                     servicer.RedeemTickets,
                     request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.FromString,
                     response_serializer=ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.SerializeToString,
+            ),
+            'ConsumeTickets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConsumeTickets,
+                    request_deserializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsResponse.SerializeToString,
             ),
             'IssueTicketStream': grpc.stream_stream_rpc_method_handler(
                     servicer.IssueTicketStream,
@@ -291,6 +308,33 @@ class TicketAuthority:
             '/ticketauthority.v1.TicketAuthority/RedeemTickets',
             ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsRequest.SerializeToString,
             ticketauthority_dot_v1_dot_authority__pb2.RedeemTicketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConsumeTickets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAuthority/ConsumeTickets',
+            ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_authority__pb2.ConsumeTicketsResponse.FromString,
             options,
             channel_credentials,
             insecure,
