@@ -7,19 +7,23 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from pkcs11 import exceptions as p11x
+
 from authority.backends.base import BackendInfo
-from authority.backends.pkcs11 import _keys, _template
+from authority.backends.pkcs11 import _keys, _template, _wrap
 from authority.backends.pkcs11._crypt import find_key, seal_all, unseal_all
 from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
 from authority.backends.pkcs11._filelock import token_files_locked
 from authority.backends.pkcs11._login import TokenLogin
 from authority.backends.pkcs11._module import REGISTRY, Module
 from authority.backends.pkcs11._pool import PooledSession, SessionPool, close_quietly
+from authority.backends.pkcs11._rawck import RawToken
 from authority.backends.pkcs11._token import check_mechanisms, check_pin_flags, find_token
 from authority.config import Pkcs11Settings
 from authority.errors import (
     DeviceUnavailable,
     FailedPrecondition,
+    InvalidArgument,
     InvalidTicket,
     KeyNotFound,
     StartupError,
@@ -207,6 +211,100 @@ class Pkcs11Backend:
             key = find_key(pooled, key_id, "key_attributes")
             with device_errors(ctx):
                 return _keys.protection_attributes(key)
+
+    # -- ticket keys wrapped under the cluster KEK (per-node tokens, _wrap.py) --------------
+
+    def _rawtok(self) -> RawToken:
+        """The raw calls on this backend's module (made on first use). Raises: DeviceUnavailable.
+        """
+        rawtok: RawToken | None = getattr(self, "_raw", None)
+        if rawtok is None:
+            try:
+                rawtok = self._raw = RawToken(self._module.path)
+            except OSError as exc:
+                raise DeviceUnavailable(f"pkcs11: cannot load {self._module.path}: {exc}") from exc
+        return rawtok
+
+    def create_wrappable_key(self, key_id: bytes) -> None:
+        """Generate a ticket key for per-node tokens: as :meth:`create_key` (AES-256, sensitive,
+        encrypt/decrypt only, not modifiable, labelled ``ita-<hex id>``) but extractable under a
+        trusted key only (CKA_EXTRACTABLE and CKA_WRAP_WITH_TRUSTED true), so that
+        :meth:`wrap_key` can copy it under the cluster KEK and no other key can wrap it.
+
+        Raises: InvalidArgument (id not 8 bytes); FailedPrecondition (id taken);
+        KeyProtectionError (the token made a weaker key: destroyed); DeviceUnavailable.
+        """
+        _keys.check_key_id(key_id)
+        rawtok = self._rawtok()
+        ctx = Ctx(Phase.OPERATION, "create_wrappable_key", key_id=key_id)
+        with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
+            if _keys.search(pooled.session, key_id, by_label_only=False):
+                raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
+            _wrap.create_wrappable(rawtok, pooled.session, key_id, self._label)
+        log.info("created wrappable key %s", key_id.hex())
+
+    def wrap_key(self, key_id: bytes, kek_label: str = _wrap.KEK_LABEL) -> bytes:
+        """The ticket key wrapped under the cluster KEK with CKM_AES_KEY_WRAP (RFC 3394): 40
+        bytes, the same for the same key and KEK (the mechanism is deterministic).
+
+        Raises: KeyNotFound; FailedPrecondition (no KEK; or the key cannot be wrapped, e.g. one
+        made by :meth:`create_key`, never extractable: the message names the token's CKR);
+        DeviceUnavailable.
+        """
+        ctx = Ctx(Phase.OPERATION, "wrap_key", key_id=key_id)
+        with self._pool.session() as pooled:
+            key = find_key(pooled, key_id, "wrap_key")
+            with device_errors(ctx):
+                kek = _wrap.find_kek(pooled.session, kek_label)
+                try:
+                    return _wrap.wrap_ticket_key(kek, key)
+                except (p11x.KeyUnextractable, p11x.KeyNotWrappable) as exc:
+                    raise FailedPrecondition(f"key {key_id.hex()} cannot be wrapped under the "
+                                             f"cluster KEK: {type(exc).__name__}") from exc
+
+    def unwrap_key(self, key_id: bytes, blob: bytes,
+                   kek_label: str = _wrap.KEK_LABEL) -> None:
+        """Unwrap a copy of ticket key ``key_id`` from a :meth:`wrap_key` blob into this token:
+        sensitive, never extractable, not modifiable, encrypt/decrypt only, labelled
+        ``ita-<hex id>``. The copy's attributes are read back; a copy weaker than that is
+        destroyed.
+
+        Raises: InvalidArgument (id not 8 bytes; a blob the token refuses: tampered, or wrapped
+        under another KEK); FailedPrecondition (no KEK; id taken); KeyProtectionError (a weaker
+        copy: destroyed); DeviceUnavailable.
+        """
+        _keys.check_key_id(key_id)
+        rawtok = self._rawtok()
+        ctx = Ctx(Phase.OPERATION, "unwrap_key", key_id=key_id)
+        with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
+            if _keys.search(pooled.session, key_id, by_label_only=False):
+                raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
+            kek = _wrap.find_kek(pooled.session, kek_label)
+            try:
+                _wrap.unwrap_ticket_key(rawtok, pooled.session, kek, key_id, blob, self._label)
+            except (*_wrap.BAD_BLOB, p11x.GeneralError) as exc:
+                # SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR for a blob failing RFC 3394's check,
+                # as a device fault could: a session still alive means the blob was refused
+                if not self._session_alive(pooled.handle):
+                    raise
+                raise InvalidArgument("blob", f"the token refused it ({type(exc).__name__}): "
+                                      "tampered, or wrapped under another KEK") from exc
+        log.info("unwrapped a copy of key %s", key_id.hex())
+
+    def _session_alive(self, handle: int) -> bool:
+        """Whether C_GetSessionInfo still answers for ``handle``. Never raises."""
+        try:
+            self._module.ck.session_state(handle)
+        except p11x.PKCS11Error:
+            return False
+        return True
+
+    def kek_attributes(self, kek_label: str = _wrap.KEK_LABEL) -> dict[str, bool]:
+        """The cluster KEK's protection attributes as the token reports them (never CKA_VALUE).
+
+        Raises: FailedPrecondition (no KEK); DeviceUnavailable."""
+        with self._pool.session() as pooled, device_errors(Ctx(Phase.OPERATION, "kek_attributes")):
+            return _wrap.protection(_wrap.find_kek(pooled.session, kek_label))
 
     # -- seal / unseal -----------------------------------------------------------------------
 

@@ -1,0 +1,265 @@
+"""Cluster KEK primitives (issue 15) on real SoftHSM2 tokens: three nodes, each a process with its
+own embedded token in its own directory (tests/wrap_nodes.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from authority.backends.pkcs11._wrap import BLOB_BYTES, TransportKey, WrappedKek, fingerprint
+from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
+from tests.wrap_nodes import Node, NodeError
+
+pytestmark = requires_softhsm
+
+NEW = bytes.fromhex("2122232425262728")
+
+
+def _flip(blob: bytes, at: int = -1) -> bytes:
+    changed = bytearray(blob)
+    changed[at] ^= 1
+    return bytes(changed)
+
+
+def _join(member: Node, joiner: Node) -> tuple[TransportKey, WrappedKek]:
+    """The join exchange: the joiner's officer makes a transport key, the member's officer
+    wraps the KEK to it, the joiner unwraps it. Both officers are closed afterwards."""
+    joiner.officer("open")
+    transport: TransportKey = joiner.officer("new_transport_key")
+    member.officer("open")
+    wrapped: WrappedKek = member.officer("wrap_kek_for", transport.der)
+    member.officer("close")
+    joiner.officer("unwrap_kek", wrapped)
+    joiner.officer("close")
+    return transport, wrapped
+
+
+@pytest.fixture(name="trio", scope="module")
+def trio_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Node]]:
+    """Nodes A, B, C: A makes the KEK, B and C join; each then opens its backend."""
+    root = tmp_path_factory.mktemp("kek")
+    nodes = [Node(root / name) for name in ("a", "b", "c")]
+    try:
+        a, b, c = nodes
+        a.officer("open")
+        a.officer("make_kek")
+        a.officer("close")
+        _join(a, b)
+        _join(b, c)  # any member can approve
+        for node in nodes:
+            node.backend("open")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_the_three_tokens_are_separate_directories(trio: list[Node]) -> None:
+    confs = {node.settings.softhsm2_conf for node in trio}
+    assert len(confs) == 3
+    assert len({Path(str(c)).parent for c in confs}) == 3
+
+
+def test_every_kek_is_trusted_sensitive_wrap_unwrap_only(trio: list[Node]) -> None:
+    for node in trio:
+        attrs = node.backend("kek_attributes")
+        assert attrs["trusted"] is True and attrs["sensitive"] is True
+        assert attrs["wrap"] is True and attrs["unwrap"] is True
+        assert not any(attrs[k] for k in ("encrypt", "decrypt", "sign", "verify", "derive"))
+        assert attrs["modifiable"] is False
+        # extractable only under a trusted key (a new member must receive it)
+        assert attrs["extractable"] is True and attrs["wrap_with_trusted"] is True
+        # an SO session makes only public objects (PKCS#11): see _wrap.py
+        assert attrs["private"] is False and attrs["token"] is True
+
+
+def test_ticket_sealed_with_the_original_opens_with_each_copy_and_back(
+        trio: list[Node]) -> None:
+    a, b, c = trio
+    a.backend("create_wrappable_key", KID)
+    blob = a.backend("wrap_key", KID)
+    assert len(blob) == BLOB_BYTES == 40
+    b.backend("unwrap_key", KID, blob)
+    c.backend("unwrap_key", KID, blob)
+    sealed = a.backend("seal", KID, b"aad", b"ticket from A")
+    assert b.backend("unseal", KID, b"aad", sealed) == b"ticket from A"
+    assert c.backend("unseal", KID, b"aad", sealed) == b"ticket from A"
+    back = b.backend("seal", KID, b"aad", b"ticket from B")
+    assert a.backend("unseal", KID, b"aad", back) == b"ticket from B"
+    assert c.backend("unseal", KID, b"aad", back) == b"ticket from B"
+    with pytest.raises(NodeError) as wrong_aad:
+        a.backend("unseal", KID, b"other", back)
+    assert wrong_aad.value.kind == "UnsealFailed"
+
+
+def test_copies_are_sensitive_never_extractable_not_modifiable(trio: list[Node]) -> None:
+    a, b, _ = trio
+    a.backend("create_wrappable_key", OTHER)
+    original = a.backend("key_attributes", OTHER)
+    assert original["sensitive"] and original["always_sensitive"] and original["extractable"]
+    b.backend("unwrap_key", OTHER, a.backend("wrap_key", OTHER))
+    copy = b.backend("key_attributes", OTHER)
+    assert copy == {**copy, "sensitive": True, "extractable": False, "modifiable": False,
+                    "private": True, "token": True, "encrypt": True, "decrypt": True,
+                    "wrap": False, "unwrap": False, "sign": False, "derive": False}
+    assert OTHER in b.backend("list_keys")
+
+
+def test_values_unreadable_and_no_untrusted_key_wraps_a_ticket_key(trio: list[Node]) -> None:
+    a, b, _ = trio
+    if KID not in b.backend("list_keys"):
+        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+    original = a.probe("key", KID)
+    assert original == {"value": "AttributeSensitive", "untrusted_wrap": "KeyNotWrappable",
+                        "user_trusted": "AttributeReadOnly", "kek_value": "AttributeSensitive"}
+    copy = b.probe("key", KID)
+    assert copy["value"] == "AttributeSensitive" and copy["kek_value"] == "AttributeSensitive"
+    assert copy["untrusted_wrap"] == "KeyUnextractable"
+
+
+def test_a_copy_cannot_be_wrapped_again(trio: list[Node]) -> None:
+    a, b, _ = trio
+    if KID not in b.backend("list_keys"):
+        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+    with pytest.raises(NodeError) as refused:
+        b.backend("wrap_key", KID)
+    assert refused.value.kind == "FailedPrecondition"
+    assert "KeyUnextractable" in str(refused.value)   # CKR_KEY_UNEXTRACTABLE
+
+
+def test_a_key_made_never_extractable_cannot_be_wrapped(trio: list[Node]) -> None:
+    a = trio[0]
+    a.backend("create_key", NEW)
+    try:
+        with pytest.raises(NodeError) as refused:
+            a.backend("wrap_key", NEW)
+        assert "KeyUnextractable" in str(refused.value)
+    finally:
+        a.backend("destroy_key", NEW)
+
+
+def test_blobs_are_deterministic_and_differ_per_key_and_never_hold_the_length_of_a_clear_key(
+        trio: list[Node]) -> None:
+    a = trio[0]
+    first = a.backend("wrap_key", KID)
+    assert a.backend("wrap_key", KID) == first      # RFC 3394 is deterministic
+    other = a.backend("wrap_key", OTHER)
+    assert other != first and len(other) == len(first) == 40   # 32 + 8, never a bare 32
+
+
+def test_a_tampered_blob_is_refused_and_leaves_no_key(trio: list[Node]) -> None:
+    a, _, c = trio
+    blob = a.backend("wrap_key", KID)
+    for bad in (_flip(blob), _flip(blob, 0), _flip(blob, 20)):
+        with pytest.raises(NodeError) as refused:
+            c.backend("unwrap_key", NEW, bad)
+        assert refused.value.kind == "InvalidArgument"
+        assert NEW not in c.backend("list_keys")
+    with pytest.raises(NodeError) as short:
+        c.backend("unwrap_key", NEW, blob[:32])
+    assert short.value.kind == "InvalidArgument"
+
+
+def test_a_blob_of_one_key_unwrapped_under_another_id_seals_as_that_key(
+        trio: list[Node]) -> None:
+    """The id is the caller's: the blob says nothing of it (the store must keep the pair)."""
+    a, _, c = trio
+    c.backend("unwrap_key", NEW, a.backend("wrap_key", KID))
+    try:
+        sealed = a.backend("seal", KID, b"", b"x")
+        assert c.backend("unseal", NEW, b"", sealed) == b"x"
+    finally:
+        c.backend("destroy_key", NEW)
+
+
+def test_unwrapping_over_an_existing_id_is_refused(trio: list[Node]) -> None:
+    a, b, _ = trio
+    with pytest.raises(NodeError) as taken:
+        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+    assert taken.value.kind == "FailedPrecondition"
+
+
+def test_kek_blob_is_randomized_and_opens_only_with_its_transport_key(
+        trio: list[Node], tmp_path: Path) -> None:
+    a = trio[0]
+    d1, d2 = Node(tmp_path / "d1"), Node(tmp_path / "d2")
+    a.backend("close")   # the SO login needs the user logged out in A's process
+    try:
+        d1.officer("open")
+        d2.officer("open")
+        t1: TransportKey = d1.officer("new_transport_key")
+        t2: TransportKey = d2.officer("new_transport_key")
+        assert t1.fingerprint == fingerprint(t1.der) and t1.fingerprint != t2.fingerprint
+        a.officer("open")
+        w1 = a.officer("wrap_kek_for", t1.der)
+        again = a.officer("wrap_kek_for", t1.der)
+        with pytest.raises(NodeError) as not_rsa:
+            a.officer("wrap_kek_for", b"\x30\x03\x02\x01\x01")
+        a.officer("close")
+        assert not_rsa.value.kind == "InvalidArgument"
+        assert len(w1.blob) == 384 and w1.blob != again.blob      # OAEP is randomized
+        assert w1.oaep_hash in ("sha256", "sha1")
+        for bad in (WrappedKek(w1.blob, w1.oaep_hash),              # wrapped to d1, not d2
+                    WrappedKek(_flip(w1.blob), w1.oaep_hash)):
+            with pytest.raises(NodeError) as refused:
+                d2.officer("unwrap_kek", bad)
+            assert refused.value.kind == "InvalidArgument"
+            assert d2.officer("has_kek") is False
+        with pytest.raises(NodeError) as tampered:
+            d1.officer("unwrap_kek", WrappedKek(_flip(w1.blob, 5), w1.oaep_hash))
+        assert tampered.value.kind == "InvalidArgument"
+        d1.officer("unwrap_kek", w1)
+        assert d1.officer("has_kek") is True
+    finally:
+        d1.stop()
+        d2.stop()
+        a.backend("open")
+
+
+def test_transport_private_key_is_sensitive_never_extractable_unwrap_only(
+        tmp_path: Path) -> None:
+    node = Node(tmp_path / "j")
+    try:
+        node.officer("open")
+        transport: TransportKey = node.officer("new_transport_key")
+        attrs = node.officer("transport_attributes")
+        assert attrs["sensitive"] and attrs["always_sensitive"] and attrs["never_extractable"]
+        assert attrs["extractable"] is False and attrs["modifiable"] is False
+        assert attrs["unwrap"] is True
+        assert not any(attrs[k] for k in ("decrypt", "sign", "derive"))
+        assert attrs["token"] is False   # a session object: gone with the SO session
+        assert len(transport.fingerprint) == 64
+        with pytest.raises(NodeError) as no_kek:
+            node.officer("wrap_kek_for", transport.der)
+        assert no_kek.value.kind == "FailedPrecondition"
+    finally:
+        node.stop()
+
+
+def test_user_and_so_logins_exclude_each_other_in_one_process(trio: list[Node]) -> None:
+    with pytest.raises(NodeError) as busy:
+        trio[1].officer("open")
+    assert busy.value.kind == "FailedPrecondition"
+
+
+@pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="opensc not installed")
+def test_pkcs11_tool_sees_every_kek_and_copy_sensitive_and_reads_no_value(
+        trio: list[Node]) -> None:
+    for node, copy in zip(trio, (False, True, True), strict=True):
+        if copy and KID not in node.backend("list_keys"):
+            node.backend("unwrap_key", KID, trio[0].backend("wrap_key", KID))
+        out = node.pkcs11_tool("--list-objects", "--type", "secrkey")
+        kek = out.split("label:      ticket-authority-kek", 1)[1].split("Secret Key Object")[0]
+        assert "Usage:      wrap, unwrap" in kek and "sensitive" in kek
+        key = out.split(f"label:      ita-{KID.hex()}", 1)[1].split("Secret Key Object")[0]
+        access = next(line for line in key.splitlines() if "Access:" in line)
+        assert "sensitive" in access and "Usage:      encrypt, decrypt" in key
+        assert ("extractable" not in access) if copy else ("extractable" in access)
+        assert "Value" not in out
+        with pytest.raises(subprocess.CalledProcessError):
+            node.pkcs11_tool("--read-object", "--type", "secrkey", "--label",
+                             f"ita-{KID.hex()}")
