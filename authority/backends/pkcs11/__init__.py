@@ -14,6 +14,9 @@ The only package of the authority that imports python-pkcs11. Its modules, one i
 * ``_crypt``: sealing and unsealing items in one borrowed session.
 * ``backend``: :class:`Pkcs11Backend`.
 * ``provisioning``: initialising a token in-process (the embedded SoftHSM2 token).
+* ``_rawck``: raw calls with nested templates (CKA_UNWRAP_TEMPLATE), which python-pkcs11 lacks.
+* ``_wrap``: the cluster KEK, transport keys and wrapped copies of ticket keys (issue 15).
+* ``officer``: :class:`SecurityOfficer`, the SO session that makes and moves the cluster KEK.
 """
 
 from authority.backends.pkcs11._keys import KEY_LABEL_PREFIX, key_label
