@@ -5,7 +5,9 @@ PostgreSQL over real gRPC (real SoftHSM2)."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -18,13 +20,18 @@ from authority.config import PostgresSettings, Secret
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import (
+    JOIN_REQUEST_TTL,
     Fence,
+    JoinRequest,
     LeaseRecord,
+    NodeRecord,
     ReplicaRecord,
     RevocationRecord,
     StaleFence,
     Store,
+    WrappedKey,
 )
+from authority.store.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from authority.store.sqlite import SqliteStore
 from tests.conftest import START, Harness, at_once, issue, load_toml, make_config, redeem
 from tests.postgres_fixtures import (  # noqa: F401
@@ -429,6 +436,198 @@ def test_a_closed_store_is_unavailable(open_store: OpenStore) -> None:
         store.load_keys()
 
 
+# -- per-node tokens: wrapped keys, join requests, nodes (issue 15) ------------------------------
+
+BLOB1, BLOB2 = bytes(range(40)), bytes(range(100, 140))   # stand-ins for RFC 3394 blobs
+CHECK1, CHECK2 = b"\x11" * 16, b"\x22" * 16               # stand-ins for key check values
+
+
+def transport(n: int) -> tuple[bytes, str]:
+    """A stand-in transport public key (DER) and its fingerprint (SHA-256, lower-case hex)."""
+    der = bytes([0x30, 0x82, n]) * 100
+    return der, hashlib.sha256(der).hexdigest()
+
+
+def raw_sql(store: Store, statement: str) -> None:
+    """Run one parameterless statement on the store's own database, around its methods (as
+    anyone with write access to the database could). Raises what the database raises."""
+    if isinstance(store, SqliteStore):
+        with store._lock:
+            store._db.execute(statement)
+        return
+    with store._conn() as conn:   # type: ignore[attr-defined]
+        conn.execute(statement)
+
+
+def test_a_blob_is_stored_only_for_a_live_key_and_keeps_its_check_value(store: Store) -> None:
+    store.save_keys([KeyRecord(K1, KeyState.CREATING, START),
+                     KeyRecord(K2, KeyState.DESTROYED, START, destroyed_at=START + 1)])
+    assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)          # CREATING: made, then wrapped
+    assert not store.save_wrapped(K2, "kek-1", BLOB2, CHECK2)      # destroyed: no blob ever
+    assert not store.save_wrapped(K3, "kek-1", BLOB2, CHECK2)      # no record: no blob
+    assert store.load_wrapped() == {K1: WrappedKey(K1, "kek-1", BLOB1, CHECK1)}
+    assert not store.save_wrapped(K1, "kek-1", BLOB2, CHECK2)      # another value for K1
+    assert store.save_wrapped(K1, "kek-2", BLOB2, CHECK1)          # re-wrapped under a new KEK
+    assert store.load_wrapped([K1, K2, K3]) == {K1: WrappedKey(K1, "kek-2", BLOB2, CHECK1)}
+    assert store.load_wrapped([]) == {}
+    for blob, check in ((bytes(32), CHECK1), (bytes(48), CHECK1), (BLOB1, b""), (BLOB1, bytes(33))):
+        with pytest.raises(ValueError, match="not stored"):        # a raw 32-octet key among them
+            store.save_wrapped(K1, "kek-3", blob, check)
+    assert store.load_wrapped()[K1].kek_id == "kek-2"
+    store.delete_wrapped([K1, K3])
+    assert store.load_wrapped() == {} and [r.key_id for r in store.load_keys()] == [K1, K2]
+
+
+def test_no_blob_outlives_its_key(open_store: OpenStore) -> None:
+    """Every way a key's record ends (destroyed by a ring commit or a save, deleted by a ring
+    commit or ``delete_keys``) takes its blob in the same transaction; a commit that lost its
+    compare-and-swap takes none."""
+    mine, other = open_store(), open_store()
+    ids = [bytes([n]) * 8 for n in range(1, 7)]
+    records = [KeyRecord(k, KeyState.ACTIVE, START + n) for n, k in enumerate(ids)]
+    assert mine.commit_ring(0, records) == 1
+    for n, key_id in enumerate(ids):
+        assert mine.save_wrapped(key_id, "kek-1", bytes([n]) * 40, CHECK1)
+    destroyed = replace(records[0], state=KeyState.DESTROYED, destroyed_at=START + 9)
+    assert other.commit_ring(0, [destroyed], delete=[ids[1]]) is None     # lost: nothing goes
+    assert set(mine.load_wrapped()) == set(ids)
+    assert other.commit_ring(1, [destroyed, replace(records[2], seal_count=9)],
+                             delete=[ids[1]]) == 2
+    assert set(mine.load_wrapped()) == set(ids[2:])
+    other.save_keys([replace(records[3], state=KeyState.DESTROYED, destroyed_at=START + 9)])
+    other.delete_keys([ids[4]])
+    assert set(mine.load_wrapped()) == {ids[2], ids[5]}
+    live = {r.key_id for r in mine.load_keys() if r.state != KeyState.DESTROYED}
+    assert set(mine.load_wrapped()) == live - {ids[1], ids[4]} == {ids[2], ids[5]}
+
+
+def test_a_blob_saved_while_its_key_is_destroyed_does_not_outlive_it(
+        open_store: OpenStore) -> None:
+    """A blob's save racing the commit that destroys its key: whichever goes first, no blob
+    of a DESTROYED key is left."""
+    saver, destroyer = open_store(), open_store()
+    ids = [bytes([n]) * 8 for n in range(1, 13)]
+    for n, key_id in enumerate(ids):
+        version = destroyer.ring_version()
+        assert destroyer.commit_ring(version, [KeyRecord(key_id, KeyState.ACTIVE, START)]) \
+            == version + 1
+        gone = KeyRecord(key_id, KeyState.DESTROYED, START, destroyed_at=START + 1)
+        race: list[Callable[[], object]] = [
+            lambda k=key_id: saver.save_wrapped(k, "kek-1", BLOB1, CHECK1),   # type: ignore[misc]
+            lambda v=version + 1, g=gone: destroyer.commit_ring(v, [g])]      # type: ignore[misc]
+        at_once(race)
+        assert key_id not in saver.load_wrapped(), n
+
+
+def test_a_join_is_requested_approved_taken_and_completed(open_store: OpenStore) -> None:
+    joiner, member = open_store(), open_store()
+    der, fp = transport(1)
+    assert joiner.add_join_request(fp, der, ["sha256", "sha1"], "node-b", START)
+    assert not joiner.add_join_request(fp, der, ["sha1"], "node-b", START + 1)   # stored
+    (pending,) = member.list_join_requests(START + 1)
+    assert pending == JoinRequest(fp, der, ("sha256", "sha1"), "node-b", START)
+    assert joiner.take_wrapped_kek(fp) is None
+    assert member.complete_join(fp, START + 2) is None                # not approved: no member
+    assert not member.approve_join(fp, b"\x5a" * 384, "md5", "alice", START + 2)  # not offered
+    assert not member.approve_join(transport(2)[1], b"\x5a" * 384, "sha1", "alice", START + 2)
+    assert member.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 2)
+    assert not member.approve_join(fp, b"\x6b" * 384, "sha1", "mallory", START + 3)  # not pending
+    assert joiner.take_wrapped_kek(fp) == (b"\x5a" * 384, "sha1")
+    (approved,) = joiner.list_join_requests(START + 3)
+    assert (approved.approved_by, approved.approved_at, approved.oaep_hash) == (
+        "alice", START + 2, "sha1")
+    node = joiner.complete_join(fp, START + 4)
+    assert node == NodeRecord("node-b", fp, "alice", START + 2, START + 4)
+    assert joiner.complete_join(fp, START + 5) is None
+    assert joiner.take_wrapped_kek(fp) is None                         # the wrapped KEK is gone
+    assert member.list_join_requests(START + 5) == []
+    assert open_store().list_nodes() == [node]
+    der3, fp3 = transport(3)
+    assert not joiner.add_join_request(fp3, der3, ["sha1"], "node-b", START + 6)  # a member's
+    assert member.remove_node("node-b") and not member.remove_node("node-b")
+    assert member.list_nodes() == []
+    assert joiner.add_join_request(fp3, der3, ["sha1"], "node-b", START + 7)     # free again
+
+
+def test_a_request_nobody_approved_never_has_a_wrapped_kek(store: Store) -> None:
+    der, fp = transport(1)
+    assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
+    assert store.take_wrapped_kek(fp) is None
+    assert store.list_join_requests(START)[0].wrapped_kek is None
+    for statement in (   # a wrapped KEK without an approval: the schema refuses each
+            "UPDATE join_requests SET wrapped_kek = public_key",
+            "UPDATE join_requests SET wrapped_kek = public_key, oaep_hash = 'sha1'",
+            "UPDATE join_requests SET wrapped_kek = public_key, oaep_hash = 'sha1', "
+            "approved_by = 'mallory'"):
+        with pytest.raises((sqlite3.IntegrityError, DeviceUnavailable),
+                           match=r"(?i)check constraint"):
+            raw_sql(store, statement)
+    expired = START + JOIN_REQUEST_TTL
+    assert not store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", expired)
+    assert store.list_join_requests(expired) == []
+    assert store.list_join_requests(expired - 1) != []                 # not purged yet
+    assert store.purge_join_requests(expired) == 1
+    assert store.list_join_requests(START) == [] and store.take_wrapped_kek(fp) is None
+    assert store.list_nodes() == []
+
+
+def test_an_approved_request_never_completed_expires_with_its_wrapped_kek(store: Store) -> None:
+    der, fp = transport(1)
+    assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
+    assert store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 3000)
+    assert store.purge_join_requests(START + 3000 + JOIN_REQUEST_TTL - 1) == 0
+    assert [r.fingerprint for r in store.list_join_requests(START + 3001)] == [fp]
+    assert store.purge_join_requests(START + 3000 + JOIN_REQUEST_TTL) == 1
+    assert store.take_wrapped_kek(fp) is None
+
+
+def test_join_requests_are_refused_unless_the_fingerprint_is_their_keys(store: Store) -> None:
+    from authority.backends.pkcs11._wrap import fingerprint
+
+    der, fp = transport(1)
+    assert fp == fingerprint(der)           # the token side's fingerprint is the store's rule
+    bad = [(transport(2)[1], der, ["sha1"], "node-b"), (fp.upper(), der, ["sha1"], "node-b"),
+           (fp, der, [], "node-b"), (fp, der, ["sha1,md5"], "node-b"), (fp, der, ["sha1"], ""),
+           (fp, der, [""], "node-b"), (fp, der, ["sha1"], "b,c")]
+    for args in bad:
+        with pytest.raises(ValueError, match="not stored"):
+            store.add_join_request(*args, now=START)
+    assert store.list_join_requests(START) == []
+    assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
+    for kek, approver in ((b"", "alice"), (b"\x5a", "")):
+        with pytest.raises(ValueError, match="not stored"):
+            store.approve_join(fp, kek, "sha1", approver, START)
+    assert store.take_wrapped_kek(fp) is None
+
+
+def test_concurrent_approvals_of_one_node_name_one_wins(open_store: OpenStore) -> None:
+    """Eight requests asking for one name, approved at once on two stores: one is; then
+    none other is, neither while it is approved nor once it is a member."""
+    stores = [open_store(), open_store()]
+    keys = [transport(n) for n in range(8)]
+    for der, fp in keys:
+        assert stores[0].add_join_request(fp, der, ["sha1"], "node-b", START)
+    won = in_threads(8, lambda i: stores[i % 2].approve_join(
+        keys[i][1], bytes([i + 1]) * 384, "sha1", f"op{i}", START + 1))
+    assert sorted(won) == [False] * 7 + [True]
+    winner = keys[won.index(True)][1]
+    assert [r.fingerprint for r in stores[1].list_join_requests(START + 2)
+            if r.approved_at is not None] == [winner]
+    assert stores[1].complete_join(winner, START + 2) is not None
+    assert not any(stores[0].approve_join(fp, b"\x5a" * 384, "sha1", "op", START + 3)
+                   for _, fp in keys)
+
+
+def test_repr_of_blobs_shows_a_digest_only() -> None:
+    der, fp = transport(1)
+    kek = bytes(range(256)) + bytes(range(128))
+    shown = [repr(WrappedKey(K1, "kek-1", BLOB1, CHECK1)),
+             repr(JoinRequest(fp, der, ("sha1",), "node-b", START, "alice", START, kek, "sha1"))]
+    for text, secret in ((shown[0], BLOB1), (shown[0], CHECK1), (shown[1], kek), (shown[1], der)):
+        assert secret.hex()[:16] not in text and repr(secret)[:20] not in text
+    assert "<40 octets, sha256 " in shown[0] and "<384 octets, sha256 " in shown[1]
+
+
 # -- the SQLite store only ----------------------------------------------------------------------
 
 def test_sqlite_a_schema_2_file_gets_the_ring_version_replicas_and_leases(
@@ -451,11 +650,39 @@ def test_sqlite_a_schema_2_file_gets_the_ring_version_replicas_and_leases(
     finally:
         store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("3",)
-        db.execute("UPDATE meta SET value = '4' WHERE name = 'schema'")
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == (
+            str(SQLITE_SCHEMA),)
+        db.execute("UPDATE meta SET value = ? WHERE name = 'schema'", (str(SQLITE_SCHEMA + 1),))
     db.close()
-    with pytest.raises(StartupError, match="schema 4, this version reads 3"):
+    with pytest.raises(StartupError,
+                       match=f"schema {SQLITE_SCHEMA + 1}, this version reads {SQLITE_SCHEMA}"):
         SqliteStore(path)
+
+
+def test_sqlite_a_schema_3_file_gets_wrapped_keys_join_requests_and_nodes(
+        tmp_path: Path) -> None:
+    """A file of the previous release (schema 3) opens as schema 4 with its key ring kept; a
+    release reading schema 3 refuses it afterwards (it checks the version for equality:
+    ``SqliteStore._check_schema``)."""
+    import sqlite3
+
+    path = tmp_path / "authority.db"
+    store = SqliteStore(path)
+    assert store.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)]) == 1
+    store.close()
+    with sqlite3.connect(path) as db:   # as schema 3 left it
+        db.executescript("DROP TABLE wrapped_keys; DROP TABLE join_requests; DROP TABLE nodes; "
+                         "UPDATE meta SET value = '3' WHERE name = 'schema';")
+    db.close()
+    store = SqliteStore(path)
+    try:
+        assert store.load_ring() == (1, [KeyRecord(K1, KeyState.ACTIVE, START)])
+        assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
+        der, fp = transport(1)
+        assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
+        assert store.list_nodes() == [] and store.describe().schema_version == 4
+    finally:
+        store.close()
 
 
 # -- the PostgreSQL store only: schema, migrations, failures ------------------------------------
@@ -514,6 +741,27 @@ def test_postgres_an_older_version_refuses_a_newer_schema(postgres_dsn: str) -> 
         f"({SCHEMA_VERSION}): upgrade ike-ticket-authority")
     assert "(postgresql host=" in str(err.value)
     assert postgres_dsn not in str(err.value)
+
+
+def test_postgres_a_schema_4_database_gets_wrapped_keys_and_an_older_release_refuses_it(
+        postgres_dsn: str) -> None:
+    """Migration 5 on a database of the previous release keeps its key ring; that release
+    (migrations 1-4) then refuses the database."""
+    from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+
+    assert SCHEMA_VERSION == 5
+    previous = PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:4])
+    assert previous.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)]) == 1
+    previous.close()
+    assert _schema(postgres_dsn) == "4"
+    store = PostgresStore(pg_settings(postgres_dsn))
+    try:
+        assert store.load_ring() == (1, [KeyRecord(K1, KeyState.ACTIVE, START)])
+        assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
+    finally:
+        store.close()
+    with pytest.raises(StartupError, match=r"schema 5 is newer than this version reads \(4\)"):
+        PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:4])
 
 
 def test_postgres_replicas_starting_at_once_on_an_empty_database(postgres_dsn: str) -> None:

@@ -7,10 +7,11 @@ interface.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from authority.errors import DeviceUnavailable
 from authority.keys import KeyRecord
@@ -78,6 +79,90 @@ class StoreInfo:
     schema_version: int
 
 
+#: seconds a join request waits for an approval (from ``requested_at``), and an approved one for
+#: its joiner's ``complete_join`` (from ``approved_at``): afterwards it is refused and purged. A
+#: constant, not a setting: the joiner's transport key is a session object that lives only as
+#: long as its ``cluster join`` process waits, and an hour covers an operator comparing the
+#: fingerprint out of band.
+JOIN_REQUEST_TTL: Final = 3600.0
+#: octets of a wrapped ticket key: an AES-256 key under AES key wrap (RFC 3394, or RFC 5649,
+#: whose output for a 32-octet key has the same length); anything else is refused, so a raw key
+#: value (32 octets) can never be stored as a blob
+WRAPPED_KEY_LEN: Final = 40
+#: octets a key's check value may have (the node's choice; see ``WrappedKey``)
+CHECK_VALUE_MAX: Final = 32
+
+
+def digest(data: bytes) -> str:
+    """A short stand-in for a blob in a repr or a log: its length and a SHA-256 prefix."""
+    return f"<{len(data)} octets, sha256 {hashlib.sha256(data).hexdigest()[:12]}>"
+
+
+@dataclass(frozen=True, repr=False)
+class WrappedKey:
+    """A ticket key wrapped under the cluster KEK ``kek_id`` (AES key wrap), as stored with its
+    key's record: never the key's value. The store binds the blob to ``key_id`` (its row's
+    key) and deletes it with the key (destroyed or deleted). ``check`` is the key's check value
+    the creating node computed in its token (a MAC under the key over its id): a node that
+    unwrapped the blob computes it again and refuses a copy whose value differs, so a blob moved
+    onto another key id (with its check value: the blob does not carry its id) is refused."""
+
+    key_id: bytes
+    kek_id: str
+    blob: bytes
+    check: bytes
+
+    def __repr__(self) -> str:
+        return (f"WrappedKey(key_id={self.key_id.hex()}, kek_id={self.kek_id!r}, "
+                f"blob={digest(self.blob)}, check={digest(self.check)})")
+
+
+@dataclass(frozen=True, repr=False)
+class JoinRequest:
+    """A node's request to join the cluster: its transport public key (DER
+    SubjectPublicKeyInfo), whose SHA-256 ``fingerprint`` an operator compares out of band, the
+    OAEP hashes its token can unwrap with (preferred first) and the name it asks for. Once
+    approved: who approved it, when, and the KEK wrapped to that key with ``oaep_hash``; a
+    request nobody approved never has one."""
+
+    fingerprint: str
+    public_key: bytes
+    oaep_hashes: tuple[str, ...]
+    node_name: str
+    requested_at: float
+    approved_by: str | None = None
+    approved_at: float | None = None
+    wrapped_kek: bytes | None = None
+    oaep_hash: str | None = None
+
+    @property
+    def expires_at(self) -> float:
+        """When it is refused and purged: ``JOIN_REQUEST_TTL`` after its request, or after its
+        approval once approved."""
+        return (self.requested_at if self.approved_at is None else self.approved_at) \
+            + JOIN_REQUEST_TTL
+
+    def __repr__(self) -> str:
+        kek = None if self.wrapped_kek is None else digest(self.wrapped_kek)
+        return (f"JoinRequest(fingerprint={self.fingerprint!r}, node_name={self.node_name!r}, "
+                f"public_key={digest(self.public_key)}, oaep_hashes={self.oaep_hashes!r}, "
+                f"requested_at={self.requested_at!r}, approved_by={self.approved_by!r}, "
+                f"approved_at={self.approved_at!r}, wrapped_kek={kek}, "
+                f"oaep_hash={self.oaep_hash!r})")
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A member of the cluster: a node whose token holds the KEK (it unwrapped it and said so,
+    ``complete_join``), with the fingerprint of the transport key it joined with."""
+
+    name: str
+    fingerprint: str
+    approved_by: str
+    approved_at: float
+    joined_at: float
+
+
 class ChangeFeed(Protocol):
     """Wake-ups for one reader of the policy version (``Store.policy_version``): the
     PostgreSQL store's LISTEN connection, or a plain timer (SQLite: other processes' changes
@@ -125,11 +210,13 @@ class Store(Protocol):
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the given records in one transaction (all or nothing). A stored
         ``seal_count`` is never lowered: seals reserved by another process (``reserve_seals``)
-        stay counted whatever count a caller's copy of the record holds."""
+        stay counted whatever count a caller's copy of the record holds. The wrapped blob of
+        a record saved DESTROYED is deleted in the same transaction."""
         ...
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
-        """Remove the records of these keys (CREATING keys given up) in one transaction."""
+        """Remove the records of these keys (CREATING keys given up) and their wrapped blobs
+        in one transaction."""
         ...
 
     def reserve_seals(self, key_id: bytes, block: int, limit: int) -> tuple[int, int] | None:
@@ -154,11 +241,82 @@ class Store(Protocol):
         """Compare-and-swap on the key ring: if its version is still ``version`` (and, with
         ``fence``, the fence's lease is still held at its epoch), save ``save`` (as
         ``save_keys``: a stored seal count is never lowered), delete ``delete`` and move the
-        version to ``version`` + 1, in one transaction. Returns the new version; None if the
-        version had moved (nothing written).
+        version to ``version`` + 1, in one transaction, which also deletes the wrapped blob of
+        every key saved DESTROYED or deleted (a blob and the KEK would bring the key back).
+        Returns the new version; None if the version had moved (nothing written).
 
         Raises: StaleFence (nothing written), DeviceUnavailable.
         """
+        ...
+
+    def save_wrapped(self, key_id: bytes, kek_id: str, blob: bytes, check: bytes) -> bool:
+        """Store the wrapped blob of a key whose record is stored and not DESTROYED (atomically
+        against a commit destroying it), replacing its blob under another KEK only if
+        ``check`` is the stored check value (a key id stands for one key value for ever).
+        Returns whether it was stored.
+
+        Raises: ValueError (a blob not ``WRAPPED_KEY_LEN`` octets, a check value empty or
+        longer than ``CHECK_VALUE_MAX``: nothing stored), DeviceUnavailable.
+        """
+        ...
+
+    def load_wrapped(self, key_ids: Sequence[bytes] | None = None) -> dict[bytes, WrappedKey]:
+        """The stored blobs by key id: of ``key_ids`` (those that have one), or all."""
+        ...
+
+    def delete_wrapped(self, key_ids: Sequence[bytes]) -> None:
+        """Remove the blobs of these keys (their records stay), in one transaction."""
+        ...
+
+    def add_join_request(self, fingerprint: str, public_key_der: bytes,
+                         oaep_hashes: Sequence[str], node_name: str, now: float) -> bool:
+        """Publish a pending join request. Returns False (nothing stored) if a request with
+        this fingerprint is stored already, or a member node has this name.
+
+        Raises: ValueError (``fingerprint`` not the SHA-256 of ``public_key_der`` in
+        lower-case hex, no hash, a hash or a name empty or holding a comma), DeviceUnavailable.
+        """
+        ...
+
+    def list_join_requests(self, now: float) -> list[JoinRequest]:
+        """The requests not expired at ``now`` (``JoinRequest.expires_at``), pending and
+        approved, oldest first."""
+        ...
+
+    def approve_join(self, fingerprint: str, wrapped_kek: bytes, oaep_hash: str,
+                     approver: str, now: float) -> bool:
+        """Compare-and-swap: attach the KEK wrapped to the request's key, if the request is
+        still pending, not expired, offers ``oaep_hash``, and its name is neither a member's
+        nor another approved request's (atomically against every other membership change).
+        Returns whether it did.
+
+        Raises: ValueError (an empty ``wrapped_kek`` or ``approver``), DeviceUnavailable.
+        """
+        ...
+
+    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str] | None:
+        """For the joiner: (the wrapped KEK, its OAEP hash) once its request was approved;
+        None while it is pending or when there is no such request."""
+        ...
+
+    def complete_join(self, fingerprint: str, now: float) -> NodeRecord | None:
+        """The joiner unwrapped the KEK: make it a member and delete its request (the wrapped
+        KEK with it), in one transaction. Returns the new member; None if the request is not
+        an approved one (nothing changed)."""
+        ...
+
+    def purge_join_requests(self, now: float) -> int:
+        """Delete the requests expired at ``now`` (approved ones with their wrapped KEK);
+        return how many."""
+        ...
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """The members, oldest join first."""
+        ...
+
+    def remove_node(self, name: str) -> bool:
+        """Drop a member's record; returns whether there was one. (Its token still holds the
+        KEK: keys wrapped later are safe from it only under a new KEK.)"""
         ...
 
     def acquire_lease(self, name: str, holder: str, now: float,

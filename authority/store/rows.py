@@ -5,11 +5,24 @@ from them here.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from authority.keys import KeyRecord, KeyState
-from authority.store.base import Fence, LeaseRecord, ReplicaRecord, RevocationRecord, StaleFence
+from authority.store.base import (
+    CHECK_VALUE_MAX,
+    JOIN_REQUEST_TTL,
+    WRAPPED_KEY_LEN,
+    Fence,
+    JoinRequest,
+    LeaseRecord,
+    NodeRecord,
+    ReplicaRecord,
+    RevocationRecord,
+    StaleFence,
+    WrappedKey,
+)
 
 
 def key_record(row: Sequence[Any]) -> KeyRecord:
@@ -48,3 +61,68 @@ def check_fence(fence: Fence, lease: Sequence[Any] | None) -> None:
     if lease is None or (str(lease[0]), int(lease[1])) != (fence.holder, fence.epoch):
         raise StaleFence(f"lease {fence.name!r} epoch {fence.epoch} is no longer held: another "
                          "replica took it over; nothing written")
+
+
+# -- wrapped keys, join requests, nodes (issue 15) -----------------------------------------------
+
+def destroyed_ids(records: Sequence[KeyRecord]) -> list[bytes]:
+    """The ids of the records saved DESTROYED: their wrapped blobs go in the same
+    transaction."""
+    return [r.key_id for r in records if r.state == KeyState.DESTROYED]
+
+
+def check_wrapped(blob: bytes, check: bytes) -> None:
+    """Refuse what is not a wrapped ticket key and its check value.
+    Raises: ValueError."""
+    if len(blob) != WRAPPED_KEY_LEN:
+        raise ValueError(f"a wrapped key is {WRAPPED_KEY_LEN} octets (AES key wrap of an "
+                         f"AES-256 key), not {len(blob)}: not stored")
+    if not 0 < len(check) <= CHECK_VALUE_MAX:
+        raise ValueError(f"a key check value is 1 to {CHECK_VALUE_MAX} octets, not "
+                         f"{len(check)}: not stored")
+
+
+def wrapped_key(row: Sequence[Any]) -> WrappedKey:
+    """A wrapped key from (key_id, kek_id, blob, check_value)."""
+    return WrappedKey(bytes(row[0]), str(row[1]), bytes(row[2]), bytes(row[3]))
+
+
+def check_join_request(fingerprint: str, public_key_der: bytes, oaep_hashes: Sequence[str],
+                       node_name: str) -> None:
+    """Refuse a join request whose fingerprint is not its key's (an operator comparing it
+    would approve another key), without a hash, or with an empty or comma-holding name.
+    Raises: ValueError."""
+    if fingerprint != hashlib.sha256(public_key_der).hexdigest():
+        raise ValueError("the fingerprint is not the SHA-256 of the public key: not stored")
+    if not oaep_hashes or not all(_plain(h) for h in (*oaep_hashes, node_name)):
+        raise ValueError("a join request needs its OAEP hashes and a node name, each "
+                         "non-empty and without a comma: not stored")
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and "," not in name
+
+
+def check_approval(wrapped_kek: bytes, approver: str) -> None:
+    """Refuse an approval without a wrapped KEK or an approver. Raises: ValueError."""
+    if not wrapped_kek or not approver:
+        raise ValueError("an approval needs the wrapped KEK and the approver: not stored")
+
+
+def join_request(row: Sequence[Any], oaep_hashes: Iterable[str]) -> JoinRequest:
+    """A join request from (fingerprint, public_key, oaep_hashes, node_name, requested_at,
+    approved_by, approved_at, wrapped_kek, oaep_hash) and its hashes (each store stores them
+    its own way)."""
+    kek = None if row[7] is None else bytes(row[7])
+    return JoinRequest(str(row[0]), bytes(row[1]), tuple(oaep_hashes), str(row[3]),
+                       float(row[4]), row[5], row[6], kek, row[8])
+
+
+def expiry_bound(now: float) -> float:
+    """Requests (pending: requested, approved: approved) at or before this have expired."""
+    return now - JOIN_REQUEST_TTL
+
+
+def node_record(row: Sequence[Any]) -> NodeRecord:
+    """A member from (name, fingerprint, approved_by, approved_at, joined_at)."""
+    return NodeRecord(str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]))

@@ -10,31 +10,44 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from authority.errors import DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import (
     ChangeFeed,
     Fence,
+    JoinRequest,
     LeaseRecord,
+    NodeRecord,
     PollingFeed,
     ReplicaRecord,
     RevocationRecord,
     StoreInfo,
+    WrappedKey,
 )
 from authority.store.rows import (
+    check_approval,
     check_fence,
+    check_join_request,
+    check_wrapped,
+    destroyed_ids,
+    expiry_bound,
+    join_request,
     key_record,
     key_rows,
     lease_record,
+    node_record,
     replica_record,
     revocation_record,
+    wrapped_key,
 )
 
 #: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases, policy
 #: version (an older file is migrated on open; the policy version table, added before schema 3
-#: was released, is created on open if missing).
-SCHEMA_VERSION = 3
+#: was released, is created on open if missing). 4: + wrapped keys, join requests, nodes (per-node
+#: tokens under a cluster KEK).
+SCHEMA_VERSION = 4
 HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 #: seconds a statement waits for another connection's write lock (another process sharing the
@@ -85,6 +98,35 @@ CREATE TABLE IF NOT EXISTS leases (
     epoch INTEGER NOT NULL,
     expires_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS wrapped_keys (
+    key_id BLOB PRIMARY KEY REFERENCES keys (key_id) ON DELETE CASCADE,
+    kek_id TEXT NOT NULL,
+    wrapped BLOB NOT NULL CHECK (length(wrapped) = 40),
+    check_value BLOB NOT NULL CHECK (length(check_value) BETWEEN 1 AND 32)
+);
+CREATE TABLE IF NOT EXISTS join_requests (
+    fingerprint TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    oaep_hashes TEXT NOT NULL,
+    node_name TEXT NOT NULL,
+    requested_at REAL NOT NULL,
+    approved_by TEXT,
+    approved_at REAL,
+    wrapped_kek BLOB,
+    oaep_hash TEXT,
+    CHECK ((approved_at IS NULL) = (approved_by IS NULL)
+           AND (approved_at IS NULL) = (wrapped_kek IS NULL)
+           AND (approved_at IS NULL) = (oaep_hash IS NULL))
+);
+CREATE UNIQUE INDEX IF NOT EXISTS join_requests_approved_name ON join_requests (node_name)
+    WHERE approved_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL UNIQUE,
+    approved_by TEXT NOT NULL,
+    approved_at REAL NOT NULL,
+    joined_at REAL NOT NULL
+);
 """
 #: one-row version counters (the key ring's, the policy's), created at 0
 _COUNTERS = ("key_ring", "policy_version")
@@ -98,6 +140,9 @@ _KEY_UPSERT = ("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_i
                "destroyed_at=excluded.destroyed_at")
 _KEY_SELECT = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
                "destroyed_at FROM keys ORDER BY created_at, key_id")
+_WRAPPED_SELECT = "SELECT key_id, kek_id, wrapped, check_value FROM wrapped_keys"
+_JOIN_SELECT = ("SELECT fingerprint, public_key, oaep_hashes, node_name, requested_at, "
+                "approved_by, approved_at, wrapped_kek, oaep_hash FROM join_requests")
 
 
 class SqliteStore:
@@ -126,6 +171,7 @@ class SqliteStore:
                                        isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous}")
+            self._db.execute("PRAGMA foreign_keys=ON")   # a key's deletion takes its blob
             self._db.executescript(_SCHEMA)
             self._check_schema()
             if sole_writer:
@@ -138,7 +184,7 @@ class SqliteStore:
         row = self._db.execute("SELECT value FROM meta WHERE name='schema'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] in ("1", "2"):  # the script above already created the newer tables
+        elif row[0] in ("1", "2", "3"):  # the script above already created the newer tables
             self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise StartupError(f"state store {self.path}: schema {row[0]}, this version "
@@ -192,9 +238,11 @@ class SqliteStore:
         lowered (seals another process reserved stay counted)."""
         with self._tx() as db:
             db.executemany(_KEY_UPSERT, key_rows(records))
+            _drop_blobs(db, destroyed_ids(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
-        """Remove the records of these keys in one transaction."""
+        """Remove the records of these keys in one transaction (their blobs by the foreign
+        key's cascade)."""
         with self._tx() as db:
             db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in key_ids])
 
@@ -227,7 +275,8 @@ class SqliteStore:
     def commit_ring(self, version: int, save: Sequence[KeyRecord],
                     delete: Sequence[bytes] = (), fence: Fence | None = None) -> int | None:
         """Compare-and-swap on the key ring in one transaction (the file's write lock orders
-        processes). Returns the new version, None if it had moved. Raises: StaleFence."""
+        processes); the blobs of keys saved DESTROYED or deleted go with them. Returns the new
+        version, None if it had moved. Raises: StaleFence."""
         with self._tx() as db:
             if fence is not None:
                 check_fence(fence, db.execute("SELECT holder, epoch FROM leases WHERE name=?",
@@ -235,6 +284,7 @@ class SqliteStore:
             if _ring_version(db) != version:
                 return None
             db.executemany(_KEY_UPSERT, key_rows(save))
+            _drop_blobs(db, destroyed_ids(save))
             db.executemany("DELETE FROM keys WHERE key_id=?", [(k,) for k in delete])
             db.execute("UPDATE key_ring SET version=? WHERE id=1", (version + 1,))
         return version + 1
@@ -455,8 +505,122 @@ class SqliteStore:
             db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                            [("backend", backend), ("device", device)])
 
+    # -- wrapped keys, join requests, nodes (issue 15) ---------------------------------------------
+
+    def save_wrapped(self, key_id: bytes, kek_id: str, blob: bytes, check: bytes) -> bool:
+        """Store a live key's blob (replacing one only with the same check value), in one
+        transaction. Returns whether it was stored. Raises: ValueError, DeviceUnavailable."""
+        check_wrapped(blob, check)
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM keys WHERE key_id=?", (key_id,)).fetchone()
+            if row is None or int(row[0]) == KeyState.DESTROYED:
+                return False
+            return db.execute(
+                "INSERT INTO wrapped_keys VALUES (?, ?, ?, ?) ON CONFLICT (key_id) DO UPDATE "
+                "SET kek_id=excluded.kek_id, wrapped=excluded.wrapped "
+                "WHERE check_value=excluded.check_value",
+                (key_id, kek_id, blob, check)).rowcount == 1
+
+    def load_wrapped(self, key_ids: Sequence[bytes] | None = None) -> dict[bytes, WrappedKey]:
+        """The stored blobs by key id (of ``key_ids``, or all)."""
+        with self._read() as db:
+            if key_ids is None:
+                rows = db.execute(_WRAPPED_SELECT).fetchall()
+            else:
+                rows = [r for start in range(0, len(key_ids), _CHUNK)
+                        for r in _wrapped_among(db, key_ids[start:start + _CHUNK])]
+        return {bytes(r[0]): wrapped_key(r) for r in rows}
+
+    def delete_wrapped(self, key_ids: Sequence[bytes]) -> None:
+        """Remove the blobs of these keys in one transaction."""
+        with self._tx() as db:
+            _drop_blobs(db, key_ids)
+
+    def add_join_request(self, fingerprint: str, public_key_der: bytes,
+                         oaep_hashes: Sequence[str], node_name: str, now: float) -> bool:
+        """Publish a pending request unless its fingerprint is stored or its name is a
+        member's, in one transaction. Raises: ValueError, DeviceUnavailable."""
+        check_join_request(fingerprint, public_key_der, oaep_hashes, node_name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name=?", (node_name,)).fetchone():
+                return False
+            return db.execute(
+                "INSERT INTO join_requests (fingerprint, public_key, oaep_hashes, node_name, "
+                "requested_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO NOTHING",
+                (fingerprint, public_key_der, ",".join(oaep_hashes), node_name,
+                 now)).rowcount == 1
+
+    def list_join_requests(self, now: float) -> list[JoinRequest]:
+        """The unexpired requests, oldest first."""
+        with self._read() as db:
+            rows = db.execute(f"{_JOIN_SELECT} WHERE coalesce(approved_at, requested_at)>? "
+                              "ORDER BY requested_at, fingerprint",
+                              (expiry_bound(now),)).fetchall()
+        return [join_request(r, str(r[2]).split(",")) for r in rows]
+
+    def approve_join(self, fingerprint: str, wrapped_kek: bytes, oaep_hash: str,
+                     approver: str, now: float) -> bool:
+        """Compare-and-swap on a pending, unexpired request offering ``oaep_hash`` whose name
+        is free, in one transaction (the file's write lock orders every membership change).
+        Raises: ValueError, DeviceUnavailable."""
+        check_approval(wrapped_kek, approver)
+        with self._tx() as db:
+            row = db.execute("SELECT oaep_hashes, node_name FROM join_requests WHERE "
+                             "fingerprint=? AND approved_at IS NULL AND requested_at>?",
+                             (fingerprint, expiry_bound(now))).fetchone()
+            if row is None or oaep_hash not in str(row[0]).split(","):
+                return False
+            if _name_taken(db, str(row[1])):
+                return False
+            db.execute("UPDATE join_requests SET approved_by=?, approved_at=?, wrapped_kek=?, "
+                       "oaep_hash=? WHERE fingerprint=?",
+                       (approver, now, wrapped_kek, oaep_hash, fingerprint))
+        return True
+
+    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str] | None:
+        """The approved request's wrapped KEK and OAEP hash, or None."""
+        with self._read() as db:
+            row = db.execute("SELECT wrapped_kek, oaep_hash FROM join_requests WHERE "
+                             "fingerprint=? AND approved_at IS NOT NULL",
+                             (fingerprint,)).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    def complete_join(self, fingerprint: str, now: float) -> NodeRecord | None:
+        """Make the approved request's node a member and delete the request, in one
+        transaction; None if it is not an approved one."""
+        with self._tx() as db:
+            row = db.execute("SELECT node_name, approved_by, approved_at FROM join_requests "
+                             "WHERE fingerprint=? AND approved_at IS NOT NULL",
+                             (fingerprint,)).fetchone()
+            if row is None:
+                return None
+            node = NodeRecord(str(row[0]), fingerprint, str(row[1]), float(row[2]), now)
+            db.execute("DELETE FROM join_requests WHERE fingerprint=?", (fingerprint,))
+            db.execute("INSERT INTO nodes VALUES (?, ?, ?, ?, ?)", dataclasses.astuple(node))
+        return node
+
+    def purge_join_requests(self, now: float) -> int:
+        """Delete the expired requests; return how many."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM join_requests WHERE "
+                              "coalesce(approved_at, requested_at)<=?",
+                              (expiry_bound(now),)).rowcount
+
+    def list_nodes(self) -> list[NodeRecord]:
+        """The members, oldest join first."""
+        with self._read() as db:
+            rows = db.execute("SELECT name, fingerprint, approved_by, approved_at, joined_at "
+                              "FROM nodes ORDER BY joined_at, name").fetchall()
+        return [node_record(r) for r in rows]
+
+    def remove_node(self, name: str) -> bool:
+        """Drop a member's record; whether there was one."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM nodes WHERE name=?", (name,)).rowcount == 1
+
     @property
     def down_since(self) -> float | None:
+
         """Always None: a local file is never unreachable (a failing call raises instead)."""
         return None
 
@@ -469,6 +633,25 @@ class SqliteStore:
 def _policy_changed(db: sqlite3.Connection) -> None:
     """Move the policy version (inside the caller's transaction)."""
     db.execute("UPDATE policy_version SET version=version+1 WHERE id=1")
+
+
+def _drop_blobs(db: sqlite3.Connection, key_ids: Sequence[bytes]) -> None:
+    """Delete the wrapped blobs of these keys (inside the caller's transaction)."""
+    db.executemany("DELETE FROM wrapped_keys WHERE key_id=?", [(k,) for k in key_ids])
+
+
+def _wrapped_among(db: sqlite3.Connection, key_ids: Sequence[bytes]) -> list[Any]:
+    """The blob rows of these keys (at most ``_CHUNK`` ids)."""
+    marks = ",".join("?" * len(key_ids))
+    return db.execute(f"{_WRAPPED_SELECT} WHERE key_id IN ({marks})",
+                      list(key_ids)).fetchall()
+
+
+def _name_taken(db: sqlite3.Connection, name: str) -> bool:
+    """Whether a member or an approved request has this node name."""
+    return db.execute("SELECT 1 FROM nodes WHERE name=? UNION ALL SELECT 1 FROM join_requests "
+                      "WHERE node_name=? AND approved_at IS NOT NULL",
+                      (name, name)).fetchone() is not None
 
 
 def _ring_version(db: sqlite3.Connection) -> int:

@@ -12,7 +12,7 @@ import psycopg
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import Fence
 from authority.store.postgres.connection import Pool
-from authority.store.rows import check_fence, key_record, key_rows
+from authority.store.rows import check_fence, destroyed_ids, key_record, key_rows
 
 _KEY_SELECT: Final = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, "
                       "opens_until, destroyed_at FROM keys ORDER BY created_at, key_id")
@@ -39,14 +39,18 @@ class RingRows(Pool):
 
     def save_keys(self, records: list[KeyRecord]) -> None:
         """Insert or replace the records in one transaction; a stored seal count is never
-        lowered (other processes' reservations stay counted)."""
+        lowered (other processes' reservations stay counted); the blobs of records saved
+        DESTROYED go in it."""
         if not records:
             return
-        with self._tx() as conn, conn.cursor() as cursor:
-            cursor.executemany(_KEY_UPSERT, key_rows(records))
+        with self._tx() as conn:
+            with conn.cursor() as cursor:
+                cursor.executemany(_KEY_UPSERT, key_rows(records))
+            _drop_blobs(conn, destroyed_ids(records))
 
     def delete_keys(self, key_ids: Sequence[bytes]) -> None:
-        """Remove the records of these keys (one statement)."""
+        """Remove the records of these keys (one statement; their blobs by the foreign key's
+        cascade)."""
         if not key_ids:
             return
         with self._conn() as conn:
@@ -86,7 +90,8 @@ class RingRows(Pool):
         """Compare-and-swap on the key ring in one transaction: the version row's update (its
         row lock orders concurrent commits; a loser finds the version moved), the fence checked
         under a share lock on the lease row (a takeover waits for this commit, or this commit
-        sees its new epoch). Returns the new version, None if it had moved.
+        sees its new epoch); the blobs of keys saved DESTROYED (here) or deleted (the foreign
+        key's cascade) go in it. Returns the new version, None if it had moved.
         Raises: StaleFence."""
         with self._tx() as conn:
             if fence is not None:
@@ -101,9 +106,16 @@ class RingRows(Pool):
             if save:
                 with conn.cursor() as cursor:
                     cursor.executemany(_KEY_UPSERT, key_rows(save))
+                _drop_blobs(conn, destroyed_ids(save))
             if delete:
                 conn.execute("DELETE FROM keys WHERE key_id = ANY(%s::bytea[])", (list(delete),))
         return int(moved[0])
+
+
+def _drop_blobs(conn: psycopg.Connection[Any], key_ids: Sequence[bytes]) -> None:
+    """Delete the wrapped blobs of these keys (inside the caller's transaction)."""
+    if key_ids:
+        conn.execute("DELETE FROM wrapped_keys WHERE key_id = ANY(%s::bytea[])", (list(key_ids),))
 
 
 def _ring_version(conn: psycopg.Connection[Any]) -> int:

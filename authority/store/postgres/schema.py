@@ -89,6 +89,36 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
             version bigint NOT NULL)""",
         "INSERT INTO policy_version (id, version) VALUES (1, 0)",
     ),
+    (   # 5: per-node tokens (SQLite's schema 4): ticket keys wrapped under the cluster KEK,
+        # deleted with their key (the cascade; DESTROYED ones by the ring's commit); join
+        # requests (a wrapped KEK only once approved); the member nodes
+        """CREATE TABLE wrapped_keys (
+            key_id bytea PRIMARY KEY REFERENCES keys (key_id) ON DELETE CASCADE,
+            kek_id text NOT NULL,
+            wrapped bytea NOT NULL CHECK (octet_length(wrapped) = 40),
+            check_value bytea NOT NULL CHECK (octet_length(check_value) BETWEEN 1 AND 32))""",
+        """CREATE TABLE join_requests (
+            fingerprint text PRIMARY KEY,
+            public_key bytea NOT NULL,
+            oaep_hashes text[] NOT NULL,
+            node_name text NOT NULL,
+            requested_at double precision NOT NULL,
+            approved_by text,
+            approved_at double precision,
+            wrapped_kek bytea,
+            oaep_hash text,
+            CHECK ((approved_at IS NULL) = (approved_by IS NULL)
+                   AND (approved_at IS NULL) = (wrapped_kek IS NULL)
+                   AND (approved_at IS NULL) = (oaep_hash IS NULL)))""",
+        "CREATE UNIQUE INDEX join_requests_approved_name ON join_requests (node_name) "
+        "WHERE approved_at IS NOT NULL",
+        """CREATE TABLE nodes (
+            name text PRIMARY KEY,
+            fingerprint text NOT NULL UNIQUE,
+            approved_by text NOT NULL,
+            approved_at double precision NOT NULL,
+            joined_at double precision NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
