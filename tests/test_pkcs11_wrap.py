@@ -17,12 +17,20 @@ from tests.wrap_nodes import Node, NodeError
 pytestmark = requires_softhsm
 
 NEW = bytes.fromhex("2122232425262728")
+#: a well-formed check value no key makes (for calls refused before the check)
+ANY_CHECK = bytes(16)
 
 
 def _flip(blob: bytes, at: int = -1) -> bytes:
     changed = bytearray(blob)
     changed[at] ^= 1
     return bytes(changed)
+
+
+def _copy(source: Node, target: Node, key_id: bytes) -> None:
+    """Unwrap into ``target`` a copy of ``source``'s key, with its check value."""
+    target.backend("unwrap_key", key_id, source.backend("wrap_key", key_id),
+                   source.backend("key_check", key_id))
 
 
 def _join(member: Node, joiner: Node) -> tuple[TransportKey, WrappedKek]:
@@ -83,8 +91,9 @@ def test_ticket_sealed_with_the_original_opens_with_each_copy_and_back(
     a.backend("create_wrappable_key", KID)
     blob = a.backend("wrap_key", KID)
     assert len(blob) == BLOB_BYTES == 40
-    b.backend("unwrap_key", KID, blob)
-    c.backend("unwrap_key", KID, blob)
+    check = a.backend("key_check", KID)
+    b.backend("unwrap_key", KID, blob, check)
+    c.backend("unwrap_key", KID, blob, check)
     sealed = a.backend("seal", KID, b"aad", b"ticket from A")
     assert b.backend("unseal", KID, b"aad", sealed) == b"ticket from A"
     assert c.backend("unseal", KID, b"aad", sealed) == b"ticket from A"
@@ -101,7 +110,7 @@ def test_copies_are_sensitive_never_extractable_not_modifiable(trio: list[Node])
     a.backend("create_wrappable_key", OTHER)
     original = a.backend("key_attributes", OTHER)
     assert original["sensitive"] and original["always_sensitive"] and original["extractable"]
-    b.backend("unwrap_key", OTHER, a.backend("wrap_key", OTHER))
+    _copy(a, b, OTHER)
     copy = b.backend("key_attributes", OTHER)
     assert copy == {**copy, "sensitive": True, "extractable": False, "modifiable": False,
                     "private": True, "token": True, "encrypt": True, "decrypt": True,
@@ -112,7 +121,7 @@ def test_copies_are_sensitive_never_extractable_not_modifiable(trio: list[Node])
 def test_values_unreadable_and_no_untrusted_key_wraps_a_ticket_key(trio: list[Node]) -> None:
     a, b, _ = trio
     if KID not in b.backend("list_keys"):
-        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+        _copy(a, b, KID)
     original = a.probe("key", KID)
     assert original == {"value": "AttributeSensitive", "untrusted_wrap": "KeyNotWrappable",
                         "user_trusted": "AttributeReadOnly", "kek_value": "AttributeSensitive"}
@@ -124,7 +133,7 @@ def test_values_unreadable_and_no_untrusted_key_wraps_a_ticket_key(trio: list[No
 def test_a_copy_cannot_be_wrapped_again(trio: list[Node]) -> None:
     a, b, _ = trio
     if KID not in b.backend("list_keys"):
-        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+        _copy(a, b, KID)
     with pytest.raises(NodeError) as refused:
         b.backend("wrap_key", KID)
     assert refused.value.kind == "FailedPrecondition"
@@ -156,30 +165,51 @@ def test_a_tampered_blob_is_refused_and_leaves_no_key(trio: list[Node]) -> None:
     blob = a.backend("wrap_key", KID)
     for bad in (_flip(blob), _flip(blob, 0), _flip(blob, 20)):
         with pytest.raises(NodeError) as refused:
-            c.backend("unwrap_key", NEW, bad)
+            c.backend("unwrap_key", NEW, bad, ANY_CHECK)
         assert refused.value.kind == "InvalidArgument"
         assert NEW not in c.backend("list_keys")
     with pytest.raises(NodeError) as short:
-        c.backend("unwrap_key", NEW, blob[:32])
+        c.backend("unwrap_key", NEW, blob[:32], ANY_CHECK)
     assert short.value.kind == "InvalidArgument"
 
 
-def test_a_blob_of_one_key_unwrapped_under_another_id_seals_as_that_key(
+def test_the_check_value_of_the_original_is_that_of_each_copy(trio: list[Node]) -> None:
+    a, b, c = trio
+    for node in (b, c):
+        if KID not in node.backend("list_keys"):
+            _copy(a, node, KID)
+    check = a.backend("key_check", KID)
+    assert len(check) == 16
+    assert b.backend("key_check", KID) == c.backend("key_check", KID) == check
+    assert a.backend("key_check", OTHER) != check     # another key
+    assert a.backend("key_check", KID) == check       # deterministic (fixed nonce, AAD)
+
+
+def test_a_blob_of_one_key_unwrapped_under_another_id_is_refused_and_leaves_nothing(
         trio: list[Node]) -> None:
-    """The id is the caller's: the blob says nothing of it (the store must keep the pair)."""
+    """The blob says nothing of its id; the check value, made over the id by the key itself,
+    does: a (blob, check) of KID moved onto NEW unwraps, then fails the check and is destroyed.
+    (Before the check value, the copy sealed and opened tickets as NEW.)"""
     a, _, c = trio
-    c.backend("unwrap_key", NEW, a.backend("wrap_key", KID))
-    try:
-        sealed = a.backend("seal", KID, b"", b"x")
-        assert c.backend("unseal", NEW, b"", sealed) == b"x"
-    finally:
-        c.backend("destroy_key", NEW)
+    blob, check = a.backend("wrap_key", KID), a.backend("key_check", KID)
+    with pytest.raises(NodeError) as moved:
+        c.backend("unwrap_key", NEW, blob, check)
+    assert moved.value.kind == "KeyProtectionError"
+    assert "check value" in str(moved.value) and "destroyed" in str(moved.value)
+    assert NEW not in c.backend("list_keys")
+    with pytest.raises(NodeError) as wrong:
+        c.backend("unwrap_key", NEW, blob, ANY_CHECK)   # its own id, another check value
+    assert wrong.value.kind == "KeyProtectionError"
+    with pytest.raises(NodeError) as short:
+        c.backend("unwrap_key", NEW, blob, check[:8])
+    assert short.value.kind == "InvalidArgument"
+    assert NEW not in c.backend("list_keys")
 
 
 def test_unwrapping_over_an_existing_id_is_refused(trio: list[Node]) -> None:
     a, b, _ = trio
     with pytest.raises(NodeError) as taken:
-        b.backend("unwrap_key", KID, a.backend("wrap_key", KID))
+        _copy(a, b, KID)
     assert taken.value.kind == "FailedPrecondition"
 
 
@@ -251,7 +281,7 @@ def test_pkcs11_tool_sees_every_kek_and_copy_sensitive_and_reads_no_value(
         trio: list[Node]) -> None:
     for node, copy in zip(trio, (False, True, True), strict=True):
         if copy and KID not in node.backend("list_keys"):
-            node.backend("unwrap_key", KID, trio[0].backend("wrap_key", KID))
+            _copy(trio[0], node, KID)
         out = node.pkcs11_tool("--list-objects", "--type", "secrkey")
         kek = out.split("label:      ticket-authority-kek", 1)[1].split("Secret Key Object")[0]
         assert "Usage:      wrap, unwrap" in kek and "sensitive" in kek

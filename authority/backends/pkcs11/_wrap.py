@@ -505,8 +505,8 @@ def copy_template(key_id: bytes, optional: Pairs) -> Pairs:
 
 
 def unwrap_ticket_key(rawtok: RawToken, session: Any, kek: AesKey, key_id: bytes, blob: bytes,
-                      token: str) -> None:
-    """Unwrap a copy of the ticket key ``key_id`` under ``kek``, then read it back.
+                      token: str) -> AesKey:
+    """Unwrap a copy of the ticket key ``key_id`` under ``kek``, then read it back; the copy.
 
     Raises: InvalidArgument (a blob of the wrong length); KeyProtectionError (the copy is
     weaker than required: destroyed); PKCS11Error subclasses (a tampered or foreign blob:
@@ -530,7 +530,31 @@ def unwrap_ticket_key(rawtok: RawToken, session: Any, kek: AesKey, key_id: bytes
                               Attribute.LABEL: key_label(key_id)})
         _checked(copy, f"a copy of ticket key {key_id.hex()}", token,
                  partial(_copy_problems, copy, key_id))
-        return
+        return copy
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+#: AAD prefix of a key's check value (:func:`check_aad`)
+CHECK_CONTEXT: Final = b"ike-ticket-authority key check"
+#: the fixed nonce of a check value: ticket nonces are 12 random octets, so one of them equals
+#: it with probability 2^-96 per seal, as two ticket nonces collide
+CHECK_NONCE: Final = bytes(12)
+#: a check value is a whole AES-GCM tag
+CHECK_BYTES: Final = 16
+
+
+def check_aad(key_id: bytes) -> bytes:
+    """The AAD of ``key_id``'s check value: binds the value to the id (a blob of key X moved
+    onto id Y unwraps, but its copy cannot make Y's check value)."""
+    return CHECK_CONTEXT + key_id
+
+
+def refuse_check(copy: AesKey, key_id: bytes, token: str) -> KeyProtectionError:
+    """Destroy ``copy`` (its check value is not the one recorded for ``key_id``) and return the
+    error to raise. Never raises."""
+    return refuse(copy, f"a copy of ticket key {key_id.hex()}", token,
+                  ["a check value other than the one recorded for this id (a blob of another "
+                   "key, or of another KEK's key)"])
 
 
 def _copy_problems(copy: AesKey, key_id: bytes) -> list[str]:

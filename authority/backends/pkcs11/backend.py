@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from typing import Any, TypeVar
 
 from pkcs11 import exceptions as p11x
@@ -262,34 +264,82 @@ class Pkcs11Backend:
                     raise FailedPrecondition(f"key {key_id.hex()} cannot be wrapped under the "
                                              f"cluster KEK: {type(exc).__name__}") from exc
 
-    def unwrap_key(self, key_id: bytes, blob: bytes,
+    def key_check(self, key_id: bytes) -> bytes:
+        """The key's check value: the 16-octet AES-GCM tag it makes in the token over an empty
+        plaintext with AAD ``_wrap.check_aad(key_id)`` under the all-zero 12-octet nonce (one
+        C_EncryptInit/C_Encrypt). The original and every copy give the same value; a copy of
+        another key unwrapped under this id does not.
+
+        Raises: KeyNotFound; FailedPrecondition (several keys with the id); DeviceUnavailable.
+        """
+        with self._pool.session() as pooled:
+            handle = int(find_key(pooled, key_id, "key_check").handle)
+            return self._check_of(pooled, key_id, handle)
+
+    def _check_of(self, pooled: PooledSession, key_id: bytes, handle: int) -> bytes:
+        """The check value of the key object ``handle``. Raises: DeviceUnavailable;
+        FailedPrecondition (the token gave no 16-octet tag)."""
+        with device_errors(Ctx(Phase.OPERATION, "key_check", key_id=key_id)):
+            tag = pooled.gcm.encrypt(handle, _wrap.CHECK_NONCE, _wrap.check_aad(key_id), b"")
+        if len(tag) != _wrap.CHECK_BYTES:
+            raise FailedPrecondition(f"token '{self._label}' made a {len(tag)}-octet check "
+                                     f"value for key {key_id.hex()}")
+        return tag
+
+    def unwrap_key(self, key_id: bytes, blob: bytes, check: bytes,
                    kek_label: str = _wrap.KEK_LABEL) -> None:
         """Unwrap a copy of ticket key ``key_id`` from a :meth:`wrap_key` blob into this token:
         sensitive, never extractable, not modifiable, encrypt/decrypt only, labelled
-        ``ita-<hex id>``. The copy's attributes are read back; a copy weaker than that is
+        ``ita-<hex id>``. The copy's attributes are read back, then its :meth:`key_check`
+        compared with ``check`` (the original's, recorded with the blob); a copy weaker than
+        required, or with another check value (the blob of another key moved onto this id), is
         destroyed.
 
         Raises: InvalidArgument (id not 8 bytes; a blob the token refuses: tampered, or wrapped
-        under another KEK); FailedPrecondition (no KEK; id taken); KeyProtectionError (a weaker
-        copy: destroyed); DeviceUnavailable.
+        under another KEK; a check value not 16 octets); FailedPrecondition (no KEK; id taken);
+        KeyProtectionError (a weaker copy, or another check value: destroyed);
+        DeviceUnavailable.
         """
         _keys.check_key_id(key_id)
+        if len(check) != _wrap.CHECK_BYTES:
+            raise InvalidArgument("check", f"must be {_wrap.CHECK_BYTES} octets")
         rawtok = self._rawtok()
         ctx = Ctx(Phase.OPERATION, "unwrap_key", key_id=key_id)
-        with self._pool.session(exclusive=True) as pooled, device_errors(ctx):
-            if _keys.search(pooled.session, key_id, by_label_only=False):
-                raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
-            kek = _wrap.find_kek(pooled.session, kek_label)
-            try:
-                _wrap.unwrap_ticket_key(rawtok, pooled.session, kek, key_id, blob, self._label)
-            except (*_wrap.BAD_BLOB, p11x.GeneralError) as exc:
-                # SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR for a blob failing RFC 3394's check,
-                # as a device fault could: a session still alive means the blob was refused
-                if not self._session_alive(pooled.handle):
-                    raise
-                raise InvalidArgument("blob", f"the token refused it ({type(exc).__name__}): "
-                                      "tampered, or wrapped under another KEK") from exc
-        log.info("unwrapped a copy of key %s", key_id.hex())
+        with self._pool.session(exclusive=True) as pooled:
+            with device_errors(ctx):
+                if _keys.search(pooled.session, key_id, by_label_only=False):
+                    raise FailedPrecondition(f"key {key_id.hex()} already exists in the token")
+                kek = _wrap.find_kek(pooled.session, kek_label)
+                copy = self._unwrap(rawtok, pooled, kek, key_id, blob)
+            self._check_copy(pooled, copy, key_id, check)
+        log.info("unwrapped a copy of key %s (check value matches)", key_id.hex())
+
+    def _unwrap(self, rawtok: RawToken, pooled: PooledSession, kek: Any, key_id: bytes,
+                blob: bytes) -> Any:
+        """The copy unwrapped and read back. Raises: as :meth:`unwrap_key`; PKCS11Error."""
+        try:
+            return _wrap.unwrap_ticket_key(rawtok, pooled.session, kek, key_id, blob,
+                                           self._label)
+        except (*_wrap.BAD_BLOB, p11x.GeneralError) as exc:
+            # SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR for a blob failing RFC 3394's check,
+            # as a device fault could: a session still alive means the blob was refused
+            if not self._session_alive(pooled.handle):
+                raise
+            raise InvalidArgument("blob", f"the token refused it ({type(exc).__name__}): "
+                                  "tampered, or wrapped under another KEK") from exc
+
+    def _check_copy(self, pooled: PooledSession, copy: Any, key_id: bytes,
+                    check: bytes) -> None:
+        """Destroy ``copy`` unless its check value is ``check``. Raises: KeyProtectionError;
+        DeviceUnavailable (the copy is destroyed first, if the token still answers)."""
+        try:
+            found = self._check_of(pooled, key_id, int(copy.handle))
+        except BaseException:
+            with suppress(p11x.PKCS11Error):
+                copy.destroy()
+            raise
+        if not hmac.compare_digest(found, check):
+            raise _wrap.refuse_check(copy, key_id, self._label)
 
     def _session_alive(self, handle: int) -> bool:
         """Whether C_GetSessionInfo still answers for ``handle``. Never raises."""
