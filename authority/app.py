@@ -19,6 +19,7 @@ from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, StartupError
 from authority.keyring import KeyRing
+from authority.keyring.core import wrapping_backend
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.outage import PolicyWatch
 from authority.policy import Policy
@@ -180,7 +181,8 @@ class Authority:
         self.replica = ReplicaIdentity.new(clock)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
                             audit=self.audit.record, cluster=config.cluster,
-                            replica=self.replica)
+                            replica=self.replica,
+                            wrapper=wrapping_backend(config.cluster, backend))
         self.lease = Lease(store, MAINTENANCE, self.replica.replica_id, clock,
                            config.cluster.lease_duration)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,

@@ -101,6 +101,10 @@ class ClusterSettings:
     lease_duration: float = 5.0       # seconds the maintenance lease lasts unless its holder
                                       # renews it (at each heartbeat); then another replica
                                       # takes it over (at least 2 heartbeat intervals)
+    per_node_tokens: bool = False     # each replica has its own token holding the cluster KEK:
+                                      # ticket keys are made wrappable, stored wrapped (RFC 3394
+                                      # blobs with a check value) and unwrapped into the other
+                                      # replicas' tokens; only with [postgresql] and pkcs11
 
 
 @dataclass(frozen=True)

@@ -381,6 +381,7 @@ def validate(cfg: Config) -> None:
     if cfg.keys.publish_delay < 0:
         raise ConfigError("keys.publish_delay", "must be 0 (seal at once) or positive")
     _validate_cluster(cfg.cluster)
+    _validate_per_node_tokens(cfg)
     _validate_store(cfg)
     if cfg.backend not in _BACKENDS:
         raise ConfigError("backend", f"unknown backend {cfg.backend!r} (supported: "
@@ -447,6 +448,19 @@ def _validate_cluster(cluster: ClusterSettings) -> None:
             raise ConfigError(f"cluster.{setting}", "must be at least twice "
                               f"cluster.heartbeat_interval ({cluster.heartbeat_interval} s), "
                               f"got {getattr(cluster, setting)}")
+
+
+def _validate_per_node_tokens(cfg: Config) -> None:
+    """``cluster.per_node_tokens`` only with ``[postgresql]`` (replicas on several machines)
+    and backend pkcs11 (the token wraps and unwraps the keys). Raises: ConfigError."""
+    if not cfg.cluster.per_node_tokens:
+        return
+    if cfg.postgresql is None:
+        raise ConfigError("cluster.per_node_tokens", "needs [postgresql]: the replicas with "
+                          "their own tokens share the key ring and its wrapped keys there")
+    if cfg.backend != "pkcs11":
+        raise ConfigError("cluster.per_node_tokens", "needs backend pkcs11 (keys wrapped under "
+                          f"a cluster KEK in each token), not {cfg.backend!r}")
 
 
 def _validate_store(cfg: Config) -> None:

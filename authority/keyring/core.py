@@ -4,21 +4,24 @@ how a change of it is committed (a compare-and-swap on the ring's version, ``Rin
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol, cast
 
 from authority.audit import AuditHook
 from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.cluster import ReplicaIdentity
 from authority.config import ClusterSettings, KeyPolicy, TicketPolicy
-from authority.errors import DeviceUnavailable
+from authority.errors import AuthorityError, DeviceUnavailable, StartupError
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import Fence, ReplicaRecord, Store
+
+log = logging.getLogger("authority.keyring")
 
 #: seconds a CREATING key waits for its creation to complete before it is given up: longer than
 #: any device call (a TPM create may finish after its caller timed out)
@@ -29,6 +32,37 @@ CAS_ATTEMPTS = 8
 OPENING = (KeyState.ACTIVE, KeyState.PENDING, KeyState.DECRYPT_ONLY)
 
 Event = tuple[str, str, dict[str, Any]]   # (actor, action, details) for the audit hook
+
+
+class Wrapping(Protocol):
+    """What a backend does for per-node tokens (``cluster.per_node_tokens``): ticket keys
+    copied between tokens under the cluster KEK (authority/backends/pkcs11/_wrap.py)."""
+
+    def create_wrappable_key(self, key_id: bytes) -> None: ...
+
+    def wrap_key(self, key_id: bytes, kek_label: str = ...) -> bytes: ...
+
+    def key_check(self, key_id: bytes) -> bytes: ...
+
+    def unwrap_key(self, key_id: bytes, blob: bytes, check: bytes,
+                   kek_label: str = ...) -> None: ...
+
+
+_WRAPPING = ("create_wrappable_key", "wrap_key", "key_check", "unwrap_key")
+
+
+def wrapping_backend(cluster: ClusterSettings, backend: object) -> Wrapping | None:
+    """``backend`` as a :class:`Wrapping` when ``cluster.per_node_tokens`` is on, else None.
+
+    Raises: StartupError (on, and the backend cannot wrap keys: e.g. device processes)."""
+    if not cluster.per_node_tokens:
+        return None
+    lacking = [name for name in _WRAPPING if not callable(getattr(backend, name, None))]
+    if lacking:
+        raise StartupError("cluster.per_node_tokens: the backend cannot copy keys between "
+                           f"tokens (no {', '.join(lacking)}); use backend pkcs11 in the "
+                           "server process (server.device_processes = 0)")
+    return cast(Wrapping, backend)
 
 
 def _no_audit(actor: str, action: str, details: Mapping[str, Any]) -> None:
@@ -54,8 +88,11 @@ class RingCopy:
     def __init__(self, backend: KeyBackend, store: Store, keys: KeyPolicy,
                  tickets: TicketPolicy, clock: Clock, audit: AuditHook | None = None,
                  cluster: ClusterSettings | None = None,
-                 replica: ReplicaIdentity | None = None) -> None:
+                 replica: ReplicaIdentity | None = None,
+                 wrapper: Wrapping | None = None) -> None:
         self._backend = backend
+        # per-node tokens: keys are made wrappable, their blobs stored, copies unwrapped here
+        self._wrapper = wrapper
         self._audit: AuditHook = audit or _no_audit   # called before a change is committed
         self._store = store
         self._policy = keys
@@ -126,20 +163,68 @@ class RingCopy:
         """The keys the device lists, recorded as verified. When it lacks a key the ring
         expects, the backend's view of the device is refreshed and the device listed again
         before anything concludes the key is absent (another process may have made it: a view
-        can be stale, backends/base.py ``refresh``); a key still absent after a refresh is not
-        refreshed for again while its state stays the same. Callers hold ``_change_lock``.
+        can be stale, backends/base.py ``refresh``); with per-node tokens, a key that opens
+        tickets and is still absent is then unwrapped from its blob in the store
+        (``_unwrap_copies``). A key still absent is not refreshed for (nor unwrapped) again
+        while its state stays the same, unless the store or device failed. Callers hold
+        ``_change_lock``.
 
         Raises: DeviceUnavailable.
         """
         present = self._backend.list_keys()
         lacking = {k: s for k, s in self._expected().items() if k not in present}
-        if lacking.items() - self._absent.items():
+        new = lacking.items() - self._absent.items()
+        if new:
             self._backend.refresh()
             present = self._backend.list_keys()
             lacking = {k: s for k, s in lacking.items() if k not in present}
-        self._absent = lacking
+            copied, retry = self._unwrap_copies(k for k, _ in new if k in lacking)
+            present |= copied
+            lacking = {k: s for k, s in lacking.items() if k not in copied}
+            self._absent = {k: s for k, s in lacking.items() if k not in retry}
+        else:
+            self._absent = lacking
         self._verified = set(present)
         return present
+
+    def _unwrap_copies(self, lacking: Iterable[bytes]) -> tuple[set[bytes], set[bytes]]:
+        """Per-node tokens: unwrap into this replica's token a copy of each key of ``lacking``
+        that opens tickets, from its blob in the store, checked against its check value
+        (``unwrap_key``). Returns (the keys copied, those to try again at the next listing:
+        the store or the device was unavailable). A key without a blob, or that cannot be
+        unwrapped (no KEK, a tampered blob, another check value, the device failed) is logged
+        and stays absent: this replica does not report it loaded (a PENDING key then waits for
+        ``keys.publish_delay``). Callers hold ``_change_lock``. Never raises."""
+        wanted = [k for k in lacking if k in self._records
+                  and self._records[k].state in OPENING]
+        if self._wrapper is None or not wanted:
+            return set(), set()
+        try:
+            blobs = self._store.load_wrapped(wanted)
+        except DeviceUnavailable as exc:
+            log.warning("could not read the wrapped keys: %s", exc.message)
+            return set(), set(wanted)
+        copied: set[bytes] = set()
+        retry: set[bytes] = set()
+        for key_id in wanted:
+            wrapped = blobs.get(key_id)
+            if wrapped is None:
+                log.error("key %s is not in this replica's token and the store has no wrapped "
+                          "copy of it", key_id.hex())
+                continue
+            try:
+                self._wrapper.unwrap_key(key_id, wrapped.blob, wrapped.check, wrapped.kek_id)
+            except AuthorityError as exc:
+                log.error("could not unwrap a copy of key %s into this replica's token "
+                          "(%s): %s; not reported loaded", key_id.hex(), type(exc).__name__,
+                          exc.message)
+                if isinstance(exc, DeviceUnavailable):
+                    retry.add(key_id)
+                continue
+            log.info("key %s copied into this replica's token (check value matches)",
+                     key_id.hex())
+            copied.add(key_id)
+        return copied, retry
 
     # -- committing changes ------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from authority.errors import (
     KeyNotFound,
     NotFound,
 )
-from authority.keyring.core import CREATING_GRACE, Change, Event
+from authority.keyring.core import CREATING_GRACE, Change, Event, Wrapping
 from authority.keyring.publish import Publication
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import Fence
@@ -120,22 +120,49 @@ class Lifecycle(Publication):
 
     def _create(self) -> bytes:
         """A new key id, recorded CREATING, then created in the device; callers hold
-        ``_change_lock``.
+        ``_change_lock``. With per-node tokens the key is made wrappable and its blob (under
+        the cluster KEK, with its check value) stored before this returns, so before the key
+        can leave CREATING: every replica that sees it published finds its blob.
 
         Raises: DeviceUnavailable (the CREATING record stays: the key may still be made, and is
-        swept after the grace), FailedPrecondition (the device refused: the record is dropped).
+        swept after the grace), FailedPrecondition (the device refused: the record is dropped;
+        per-node tokens: no KEK, or the key could not be wrapped: it is destroyed).
         """
         key_id = self._new_key_id()
         record = KeyRecord(key_id, KeyState.CREATING, self._clock.now())
         self._store.save_keys([record])
         self._creating[key_id] = record
         try:
-            self._backend.create_key(key_id)
+            if self._wrapper is None:
+                self._backend.create_key(key_id)
+            else:
+                self._wrapper.create_wrappable_key(key_id)
         except FailedPrecondition:   # the id is taken, or the key was refused and destroyed
             self._forget_creating(key_id)
             raise
         self._verified.add(key_id)
+        if self._wrapper is not None:
+            try:
+                self._store_blob(self._wrapper, key_id)
+            except AuthorityError:
+                self._discard(key_id)
+                raise
         return key_id
+
+    def _store_blob(self, wrapper: Wrapping, key_id: bytes) -> None:
+        """Per-node tokens: store the new key's blob under the cluster KEK with its check value
+        (its CREATING record is stored, a live record: ``Store.save_wrapped``).
+
+        Raises: FailedPrecondition (no KEK, or the key cannot be wrapped), DeviceUnavailable
+        (also: the record was given up meanwhile, nothing stored)."""
+        from authority.backends.pkcs11._wrap import KEK_LABEL
+
+        check = wrapper.key_check(key_id)
+        blob = wrapper.wrap_key(key_id, KEK_LABEL)
+        if not self._store.save_wrapped(key_id, KEK_LABEL, blob, check):
+            raise DeviceUnavailable(f"key {key_id.hex()}: its record was given up before its "
+                                    "wrapped copy was stored; retry")
+        log.info("key %s wrapped under the cluster KEK and stored", key_id.hex())
 
     def _lost(self, key_id: bytes, actor: str, audited: bool) -> None:
         """Another rotation won: destroy the key made here. Never raises."""
@@ -198,6 +225,7 @@ class Lifecycle(Publication):
             raise
         except KeyNotFound:
             log.warning("key %s was already gone from the device", record.key_id.hex())
+        self._verified.discard(record.key_id)
         now = self._clock.now()
         self._apply(lambda: self._marked_destroyed(record.key_id, now), fence)
         log.info("key %s destroyed in the device (%s)", record.key_id.hex(), reason)

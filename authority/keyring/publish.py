@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 
 from authority.audit import SYSTEM
-from authority.errors import DeviceUnavailable
+from authority.errors import DeviceUnavailable, KeyNotFound
 from authority.keyring.core import Change, RingCopy
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import ReplicaRecord
@@ -34,6 +34,8 @@ class Publication(RingCopy):
             now = self._clock.now()
             self._refresh()
             self._verify_loaded()
+            if self._wrapper is not None:
+                self._destroy_copies()
             self._heartbeat(now)
             self._confirmed_at = now
             if self._pending is not None:
@@ -58,6 +60,29 @@ class Publication(RingCopy):
             self._list_device()
         except DeviceUnavailable as exc:
             log.warning("could not list the device's keys: %s", exc.message)
+
+    def _destroy_copies(self) -> None:
+        """Per-node tokens: destroy in this replica's token the keys it was seen to hold that
+        the ring records DESTROYED (the replica that destroyed a key destroyed only its own
+        copy; the lease holder's pass does the same, ``_destroy_found``). A device failure is
+        logged and tried again at the next heartbeat. Raises: AuditUnavailable."""
+        for key_id in sorted(self._verified):
+            record = self._records.get(key_id)
+            if record is None or record.state != KeyState.DESTROYED:
+                continue
+            self._audit(SYSTEM, "key.destroyed", {
+                "key_id": key_id.hex(), "replica_id": self._replica.replica_id,
+                "reason": "destroyed key's copy in this replica's token"})
+            try:
+                self._backend.destroy_key(key_id)
+            except KeyNotFound:
+                pass
+            except DeviceUnavailable as exc:
+                log.error("could not destroy this replica's copy of key %s: %s", key_id.hex(),
+                          exc.message)
+                continue
+            self._verified.discard(key_id)
+            log.info("this replica's copy of destroyed key %s destroyed", key_id.hex())
 
     def _confirm(self) -> None:
         """Confirm the copy of the ring is current (re-read it if not) and heartbeat, unless

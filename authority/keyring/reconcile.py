@@ -106,6 +106,8 @@ class Reconciliation(Lifecycle):
             except DeviceUnavailable as exc:
                 log.error("could not destroy key %s found in the device: %s",
                           record.key_id.hex(), exc.message)
+                continue
+            self._verified.discard(record.key_id)
 
     def _sweep_creating(self, present: set[bytes], fence: Fence | None) -> None:
         """Give up CREATING keys older than ``CREATING_GRACE``: the record marked DESTROYED
