@@ -17,7 +17,7 @@ from authority.backends.base import KeyBackend
 from authority.clock import Clock
 from authority.cluster import ReplicaIdentity
 from authority.config import ClusterSettings, KeyPolicy, TicketPolicy
-from authority.errors import AuthorityError, DeviceUnavailable, StartupError
+from authority.errors import AuthorityError, DeviceUnavailable, KeyNotFound, StartupError
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import Fence, ReplicaRecord, Store
 
@@ -225,6 +225,19 @@ class RingCopy:
                      key_id.hex())
             copied.add(key_id)
         return copied, retry
+
+    def _destroy_in_device(self, key_id: bytes, what: str) -> bool:
+        """Destroy ``key_id`` in this replica's device: True once it is gone (also when the
+        device did not have it), False after a device failure, logged as "could not destroy
+        ``what``" (the caller's next pass tries again). Never raises."""
+        try:
+            self._backend.destroy_key(key_id)
+        except KeyNotFound:
+            pass
+        except DeviceUnavailable as exc:
+            log.error("could not destroy %s: %s", what, exc.message)
+            return False
+        return True
 
     # -- committing changes ------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import logging
 from dataclasses import replace
 
 from authority.audit import SYSTEM
-from authority.errors import DeviceUnavailable, KeyNotFound
+from authority.errors import DeviceUnavailable
 from authority.keyring.core import Change, RingCopy
 from authority.keys import KeyRecord, KeyState
 from authority.store.base import ReplicaRecord
@@ -73,13 +73,8 @@ class Publication(RingCopy):
             self._audit(SYSTEM, "key.destroyed", {
                 "key_id": key_id.hex(), "replica_id": self._replica.replica_id,
                 "reason": "destroyed key's copy in this replica's token"})
-            try:
-                self._backend.destroy_key(key_id)
-            except KeyNotFound:
-                pass
-            except DeviceUnavailable as exc:
-                log.error("could not destroy this replica's copy of key %s: %s", key_id.hex(),
-                          exc.message)
+            if not self._destroy_in_device(
+                    key_id, f"this replica's copy of key {key_id.hex()}"):
                 continue
             self._verified.discard(key_id)
             log.info("this replica's copy of destroyed key %s destroyed", key_id.hex())

@@ -10,7 +10,6 @@ from dataclasses import replace
 from functools import partial
 
 from authority.audit import SYSTEM
-from authority.errors import DeviceUnavailable, KeyNotFound
 from authority.keyring.core import CREATING_GRACE, Change
 from authority.keyring.lifecycle import Lifecycle
 from authority.keys import KeyState
@@ -99,13 +98,8 @@ class Reconciliation(Lifecycle):
                 continue
             self._audit(SYSTEM, "key.destroyed", {"key_id": record.key_id.hex(),
                                                   "reason": "destroyed key found in the device"})
-            try:
-                self._backend.destroy_key(record.key_id)
-            except KeyNotFound:
-                pass
-            except DeviceUnavailable as exc:
-                log.error("could not destroy key %s found in the device: %s",
-                          record.key_id.hex(), exc.message)
+            if not self._destroy_in_device(
+                    record.key_id, f"key {record.key_id.hex()} found in the device"):
                 continue
             self._verified.discard(record.key_id)
 
@@ -123,15 +117,9 @@ class Reconciliation(Lifecycle):
             key_id, in_device = record.key_id, record.key_id in present
             if not self._apply(partial(self._abandon, key_id, in_device, now), fence):
                 continue
-            if in_device:
-                try:
-                    self._backend.destroy_key(key_id)
-                except KeyNotFound:
-                    pass
-                except DeviceUnavailable as exc:
-                    log.error("could not destroy abandoned key %s: %s", key_id.hex(),
-                              exc.message)
-                    continue
+            if in_device and not self._destroy_in_device(
+                    key_id, f"abandoned key {key_id.hex()}"):
+                continue
             self._apply(partial(self._dropped, key_id), fence)
             log.warning("key %s was never completed: %s", key_id.hex(),
                         "destroyed in the device" if in_device else "not in the device")
