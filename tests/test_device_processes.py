@@ -21,10 +21,12 @@ import pytest
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
 from authority.app import device_processes
 from authority.backends.pkcs11 import Pkcs11Backend
+from authority.backends.pkcs11.officer import SecurityOfficer
 from authority.backends.processes.child import hello_for
 from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.pool import DeviceProcesses
-from authority.config import Config, Pkcs11Settings, Secret, ServerSettings
+from authority.backends.softhsm import SO_PIN_NAME, provision_embedded_token
+from authority.config import ClusterSettings, Config, Pkcs11Settings, Secret, ServerSettings
 from authority.errors import (
     ConfigError,
     DeviceUnavailable,
@@ -32,6 +34,7 @@ from authority.errors import (
     StartupError,
     UnsealFailed,
 )
+from authority.keyring.core import wrapping_backend
 from authority.ticket_format import encode_header
 from tests.conftest import Harness, issue, load_toml, make_config, process_gone, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, hsm_fixture, requires_softhsm  # noqa: F401
@@ -302,3 +305,25 @@ def test_a_replacement_that_cannot_start_is_retried_while_the_others_serve(
     wait_until(lambda: len(procs.pids()) == 2)
     assert procs.describe().processes == 2 and fleet.restarts == 1
     assert procs.unseal_many(items) == plaintexts
+
+
+def test_per_node_tokens_work_with_device_processes(tmp_path: Path) -> None:
+    """``cluster.per_node_tokens`` with the default device processes: the key ring's wrapping
+    backend is the DeviceProcesses (before: StartupError "the backend cannot copy keys");
+    a wrappable key made through it is wrapped and checked in this process, and batches
+    sealed and opened under it run in the device processes."""
+    hsm = provision_embedded_token(tmp_path / "hsm")
+    so_pin = Secret((tmp_path / "hsm" / SO_PIN_NAME).read_text("utf-8").strip())
+    with SecurityOfficer.open(hsm.module, hsm.softhsm2_conf, hsm.token_label, so_pin) as so:
+        so.make_kek()
+    backend = _open(hsm)
+    try:
+        wrapper = wrapping_backend(ClusterSettings(per_node_tokens=True), backend)
+        assert wrapper is backend
+        wrapper.create_wrappable_key(OTHER)
+        assert len(wrapper.wrap_key(OTHER)) == 40 and len(wrapper.key_check(OTHER)) == 16
+        header = encode_header(OTHER, 1)
+        sealed = backend.seal_many([(OTHER, header, b"x"), (OTHER, header, b"y")])
+        assert backend.unseal_many([(OTHER, header, body) for body in sealed]) == [b"x", b"y"]
+    finally:
+        backend.close()

@@ -54,14 +54,13 @@ _WRAPPING = ("create_wrappable_key", "wrap_key", "key_check", "unwrap_key")
 def wrapping_backend(cluster: ClusterSettings, backend: object) -> Wrapping | None:
     """``backend`` as a :class:`Wrapping` when ``cluster.per_node_tokens`` is on, else None.
 
-    Raises: StartupError (on, and the backend cannot wrap keys: e.g. device processes)."""
+    Raises: StartupError (on, and the backend cannot wrap keys: the TPM)."""
     if not cluster.per_node_tokens:
         return None
     lacking = [name for name in _WRAPPING if not callable(getattr(backend, name, None))]
     if lacking:
         raise StartupError("cluster.per_node_tokens: the backend cannot copy keys between "
-                           f"tokens (no {', '.join(lacking)}); use backend pkcs11 in the "
-                           "server process (server.device_processes = 0)")
+                           f"tokens (no {', '.join(lacking)}); use backend pkcs11")
     return cast(Wrapping, backend)
 
 

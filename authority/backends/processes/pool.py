@@ -31,7 +31,7 @@ from authority.backends.processes.handoff import Handoff
 from authority.backends.processes.link import AsyncLink
 from authority.backends.processes.process import BrokenProcess, DeviceProcess, checked, sealed
 from authority.backends.processes.wire import SEAL, UNSEAL, encode_request
-from authority.errors import DeviceUnavailable, InvalidTicket
+from authority.errors import DeviceUnavailable, FailedPrecondition, InvalidTicket
 
 log = logging.getLogger("authority.backends.processes")
 
@@ -231,6 +231,35 @@ class DeviceProcesses:
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """See KeyBackend.key_attributes. Raises: KeyNotFound, DeviceUnavailable."""
         return self._local.key_attributes(key_id)
+
+    # -- per-node tokens (cluster.per_node_tokens): this process's backend, as key creation --
+
+    def create_wrappable_key(self, key_id: bytes) -> None:
+        """See Pkcs11Backend.create_wrappable_key (the device processes find the key at its
+        first use, as any key made here). Raises: what it raises."""
+        self._wrapping("create_wrappable_key")(key_id)
+
+    def wrap_key(self, key_id: bytes, *kek_label: str) -> bytes:
+        """See Pkcs11Backend.wrap_key. Raises: what it raises."""
+        blob: bytes = self._wrapping("wrap_key")(key_id, *kek_label)
+        return blob
+
+    def key_check(self, key_id: bytes) -> bytes:
+        """See Pkcs11Backend.key_check. Raises: what it raises."""
+        check: bytes = self._wrapping("key_check")(key_id)
+        return check
+
+    def unwrap_key(self, key_id: bytes, blob: bytes, check: bytes, *kek_label: str) -> None:
+        """See Pkcs11Backend.unwrap_key. Raises: what it raises."""
+        self._wrapping("unwrap_key")(key_id, blob, check, *kek_label)
+
+    def _wrapping(self, name: str) -> Any:
+        """This process's backend's method ``name``. Raises: FailedPrecondition (a backend
+        that cannot copy keys between tokens)."""
+        method = getattr(self._local, name, None)
+        if method is None:
+            raise FailedPrecondition(f"the {self.name} backend cannot copy keys between tokens")
+        return method
 
     def describe(self) -> BackendInfo:
         """This process's backend; its sessions plus one per running device process (what a
