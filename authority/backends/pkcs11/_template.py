@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from itertools import combinations
 from typing import Any, Final
@@ -209,21 +209,43 @@ def _check(key: AesKey, asked: dict[Attribute, Any], token: str) -> dict[Attribu
 
     Raises: KeyProtectionError; PKCS11Error subclasses (the key is destroyed first).
     """
+    optional: dict[Attribute, Any] = {}
+
+    def problems() -> list[str]:
+        found, reported = _problems(key, asked)
+        optional.update(reported)
+        return found
+
+    destroy_if_weaker(key, "created a key", token, problems, "the key")
+    return optional
+
+
+def destroy_if_weaker(obj: Any, made: str, token: str, check: Callable[[], list[str]],
+                      subject: str = "it") -> None:
+    """Run ``check`` (what ``obj``, just made, lacks of the protection required); if it found
+    anything, destroy ``obj`` and raise "token T ``made`` without the required protection".
+    Raises: KeyProtectionError; what ``check`` raises (``obj`` is destroyed first)."""
     try:
-        problems, optional = _problems(key, asked)
+        found = check()
     except BaseException:
         with suppress(p11x.PKCS11Error):
-            key.destroy()
+            obj.destroy()
         raise
-    if not problems:
-        return optional
+    if found:
+        raise refusal(obj, made, token, found, subject)
+
+
+def refusal(obj: Any, made: str, token: str, found: list[str],
+            subject: str = "it") -> KeyProtectionError:
+    """Destroy ``obj`` (weaker than required: ``found``) and return the error to raise, which
+    says whether the destruction worked. Never raises."""
     try:
-        key.destroy()
-        fate = "the key was destroyed"
+        obj.destroy()
+        fate = f"{subject} was destroyed"
     except p11x.PKCS11Error as exc:
         fate = f"destroying it failed ({type(exc).__name__}): remove it with the token's tools"
-    raise KeyProtectionError(f"pkcs11.module: token '{token}' created a key without the "
-                             f"required protection: {', '.join(problems)}; {fate}")
+    return KeyProtectionError(f"pkcs11.module: token '{token}' {made} without the required "
+                              f"protection: {', '.join(found)}; {fate}")
 
 
 def _problems(key: AesKey, asked: dict[Attribute, Any]

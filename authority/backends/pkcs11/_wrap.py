@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
@@ -54,7 +53,7 @@ from pkcs11 import exceptions as p11x
 from authority.backends.pkcs11._errors import TEMPLATE_REFUSALS
 from authority.backends.pkcs11._keys import AesKey, key_label
 from authority.backends.pkcs11._rawck import RawToken, Template, Value, encode
-from authority.backends.pkcs11._template import _pack_mechanisms
+from authority.backends.pkcs11._template import _pack_mechanisms, destroy_if_weaker, refusal
 from authority.errors import FailedPrecondition, InvalidArgument, KeyProtectionError
 
 log = logging.getLogger("authority.backends.pkcs11")
@@ -175,18 +174,6 @@ def template_problems(rawtok: RawToken, session: int, obj: AesKey, must: Pairs) 
             if reported.get(int(attr)) != encode(_raw_value(value))]
 
 
-def refuse(obj: AesKey, what: str, token: str, found: list[str]) -> KeyProtectionError:
-    """Destroy ``obj`` (a copy or key weaker than required) and return the error to raise.
-    Never raises."""
-    try:
-        obj.destroy()
-        fate = "it was destroyed"
-    except p11x.PKCS11Error as exc:
-        fate = f"destroying it failed ({type(exc).__name__}): remove it with the token's tools"
-    return KeyProtectionError(f"pkcs11.module: token '{token}' made {what} without the "
-                              f"required protection: {', '.join(found)}; {fate}")
-
-
 def _show(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
@@ -194,19 +181,6 @@ def _show(value: Any) -> str:
         return value.hex()
     name = getattr(value, "name", None)
     return str(name) if name is not None else str(value)
-
-
-def _checked(obj: AesKey, what: str, token: str, check: Callable[[], list[str]]) -> None:
-    """Run ``check``; destroy ``obj`` and raise KeyProtectionError if it found anything.
-    Raises: KeyProtectionError; PKCS11Error subclasses (``obj`` is destroyed first)."""
-    try:
-        found = check()
-    except BaseException:
-        with suppress(p11x.PKCS11Error):
-            obj.destroy()
-        raise
-    if found:
-        raise refuse(obj, what, token, found)
 
 
 # -- finding ---------------------------------------------------------------------------------
@@ -283,7 +257,7 @@ def check_kek(rawtok: RawToken, session: Any, token: str, kek: AesKey, what: str
             found.append(f"CKA_VALUE_LEN is {length} (must be {KEY_BYTES})")
         found += template_problems(rawtok, int(session.handle), kek, COPY)
         return found
-    _checked(kek, what, token, check)
+    destroy_if_weaker(kek, f"made {what}", token, check)
 
 
 # -- transport keys (joining) ----------------------------------------------------------------
@@ -359,7 +333,7 @@ def make_transport_pair(rawtok: RawToken, session: Any, token: str, label: str
                                    int.from_bytes(values[Attribute.MODULUS], "big"))
     der = numbers.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-    _checked(priv, "the transport private key", token,
+    destroy_if_weaker(priv, "made the transport private key", token,
              lambda: problems(priv, TRANSPORT_PRIVATE)
              + template_problems(rawtok, int(session.handle), priv, _kek_copy_check()))
     return TransportKey(der, fingerprint(der)), priv
@@ -485,7 +459,8 @@ def create_wrappable(rawtok: RawToken, session: Any, key_id: bytes, token: str) 
                              Attribute.LABEL: key_label(key_id)})
         must = [*WRAPPABLE, *_key_head(key_id), (Attribute.VALUE_LEN, KEY_BYTES),
                 (Attribute.ALWAYS_SENSITIVE, True)]
-        _checked(key, f"ticket key {key_id.hex()}", token, partial(problems, key, must))
+        destroy_if_weaker(key, f"made ticket key {key_id.hex()}", token,
+                          partial(problems, key, must))
         return
 
 
@@ -528,7 +503,7 @@ def unwrap_ticket_key(rawtok: RawToken, session: Any, kek: AesKey, key_id: bytes
             continue
         copy = _one(session, {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.ID: key_id,
                               Attribute.LABEL: key_label(key_id)})
-        _checked(copy, f"a copy of ticket key {key_id.hex()}", token,
+        destroy_if_weaker(copy, f"made a copy of ticket key {key_id.hex()}", token,
                  partial(_copy_problems, copy, key_id))
         return copy
     raise AssertionError("unreachable: the last attempt returns or raises")
@@ -552,7 +527,7 @@ def check_aad(key_id: bytes) -> bytes:
 def refuse_check(copy: AesKey, key_id: bytes, token: str) -> KeyProtectionError:
     """Destroy ``copy`` (its check value is not the one recorded for ``key_id``) and return the
     error to raise. Never raises."""
-    return refuse(copy, f"a copy of ticket key {key_id.hex()}", token,
+    return refusal(copy, f"made a copy of ticket key {key_id.hex()}", token,
                   ["a check value other than the one recorded for this id (a blob of another "
                    "key, or of another KEK's key)"])
 
