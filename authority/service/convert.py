@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -22,6 +23,8 @@ _CODES = {"INVALID_ARGUMENT": 3, "NOT_FOUND": 5, "PERMISSION_DENIED": 7, "FAILED
           "RESOURCE_EXHAUSTED": 8, "UNAVAILABLE": 14, "UNKNOWN": 2}
 
 _STATE_FIELDS = tuple(f.name for f in fields(ResumptionState))
+
+T = TypeVar("T")
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -200,39 +203,33 @@ def check_batch(count: int, limit: int) -> None:
 def issue_batch_response(results: list[IssuedTicket | AuthorityError],
                          batch_id: int) -> authority_pb2.IssueTicketsResponse:
     """The IssueTickets reply, items in request order."""
-    reply = authority_pb2.IssueTicketsResponse(batch_id=batch_id)
-    for result in results:
-        item = reply.items.add()
-        if isinstance(result, AuthorityError):
-            item.error.CopyFrom(item_error(result))
-        else:
-            item.ticket.CopyFrom(issue_response(result))
-    return reply
+    return _with_items(authority_pb2.IssueTicketsResponse(batch_id=batch_id), results,
+                       lambda item, issued: item.ticket.CopyFrom(issue_response(issued)))
 
 
 def redeem_batch_response(results: list[Redemption | AuthorityError],
                           batch_id: int) -> authority_pb2.RedeemTicketsResponse:
     """The RedeemTickets reply, items in request order."""
-    reply = authority_pb2.RedeemTicketsResponse(batch_id=batch_id)
-    for result in results:
-        item = reply.items.add()
-        if isinstance(result, AuthorityError):
-            item.error.CopyFrom(item_error(result))
-        else:
-            redeem_response(result, item.redeemed)
-    return reply
+    return _with_items(authority_pb2.RedeemTicketsResponse(batch_id=batch_id), results,
+                       lambda item, redeemed: redeem_response(redeemed, item.redeemed))
 
 
 def consume_batch_response(results: Sequence[RedeemStatus | AuthorityError],
                            batch_id: int) -> authority_pb2.ConsumeTicketsResponse:
     """The ConsumeTickets reply, items in request order."""
-    reply = authority_pb2.ConsumeTicketsResponse(batch_id=batch_id)
+    return _with_items(authority_pb2.ConsumeTicketsResponse(batch_id=batch_id), results,
+                       lambda item, status: item.consumed.CopyFrom(
+                           authority_pb2.ConsumeTicketResponse(result=result_name(status))))
+
+
+def _with_items(reply: T, results: Sequence[Any], fill: Callable[[Any, Any], object]) -> T:
+    """``reply`` with one item per result, in order: an ItemError for an AuthorityError, else
+    what ``fill(item, result)`` puts in it."""
+    items: Any = reply.items  # type: ignore[attr-defined]
     for result in results:
-        item = reply.items.add()
+        item = items.add()
         if isinstance(result, AuthorityError):
             item.error.CopyFrom(item_error(result))
         else:
-            item.consumed.CopyFrom(authority_pb2.ConsumeTicketResponse(
-                result=result_name(result)))
+            fill(item, result)
     return reply
-
