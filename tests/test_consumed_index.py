@@ -48,6 +48,9 @@ def test_an_unconsumed_ticket_costs_no_query_a_consumed_one_is_looked_up(
     assert sole.consumed_among([other, consumed], NOW) == {consumed}
     assert len(seen) == 1 and "FROM consumed" in seen[0]    # one query, for the one id
     assert consumed.hex() in seen[0] and other.hex() not in seen[0]
+    seen.clear()
+    assert sole.consume_many([(other, int(NOW) + 60)], NOW) == [True]
+    assert not [q for q in seen if q.startswith("SELECT")]  # a fresh consume: no lookup
 
 
 def test_the_index_answers_as_the_file_through_consumes_and_purges(

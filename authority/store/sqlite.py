@@ -355,7 +355,7 @@ class SqliteStore:
             return []
         fresh: list[bool] = []
         with self._tx() as db:
-            live = self._live(db, [ticket_id for ticket_id, _ in entries], now)
+            live = self._consumed(db, [ticket_id for ticket_id, _ in entries], now)
             for ticket_id, _ in entries:
                 fresh.append(ticket_id not in live)
                 live.add(ticket_id)
@@ -366,14 +366,19 @@ class SqliteStore:
         return fresh
 
     def consumed_among(self, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
-        """Return the ids that have a live consumed entry (with ``sole_writer``, only the ids
-        the in-memory index has are looked up in the file)."""
-        if self._index is not None:
-            ticket_ids = self._index.among(ticket_ids)
+        """Return the ids that have a live consumed entry."""
         if not ticket_ids:
             return set()
         with self._read() as db:
-            return self._live(db, ticket_ids, now)
+            return self._consumed(db, ticket_ids, now)
+
+    def _consumed(self, db: sqlite3.Connection, ticket_ids: Sequence[bytes],
+                  now: float) -> set[bytes]:
+        """The ids of ``ticket_ids`` with a live entry; with ``sole_writer`` only those the
+        in-memory index has are looked up in the file (none: no query). Call under the lock."""
+        if self._index is not None:
+            ticket_ids = self._index.among(ticket_ids)
+        return self._live(db, ticket_ids, now) if ticket_ids else set()
 
     @staticmethod
     def _live(db: sqlite3.Connection, ticket_ids: Sequence[bytes], now: float) -> set[bytes]:
