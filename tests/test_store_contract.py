@@ -448,6 +448,29 @@ def transport(n: int) -> tuple[bytes, str]:
     return der, hashlib.sha256(der).hexdigest()
 
 
+FOUNDER = transport(200)                                  # the first member's transport key
+
+
+def founded(store: Store, kek_id: str = "kek-1") -> NodeRecord:
+    """Found the cluster on ``store``: member "node-a" (``FOUNDER``'s key) and KEK ``kek_id``."""
+    der, fp = FOUNDER
+    node = store.found_cluster("node-a", fp, der, ["sha256", "sha1"], kek_id, START - 100)
+    assert node is not None
+    return node
+
+
+def joined(store: Store, n: int, name: str, now: float) -> NodeRecord:
+    """Member ``name`` with transport key ``transport(n)``, joined under the current KEK."""
+    der, fp = transport(n)
+    kek_id = store.cluster_kek()
+    assert kek_id is not None
+    assert store.add_join_request(fp, der, ["sha1"], name, now)
+    assert store.approve_join(fp, bytes([n]) * 384, "sha1", "alice", now, kek_id=kek_id)
+    node = store.complete_join(fp, now)
+    assert node is not None
+    return node
+
+
 def raw_sql(store: Store, statement: str) -> None:
     """Run one parameterless statement on the store's own database, around its methods (as
     anyone with write access to the database could). Raises what the database raises."""
@@ -521,6 +544,7 @@ def test_a_blob_saved_while_its_key_is_destroyed_does_not_outlive_it(
 
 def test_a_join_is_requested_approved_taken_and_completed(open_store: OpenStore) -> None:
     joiner, member = open_store(), open_store()
+    founder = founded(member)
     der, fp = transport(1)
     assert joiner.add_join_request(fp, der, ["sha256", "sha1"], "node-b", START)
     assert not joiner.add_join_request(fp, der, ["sha1"], "node-b", START + 1)   # stored
@@ -528,28 +552,35 @@ def test_a_join_is_requested_approved_taken_and_completed(open_store: OpenStore)
     assert pending == JoinRequest(fp, der, ("sha256", "sha1"), "node-b", START)
     assert joiner.take_wrapped_kek(fp) is None
     assert member.complete_join(fp, START + 2) is None                # not approved: no member
-    assert not member.approve_join(fp, b"\x5a" * 384, "md5", "alice", START + 2)  # not offered
-    assert not member.approve_join(transport(2)[1], b"\x5a" * 384, "sha1", "alice", START + 2)
-    assert member.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 2)
-    assert not member.approve_join(fp, b"\x6b" * 384, "sha1", "mallory", START + 3)  # not pending
-    assert joiner.take_wrapped_kek(fp) == (b"\x5a" * 384, "sha1")
+    assert not member.approve_join(fp, b"\x5a" * 384, "md5", "alice", START + 2,   # not offered
+                                   kek_id="kek-1")
+    assert not member.approve_join(transport(2)[1], b"\x5a" * 384, "sha1", "alice", START + 2,
+                                   kek_id="kek-1")
+    assert not member.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 2,
+                                   kek_id="kek-0")                   # not the cluster's KEK
+    assert member.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 2, kek_id="kek-1")
+    assert not member.approve_join(fp, b"\x6b" * 384, "sha1", "mallory", START + 3,
+                                   kek_id="kek-1")                   # not pending
+    assert joiner.take_wrapped_kek(fp) == (b"\x5a" * 384, "sha1", "kek-1")
     (approved,) = joiner.list_join_requests(START + 3)
-    assert (approved.approved_by, approved.approved_at, approved.oaep_hash) == (
-        "alice", START + 2, "sha1")
+    assert (approved.approved_by, approved.approved_at, approved.oaep_hash, approved.kek_id) == (
+        "alice", START + 2, "sha1", "kek-1")
     node = joiner.complete_join(fp, START + 4)
-    assert node == NodeRecord("node-b", fp, "alice", START + 2, START + 4)
+    assert node == NodeRecord("node-b", fp, "alice", START + 2, START + 4, der,
+                              ("sha256", "sha1"), "kek-1")
     assert joiner.complete_join(fp, START + 5) is None
     assert joiner.take_wrapped_kek(fp) is None                         # the wrapped KEK is gone
     assert member.list_join_requests(START + 5) == []
-    assert open_store().list_nodes() == [node]
+    assert open_store().list_nodes() == [founder, node]
     der3, fp3 = transport(3)
     assert not joiner.add_join_request(fp3, der3, ["sha1"], "node-b", START + 6)  # a member's
     assert member.remove_node("node-b") and not member.remove_node("node-b")
-    assert member.list_nodes() == []
+    assert member.list_nodes() == [founder]
     assert joiner.add_join_request(fp3, der3, ["sha1"], "node-b", START + 7)     # free again
 
 
 def test_a_request_nobody_approved_never_has_a_wrapped_kek(store: Store) -> None:
+    founder = founded(store)
     der, fp = transport(1)
     assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
     assert store.take_wrapped_kek(fp) is None
@@ -558,23 +589,25 @@ def test_a_request_nobody_approved_never_has_a_wrapped_kek(store: Store) -> None
             "UPDATE join_requests SET wrapped_kek = public_key",
             "UPDATE join_requests SET wrapped_kek = public_key, oaep_hash = 'sha1'",
             "UPDATE join_requests SET wrapped_kek = public_key, oaep_hash = 'sha1', "
-            "approved_by = 'mallory'"):
+            "approved_by = 'mallory'",
+            "UPDATE join_requests SET kek_id = 'kek-1'"):
         with pytest.raises((sqlite3.IntegrityError, DeviceUnavailable),
                            match=r"(?i)check constraint"):
             raw_sql(store, statement)
     expired = START + JOIN_REQUEST_TTL
-    assert not store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", expired)
+    assert not store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", expired, kek_id="kek-1")
     assert store.list_join_requests(expired) == []
     assert store.list_join_requests(expired - 1) != []                 # not purged yet
     assert store.purge_join_requests(expired) == 1
     assert store.list_join_requests(START) == [] and store.take_wrapped_kek(fp) is None
-    assert store.list_nodes() == []
+    assert store.list_nodes() == [founder]
 
 
 def test_an_approved_request_never_completed_expires_with_its_wrapped_kek(store: Store) -> None:
     der, fp = transport(1)
+    founded(store)
     assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
-    assert store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 3000)
+    assert store.approve_join(fp, b"\x5a" * 384, "sha1", "alice", START + 3000, kek_id="kek-1")
     assert store.purge_join_requests(START + 3000 + JOIN_REQUEST_TTL - 1) == 0
     assert [r.fingerprint for r in store.list_join_requests(START + 3001)] == [fp]
     assert store.purge_join_requests(START + 3000 + JOIN_REQUEST_TTL) == 1
@@ -594,9 +627,11 @@ def test_join_requests_are_refused_unless_the_fingerprint_is_their_keys(store: S
             store.add_join_request(*args, now=START)
     assert store.list_join_requests(START) == []
     assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
-    for kek, approver in ((b"", "alice"), (b"\x5a", "")):
+    founded(store)
+    for kek, approver, kek_id in ((b"", "alice", "kek-1"), (b"\x5a", "", "kek-1"),
+                                  (b"\x5a", "alice", "")):
         with pytest.raises(ValueError, match="not stored"):
-            store.approve_join(fp, kek, "sha1", approver, START)
+            store.approve_join(fp, kek, "sha1", approver, START, kek_id=kek_id)
     assert store.take_wrapped_kek(fp) is None
 
 
@@ -605,17 +640,18 @@ def test_concurrent_approvals_of_one_node_name_one_wins(open_store: OpenStore) -
     none other is, neither while it is approved nor once it is a member."""
     stores = [open_store(), open_store()]
     keys = [transport(n) for n in range(8)]
+    founded(stores[1])
     for der, fp in keys:
         assert stores[0].add_join_request(fp, der, ["sha1"], "node-b", START)
     won = in_threads(8, lambda i: stores[i % 2].approve_join(
-        keys[i][1], bytes([i + 1]) * 384, "sha1", f"op{i}", START + 1))
+        keys[i][1], bytes([i + 1]) * 384, "sha1", f"op{i}", START + 1, kek_id="kek-1"))
     assert sorted(won) == [False] * 7 + [True]
     winner = keys[won.index(True)][1]
     assert [r.fingerprint for r in stores[1].list_join_requests(START + 2)
             if r.approved_at is not None] == [winner]
     assert stores[1].complete_join(winner, START + 2) is not None
-    assert not any(stores[0].approve_join(fp, b"\x5a" * 384, "sha1", "op", START + 3)
-                   for _, fp in keys)
+    assert not any(stores[0].approve_join(fp, b"\x5a" * 384, "sha1", "op", START + 3,
+                                          kek_id="kek-1") for _, fp in keys)
 
 
 def test_repr_of_blobs_shows_a_digest_only() -> None:
@@ -661,8 +697,8 @@ def test_sqlite_a_schema_2_file_gets_the_ring_version_replicas_and_leases(
 
 def test_sqlite_a_schema_3_file_gets_wrapped_keys_join_requests_and_nodes(
         tmp_path: Path) -> None:
-    """A file of the previous release (schema 3) opens as schema 4 with its key ring kept; a
-    release reading schema 3 refuses it afterwards (it checks the version for equality:
+    """A file of an older release (schema 3) opens as the current schema with its key ring
+    kept; a release reading schema 3 refuses it afterwards (it checks the version for equality:
     ``SqliteStore._check_schema``)."""
     import sqlite3
 
@@ -680,7 +716,7 @@ def test_sqlite_a_schema_3_file_gets_wrapped_keys_join_requests_and_nodes(
         assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
         der, fp = transport(1)
         assert store.add_join_request(fp, der, ["sha1"], "node-b", START)
-        assert store.list_nodes() == [] and store.describe().schema_version == 4
+        assert store.list_nodes() == [] and store.describe().schema_version == SQLITE_SCHEMA
     finally:
         store.close()
 
@@ -749,7 +785,7 @@ def test_postgres_a_schema_4_database_gets_wrapped_keys_and_an_older_release_ref
     (migrations 1-4) then refuses the database."""
     from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
 
-    assert SCHEMA_VERSION == 5
+    assert SCHEMA_VERSION >= 5
     previous = PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:4])
     assert previous.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)]) == 1
     previous.close()
@@ -760,7 +796,8 @@ def test_postgres_a_schema_4_database_gets_wrapped_keys_and_an_older_release_ref
         assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
     finally:
         store.close()
-    with pytest.raises(StartupError, match=r"schema 5 is newer than this version reads \(4\)"):
+    with pytest.raises(StartupError,
+                       match=rf"schema {SCHEMA_VERSION} is newer than this version reads \(4\)"):
         PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:4])
 
 

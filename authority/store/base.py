@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -122,8 +122,9 @@ class JoinRequest:
     """A node's request to join the cluster: its transport public key (DER
     SubjectPublicKeyInfo), whose SHA-256 ``fingerprint`` an operator compares out of band, the
     OAEP hashes its token can unwrap with (preferred first) and the name it asks for. Once
-    approved: who approved it, when, and the KEK wrapped to that key with ``oaep_hash``; a
-    request nobody approved never has one."""
+    approved: who approved it, when, and the KEK ``kek_id`` (the cluster's current one: a new
+    KEK puts the request back to pending) wrapped to that key with ``oaep_hash``; a request
+    nobody approved never has one."""
 
     fingerprint: str
     public_key: bytes
@@ -134,6 +135,7 @@ class JoinRequest:
     approved_at: float | None = None
     wrapped_kek: bytes | None = None
     oaep_hash: str | None = None
+    kek_id: str | None = None
 
     @property
     def expires_at(self) -> float:
@@ -148,19 +150,50 @@ class JoinRequest:
                 f"public_key={digest(self.public_key)}, oaep_hashes={self.oaep_hashes!r}, "
                 f"requested_at={self.requested_at!r}, approved_by={self.approved_by!r}, "
                 f"approved_at={self.approved_at!r}, wrapped_kek={kek}, "
-                f"oaep_hash={self.oaep_hash!r})")
+                f"oaep_hash={self.oaep_hash!r}, kek_id={self.kek_id!r})")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class NodeRecord:
     """A member of the cluster: a node whose token holds the KEK (it unwrapped it and said so,
-    ``complete_join``), with the fingerprint of the transport key it joined with."""
+    ``complete_join``; the first member made it, ``found_cluster``), with its persistent
+    transport key (DER SubjectPublicKeyInfo, its SHA-256 ``fingerprint`` and the OAEP hashes its
+    token unwraps with), to which a new KEK is wrapped when a member is removed, and the id of
+    the KEK it last received (``kek_id``). A founder is approved by itself."""
 
     name: str
     fingerprint: str
     approved_by: str
     approved_at: float
     joined_at: float
+    public_key: bytes = b""
+    oaep_hashes: tuple[str, ...] = ()
+    kek_id: str = ""
+
+    def __repr__(self) -> str:
+        return (f"NodeRecord(name={self.name!r}, fingerprint={self.fingerprint!r}, "
+                f"approved_by={self.approved_by!r}, approved_at={self.approved_at!r}, "
+                f"joined_at={self.joined_at!r}, public_key={digest(self.public_key)}, "
+                f"oaep_hashes={self.oaep_hashes!r}, kek_id={self.kek_id!r})")
+
+
+@dataclass(frozen=True, repr=False)
+class KekDelivery:
+    """A new cluster KEK ``kek_id`` waiting for member ``node_name``: wrapped (RSA-OAEP with
+    ``oaep_hash``) to the member's persistent transport key by the member that made it
+    (``Store.replace_kek``), at ``made_at``. The member unwraps it and acknowledges it
+    (``Store.kek_received``), which deletes it."""
+
+    node_name: str
+    kek_id: str
+    wrapped_kek: bytes
+    oaep_hash: str
+    made_at: float
+
+    def __repr__(self) -> str:
+        return (f"KekDelivery(node_name={self.node_name!r}, kek_id={self.kek_id!r}, "
+                f"wrapped_kek={digest(self.wrapped_kek)}, oaep_hash={self.oaep_hash!r}, "
+                f"made_at={self.made_at!r})")
 
 
 class ChangeFeed(Protocol):
@@ -284,25 +317,28 @@ class Store(Protocol):
         ...
 
     def approve_join(self, fingerprint: str, wrapped_kek: bytes, oaep_hash: str,
-                     approver: str, now: float) -> bool:
-        """Compare-and-swap: attach the KEK wrapped to the request's key, if the request is
-        still pending, not expired, offers ``oaep_hash``, and its name is neither a member's
-        nor another approved request's (atomically against every other membership change).
-        Returns whether it did.
+                     approver: str, now: float, *, kek_id: str) -> bool:
+        """Compare-and-swap: attach the KEK ``kek_id`` wrapped to the request's key, if
+        ``kek_id`` is the cluster's current KEK (``cluster_kek``), the request is still pending,
+        not expired, offers ``oaep_hash``, and its name is neither a member's nor another
+        approved request's (atomically against every other membership change and KEK
+        replacement). Returns whether it did.
 
-        Raises: ValueError (an empty ``wrapped_kek`` or ``approver``), DeviceUnavailable.
+        Raises: ValueError (an empty ``wrapped_kek``, ``approver`` or ``kek_id``),
+        DeviceUnavailable.
         """
         ...
 
-    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str] | None:
-        """For the joiner: (the wrapped KEK, its OAEP hash) once its request was approved;
-        None while it is pending or when there is no such request."""
+    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str, str] | None:
+        """For the joiner: (the wrapped KEK, its OAEP hash, the KEK's id) once its request was
+        approved; None while it is pending or when there is no such request."""
         ...
 
     def complete_join(self, fingerprint: str, now: float) -> NodeRecord | None:
-        """The joiner unwrapped the KEK: make it a member and delete its request (the wrapped
-        KEK with it), in one transaction. Returns the new member; None if the request is not
-        an approved one (nothing changed)."""
+        """The joiner unwrapped the KEK: make it a member (with the request's public key and
+        OAEP hashes, and the approval's KEK id) and delete its request (the wrapped KEK with
+        it), in one transaction. Returns the new member; None if the request is not an
+        approved one (nothing changed)."""
         ...
 
     def purge_join_requests(self, now: float) -> int:
@@ -315,8 +351,61 @@ class Store(Protocol):
         ...
 
     def remove_node(self, name: str) -> bool:
-        """Drop a member's record; returns whether there was one. (Its token still holds the
-        KEK: keys wrapped later are safe from it only under a new KEK.)"""
+        """Drop a member's record (and a KEK delivery waiting for it); returns whether there
+        was one. (Its token still holds the KEK: keys wrapped later are safe from it only
+        under a new KEK, ``replace_kek``.)"""
+        ...
+
+    # -- the cluster KEK (issue 15) ----------------------------------------------------------------
+
+    def found_cluster(self, name: str, fingerprint: str, public_key_der: bytes,
+                      oaep_hashes: Sequence[str], kek_id: str, now: float) -> NodeRecord | None:
+        """Make the first member (approved by itself, at ``now``) and ``kek_id`` the cluster's
+        first KEK, in one transaction. Returns the member; None (nothing changed) if the
+        cluster has a member or a current KEK already.
+
+        Raises: ValueError (as ``add_join_request``; an empty ``kek_id``), DeviceUnavailable.
+        """
+        ...
+
+    def cluster_kek(self) -> str | None:
+        """The id of the cluster's current KEK, under which new ticket keys are wrapped; None
+        before ``found_cluster``."""
+        ...
+
+    def replace_kek(self, removed: str, maker: str, new_kek_id: str,
+                    deliveries: Mapping[str, tuple[bytes, str]], now: float) -> bool:
+        """Remove member ``removed`` under a new KEK that member ``maker`` made, in one
+        transaction, compare-and-swap against every other membership change: only if both are
+        members, ``removed`` != ``maker``, ``new_kek_id`` is not the current KEK's id and
+        ``deliveries`` (member name -> (the new KEK wrapped to its transport key, the OAEP
+        hash)) names exactly the other members. Then: ``removed`` and any delivery waiting for
+        it are deleted, ``new_kek_id`` becomes the current KEK and ``maker``'s ``kek_id`` (a
+        delivery still waiting for ``maker``, of an older KEK, is deleted), each delivery is
+        stored (replacing an older one; ``made_at`` = ``now``), and every approved join request
+        not completed goes back to pending (its wrapped KEK, of the old KEK, and its approval
+        are cleared: it needs a new approval). Returns whether it did (False: nothing changed).
+
+        Raises: ValueError (an empty ``new_kek_id``, wrapped KEK or OAEP hash),
+        DeviceUnavailable.
+        """
+        ...
+
+    def kek_delivery(self, node_name: str) -> KekDelivery | None:
+        """The KEK delivery waiting for this member, or None."""
+        ...
+
+    def kek_received(self, node_name: str, kek_id: str) -> bool:
+        """The member unwrapped its delivery of KEK ``kek_id`` into its token: delete the
+        delivery and record ``kek_id`` as the member's, in one transaction. Returns False
+        (nothing changed) if no delivery of ``kek_id`` waits for it."""
+        ...
+
+    def kek_ids_in_use(self) -> set[str]:
+        """The KEK ids something stored still needs: the current KEK's, the KEK of every
+        wrapped ticket key, of every approved join request's and waiting delivery's wrapped
+        KEK, and every member's ``kek_id``. A KEK not among them may be destroyed in a
+        token."""
         ...
 
     def acquire_lease(self, name: str, holder: str, now: float,

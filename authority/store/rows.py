@@ -6,7 +6,7 @@ from them here.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from authority.keys import KeyRecord, KeyState
@@ -16,6 +16,7 @@ from authority.store.base import (
     WRAPPED_KEY_LEN,
     Fence,
     JoinRequest,
+    KekDelivery,
     LeaseRecord,
     NodeRecord,
     ReplicaRecord,
@@ -103,19 +104,50 @@ def _plain(name: str) -> bool:
     return bool(name) and "," not in name
 
 
-def check_approval(wrapped_kek: bytes, approver: str) -> None:
-    """Refuse an approval without a wrapped KEK or an approver. Raises: ValueError."""
-    if not wrapped_kek or not approver:
-        raise ValueError("an approval needs the wrapped KEK and the approver: not stored")
+def check_approval(wrapped_kek: bytes, approver: str, kek_id: str) -> None:
+    """Refuse an approval without a wrapped KEK, an approver or the KEK's id.
+    Raises: ValueError."""
+    if not wrapped_kek or not approver or not kek_id:
+        raise ValueError("an approval needs the wrapped KEK, its id and the approver: "
+                         "not stored")
+
+
+def check_founding(fingerprint: str, public_key_der: bytes, oaep_hashes: Sequence[str],
+                   name: str, kek_id: str) -> None:
+    """Refuse a first member as ``check_join_request`` refuses a request, or without a KEK id.
+    Raises: ValueError."""
+    check_join_request(fingerprint, public_key_der, oaep_hashes, name)
+    if not kek_id:
+        raise ValueError("a cluster's first KEK needs its id: not stored")
+
+
+def check_deliveries(new_kek_id: str, deliveries: Mapping[str, tuple[bytes, str]]) -> None:
+    """Refuse a KEK replacement without the new KEK's id, or a delivery without its wrapped
+    KEK or OAEP hash. Raises: ValueError."""
+    if not new_kek_id:
+        raise ValueError("a new KEK needs its id: not stored")
+    if not all(blob and oaep_hash for blob, oaep_hash in deliveries.values()):
+        raise ValueError("a KEK delivery needs the wrapped KEK and its OAEP hash: not stored")
+
+
+def replacement_allowed(members: Iterable[str], current: str | None, removed: str, maker: str,
+                        new_kek_id: str, recipients: Iterable[str]) -> bool:
+    """Whether a KEK replacement holds against the membership read in its transaction: both
+    members, distinct, a KEK id other than the current one, and deliveries for exactly the
+    other members."""
+    others = set(members)
+    if removed == maker or removed not in others or maker not in others:
+        return False
+    return new_kek_id != current and set(recipients) == others - {removed, maker}
 
 
 def join_request(row: Sequence[Any], oaep_hashes: Iterable[str]) -> JoinRequest:
     """A join request from (fingerprint, public_key, oaep_hashes, node_name, requested_at,
-    approved_by, approved_at, wrapped_kek, oaep_hash) and its hashes (each store stores them
-    its own way)."""
+    approved_by, approved_at, wrapped_kek, oaep_hash, kek_id) and its hashes (each store
+    stores them its own way)."""
     kek = None if row[7] is None else bytes(row[7])
     return JoinRequest(str(row[0]), bytes(row[1]), tuple(oaep_hashes), str(row[3]),
-                       float(row[4]), row[5], row[6], kek, row[8])
+                       float(row[4]), row[5], row[6], kek, row[8], row[9])
 
 
 def expiry_bound(now: float) -> float:
@@ -123,6 +155,13 @@ def expiry_bound(now: float) -> float:
     return now - JOIN_REQUEST_TTL
 
 
-def node_record(row: Sequence[Any]) -> NodeRecord:
-    """A member from (name, fingerprint, approved_by, approved_at, joined_at)."""
-    return NodeRecord(str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]))
+def node_record(row: Sequence[Any], oaep_hashes: Iterable[str]) -> NodeRecord:
+    """A member from (name, fingerprint, approved_by, approved_at, joined_at, public_key,
+    oaep_hashes, kek_id) and its hashes (each store stores them its own way)."""
+    return NodeRecord(str(row[0]), str(row[1]), str(row[2]), float(row[3]), float(row[4]),
+                      bytes(row[5]), tuple(oaep_hashes), str(row[7]))
+
+
+def kek_delivery(row: Sequence[Any]) -> KekDelivery:
+    """A delivery from (node_name, kek_id, wrapped_kek, oaep_hash, made_at)."""
+    return KekDelivery(str(row[0]), str(row[1]), bytes(row[2]), str(row[3]), float(row[4]))

@@ -8,7 +8,7 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from authority.store.base import (
     ChangeFeed,
     Fence,
     JoinRequest,
+    KekDelivery,
     LeaseRecord,
     NodeRecord,
     PollingFeed,
@@ -28,16 +29,20 @@ from authority.store.base import (
 )
 from authority.store.rows import (
     check_approval,
+    check_deliveries,
     check_fence,
+    check_founding,
     check_join_request,
     check_wrapped,
     destroyed_ids,
     expiry_bound,
     join_request,
+    kek_delivery,
     key_record,
     key_rows,
     lease_record,
     node_record,
+    replacement_allowed,
     replica_record,
     revocation_record,
     wrapped_key,
@@ -46,8 +51,9 @@ from authority.store.rows import (
 #: 1: keys, consumed. 2: + revocations, realms. 3: + key ring version, replicas, leases, policy
 #: version (an older file is migrated on open; the policy version table, added before schema 3
 #: was released, is created on open if missing). 4: + wrapped keys, join requests, nodes (per-node
-#: tokens under a cluster KEK).
-SCHEMA_VERSION = 4
+#: tokens under a cluster KEK). 5: + the cluster's current KEK, KEK deliveries, the members'
+#: transport keys and KEK ids, the KEK id of an approval (``_UPGRADE_4``).
+SCHEMA_VERSION = 5
 HANDLE_KEY_LEN = 32  # octets of the consume-handle key (meta "handle_key", hex)
 _CHUNK = 500  # ids per IN (...) query, well under SQLite's parameter limit
 #: seconds a statement waits for another connection's write lock (another process sharing the
@@ -114,6 +120,7 @@ CREATE TABLE IF NOT EXISTS join_requests (
     approved_at REAL,
     wrapped_kek BLOB,
     oaep_hash TEXT,
+    kek_id TEXT CHECK ((approved_at IS NULL) = (kek_id IS NULL)),
     CHECK ((approved_at IS NULL) = (approved_by IS NULL)
            AND (approved_at IS NULL) = (wrapped_kek IS NULL)
            AND (approved_at IS NULL) = (oaep_hash IS NULL))
@@ -125,9 +132,36 @@ CREATE TABLE IF NOT EXISTS nodes (
     fingerprint TEXT NOT NULL UNIQUE,
     approved_by TEXT NOT NULL,
     approved_at REAL NOT NULL,
-    joined_at REAL NOT NULL
+    joined_at REAL NOT NULL,
+    public_key BLOB NOT NULL DEFAULT x'',
+    oaep_hashes TEXT NOT NULL DEFAULT '',
+    kek_id TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS cluster_kek (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    kek_id TEXT NOT NULL CHECK (kek_id <> ''),
+    since REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS kek_deliveries (
+    node_name TEXT PRIMARY KEY REFERENCES nodes (name) ON DELETE CASCADE,
+    kek_id TEXT NOT NULL CHECK (kek_id <> ''),
+    wrapped_kek BLOB NOT NULL CHECK (length(wrapped_kek) > 0),
+    oaep_hash TEXT NOT NULL CHECK (oaep_hash <> ''),
+    made_at REAL NOT NULL
 );
 """
+#: schema 4 -> 5, for the tables the script above does not make again (``_upgrade_4``): an
+#: approval made before had no KEK id, so an approved request goes back to pending (approved
+#: again, under the cluster's current KEK); a member of before has no transport key recorded
+_UPGRADE_4 = (
+    "UPDATE join_requests SET approved_by = NULL, approved_at = NULL, wrapped_kek = NULL, "
+    "oaep_hash = NULL WHERE approved_at IS NOT NULL",
+    "ALTER TABLE join_requests ADD COLUMN kek_id TEXT "
+    "CHECK ((approved_at IS NULL) = (kek_id IS NULL))",
+    "ALTER TABLE nodes ADD COLUMN public_key BLOB NOT NULL DEFAULT x''",
+    "ALTER TABLE nodes ADD COLUMN oaep_hashes TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE nodes ADD COLUMN kek_id TEXT NOT NULL DEFAULT ''",
+)
 #: one-row version counters (the key ring's, the policy's), created at 0
 _COUNTERS = ("key_ring", "policy_version")
 _SCHEMA += "".join(f"CREATE TABLE IF NOT EXISTS {name} (id INTEGER PRIMARY KEY CHECK (id = 1), "
@@ -141,8 +175,20 @@ _KEY_UPSERT = ("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key_i
 _KEY_SELECT = ("SELECT key_id, state, created_at, seal_count, sealing_ended_at, opens_until, "
                "destroyed_at FROM keys ORDER BY created_at, key_id")
 _WRAPPED_SELECT = "SELECT key_id, kek_id, wrapped, check_value FROM wrapped_keys"
+#: an approved request not completed back to pending: its wrapped KEK is of a replaced KEK
+_UNAPPROVE = ("UPDATE join_requests SET approved_by = NULL, approved_at = NULL, "
+              "wrapped_kek = NULL, oaep_hash = NULL, kek_id = NULL "
+              "WHERE approved_at IS NOT NULL")
 _JOIN_SELECT = ("SELECT fingerprint, public_key, oaep_hashes, node_name, requested_at, "
-                "approved_by, approved_at, wrapped_kek, oaep_hash FROM join_requests")
+                "approved_by, approved_at, wrapped_kek, oaep_hash, kek_id FROM join_requests")
+_NODE_SELECT = ("SELECT name, fingerprint, approved_by, approved_at, joined_at, public_key, "
+                "oaep_hashes, kek_id FROM nodes")
+_NODE_INSERT = ("INSERT INTO nodes (name, fingerprint, approved_by, approved_at, joined_at, "
+                "public_key, oaep_hashes, kek_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+#: every KEK id a stored row names (``kek_ids_in_use``)
+_KEK_IDS = ("SELECT kek_id FROM cluster_kek UNION SELECT kek_id FROM wrapped_keys "
+            "UNION SELECT kek_id FROM kek_deliveries UNION SELECT kek_id FROM join_requests "
+            "WHERE kek_id IS NOT NULL UNION SELECT kek_id FROM nodes WHERE kek_id <> ''")
 
 
 class SqliteStore:
@@ -186,9 +232,26 @@ class SqliteStore:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif row[0] in ("1", "2", "3"):  # the script above already created the newer tables
             self._db.execute("UPDATE meta SET value=? WHERE name='schema'", (str(SCHEMA_VERSION),))
+        elif row[0] == "4":
+            self._upgrade_4()
         elif row[0] != str(SCHEMA_VERSION):
             raise StartupError(f"state store {self.path}: schema {row[0]}, this version "
                                f"reads {SCHEMA_VERSION}")
+
+    def _upgrade_4(self) -> None:
+        """Schema 4 -> 5 in one transaction under the file's write lock (another process
+        opening the file at once waits, then finds it done). Raises: sqlite3.Error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            if _meta(self._db, "schema") == "4":
+                for statement in _UPGRADE_4:
+                    self._db.execute(statement)
+                self._db.execute("UPDATE meta SET value=? WHERE name='schema'",
+                                 (str(SCHEMA_VERSION),))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     @contextlib.contextmanager
     def _tx(self, committed: Callable[[], object] | None = None
@@ -564,44 +627,46 @@ class SqliteStore:
         return [join_request(r, str(r[2]).split(",")) for r in rows]
 
     def approve_join(self, fingerprint: str, wrapped_kek: bytes, oaep_hash: str,
-                     approver: str, now: float) -> bool:
+                     approver: str, now: float, *, kek_id: str) -> bool:
         """Compare-and-swap on a pending, unexpired request offering ``oaep_hash`` whose name
-        is free, in one transaction (the file's write lock orders every membership change).
-        Raises: ValueError, DeviceUnavailable."""
-        check_approval(wrapped_kek, approver)
+        is free, with the current KEK, in one transaction (the file's write lock orders every
+        membership change). Raises: ValueError, DeviceUnavailable."""
+        check_approval(wrapped_kek, approver, kek_id)
         with self._tx() as db:
             row = db.execute("SELECT oaep_hashes, node_name FROM join_requests WHERE "
                              "fingerprint=? AND approved_at IS NULL AND requested_at>?",
                              (fingerprint, expiry_bound(now))).fetchone()
             if row is None or oaep_hash not in str(row[0]).split(","):
                 return False
-            if _name_taken(db, str(row[1])):
+            if _name_taken(db, str(row[1])) or _current_kek(db) != kek_id:
                 return False
             db.execute("UPDATE join_requests SET approved_by=?, approved_at=?, wrapped_kek=?, "
-                       "oaep_hash=? WHERE fingerprint=?",
-                       (approver, now, wrapped_kek, oaep_hash, fingerprint))
+                       "oaep_hash=?, kek_id=? WHERE fingerprint=?",
+                       (approver, now, wrapped_kek, oaep_hash, kek_id, fingerprint))
         return True
 
-    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str] | None:
-        """The approved request's wrapped KEK and OAEP hash, or None."""
+    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str, str] | None:
+        """The approved request's wrapped KEK, OAEP hash and KEK id, or None."""
         with self._read() as db:
-            row = db.execute("SELECT wrapped_kek, oaep_hash FROM join_requests WHERE "
+            row = db.execute("SELECT wrapped_kek, oaep_hash, kek_id FROM join_requests WHERE "
                              "fingerprint=? AND approved_at IS NOT NULL",
                              (fingerprint,)).fetchone()
-        return None if row is None else (bytes(row[0]), str(row[1]))
+        return None if row is None else (bytes(row[0]), str(row[1]), str(row[2]))
 
     def complete_join(self, fingerprint: str, now: float) -> NodeRecord | None:
         """Make the approved request's node a member and delete the request, in one
         transaction; None if it is not an approved one."""
         with self._tx() as db:
-            row = db.execute("SELECT node_name, approved_by, approved_at FROM join_requests "
+            row = db.execute("SELECT node_name, approved_by, approved_at, public_key, "
+                             "oaep_hashes, kek_id FROM join_requests "
                              "WHERE fingerprint=? AND approved_at IS NOT NULL",
                              (fingerprint,)).fetchone()
             if row is None:
                 return None
-            node = NodeRecord(str(row[0]), fingerprint, str(row[1]), float(row[2]), now)
+            node = NodeRecord(str(row[0]), fingerprint, str(row[1]), float(row[2]), now,
+                              bytes(row[3]), tuple(_split(row[4])), str(row[5]))
             db.execute("DELETE FROM join_requests WHERE fingerprint=?", (fingerprint,))
-            db.execute("INSERT INTO nodes VALUES (?, ?, ?, ?, ?)", dataclasses.astuple(node))
+            _insert_node(db, node)
         return node
 
     def purge_join_requests(self, now: float) -> int:
@@ -614,14 +679,78 @@ class SqliteStore:
     def list_nodes(self) -> list[NodeRecord]:
         """The members, oldest join first."""
         with self._read() as db:
-            rows = db.execute("SELECT name, fingerprint, approved_by, approved_at, joined_at "
-                              "FROM nodes ORDER BY joined_at, name").fetchall()
-        return [node_record(r) for r in rows]
+            rows = db.execute(f"{_NODE_SELECT} ORDER BY joined_at, name").fetchall()
+        return [node_record(r, _split(r[6])) for r in rows]
 
     def remove_node(self, name: str) -> bool:
-        """Drop a member's record; whether there was one."""
+        """Drop a member's record (its delivery by the foreign key's cascade); whether there
+        was one."""
         with self._tx() as db:
             return db.execute("DELETE FROM nodes WHERE name=?", (name,)).rowcount == 1
+
+    # -- the cluster KEK (issue 15) ----------------------------------------------------------------
+
+    def found_cluster(self, name: str, fingerprint: str, public_key_der: bytes,
+                      oaep_hashes: Sequence[str], kek_id: str, now: float) -> NodeRecord | None:
+        """The first member and the first KEK, in one transaction; None if the cluster has a
+        member or a KEK. Raises: ValueError, DeviceUnavailable."""
+        check_founding(fingerprint, public_key_der, oaep_hashes, name, kek_id)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM nodes UNION ALL SELECT 1 FROM cluster_kek").fetchone():
+                return None
+            node = NodeRecord(name, fingerprint, name, now, now, public_key_der,
+                              tuple(oaep_hashes), kek_id)
+            _insert_node(db, node)
+            db.execute("INSERT INTO cluster_kek VALUES (1, ?, ?)", (kek_id, now))
+        return node
+
+    def cluster_kek(self) -> str | None:
+        """The current KEK's id, or None."""
+        with self._read() as db:
+            return _current_kek(db)
+
+    def replace_kek(self, removed: str, maker: str, new_kek_id: str,
+                    deliveries: Mapping[str, tuple[bytes, str]], now: float) -> bool:
+        """Remove ``removed`` under ``maker``'s new KEK with its deliveries, compare-and-swap
+        on the membership, in one transaction (the file's write lock orders it with every
+        membership change). Raises: ValueError, DeviceUnavailable."""
+        check_deliveries(new_kek_id, deliveries)
+        with self._tx() as db:
+            members = [str(r[0]) for r in db.execute("SELECT name FROM nodes")]
+            if not replacement_allowed(members, _current_kek(db), removed, maker, new_kek_id,
+                                       deliveries):
+                return False
+            db.execute("DELETE FROM nodes WHERE name=?", (removed,))
+            db.execute("DELETE FROM kek_deliveries WHERE node_name=?", (maker,))
+            db.execute("INSERT OR REPLACE INTO cluster_kek VALUES (1, ?, ?)", (new_kek_id, now))
+            db.execute("UPDATE nodes SET kek_id=? WHERE name=?", (new_kek_id, maker))
+            db.executemany("INSERT OR REPLACE INTO kek_deliveries VALUES (?, ?, ?, ?, ?)",
+                           [(node, new_kek_id, blob, oaep_hash, now)
+                            for node, (blob, oaep_hash) in deliveries.items()])
+            db.execute(_UNAPPROVE)
+        return True
+
+    def kek_delivery(self, node_name: str) -> KekDelivery | None:
+        """The delivery waiting for this member, or None."""
+        with self._read() as db:
+            row = db.execute("SELECT node_name, kek_id, wrapped_kek, oaep_hash, made_at "
+                             "FROM kek_deliveries WHERE node_name=?", (node_name,)).fetchone()
+        return None if row is None else kek_delivery(row)
+
+    def kek_received(self, node_name: str, kek_id: str) -> bool:
+        """Delete the member's delivery of ``kek_id`` and record the KEK as the member's, in
+        one transaction; False if there is no such delivery."""
+        with self._tx() as db:
+            if db.execute("DELETE FROM kek_deliveries WHERE node_name=? AND kek_id=?",
+                          (node_name, kek_id)).rowcount != 1:
+                return False
+            db.execute("UPDATE nodes SET kek_id=? WHERE name=?", (kek_id, node_name))
+        return True
+
+    def kek_ids_in_use(self) -> set[str]:
+        """Every KEK id a stored row names (one statement)."""
+        with self._read() as db:
+            return {str(r[0]) for r in db.execute(_KEK_IDS)}
 
     @property
     def down_since(self) -> float | None:
@@ -650,6 +779,24 @@ def _wrapped_among(db: sqlite3.Connection, key_ids: Sequence[bytes]) -> list[Any
     marks = ",".join("?" * len(key_ids))
     return db.execute(f"{_WRAPPED_SELECT} WHERE key_id IN ({marks})",
                       list(key_ids)).fetchall()
+
+
+def _split(hashes: str) -> list[str]:
+    """The OAEP hashes as stored (comma-separated; empty for none)."""
+    return [h for h in str(hashes).split(",") if h]
+
+
+def _insert_node(db: sqlite3.Connection, node: NodeRecord) -> None:
+    """Store a member (inside the caller's transaction)."""
+    db.execute(_NODE_INSERT, (node.name, node.fingerprint, node.approved_by, node.approved_at,
+                              node.joined_at, node.public_key, ",".join(node.oaep_hashes),
+                              node.kek_id))
+
+
+def _current_kek(db: sqlite3.Connection) -> str | None:
+    """The cluster's current KEK id (None before the first)."""
+    row = db.execute("SELECT kek_id FROM cluster_kek WHERE id=1").fetchone()
+    return None if row is None else str(row[0])
 
 
 def _name_taken(db: sqlite3.Connection, name: str) -> bool:

@@ -14,7 +14,8 @@ at once do not race; a database migrated by a newer version is refused (an older
 write a schema it does not know). Later steps of the replica work arrive as new migrations: the
 audit chain's table (append-only: a trigger refuses UPDATE, DELETE and TRUNCATE); the key
 ring's version (the compare-and-swap of every key ring change), the replicas' heartbeats and
-the leases; the policy version; per-node tokens' wrapped keys, join requests and nodes.
+the leases; the policy version; per-node tokens' wrapped keys, join requests and nodes; the
+cluster KEK and its deliveries to the members.
 
 Replicas learn of each other's revocations and epoch bumps through the policy version (a
 counter every such change moves in its transaction) and a notification on ``CHANNEL`` sent
@@ -27,8 +28,8 @@ a new one (its connections made after the database's return, none left backing o
 The package's modules: store.py (``PostgresStore``, made of the parts below), connection.py (the
 pool, one transaction per method, the down mark), dsn.py (naming the database, scrubbing
 secrets), schema.py (``MIGRATIONS``, ``migrate``, meta rows), feed.py (``PostgresChangeFeed``),
-and the rows of each kind: ring.py, cluster.py, nodes.py, consumed.py, policy.py, meta.py,
-audit.py.
+and the rows of each kind: ring.py, cluster.py, nodes.py, kek.py, consumed.py, policy.py,
+meta.py, audit.py.
 """
 
 from authority.store.postgres.audit import AUDIT_SELECT, audit_entry

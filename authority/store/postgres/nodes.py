@@ -27,7 +27,8 @@ from authority.store.rows import (
 _MEMBERSHIP_LOCK: Final = 0x7469636B_65747303   # advisory lock key: join requests and nodes
 _WRAPPED_SELECT: Final = "SELECT key_id, kek_id, wrapped, check_value FROM wrapped_keys"
 _JOIN_SELECT: Final = ("SELECT fingerprint, public_key, oaep_hashes, node_name, requested_at, "
-                       "approved_by, approved_at, wrapped_kek, oaep_hash FROM join_requests")
+                       "approved_by, approved_at, wrapped_kek, oaep_hash, kek_id "
+                       "FROM join_requests")
 #: a live key's blob, inserted under a share lock on its record (a commit destroying it waits,
 #: or this insert sees it DESTROYED and inserts nothing); replaced only with its check value
 _WRAPPED_UPSERT: Final = (
@@ -38,9 +39,10 @@ _WRAPPED_UPSERT: Final = (
     "WHERE w.check_value = EXCLUDED.check_value RETURNING w.key_id")
 _APPROVE: Final = (
     "UPDATE join_requests AS r SET approved_by = %(by)s, approved_at = %(now)s::float8, "
-    "wrapped_kek = %(kek)s, oaep_hash = %(hash)s "
+    "wrapped_kek = %(kek)s, oaep_hash = %(hash)s, kek_id = %(kek_id)s "
     "WHERE fingerprint = %(fp)s AND approved_at IS NULL AND requested_at > %(bound)s::float8 "
     "AND %(hash)s = ANY(oaep_hashes) "
+    "AND %(kek_id)s = (SELECT kek_id FROM cluster_kek WHERE id = 1) "
     "AND NOT EXISTS (SELECT 1 FROM nodes WHERE name = r.node_name) "
     "AND NOT EXISTS (SELECT 1 FROM join_requests AS o WHERE o.node_name = r.node_name "
     "AND o.approved_at IS NOT NULL) RETURNING fingerprint")
@@ -88,7 +90,7 @@ class NodeRows(Pool):
         DeviceUnavailable."""
         check_join_request(fingerprint, public_key_der, oaep_hashes, node_name)
         with self._tx() as conn:
-            _lock_membership(conn)
+            lock_membership(conn)
             row = conn.execute(
                 "INSERT INTO join_requests (fingerprint, public_key, oaep_hashes, node_name, "
                 "requested_at) SELECT %(fp)s, %(der)s, %(hashes)s::text[], %(name)s, "
@@ -107,42 +109,41 @@ class NodeRows(Pool):
         return [join_request(r, r[2]) for r in rows]
 
     def approve_join(self, fingerprint: str, wrapped_kek: bytes, oaep_hash: str,
-                     approver: str, now: float) -> bool:
+                     approver: str, now: float, *, kek_id: str) -> bool:
         """Compare-and-swap on a pending, unexpired request offering ``oaep_hash`` whose name
-        is free (one update under the membership lock, which orders it after any other
-        membership change). Raises: ValueError, DeviceUnavailable."""
-        check_approval(wrapped_kek, approver)
+        is free, with the current KEK (one update under the membership lock, which orders it
+        after any other membership change or KEK replacement). Raises: ValueError,
+        DeviceUnavailable."""
+        check_approval(wrapped_kek, approver, kek_id)
         with self._tx() as conn:
-            _lock_membership(conn)
+            lock_membership(conn)
             row = conn.execute(_APPROVE, {
                 "by": approver, "now": now, "kek": wrapped_kek, "hash": oaep_hash,
-                "fp": fingerprint, "bound": expiry_bound(now)}).fetchone()
+                "kek_id": kek_id, "fp": fingerprint, "bound": expiry_bound(now)}).fetchone()
         return row is not None
 
-    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str] | None:
-        """The approved request's wrapped KEK and OAEP hash, or None."""
+    def take_wrapped_kek(self, fingerprint: str) -> tuple[bytes, str, str] | None:
+        """The approved request's wrapped KEK, OAEP hash and KEK id, or None."""
         with self._conn() as conn:
-            row = conn.execute("SELECT wrapped_kek, oaep_hash FROM join_requests "
+            row = conn.execute("SELECT wrapped_kek, oaep_hash, kek_id FROM join_requests "
                                "WHERE fingerprint = %s AND approved_at IS NOT NULL",
                                (fingerprint,)).fetchone()
-        return None if row is None else (bytes(row[0]), str(row[1]))
+        return None if row is None else (bytes(row[0]), str(row[1]), str(row[2]))
 
     def complete_join(self, fingerprint: str, now: float) -> NodeRecord | None:
         """Make the approved request's node a member and delete the request (one transaction
         under the membership lock); None if it is not an approved one."""
         with self._tx() as conn:
-            _lock_membership(conn)
+            lock_membership(conn)
             row = conn.execute("DELETE FROM join_requests WHERE fingerprint = %s "
-                               "AND approved_at IS NOT NULL "
-                               "RETURNING node_name, approved_by, approved_at",
+                               "AND approved_at IS NOT NULL RETURNING node_name, approved_by, "
+                               "approved_at, public_key, oaep_hashes, kek_id",
                                (fingerprint,)).fetchone()
             if row is None:
                 return None
-            node = NodeRecord(str(row[0]), fingerprint, str(row[1]), float(row[2]), now)
-            conn.execute("INSERT INTO nodes (name, fingerprint, approved_by, approved_at, "
-                         "joined_at) VALUES (%s, %s, %s, %s, %s)",
-                         (node.name, node.fingerprint, node.approved_by, node.approved_at,
-                          node.joined_at))
+            node = NodeRecord(str(row[0]), fingerprint, str(row[1]), float(row[2]), now,
+                              bytes(row[3]), tuple(row[4]), str(row[5]))
+            insert_node(conn, node)
         return node
 
     def purge_join_requests(self, now: float) -> int:
@@ -155,18 +156,28 @@ class NodeRows(Pool):
     def list_nodes(self) -> list[NodeRecord]:
         """The members, oldest join first."""
         with self._conn() as conn:
-            rows = conn.execute("SELECT name, fingerprint, approved_by, approved_at, joined_at "
-                                "FROM nodes ORDER BY joined_at, name").fetchall()
-        return [node_record(r) for r in rows]
+            rows = conn.execute("SELECT name, fingerprint, approved_by, approved_at, joined_at, "
+                                "public_key, oaep_hashes, kek_id FROM nodes "
+                                "ORDER BY joined_at, name").fetchall()
+        return [node_record(r, r[6]) for r in rows]
 
     def remove_node(self, name: str) -> bool:
-        """Drop a member's record (under the membership lock); whether there was one."""
+        """Drop a member's record (its delivery by the foreign key's cascade; under the
+        membership lock); whether there was one."""
         with self._tx() as conn:
-            _lock_membership(conn)
+            lock_membership(conn)
             return conn.execute("DELETE FROM nodes WHERE name = %s", (name,)).rowcount == 1
 
 
-def _lock_membership(conn: psycopg.Connection[Any]) -> None:
-    """Take the membership lock until the transaction ends (one membership change at a time,
-    each deciding on what the previous one committed)."""
+def lock_membership(conn: psycopg.Connection[Any]) -> None:
+    """Take the membership lock until the transaction ends (one membership change or KEK
+    replacement at a time, each deciding on what the previous one committed)."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MEMBERSHIP_LOCK,))
+
+
+def insert_node(conn: psycopg.Connection[Any], node: NodeRecord) -> None:
+    """Store a member (inside the caller's transaction)."""
+    conn.execute("INSERT INTO nodes (name, fingerprint, approved_by, approved_at, joined_at, "
+                 "public_key, oaep_hashes, kek_id) VALUES (%s, %s, %s, %s, %s, %s, %s::text[], "
+                 "%s)", (node.name, node.fingerprint, node.approved_by, node.approved_at,
+                         node.joined_at, node.public_key, list(node.oaep_hashes), node.kek_id))

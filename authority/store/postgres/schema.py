@@ -119,6 +119,28 @@ MIGRATIONS: Final[tuple[tuple[LiteralString, ...], ...]] = (
             approved_at double precision NOT NULL,
             joined_at double precision NOT NULL)""",
     ),
+    (   # 6: KEK replacement (SQLite's schema 5): the cluster's current KEK; a new KEK waiting
+        # for each member, wrapped to its persistent transport key (deleted with the member);
+        # the members' transport keys and the KEK each last received; an approval's KEK id (an
+        # approval of before had none: back to pending, to be approved again)
+        "UPDATE join_requests SET approved_by = NULL, approved_at = NULL, wrapped_kek = NULL, "
+        "oaep_hash = NULL WHERE approved_at IS NOT NULL",
+        "ALTER TABLE join_requests ADD COLUMN kek_id text, ADD CONSTRAINT join_requests_kek_id "
+        "CHECK ((approved_at IS NULL) = (kek_id IS NULL))",
+        "ALTER TABLE nodes ADD COLUMN public_key bytea NOT NULL DEFAULT ''::bytea, "
+        "ADD COLUMN oaep_hashes text[] NOT NULL DEFAULT '{}', "
+        "ADD COLUMN kek_id text NOT NULL DEFAULT ''",
+        """CREATE TABLE cluster_kek (
+            id smallint PRIMARY KEY CHECK (id = 1),
+            kek_id text NOT NULL CHECK (kek_id <> ''),
+            since double precision NOT NULL)""",
+        """CREATE TABLE kek_deliveries (
+            node_name text PRIMARY KEY REFERENCES nodes (name) ON DELETE CASCADE,
+            kek_id text NOT NULL CHECK (kek_id <> ''),
+            wrapped_kek bytea NOT NULL CHECK (octet_length(wrapped_kek) > 0),
+            oaep_hash text NOT NULL CHECK (oaep_hash <> ''),
+            made_at double precision NOT NULL)""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
