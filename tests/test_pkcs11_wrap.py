@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from authority.backends.pkcs11._wrap import BLOB_BYTES, TransportKey, WrappedKek, fingerprint
+from authority.backends.pkcs11._wrap import (
+    BLOB_BYTES,
+    KEK_LABEL,
+    TRANSPORT_LABEL,
+    TransportKey,
+    WrappedKek,
+    fingerprint,
+)
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
 from tests.wrap_nodes import Node, NodeError
 
@@ -293,3 +300,136 @@ def test_pkcs11_tool_sees_every_kek_and_copy_sensitive_and_reads_no_value(
         with pytest.raises(subprocess.CalledProcessError):
             node.pkcs11_tool("--read-object", "--type", "secrkey", "--label",
                              f"ita-{KID.hex()}")
+
+
+#: a replacement KEK's label, as cluster remove makes one
+REPLACEMENT = f"{KEK_LABEL}-0a1b2c3d"
+
+
+def _objects(node: Node, kind: str) -> list[str]:
+    """pkcs11-tool's listing of ``kind`` objects (privkey, pubkey), one text per object."""
+    out = node.pkcs11_tool("--list-objects", "--type", kind)
+    return [part for part in out.split(" Key Object")[1:]]
+
+
+def test_a_persistent_transport_key_outlives_its_process_and_receives_a_replacement_kek(
+        tmp_path: Path) -> None:
+    """The KEK-replacement path: the joiner keeps its transport pair in its token; a fresh
+    process on that token later unwraps a new KEK that another token's officer wrapped to it,
+    and tickets cross under the new KEK (so both tokens hold the same new KEK)."""
+    member, joiner = Node(tmp_path / "m"), Node(tmp_path / "j")
+    again: Node | None = None
+    try:
+        member.officer("open")
+        member.officer("make_kek")
+        joiner.officer("open")
+        transport: TransportKey = joiner.officer("new_transport_key", True)
+        assert transport.fingerprint == fingerprint(transport.der)
+        # at join: unwrap_kek without a fingerprint uses the persistent pair, and keeps it
+        joiner.officer("unwrap_kek", member.officer("wrap_kek_for", transport.der))
+        assert joiner.officer("has_transport_key", transport.fingerprint) is True
+        joiner.stop()
+
+        member.officer("make_kek", REPLACEMENT)     # as today's KEK, another label
+        assert member.officer("kek_labels") == [KEK_LABEL, REPLACEMENT]
+        assert member.officer("kek_attributes", REPLACEMENT) == member.officer("kek_attributes")
+        wrapped = member.officer("wrap_kek_for", transport.der, REPLACEMENT)
+        member.officer("close")
+
+        again = Node(tmp_path / "j")                # a fresh process on the joiner's token
+        again.officer("open")
+        assert again.officer("has_transport_key", transport.fingerprint) is True
+        again.officer("unwrap_kek", wrapped, REPLACEMENT, transport.fingerprint)
+        assert again.officer("kek_labels") == [KEK_LABEL, REPLACEMENT]
+        assert again.officer("has_transport_key", transport.fingerprint) is True   # kept
+        again.officer("close")
+
+        for node in (member, again):
+            node.backend("open")
+            attrs = node.backend("kek_attributes", REPLACEMENT)
+            assert attrs["trusted"] and attrs["sensitive"] and not attrs["modifiable"]
+        member.backend("create_wrappable_key", KID)
+        again.backend("unwrap_key", KID, member.backend("wrap_key", KID, REPLACEMENT),
+                      member.backend("key_check", KID), REPLACEMENT)
+        sealed = member.backend("seal", KID, b"aad", b"under the new KEK")
+        assert again.backend("unseal", KID, b"aad", sealed) == b"under the new KEK"
+    finally:
+        for node in (member, joiner, again):
+            if node is not None:
+                node.stop()
+
+
+def test_a_persistent_transport_private_key_is_token_sensitive_never_extractable_unwrap_only(
+        tmp_path: Path) -> None:
+    node = Node(tmp_path / "p")
+    try:
+        node.officer("open")
+        transport: TransportKey = node.officer("new_transport_key", True)
+        node.officer("close")
+        node.officer("open")                         # read back by another session
+        attrs = node.officer("transport_attributes", transport.fingerprint)
+        assert attrs == {**attrs, "token": True, "private": False, "sensitive": True,
+                         "always_sensitive": True, "extractable": False,
+                         "never_extractable": True, "modifiable": False, "unwrap": True,
+                         "decrypt": False, "sign": False, "derive": False}
+        # a session pair is still made beside it (both carry TRANSPORT_LABEL)
+        session_key: TransportKey = node.officer("new_transport_key")
+        assert session_key.fingerprint != transport.fingerprint
+        assert node.officer("has_transport_key", session_key.fingerprint) is False
+        with pytest.raises(NodeError) as malformed:
+            node.officer("has_transport_key", "not-hex")
+        assert malformed.value.kind == "InvalidArgument"
+    finally:
+        node.stop()
+
+
+@pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="opensc not installed")
+def test_pkcs11_tool_lists_the_persistent_pair_and_drop_transport_key_removes_both(
+        tmp_path: Path) -> None:
+    member, node = Node(tmp_path / "m"), Node(tmp_path / "d")
+    try:
+        node.officer("open")
+        transport: TransportKey = node.officer("new_transport_key", True)
+        (private,) = _objects(node, "privkey")
+        assert f"label:      {TRANSPORT_LABEL}" in private
+        assert f"ID:         {transport.fingerprint}" in private
+        access = next(line for line in private.splitlines() if "Access:" in line)
+        assert "sensitive" in access and "never extractable" in access
+        assert "Usage:      unwrap" in private and "decrypt" not in private
+        (public,) = _objects(node, "pubkey")
+        assert f"ID:         {transport.fingerprint}" in public
+
+        assert node.officer("drop_transport_key", transport.fingerprint) is True
+        assert node.officer("has_transport_key", transport.fingerprint) is False
+        assert _objects(node, "privkey") == [] and _objects(node, "pubkey") == []
+        assert node.officer("drop_transport_key", transport.fingerprint) is False
+        member.officer("open")
+        member.officer("make_kek")
+        wrapped = member.officer("wrap_kek_for", transport.der)
+        with pytest.raises(NodeError) as gone:
+            node.officer("unwrap_kek", wrapped, KEK_LABEL, transport.fingerprint)
+        assert gone.value.kind == "FailedPrecondition"
+        assert "no persistent transport key" in str(gone.value)
+        assert node.officer("kek_labels") == []
+    finally:
+        member.stop()
+        node.stop()
+
+
+def test_destroy_kek_removes_one_kek_label_and_refuses_other_labels(tmp_path: Path) -> None:
+    node = Node(tmp_path / "k")
+    try:
+        node.officer("open")
+        node.officer("make_kek")
+        node.officer("make_kek", REPLACEMENT)
+        assert node.officer("kek_labels") == [KEK_LABEL, REPLACEMENT]
+        assert node.officer("destroy_kek", KEK_LABEL) is True
+        assert node.officer("kek_labels") == [REPLACEMENT]
+        assert node.officer("has_kek") is False and node.officer("has_kek", REPLACEMENT)
+        assert node.officer("destroy_kek", KEK_LABEL) is False
+        with pytest.raises(NodeError) as other:
+            node.officer("destroy_kek", f"ita-{KID.hex()}")
+        assert other.value.kind == "InvalidArgument"
+        assert node.officer("kek_labels") == [REPLACEMENT]
+    finally:
+        node.stop()

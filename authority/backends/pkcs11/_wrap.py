@@ -15,7 +15,10 @@ The PKCS#11 pieces (v2.40), each read back from the token after it is made:
   session (the KEK it receives must be trusted, which only the SO can make), the private key
   sensitive, never extractable, unwrap only, and with a CKA_UNWRAP_TEMPLATE that admits only a
   KEK made as above. Its public key leaves as DER SubjectPublicKeyInfo with a SHA-256
-  fingerprint that an operator compares out of band.
+  fingerprint that an operator compares out of band. A member keeps its pair persistently
+  (KEK replacement delivers a new KEK to it without a fresh join): the same pair as TOKEN
+  objects, public ones (an SO session sees only those), CKA_ID the 32 bytes of the
+  fingerprint, not modifiable where the token takes it (:func:`make_persistent_transport_pair`).
 * Ticket keys of this mode: sensitive, extractable only under a trusted key
   (CKA_WRAP_WITH_TRUSTED), encrypt/decrypt only; wrapped under the KEK with CKM_AES_KEY_WRAP
   (RFC 3394): a 32-byte key gives a 40-byte blob, deterministic, integrity-checked by unwrap.
@@ -323,20 +326,182 @@ def make_transport_pair(rawtok: RawToken, session: Any, token: str, label: str
     subclasses.
     """
     public, private = transport_templates(label)
-    h_pub, _ = rawtok.generate_rsa_pair(int(session.handle), raw(public), raw(private))
-    pub = _one(session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.LABEL: label})
-    priv = _one(session, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
-    assert int(pub.handle) == h_pub
-    values = pub.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+    pub, priv = _session_pair(rawtok, session, public, private, label)
+    der = _public_der(pub)
     pub.destroy()
-    numbers = rsa.RSAPublicNumbers(int.from_bytes(values[Attribute.PUBLIC_EXPONENT], "big"),
-                                   int.from_bytes(values[Attribute.MODULUS], "big"))
-    der = numbers.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     destroy_if_weaker(priv, "made the transport private key", token,
              lambda: problems(priv, TRANSPORT_PRIVATE)
              + template_problems(rawtok, int(session.handle), priv, _kek_copy_check()))
     return TransportKey(der, fingerprint(der)), priv
+
+
+def _session_pair(rawtok: RawToken, session: Any, public: Pairs, private: Pairs, label: str
+                  ) -> tuple[AesKey, AesKey]:
+    """Generate an RSA pair of session objects labelled ``label``; (public, private) objects
+    (found among session objects only: a persistent pair may carry the same label).
+
+    Raises: PKCS11Error subclasses."""
+    h_pub, _ = rawtok.generate_rsa_pair(int(session.handle), raw(public), raw(private))
+    where = {Attribute.TOKEN: False, Attribute.LABEL: label}
+    pub = _one(session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, **where})
+    priv = _one(session, {Attribute.CLASS: ObjectClass.PRIVATE_KEY, **where})
+    assert int(pub.handle) == h_pub
+    return pub, priv
+
+
+def _public_der(pub: AesKey) -> bytes:
+    """The DER SubjectPublicKeyInfo of an RSA public key object. Raises: PKCS11Error
+    subclasses."""
+    values = pub.get_attributes([Attribute.MODULUS, Attribute.PUBLIC_EXPONENT])
+    numbers = rsa.RSAPublicNumbers(int.from_bytes(values[Attribute.PUBLIC_EXPONENT], "big"),
+                                   int.from_bytes(values[Attribute.MODULUS], "big"))
+    return numbers.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _to_token(obj: AesKey, key_id: bytes, token: str) -> tuple[AesKey, bool]:
+    """C_CopyObject of a session object into a token object with CKA_ID ``key_id`` and
+    CKA_MODIFIABLE false (sent last); without CKA_MODIFIABLE if the token refuses it. The copy,
+    and whether CKA_MODIFIABLE false was taken.
+
+    Raises: PKCS11Error subclasses."""
+    for fixed in (True, False):
+        template: dict[Attribute, Any] = {Attribute.TOKEN: True, Attribute.ID: key_id}
+        if fixed:
+            template[Attribute.MODIFIABLE] = False
+        try:
+            copy: AesKey = obj.copy(template)  # type: ignore[attr-defined]
+        except _REFUSALS as exc:
+            if not fixed:
+                raise
+            log.warning("token '%s' refused CKA_MODIFIABLE false on a copy (%s): the "
+                        "persistent transport key stays modifiable", token, type(exc).__name__)
+            continue
+        return copy, fixed
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def persistent_must(label: str, key_id: bytes, fixed: bool) -> Pairs:
+    """What a persistent transport private key must report: :data:`TRANSPORT_PRIVATE` as a
+    token object with its id and label (CKA_MODIFIABLE false only if ``fixed``: the token took
+    it)."""
+    body = _without(TRANSPORT_PRIVATE, Attribute.TOKEN, Attribute.MODIFIABLE)
+    return [(Attribute.TOKEN, True), (Attribute.ID, key_id), (Attribute.LABEL, label), *body,
+            *([(Attribute.MODIFIABLE, False)] if fixed else [])]
+
+
+def make_persistent_transport_pair(rawtok: RawToken, session: Any, token: str, label: str
+                                   ) -> tuple[TransportKey, AesKey]:
+    """Generate the transport pair as TOKEN objects of an SO session (public objects, CKA_ID =
+    the 32 bytes of the fingerprint); check the private key; return the public key (DER,
+    fingerprint) and the private key object.
+
+    The fingerprint is known only once the pair exists, and a key made not modifiable can
+    take no CKA_ID later: the pair is generated as modifiable session objects, copied into the
+    token with its CKA_ID and CKA_MODIFIABLE false (C_CopyObject), and the session objects are
+    destroyed. Not modifiable matters: a user could otherwise turn CKA_DECRYPT on and decrypt a
+    KEK delivered to this key. The copies stay copyable (CKA_COPYABLE cannot be changed by a
+    copy); a copy of a key that is not modifiable is the same key, CKA_UNWRAP_TEMPLATE and all.
+
+    Raises: KeyProtectionError (the private key is weaker than required: the pair is
+    destroyed); PKCS11Error subclasses.
+    """
+    public, private = (_without(t, Attribute.MODIFIABLE) for t in transport_templates(label))
+    pub, priv = _session_pair(rawtok, session, public, private, label)
+    made: list[AesKey] = []
+    try:
+        der = _public_der(pub)
+        key_id = bytes.fromhex(fingerprint(der))
+        t_pub, _ = _to_token(pub, key_id, token)
+        made.append(t_pub)
+        t_priv, fixed = _to_token(priv, key_id, token)
+        made.append(t_priv)
+    except BaseException:
+        for obj in made:
+            with suppress(p11x.PKCS11Error):
+                obj.destroy()
+        raise
+    finally:
+        for obj in (pub, priv):
+            with suppress(p11x.PKCS11Error):
+                obj.destroy()
+    try:
+        destroy_if_weaker(t_priv, "made the persistent transport private key", token,
+                          lambda: problems(t_priv, persistent_must(label, key_id, fixed))
+                          + template_problems(rawtok, int(session.handle), t_priv,
+                                              _kek_copy_check()),
+                          subject="the pair")
+    except BaseException:
+        with suppress(p11x.PKCS11Error):
+            t_pub.destroy()
+        raise
+    return TransportKey(der, fingerprint(der)), t_priv
+
+
+def transport_objects(session: Any, fingerprint_hex: str, label: str = TRANSPORT_LABEL,
+                      kind: ObjectClass | None = None) -> list[AesKey]:
+    """The persistent transport objects (public and private, or only ``kind``) whose CKA_ID is
+    the fingerprint ``fingerprint_hex``.
+
+    Raises: InvalidArgument (not 64 hex digits); PKCS11Error subclasses."""
+    key_id = fingerprint_id(fingerprint_hex)
+    template: dict[Attribute, Any] = {Attribute.TOKEN: True, Attribute.LABEL: label,
+                                      Attribute.ID: key_id}
+    if kind is not None:
+        template[Attribute.CLASS] = kind
+    return list(session.get_objects(template))
+
+
+def fingerprint_id(fingerprint_hex: str) -> bytes:
+    """The 32 CKA_ID bytes of a transport key's fingerprint. Raises: InvalidArgument (not 64
+    hex digits)."""
+    try:
+        key_id = bytes.fromhex(fingerprint_hex)
+    except ValueError:
+        key_id = b""
+    if len(key_id) != hashlib.sha256().digest_size:
+        raise InvalidArgument("fingerprint", "must be 64 hex digits (SHA-256 of the DER)")
+    return key_id
+
+
+def find_transport(session: Any, fingerprint_hex: str, token: str,
+                   label: str = TRANSPORT_LABEL) -> AesKey:
+    """The persistent transport private key of ``fingerprint_hex``, checked before use (not
+    destroyed if weaker: an operator should look at what put it there).
+
+    Raises: InvalidArgument (a malformed fingerprint); FailedPrecondition (none, or several);
+    KeyProtectionError (weaker than required); PKCS11Error subclasses."""
+    found = transport_objects(session, fingerprint_hex, label, ObjectClass.PRIVATE_KEY)
+    if len(found) != 1:
+        state = "no" if not found else f"{len(found)}"
+        raise FailedPrecondition(f"token '{token}' holds {state} persistent transport key "
+                                 f"with fingerprint {fingerprint_hex}")
+    key = found[0]
+    fixed = key.get_attributes([Attribute.MODIFIABLE]).get(Attribute.MODIFIABLE) is False
+    weaker = problems(key, persistent_must(label, fingerprint_id(fingerprint_hex), fixed))
+    if weaker:
+        raise KeyProtectionError(f"pkcs11.module: token '{token}' holds the persistent "
+                                 f"transport key {fingerprint_hex} without the required "
+                                 f"protection: {', '.join(weaker)}; it was not used")
+    return key
+
+
+def is_kek_label(label: str) -> bool:
+    """Whether ``label`` names a cluster KEK: :data:`KEK_LABEL`, or it and ``-`` and more."""
+    return label == KEK_LABEL or label.startswith(KEK_LABEL + "-")
+
+
+def kek_labels(session: Any) -> list[str]:
+    """The labels of the secret keys that are cluster KEKs (:func:`is_kek_label`), sorted,
+    each once. Raises: PKCS11Error subclasses."""
+    labels = set()
+    for obj in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        label = obj.get_attributes([Attribute.LABEL]).get(Attribute.LABEL)
+        if isinstance(label, bytes):
+            label = label.decode("utf-8", "replace")
+        if isinstance(label, str) and is_kek_label(label):
+            labels.add(label)
+    return sorted(labels)
 
 
 def parse_transport_key(der: bytes) -> tuple[int, int]:

@@ -51,7 +51,9 @@ class SecurityOfficer:
 
     A transport key pair made by :meth:`new_transport_key` is made of session objects: it
     exists only while this officer is open, and :meth:`unwrap_kek` must be called on the same
-    officer.
+    officer. One made with ``persistent=True`` is made of token objects found by its
+    fingerprint: it outlives the officer, and any later officer on the token unwraps with it
+    (``unwrap_kek(wrapped, label, fingerprint)``) until :meth:`drop_transport_key`.
     """
 
     def __init__(self, session: Any, rawtok: RawToken, label: str) -> None:
@@ -60,6 +62,7 @@ class SecurityOfficer:
         self._raw = rawtok
         self._label = label
         self._transport: AesKey | None = None
+        self._persistent = False      # self._transport is a token object: never destroyed here
         self._closed = False
 
     @classmethod
@@ -136,6 +139,30 @@ class SecurityOfficer:
             return bool(list(self._session.get_objects(
                 {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})))
 
+    def destroy_kek(self, label: str) -> bool:
+        """Destroy the KEK labelled ``label`` (every secret key with that label); False if the
+        token holds none. For an old KEK that no stored blob names any more.
+
+        Raises: InvalidArgument (``label`` is not a KEK label: KEK_LABEL or KEK_LABEL + "-..."),
+        DeviceUnavailable."""
+        if not _wrap.is_kek_label(label):
+            raise InvalidArgument("label", f"{label!r} is not a cluster KEK label "
+                                  f"({KEK_LABEL!r} or {KEK_LABEL + '-'!r}...)")
+        with device_errors(self._ctx("destroy_kek")):
+            found = list(self._session.get_objects(
+                {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label}))
+            for kek in found:
+                kek.destroy()
+        if found:
+            log.info("cluster KEK %r destroyed in token '%s'", label, self._label)
+        return bool(found)
+
+    def kek_labels(self) -> list[str]:
+        """The labels of the cluster KEKs in the token (KEK_LABEL, and KEK_LABEL + "-..."
+        for replacements), sorted. Raises: DeviceUnavailable."""
+        with device_errors(self._ctx("kek_labels")):
+            return _wrap.kek_labels(self._session)
+
     def wrap_kek_for(self, public_key_der: bytes, label: str = KEK_LABEL,
                      oaep_hashes: tuple[str, ...] = tuple(OAEP_PARAMS)) -> WrappedKek:
         """``cluster approve`` on a member: wrap the KEK to a joiner's transport public key
@@ -153,47 +180,92 @@ class SecurityOfficer:
 
     # -- joining -----------------------------------------------------------------------------
 
-    def new_transport_key(self) -> TransportKey:
-        """``cluster join``: make the transport key pair (session objects of this session;
-        any earlier one is destroyed) and return its public key and fingerprint.
+    def new_transport_key(self, persistent: bool = False) -> TransportKey:
+        """``cluster join``: make the transport key pair and return its public key and
+        fingerprint. Session objects of this session by default (an earlier session pair of
+        this officer is destroyed); with ``persistent``, token objects (public objects: an SO
+        session sees only those; CKA_ID the fingerprint's 32 bytes; label TRANSPORT_LABEL)
+        that outlive this officer. Either way :meth:`unwrap_kek` without a fingerprint uses
+        this pair next.
 
-        Raises: KeyProtectionError (the private key is weaker than required: destroyed);
-        DeviceUnavailable.
+        Raises: KeyProtectionError (the private key is weaker than required: the pair is
+        destroyed); DeviceUnavailable.
         """
         self._drop_transport()
+        make = _wrap.make_persistent_transport_pair if persistent else _wrap.make_transport_pair
         with device_errors(self._ctx("new_transport_key")):
-            public, private = _wrap.make_transport_pair(self._raw, self._session, self._label,
-                                                        TRANSPORT_LABEL)
-        self._transport = private
+            public, private = make(self._raw, self._session, self._label, TRANSPORT_LABEL)
+        self._transport, self._persistent = private, persistent
+        if persistent:
+            log.info("persistent transport key %s made in token '%s'", public.fingerprint,
+                     self._label)
         return public
 
-    def unwrap_kek(self, wrapped: WrappedKek, label: str = KEK_LABEL) -> None:
-        """``cluster join``, once approved: unwrap the KEK with the transport private key, check
-        what the token reports for it, then destroy the transport key pair.
+    def has_transport_key(self, fingerprint: str) -> bool:
+        """Whether the token holds a persistent transport private key with this fingerprint.
 
-        Raises: FailedPrecondition (no transport key in this session; a KEK exists; the token
-        does not unwrap with OAEP under ``wrapped.oaep_hash``); InvalidArgument (unknown hash;
-        a blob the token refuses: tampered, or wrapped to another transport key);
-        KeyProtectionError (the copy is weaker than required: destroyed); DeviceUnavailable.
+        Raises: InvalidArgument (not 64 hex digits); DeviceUnavailable."""
+        with device_errors(self._ctx("has_transport_key")):
+            return bool(_wrap.transport_objects(self._session, fingerprint,
+                                                kind=ObjectClass.PRIVATE_KEY))
+
+    def drop_transport_key(self, fingerprint: str) -> bool:
+        """Destroy the persistent transport pair with this fingerprint (public and private
+        objects); False if the token holds neither.
+
+        Raises: InvalidArgument (not 64 hex digits); DeviceUnavailable (a destruction failed:
+        what is left is still found by the fingerprint)."""
+        with device_errors(self._ctx("drop_transport_key")):
+            found = _wrap.transport_objects(self._session, fingerprint)
+            for obj in found:
+                if self._transport is not None and int(obj.handle) == int(
+                        self._transport.handle):
+                    self._transport, self._persistent = None, False
+                obj.destroy()
+        if found:
+            log.info("persistent transport key %s destroyed in token '%s'", fingerprint,
+                     self._label)
+        return bool(found)
+
+    def unwrap_kek(self, wrapped: WrappedKek, label: str = KEK_LABEL,
+                   fingerprint: str | None = None) -> None:
+        """``cluster join`` once approved, or a KEK delivered to a member: unwrap the KEK
+        labelled ``label`` and check what the token reports for it. With ``fingerprint``, with
+        the persistent transport private key of that fingerprint, which is kept; without, with
+        this officer's transport key from :meth:`new_transport_key`, destroyed afterwards if it
+        is a session pair (kept if persistent).
+
+        Raises: FailedPrecondition (no such transport key; a KEK with this label exists; the
+        token does not unwrap with OAEP under ``wrapped.oaep_hash``); InvalidArgument (unknown
+        hash; a malformed fingerprint; a blob the token refuses: tampered, or wrapped to another
+        transport key); KeyProtectionError (the copy is weaker than required: destroyed; or
+        the persistent transport key is weaker than required: not used); DeviceUnavailable.
         """
-        if self._transport is None:
-            raise FailedPrecondition("no transport key in this session: call new_transport_key")
         with device_errors(self._ctx("unwrap_kek")):
+            if fingerprint is not None:
+                private = _wrap.find_transport(self._session, fingerprint, self._label)
+            elif self._transport is not None:
+                private = self._transport
+            else:
+                raise FailedPrecondition("no transport key in this session: call "
+                                         "new_transport_key, or name a persistent one")
             try:
-                _wrap.unwrap_kek(self._raw, self._session, self._transport, wrapped,
-                                 self._label, label)
+                _wrap.unwrap_kek(self._raw, self._session, private, wrapped, self._label, label)
             except (*_wrap.BAD_BLOB, p11x.GeneralError) as exc:
                 # SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR for a blob failing OAEP decoding
                 raise InvalidArgument("blob", f"the token refused it ({type(exc).__name__}): "
                                       "tampered, or wrapped to another transport key") from exc
-        self._drop_transport()
+        if fingerprint is None:
+            self._drop_transport()
         log.info("cluster KEK %r unwrapped into token '%s'", label, self._label)
 
     def _drop_transport(self) -> None:
-        if self._transport is not None:
+        """Forget this officer's transport key; destroy it if it is a session pair. Never
+        raises."""
+        if self._transport is not None and not self._persistent:
             with suppress(p11x.PKCS11Error):
                 self._transport.destroy()
-            self._transport = None
+        self._transport, self._persistent = None, False
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -204,11 +276,20 @@ class SecurityOfficer:
         with device_errors(self._ctx("kek_attributes")):
             return _wrap.protection(_wrap.find_kek(self._session, label))
 
-    def transport_attributes(self) -> dict[str, bool]:
-        """The transport private key's protection attributes as the token reports them.
+    def transport_attributes(self, fingerprint: str | None = None) -> dict[str, bool]:
+        """The transport private key's protection attributes as the token reports them: this
+        officer's, or the persistent one of ``fingerprint``.
 
-        Raises: FailedPrecondition (none in this session); DeviceUnavailable."""
-        if self._transport is None:
-            raise FailedPrecondition("no transport key in this session")
+        Raises: FailedPrecondition (none in this session; no persistent key of that
+        fingerprint); InvalidArgument (a malformed fingerprint); DeviceUnavailable."""
         with device_errors(self._ctx("transport_attributes")):
+            if fingerprint is not None:
+                found = _wrap.transport_objects(self._session, fingerprint,
+                                                kind=ObjectClass.PRIVATE_KEY)
+                if len(found) != 1:
+                    raise FailedPrecondition(f"{len(found)} persistent transport keys with "
+                                             f"fingerprint {fingerprint}")
+                return _wrap.protection(found[0])
+            if self._transport is None:
+                raise FailedPrecondition("no transport key in this session")
             return _wrap.protection(self._transport)
