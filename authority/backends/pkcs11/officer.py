@@ -10,7 +10,13 @@ as SO; ticket keys are made, wrapped and unwrapped under the user login
 
 PKCS#11 login is token-wide per application: an SO login is refused while the user is logged in
 in the same process (CKR_USER_ANOTHER_ALREADY_LOGGED_IN), so close the process's backends on
-this token first, or run the officer in its own process (SoftHSM2 keeps login state per process).
+this token first, or run the officer in its own process (SoftHSM2 keeps login state per process):
+a server does the latter with :func:`~authority.backends.pkcs11.officer_process.run_officer`.
+
+A member keeps its transport key pair in its token (``new_transport_key(persistent=True)``) so
+that a replacement KEK (after a node is removed) can be delivered to it without a fresh join;
+old KEKs are listed (:meth:`SecurityOfficer.kek_labels`) and destroyed
+(:meth:`SecurityOfficer.destroy_kek`) once no stored blob names them.
 """
 
 from __future__ import annotations
