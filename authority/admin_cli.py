@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from authority.cluster_cli import commands as cluster_commands
 from authority.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def commands() -> dict[tuple[str, str], Command]:
                                     _bumped_table),
         ("policy", "list"): Command("ListRealms", lambda a: pb.ListRealmsRequest(),
                                     lambda r: _realms_table(list(r.realms))),
+        **{key: Command(*parts) for key, parts in cluster_commands(pb).items()},
     }
 
 
@@ -253,7 +255,8 @@ def _print(args: argparse.Namespace, reply: Any, table: Callable[[Any], str]) ->
         print(table(reply))
 
 
-def _when(ts: Any) -> str:
+def when(ts: Any) -> str:
+    """A Timestamp as ``YYYY-MM-DD HH:MM:SSZ``, "-" when unset. Never raises."""
     if not ts.seconds and not ts.nanos:
         return "-"
     return datetime.fromtimestamp(ts.seconds, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
@@ -274,9 +277,9 @@ def _seals(key: Any) -> str:
 
 def _keys_table(keys: list[Any]) -> str:
     rows = [("KEY ID", "STATE", "CREATED", "OPENS UNTIL", "SEALS")]
-    rows += [(k.key_id, _state_name(k.state), _when(k.created_at),
-              _when(k.opens_until), _seals(k)) for k in keys if k.key_id]
-    return _table(rows)
+    rows += [(k.key_id, _state_name(k.state), when(k.created_at),
+              when(k.opens_until), _seals(k)) for k in keys if k.key_id]
+    return table(rows)
 
 
 def _state_name(state: int) -> str:
@@ -299,11 +302,11 @@ def _status_table(s: Any) -> str:
             ("keys", f"{s.active_keys} active, {s.decrypt_only_keys} decrypt-only, "
                      f"{s.destroyed_keys} destroyed"),
             ("consumed tickets", consumed), ("version", s.version),
-            ("started", _when(s.started_at))]
+            ("started", when(s.started_at))]
     if s.store:   # a server that reports its store (issue 13)
         rows += _store_rows(s)
     rows += [(f"  {name}", str(value)) for name, value in sorted(s.counters.items())]
-    text = _table(rows, header=False)
+    text = table(rows, header=False)
     if s.replicas:
         text += "\n\n" + _replicas_table(s)
     return text
@@ -319,7 +322,7 @@ def _store_rows(s: Any) -> list[tuple[str, str]]:
         holder = "-"
     else:
         holder = (f"{lease.holder} (epoch {lease.epoch}, "
-                  f"{'expired' if lease.expired else 'until'} {_when(lease.expires_at)})")
+                  f"{'expired' if lease.expired else 'until'} {when(lease.expires_at)})")
     return [("store", f"{s.store} {s.store_location} (schema {s.store_schema_version})"),
             ("store reachable", "yes" if s.store_reachable else f"NO: {s.store_error}"),
             ("policy confirmed", f"{s.policy_age_seconds:.1f} s ago{limit}"),
@@ -334,14 +337,14 @@ def _replicas_table(s: Any) -> str:
     for r in s.replicas:
         age = now - r.last_heartbeat.ToNanoseconds() / 1e9
         rows.append((r.replica_id + ("*" if r.this_replica else ""), r.host, str(r.pid),
-                     _when(r.started_at), f"{max(age, 0.0):.1f} s ago", str(r.ring_version),
+                     when(r.started_at), f"{max(age, 0.0):.1f} s ago", str(r.ring_version),
                      "yes" if r.live else "no", "holder" if r.holds_lease else "-"))
-    return _table(rows)
+    return table(rows)
 
 
 def _revoked_table(reply: Any) -> str:
-    return _table([("revocation", str(reply.revocation_id)),
-                   ("expires", _when(reply.expires_at))], header=False)
+    return table([("revocation", str(reply.revocation_id)),
+                   ("expires", when(reply.expires_at))], header=False)
 
 
 def _revocation_value(r: Any) -> str:
@@ -356,24 +359,25 @@ def _revocation_value(r: Any) -> str:
 
 def _revocations_table(revocations: list[Any]) -> str:
     rows = [("ID", "KIND", "VALUE", "ISSUED BEFORE", "CREATED", "EXPIRES", "REASON")]
-    rows += [(str(r.revocation_id), r.kind, _revocation_value(r), _when(r.issued_before),
-              _when(r.created_at), _when(r.expires_at), " ".join(r.reason.split()))
+    rows += [(str(r.revocation_id), r.kind, _revocation_value(r), when(r.issued_before),
+              when(r.created_at), when(r.expires_at), " ".join(r.reason.split()))
              for r in revocations]
-    return _table(rows)
+    return table(rows)
 
 
 def _bumped_table(reply: Any) -> str:
-    return _table([("realm", _realm(reply.realm)), ("policy epoch", str(reply.policy_epoch))],
+    return table([("realm", _realm(reply.realm)), ("policy epoch", str(reply.policy_epoch))],
                   header=False)
 
 
 def _realms_table(realms: list[Any]) -> str:
     rows = [("REALM", "EPOCH")]
     rows += [(_realm(r.realm), str(r.policy_epoch)) for r in realms]
-    return _table(rows)
+    return table(rows)
 
 
-def _table(rows: Sequence[Sequence[str]], header: bool = True) -> str:
+def table(rows: Sequence[Sequence[str]], header: bool = True) -> str:
+    """Rows as aligned columns, the first a header underlined (``header``). Never raises."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]

@@ -15,6 +15,7 @@ from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
 from authority.clock import Clock, SystemClock
 from authority.cluster import MAINTENANCE, Lease, ReplicaIdentity
+from authority.cluster_members import ClusterMembers
 from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, StartupError
@@ -179,10 +180,10 @@ class Authority:
         self.started_at = clock.now()
         self.audit: AuditSink = open_audit(config, store, clock.now)
         self.replica = ReplicaIdentity.new(clock)
+        wrapper = wrapping_backend(config.cluster, backend)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
                             audit=self.audit.record, cluster=config.cluster,
-                            replica=self.replica,
-                            wrapper=wrapping_backend(config.cluster, backend))
+                            replica=self.replica, wrapper=wrapper)
         self.lease = Lease(store, MAINTENANCE, self.replica.replica_id, clock,
                            config.cluster.lease_duration)
         self.policy = Policy(store, clock, config.tickets.max_lifetime,
@@ -192,6 +193,8 @@ class Authority:
                              self.counters, self.policy)
         self.watch = PolicyWatch(store, self.policy, config.cluster.heartbeat_interval,
                                  config.store.max_staleness, on_recovered=self._wake_up)
+        self.members = None if wrapper is None else ClusterMembers(
+            config, store, self.ring, wrapper, clock, self.audit.record)
         self.metrics.watch(self)
         self._stop = threading.Event()
         self._wake = threading.Event()   # set: the heartbeat loop runs at once
@@ -222,6 +225,9 @@ class Authority:
             undo.pop_all()
         authority._lock = lock
         try:
+            if authority.members is not None:
+                authority.members.check_member()
+                authority.members.tick()
             authority.ring.load()
             authority.policy.load()
             authority.sealer.handle_key()   # kept: redeems need no store call for it
@@ -237,8 +243,15 @@ class Authority:
 
         Raises: AuthorityError from the device or store.
         """
+        self._membership()
         self.ring.sync()
         return self.lease.hold() is not None
+
+    def _membership(self) -> None:
+        """Per-node tokens: a KEK delivered to this node is unwrapped before the ring is
+        synced (a key wrapped under it may be waiting). Raises: AuthorityError."""
+        if self.members is not None:
+            self.members.tick()
 
     def maintain(self) -> None:
         """One maintenance pass: a heartbeat, then, on the lease holder only, the periodic work
@@ -249,6 +262,7 @@ class Authority:
         Raises: AuthorityError from the device or store (the loop logs and retries);
         StaleFence if another replica took the lease meanwhile.
         """
+        self._membership()
         self.ring.sync()
         fence = self.lease.hold()
         if fence is None:

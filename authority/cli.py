@@ -96,7 +96,10 @@ def _admin_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     retire = keys_sub.add_parser("retire", help="destroy a decrypt-only key in the device now")
     retire.add_argument("key_id", help="16 hex digits, from 'keys list'")
     status = sub.add_parser("status", help="show backend, sealing key and counters")
-    return [listing, rotate, retire, status, *_tickets_parsers(sub), *_policy_parsers(sub)]
+    from authority.cluster_cli import add_parsers as cluster_parsers
+
+    return [listing, rotate, retire, status, *_tickets_parsers(sub), *_policy_parsers(sub),
+            *cluster_parsers(sub)]
 
 
 def _tickets_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]
@@ -179,6 +182,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _certs(args)
         if args.command == "audit":
             return _audit_verify_command(args)
+        if args.command == "cluster" and args.cluster_command in ("init", "join"):
+            from authority.cluster_cli import run_local
+
+            return run_local(args)
         return run_admin(args)
     except (ConfigError, StartupError) as exc:
         print(f"ticket-authority: {exc}", file=sys.stderr)

@@ -35,6 +35,9 @@ class Pkcs11Settings:
     softhsm2_conf: Path | None = None # SOFTHSM2_CONF to set before the module initialises
     release_gil: bool = True          # drop the GIL during C_Encrypt/C_Decrypt; the server
                                       # turns it off when its aio loop makes the calls inline
+    so_pin: Secret | None = None      # the security officer's PIN (so_pin_file / so_pin_env):
+                                      # only the cluster commands of per-node tokens use it;
+                                      # the embedded token's is state_dir/hsm/so.pin
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ class ClusterSettings:
                                       # ticket keys are made wrappable, stored wrapped (RFC 3394
                                       # blobs with a check value) and unwrapped into the other
                                       # replicas' tokens; only with [postgresql] and pkcs11
+    node_name: str = ""               # this node's name among the members (cluster join /
+                                      # list / remove); "": the host name
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ _TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm
         "audit_log", "postgresql", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
-                "session_timeout", "softhsm2_conf"}
+                "session_timeout", "softhsm2_conf", "so_pin_file", "so_pin_env"}
 _TPM_KEYS = {"tcti", "key_dir", "owner_auth_file", "owner_auth_env", "retries", "queue_size",
              "call_timeout", "parent"}
 _POSTGRES_KEYS = {"dsn", "dsn_file", "dsn_env", "pool_size", "statement_timeout",
@@ -243,7 +243,14 @@ def _pkcs11(data: Any) -> Pkcs11Settings:
         sessions=_coerce("pkcs11.sessions", data.get("sessions", Pkcs11Settings.sessions), int),
         session_timeout=_coerce("pkcs11.session_timeout", data.get("session_timeout", 5.0),
                                 float),
-        softhsm2_conf=Path(conf) if conf else None)
+        softhsm2_conf=Path(conf) if conf else None, so_pin=_so_pin(data))
+
+
+def _so_pin(data: dict[str, Any]) -> Secret | None:
+    """The optional SO PIN, from so_pin_file or so_pin_env (never inline). Raises: ConfigError."""
+    if "so_pin_file" not in data and "so_pin_env" not in data:
+        return None
+    return _secret("pkcs11.so_pin", data, file_key="so_pin_file", env_key="so_pin_env")
 
 
 def _pin(data: dict[str, Any]) -> Secret:

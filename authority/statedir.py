@@ -148,6 +148,8 @@ def claim(store: Store, config: Config, backend: KeyBackend) -> None:
     only if the device holds at least one of its live keys.
     Raises: StartupError naming the directory and both devices; DeviceUnavailable.
     """
+    if config.cluster.per_node_tokens:
+        return   # a device per replica: the membership names each (ClusterMembers.check_member)
     device = device_identity(config, backend)
     owner = store.state_owner()
     if owner == (config.backend, device):

@@ -92,7 +92,8 @@ def provision_embedded_token(hsm_dir: Path, label: str = DEFAULT_LABEL) -> Pkcs1
         ) from exc
     if initialize_token_if_missing(module, conf, label, so_pin, user_pin):
         log.info("provisioned embedded SoftHSM2 token %r in %s", label, hsm_dir)
-    return Pkcs11Settings(module=module, token_label=label, pin=user_pin, softhsm2_conf=conf)
+    return Pkcs11Settings(module=module, token_label=label, pin=user_pin, softhsm2_conf=conf,
+                          so_pin=so_pin)
 
 
 def _private_dir(path: Path) -> None:

@@ -47,8 +47,10 @@ class Wrapping(Protocol):
     def unwrap_key(self, key_id: bytes, blob: bytes, check: bytes,
                    kek_label: str = ...) -> None: ...
 
+    def kek_attributes(self, kek_label: str = ...) -> dict[str, bool]: ...
 
-_WRAPPING = ("create_wrappable_key", "wrap_key", "key_check", "unwrap_key")
+
+_WRAPPING = ("create_wrappable_key", "wrap_key", "key_check", "unwrap_key", "kek_attributes")
 
 
 def wrapping_backend(cluster: ClusterSettings, backend: object) -> Wrapping | None:
@@ -108,6 +110,8 @@ class RingCopy:
         self._verified: set[bytes] = set()   # keys this replica's device was seen to hold
         # keys (and their states then) still absent after a refresh of the device's view
         self._absent: dict[bytes, KeyState] = {}
+        self._not_mine: set[bytes] = set()   # copies: their blobs are not this replica's to
+                                             # re-wrap (``rewrap``)
         self._confirmed_at = -math.inf       # when the copy was last confirmed current
         self._reread_at = -math.inf          # when a redeem last made the ring be re-read
         self._reread_ok = True               # whether that re-read reached the store

@@ -157,12 +157,42 @@ class Lifecycle(Publication):
         (also: the record was given up meanwhile, nothing stored)."""
         from authority.backends.pkcs11._wrap import KEK_LABEL
 
+        kek_id = self._store.cluster_kek() or KEK_LABEL
         check = wrapper.key_check(key_id)
-        blob = wrapper.wrap_key(key_id, KEK_LABEL)
-        if not self._store.save_wrapped(key_id, KEK_LABEL, blob, check):
+        blob = wrapper.wrap_key(key_id, kek_id)
+        if not self._store.save_wrapped(key_id, kek_id, blob, check):
             raise DeviceUnavailable(f"key {key_id.hex()}: its record was given up before its "
                                     "wrapped copy was stored; retry")
-        log.info("key %s wrapped under the cluster KEK and stored", key_id.hex())
+        log.info("key %s wrapped under the cluster KEK %r and stored", key_id.hex(), kek_id)
+
+    def rewrap(self, kek_id: str) -> list[bytes]:
+        """Per-node tokens, after the cluster KEK was replaced by ``kek_id`` (a node removed):
+        store again, under ``kek_id``, the blob of every live key whose ORIGINAL is in this
+        replica's token and whose blob is under an older KEK (same check value: the store
+        refuses another), so that a node joining later, which receives only ``kek_id``, can
+        unwrap it. A copy cannot be wrapped again (never extractable): its blob is the
+        original's node's to replace, and a key whose original was on the removed node keeps
+        its old blob (members still hold the old KEK; rotation retires it). Returns the keys
+        re-wrapped.
+
+        Raises: DeviceUnavailable (the store or the device failed: call again)."""
+        if self._wrapper is None:
+            return []
+        live = sorted(self._opening_ids())
+        stale = [w for w in self._store.load_wrapped(live).values()
+                 if w.kek_id != kek_id and w.key_id not in self._not_mine]
+        done: list[bytes] = []
+        for wrapped in stale:
+            try:
+                blob = self._wrapper.wrap_key(wrapped.key_id, kek_id)
+            except (KeyNotFound, FailedPrecondition):   # a copy, or not in this token
+                self._not_mine.add(wrapped.key_id)
+                continue
+            if self._store.save_wrapped(wrapped.key_id, kek_id, blob, wrapped.check):
+                done.append(wrapped.key_id)
+                log.info("key %s re-wrapped under the cluster KEK %r", wrapped.key_id.hex(),
+                         kek_id)
+        return done
 
     def _lost(self, key_id: bytes, actor: str, audited: bool) -> None:
         """Another rotation won: destroy the key made here. Never raises."""

@@ -16,10 +16,11 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.app import Authority
 from authority.cluster import MAINTENANCE
-from authority.errors import AuthorityError, DeviceUnavailable
+from authority.cluster_members import ClusterMembers
+from authority.errors import AuthorityError, DeviceUnavailable, FailedPrecondition
 from authority.keys import KeyState
 from authority.sealer import IssuedTicket, Redemption
-from authority.service import convert
+from authority.service import cluster_convert, convert
 from authority.service.auth import UNRESTRICTED, RealmCheck, RealmLimits, caller_identity
 from authority.state import ResumptionState
 from authority.steps import Plan, run
@@ -173,6 +174,33 @@ class TicketAdminServicer(admin_pb2_grpc.TicketAdminServicer):
         return admin_pb2.ListRealmsResponse(realms=[
             admin_pb2.RealmPolicy(realm=realm, policy_epoch=epoch)
             for realm, epoch in sorted(self._authority.policy.epochs().items())])
+
+    def ListClusterNodes(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        members = self._members()
+        return cluster_convert.cluster_listing(members.list(), members.name)
+
+    def ApproveClusterJoin(self, request: Any,  # noqa: N802
+                           context: grpc.ServicerContext) -> Any:
+        fingerprint = cluster_convert.fingerprint_field(request.fingerprint)
+        joiner, kek_id = self._members().approve(fingerprint, caller_identity(context))
+        return admin_pb2.ApproveClusterJoinResponse(request=cluster_convert.join_request(joiner),
+                                                    kek_id=kek_id)
+
+    def RemoveClusterNode(self, request: Any,  # noqa: N802
+                          context: grpc.ServicerContext) -> Any:
+        name = cluster_convert.node_name_field(request.name)
+        done, new_key = self._members().remove(name, caller_identity(context),
+                                               rotate=not request.keep_sealing_key)
+        return admin_pb2.RemoveClusterNodeResponse(
+            removed=cluster_convert.cluster_node(done.removed, ""), kek_id=done.kek_id,
+            delivered_to=list(done.delivered_to),
+            new_sealing_key_id=new_key.hex() if new_key else "")
+
+    def _members(self) -> ClusterMembers:
+        if self._authority.members is None:
+            raise FailedPrecondition("cluster.per_node_tokens is off on this server: replicas "
+                                     "sharing one token have no cluster membership")
+        return self._authority.members
 
     def GetStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         a = self._authority

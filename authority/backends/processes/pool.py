@@ -253,6 +253,11 @@ class DeviceProcesses:
         """See Pkcs11Backend.unwrap_key. Raises: what it raises."""
         self._wrapping("unwrap_key")(key_id, blob, check, *kek_label)
 
+    def kek_attributes(self, *kek_label: str) -> dict[str, bool]:
+        """See Pkcs11Backend.kek_attributes. Raises: what it raises."""
+        found: dict[str, bool] = self._wrapping("kek_attributes")(*kek_label)
+        return found
+
     def _wrapping(self, name: str) -> Any:
         """This process's backend's method ``name``. Raises: FailedPrecondition (a backend
         that cannot copy keys between tokens)."""

@@ -267,3 +267,83 @@ class ListRealmsResponse(_message.Message):
     REALMS_FIELD_NUMBER: _ClassVar[int]
     realms: _containers.RepeatedCompositeFieldContainer[RealmPolicy]
     def __init__(self, realms: _Optional[_Iterable[_Union[RealmPolicy, _Mapping]]] = ...) -> None: ...
+
+class ClusterNode(_message.Message):
+    __slots__ = ("name", "fingerprint", "approved_by", "joined_at", "kek_id", "this_node")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    THIS_NODE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    fingerprint: str
+    approved_by: str
+    joined_at: _timestamp_pb2.Timestamp
+    kek_id: str
+    this_node: bool
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., approved_by: _Optional[str] = ..., joined_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kek_id: _Optional[str] = ..., this_node: _Optional[bool] = ...) -> None: ...
+
+class ClusterJoinRequest(_message.Message):
+    __slots__ = ("fingerprint", "node_name", "requested_at", "approved", "approved_by", "expires_at")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_BY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    node_name: str
+    requested_at: _timestamp_pb2.Timestamp
+    approved: bool
+    approved_by: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, fingerprint: _Optional[str] = ..., node_name: _Optional[str] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., approved: _Optional[bool] = ..., approved_by: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListClusterNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListClusterNodesResponse(_message.Message):
+    __slots__ = ("kek_id", "nodes", "join_requests")
+    KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    JOIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    kek_id: str
+    nodes: _containers.RepeatedCompositeFieldContainer[ClusterNode]
+    join_requests: _containers.RepeatedCompositeFieldContainer[ClusterJoinRequest]
+    def __init__(self, kek_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[ClusterNode, _Mapping]]] = ..., join_requests: _Optional[_Iterable[_Union[ClusterJoinRequest, _Mapping]]] = ...) -> None: ...
+
+class ApproveClusterJoinRequest(_message.Message):
+    __slots__ = ("fingerprint",)
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    def __init__(self, fingerprint: _Optional[str] = ...) -> None: ...
+
+class ApproveClusterJoinResponse(_message.Message):
+    __slots__ = ("request", "kek_id")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    request: ClusterJoinRequest
+    kek_id: str
+    def __init__(self, request: _Optional[_Union[ClusterJoinRequest, _Mapping]] = ..., kek_id: _Optional[str] = ...) -> None: ...
+
+class RemoveClusterNodeRequest(_message.Message):
+    __slots__ = ("name", "keep_sealing_key")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SEALING_KEY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    keep_sealing_key: bool
+    def __init__(self, name: _Optional[str] = ..., keep_sealing_key: _Optional[bool] = ...) -> None: ...
+
+class RemoveClusterNodeResponse(_message.Message):
+    __slots__ = ("removed", "kek_id", "delivered_to", "new_sealing_key_id")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    KEK_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_TO_FIELD_NUMBER: _ClassVar[int]
+    NEW_SEALING_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    removed: ClusterNode
+    kek_id: str
+    delivered_to: _containers.RepeatedScalarFieldContainer[str]
+    new_sealing_key_id: str
+    def __init__(self, removed: _Optional[_Union[ClusterNode, _Mapping]] = ..., kek_id: _Optional[str] = ..., delivered_to: _Optional[_Iterable[str]] = ..., new_sealing_key_id: _Optional[str] = ...) -> None: ...

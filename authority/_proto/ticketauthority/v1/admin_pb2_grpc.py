@@ -74,6 +74,21 @@ class TicketAdminStub:
                 request_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.SerializeToString,
                 response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.FromString,
                 _registered_method=True)
+        self.ListClusterNodes = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/ListClusterNodes',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesResponse.FromString,
+                _registered_method=True)
+        self.ApproveClusterJoin = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/ApproveClusterJoin',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinResponse.FromString,
+                _registered_method=True)
+        self.RemoveClusterNode = channel.unary_unary(
+                '/ticketauthority.v1.TicketAdmin/RemoveClusterNode',
+                request_serializer=ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeRequest.SerializeToString,
+                response_deserializer=ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeResponse.FromString,
+                _registered_method=True)
 
 
 class TicketAdminServicer:
@@ -127,6 +142,24 @@ class TicketAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListClusterNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveClusterJoin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveClusterNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TicketAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +202,21 @@ def add_TicketAdminServicer_to_server(servicer, server):
                     servicer.ListRealms,
                     request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.FromString,
                     response_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.SerializeToString,
+            ),
+            'ListClusterNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListClusterNodes,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesResponse.SerializeToString,
+            ),
+            'ApproveClusterJoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveClusterJoin,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinResponse.SerializeToString,
+            ),
+            'RemoveClusterNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveClusterNode,
+                    request_deserializer=ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeRequest.FromString,
+                    response_serializer=ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +435,87 @@ class TicketAdmin:
             '/ticketauthority.v1.TicketAdmin/ListRealms',
             ticketauthority_dot_v1_dot_admin__pb2.ListRealmsRequest.SerializeToString,
             ticketauthority_dot_v1_dot_admin__pb2.ListRealmsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListClusterNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/ListClusterNodes',
+            ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.ListClusterNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveClusterJoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/ApproveClusterJoin',
+            ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.ApproveClusterJoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveClusterNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ticketauthority.v1.TicketAdmin/RemoveClusterNode',
+            ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeRequest.SerializeToString,
+            ticketauthority_dot_v1_dot_admin__pb2.RemoveClusterNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
