@@ -10,6 +10,7 @@ import itertools
 import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from authority.store.base import (
     JOIN_REQUEST_TTL,
     Fence,
     JoinRequest,
+    KekDelivery,
     LeaseRecord,
     NodeRecord,
     ReplicaRecord,
@@ -654,14 +656,191 @@ def test_concurrent_approvals_of_one_node_name_one_wins(open_store: OpenStore) -
                                           kek_id="kek-1") for _, fp in keys)
 
 
+def test_a_cluster_is_founded_once(open_store: OpenStore) -> None:
+    """The first member and the first KEK come together, once: never over a member or a KEK."""
+    store, other = open_store(), open_store()
+    der, fp = FOUNDER
+    assert store.cluster_kek() is None and store.kek_ids_in_use() == set()
+    for args in (("node-a", transport(1)[1], der, ["sha1"], "kek-1"),   # another key's
+                 ("node-a", fp, der, [], "kek-1"), ("", fp, der, ["sha1"], "kek-1"),
+                 ("node-a", fp, der, ["sha1"], "")):
+        with pytest.raises(ValueError, match="not stored"):
+            store.found_cluster(*args, now=START)
+    assert store.cluster_kek() is None and store.list_nodes() == []
+    node = store.found_cluster("node-a", fp, der, ["sha256", "sha1"], "kek-1", START)
+    assert node == NodeRecord("node-a", fp, "node-a", START, START, der, ("sha256", "sha1"),
+                              "kek-1")
+    assert other.list_nodes() == [node] and other.cluster_kek() == "kek-1"
+    der2, fp2 = transport(2)
+    assert other.found_cluster("node-z", fp2, der2, ["sha1"], "kek-9", START + 1) is None
+    assert other.remove_node("node-a") and other.list_nodes() == []
+    assert other.found_cluster("node-z", fp2, der2, ["sha1"], "kek-9", START + 1) is None  # a KEK
+    assert store.cluster_kek() == "kek-1" and store.list_nodes() == []
+    assert store.kek_ids_in_use() == {"kek-1"}
+
+
+def _snapshot(store: Store, names: list[str]) -> tuple[object, ...]:
+    """Everything a KEK replacement may change, as one comparable value."""
+    return (store.cluster_kek(), store.list_nodes(), [store.kek_delivery(n) for n in names],
+            store.list_join_requests(START), store.kek_ids_in_use())
+
+
+def test_replace_kek_removes_a_member_and_delivers_the_new_kek(open_store: OpenStore) -> None:
+    maker, other = open_store(), open_store()
+    a = founded(maker)
+    b, c = joined(maker, 2, "node-b", START), joined(maker, 3, "node-c", START + 1)
+    d = joined(maker, 4, "node-d", START + 2)
+    der5, fp5 = transport(5)                     # approved under kek-1, not completed
+    assert other.add_join_request(fp5, der5, ["sha1"], "node-e", START + 3)
+    assert other.approve_join(fp5, b"\x55" * 384, "sha1", "alice", START + 3, kek_id="kek-1")
+    maker.save_keys([KeyRecord(K1, KeyState.ACTIVE, START)])
+    assert maker.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
+    to = {"node-b": (b"\x0b" * 384, "sha1"), "node-c": (b"\x0c" * 384, "sha256")}
+    assert maker.replace_kek("node-d", "node-a", "kek-2", to, START + 10)
+    assert other.cluster_kek() == "kek-2"
+    assert other.list_nodes() == [replace(a, kek_id="kek-2"), b, c]
+    assert d.name not in {n.name for n in other.list_nodes()}
+    assert other.kek_delivery("node-b") == KekDelivery("node-b", "kek-2", b"\x0b" * 384, "sha1",
+                                                       START + 10)
+    assert other.kek_delivery("node-c") == KekDelivery("node-c", "kek-2", b"\x0c" * 384,
+                                                       "sha256", START + 10)
+    assert other.kek_delivery("node-a") is None and other.kek_delivery("node-d") is None
+    (request,) = other.list_join_requests(START + 10)   # back to pending: its KEK is the old one
+    assert request == JoinRequest(fp5, der5, ("sha1",), "node-e", START + 3)
+    assert other.take_wrapped_kek(fp5) is None and other.complete_join(fp5, START + 11) is None
+    assert not other.approve_join(fp5, b"\x55" * 384, "sha1", "alice", START + 11,
+                                  kek_id="kek-1")
+    assert other.approve_join(fp5, b"\x56" * 384, "sha1", "alice", START + 11, kek_id="kek-2")
+    assert other.kek_ids_in_use() == {"kek-1", "kek-2"}   # kek-1: the blob, B's and C's
+    assert not other.kek_received("node-b", "kek-1") and not other.kek_received("node-a", "kek-2")
+    assert other.kek_received("node-b", "kek-2") and not other.kek_received("node-b", "kek-2")
+    assert other.kek_delivery("node-b") is None
+    assert [n.kek_id for n in other.list_nodes()] == ["kek-2", "kek-2", "kek-1"]
+    # C removes B while its own delivery of kek-2 waits: C has kek-3 (the older one goes)
+    assert other.replace_kek("node-b", "node-c", "kek-3", {"node-a": (b"\x0a" * 384, "sha1")},
+                             START + 20)
+    assert maker.kek_delivery("node-c") is None and maker.kek_delivery("node-b") is None
+    assert [(n.name, n.kek_id) for n in maker.list_nodes()] == [("node-a", "kek-2"),
+                                                                 ("node-c", "kek-3")]
+    assert maker.list_join_requests(START + 20)[0].approved_at is None   # E again
+    assert maker.kek_ids_in_use() == {"kek-1", "kek-2", "kek-3"}
+    assert maker.kek_received("node-a", "kek-3")
+    assert maker.kek_ids_in_use() == {"kek-1", "kek-3"}
+    maker.delete_wrapped([K1])
+    assert maker.kek_ids_in_use() == {"kek-3"}          # kek-1 and kek-2: destroyable
+
+
+def test_replace_kek_refusals_change_nothing(open_store: OpenStore) -> None:
+    """Each compare-and-swap refusal, and each malformed replacement, leaves the store as it
+    was."""
+    store, other = open_store(), open_store()
+    founded(store)
+    for n, name in ((2, "node-b"), (3, "node-c"), (4, "node-d")):
+        joined(store, n, name, START)
+    names = ["node-a", "node-b", "node-c", "node-d", "node-x"]
+    before = _snapshot(other, names)
+    kek = (b"\x5a" * 384, "sha1")
+    refused = [("node-x", "node-a", "kek-2", {"node-b": kek, "node-c": kek, "node-d": kek}),
+               ("node-d", "node-x", "kek-2", {"node-a": kek, "node-b": kek, "node-c": kek}),
+               ("node-d", "node-d", "kek-2", {"node-a": kek, "node-b": kek, "node-c": kek}),
+               ("node-d", "node-a", "kek-1", {"node-b": kek, "node-c": kek}),  # the current
+               ("node-d", "node-a", "kek-2", {"node-b": kek}),                 # C missing
+               ("node-d", "node-a", "kek-2", {"node-b": kek, "node-c": kek, "node-d": kek}),
+               ("node-d", "node-a", "kek-2", {"node-a": kek, "node-b": kek, "node-c": kek}),
+               ("node-d", "node-a", "kek-2", {"node-b": kek, "node-c": kek, "node-x": kek})]
+    for removed, maker, kek_id, deliveries in refused:
+        assert not other.replace_kek(removed, maker, kek_id, deliveries, START + 5), (
+            removed, maker, kek_id, sorted(deliveries))
+        assert _snapshot(store, names) == before
+    for kek_id, deliveries in (("", {"node-b": kek, "node-c": kek}),
+                               ("kek-2", {"node-b": (b"", "sha1"), "node-c": kek}),
+                               ("kek-2", {"node-b": kek, "node-c": (kek[0], "")})):
+        with pytest.raises(ValueError, match="not stored"):
+            other.replace_kek("node-d", "node-a", kek_id, deliveries, START + 5)
+        assert _snapshot(store, names) == before
+    assert other.replace_kek("node-d", "node-a", "kek-2", {"node-b": kek, "node-c": kek},
+                             START + 5)
+    assert store.remove_node("node-b") and store.kek_delivery("node-b") is None  # cascade
+    assert store.kek_delivery("node-c") is not None
+
+
+def test_concurrent_kek_replacements_one_wins(open_store: OpenStore) -> None:
+    """Eight members each removing another under a KEK of their own, at once on two stores:
+    one does; the others' deliveries no longer match the membership."""
+    stores = [open_store(), open_store()]
+    founded(stores[0])
+    names = ["node-a"] + [joined(stores[0], n, f"node-{n}", START).name for n in range(1, 8)]
+
+    def remove_next(i: int) -> bool:
+        removed, maker = names[(i + 1) % 8], names[i]
+        deliveries = {n: (bytes([i + 1]) * 384, "sha1") for n in names if n not in (removed,
+                                                                                   maker)}
+        return stores[i % 2].replace_kek(removed, maker, f"kek-by-{i}", deliveries, START + 1)
+
+    won = in_threads(8, remove_next)
+    assert sorted(won) == [False] * 7 + [True]
+    i = won.index(True)
+    removed, maker = names[(i + 1) % 8], names[i]
+    assert stores[1].cluster_kek() == f"kek-by-{i}"
+    members = [n.name for n in stores[1].list_nodes()]
+    assert sorted(members) == sorted(set(names) - {removed})
+    waiting = {n: stores[1].kek_delivery(n) for n in names}
+    assert {n for n, d in waiting.items() if d is not None} == set(members) - {maker}
+    assert all(d is None or d.wrapped_kek == bytes([i + 1]) * 384 for d in waiting.values())
+
+
+def test_a_kek_replacement_racing_a_join_one_wins(open_store: OpenStore) -> None:
+    """A removal's new KEK racing a join's completion and an approval under the old KEK, on
+    two stores: the replacement or the completion wins, never both (the new member would have
+    no delivery), and no request stays approved under a KEK that is no longer current."""
+    replacer, joiner = open_store(), open_store()
+    founded(replacer)
+    outcomes = set()
+    for r in range(8):
+        kek = replacer.cluster_kek()
+        assert kek is not None
+        doomed = joined(replacer, 10 + r, f"doomed-{r}", START + r).name
+        der, fp = transport(50 + r)                        # approved: completes in the race
+        assert joiner.add_join_request(fp, der, ["sha1"], f"late-{r}", START + r)
+        assert joiner.approve_join(fp, b"\x5a" * 384, "sha1", "op", START + r, kek_id=kek)
+        der2, fp2 = transport(100 + r)                     # pending: approved in the race
+        assert joiner.add_join_request(fp2, der2, ["sha1"], f"next-{r}", START + r)
+        others = {n.name: (b"\x6b" * 384, "sha1") for n in replacer.list_nodes()
+                  if n.name not in ("node-a", doomed)}
+        race: list[Callable[[], object]] = [
+            partial(replacer.replace_kek, doomed, "node-a", f"kek-r{r}", others, START + r + 0.5),
+            partial(joiner.complete_join, fp, START + r + 0.5),
+            partial(joiner.approve_join, fp2, b"\x7c" * 384, "sha1", "op", START + r + 0.5,
+                    kek_id=kek)]
+        replaced, completed, _ = at_once(race)
+        assert replaced != (completed is not None), r
+        outcomes.add(bool(replaced))
+        current = joiner.cluster_kek()
+        assert current == (f"kek-r{r}" if replaced else kek)
+        stale = [q for q in joiner.list_join_requests(START + r + 1)
+                 if q.approved_at is not None and q.kek_id != current]
+        assert stale == [], r
+        members = {n.name for n in joiner.list_nodes()}
+        assert (f"late-{r}" in members) == (not replaced)
+        assert all(joiner.kek_delivery(n) is not None for n in members
+                   if replaced and n != "node-a")
+    print("replacement won:", sorted(outcomes))              # (varies with timing)
+
+
 def test_repr_of_blobs_shows_a_digest_only() -> None:
     der, fp = transport(1)
     kek = bytes(range(256)) + bytes(range(128))
     shown = [repr(WrappedKey(K1, "kek-1", BLOB1, CHECK1)),
-             repr(JoinRequest(fp, der, ("sha1",), "node-b", START, "alice", START, kek, "sha1"))]
-    for text, secret in ((shown[0], BLOB1), (shown[0], CHECK1), (shown[1], kek), (shown[1], der)):
+             repr(JoinRequest(fp, der, ("sha1",), "node-b", START, "alice", START, kek, "sha1",
+                              "kek-1")),
+             repr(NodeRecord("node-b", fp, "alice", START, START, der, ("sha1",), "kek-1")),
+             repr(KekDelivery("node-b", "kek-2", kek, "sha1", START))]
+    for text, secret in ((shown[0], BLOB1), (shown[0], CHECK1), (shown[1], kek), (shown[1], der),
+                         (shown[2], der), (shown[3], kek)):
         assert secret.hex()[:16] not in text and repr(secret)[:20] not in text
     assert "<40 octets, sha256 " in shown[0] and "<384 octets, sha256 " in shown[1]
+    assert "<300 octets, sha256 " in shown[2] and "kek_id='kek-1'" in shown[2]
+    assert "<384 octets, sha256 " in shown[3] and "kek_id='kek-2'" in shown[3]
 
 
 # -- the SQLite store only ----------------------------------------------------------------------
@@ -719,6 +898,86 @@ def test_sqlite_a_schema_3_file_gets_wrapped_keys_join_requests_and_nodes(
         assert store.list_nodes() == [] and store.describe().schema_version == SQLITE_SCHEMA
     finally:
         store.close()
+
+
+#: the membership tables as schema 4 made them (SQLite), with an approved request, a pending one
+#: and a member
+_SQLITE_SCHEMA_4_MEMBERSHIP = """
+DROP TABLE kek_deliveries; DROP TABLE cluster_kek; DROP TABLE join_requests; DROP TABLE nodes;
+CREATE TABLE join_requests (
+    fingerprint TEXT PRIMARY KEY, public_key BLOB NOT NULL, oaep_hashes TEXT NOT NULL,
+    node_name TEXT NOT NULL, requested_at REAL NOT NULL, approved_by TEXT, approved_at REAL,
+    wrapped_kek BLOB, oaep_hash TEXT,
+    CHECK ((approved_at IS NULL) = (approved_by IS NULL)
+           AND (approved_at IS NULL) = (wrapped_kek IS NULL)
+           AND (approved_at IS NULL) = (oaep_hash IS NULL)));
+CREATE UNIQUE INDEX join_requests_approved_name ON join_requests (node_name)
+    WHERE approved_at IS NOT NULL;
+CREATE TABLE nodes (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE,
+    approved_by TEXT NOT NULL, approved_at REAL NOT NULL, joined_at REAL NOT NULL);
+UPDATE meta SET value = '4' WHERE name = 'schema';
+"""
+
+
+def _old_membership_rows(blob: Callable[[bytes], str], hashes: str) -> tuple[str, ...]:
+    """A schema-4/migration-5 approved request (node-b), pending one (node-c) and member
+    (node-a), as statements writing blobs as ``blob`` makes them and OAEP hashes as
+    ``hashes``."""
+    rows = []
+    for n, name, approval in ((1, "node-b", f"'alice', 1800000001, {blob(b'ZZ')}, 'sha1'"),
+                              (2, "node-c", "NULL, NULL, NULL, NULL")):
+        der, fp = transport(n)
+        rows.append(f"INSERT INTO join_requests VALUES ('{fp}', {blob(der)}, {hashes}, "  # noqa: S608
+                    f"'{name}', {1800000000 + n}, {approval})")
+    rows.append(f"INSERT INTO nodes VALUES ('node-a', '{FOUNDER[1]}', 'node-a', "  # noqa: S608
+                "1799999000, 1799999000)")
+    return tuple(rows)
+
+
+def _check_old_membership(store: Store) -> None:
+    """What the upgrade made of ``_old_membership_rows``."""
+    assert store.describe().schema_version in (SQLITE_SCHEMA, 6)
+    assert [(q.node_name, q.approved_at, q.kek_id) for q in store.list_join_requests(START)] == [
+        ("node-b", None, None), ("node-c", None, None)]     # an approval without a KEK id: gone
+    assert store.take_wrapped_kek(transport(1)[1]) is None
+    assert store.list_nodes() == [NodeRecord("node-a", FOUNDER[1], "node-a", START - 1000,
+                                             START - 1000)]    # no transport key recorded
+    assert store.cluster_kek() is None and store.kek_ids_in_use() == {"kek-1"}   # the blob's
+    with pytest.raises((sqlite3.IntegrityError, DeviceUnavailable),
+                       match=r"(?i)check constraint"):
+        raw_sql(store, "UPDATE join_requests SET kek_id = 'kek-1'")    # without an approval
+    assert store.kek_delivery("node-a") is None and not store.kek_received("node-a", "kek-1")
+
+
+def test_sqlite_a_schema_4_file_gets_kek_replacement(tmp_path: Path) -> None:
+    """A file of the previous release (schema 4), opened by two stores at once, becomes
+    schema 5 once: its key ring and blobs kept, an approved request back to pending (its
+    approval has no KEK id), the member without a transport key; the new tables work."""
+    path = tmp_path / "authority.db"
+    store = SqliteStore(path)
+    assert store.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)]) == 1
+    assert store.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
+    store.close()
+    with sqlite3.connect(path) as db:   # as schema 4 left it
+        db.executescript(_SQLITE_SCHEMA_4_MEMBERSHIP + ";".join(_old_membership_rows(
+            lambda b: f"x'{b.hex()}'", "'sha1'")) + ";")
+    db.close()
+    stores: list[SqliteStore] = in_threads(2, lambda _: SqliteStore(path))
+    try:
+        for opened in stores:
+            _check_old_membership(opened)
+        assert stores[0].load_wrapped() == {K1: WrappedKey(K1, "kek-1", BLOB1, CHECK1)}
+        stores[1]._upgrade_4()   # a store that read "4" before the other's upgrade committed
+        _check_old_membership(stores[1])
+        assert stores[0].remove_node("node-a")
+        founder = founded(stores[1])
+        assert stores[0].list_nodes() == [founder]
+    finally:
+        for opened in stores:
+            opened.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone() == ("5",)
+    db.close()
 
 
 # -- the PostgreSQL store only: schema, migrations, failures ------------------------------------
@@ -799,6 +1058,37 @@ def test_postgres_a_schema_4_database_gets_wrapped_keys_and_an_older_release_ref
     with pytest.raises(StartupError,
                        match=rf"schema {SCHEMA_VERSION} is newer than this version reads \(4\)"):
         PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:4])
+
+
+def test_postgres_a_schema_5_database_gets_kek_replacement_and_an_older_release_refuses_it(
+        postgres_dsn: str) -> None:
+    """Migration 6 on a database of the previous release keeps its key ring and blobs, puts
+    an approved request back to pending (its approval has no KEK id) and keeps the member
+    (without a transport key); that release (migrations 1-5) then refuses the database."""
+    import psycopg
+
+    from authority.store.postgres import MIGRATIONS, SCHEMA_VERSION, PostgresStore
+
+    assert SCHEMA_VERSION == 6
+    previous = PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:5])
+    assert previous.commit_ring(0, [KeyRecord(K1, KeyState.ACTIVE, START)]) == 1
+    assert previous.save_wrapped(K1, "kek-1", BLOB1, CHECK1)
+    previous.close()
+    with psycopg.connect(postgres_dsn) as conn:
+        for statement in _old_membership_rows(lambda b: f"'\\x{b.hex()}'::bytea",
+                                              "ARRAY['sha1']"):
+            conn.execute(statement)
+    store = PostgresStore(pg_settings(postgres_dsn))
+    try:
+        _check_old_membership(store)
+        assert store.load_ring() == (1, [KeyRecord(K1, KeyState.ACTIVE, START)])
+        assert store.remove_node("node-a")
+        founder = founded(store)
+        assert store.list_nodes() == [founder] and store.cluster_kek() == "kek-1"
+    finally:
+        store.close()
+    with pytest.raises(StartupError, match=r"schema 6 is newer than this version reads \(5\)"):
+        PostgresStore(pg_settings(postgres_dsn), migrations=MIGRATIONS[:5])
 
 
 def test_postgres_replicas_starting_at_once_on_an_empty_database(postgres_dsn: str) -> None:
