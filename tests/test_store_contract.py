@@ -661,6 +661,10 @@ def test_a_cluster_is_founded_once(open_store: OpenStore) -> None:
     store, other = open_store(), open_store()
     der, fp = FOUNDER
     assert store.cluster_kek() is None and store.kek_ids_in_use() == set()
+    der1, fp1 = transport(1)
+    assert store.add_join_request(fp1, der1, ["sha1"], "node-b", START)
+    assert not store.approve_join(fp1, b"\x5a" * 384, "sha1", "alice", START,
+                                  kek_id="kek-1")           # no cluster KEK yet: none is current
     for args in (("node-a", transport(1)[1], der, ["sha1"], "kek-1"),   # another key's
                  ("node-a", fp, der, [], "kek-1"), ("", fp, der, ["sha1"], "kek-1"),
                  ("node-a", fp, der, ["sha1"], "")):
