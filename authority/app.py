@@ -276,6 +276,8 @@ class Authority:
         if revocations:
             log.debug("purged %d expired revocations", revocations)
         self.store.purge_replicas(now - REPLICA_FORGET)
+        if self.members is not None:
+            self.store.purge_join_requests(now)
 
     def start_maintenance(self) -> None:
         """Heartbeat every ``cluster.heartbeat_interval`` seconds and run ``maintain`` every

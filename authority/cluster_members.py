@@ -49,6 +49,7 @@ class ClusterMembers:
         self._officer = officer or self._child_officer
         self._lock = threading.Lock()
         self._rewrapped_for: str | None = None
+        self._in_use_seen: set[str] | None = None   # kek_ids_in_use at the last KEK cleanup
 
     def _child_officer(self) -> Officer:
         settings, so_pin = membership.so_settings(self._config)
@@ -107,8 +108,11 @@ class ClusterMembers:
 
         Raises: NotFound, FailedPrecondition, DeviceUnavailable, AuditUnavailable."""
         with self._lock:
-            self._audit(actor, "cluster.node_removed", {"node": name, "by_node": self.name,
-                                                        "rotate": rotate})
+            targets = {n.name: n.fingerprint for n in self._store.list_nodes()
+                       if n.name not in (name, self.name)}
+            self._audit(actor, "cluster.node_removed", {
+                "node": name, "by_node": self.name, "rotate": rotate,
+                "new_kek_wrapped_to": targets})
             done = membership.remove(self._officer(), self._store, name, self.name,
                                      self._clock.now())
         new = None
@@ -118,18 +122,34 @@ class ClusterMembers:
         return done, new
 
     def tick(self) -> None:
-        """The heartbeat's part: unwrap a KEK delivered to this node, then re-wrap under the
-        current KEK the blobs of the keys whose original this token holds.
+        """The heartbeat's part: unwrap a KEK delivered to this node, re-wrap under the
+        current KEK the blobs of the keys whose original this token holds, and destroy the
+        KEKs of this token that nothing stored needs any more (a KEK and an old blob would
+        bring a destroyed key back).
 
         Raises: AuthorityError from the device or store (the next heartbeat tries again)."""
         with self._lock:
             if self._store.kek_delivery(self.name) is not None:
                 membership.receive_kek(self._officer(), self._store, self.name)
             current = self._store.cluster_kek()
-            if current is None or current == self._rewrapped_for:
-                return
-            me = [n for n in self._store.list_nodes() if n.name == self.name]
-            if not me or me[0].kek_id != current:
-                return            # this token does not hold it yet
-            self._ring.rewrap(current)
-            self._rewrapped_for = current
+            if current is not None and current != self._rewrapped_for:
+                me = [n for n in self._store.list_nodes() if n.name == self.name]
+                if not me or me[0].kek_id != current:
+                    return            # this token does not hold it yet
+                self._ring.rewrap(current)
+                self._rewrapped_for = current
+            self._retire_keks()
+
+    def _retire_keks(self) -> None:
+        """Destroy this token's KEKs that are not in use (``Store.kek_ids_in_use``: the
+        current one, one a blob, a delivery or a member names); only when that set changed
+        since the last look (the look is an SO child process). Raises: AuthorityError."""
+        in_use = self._store.kek_ids_in_use()
+        if in_use == self._in_use_seen:
+            return
+        officer = self._officer()
+        for label in officer.kek_labels():
+            if label not in in_use and officer.destroy_kek(label):
+                log.info("cluster KEK %r destroyed in this node's token: no stored blob, "
+                         "delivery or member needs it", label)
+        self._in_use_seen = in_use

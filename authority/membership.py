@@ -22,6 +22,7 @@ per call in the server, whose user login would refuse an SO login in its own pro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import socket
@@ -188,6 +189,8 @@ def approve(officer: Officer, store: Store, fingerprint: str, approver: str,
     token refuses), DeviceUnavailable.
     """
     request = pending(store, fingerprint, now)
+    _check_fingerprint(request.public_key, request.fingerprint,
+                       f"join request of {request.node_name!r}")
     kek_id = _current(store)
     wrapped = officer.wrap_kek_for(request.public_key, kek_id, request.oaep_hashes)
     if not store.approve_join(request.fingerprint, wrapped.blob, wrapped.oaep_hash, approver,
@@ -244,6 +247,7 @@ def _deliveries(officer: Officer, members: Any, kek_id: str,
     for node in members:
         if node.name in skip:
             continue
+        _check_fingerprint(node.public_key, node.fingerprint, f"member {node.name!r}")
         wrapped = officer.wrap_kek_for(node.public_key, kek_id, node.oaep_hashes)
         out[node.name] = (wrapped.blob, wrapped.oaep_hash)
     return out
@@ -276,6 +280,15 @@ def member(store: Store, name: str) -> NodeRecord:
             return node
     raise FailedPrecondition(f"node {name!r} is not a member of the cluster: run `ticket-"
                              "authority cluster init` (first node) or `cluster join`")
+
+
+def _check_fingerprint(der: bytes, fingerprint: str, whose: str) -> None:
+    """The KEK is wrapped only to a key whose SHA-256 is the fingerprint an operator approved
+    (a stored key swapped without its fingerprint is refused). Raises: FailedPrecondition."""
+    if hashlib.sha256(der).hexdigest() != fingerprint:
+        raise FailedPrecondition(f"the stored transport key of the {whose} does not match its "
+                                 f"fingerprint {fingerprint}: the database was changed; "
+                                 "nothing wrapped")
 
 
 def _current(store: Store) -> str:

@@ -115,6 +115,42 @@ def test_init_two_joins_with_approval_then_tickets_cross(cluster: Cluster) -> No
     assert "c *" in table.stdout
 
 
+def test_the_cluster_rpcs_refuse_bad_requests_clearly_and_audit_what_they_do(
+        cluster: Cluster) -> None:
+    """A malformed fingerprint is INVALID_ARGUMENT naming the field; an unknown one
+    NOT_FOUND; removing the answering node, or a name nobody has, is refused; nothing changed.
+    The approvals of B and C are in the audit chain (who, which node, which fingerprint)."""
+    a = cluster.node("a")
+    for bad, code, words in (("zz", grpc.StatusCode.INVALID_ARGUMENT, "fingerprint"),
+                             ("ab" * 32, grpc.StatusCode.NOT_FOUND, "no pending join request")):
+        with pytest.raises(grpc.RpcError) as refused:
+            a.admin.ApproveClusterJoin(admin_pb2.ApproveClusterJoinRequest(fingerprint=bad),
+                                       timeout=CALL)
+        assert refused.value.code() == code and words in str(refused.value.details())
+    for name, code in (("a", grpc.StatusCode.FAILED_PRECONDITION),
+                       ("nobody", grpc.StatusCode.NOT_FOUND),
+                       ("", grpc.StatusCode.INVALID_ARGUMENT)):
+        with pytest.raises(grpc.RpcError) as refused:
+            a.admin.RemoveClusterNode(admin_pb2.RemoveClusterNodeRequest(name=name),
+                                      timeout=CALL)
+        assert refused.value.code() == code, refused.value.details()
+    listed = a.admin.ListClusterNodes(admin_pb2.ListClusterNodesRequest(), timeout=CALL)
+    assert [n.name for n in listed.nodes] == ["a", "b", "c"] and listed.kek_id == FIRST_KEK
+    approvals = cluster.sql("SELECT details->>'node', details->>'fingerprint' FROM audit "
+                            "WHERE action = 'cluster.join_approved' ORDER BY seq")
+    assert [n for n, _ in approvals] == ["b", "c"]
+    assert [f for _, f in approvals] == [n.fingerprint for n in listed.nodes[1:]]
+
+
+def test_the_cluster_rpcs_are_refused_without_per_node_tokens(pkcs11_harness: Any) -> None:
+    """A server whose replicas share one token has no membership: FAILED_PRECONDITION."""
+    with pytest.raises(grpc.RpcError) as refused:
+        pkcs11_harness.admin.ListClusterNodes(admin_pb2.ListClusterNodesRequest(),
+                                              timeout=CALL)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "per_node_tokens is off" in str(refused.value.details())
+
+
 def test_a_join_nobody_approved_never_receives_the_kek(cluster: Cluster) -> None:
     """``cluster join`` on D with nobody approving: it gives up (exit 1), its request stays
     pending without a wrapped KEK, D's token holds no KEK, and D cannot serve."""
@@ -127,6 +163,17 @@ def test_a_join_nobody_approved_never_receives_the_kek(cluster: Cluster) -> None
     assert FIRST_KEK not in _token_objects(d, "secrkey")
     refused = d.cli("serve", timeout=120)
     assert refused.returncode == 2 and "not a member of the cluster" in refused.stderr
+    # someone who can write to the database swaps the request's key, keeping the fingerprint
+    # the operator will compare: the approval refuses to wrap the KEK to it
+    cluster.sql("UPDATE join_requests SET public_key = public_key || '\\x00'::bytea "
+                "WHERE fingerprint = %s RETURNING 1", (fingerprint,))
+    with pytest.raises(grpc.RpcError) as swapped:
+        cluster.node("a").admin.ApproveClusterJoin(
+            admin_pb2.ApproveClusterJoinRequest(fingerprint=fingerprint), timeout=120)
+    assert swapped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "does not match its fingerprint" in str(swapped.value.details())
+    assert cluster.sql("SELECT wrapped_kek FROM join_requests WHERE fingerprint = %s",
+                       (fingerprint,)) == [(None,)]
 
 
 def test_rotation_under_load_answers_no_ticket_invalid(cluster: Cluster) -> None:
@@ -236,6 +283,15 @@ def test_a_removed_node_cannot_unwrap_keys_made_after_its_removal(cluster: Clust
     assert f"ita-{new_key}" not in _token_objects(d, "secrkey")
     refused = d.cli("serve", timeout=120)
     assert refused.returncode == 2 and "not a member of the cluster" in refused.stderr
+    # every key's original was on A, which re-wrapped it under the new KEK: no blob needs the
+    # first KEK any more, and each remaining member destroys it
+    wait_for("every blob under the new KEK", lambda: {k for k, in cluster.sql(
+        "SELECT DISTINCT kek_id FROM wrapped_keys")} == {removed.kek_id}, timeout=30)
+    for node in (a, b, c):
+        wait_for(f"the first KEK gone from {node.name}'s token",
+                 lambda n=node: FIRST_KEK not in _token_objects(n, "secrkey"), timeout=30,
+                 poll=0.5)
+    assert FIRST_KEK in _token_objects(d, "secrkey")   # D's token: nobody can reach it
 
 
 # -- reading a node's token from outside ---------------------------------------------------------
