@@ -364,3 +364,16 @@ settings = Pkcs11Settings(module=find_softhsm_module(), token_label=DEFAULT_LABE
     assert done.returncode == 0, done.stderr
     return done.stdout
 
+
+
+def test_the_timing_command_prints_its_figures() -> None:
+    """``python -m authority.bench.tokens`` (docs/benchmarks.md) runs the whole scenario on a
+    PostgreSQL of its own and prints every figure with the machine; no figure is judged."""
+    done = subprocess.run([sys.executable, "-m", "authority.bench.tokens", "--rotations", "1"],
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for words in ("machine  ", "versions ", "cluster init:", "node b: cluster join",
+                  "node c: cluster join",
+                  "join to first redeem", "rotation to every replica holds the key",
+                  "to the new key active on a and b"):
+        assert words in done.stdout, done.stdout

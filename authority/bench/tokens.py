@@ -8,7 +8,10 @@ throwaway PostgreSQL (authority/devdb.py), joined with the real commands (``clus
   would) through its ``serve`` to its first OK redeem of a ticket issued on the first node;
 - rotation to every replica holds the key: from ``RotateKey`` on one replica (the key PENDING)
   to the key ACTIVE, which the publication rule allows only once every live replica reported
-  it loaded (each unwrapped its copy; ``keys.publish_delay`` is set far longer).
+  it loaded (each unwrapped its copy; ``keys.publish_delay`` is set far longer);
+- ``cluster remove`` of the third node (stopped first) to the new sealing key ACTIVE on the two
+  others: a new KEK made and wrapped to the other member, unwrapped there at its heartbeat, the
+  rotation's key unwrapped under it.
 
 :class:`TokenNode` is also the harness of tests/test_cluster_tokens_e2e.py.
 """
@@ -211,6 +214,19 @@ def rotation_to_everywhere(node: TokenNode) -> float:
     return time.monotonic() - start
 
 
+def removal_to_new_key(node: TokenNode, removed: str) -> float:
+    """Seconds from RemoveClusterNode on ``node`` (a new KEK made, wrapped to the other
+    members, a rotation) to the new key ACTIVE: every remaining replica unwrapped the new KEK
+    (an SO child process at its heartbeat) and then its copy of the key."""
+    start = time.monotonic()
+    reply = node.admin.RemoveClusterNode(admin_pb2.RemoveClusterNodeRequest(name=removed),
+                                         timeout=120)
+    key_id = reply.new_sealing_key_id
+    wait_for(f"key {key_id} active", lambda: state_of(node, key_id) == ACTIVE,
+             timeout=PUBLISH_DELAY / 2)
+    return time.monotonic() - start
+
+
 def measure(directory: Path, dsn: str, rotations: int) -> dict[str, Any]:
     """Init A, join B and C (timed to their first redeem), then ``rotations`` rotations
     timed to every replica holding the key."""
@@ -235,17 +251,20 @@ def measure(directory: Path, dsn: str, rotations: int) -> dict[str, Any]:
             wait_for(f"first redeem on {node.name}", _redeems(node, ticket))
             joins.append((joined, time.monotonic() - start))
         copies = [rotation_to_everywhere(a) for _ in range(rotations)]
+        nodes[2].stop()
+        removal = removal_to_new_key(a, nodes[2].name)
     finally:
         for node in nodes:
             node.stop()
     return {"init_s": init_s, "join_s": [j for j, _ in joins],
-            "join_to_first_redeem_s": [r for _, r in joins], "rotation_to_all_s": copies}
+            "join_to_first_redeem_s": [r for _, r in joins], "rotation_to_all_s": copies,
+            "removal_to_new_key_active_s": removal}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Print the figures and the machine. Returns 0."""
     from authority import devdb
-    from authority.bench.machine import describe_machine
+    from authority.bench.machine import describe_machine, load_average, machine_lines
 
     parser = argparse.ArgumentParser(prog="python -m authority.bench.tokens")
     parser.add_argument("--rotations", type=int, default=5)
@@ -255,14 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     if reason is not None:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
+    machine = describe_machine()
     with tempfile.TemporaryDirectory(prefix="ita-tokens-") as tmp, \
             devdb.DevPostgres.launch() as server:
         result = measure(Path(tmp), server.dsn(server.create_database()), args.rotations)
-    result["machine"] = describe_machine()
+    machine["load_after"] = load_average()
+    result["machine"] = machine
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"machine: {result['machine']}")
+    for line in machine_lines(machine, {})[:2]:
+        print(line)
+    print("nodes    3 serve processes, each its own embedded SoftHSM2 token, one PostgreSQL "
+          f"(devdb); heartbeat {HEARTBEAT} s")
     print(f"cluster init: {result['init_s']:.2f} s")
     for name, joined, first in zip("bc", result["join_s"], result["join_to_first_redeem_s"],
                                    strict=True):
@@ -271,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     rot = result["rotation_to_all_s"]
     print(f"rotation to every replica holds the key ({len(rot)} rotations, 3 replicas): "
           f"median {statistics.median(rot):.2f} s, max {max(rot):.2f} s")
+    print(f"cluster remove c (a new KEK made on a, delivered to b; a rotation) to the new key active on a and b: "
+          f"{result['removal_to_new_key_active_s']:.2f} s")
     return 0
 
 
