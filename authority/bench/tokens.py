@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     rot = result["rotation_to_all_s"]
     print(f"rotation to every replica holds the key ({len(rot)} rotations, 3 replicas): "
           f"median {statistics.median(rot):.2f} s, max {max(rot):.2f} s")
-    print(f"cluster remove c (a new KEK made on a, delivered to b; a rotation) to the new key active on a and b: "
-          f"{result['removal_to_new_key_active_s']:.2f} s")
+    print("cluster remove c (a new KEK made on a, delivered to b; a rotation) to the new key "
+          f"active on a and b: {result['removal_to_new_key_active_s']:.2f} s")
     return 0
 
 
