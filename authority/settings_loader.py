@@ -468,6 +468,11 @@ def _validate_per_node_tokens(cfg: Config) -> None:
     if cfg.backend != "pkcs11":
         raise ConfigError("cluster.per_node_tokens", "needs backend pkcs11 (keys wrapped under "
                           f"a cluster KEK in each token), not {cfg.backend!r}")
+    if cfg.server.processes not in ("auto", 1):
+        raise ConfigError("server.processes", "must be 1 (or auto) with "
+                          "cluster.per_node_tokens: each replica process unwraps the keys its "
+                          "token lacks, and two on one token could unwrap one key twice; run "
+                          "one process per node's token")
 
 
 def _validate_store(cfg: Config) -> None:

@@ -289,3 +289,16 @@ def test_per_node_tokens_needs_postgresql_and_pkcs11(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as refused:
         load_toml(tmp_path, on)
     assert "cluster.per_node_tokens" in str(refused.value)
+
+
+def test_per_node_tokens_refuse_several_server_processes_on_one_token(tmp_path: Path) -> None:
+    """Each replica process unwraps the keys it lacks at its heartbeat: two processes on one
+    token could both unwrap a key, leaving two objects with one id that no replica could then
+    use. ``server.processes`` > 1 is refused with per-node tokens, naming the setting."""
+    base = ('[postgresql]\ndsn = "host=/tmp dbname=x user=y"\n'
+            "[cluster]\nper_node_tokens = true\n")
+    assert load_toml(tmp_path, base + "[server]\nprocesses = 1\n").cluster.per_node_tokens
+    with pytest.raises(ConfigError) as refused:
+        load_toml(tmp_path, base + "[server]\nprocesses = 2\n")
+    assert "server.processes" in str(refused.value)
+    assert "per_node_tokens" in str(refused.value)
