@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from google.protobuf import json_format
 from psycopg import sql
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
@@ -257,13 +258,15 @@ def test_every_copy_is_protected_and_the_database_holds_only_wrapped_blobs(
 
 
 def test_a_removed_node_cannot_unwrap_keys_made_after_its_removal(cluster: Cluster) -> None:
-    """D stopped and removed on B: a new KEK, delivered to A and C (each unwraps it at its
-    heartbeat), then a rotation; the new key's blob is under the new KEK, every remaining
-    replica holds it (it became ACTIVE), D's token cannot unwrap it, and D cannot serve."""
+    """D stopped and removed on B (``cluster remove``): a new KEK, delivered to A and C (each
+    unwraps it at its heartbeat), then a rotation; the new key's blob is under the new KEK,
+    every remaining replica holds it (it became ACTIVE), D's token cannot unwrap it, and D
+    cannot serve."""
     a, b, c, d = (cluster.node(n) for n in "abcd")
     d.stop()
-    removed = b.admin.RemoveClusterNode(admin_pb2.RemoveClusterNodeRequest(name="d"),
-                                        timeout=120)
+    done = b.cli("cluster", "remove", "d", "--json", "--timeout", "120")
+    assert done.returncode == 0, done.stdout + done.stderr
+    removed = json_format.Parse(done.stdout, admin_pb2.RemoveClusterNodeResponse())
     assert removed.removed.name == "d" and removed.kek_id.startswith(FIRST_KEK + "-")
     assert sorted(removed.delivered_to) == ["a", "c"] and removed.new_sealing_key_id
     new_key = removed.new_sealing_key_id
