@@ -152,15 +152,20 @@ def finish_join(officer: Officer, store: Store, transport: Transport, deadline: 
         if taken is not None:
             break
         if clock() >= deadline:
+            officer.drop_transport_key(fingerprint)
             raise FailedPrecondition(f"join request {fingerprint} was not approved in time; "
-                                     "it stays pending until it expires: run join again")
+                                     "its transport key is destroyed (an approval arriving "
+                                     "later opens nothing): run join again")
         time.sleep(poll)
     blob, oaep_hash, kek_id = taken
     officer.unwrap_kek(_wrapped(blob, oaep_hash), kek_id, fingerprint)
     record = store.complete_join(fingerprint, now())
     if record is None:
+        officer.destroy_kek(kek_id)
+        officer.drop_transport_key(fingerprint)
         raise FailedPrecondition(f"join request {fingerprint} expired or was withdrawn after "
-                                 "its approval; run join again")
+                                 "its approval (the KEK unwrapped meanwhile is destroyed); run "
+                                 "join again")
     log.info("joined the cluster as %r (KEK %r)", record.name, kek_id)
     return record
 

@@ -162,6 +162,7 @@ def test_a_join_nobody_approved_never_receives_the_kek(cluster: Cluster) -> None
     rows = cluster.sql("SELECT fingerprint, wrapped_kek, approved_by FROM join_requests")
     assert (fingerprint, None, None) in rows
     assert FIRST_KEK not in _token_objects(d, "secrkey")
+    assert not _token_objects(d, "privkey")     # its transport key destroyed when it gave up
     refused = d.cli("serve", timeout=120)
     assert refused.returncode == 2 and "not a member of the cluster" in refused.stderr
     # someone who can write to the database swaps the request's key, keeping the fingerprint
@@ -222,6 +223,7 @@ def test_a_node_that_joins_later_unwraps_every_live_key(cluster: Cluster) -> Non
     for key_id, ticket in kept.items():
         assert redeemed(d, ticket), key_id
     assert {f"ita-{k}" for k in live} <= set(_token_objects(d, "secrkey"))
+    assert _token_objects(d, "privkey") == ["ticket-authority-transport"]   # kept: later KEKs
 
 
 @pytest.mark.skipif(shutil.which("pkcs11-tool") is None, reason="opensc not installed")
@@ -324,7 +326,7 @@ def _token_objects(node: TokenNode, kind: str) -> list[str]:
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 token = pkcs11.lib(str(settings.module)).get_token(token_label=settings.token_label)
-kinds = {{"secrkey": ObjectClass.SECRET_KEY}}
+kinds = {{"secrkey": ObjectClass.SECRET_KEY, "privkey": ObjectClass.PRIVATE_KEY}}
 with token.open(user_pin=settings.pin.reveal()) as session:
     for obj in session.get_objects({{Attribute.CLASS: kinds[{kind!r}]}}):
         print(obj[Attribute.LABEL])
