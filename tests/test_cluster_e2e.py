@@ -24,7 +24,6 @@ tests/test_cluster_keyring.py ``test_the_loser_of_two_rotations_in_two_processes
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -49,6 +48,7 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
+from authority.bench.tokens import listening_address
 from authority.config import Pkcs11Settings
 from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
@@ -108,20 +108,8 @@ class Replica:
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Wait for its server.json (written once it listens) and a GetStatus answer.
         Raises: AssertionError with its log if it exits or takes longer."""
-        deadline = time.monotonic() + timeout
-        info = self.state / "server.json"
-        while True:
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log.read_text()}"
-            assert time.monotonic() < deadline, f"{self.name} not serving:\n{self.log_tail()}"
-            try:
-                found = json.loads(info.read_text())
-            except (OSError, ValueError):
-                time.sleep(0.05)
-                continue
-            if found.get("pid") == self.proc.pid:
-                self.address = str(found["address"])
-                break
-            time.sleep(0.05)
+        self.address = listening_address(self.proc, self.state, timeout,
+                                         lambda: f"{self.name}:\n{self.log_tail()}")
         self.status()
 
     def log_tail(self) -> str:
@@ -314,6 +302,7 @@ import sys, time
 from pathlib import Path
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import provision_embedded_token
+from authority.bench.tokens import listening_address
 from authority.errors import DeviceUnavailable, StartupError
 settings = provision_embedded_token(Path(sys.argv[1]))
 print("ready", flush=True)
@@ -352,6 +341,7 @@ import sys
 from pathlib import Path
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import provision_embedded_token
+from authority.bench.tokens import listening_address
 backend = Pkcs11Backend.open(provision_embedded_token(Path(sys.argv[1])))
 backend.create_key(bytes.fromhex(sys.argv[2]))
 backend.close()

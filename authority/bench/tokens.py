@@ -59,6 +59,25 @@ def node_settings(state: Path, dsn_file: Path, name: str) -> str:
             f"[keys]\npublish_delay = {PUBLISH_DELAY}\n")
 
 
+def listening_address(proc: subprocess.Popen[Any], state: Path, timeout: float,
+                      describe: Callable[[], str]) -> str:
+    """The address ``serve`` process ``proc`` wrote to ``state``/server.json once it listens.
+
+    Raises: AssertionError with ``describe()`` if it exits first or takes over ``timeout``."""
+    deadline = time.monotonic() + timeout
+    info = state / "server.json"
+    while True:
+        assert proc.poll() is None, f"exited: {describe()}"
+        assert time.monotonic() < deadline, f"not serving in {timeout} s: {describe()}"
+        try:
+            found = json.loads(info.read_text())
+        except (OSError, ValueError):
+            found = {}
+        if found.get("pid") == proc.pid:
+            return str(found["address"])
+        time.sleep(0.05)
+
+
 class TokenNode:
     """One node: its state directory (its own embedded SoftHSM2 token), its config, the
     ``cluster`` commands run on it and its ``serve`` process."""
@@ -106,20 +125,8 @@ class TokenNode:
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.command("serve"), stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        info = self.state / "server.json"
-        while True:
-            assert self.proc.poll() is None, f"{self.name} exited:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"{self.name} not serving:\n{self.log_tail()}"
-            try:
-                found = json.loads(info.read_text())
-            except (OSError, ValueError):
-                time.sleep(0.05)
-                continue
-            if found.get("pid") == self.proc.pid:
-                self.address = str(found["address"])
-                break
-            time.sleep(0.05)
+        self.address = listening_address(self.proc, self.state, timeout,
+                                         lambda: f"{self.name}:\n{self.log_tail()}")
         self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=CALL, wait_for_ready=True)
 
     def log_tail(self, lines: int = 40) -> str:
