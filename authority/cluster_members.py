@@ -50,6 +50,7 @@ class ClusterMembers:
         self._lock = threading.Lock()
         self._rewrapped_for: str | None = None
         self._in_use_seen: set[str] | None = None   # kek_ids_in_use at the last KEK cleanup
+        self._told_removed = False
 
     def _child_officer(self) -> Officer:
         settings, so_pin = membership.so_settings(self._config)
@@ -134,11 +135,23 @@ class ClusterMembers:
             current = self._store.cluster_kek()
             if current is not None and current != self._rewrapped_for:
                 me = [n for n in self._store.list_nodes() if n.name == self.name]
-                if not me or me[0].kek_id != current:
+                if not me:
+                    self._removed_warning()
+                    return
+                if me[0].kek_id != current:
                     return            # this token does not hold it yet
                 self._ring.rewrap(current)
                 self._rewrapped_for = current
             self._retire_keks()
+
+    def _removed_warning(self) -> None:
+        """Log, once, that this node is no longer a member (it keeps serving with the keys it
+        holds, cannot unwrap new ones, and keeps new keys PENDING until keys.publish_delay
+        while it is live: stop it). Never raises."""
+        if not self._told_removed:
+            self._told_removed = True
+            log.error("node %r was removed from the cluster: it cannot unwrap keys made from "
+                      "now on; stop it (`cluster join` makes it a member again)", self.name)
 
     def _retire_keks(self) -> None:
         """Destroy this token's KEKs that are not in use (``Store.kek_ids_in_use``: the
