@@ -48,7 +48,7 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
-from authority.bench.tokens import listening_address
+from authority.bench.serveproc import listening_address
 from authority.config import Pkcs11Settings
 from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
@@ -302,7 +302,6 @@ import sys, time
 from pathlib import Path
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import provision_embedded_token
-from authority.bench.tokens import listening_address
 from authority.errors import DeviceUnavailable, StartupError
 settings = provision_embedded_token(Path(sys.argv[1]))
 print("ready", flush=True)
@@ -341,7 +340,6 @@ import sys
 from pathlib import Path
 from authority.backends.pkcs11 import Pkcs11Backend
 from authority.backends.softhsm import provision_embedded_token
-from authority.bench.tokens import listening_address
 backend = Pkcs11Backend.open(provision_embedded_token(Path(sys.argv[1])))
 backend.create_key(bytes.fromhex(sys.argv[2]))
 backend.close()

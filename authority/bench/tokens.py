@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,17 +31,12 @@ from typing import Any
 
 import grpc
 
-from authority._proto.ticketauthority.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    authority_pb2,
-    authority_pb2_grpc,
-)
+from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2
+from authority.bench.serveproc import CALL, ServeProcess, wait_for
 
 HEARTBEAT = 0.2          # cluster.heartbeat_interval of the nodes
 LIVENESS = 1.0           # cluster.replica_timeout and lease_duration
 PUBLISH_DELAY = 60.0     # keys.publish_delay: far longer than a copy takes
-CALL = 10.0              # the deadline of one call
 ACTIVE = admin_pb2.KEY_STATE_ACTIVE
 OK = authority_pb2.REDEEM_RESULT_OK
 
@@ -59,47 +53,12 @@ def node_settings(state: Path, dsn_file: Path, name: str) -> str:
             f"[keys]\npublish_delay = {PUBLISH_DELAY}\n")
 
 
-def listening_address(proc: subprocess.Popen[Any], state: Path, timeout: float,
-                      describe: Callable[[], str]) -> str:
-    """The address ``serve`` process ``proc`` wrote to ``state``/server.json once it listens.
-
-    Raises: AssertionError with ``describe()`` if it exits first or takes over ``timeout``."""
-    deadline = time.monotonic() + timeout
-    info = state / "server.json"
-    while True:
-        assert proc.poll() is None, f"exited: {describe()}"
-        assert time.monotonic() < deadline, f"not serving in {timeout} s: {describe()}"
-        try:
-            found = json.loads(info.read_text())
-        except (OSError, ValueError):
-            found = {}
-        if found.get("pid") == proc.pid:
-            return str(found["address"])
-        time.sleep(0.05)
-
-
-class TokenNode:
+class TokenNode(ServeProcess):
     """One node: its state directory (its own embedded SoftHSM2 token), its config, the
     ``cluster`` commands run on it and its ``serve`` process."""
 
     def __init__(self, directory: Path, name: str, dsn_file: Path) -> None:
-        self.name = name
-        self.state = directory / name
-        self.config = directory / f"{name}.toml"
-        self.config.write_text(node_settings(self.state, dsn_file, name))
-        self.log = directory / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.address = ""
-        self._channel: grpc.Channel | None = None
-
-    def command(self, *argv: str) -> list[str]:
-        """The argv of ``ticket-authority ARGV --config <this node's>``."""
-        return [sys.executable, "-m", "authority.cli", *argv, "--config", str(self.config)]
-
-    def cli(self, *argv: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        """Run a ``ticket-authority`` command for this node; its result (not checked)."""
-        return subprocess.run(self.command(*argv), capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        super().__init__(directory, name, node_settings(directory / name, dsn_file, name))
 
     def start_join(self, wait: float = 120.0) -> tuple[subprocess.Popen[str], str]:
         """Start ``cluster join``; return it and the fingerprint it printed.
@@ -118,49 +77,6 @@ class TokenNode:
         raise AssertionError(f"cluster join on {self.name} printed no fingerprint:\n"
                              + "".join(seen))
 
-    def serve(self, timeout: float = 90.0) -> None:
-        """Start ``serve`` and wait until it answers GetStatus.
-
-        Raises: AssertionError with its log if it exits or takes longer."""
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.command("serve"), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.address = listening_address(self.proc, self.state, timeout,
-                                         lambda: f"{self.name}:\n{self.log_tail()}")
-        self.admin.GetStatus(admin_pb2.GetStatusRequest(), timeout=CALL, wait_for_ready=True)
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def channel(self) -> grpc.Channel:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
-        return self._channel
-
-    @property
-    def tickets(self) -> authority_pb2_grpc.TicketAuthorityStub:
-        return authority_pb2_grpc.TicketAuthorityStub(self.channel())
-
-    @property
-    def admin(self) -> admin_pb2_grpc.TicketAdminStub:
-        return admin_pb2_grpc.TicketAdminStub(self.channel())
-
-    def stop(self) -> None:
-        """SIGTERM the server (SIGKILL after 30 s). Never raises."""
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def join(node: TokenNode, approver: TokenNode) -> None:
     """``cluster join`` on ``node``, approved on ``approver`` as soon as the fingerprint is
@@ -170,16 +86,6 @@ def join(node: TokenNode, approver: TokenNode) -> None:
     assert approved.returncode == 0, approved.stdout + approved.stderr
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0,
-             poll: float = 0.02) -> float:
-    """Poll ``check`` until true; seconds it took. Raises: AssertionError naming ``what``."""
-    start = time.monotonic()
-    while not check():
-        assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
-        time.sleep(poll)
-    return time.monotonic() - start
 
 
 def state_of(node: TokenNode, key_id: str) -> int:
