@@ -18,13 +18,14 @@ from authority.cluster import MAINTENANCE, Lease, ReplicaIdentity
 from authority.cluster_members import ClusterMembers
 from authority.config import Config, Pkcs11Settings
 from authority.counters import Counters
-from authority.errors import AuthorityError, ConfigError, StartupError
+from authority.errors import AuthorityError, ConfigError, InvalidTicket, StartupError
 from authority.keyring import KeyRing
 from authority.keyring.core import wrapping_backend
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.outage import PolicyWatch
 from authority.policy import Policy
 from authority.sealer import Sealer
+from authority.serving import DeviceHealth, ServingState
 from authority.statedir import StateLock, check_backend, claim
 from authority.store.base import Store
 from authority.store.sqlite import SqliteStore
@@ -165,6 +166,10 @@ def inline_device_calls(config: Config) -> bool:
     return config.server.device_calls == "inline"
 
 
+#: the additional data of the device probe's seal (never a ticket's header)
+PROBE_AAD = b"ticket-authority device probe"
+
+
 class Authority:
     """Everything below the gRPC layer, wired together for one process: one replica of the
     authorities sharing its store (authority/cluster.py)."""
@@ -173,7 +178,9 @@ class Authority:
                  clock: Clock) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.backend = InstrumentedBackend(backend, self.metrics)
+        self.serving = ServingState()   # the store's part and the device's (health)
+        self.backend = InstrumentedBackend(backend, self.metrics, DeviceHealth(
+            lambda up: self.serving.set("device", up)))
         self.store = store
         self.clock = clock
         self.counters = Counters()
@@ -193,6 +200,7 @@ class Authority:
                              self.counters, self.policy)
         self.watch = PolicyWatch(store, self.policy, config.cluster.heartbeat_interval,
                                  config.store.max_staleness, on_recovered=self._wake_up)
+        self.watch.add_listener(lambda up: self.serving.set("store", up))
         self.members = None if wrapper is None else ClusterMembers(
             config, store, self.ring, wrapper, clock, self.audit.record)
         self.metrics.watch(self)
@@ -243,9 +251,33 @@ class Authority:
 
         Raises: AuthorityError from the device or store.
         """
+        self._probe_device()
         self._membership()
         self.ring.sync()
         return self.lease.hold() is not None
+
+    def _probe_device(self) -> None:
+        """While the device counts as down (its calls failed, or did not find keys the ring
+        has, for a while): one real operation, a seal of nothing under a key that opens
+        tickets (a listing is not enough: SoftHSM2 lists the keys it cached while its token
+        files are gone); if it fails, have the backend read the token afresh (a module whose
+        re-initialisation failed is initialised again) and try once more. The outcome feeds
+        the device's health. One seal per heartbeat while down, outside the seal budget (random
+        96-bit nonces: negligible against it). Never raises."""
+        health = self.backend.health
+        if not health.down:
+            return
+        keys = sorted(self.ring.opening_ids())
+        if not keys:
+            return
+        for attempt in range(2):
+            try:
+                if attempt:
+                    self.backend.refresh()
+                self.backend.seal(keys[0], PROBE_AAD, b"")
+                return             # counted a success by the instrumented backend
+            except (AuthorityError, InvalidTicket) as exc:   # KeyNotFound is an InvalidTicket
+                log.debug("the device is still down: %s", exc)
 
     def _membership(self) -> None:
         """Per-node tokens: a KEK delivered to this node is unwrapped before the ring is
@@ -262,6 +294,7 @@ class Authority:
         Raises: AuthorityError from the device or store (the loop logs and retries);
         StaleFence if another replica took the lease meanwhile.
         """
+        self._probe_device()
         self._membership()
         self.ring.sync()
         fence = self.lease.hold()
@@ -291,9 +324,12 @@ class Authority:
     def on_serving_change(self, listener: Callable[[bool], None]) -> None:
         """Call ``listener(serving)`` when the replica stops or starts serving redeems: not
         serving once its revocations and epochs were last confirmed current more than
-        ``store.max_staleness`` seconds ago (the store out of reach), serving again when they
-        are. Only while maintenance runs; called from a background thread."""
-        self.watch.add_listener(listener)
+        ``store.max_staleness`` seconds ago (the store out of reach; only while maintenance
+        runs), or once its device calls have failed for ``serving.DEVICE_DOWN_AFTER`` seconds
+        without a success (the heartbeat lists the device's keys every
+        ``cluster.heartbeat_interval``, so a device back is seen within one); serving again
+        when both are. Called from a background thread."""
+        self.serving.add_listener(listener)
 
     def _wake_up(self) -> None:
         """The store answers again: heartbeat now (the key ring confirmed, the lease renewed)

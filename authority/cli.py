@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_arguments(sub.add_parser("bench", help="measure rates, latency and the targets on "
                                                  "this machine (docs/benchmarks.md)"))
+    from authority.chaos import add_arguments as chaos_arguments
+
+    chaos_arguments(sub.add_parser("chaos", help="inject faults into real servers under load "
+                                                 "and print what held (docs/reliability.md)"))
     from authority.demo import configure_parser as configure_demo
 
     configure_demo(sub.add_parser("demo", help="resume an IKE SA on a second gateway through the "
@@ -174,6 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from authority.bench import run as run_bench
 
             return run_bench(args)
+        if args.command == "chaos":
+            from authority.chaos import run as run_chaos
+
+            return run_chaos(args)
         if args.command == "demo":
             from authority.demo import run_command
 

@@ -15,7 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from authority.backends.base import BackendInfo, KeyBackend
-from authority.errors import DeviceUnavailable, InvalidTicket
+from authority.errors import DeviceUnavailable, InvalidTicket, KeyNotFound
+from authority.serving import DeviceHealth
 
 if TYPE_CHECKING:
     from authority.app import Authority
@@ -114,29 +115,57 @@ class _StateCollector(Collector):
         yield from (age, seals)
 
 
+def _all_keys_found(results: list[bytes | InvalidTicket]) -> bool:
+    """Whether the device found every key of an unseal batch: callers ask only for keys the key
+    ring says it holds, so a KeyNotFound is the device failing, as a failed call is."""
+    return not any(isinstance(r, KeyNotFound) for r in results)
+
+
 class InstrumentedBackend:
     """A backend that times every device call into the metrics; behaviour unchanged."""
 
-    def __init__(self, inner: KeyBackend, metrics: Metrics) -> None:
+    def __init__(self, inner: KeyBackend, metrics: Metrics,
+                 health: DeviceHealth | None = None) -> None:
         self._inner = inner
         self._metrics = metrics
+        self.health = health or DeviceHealth(lambda up: None)   # up/down from the calls
         self.name = inner.name
         self.format_version = inner.format_version
         self._by_op: dict[str, Any] = {}   # labelled histogram children: labels() is slow
 
-    def _timed(self, op: str, call: Callable[[], Any]) -> Any:
+    def _timed(self, op: str, call: Callable[[], Any],
+               judge: Callable[[Any], bool] | None = None) -> Any:
+        """``call()`` timed; its outcome feeds the device's health: a failure if it raised
+        DeviceUnavailable or KeyNotFound, or if ``judge(result)`` is False."""
         start = self._begin()
         try:
-            return call()
+            result = call()
+        except (DeviceUnavailable, KeyNotFound):
+            self.health.failed()
+            raise
         finally:
             self._end(op, start)
+        if judge is None or judge(result):
+            self.health.succeeded()
+        else:
+            self.health.failed()
+        return result
 
-    async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]],
+                           judge: Callable[[Any], bool] | None = None) -> Any:
         start = self._begin()
         try:
-            return await call()
+            result = await call()
+        except (DeviceUnavailable, KeyNotFound):
+            self.health.failed()
+            raise
         finally:
             self._end(op, start)
+        if judge is None or judge(result):
+            self.health.succeeded()
+        else:
+            self.health.failed()
+        return result
 
     def _begin(self) -> float:
         """Count one device call in flight; return its start time."""
@@ -178,7 +207,7 @@ class InstrumentedBackend:
         if inner is None:
             return self.unseal_many(items)
         result: list[bytes | InvalidTicket] = await self._timed_async(
-            "unseal_many", lambda: inner(items))
+            "unseal_many", lambda: inner(items), _all_keys_found)
         return result
 
     def create_key(self, key_id: bytes) -> None:
@@ -209,7 +238,7 @@ class InstrumentedBackend:
     def unseal_many(self, items: Sequence[tuple[bytes, bytes, bytes]]
                     ) -> list[bytes | InvalidTicket]:
         result: list[bytes | InvalidTicket] = self._timed(
-            "unseal_many", lambda: self._inner.unseal_many(items))
+            "unseal_many", lambda: self._inner.unseal_many(items), _all_keys_found)
         return result
 
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:

@@ -297,6 +297,9 @@ class Sealer:
                                            for _, p in pending])) if pending else []
         authentic: list[tuple[int, bytes, TicketContents]] = []
         for (index, parsed), plain in zip(pending, opened, strict=True):
+            if isinstance(plain, KeyNotFound):   # the ring says it opens: the device is at fault
+                out[index] = self._key_not_in_device(parsed.key_id)
+                continue
             if isinstance(plain, InvalidTicket):  # the device refused: tampered or foreign
                 out[index] = self._invalid("auth", plain)
                 continue
@@ -411,6 +414,18 @@ class Sealer:
         if key is None:
             key = self._handle_secret = self._store.handle_key()
         return key
+
+    def _key_not_in_device(self, key_id: bytes) -> DeviceUnavailable:
+        """A ticket under a key the key ring says opens, which the device did not find (its
+        token unreadable, or the key lost): UNAVAILABLE, never INVALID, since the ticket may
+        well be valid; the heartbeat lists the device and the ring reconciles (a key really
+        gone becomes MISSING, and then its tickets are INVALID at ``check_opens``). Never
+        raises."""
+        self._counters.inc("redeem.key_not_in_device")
+        log.warning("redeem: key %s is in the key ring but the device did not find it",
+                    key_id.hex())
+        return DeviceUnavailable(f"key {key_id.hex()} is in the key ring but the device did "
+                                 "not find it; retry")
 
     def _invalid(self, stage: str, exc: InvalidTicket) -> Redemption:
         log.debug("redeem: invalid ticket (%s): %s", stage, exc.cause)

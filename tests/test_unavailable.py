@@ -54,3 +54,44 @@ def test_store_failure_is_unavailable(harness: Harness) -> None:
     assert _code(lambda: redeem(stub, ticket, consume=True)) == grpc.StatusCode.UNAVAILABLE
     assert _code(lambda: stub.ConsumeTicket(
         authority_pb2.ConsumeTicketRequest(ticket_id=handle))) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_token_unreadable_is_unavailable_not_serving_then_back_by_itself(
+        pkcs11_harness: Harness) -> None:
+    """The embedded token's directory moved away mid-service (issue 16, scenario 1): a valid
+    ticket redeems UNAVAILABLE, never INVALID (before: INVALID, the device's "no such key"
+    taken for a foreign ticket); health turns NOT_SERVING (before: SERVING throughout); once
+    the directory is back the server serves again by itself (before: never, the module left
+    finalised by a failed re-initialisation) and health is SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import wait_until
+
+    harness = pkcs11_harness
+    harness.authority.start_maintenance()   # the heartbeat that lists the device each second
+    stub = harness.tickets
+    health = health_pb2_grpc.HealthStub(harness.channel())
+    ticket = issue(stub).ticket
+    tokens = harness.state_dir / "hsm" / "tokens"
+    away = tokens.with_name("tokens.away")
+    tokens.rename(away)
+    try:
+        codes: set[object] = set()
+
+        def gateway_retries_then_checks_health() -> bool:
+            try:
+                codes.add(redeem(stub, ticket).result)
+            except grpc.RpcError as err:
+                codes.add(err.code())
+            return bool(health.Check(health_pb2.HealthCheckRequest()).status
+                        == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        wait_until(gateway_retries_then_checks_health, timeout=15)
+        assert authority_pb2.REDEEM_RESULT_INVALID not in codes, codes
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, codes
+    finally:
+        away.rename(tokens)
+    wait_until(lambda: _code(lambda: redeem(stub, ticket)) == grpc.StatusCode.OK, timeout=10)
+    assert redeem(stub, ticket).result == authority_pb2.REDEEM_RESULT_OK
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+               == health_pb2.HealthCheckResponse.SERVING, timeout=10)

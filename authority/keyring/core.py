@@ -150,6 +150,11 @@ class RingCopy:
             if self._block_key != primary:   # never seal from a block of a key that stopped
                 self._block_key, self._next, self._end = None, 0, 0
 
+    def opening_ids(self) -> frozenset[bytes]:
+        """The ids of the keys that open tickets (ACTIVE, PENDING, DECRYPT_ONLY), as last read.
+        Never raises."""
+        return frozenset(self._opening_ids())
+
     def _opening_ids(self) -> set[bytes]:
         return {k for k, r in self._records.items() if r.state in OPENING}
 

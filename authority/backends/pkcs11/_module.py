@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -18,9 +19,12 @@ import pkcs11
 
 from authority.backends.pkcs11._cryptoki import Cryptoki
 from authority.backends.pkcs11._errors import Ctx, Phase, device_errors
-from authority.errors import StartupError
+from authority.errors import DeviceUnavailable, StartupError
 
 log = logging.getLogger("authority.backends.pkcs11")
+
+#: seconds between two attempts to initialise a module whose re-initialisation failed
+REVIVE_INTERVAL: Final = 0.2
 
 
 @dataclass
@@ -46,6 +50,8 @@ class ModuleRegistry:
         self._conf: str | None = None
         self._users = 0
         self._logins: dict[int, int] = {}
+        self._down = False          # a re-initialisation failed: the module is finalised
+        self._tried_at = 0.0        # when ``revive`` last tried (monotonic)
 
     def acquire(self, module: Path, conf: Path | None) -> Module:
         """Load/initialise ``module`` with ``conf`` in force and count one more user.
@@ -89,9 +95,36 @@ class ModuleRegistry:
             if self._conf is not None:
                 os.environ["SOFTHSM2_CONF"] = self._conf
             self._logins.clear()
+            self._down = True       # until C_Initialize succeeds
             with device_errors(Ctx(Phase.OPERATION, "re-initialise", subject=module.path)):
                 module.ck.reinitialize_with_os_locking()
+            self._down = False
         log.info("pkcs11 module %s re-initialised to read the token afresh", module.path)
+        return True
+
+    def revive(self, module: Module) -> bool:
+        """After a re-initialisation that failed (the token was unreadable: SoftHSM2's
+        C_Initialize fails while its token directory is gone), try C_Initialize again, at most
+        every ``REVIVE_INTERVAL`` seconds. Returns True when it just succeeded (the caller's
+        token handle and login are stale: find the token and log in again), False when the
+        module was not down.
+
+        Raises: DeviceUnavailable (still down, or tried too recently)."""
+        with self._lock:
+            if not self._down or self._module is not module:
+                return False
+            now = time.monotonic()
+            if now - self._tried_at < REVIVE_INTERVAL:
+                raise DeviceUnavailable(f"pkcs11 module {module.path} is not initialised (the "
+                                        "token could not be read); retrying")
+            self._tried_at = now
+            if self._conf is not None:
+                os.environ["SOFTHSM2_CONF"] = self._conf
+            with device_errors(Ctx(Phase.OPERATION, "re-initialise", subject=module.path)):
+                module.ck.reinitialize_with_os_locking()
+            self._down = False
+        log.warning("pkcs11 module %s initialised again: the token can be read again",
+                    module.path)
         return True
 
     def note_login(self, slot_id: int) -> None:

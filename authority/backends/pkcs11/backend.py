@@ -51,9 +51,7 @@ class Pkcs11Backend:
         self._closed = False
         self._login = TokenLogin(module, token, settings.token_label, settings.pin,
                                  settings.release_gil)
-        self._pool = SessionPool(
-            self._login.open_session, settings.sessions, settings.session_timeout
-        )
+        self._pool = SessionPool(self._open_session, settings.sessions, settings.session_timeout)
 
     def __repr__(self) -> str:
         return f"<Pkcs11Backend token={self._label!r} module={str(self._settings.module)!r}>"
@@ -119,8 +117,24 @@ class Pkcs11Backend:
             self._token = token
             self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
                                      self._settings.release_gil)
-            self._pool.reopen_with(self._login.open_session)
+            self._pool.reopen_with(self._open_session)
             self._pool.fill()
+
+    def _open_session(self) -> PooledSession:
+        """The pool's opener: a logged-in session; first, if a re-initialisation of the module
+        failed (the token was unreadable), initialise it again and find the token and log in
+        afresh, so that the backend recovers by itself once the token is back.
+
+        Raises: DeviceUnavailable (still unreadable), StartupError (before the first login)."""
+        if REGISTRY.revive(self._module):
+            try:
+                token = find_token(self._module, self._label)
+            except StartupError as exc:
+                raise DeviceUnavailable(str(exc)) from exc
+            self._token = token
+            self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
+                                     self._settings.release_gil)
+        return self._login.open_session()
 
     def _start(self) -> None:
         """Open the first session (logging in), then the rest. Raises: StartupError."""
