@@ -1,0 +1,121 @@
+"""Scenario 2, device loss (TPM): the swtpm a server uses is killed (SIGKILL, no
+TPM2_Shutdown: a crash) mid-load, then started again on the same state directory.
+
+The scenario owns the swtpm (``[tpm] tcti = "swtpm:path=..."``, its state in the work
+directory) so that it can kill it and start it again, as an operator's supervisor would; the
+embedded swtpm is the server's child and nothing else may start one on its state.
+
+Expected: calls UNAVAILABLE, never INVALID for a valid ticket; health NOT_SERVING while it is
+gone; service back by itself within 2 s of the device's return (the time is printed); tickets
+issued before redeem afterwards; no acknowledged consume lost; once the server has stopped,
+the TPM is not in dictionary-attack lockout, its lockout counter is where it was before, and no
+transient object or session is left loaded in it."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from authority._proto.ticketauthority.v1 import authority_pb2
+from authority.backends.tpm.swtpm import SwtpmProcess
+from authority.bench.serveproc import ServeProcess
+from authority.chaos.core import Outcome
+from authority.chaos.load import Load, lost_consumes
+from authority.chaos.servers import SERVING, health, round_trip, single, time_until
+
+NAME = "device-tpm"
+RECOVERY_BOUND = 2.0
+
+_PT_PERMANENT = 0x200           # TPM_PT_PERMANENT (TPM_PT_VAR + 0)
+_PT_LOCKOUT_COUNTER = 0x20E     # TPM_PT_LOCKOUT_COUNTER
+_IN_LOCKOUT = 1 << 2            # TPMA_PERMANENT.inLockout
+_TRANSIENT = 0x80000000
+_LOADED_SESSION = 0x02000000    # TPM_HT_LOADED_SESSION (HMAC sessions)
+_POLICY_SESSION = 0x03000000    # TPM_HT_POLICY_SESSION
+
+
+def run(work: Path, quick: bool) -> Outcome:
+    """Raises: StartupError (swtpm did not start), AssertionError (the server did not
+    start), grpc.RpcError (it never came back)."""
+    out = Outcome(NAME, "swtpm killed mid-load, started again on its state")
+    tpm_state = work / "swtpm"
+    swtpm = SwtpmProcess.start(tpm_state)
+    lockout_before = tpm_facts(swtpm.tcti)["lockout_counter"]
+    server = None
+    try:
+        server = single(work, backend="tpm", extra=f'[tpm]\ntcti = "{swtpm.tcti}"\n')
+        swtpm = _outage(out, server, swtpm, 2.0 if quick else 10.0)
+        server.stop()
+        facts = tpm_facts(swtpm.tcti)
+        out.check("the TPM is not in dictionary-attack lockout", not facts["in_lockout"])
+        out.check("the TPM's lockout counter did not grow",
+                  facts["lockout_counter"] <= lockout_before)
+        out.check("no transient object left in the TPM", facts["transient"] == 0)
+        out.check("no session left in the TPM", facts["sessions"] == 0)
+        out.figures.update({"lockout_counter": facts["lockout_counter"]})
+    finally:
+        if server is not None:
+            server.stop()
+        swtpm.stop()
+    return out
+
+
+def _outage(out: Outcome, server: ServeProcess, swtpm: SwtpmProcess,
+            outage: float) -> SwtpmProcess:
+    """Kill the swtpm under load, start it again after ``outage`` seconds; record what was seen
+    in ``out``; return the new swtpm. Raises: StartupError, grpc.RpcError."""
+    before = [server.tickets.IssueTicket(authority_pb2.IssueTicketRequest(
+        state=_state(n)), timeout=5).ticket for n in range(20)]
+    with Load([lambda: server.tickets], max_seconds=4 * outage + 20) as load:
+        time.sleep(1.0)
+        swtpm.kill()
+        down = time_until(lambda: health(server) not in (SERVING, None), 10.0)
+        out.check("health NOT_SERVING within 10 s of the device's loss", down is not None)
+        time.sleep(outage)
+        swtpm = SwtpmProcess.start(swtpm.state_dir)
+        back = time_until(lambda: round_trip(server) and health(server) == SERVING, 30.0)
+        time.sleep(1.0)
+    tally = load.tally
+    out.recovery_s = back
+    out.check(f"service back within {RECOVERY_BOUND} s of the device's return",
+              back is not None and back <= RECOVERY_BOUND)
+    out.check("calls failed while the device was gone", tally.failing > 0)
+    out.calls, out.wrong = tally.calls, len(tally.wrong)
+    out.lost = lost_consumes(tally, server.tickets)
+    still = [server.tickets.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=t),
+                                         timeout=5).result for t in before]
+    out.check("tickets issued before the loss redeem OK after it",
+              all(r == authority_pb2.REDEEM_RESULT_OK for r in still))
+    out.detail = "; ".join(tally.wrong[:3])
+    out.figures.update({"failing_calls": tally.failing, "outage_s": outage})
+    return swtpm
+
+
+def tpm_facts(tcti: str) -> dict[str, int]:
+    """What the TPM at ``tcti`` says of its dictionary-attack state and what it holds loaded:
+    ``in_lockout`` (0/1), ``lockout_counter``, ``transient`` (objects), ``sessions`` (loaded
+    HMAC and policy sessions). Read with tpm2-pytss over a connection of its own (the swtpm
+    serves one client at a time: call it when no server is connected).
+
+    Raises: TSS2_Exception (the TPM did not answer)."""
+    from tpm2_pytss import ESAPI  # type: ignore[import-untyped, unused-ignore]
+    from tpm2_pytss.constants import TPM2_CAP  # type: ignore[import-untyped, unused-ignore]
+
+    with ESAPI(tcti) as esapi:
+        _more, props = esapi.get_capability(TPM2_CAP.TPM_PROPERTIES, _PT_PERMANENT, 64)
+        values = {int(p.property): int(p.value) for p in props.data.tpmProperties}
+
+        def handles(first: int) -> int:
+            _more, data = esapi.get_capability(TPM2_CAP.HANDLES, first, 64)
+            return sum(1 for h in data.data.handles if int(h) >> 24 == first >> 24)
+
+        return {"in_lockout": int(bool(values.get(_PT_PERMANENT, 0) & _IN_LOCKOUT)),
+                "lockout_counter": values.get(_PT_LOCKOUT_COUNTER, 0),
+                "transient": handles(_TRANSIENT),
+                "sessions": handles(_LOADED_SESSION) + handles(_POLICY_SESSION)}
+
+
+def _state(n: int) -> authority_pb2.ResumptionState:
+    from authority.bench.workload import proto_state
+
+    return proto_state(20_000 + n)
