@@ -13,7 +13,7 @@ from pathlib import Path
 
 from authority.audit import AuditLog, AuditSink
 from authority.backends.base import KeyBackend
-from authority.clock import Clock, SystemClock
+from authority.clock import Clock, SteadyClock
 from authority.cluster import MAINTENANCE, Lease, ReplicaIdentity
 from authority.cluster_members import ClusterMembers
 from authority.config import Config, Pkcs11Settings
@@ -229,7 +229,7 @@ class Authority:
             backend = open_backend(config)
             undo.callback(backend.close)
             claim(store, config, backend)
-            authority = cls(config, backend, store, clock or SystemClock())
+            authority = cls(config, backend, store, clock or SteadyClock())
             undo.pop_all()
         authority._lock = lock
         try:

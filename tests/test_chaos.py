@@ -13,7 +13,7 @@ from authority.chaos import LONG, SCENARIOS, run_one, selected
 from authority.chaos.core import Outcome, table
 from tests.pkcs11_fixtures import requires_softhsm
 
-IN_CI = ["device-pkcs11"]
+IN_CI = ["device-pkcs11", "clock-step"]
 
 
 @requires_softhsm

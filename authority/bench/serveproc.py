@@ -4,6 +4,7 @@ directory, its configuration file, its log, the commands run for it, stubs to re
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -53,6 +54,7 @@ class ServeProcess:
         self.config.write_text(settings)
         self.log = directory / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}          # added to the environment of ``serve``
         self.address = ""
         self._channel: grpc.Channel | None = None
 
@@ -71,7 +73,8 @@ class ServeProcess:
         Raises: AssertionError with its log if it exits or takes longer."""
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(self.command("serve"), stdout=out,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env} if self.env else None)
         self.address = listening_address(self.proc, self.state, timeout,
                                          lambda: f"{self.name}:\n{self.log_tail()}")
         self.close_channel()
