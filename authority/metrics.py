@@ -121,6 +121,12 @@ def _all_keys_found(results: list[bytes | InvalidTicket]) -> bool:
     return not any(isinstance(r, KeyNotFound) for r in results)
 
 
+def _says_nothing(_result: object) -> None:
+    """The judge of a call whose success says nothing of the device (a failure still
+    counts)."""
+    return None
+
+
 class InstrumentedBackend:
     """A backend that times every device call into the metrics; behaviour unchanged."""
 
@@ -134,9 +140,10 @@ class InstrumentedBackend:
         self._by_op: dict[str, Any] = {}   # labelled histogram children: labels() is slow
 
     def _timed(self, op: str, call: Callable[[], Any],
-               judge: Callable[[Any], bool] | None = None) -> Any:
+               judge: Callable[[Any], bool | None] | None = None) -> Any:
         """``call()`` timed; its outcome feeds the device's health: a failure if it raised
-        DeviceUnavailable or KeyNotFound, or if ``judge(result)`` is False."""
+        DeviceUnavailable or KeyNotFound, or if ``judge(result)`` is False; a success unless
+        ``judge(result)`` is None (the call says nothing of the device)."""
         start = self._begin()
         try:
             result = call()
@@ -145,14 +152,11 @@ class InstrumentedBackend:
             raise
         finally:
             self._end(op, start)
-        if judge is None or judge(result):
-            self.health.succeeded()
-        else:
-            self.health.failed()
+        self._judged(result, judge)
         return result
 
     async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]],
-                           judge: Callable[[Any], bool] | None = None) -> Any:
+                           judge: Callable[[Any], bool | None] | None = None) -> Any:
         start = self._begin()
         try:
             result = await call()
@@ -161,11 +165,18 @@ class InstrumentedBackend:
             raise
         finally:
             self._end(op, start)
-        if judge is None or judge(result):
+        self._judged(result, judge)
+        return result
+
+    def _judged(self, result: Any, judge: Callable[[Any], bool | None] | None) -> None:
+        """Feed a returned call's outcome to the device's health (see ``_timed``)."""
+        verdict = True if judge is None else judge(result)
+        if verdict is None:
+            return
+        if verdict:
             self.health.succeeded()
         else:
             self.health.failed()
-        return result
 
     def _begin(self) -> float:
         """Count one device call in flight; return its start time."""
@@ -217,11 +228,14 @@ class InstrumentedBackend:
         self._timed("destroy_key", lambda: self._inner.destroy_key(key_id))
 
     def list_keys(self) -> set[bytes]:
-        result: set[bytes] = self._timed("list_keys", self._inner.list_keys)
+        # a listing that works proves nothing: the TPM backend reads its blob directory,
+        # SoftHSM2 lists the keys it cached while its token files are gone (nor does a
+        # refresh: the TPM backend's does nothing)
+        result: set[bytes] = self._timed("list_keys", self._inner.list_keys, _says_nothing)
         return result
 
     def refresh(self) -> None:
-        self._timed("refresh", self._inner.refresh)
+        self._timed("refresh", self._inner.refresh, _says_nothing)   # re-reads, proves nothing
 
     def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
         result: bytes = self._timed("seal", lambda: self._inner.seal(key_id, aad, plaintext))

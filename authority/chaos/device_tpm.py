@@ -71,7 +71,8 @@ def _outage(out: Outcome, server: ServeProcess, swtpm: SwtpmProcess,
         swtpm.kill()
         down = time_until(lambda: health(server) not in (SERVING, None), 10.0)
         out.check("health NOT_SERVING within 10 s of the device's loss", down is not None)
-        time.sleep(outage)
+        out.check("health stayed NOT_SERVING until the device returned",
+                  _stays_down(server, outage))
         swtpm = SwtpmProcess.start(swtpm.state_dir)
         back = time_until(lambda: round_trip(server) and health(server) == SERVING, 30.0)
         time.sleep(1.0)
@@ -89,6 +90,17 @@ def _outage(out: Outcome, server: ServeProcess, swtpm: SwtpmProcess,
     out.detail = "; ".join(tally.wrong[:3])
     out.figures.update({"failing_calls": tally.failing, "outage_s": outage})
     return swtpm
+
+
+def _stays_down(server: ServeProcess, seconds: float) -> bool:
+    """Whether health answers other than SERVING each time it is asked, every 0.1 s for
+    ``seconds``."""
+    deadline = time.monotonic() + seconds
+    flapped = False
+    while time.monotonic() < deadline:
+        flapped |= health(server) == SERVING
+        time.sleep(0.1)
+    return not flapped
 
 
 def tpm_facts(tcti: str) -> dict[str, int]:

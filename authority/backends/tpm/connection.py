@@ -42,6 +42,9 @@ T = TypeVar("T")
 _BACKOFF_FIRST: Final = 0.005
 _BACKOFF_MAX: Final = 0.25
 _TRANSIENT_FIRST: Final = 0x80000000
+_RECONNECT_FIRST: Final = 0.01    # seconds between the first two reconnection attempts,
+_RECONNECT_MAX: Final = 0.25      # doubling up to this
+_STILL_DOWN_EVERY: Final = 30.0   # seconds between "still unreachable" warnings
 
 
 class Connection:
@@ -53,6 +56,7 @@ class Connection:
         self._retries = retries
         self.esapi: Any = None
         self.needs_reconnect = False
+        self._outage: _Outage | None = None   # since the first reconnection attempt
         self.counters: dict[str, int] = {
             "blob_loads": 0, "context_loads": 0, "evictions": 0, "resyncs": 0, "reconnects": 0,
             "retries": 0,
@@ -112,13 +116,38 @@ class Connection:
     def reconnect(self) -> None:
         """After a lost connection: a fresh ESAPI context, stale transients flushed.
 
-        Raises: TpmError (the TPM is still unreachable).
+        The first attempt is made at once; after a failed one the next waits
+        ``_RECONNECT_FIRST`` seconds, doubling up to ``_RECONNECT_MAX`` (a TPM back is found
+        within that), and operations meanwhile fail at once without touching the TSS stack (no
+        lines per call in the log from it). One warning when the outage starts, one every
+        ``_STILL_DOWN_EVERY`` seconds while it lasts, one when the TPM answers again.
+        Raises: TpmError (the TPM is still unreachable, or not tried again yet).
         """
-        log.warning("reconnecting to the TPM at %s", self.tcti)
+        now = time.monotonic()
+        outage = self._outage
+        if outage is None:
+            outage = self._outage = _Outage(now)
+            log.warning("reconnecting to the TPM at %s", self.tcti)
+        elif now < outage.next_attempt:
+            raise TpmError(f"the TPM at {self.tcti} is unreachable (tried again at most "
+                           f"every {_RECONNECT_MAX:g} s)", Kind.UNREACHABLE, 0)
+        outage.next_attempt = now + min(_RECONNECT_MAX, _RECONNECT_FIRST * 2 ** outage.attempts)
+        outage.attempts += 1
         self.counters["reconnects"] += 1
         self.close("closing the old connection: %s", logging.DEBUG)
-        self.connect(Phase.OPERATION)
-        self.flush_stale(Phase.OPERATION)
+        try:
+            self.connect(Phase.OPERATION)
+            self.flush_stale(Phase.OPERATION)
+        except TpmError as err:
+            self.needs_reconnect = True
+            if now >= outage.next_warning:
+                outage.next_warning = now + _STILL_DOWN_EVERY
+                log.warning("the TPM at %s is unreachable for %.1f s (%d attempts): %s",
+                            self.tcti, now - outage.since, outage.attempts, err.message)
+            raise
+        self._outage = None
+        log.warning("reconnected to the TPM at %s after %.2f s (%d attempts)", self.tcti,
+                    time.monotonic() - outage.since, outage.attempts)
 
     def flush_quietly(self, handle: Any) -> None:
         """Flush an object; if the TPM no longer has it, just forget the ESYS_TR. Never raises."""
@@ -154,3 +183,13 @@ class Connection:
                                 TPM2_CAP.HANDLES, _TRANSIENT_FIRST, 256, phase=phase)
         handles = [int(h) for h in data.data.handles]
         return [h for h in handles if h >> 24 == _TRANSIENT_FIRST >> 24]
+
+
+class _Outage:
+    """A lost connection being re-established: since when, how often tried, when next."""
+
+    def __init__(self, since: float) -> None:
+        self.since = since
+        self.attempts = 0
+        self.next_attempt = since
+        self.next_warning = since + _STILL_DOWN_EVERY
