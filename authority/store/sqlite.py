@@ -260,8 +260,8 @@ class SqliteStore:
         file's write lock first, waiting (busy timeout) while another process holds it.
         ``committed`` runs once the transaction committed, still under the lock.
 
-        Raises: DeviceUnavailable if SQLite fails (the transaction is rolled back), "database
-        is locked" included when the wait exceeded the busy timeout.
+        Raises: DeviceUnavailable naming the file if SQLite fails (the transaction is rolled
+        back), "database is locked" included when the wait exceeded the busy timeout.
         """
         with self._lock:
             try:
@@ -275,20 +275,20 @@ class SqliteStore:
                 if committed is not None:
                     committed()
             except sqlite3.Error as exc:
-                raise DeviceUnavailable(f"state store failed: {exc}") from exc
+                raise DeviceUnavailable(f"state store failed: {exc} ({self.path})") from exc
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """Run read-only statements under the lock, each in SQLite's own implicit read
         transaction (WAL: a consistent snapshot, no write lock, no file-lock round trip).
 
-        Raises: DeviceUnavailable if SQLite fails.
+        Raises: DeviceUnavailable naming the file if SQLite fails.
         """
         with self._lock:
             try:
                 yield self._db
             except sqlite3.Error as exc:
-                raise DeviceUnavailable(f"state store failed: {exc}") from exc
+                raise DeviceUnavailable(f"state store failed: {exc} ({self.path})") from exc
 
     def load_keys(self) -> list[KeyRecord]:
         """Return every key record, oldest first."""
