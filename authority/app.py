@@ -233,6 +233,7 @@ class Authority:
             undo.pop_all()
         authority._lock = lock
         try:
+            authority._forget_predecessors()
             if authority.members is not None:
                 authority.members.check_member()
                 authority.members.tick()
@@ -243,6 +244,25 @@ class Authority:
             authority.close()
             raise
         return authority
+
+    def _forget_predecessors(self) -> None:
+        """One process on the embedded SQLite store (``server.processes`` 1) holds the state
+        directory's lock alone, so any other replica the store records is a process that died
+        without leaving (kill -9, a power cut): drop its record and let the maintenance lease
+        it may hold expire now. Otherwise the restart counts it live for
+        ``cluster.replica_timeout`` (a rotation then is PENDING, the old key sealing on) and
+        waits ``cluster.lease_duration`` for the lease. Raises: DeviceUnavailable."""
+        from authority.service.supervisor import server_processes
+
+        if self.config.postgresql is not None or server_processes(self.config) != 1:
+            return
+        for record in self.store.load_replicas():
+            if record.replica_id == self.replica.replica_id:
+                continue
+            self.store.release_lease(MAINTENANCE, record.replica_id)
+            self.store.remove_replica(record.replica_id)
+            log.info("replica %s (pid %d) died without leaving: forgotten", record.replica_id,
+                     record.pid)
 
     def heartbeat(self) -> bool:
         """What every replica does each ``cluster.heartbeat_interval``: sync the key ring with

@@ -213,6 +213,9 @@ def _serve(args: argparse.Namespace) -> int:
     check_listeners_free(config)
     logging.basicConfig(level=config.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from authority.crashpoints import arm_from_environment
+
+    arm_from_environment()   # a test seam (authority/crashpoints.py): unset in production
     from authority.service.supervisor import server_processes, supervise
 
     if server_processes(config) > 1:   # replicas on one port (authority/service/supervisor.py)

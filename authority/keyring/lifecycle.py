@@ -10,6 +10,7 @@ from dataclasses import replace
 from types import EllipsisType
 from typing import Any
 
+from authority import crashpoints
 from authority.audit import SYSTEM
 from authority.errors import (
     AuthorityError,
@@ -74,6 +75,7 @@ class Lifecycle(Publication):
             if not won:
                 self._lost(key_id, actor, bool(audited))
                 return self._outcome()
+            crashpoints.reached(crashpoints.ROTATE_AFTER_RECORD)
             new = self._records[key_id]
             log.info("key %s created (%s), %s; previous %s", key_id.hex(), reason,
                      new.state.name, base[0].hex() if base[0] else "none")
@@ -132,6 +134,7 @@ class Lifecycle(Publication):
         record = KeyRecord(key_id, KeyState.CREATING, self._clock.now())
         self._store.save_keys([record])
         self._creating[key_id] = record
+        crashpoints.reached(crashpoints.ROTATE_BEFORE_CREATE)
         try:
             if self._wrapper is None:
                 self._backend.create_key(key_id)
@@ -141,6 +144,7 @@ class Lifecycle(Publication):
             self._forget_creating(key_id)
             raise
         self._verified.add(key_id)
+        crashpoints.reached(crashpoints.ROTATE_AFTER_CREATE)
         if self._wrapper is not None:
             try:
                 self._store_blob(self._wrapper, key_id)
@@ -255,6 +259,7 @@ class Lifecycle(Publication):
             raise
         except KeyNotFound:
             log.warning("key %s was already gone from the device", record.key_id.hex())
+        crashpoints.reached(crashpoints.DESTROY_AFTER_DEVICE)
         self._verified.discard(record.key_id)
         now = self._clock.now()
         self._apply(lambda: self._marked_destroyed(record.key_id, now), fence)
