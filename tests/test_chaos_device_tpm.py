@@ -111,3 +111,13 @@ def test_a_dead_tpm_is_not_logged_once_per_call(swtpm: SwtpmProcess, tmp_path: P
         backend.close()
         if restarted is not None:
             restarted.stop()
+
+
+@requires_tpm
+def test_the_quick_device_tpm_scenario_holds_with_a_device_process(tmp_path: Path) -> None:
+    """The same with ``server.device_processes = 1``: the TPM backend in a process of its own
+    (its health reaches the server's through the same instrumented calls)."""
+    from authority.chaos import device_tpm
+
+    outcome = device_tpm.run(tmp_path, True, "device_processes = 1\n").conclude()
+    assert outcome.held, table([outcome])

@@ -34,16 +34,17 @@ _LOADED_SESSION = 0x02000000    # TPM_HT_LOADED_SESSION (HMAC sessions)
 _POLICY_SESSION = 0x03000000    # TPM_HT_POLICY_SESSION
 
 
-def run(work: Path, quick: bool) -> Outcome:
-    """Raises: StartupError (swtpm did not start), AssertionError (the server did not
-    start), grpc.RpcError (it never came back)."""
+def run(work: Path, quick: bool, server_toml: str = "") -> Outcome:
+    """``server_toml``: more ``[server]`` settings (``device_processes = 1``: the TPM backend
+    in a device process). Raises: StartupError (swtpm did not start), AssertionError (the
+    server did not start), grpc.RpcError (it never came back)."""
     out = Outcome(NAME, "swtpm killed mid-load, started again on its state")
     tpm_state = work / "swtpm"
     swtpm = SwtpmProcess.start(tpm_state)
     lockout_before = tpm_facts(swtpm.tcti)["lockout_counter"]
     server = None
     try:
-        server = single(work, backend="tpm", extra=f'[tpm]\ntcti = "{swtpm.tcti}"\n')
+        server = single(work, backend="tpm", extra=server_toml + f'[tpm]\ntcti = "{swtpm.tcti}"\n')
         swtpm = _outage(out, server, swtpm, 2.0 if quick else 10.0)
         server.stop()
         facts = tpm_facts(swtpm.tcti)
