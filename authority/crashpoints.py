@@ -7,7 +7,8 @@ An operator never sets it. ``TICKET_AUTHORITY_CRASH_AT=<point>[:<n>]`` in the en
 ``serve`` command only, which logs a warning when it is set) and removed from the environment;
 the process then kills itself the ``n``-th time (default 1) it reaches ``<point>``. Unset (the
 default, and in every process that did not arm it), :func:`reached` is a module-level ``None``
-check and nothing else.
+check and nothing else. Only a ``serve`` of one process is armed: with ``server.processes`` > 1
+the variable is removed before the replicas start, so none of them inherits it.
 
 The points, in the order a rotation and a destruction reach them (authority/keyring/
 lifecycle.py):
