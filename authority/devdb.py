@@ -11,7 +11,9 @@ stopped and removed.
   keeps PostgreSQL's durability defaults (fsync, synchronous_commit, full_page_writes): a
   commit it acknowledges is on disk, as in production.
 - ``stop`` (``pg_ctl stop -m fast``) removes the directory; ``halt`` / ``resume`` stop and
-  start it keeping its data (an outage, for its clients).
+  start it keeping its data (an outage, for its clients); ``kill`` SIGKILLs it (a crash).
+- ``standby`` makes a streaming standby of it (pg_basebackup -R, started, its own socket
+  directory), ``promote`` makes a standby the primary: the chaos scenario pg-failover.
 
 Use it as a context manager::
 
@@ -168,6 +170,52 @@ class DevPostgres:
                 self._pg_ctl("-m", "fast", "-w", "stop")
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process of it (as a crash of its host would): the
+        data directory stays as the crash left it (``stop`` removes it). Never raises."""
+        pid = self.pid
+        if pid is None:
+            return
+        children = _children(pid)
+        for victim in (pid, *children):
+            with contextlib.suppress(OSError):
+                os.kill(victim, signal.SIGKILL)
+        self._running = False
+
+    def standby(self, name: str, prefix: str = "ta-pg-standby-") -> DevPostgres:
+        """A streaming standby of this server, started: a replication role ``name`` made here
+        (its password: the superuser's), ``pg_basebackup -R`` of this server into a new
+        temporary directory (``primary_conninfo`` names it ``application_name=name``, for
+        ``synchronous_standby_names``), its own socket directory. Returns it once it accepts
+        connections (read-only); on failure nothing of it is left.
+
+        Raises: StartupError (pg_basebackup or pg_ctl failed), psycopg.Error (the role)."""
+        # a utility statement takes no parameters; the password is token_urlsafe's alphabet
+        self.admin(f'CREATE ROLE "{name}" WITH REPLICATION LOGIN PASSWORD '
+                   f"'{self.password}'")
+        directory = Path(tempfile.mkdtemp(prefix=prefix))
+        other = type(self)(directory, self.password, self._bin, self._prefix)
+        try:
+            other._chown(directory)
+            source = (f"host={self.directory} port={PORT} user={name} "
+                      f"password={self.password} application_name={name}")
+            other._run(str(self._bin / "pg_basebackup"), "-D", str(other.data), "-R",
+                       "-X", "stream", "-c", "fast", "-d", source)
+            with (other.data / "postgresql.conf").open("a") as conf:
+                conf.write(f"\n# authority/devdb.py standby\n"
+                           f"unix_socket_directories = '{directory}'\n")
+            other._pg_ctl("-l", str(other.log_path), "-w", "-t", "60", "start")
+            other._running = True
+        except BaseException:
+            other.stop()
+            raise
+        return other
+
+    def promote(self) -> None:
+        """``pg_ctl promote -w`` (a standby): returns once it accepts writes.
+        Raises: StartupError."""
+        self._pg_ctl("-w", "-t", "60", "promote")
+
     def __enter__(self) -> DevPostgres:
         return self
 
@@ -250,6 +298,19 @@ class DevPostgres:
         if self._prefix:
             user = pwd.getpwnam(RUN_AS)
             os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (/proc). Never raises."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields and int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
