@@ -278,19 +278,20 @@ class Authority:
 
     def _probe_device(self) -> None:
         """While the device counts as down (its calls failed, or did not find keys the ring
-        has, for a while): one real operation, a seal of nothing under a key that opens
-        tickets (a listing is not enough: SoftHSM2 lists the keys it cached while its token
-        files are gone); if it fails, have the backend read the token afresh (a module whose
-        re-initialisation failed is initialised again) and try once more. The outcome feeds
-        the device's health. One seal per heartbeat while down, outside the seal budget (random
-        96-bit nonces: negligible against it). Never raises."""
+        has, for a while), or no call showed it working for a heartbeat interval (an idle
+        replica must notice a lost device too): one real operation, a seal of nothing under a
+        key that opens tickets (a listing is not enough: SoftHSM2 lists the keys it cached
+        while its token files are gone); if it fails while down, have the backend read the
+        token afresh (a module whose re-initialisation failed is initialised again) and try
+        once more. The outcome feeds the device's health. At most one seal per heartbeat,
+        outside the seal budget (random 96-bit nonces: negligible against it). Never raises."""
         health = self.backend.health
-        if not health.down:
+        if not health.down and health.idle_for() < self.config.cluster.heartbeat_interval:
             return
         keys = sorted(self.ring.opening_ids())
         if not keys:
             return
-        for attempt in range(2):
+        for attempt in range(2 if health.down else 1):
             try:
                 if attempt:
                     self.backend.refresh()

@@ -65,6 +65,7 @@ class DeviceHealth:
         self._report = report
         self._clock = clock
         self._failing_since: float | None = None
+        self.last_success = clock()     # when a call last showed the device working
         self.down = False
 
     def failed(self) -> None:
@@ -75,7 +76,12 @@ class DeviceHealth:
             self.down = True
             self._report(False)
 
+    def idle_for(self) -> float:
+        """Seconds since a call last showed the device working."""
+        return self._clock() - self.last_success
+
     def succeeded(self) -> None:
+        self.last_success = self._clock()
         self._failing_since = None
         if self.down:
             self.down = False

@@ -95,3 +95,26 @@ def test_token_unreadable_is_unavailable_not_serving_then_back_by_itself(
     assert redeem(stub, ticket).result == authority_pb2.REDEEM_RESULT_OK
     wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status
                == health_pb2.HealthCheckResponse.SERVING, timeout=10)
+
+
+def test_an_idle_server_reports_a_lost_token_not_serving(pkcs11_harness: Harness) -> None:
+    """No gateway calls at all: the token's directory moved away still turns health
+    NOT_SERVING (the heartbeat probes an idle device), and SERVING again once it is back
+    (before: SERVING throughout, until a gateway's call failed)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.conftest import wait_until
+
+    harness = pkcs11_harness
+    harness.authority.start_maintenance()
+    health = health_pb2_grpc.HealthStub(harness.channel())
+    tokens = harness.state_dir / "hsm" / "tokens"
+    away = tokens.with_name("tokens.away")
+    tokens.rename(away)
+    try:
+        wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+                   == health_pb2.HealthCheckResponse.NOT_SERVING, timeout=15)
+    finally:
+        away.rename(tokens)
+    wait_until(lambda: health.Check(health_pb2.HealthCheckRequest()).status
+               == health_pb2.HealthCheckResponse.SERVING, timeout=15)
