@@ -37,6 +37,19 @@ def test_the_quick_device_tpm_scenario_holds() -> None:
     assert "the TPM's lockout counter did not grow" in checked
 
 
+@requires_tpm
+def test_the_quick_embedded_swtpm_scenario_holds() -> None:
+    """Scenario 2b: the server's own swtpm killed -9 under load, twice, with the TPM backend in
+    the server and in a device process. Before: never served again (no round trip within the
+    10 s the scenario waits: the server did not start its swtpm again)."""
+    outcome = run_one("device-tpm-embedded", quick=True)
+    assert outcome.held, table([outcome])
+    checked = {what for what, _ in outcome.checks}
+    for name in ("in-server", "device-process"):
+        assert f"{name}: each restart logged once" in checked
+        assert outcome.figures[f"{name}_failing_calls"] > 0
+
+
 # -- defects the scenario found ------------------------------------------------------------------
 
 KEY = bytes.fromhex("0102030405060708")

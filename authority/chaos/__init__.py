@@ -24,6 +24,7 @@ from authority.chaos.core import Outcome, as_json, table
 SCENARIOS: dict[str, tuple[str, str]] = {
     "device-pkcs11": ("authority.chaos.device_pkcs11", "token directory made unreadable"),
     "device-tpm": ("authority.chaos.device_tpm", "swtpm killed, restarted on its state"),
+    "device-tpm-embedded": ("authority.chaos.device_tpm_embedded", "embedded swtpm killed -9"),
     "rotation-kill": ("authority.chaos.rotation_kill", "kill -9 inside a rotation"),
     "store-faults": ("authority.chaos.store_faults", "disk full, read-only, corrupt db"),
     "pg-failover": ("authority.chaos.pg_failover", "primary killed, standby promoted"),

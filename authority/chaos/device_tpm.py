@@ -9,21 +9,32 @@ Expected: calls UNAVAILABLE, never INVALID for a valid ticket; health NOT_SERVIN
 gone; service back by itself within 2 s of the device's return (the time is printed); tickets
 issued before redeem afterwards; no acknowledged consume lost; once the server has stopped,
 the TPM is not in dictionary-attack lockout, its lockout counter is where it was before, and no
-transient object or session is left loaded in it."""
+transient object or session is left loaded in it.
+
+Scenario 2b (``device-tpm-embedded``, :func:`run_embedded`): the server's own embedded swtpm
+(no ``tpm.tcti``: it runs in state_dir/tpm/swtpm as the server's child) killed -9 under load,
+with the TPM backend in the server and in a device process (``server.device_processes = 1``;
+the swtpm is the server's there too). Nobody starts it again but the server. Expected: calls
+UNAVAILABLE meanwhile, never wrong; a round trip OK and health SERVING within 2 s of each kill;
+the restart logged once per kill; tickets from before redeem; no lockout and the lockout
+counter where it was (read on the state before the server started and after it stopped)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 from authority._proto.ticketauthority.v1 import authority_pb2
-from authority.backends.tpm.swtpm import SwtpmProcess
+from authority.backends.tpm.swtpm import PID_FILE, SwtpmProcess
 from authority.bench.serveproc import ServeProcess
 from authority.chaos.core import Outcome
-from authority.chaos.load import Load, lost_consumes
+from authority.chaos.load import Load, Tally, lost_consumes
 from authority.chaos.servers import SERVING, health, round_trip, single, time_until
 
 NAME = "device-tpm"
+EMBEDDED = "device-tpm-embedded"
 RECOVERY_BOUND = 2.0
 
 _PT_PERMANENT = 0x200           # TPM_PT_PERMANENT (TPM_PT_VAR + 0)
@@ -91,6 +102,99 @@ def _outage(out: Outcome, server: ServeProcess, swtpm: SwtpmProcess,
     out.detail = "; ".join(tally.wrong[:3])
     out.figures.update({"failing_calls": tally.failing, "outage_s": outage})
     return swtpm
+
+
+def run_embedded(work: Path, quick: bool) -> Outcome:
+    """Scenario 2b: the embedded swtpm killed -9 under load, ``kills`` times (2 quick, 5 full),
+    with the backend in the server, then in a device process. Raises: StartupError,
+    AssertionError (a server did not start), grpc.RpcError (it never came back), OSError."""
+    out = Outcome(EMBEDDED, "the server's own swtpm killed -9 mid-load")
+    out.recovery_s = 0.0
+    for name, server_toml in (("in-server", ""), ("device-process", "device_processes = 1\n")):
+        _embedded_case(out, work, name, server_toml, 2 if quick else 5)
+    return out
+
+
+def _embedded_case(out: Outcome, work: Path, name: str, server_toml: str, kills: int) -> None:
+    """One server ``name`` on its embedded swtpm, its swtpm killed ``kills`` times under load;
+    what was seen goes into ``out`` (checks prefixed with ``name``). Raises: as run_embedded."""
+    state = work / name / "tpm" / "swtpm"
+    lockout_before = _facts_on(state)["lockout_counter"]
+    server = single(work, name, backend="tpm", extra=server_toml)
+    try:
+        before = [server.tickets.IssueTicket(authority_pb2.IssueTicketRequest(
+            state=_state(n)), timeout=5).ticket for n in range(20)]
+        pids, backs = [], []
+        with Load([lambda: server.tickets], max_seconds=kills * 15 + 10) as load:
+            for _ in range(kills):
+                time.sleep(1.0)
+                pids.append(_swtpm_pid(state))
+                os.kill(pids[-1], signal.SIGKILL)
+                backs.append(time_until(
+                    lambda: round_trip(server) and health(server) == SERVING, 10.0))
+            time.sleep(0.5)
+        _judge_kills(out, name, server, load.tally, backs, before)
+        out.check(f"{name}: the server started a new swtpm after each kill",
+                  _swtpm_pid(state) not in pids)
+        restarts = server.log.read_text(errors="replace").count("started again on its state")
+        out.check(f"{name}: each restart logged once", restarts == kills)
+        server.stop()
+    finally:
+        server.stop()
+        _stop_left(state)
+    facts = _facts_on(state)
+    out.check(f"{name}: the TPM is not in dictionary-attack lockout", not facts["in_lockout"])
+    out.check(f"{name}: the TPM's lockout counter did not grow",
+              facts["lockout_counter"] <= lockout_before)
+    out.figures[f"{name}_lockout_counter"] = facts["lockout_counter"]
+
+
+def _judge_kills(out: Outcome, name: str, server: ServeProcess, tally: Tally,
+                 backs: list[float | None], before: list[bytes]) -> None:
+    """Record in ``out`` what the load and the recoveries of one server saw.
+    Raises: grpc.RpcError (the server does not answer)."""
+    out.check(f"{name}: service back within {RECOVERY_BOUND} s of each kill",
+              all(b is not None and b <= RECOVERY_BOUND for b in backs))
+    out.check(f"{name}: calls failed (UNAVAILABLE) after the kills", tally.failing > 0)
+    out.calls += tally.calls
+    out.wrong += len(tally.wrong)
+    out.lost += lost_consumes(tally, server.tickets)
+    still = [server.tickets.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=t),
+                                         timeout=5).result for t in before]
+    out.check(f"{name}: tickets issued before the kills redeem OK after them",
+              all(r == authority_pb2.REDEEM_RESULT_OK for r in still))
+    known = [b for b in backs if b is not None]
+    out.recovery_s = None if out.recovery_s is None or len(known) < len(backs) \
+        else max(out.recovery_s, *known)
+    out.detail = "; ".join([*([out.detail] if out.detail else []), *tally.wrong[:3]])
+    out.figures.update({f"{name}_failing_calls": tally.failing,
+                        f"{name}_slowest_back_s": round(max(known, default=-1.0), 3)})
+
+
+def _swtpm_pid(state: Path) -> int:
+    """The pid in the embedded swtpm's pid file. Raises: OSError, ValueError."""
+    return int((state / PID_FILE).read_text("ascii").strip())
+
+
+def _facts_on(state: Path) -> dict[str, int]:
+    """``tpm_facts`` of the TPM state in ``state``, read with a swtpm of our own started on it
+    (no server running on it). Raises: StartupError, TSS2_Exception."""
+    swtpm = SwtpmProcess.start(state)
+    try:
+        return tpm_facts(swtpm.tcti)
+    finally:
+        swtpm.stop()
+
+
+def _stop_left(state: Path) -> None:
+    """SIGKILL a swtpm still running on ``state`` (its server died without stopping it).
+    Never raises."""
+    try:
+        pid = _swtpm_pid(state)
+        if str(state).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
 
 
 def _stays_down(server: ServeProcess, seconds: float) -> bool:

@@ -59,7 +59,7 @@ def open_tpm_backend(settings: TpmSettings, tpm_dir: Path, *, queue_size: int = 
     swtpm: SwtpmProcess | None = None
     tcti = settings.tcti
     if tcti is None:
-        swtpm = SwtpmProcess.start(tpm_dir / "swtpm")
+        swtpm = SwtpmProcess.start(tpm_dir / "swtpm", supervised=True)
         tcti = swtpm.tcti
     try:
         backend = TpmBackend(settings, tcti, blobs, swtpm, queue_size, call_timeout)

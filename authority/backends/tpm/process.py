@@ -35,7 +35,7 @@ def open_tpm_process(settings: TpmSettings, tpm_dir: Path, log_level: str) -> Re
     swtpm: SwtpmProcess | None = None
     tcti = settings.tcti
     if tcti is None:
-        swtpm = SwtpmProcess.start(tpm_dir / "swtpm")
+        swtpm = SwtpmProcess.start(tpm_dir / "swtpm", supervised=True)
         tcti = swtpm.tcti
     note = "" if swtpm is None else f"; embedded swtpm, state {swtpm.state_dir}"
     backend = RemoteBackend(

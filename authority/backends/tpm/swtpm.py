@@ -12,6 +12,13 @@ probe, Shutdown before stopping); everything else goes through tpm2-pytss in the
 stopped without TPM2_Shutdown counts as an unclean shutdown (dictionary-attack state), so
 :meth:`SwtpmProcess.stop` sends TPM2_Shutdown(CLEAR) first.
 
+Supervised (:meth:`SwtpmProcess.start` with ``supervised=True``, what the server does): a
+thread waits for the swtpm to exit and starts it again on the same state, at once the first
+time, then after a delay doubling from ``_RESTART_FIRST`` to ``_RESTART_MAX`` while it keeps
+dying within ``_STABLE_AFTER`` of its start (a crash loop is not a busy loop). The backend's
+reconnection (connection.py) finds it again; until then calls fail UNAVAILABLE and health is
+NOT_SERVING. Each restart is logged once (WARNING).
+
 What it protects: the state directory holds the TPM's seeds, so a copy of it opens the key
 blobs elsewhere; the embedded swtpm is a development default, not hardware protection.
 """
@@ -27,6 +34,7 @@ import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import IO, Final
@@ -46,6 +54,9 @@ _CTRL_SUFFIX: Final = ".ctrl"        # what the swtpm TCTI appends for the contr
 _SUN_PATH_MAX: Final = 107           # octets of a Unix socket path (sun_path less its NUL)
 _READY_TIMEOUT: Final = 5.0
 _STOP_TIMEOUT: Final = 5.0
+_RESTART_FIRST: Final = 0.05   # seconds before the second restart of a swtpm that keeps dying,
+_RESTART_MAX: Final = 5.0      # doubling up to this
+_STABLE_AFTER: Final = 10.0    # a swtpm that ran this long is restarted at once again
 
 # TPM 2.0 wire constants for the two raw commands
 _TPM_ST_NO_SESSIONS: Final = 0x8001
@@ -119,6 +130,10 @@ class SwtpmProcess:
         self.ctrl_path = state_dir / (SOCKET_FILE + _CTRL_SUFFIX)
         self._process = process
         self._log_file = log_file
+        self._started = time.monotonic()
+        self._lock = threading.Lock()        # the process swapped by a restart vs. stop
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"<SwtpmProcess pid={self.pid} state={str(self.state_dir)!r}>"
@@ -136,12 +151,17 @@ class SwtpmProcess:
     def running(self) -> bool:
         return self._process.poll() is None
 
+    @property
+    def supervised(self) -> bool:
+        """Whether a thread starts this swtpm again when it exits."""
+        return self._supervisor is not None
+
     # -- start ---------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, state_dir: Path) -> SwtpmProcess:
+    def start(cls, state_dir: Path, supervised: bool = False) -> SwtpmProcess:
         """Start a swtpm with its state and its sockets in ``state_dir`` (created 0700); wait
-        until it answers.
+        until it answers. ``supervised``: start it again whenever it exits, until :meth:`stop`.
 
         The flags ``not-need-init,startup-clear`` make the TPM usable at once. A swtpm orphaned
         on the same state directory by a killed process (the process that started it is gone)
@@ -167,6 +187,11 @@ class SwtpmProcess:
         started = cls._launch(binary, state_dir)
         log.info("embedded swtpm started: pid %d, sockets and state in %s", started.pid,
                  state_dir)
+        if supervised:
+            started._supervisor = threading.Thread(
+                target=started._supervise, args=(binary,), daemon=True,
+                name=f"swtpm-supervisor[{started.pid}]")
+            started._supervisor.start()
         return started
 
     @classmethod
@@ -212,6 +237,48 @@ class SwtpmProcess:
         swtpm._terminate()
         raise _not_started(problem)
 
+    # -- supervision (its own thread) ----------------------------------------------------------
+
+    def _supervise(self, binary: str) -> None:
+        """Wait for the swtpm to exit; start it again until :meth:`stop`. Never raises."""
+        attempts = 0   # restarts since the swtpm last ran _STABLE_AFTER seconds
+        while True:
+            process = self._process
+            process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - self._started >= _STABLE_AFTER:
+                attempts = 0
+            with self._lock:
+                self._reap()
+            gone = f"the embedded swtpm (pid {process.pid}) exited ({_exit(process.returncode)})"
+            while not self._restart(binary, gone, attempts):
+                attempts += 1
+                if self._stopping.is_set():
+                    return
+            attempts += 1
+
+    def _restart(self, binary: str, gone: str, attempts: int) -> bool:
+        """Start the swtpm again after the delay ``attempts`` calls for; whether it runs (also
+        True when stopped meanwhile: nothing to do). Never raises."""
+        delay = 0.0 if attempts == 0 else min(_RESTART_MAX, _RESTART_FIRST * 2 ** (attempts - 1))
+        if self._stopping.wait(delay):
+            return True
+        try:
+            fresh = self._launch(binary, self.state_dir)
+        except (StartupError, OSError) as exc:
+            log.warning("%s; starting it again failed (attempt %d, next in %g s): %s", gone,
+                        attempts + 1, min(_RESTART_MAX, _RESTART_FIRST * 2 ** attempts), exc)
+            return False
+        with self._lock:
+            if self._stopping.is_set():
+                fresh.stop()
+                return True
+            self._process, self._log_file = fresh._process, fresh._log_file
+            self._started = time.monotonic()
+        log.warning("%s; started again on its state", gone)
+        return True
+
     # -- stop ----------------------------------------------------------------------------------
 
     def shutdown_tpm(self) -> bool:
@@ -227,17 +294,25 @@ class SwtpmProcess:
         return True
 
     def stop(self) -> None:
-        """TPM2_Shutdown(CLEAR), then SIGTERM (SIGKILL after 5 s); idempotent."""
-        if self.running:
-            self.shutdown_tpm()
-        self._terminate()
+        """End supervision, then TPM2_Shutdown(CLEAR), then SIGTERM (SIGKILL after 5 s);
+        idempotent."""
+        self._stopping.set()
+        with self._lock:   # a restart under way finishes (and stops its swtpm) first
+            if self.running:
+                self.shutdown_tpm()
+            self._terminate()
+        if self._supervisor is not None:
+            self._supervisor.join(_READY_TIMEOUT + _STOP_TIMEOUT)
         log.info("embedded swtpm stopped (%s)", self.state_dir)
 
     def kill(self) -> None:
-        """SIGKILL without TPM2_Shutdown: what a crash looks like (tests)."""
-        if self.running:
-            self._process.kill()
-        self._reap()
+        """SIGKILL without TPM2_Shutdown: what a crash looks like (tests). A supervised swtpm
+        is started again."""
+        with self._lock:
+            if self.running:
+                self._process.kill()
+            if self._supervisor is None:
+                self._reap()
 
     def _terminate(self) -> None:
         if self.running:
@@ -258,6 +333,13 @@ class SwtpmProcess:
             if int(pid_file.read_text("ascii").strip()) == self.pid:
                 pid_file.unlink()
                 (self.state_dir / OWNER_FILE).unlink(missing_ok=True)
+
+
+def _exit(returncode: int | None) -> str:
+    """How a process ended: "signal 9", "status 1"."""
+    if returncode is not None and returncode < 0:
+        return f"signal {-returncode}"
+    return f"status {returncode}"
 
 
 def _not_started(problem: str) -> StartupError:
