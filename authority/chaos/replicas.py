@@ -16,6 +16,7 @@ HEARTBEAT = 0.2        # cluster.heartbeat_interval
 LEASE = 1.0            # cluster.lease_duration (and replica_timeout)
 STALENESS = 3.0        # store.max_staleness
 CONNECT_TIMEOUT = 2.0  # postgresql.connect_timeout
+APPLICATION = "ita-"   # + the replica's name: its connections' application_name
 
 
 def settings(state: Path, token: Pkcs11Settings, dsn_file: Path, keys: str = "") -> str:
@@ -40,18 +41,19 @@ def settings(state: Path, token: Pkcs11Settings, dsn_file: Path, keys: str = "")
 @contextlib.contextmanager
 def replicas(work: Path, dsn: str, names: tuple[str, ...] = ("a", "b", "c"),
              keys: str = "") -> Iterator[list[ServeProcess]]:
-    """Started replicas ``names`` in ``work`` on database ``dsn``, one after the other (as
+    """Started replicas ``names`` in ``work`` on database ``dsn`` (libpq key=value; each
+    replica's connections named ``APPLICATION`` + its name), one after the other (as
     ``server.processes`` starts its own); every one SIGTERMed (SIGKILL after 30 s) on exit,
     whatever happened. Raises: AssertionError (one did not start: its log)."""
     from authority.backends.softhsm import provision_embedded_token
 
     token = provision_embedded_token(work / "hsm")
-    dsn_file = work / "dsn"
-    dsn_file.touch(mode=0o600)
-    dsn_file.write_text(dsn)
     started: list[ServeProcess] = []
     try:
         for name in names:
+            dsn_file = work / f"{name}.dsn"
+            dsn_file.touch(mode=0o600)
+            dsn_file.write_text(f"{dsn} application_name={APPLICATION}{name}")
             started.append(ServeProcess(work, name, settings(work / name, token, dsn_file,
                                                              keys)))
             started[-1].serve()
