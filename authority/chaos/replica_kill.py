@@ -62,7 +62,7 @@ def run(work: Path, quick: bool) -> Outcome:
             ids = {status(s).replica_id: s for s in servers}
             with Load([lambda s=s: s.tickets for s in servers],  # type: ignore[misc]
                       max_seconds=120.0) as load:
-                time.sleep(1.0)
+                time.sleep(1.0 if quick else 10.0)   # load before the kill
                 survivors = _kill_holder(out, servers, ids)
                 _stop_holder(out, survivors, ids, dsn, work)
                 time.sleep(1.0)
