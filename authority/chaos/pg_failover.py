@@ -61,8 +61,8 @@ def run(work: Path, quick: bool) -> Outcome:
     unsync = [_failover(work / f"async{i}", False, quick) for i in range(rounds)]
     lost_async = sum(r.lost for r in unsync)
     acked_async = sum(r.in_stall for r in unsync)
-    out = Outcome(NAME, f"primary SIGKILLed, sync standby promoted (async: {lost_async} of "
-                        f"{acked_async} consumes acked in the stall lost)")
+    out = Outcome(NAME, f"primary SIGKILLed, sync standby promoted (async: {lost_async} "
+                        f"acked consumes lost, {acked_async} acked in the stall)")
     out.calls = sum(r.calls for r in sync + unsync)
     out.wrong = sum(len(r.wrong) for r in sync)
     out.lost = sum(r.lost for r in sync)
