@@ -16,8 +16,9 @@ Supervised (:meth:`SwtpmProcess.start` with ``supervised=True``, what the server
 thread waits for the swtpm to exit and starts it again on the same state, at once the first
 time, then after a delay doubling from ``_RESTART_FIRST`` to ``_RESTART_MAX`` while it keeps
 dying within ``_STABLE_AFTER`` of its start (a crash loop is not a busy loop). The backend's
-reconnection (connection.py) finds it again; until then calls fail UNAVAILABLE and health is
-NOT_SERVING. Each restart is logged once (WARNING).
+reconnection (connection.py, at most 0.25 s apart) finds it again; until then calls fail
+UNAVAILABLE (and health turns NOT_SERVING after a second of that). Each restart is logged once
+(WARNING).
 
 What it protects: the state directory holds the TPM's seeds, so a copy of it opens the key
 blobs elsewhere; the embedded swtpm is a development default, not hardware protection.
@@ -56,7 +57,8 @@ _READY_TIMEOUT: Final = 5.0
 _STOP_TIMEOUT: Final = 5.0
 _RESTART_FIRST: Final = 0.05   # seconds before the second restart of a swtpm that keeps dying,
 _RESTART_MAX: Final = 5.0      # doubling up to this
-_STABLE_AFTER: Final = 10.0    # a swtpm that ran this long is restarted at once again
+_STABLE_AFTER: Final = 1.0     # a swtpm that ran this long did not die at once: restarted
+                               # at once again
 
 # TPM 2.0 wire constants for the two raw commands
 _TPM_ST_NO_SESSIONS: Final = 0x8001
