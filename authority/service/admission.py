@@ -55,7 +55,7 @@ from authority.config import Config
 from authority.errors import AuthorityError, InvalidArgument, ResourceExhausted
 from authority.metrics import Metrics
 from authority.service.auth import HEALTH_PREFIX, Denied, RoleMap, authorize, peer_uris
-from authority.service.interceptors import _Undecodable
+from authority.service.interceptors import Drain, _Undecodable
 from authority.service.ratelimit import TokenBuckets, _cost, client_key
 
 log = logging.getLogger(__name__)
@@ -330,13 +330,17 @@ class Gate:
         self._histogram = metrics.rpc_seconds
         self._children: dict[tuple[str, str], Any] = {}  # labels() is slow: one per pair
         self._pruned = time.monotonic()
+        self.drain: Drain | None = None   # set once the server stops gracefully
 
     def admit(self, method: str, context: Any, holds: bool) -> str:
         """Check the caller's role, and take one of its slots for a call that ``holds`` one
         for its life (a stream, Health/Watch), before anything is read. Returns the caller's
         key ("" when neither slots nor a rate limit need one) for the other methods.
 
-        Raises: Denied (role); ResourceExhausted naming ``server.max_calls_per_client``."""
+        Raises: Stopping (the server is stopping: every method but health's); Denied (role);
+        ResourceExhausted naming ``server.max_calls_per_client``."""
+        if self.drain is not None and not method.startswith(HEALTH_PREFIX):
+            raise self.drain.refusal()
         if self.roles is None and self.slots is None and self.buckets is None:
             return ""
         uris = peer_uris(context)

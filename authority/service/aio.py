@@ -36,7 +36,7 @@ import grpc.aio
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.handlers import Guarded, serve, shape_of
-from authority.service.interceptors import failure
+from authority.service.interceptors import Stopping, failure
 from authority.steps import AsyncDevice, Plan, run_async
 
 T = TypeVar("T")
@@ -300,9 +300,12 @@ def _code_of(exc: BaseException) -> str:
 
 async def _fail(exc: BaseException, context: grpc.aio.ServicerContext) -> NoReturn:
     """Abort the call with the status ``exc`` deserves (``interceptors.failure``; always
-    raises). Cancellation and an abort already in flight are re-raised as they are."""
+    raises). Cancellation and an abort already in flight are re-raised as they are; a call
+    refused while the server stops is answered once its drain lets it (``Stopping``)."""
     if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)) or \
             not isinstance(exc, Exception):
         raise exc
+    if isinstance(exc, Stopping):
+        await exc.wait_async()
     await context.abort(*failure(exc))
     raise AssertionError("unreachable")  # context.abort raises

@@ -22,12 +22,14 @@ from authority.metrics import InstrumentedBackend
 from authority.service.admission import Gate, Limits, transport_options
 from authority.service.aio import AioGuard, Runner, async_servicer
 from authority.service.auth import RoleMap
+from authority.service.interceptors import Drain, drain
 from authority.service.ratelimit import TokenBuckets
 from authority.service.registry import register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
 from authority.service.supervisor import reuse_port
 
 T = TypeVar("T")
+STOP_BEGUN = 0.01   # seconds for a started grpc.aio stop to reach the core's shutdown
 
 
 class LoopThread:
@@ -90,17 +92,28 @@ class AioServers:
             asyncio.run_coroutine_threadsafe(apply(), self.loop.loop)
 
     def stop(self, grace: float | None) -> None:
-        """NOT_SERVING, drain for ``grace`` seconds, then stop the loop. Never raises."""
+        """NOT_SERVING, refuse new calls UNAVAILABLE for a moment (``interceptors.drain``),
+        stop the server(s) (in-flight calls have what is left of ``grace`` seconds), then stop
+        the loop. Never raises."""
         with contextlib.suppress(TimeoutError, RuntimeError):
-            self.loop.run(self._stop(grace), timeout=(grace or 0) + 10)
+            self.loop.run(self.health.enter_graceful_shutdown(), timeout=10)
+        draining, grace = drain([guard.gate for guard in self.guards], grace)
+        try:
+            with contextlib.suppress(TimeoutError, RuntimeError):
+                self.loop.run(self._stop(grace, draining), timeout=(grace or 0) + 10)
+        finally:
+            if draining is not None:
+                draining.release()
         self.loop.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _stop(self, grace: float | None) -> None:
-        await self.health.enter_graceful_shutdown()
-        stops = [self.server.stop(grace)]
+    async def _stop(self, grace: float | None, draining: Drain | None) -> None:
+        stops = [asyncio.ensure_future(self.server.stop(grace))]
         if self.admin_server is not None:
-            stops.append(self.admin_server.stop(grace))
+            stops.append(asyncio.ensure_future(self.admin_server.stop(grace)))
+        if draining is not None:
+            await asyncio.sleep(STOP_BEGUN)   # each stop sent its GOAWAY, closed its listener
+            draining.release()
         await asyncio.gather(*stops)
         for guard in self.guards:
             await guard.close()

@@ -25,7 +25,7 @@ import grpc
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.handlers import Guarded, serve, shape_of
-from authority.service.interceptors import _fail
+from authority.service.interceptors import Stopping, _fail
 
 Behavior = Callable[..., Any]
 
@@ -237,7 +237,10 @@ def _code(context: grpc.ServicerContext) -> str:
 
 def _failed(exc: Exception, context: grpc.ServicerContext) -> NoReturn:
     """End the call with the status ``exc`` deserves (always raises): the request stream of
-    a cancelled call as it is, anything else as interceptors._fail maps it."""
+    a cancelled call as it is, anything else as interceptors._fail maps it (a call refused
+    while the server stops once its drain lets it: ``Stopping.wait``)."""
     if isinstance(exc, grpc.RpcError) and not context.is_active():
         raise exc
+    if isinstance(exc, Stopping):
+        exc.wait()
     _fail(exc, context)

@@ -2,14 +2,19 @@
 
 Deliberate errors carry their status (authority/errors.py), a role refusal its code. Anything
 unexpected is logged with an incident id and answered UNKNOWN: a client never sees INTERNAL or a
-stack trace, and a request body that is not a valid message is INVALID_ARGUMENT.
+stack trace, and a request body that is not a valid message is INVALID_ARGUMENT. A call arriving
+once the server began to stop gracefully is UNAVAILABLE (``Drain``: never the gRPC core's
+CANCELLED).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -18,6 +23,107 @@ from authority.errors import AuthorityError
 from authority.service.auth import Denied
 
 log = logging.getLogger(__name__)
+
+DRAIN_QUIET = 0.1   # seconds without a refused call that end a graceful stop's drain early
+DRAIN_MAX = 1.0     # seconds a drain lasts at most (and never more than half the grace)
+DRAIN_POLL = 0.01
+HOLD_SETTLE = 0.05  # seconds refusals are held before the gRPC server's stop begins
+HOLD_MAX = 1.0      # seconds a held refusal waits at most for its release
+STOPPING = "the authority is stopping: retry another replica"
+
+
+class Stopping(AuthorityError):
+    """A call that arrived once the server began to stop gracefully. ``drain``: the drain
+    holding its answer (``wait``) until the gRPC server's stop began, else None."""
+
+    status = "UNAVAILABLE"
+
+    def __init__(self, drain: Drain | None = None) -> None:
+        super().__init__(STOPPING)
+        self.drain = drain
+
+    def wait(self) -> None:
+        """Block until the answer may go (the thread-pool server). Never raises."""
+        if self.drain is not None:
+            self.drain.released.wait(HOLD_MAX)
+
+    async def wait_async(self) -> None:
+        """Await until the answer may go (the aio server). Never raises."""
+        if self.drain is None:
+            return
+        deadline = time.monotonic() + HOLD_MAX
+        while not self.drain.released.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL)
+
+
+class Drain:
+    """How a graceful stop avoids CANCELLED. The gRPC core answers CANCELLED to every call not
+    yet handed to a handler when the server's stop begins, and to every call arriving on a
+    connection before the client read the GOAWAY that stop sends (grpc/grpc#41785). So before
+    it, each guard's gate refuses new calls but health's with ``Stopping`` (UNAVAILABLE, which
+    clients retry on another replica) while calls already admitted go on:
+
+    1. ``settle``: refusals answered at once, until none came for ``quiet`` seconds (the
+       clients went elsewhere) or for at most ``longest`` seconds;
+    2. ``hold``: refusals held -- a caller waiting for its answer sends nothing new -- so the
+       stop begins with every such call in a handler, none pending or arriving;
+    3. ``release``, once the stop began (its GOAWAY sent): the held calls are answered
+       UNAVAILABLE, the clients' next calls find the listener closed (UNAVAILABLE).
+
+    One writer per attribute: the refusing threads store floats, the stopping thread flags."""
+
+    def __init__(self, quiet: float = DRAIN_QUIET, longest: float = DRAIN_MAX) -> None:
+        self.quiet = quiet
+        self.longest = longest
+        self.started = time.monotonic()
+        self.last_refusal = self.started
+        self.refused = 0
+        self.holding = False
+        self.released = threading.Event()
+
+    def refusal(self) -> Stopping:
+        """Count one refused call; the error to end it with. Never raises."""
+        self.last_refusal = time.monotonic()
+        self.refused += 1
+        return Stopping(self if self.holding else None)
+
+    def settle(self, bound: float) -> float:
+        """Wait until no call was refused for ``quiet`` seconds, at most ``min(longest,
+        bound)`` seconds from the start; returns the seconds the drain lasted. Never raises."""
+        end = self.started + max(0.0, min(self.longest, bound))
+        while True:
+            now = time.monotonic()
+            if now >= end or now - self.last_refusal >= self.quiet:
+                return now - self.started
+            time.sleep(min(DRAIN_POLL, end - now))
+
+    def hold(self, settle: float = HOLD_SETTLE) -> None:
+        """Hold refusals from now on, and give the answers already sent ``settle`` seconds to
+        bring their callers' next calls in (to be held). Never raises."""
+        self.holding = True
+        time.sleep(settle)
+
+    def release(self) -> None:
+        """Let the held refusals go (the server's stop began). Never raises."""
+        self.released.set()
+
+
+def drain(gates: Sequence[Any], grace: float | None) -> tuple[Drain | None, float | None]:
+    """Drain before a graceful stop of ``grace`` seconds (``Drain``): the ``gates`` (one per
+    listener) refuse new calls from now on, settle within half the grace, then hold. Returns
+    the drain (``release`` it once the gRPC server's stop began) and the grace left for that
+    stop. ``grace`` None or 0 (stop at once): no drain. Never raises."""
+    if not grace or grace <= 0:
+        return None, grace
+    draining = Drain()
+    for gate in gates:
+        gate.drain = draining
+    draining.settle(grace / 2)
+    if draining.refused:   # callers still call: hold them over the stop's beginning
+        draining.hold()
+    took = time.monotonic() - draining.started
+    log.info("drained for %.2f s: %d new calls answered UNAVAILABLE", took, draining.refused)
+    return draining, max(0.0, grace - took)
 
 
 class _Undecodable:

@@ -28,6 +28,7 @@ from authority.errors import ConfigError, StartupError
 from authority.service.admission import Gate, Limits, transport_options
 from authority.service.aio_server import AioServers, create_aio_servers, rate_limits, roles_of
 from authority.service.guard import ThreadGuard
+from authority.service.interceptors import drain
 from authority.service.observability import start_metrics_http
 from authority.service.registry import ADMIN_SERVICE, TICKET_SERVICE, add_port, register
 from authority.service.servicers import TicketAdminServicer, TicketAuthorityServicer
@@ -60,13 +61,18 @@ class RunningServer:
     guards: list[ThreadGuard] = field(default_factory=list)  # threads mode: their watchdogs
 
     def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the device."""
+        """Report NOT_SERVING, refuse new calls UNAVAILABLE for a moment (``interceptors.drain``),
+        then stop: in-flight calls have what is left of ``grace`` seconds; close the device."""
         if self.aio is not None:
             self.aio.stop(grace)
         else:
             self.health.enter_graceful_shutdown()
+            draining, grace = drain([guard.gate for guard in self.guards], grace)
             admin_stopped = self.admin_server.stop(grace) if self.admin_server else None
-            self.server.stop(grace).wait()
+            stopped = self.server.stop(grace)   # GOAWAY sent, the listener closed
+            if draining is not None:
+                draining.release()
+            stopped.wait()
             if admin_stopped is not None:
                 admin_stopped.wait()
             for guard in self.guards:
