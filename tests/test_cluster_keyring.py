@@ -547,6 +547,28 @@ def test_the_lease_moves_when_its_holder_stops_renewing(cluster: Cluster) -> Non
     assert a.lease.epoch == 3
 
 
+def test_a_rotation_refused_by_its_fence_audits_its_key_abandoned(cluster: Cluster) -> None:
+    """A stalled holder's scheduled rotation audits ``key.created``, then its fenced commit is
+    refused: the chain must also say the key was abandoned (before: the chain kept a
+    ``key.created`` for a key that never entered the ring; found by chaos replica-kill)."""
+    a = cluster.start(rotation_period=600)
+    b = cluster.start(rotation_period=600)
+    a.maintain()
+    stale = Fence(MAINTENANCE, a.replica.replica_id, 1)
+    cluster.clock.advance(TIMING.lease_duration)
+    b.maintain()                                     # B takes the lease over
+    cluster.clock.advance(600)                       # a rotation is due
+    with pytest.raises(StaleFence):
+        a.ring.maintain(stale)
+    actions = audit_actions(cluster)
+    created = [d["key_id"] for action, d in actions if action == "key.created"
+               and d.get("reason") != "first key"]
+    abandoned = {d["key_id"]: d for action, d in actions if action == "key.abandoned"}
+    assert created and created[-1] in abandoned
+    assert created[-1] not in {k.hex() for k in cluster.stored()}
+    assert "StaleFence" in abandoned[created[-1]]["reason"]
+
+
 # -- a key made on another replica, met on a stale replica ---------------------------------------
 
 class CountingStore:

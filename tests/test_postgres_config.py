@@ -247,3 +247,32 @@ def test_scrub_hides_a_short_password_as_a_word_only() -> None:
     assert scrub_secrets('socket "/nonexistent/.s.PGSQL.5432": No such file or directory; '
                          "tried y", dsn) == ('socket "/nonexistent/.s.PGSQL.5432": No such '
                                              "file or directory; tried ********")
+
+
+def test_a_transaction_left_idle_by_a_stopped_replica_is_ended_by_the_server(
+        postgres_dsn: str) -> None:
+    """A replica stopped (SIGSTOP, a hung host) inside a transaction must not hold its locks
+    for ever: the server ends a transaction idle for 2 x statement_timeout + 1 s (before: the
+    lock was held until the replica resumed; found by chaos replica-kill)."""
+    import time
+
+    import psycopg
+
+    from authority.store.postgres import PostgresStore
+
+    store = PostgresStore(PostgresSettings(dsn=Secret(postgres_dsn), pool_size=2,
+                                           statement_timeout=0.5))
+    try:
+        with store._pool.connection() as stalled:
+            stalled.execute("BEGIN")
+            stalled.execute("LOCK TABLE audit IN EXCLUSIVE MODE")
+            time.sleep(2.5)                  # idle in its transaction past 2 x 0.5 + 1 s
+            with psycopg.connect(postgres_dsn, autocommit=True) as other:
+                other.execute("SET lock_timeout = '1s'")
+                other.execute("BEGIN")
+                other.execute("LOCK TABLE audit IN EXCLUSIVE MODE")   # free again
+                other.execute("ROLLBACK")
+            with pytest.raises(psycopg.Error, match="idle-in-transaction timeout"):
+                stalled.execute("SELECT 1")  # its session was ended
+    finally:
+        store.close()

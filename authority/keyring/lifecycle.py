@@ -69,8 +69,9 @@ class Lifecycle(Publication):
                 self._refresh()   # a rotation that won meanwhile: lose before auditing
                 won = self._apply(lambda: self._rotation(key_id, base, reason, actor, immediate),
                                   fence, audited)
-            except AuthorityError:
-                self._discard(key_id)
+            except AuthorityError as exc:   # the commit refused (StaleFence) or failed
+                self._lost(key_id, actor, bool(audited),
+                           f"not committed: {type(exc).__name__}: {exc.message}")
                 raise
             if not won:
                 self._lost(key_id, actor, bool(audited))
@@ -198,17 +199,21 @@ class Lifecycle(Publication):
                          kek_id)
         return done
 
-    def _lost(self, key_id: bytes, actor: str, audited: bool) -> None:
-        """Another rotation won: destroy the key made here. Never raises."""
+    def _lost(self, key_id: bytes, actor: str, audited: bool,
+              reason: str = "another rotation won") -> None:
+        """The key made here will not be committed (another rotation won, or the commit was
+        refused or failed): destroy it, and if its creation was audited, audit that it was
+        abandoned (the chain never keeps a ``key.created`` for a key that is in no ring).
+        Never raises."""
         if audited:
             try:
                 self._audit(actor, "key.abandoned", {"key_id": key_id.hex(), "in_device": True,
-                                                     "reason": "another rotation won"})
+                                                     "reason": reason})
             except AuthorityError:
                 log.exception("could not audit the abandoned key %s", key_id.hex())
         self._discard(key_id)
-        log.info("key %s destroyed: another replica's rotation committed first (%s)",
-                 key_id.hex(), (self._pending or self._primary or b"").hex())
+        log.info("key %s destroyed: %s (sealing key %s)", key_id.hex(), reason,
+                 (self._pending or self._primary or b"").hex())
 
     def _new_key_id(self) -> bytes:
         while True:
