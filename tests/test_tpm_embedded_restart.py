@@ -165,6 +165,6 @@ def _facts(state: Path) -> dict[str, int]:
 
 @pytest.mark.parametrize("returncode, said", [(-9, "signal 9"), (1, "status 1")])
 def test_how_an_exit_is_described(returncode: int, said: str) -> None:
-    from authority.backends.tpm.swtpm import _exit
+    from authority.backends.tpm.swtpm import _exit_description
 
-    assert _exit(returncode) == said
+    assert _exit_description(returncode) == said

@@ -253,7 +253,8 @@ class SwtpmProcess:
                 attempts = 0
             with self._lock:
                 self._reap()
-            gone = f"the embedded swtpm (pid {process.pid}) exited ({_exit(process.returncode)})"
+            ended = _exit_description(process.returncode)
+            gone = f"the embedded swtpm (pid {process.pid}) exited ({ended})"
             while not self._restart(binary, gone, attempts):
                 attempts += 1
                 if self._stopping.is_set():
@@ -337,7 +338,7 @@ class SwtpmProcess:
                 (self.state_dir / OWNER_FILE).unlink(missing_ok=True)
 
 
-def _exit(returncode: int | None) -> str:
+def _exit_description(returncode: int | None) -> str:
     """How a process ended: "signal 9", "status 1"."""
     if returncode is not None and returncode < 0:
         return f"signal {-returncode}"
