@@ -30,6 +30,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "pg-failover": ("authority.chaos.pg_failover", "primary killed, standby promoted"),
     "replica-kill": ("authority.chaos.replica_kill", "kill -9 / SIGSTOP of a replica"),
     "clock-step": ("authority.chaos.clock_step", "one replica's clock stepped"),
+    "rolling-restart": ("authority.chaos.rolling_restart", "replicas SIGTERMed one after another"),
     "soak": ("authority.chaos.soak", "30 min mixed load, 3 replicas"),
 }
 #: not run unless named (``--only soak``): it takes 30 minutes

@@ -39,6 +39,7 @@ class Tally:
     calls: int = 0
     ok: int = 0
     failing: int = 0
+    failing_codes: dict[str, int] = field(default_factory=dict)   # failing calls by status
     wrong: list[str] = field(default_factory=list)
     consumed: list[bytes] = field(default_factory=list)   # acknowledged consumes
     failing_since: float | None = None   # monotonic time of the first failure of a run
@@ -132,17 +133,18 @@ class Load:
         except grpc.RpcError as exc:
             code = exc.code()
             if code in FAILING:
-                self._failed()
+                self._failed(code.name)
             else:
                 self._wrong(f"{code.name}: {exc.details()}")
             return None
         self._succeeded()
         return reply
 
-    def _failed(self) -> None:
+    def _failed(self, code: str) -> None:
         now = time.monotonic()
         with self._lock:
             self.tally.failing += 1
+            self.tally.failing_codes[code] = self.tally.failing_codes.get(code, 0) + 1
             self.tally.last_failure = now
             if self.tally.failing_since is None:
                 self.tally.failing_since = now
