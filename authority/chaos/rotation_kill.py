@@ -30,10 +30,9 @@ the device read before the restart): a new CREATING record whose key the device 
 ring (``destroy.after_device``; the restart then finds it MISSING).
 
 Load throughout: 0 wrong answers, 0 acknowledged consumes lost (load.py; consumes under a key
-retired since are not asked again: they answer INVALID). The server is never stopped gracefully
-under load (each armed restart follows a kill -9 too): a graceful stop answers a call that
-arrived as it began CANCELLED (gRPC core, grpc/grpc#41785), which load.py counts wrong, and that
-is not what this scenario injects. Figures: restart times (RECOVERY: the slowest), kills by
+retired since are not asked again: they answer INVALID). Every stop here is a kill -9 (each
+armed restart follows one too): graceful stops under load are the rolling-restart scenario's.
+Figures: restart times (RECOVERY: the slowest), kills by
 point and by where a random kill landed, CREATING keys in the device before the sweep.
 """
 
