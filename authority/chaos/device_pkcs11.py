@@ -12,11 +12,17 @@ from pathlib import Path
 
 from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.chaos.core import Outcome
-from authority.chaos.load import Load, lost_consumes
-from authority.chaos.servers import SERVING, health, round_trip, single, time_until
+from authority.chaos.load import Load
+from authority.chaos.servers import (
+    SERVING,
+    health,
+    round_trip,
+    settle_outage,
+    single,
+    time_until,
+)
 
 NAME = "device-pkcs11"
-RECOVERY_BOUND = 2.0
 
 
 def run(work: Path, quick: bool) -> Outcome:
@@ -40,18 +46,7 @@ def run(work: Path, quick: bool) -> Outcome:
                               30.0)
             time.sleep(1.0)
         tally = load.tally
-        out.recovery_s = back
-        out.check(f"service back within {RECOVERY_BOUND} s of the device's return",
-                  back is not None and back <= RECOVERY_BOUND)
-        out.check("calls failed while the device was gone", tally.failing > 0)
-        out.calls, out.wrong = tally.calls, len(tally.wrong)
-        out.lost = lost_consumes(tally, server.tickets)
-        still = [server.tickets.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=t),
-                                             timeout=5).result for t in before]
-        out.check("tickets issued before the loss redeem OK after it",
-                  all(r == authority_pb2.REDEEM_RESULT_OK for r in still))
-        out.detail = "; ".join(tally.wrong[:3])
-        out.figures.update({"failing_calls": tally.failing, "outage_s": outage})
+        settle_outage(out, tally, server, before, back, outage)
     finally:
         if away.exists() and not tokens.exists():
             away.rename(tokens)

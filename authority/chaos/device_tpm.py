@@ -31,11 +31,18 @@ from authority.backends.tpm.swtpm import PID_FILE, SwtpmProcess
 from authority.bench.serveproc import ServeProcess
 from authority.chaos.core import Outcome
 from authority.chaos.load import Load, Tally, lost_consumes
-from authority.chaos.servers import SERVING, health, round_trip, single, time_until
+from authority.chaos.servers import (
+    RECOVERY_BOUND,
+    SERVING,
+    health,
+    round_trip,
+    settle_outage,
+    single,
+    time_until,
+)
 
 NAME = "device-tpm"
 EMBEDDED = "device-tpm-embedded"
-RECOVERY_BOUND = 2.0
 
 _PT_PERMANENT = 0x200           # TPM_PT_PERMANENT (TPM_PT_VAR + 0)
 _PT_LOCKOUT_COUNTER = 0x20E     # TPM_PT_LOCKOUT_COUNTER
@@ -89,18 +96,7 @@ def _outage(out: Outcome, server: ServeProcess, swtpm: SwtpmProcess,
         back = time_until(lambda: round_trip(server) and health(server) == SERVING, 30.0)
         time.sleep(1.0)
     tally = load.tally
-    out.recovery_s = back
-    out.check(f"service back within {RECOVERY_BOUND} s of the device's return",
-              back is not None and back <= RECOVERY_BOUND)
-    out.check("calls failed while the device was gone", tally.failing > 0)
-    out.calls, out.wrong = tally.calls, len(tally.wrong)
-    out.lost = lost_consumes(tally, server.tickets)
-    still = [server.tickets.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=t),
-                                         timeout=5).result for t in before]
-    out.check("tickets issued before the loss redeem OK after it",
-              all(r == authority_pb2.REDEEM_RESULT_OK for r in still))
-    out.detail = "; ".join(tally.wrong[:3])
-    out.figures.update({"failing_calls": tally.failing, "outage_s": outage})
+    settle_outage(out, tally, server, before, back, outage)
     return swtpm
 
 

@@ -12,6 +12,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.bench.serveproc import ServeProcess
+from authority.chaos.core import Outcome
+from authority.chaos.load import Tally, lost_consumes
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 OK = authority_pb2.REDEEM_RESULT_OK
@@ -63,3 +65,26 @@ def time_until(check: Callable[[], bool], timeout: float, poll: float = 0.05) ->
             return time.monotonic() - start
         time.sleep(poll)
     return None
+
+
+#: seconds within which a server must serve again once its device is back (the issue's bound)
+RECOVERY_BOUND = 2.0
+
+
+def settle_outage(out: Outcome, tally: Tally, server: ServeProcess, before: list[bytes],
+                  back: float | None, outage: float) -> None:
+    """Record a device outage's outcome in ``out``: the recovery against ``RECOVERY_BOUND``,
+    calls failed meanwhile, the load's calls and wrong answers, lost consumes, and that the
+    tickets issued ``before`` still redeem OK. Raises: grpc.RpcError (the server never came
+    back: a consumed ticket could not be asked again)."""
+    out.recovery_s = back
+    out.check(f"service back within {RECOVERY_BOUND} s of the device's return",
+              back is not None and back <= RECOVERY_BOUND)
+    out.check("calls failed while the device was gone", tally.failing > 0)
+    out.calls, out.wrong = tally.calls, len(tally.wrong)
+    out.lost = lost_consumes(tally, server.tickets)
+    still = [server.tickets.RedeemTicket(authority_pb2.RedeemTicketRequest(ticket=t),
+                                         timeout=5).result for t in before]
+    out.check("tickets issued before the loss redeem OK after it", all(r == OK for r in still))
+    out.detail = "; ".join(tally.wrong[:3])
+    out.figures.update({"failing_calls": tally.failing, "outage_s": outage})

@@ -110,15 +110,20 @@ class Pkcs11Backend:
                 log.info("pkcs11: not re-reading the token: other backends of this process "
                          "use the module")
                 return
-            try:
-                token = find_token(self._module, self._label)
-            except StartupError as exc:
-                raise DeviceUnavailable(str(exc)) from exc
-            self._token = token
-            self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
-                                     self._settings.release_gil)
+            self._log_in_afresh()
             self._pool.reopen_with(self._open_session)
             self._pool.fill()
+
+    def _log_in_afresh(self) -> None:
+        """After the module was initialised again: find the token, and a new login for the
+        sessions to come. Raises: DeviceUnavailable (no such token now)."""
+        try:
+            token = find_token(self._module, self._label)
+        except StartupError as exc:
+            raise DeviceUnavailable(str(exc)) from exc
+        self._token = token
+        self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
+                                 self._settings.release_gil)
 
     def _open_session(self) -> PooledSession:
         """The pool's opener: a logged-in session; first, if a re-initialisation of the module
@@ -127,13 +132,7 @@ class Pkcs11Backend:
 
         Raises: DeviceUnavailable (still unreadable), StartupError (before the first login)."""
         if REGISTRY.revive(self._module):
-            try:
-                token = find_token(self._module, self._label)
-            except StartupError as exc:
-                raise DeviceUnavailable(str(exc)) from exc
-            self._token = token
-            self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
-                                     self._settings.release_gil)
+            self._log_in_afresh()
         return self._login.open_session()
 
     def _start(self) -> None:
