@@ -1,20 +1,26 @@
-"""Prometheus metrics: device latency, ticket results, key ages and seal counts, consumed set.
+"""Prometheus metrics: device latency and errors, ticket results, key ages and seal counts,
+consumed set, health, the maintenance lease, the TLS certificates' expiry.
 
 Each authority owns its registry (tests run several in one process). RPC latency is observed by
-the service layer (authority/service/observability.py) into the same registry.
+the service layer (authority/service/observability.py) into the same registry. The alert rules
+and the dashboard that use them: monitoring/ (tests/test_monitoring.py checks every name they
+use is exported).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from authority.backends.base import BackendInfo, KeyBackend
+from authority.cluster import MAINTENANCE
 from authority.errors import DeviceUnavailable, InvalidTicket, KeyNotFound
 from authority.serving import DeviceHealth
 
@@ -25,6 +31,10 @@ DEVICE_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 
                   0.1, 0.25, 1.0)
 RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1,
                0.25, 0.5, 1.0, 2.5)
+#: the device operations InstrumentedBackend times (their error series exist from the start, at
+#: 0, so that rate() sees the first error)
+DEVICE_OPS = ("seal", "unseal", "seal_many", "unseal_many", "create_key", "destroy_key",
+              "list_keys", "refresh")
 
 
 class Metrics:
@@ -41,6 +51,11 @@ class Metrics:
         self.rpc_seconds = Histogram(
             "ticket_authority_rpc_seconds", "gRPC call latency", ["method", "code"],
             buckets=RPC_BUCKETS, registry=self.registry)
+        self.device_errors = Counter(
+            "ticket_authority_device_errors", "Device calls that failed (DeviceUnavailable) or "
+            "did not find a key the key ring has", ["op"], registry=self.registry)
+        for op in DEVICE_OPS:
+            self.device_errors.labels(op)
 
     def watch(self, authority: Authority) -> None:
         """Export the authority's counters and key ring at scrape time."""
@@ -50,6 +65,7 @@ class Metrics:
 class _StateCollector(Collector):
     def __init__(self, authority: Authority) -> None:
         self._a = authority
+        self._not_after = _NotAfterCache()
 
     def collect(self) -> Iterator[Any]:
         counts = self._a.counters.snapshot()
@@ -64,10 +80,22 @@ class _StateCollector(Collector):
                                       labels=["stage"])
         for stage in ("malformed", "key", "auth", "plaintext", "realm"):
             invalid.add_metric([stage], counts.get(f"redeem.invalid.{stage}", 0))
-        yield from (issued, redeems, invalid)
+        consumes = CounterMetricFamily("ticket_authority_consumes", "ConsumeTicket(s) items "
+                                       "by result (refused: a handle not authentic)",
+                                       labels=["result"])
+        for result, name in (("ok", "consumed"), ("replayed", "consume_replayed"),
+                             ("refused", "consume_refused")):
+            consumes.add_metric([result], counts.get(name, 0))
+        errors = CounterMetricFamily("ticket_authority_maintenance_errors", "Heartbeats and "
+                                     "maintenance passes that failed", labels=["task"])
+        for task in ("heartbeat", "maintenance"):
+            errors.add_metric([task], counts.get(f"{task}_errors", 0))
+        yield from (issued, redeems, invalid, consumes, errors)
         yield from self._keys()
         yield from self._store()
         yield from self._device()
+        yield from self._serving()
+        yield from self._certificates()
 
     def _store(self) -> Iterator[Any]:
         """``ticket_authority_store_up`` (1: the state store answered this scrape, 0: it did
@@ -88,6 +116,22 @@ class _StateCollector(Collector):
                                      "Live entries in the consumed-ticket set")
         consumed.add_metric([], count)
         yield from (up, consumed)
+        yield from self._lease()
+
+    def _lease(self) -> Iterator[Any]:
+        """The maintenance lease's fencing epoch as the store has it (it moves by one at each
+        change of holder, in every replica's view: a counter of holder changes that no
+        restart resets; left out if the store fails now or no replica took it yet)."""
+        try:
+            lease = self._a.store.load_lease(MAINTENANCE)
+        except DeviceUnavailable:
+            return
+        if lease is None:
+            return
+        epoch = GaugeMetricFamily("ticket_authority_maintenance_lease_epoch", "Fencing epoch "
+                                  "of the maintenance lease (+1 at each change of holder)")
+        epoch.add_metric([], lease.epoch)
+        yield epoch
 
     def _device(self) -> Iterator[Any]:
         info = self._a.backend.describe()
@@ -98,12 +142,49 @@ class _StateCollector(Collector):
                                        "Device processes replaced after dying, hanging or "
                                        "breaking the protocol")
         restarts.add_metric([], info.process_restarts)
-        yield from (processes, restarts)
+        up = GaugeMetricFamily("ticket_authority_device_up", "1 while the key device works, 0 "
+                               "once its calls have failed for 1 s without a success")
+        up.add_metric([], 0 if self._a.backend.health.down else 1)
+        yield from (processes, restarts, up)
+
+    def _serving(self) -> Iterator[Any]:
+        """Health as load balancers see it, and whether this replica holds the lease."""
+        serving = GaugeMetricFamily("ticket_authority_serving", "1 while health is SERVING "
+                                    "(store confirmed current and device working), else 0")
+        serving.add_metric([], 1 if self._a.serving.serving else 0)
+        held = GaugeMetricFamily("ticket_authority_maintenance_lease_held", "1 while this "
+                                 "replica holds the maintenance lease (runs rotation, "
+                                 "destruction, purges)")
+        held.add_metric([], 0 if self._a.lease.epoch is None else 1)
+        yield from (serving, held)
+
+    def _certificates(self) -> Iterator[Any]:
+        """With ``[tls]``: the earliest notAfter among the certificates of the server's chain
+        file and of the client CA file, as they are on disk (what the server serves once it
+        has reloaded them); a file that cannot be read or parsed now is left out."""
+        tls = self._a.config.tls
+        if tls is None:
+            return
+        family = GaugeMetricFamily("ticket_authority_tls_certificate_not_after_seconds",
+                                   "Unix time the earliest certificate of each TLS file "
+                                   "expires at", labels=["file"])
+        for label, path in (("server", tls.cert_file), ("client_ca", tls.client_ca_file)):
+            not_after = self._not_after.read(path)
+            if not_after is not None:
+                family.add_metric([label], not_after)
+        yield family
 
     def _keys(self) -> Iterator[Any]:
         now = self._a.clock.now()
         age = GaugeMetricFamily("ticket_authority_key_age_seconds", "Age of each live key",
                                 labels=["key_id", "state"])
+        period = GaugeMetricFamily("ticket_authority_key_rotation_period_seconds", "keys."
+                                   "rotation_period: seconds a key seals before it is rotated "
+                                   "(0: never)")
+        period.add_metric([], self._a.config.keys.rotation_period)
+        present = GaugeMetricFamily("ticket_authority_sealing_key_present", "1 if this "
+                                    "replica has a sealing key (issues can seal), else 0")
+        present.add_metric([], 0 if self._a.ring.primary_id is None else 1)
         seals = GaugeMetricFamily("ticket_authority_key_seals", "Seals counted against each "
                                   "live key's nonce budget", labels=["key_id", "state"])
         for record in self._a.ring.records():
@@ -112,7 +193,31 @@ class _StateCollector(Collector):
             labels = [record.key_id.hex(), record.state.name]
             age.add_metric(labels, now - record.created_at)
             seals.add_metric(labels, record.seal_count)
-        yield from (age, seals)
+        yield from (age, seals, period, present)
+
+
+class _NotAfterCache:
+    """The earliest notAfter of the certificates in a PEM file, parsed again only when the
+    file's size or modification time changed."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple[int, int], float]] = {}
+
+    def read(self, path: Path) -> float | None:
+        """Unix time, or None if the file cannot be read or holds no certificate. Never
+        raises."""
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            seen = self._seen.get(path)
+            if seen is not None and seen[0] == stamp:
+                return seen[1]
+            certificates = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        not_after = min(c.not_valid_after_utc.timestamp() for c in certificates)
+        self._seen[path] = (stamp, not_after)
+        return not_after
 
 
 def _all_keys_found(results: list[bytes | InvalidTicket]) -> bool:
@@ -148,11 +253,11 @@ class InstrumentedBackend:
         try:
             result = call()
         except (DeviceUnavailable, KeyNotFound):
-            self.health.failed()
+            self._failed(op)
             raise
         finally:
             self._end(op, start)
-        self._judged(result, judge)
+        self._judged(op, result, judge)
         return result
 
     async def _timed_async(self, op: str, call: Callable[[], Awaitable[Any]],
@@ -161,14 +266,15 @@ class InstrumentedBackend:
         try:
             result = await call()
         except (DeviceUnavailable, KeyNotFound):
-            self.health.failed()
+            self._failed(op)
             raise
         finally:
             self._end(op, start)
-        self._judged(result, judge)
+        self._judged(op, result, judge)
         return result
 
-    def _judged(self, result: Any, judge: Callable[[Any], bool | None] | None) -> None:
+    def _judged(self, op: str, result: Any,
+                judge: Callable[[Any], bool | None] | None) -> None:
         """Feed a returned call's outcome to the device's health (see ``_timed``)."""
         verdict = True if judge is None else judge(result)
         if verdict is None:
@@ -176,7 +282,12 @@ class InstrumentedBackend:
         if verdict:
             self.health.succeeded()
         else:
-            self.health.failed()
+            self._failed(op)
+
+    def _failed(self, op: str) -> None:
+        """A device call under ``op`` failed: counted, and fed to the device's health."""
+        self._metrics.device_errors.labels(op).inc()
+        self.health.failed()
 
     def _begin(self) -> float:
         """Count one device call in flight; return its start time."""
