@@ -25,6 +25,7 @@ from authority.app import Authority, device_processes, inline_device_calls, serv
 from authority.clock import Clock
 from authority.config import Config
 from authority.errors import ConfigError, StartupError
+from authority.sdnotify import Notifier
 from authority.service.admission import Gate, Limits, transport_options
 from authority.service.aio_server import AioServers, create_aio_servers, rate_limits, roles_of
 from authority.service.guard import ThreadGuard
@@ -243,8 +244,12 @@ def _start_threads(config: Config, authority: Authority,
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain gracefully.
 
+    Under systemd (``Type=notify``, ``$NOTIFY_SOCKET``: authority/sdnotify.py) it sends
+    READY=1 once it serves and server.json is written, STOPPING=1 as the drain begins.
+
     Raises: StartupError, ConfigError, DeviceUnavailable at start-up.
     """
+    notifier = Notifier.claim()
     running = build_server(config)
     running.authority.start_maintenance()
     server_file = config.state_dir / SERVER_FILE
@@ -265,9 +270,11 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGHUP, on_hangup)
     settle_heap()
     _announce(config, running)
+    notifier.ready(f"serving on {running.address}")
     try:
         stop.wait()
     finally:
+        notifier.stopping(f"draining (server.grace_seconds {config.server.grace_seconds:g})")
         running.stop(config.server.grace_seconds)
         server_file.unlink(missing_ok=True)
         log.info("stopped")

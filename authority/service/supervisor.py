@@ -32,7 +32,10 @@ The supervisor
   or SIGINT sends them SIGTERM (each drains for ``server.grace_seconds``), waits, and exits once
   they have stopped;
 - writes server.json: the address, its own pid, the admin address and the replicas (index,
-  pid, replica id, metrics port, admin address).
+  pid, replica id, metrics port, admin address);
+- under systemd (``Type=notify``: authority/sdnotify.py) sends READY=1 once every replica
+  serves, a STATUS= line when one is lost or back, STOPPING=1 when it begins to stop them. It
+  alone speaks (``NotifyAccess=main``): the replicas do not inherit ``$NOTIFY_SOCKET``.
 
 A replica whose supervisor is gone (killed) sees its end of their socket pair close, and stops.
 The settings (secrets included) reach a replica over that socket pair, never on its command
@@ -60,6 +63,7 @@ from authority.backends.processes.channel import Channel
 from authority.backends.processes.process import spawn_child
 from authority.config import Config
 from authority.errors import DeviceUnavailable, StartupError
+from authority.sdnotify import Notifier
 from authority.statedir import StateLock
 
 log = logging.getLogger(__name__)
@@ -204,8 +208,10 @@ class _Slot:
 class Supervisor:
     """Starts, watches, restarts and stops the replicas of one ``serve``."""
 
-    def __init__(self, config: Config, lock: StateLock) -> None:
+    def __init__(self, config: Config, lock: StateLock,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier(None)
         self._lock = lock
         self._slots = [_Slot(i) for i in range(server_processes(config))]
         self._port: int | None = None         # the shared port, once replica 0 bound it
@@ -288,6 +294,7 @@ class Supervisor:
             self._lost(slot, f"replica {slot.index} did not start: {error}")
         elif not self.stopping.is_set():
             self.write_server_file()
+            self.notifier.status(self.serving_line())
 
     def _check_alive(self, slot: _Slot) -> None:
         """The watchdog: note the serving replica's heartbeats; SIGTERM it once silent for
@@ -322,6 +329,8 @@ class Supervisor:
         log.warning("%s; restarting it in %.1f s", why, delay)
         if not self.stopping.is_set():
             self.write_server_file()
+            self.notifier.status(f"{self.serving_line()}; replica {slot.index} restarting in "
+                                 f"{delay:.1f} s")
 
     def _discard(self, slot: _Slot) -> None:
         """Kill the slot's process if it still runs, reap it, close the socket pair."""
@@ -386,6 +395,11 @@ class Supervisor:
                                 f"serve within {START_TIMEOUT:.0f} s: killed")
         return StartupError(f"server.processes: replica {slot.index} (pid {pid}) exited with "
                             f"status {status} before serving (its log is above)")
+
+    def serving_line(self) -> str:
+        """The STATUS= line: where it serves, how many of its replicas serve now."""
+        return (f"serving on {self._address}: {len(self.replicas)} of {len(self._slots)} "
+                f"replicas")
 
     def write_server_file(self) -> None:
         """server.json: the address and admin address (replica 0's, the same for every
@@ -453,9 +467,10 @@ def supervise(config: Config) -> int:
     """
     from authority.app import prepare_state_dir
 
+    notifier = Notifier.claim()   # before any replica starts: they must not inherit it
     prepare_state_dir(config.state_dir)
     lock = StateLock.acquire(config.state_dir)
-    supervisor = Supervisor(config, lock)
+    supervisor = Supervisor(config, lock, notifier)
     restore = _install_signals(supervisor)
     try:
         try:
@@ -466,7 +481,10 @@ def supervise(config: Config) -> int:
         if not supervisor.stopping.is_set():
             supervisor.write_server_file()
             _announce(config, supervisor.replicas)
+            notifier.ready(supervisor.serving_line())
             supervisor.run()
+        notifier.stopping(f"stopping the replicas (server.grace_seconds "
+                          f"{config.server.grace_seconds:g})")
         supervisor.stop()
     finally:
         restore()
