@@ -27,8 +27,9 @@ class Pkcs11Settings:
     """How to reach the PKCS#11 token that holds the ticket keys."""
 
     module: Path                      # the PKCS#11 shared library
-    token_label: str
-    pin: Secret
+    token_label: str                  # the label of the token (slot) that holds the keys
+    pin: Secret                       # the user PIN that logs the sessions in (pin_file /
+                                      # pin_env; inline pin logs a warning)
     sessions: int = 16                # logged-in sessions in the pool (one per gRPC worker;
                                       # cap at a real HSM's session limit)
     session_timeout: float = 5.0      # seconds to wait for a free session before UNAVAILABLE
@@ -73,8 +74,9 @@ class PostgresSettings:
 class TicketPolicy:
     """Ticket lifetimes, in seconds."""
 
-    default_lifetime: int = 3600
-    max_lifetime: int = 8 * 3600
+    default_lifetime: int = 3600      # seconds a ticket lives when the gateway asks for 0
+    max_lifetime: int = 8 * 3600      # longer requests are clamped to it; a retired key is
+                                      # kept to open tickets for this long
 
 
 @dataclass(frozen=True)
@@ -151,21 +153,30 @@ class TlsSettings:
     cert_file: Path                   # the server's certificate chain (PEM)
     key_file: Path                    # its private key (PEM)
     client_ca_file: Path              # CA certificates that sign client certificates (PEM)
-    trust_domain: str
-    require_client_cert: bool = True
-    role_map: tuple[tuple[str, str], ...] = DEFAULT_ROLE_MAP
-    realms: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    trust_domain: str                 # the SPIFFE trust domain of the client URIs (example.org)
+    require_client_cert: bool = True  # False: TLS without client certificates and roles
+                                      # (every caller may call everything), loopback only
+    role_map: tuple[tuple[str, str], ...] = DEFAULT_ROLE_MAP  # client URI pattern -> role
+                                      # (gateway: TicketAuthority; admin: TicketAdmin),
+                                      # first match wins
+    realms: tuple[tuple[str, tuple[str, ...]], ...] = ()  # gateway URI pattern -> the
+                                      # realms it may issue and redeem in, first match wins
+                                      # (beyond them: PERMISSION_DENIED); unmatched: any
 
 
 @dataclass(frozen=True)
 class ServerSettings:
     """The gRPC listener."""
 
-    listen: str = "127.0.0.1:50051"
-    workers: int = 16
-    max_message_bytes: int = 4 << 20   # a full batch of maximum-size tickets fits
-    max_batch_items: int = 1000
-    grace_seconds: float = 5.0
+    listen: str = "127.0.0.1:50051"    # the gRPC listener (TicketAuthority, TicketAdmin,
+                                       # health, reflection); beyond loopback only with [tls]
+    workers: int = 16                  # threads of the thread-pool server; on aio, threads
+                                       # for offloaded device calls
+    max_message_bytes: int = 4 << 20   # largest gRPC message in or out, in bytes; the
+                                       # default: a full batch of maximum-size tickets fits
+    max_batch_items: int = 1000        # items per IssueTickets/RedeemTickets message
+    grace_seconds: float = 5.0         # on SIGTERM: seconds calls in flight get to complete
+                                       # before the listener closes (the graceful stop)
     metrics_listen: str = "127.0.0.1:9464"  # Prometheus /metrics over HTTP; "" turns it off
     admin_listen: str = ""   # "unix:PATH" or loopback HOST:PORT: TicketAdmin there (plaintext,
                              # no roles) instead of on ``listen``; "": on ``listen``
@@ -228,17 +239,19 @@ class ServerSettings:
 class Config:
     """Every setting of one authority process. Build with ``load_config``."""
 
-    state_dir: Path
+    state_dir: Path                        # the token, the SQLite state, the audit log, locks
     server: ServerSettings = ServerSettings()
     tickets: TicketPolicy = TicketPolicy()
     keys: KeyPolicy = KeyPolicy()
-    backend: str = "pkcs11"
+    backend: str = "pkcs11"                # the key device: "pkcs11" or "tpm"
     pkcs11: Pkcs11Settings | None = None   # None: the embedded SoftHSM2 token in state_dir/hsm
     tpm: TpmSettings = TpmSettings()       # used when backend == "tpm"
     tls: TlsSettings | None = None         # None: plaintext, loopback only, no roles
-    log_level: str = "INFO"
-    store_synchronous: str = "NORMAL"
-    audit_log: Path | None = None          # None: state_dir/audit.log (authority/audit.py)
+    log_level: str = "INFO"                # the lowest level logged
+    store_synchronous: str = "NORMAL"      # SQLite's synchronous pragma; FULL: every consume
+                                           # survives a power loss too (slower)
+    audit_log: Path | None = None          # the hash-chained audit log (JSON lines, fsynced,
+                                           # 0600); None: state_dir/audit.log (authority/audit.py)
     postgresql: PostgresSettings | None = None  # None: SQLite in state_dir/authority.db
     cluster: ClusterSettings = ClusterSettings()
     store: StoreSettings = StoreSettings()   # [store]: outage bounds (either store)
