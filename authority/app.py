@@ -21,6 +21,7 @@ from authority.counters import Counters
 from authority.errors import AuthorityError, ConfigError, InvalidTicket, StartupError
 from authority.keyring import KeyRing
 from authority.keyring.core import wrapping_backend
+from authority.logs import note_replica
 from authority.metrics import InstrumentedBackend, Metrics
 from authority.outage import PolicyWatch
 from authority.policy import Policy
@@ -106,7 +107,8 @@ def open_backend(config: Config) -> KeyBackend:
         if device_processes(config):
             from authority.backends.tpm.process import open_tpm_process
 
-            return open_tpm_process(config.tpm, config.state_dir / "tpm", config.log_level)
+            return open_tpm_process(config.tpm, config.state_dir / "tpm", config.log_level,
+                                    config.log_format)
         from authority.backends.tpm import open_tpm_backend
 
         return open_tpm_backend(config.tpm, config.state_dir / "tpm",
@@ -125,7 +127,8 @@ def open_backend(config: Config) -> KeyBackend:
     from authority.backends.processes.pool import DeviceProcesses
 
     try:
-        return DeviceProcesses(local, hello_for(settings, config.log_level), count,
+        return DeviceProcesses(local, hello_for(settings, config.log_level, config.log_format),
+                               count,
                                asynchronous=server_mode(config) == "aio",
                                wait=settings.session_timeout).start()
     except BaseException:
@@ -187,6 +190,7 @@ class Authority:
         self.started_at = clock.now()
         self.audit: AuditSink = open_audit(config, store, clock.now)
         self.replica = ReplicaIdentity.new(clock)
+        note_replica(self.replica.replica_id)   # named in every log line from now on
         wrapper = wrapping_backend(config.cluster, backend)
         self.ring = KeyRing(self.backend, store, config.keys, config.tickets, clock,
                             audit=self.audit.record, cluster=config.cluster,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import math
 import socket
 import sys
@@ -211,8 +210,9 @@ def _serve(args: argparse.Namespace) -> int:
                          log_level=args.log_level, backend=args.backend,
                          metrics_listen=args.metrics_listen)
     check_listeners_free(config)
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from authority.logs import setup as setup_logs
+
+    setup_logs(config.log_level, config.log_format)
     from authority.crashpoints import arm_from_environment
 
     arm_from_environment()   # a test seam (authority/crashpoints.py): unset in production

@@ -248,6 +248,7 @@ class Config:
     tpm: TpmSettings = TpmSettings()       # used when backend == "tpm"
     tls: TlsSettings | None = None         # None: plaintext, loopback only, no roles
     log_level: str = "INFO"                # the lowest level logged
+    log_format: str = "text"               # "text" lines, or "json": one event a line
     store_synchronous: str = "NORMAL"      # SQLite's synchronous pragma; FULL: every consume
                                            # survives a power loss too (slower)
     audit_log: Path | None = None          # the hash-chained audit log (JSON lines, fsynced,

@@ -39,8 +39,8 @@ _AUTO_OR_INT = {"server.device_processes", "server.max_calls_per_client",
 _AUTO_OR_SECONDS = {"server.replica_watchdog"}
 _SECTIONS = {"server": ServerSettings, "tickets": TicketPolicy, "keys": KeyPolicy,
              "cluster": ClusterSettings, "store": StoreSettings}
-_TOP = {"state_dir", "backend", "log_level", "store_synchronous", "pkcs11", "tpm", "tls",
-        "audit_log", "postgresql", *_SECTIONS}
+_TOP = {"state_dir", "backend", "log_level", "log_format", "store_synchronous", "pkcs11", "tpm",
+        "tls", "audit_log", "postgresql", *_SECTIONS}
 _BACKENDS = ("pkcs11", "tpm")
 _PKCS11_KEYS = {"module", "token_label", "pin", "pin_file", "pin_env", "sessions",
                 "session_timeout", "softhsm2_conf", "so_pin_file", "so_pin_env"}
@@ -52,6 +52,7 @@ _PERSISTENT = range(0x81000000, 0x82000000)
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "trust_domain", "require_client_cert",
              "role_map", "realms"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_LOG_FORMATS = ("text", "json")
 
 
 def default_state_dir() -> Path:
@@ -84,6 +85,7 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, server=replace(cfg.server, metrics_listen=metrics_listen))
     cfg = replace(cfg, backend=str(backend or data.get("backend", "pkcs11")),
                   log_level=str(log_level or data.get("log_level", "INFO")).upper(),
+                  log_format=data.get("log_format", "text"),
                   store_synchronous=str(data.get("store_synchronous", "NORMAL")).upper())
     if "pkcs11" in data:
         cfg = replace(cfg, pkcs11=_pkcs11(data["pkcs11"]))
@@ -399,6 +401,8 @@ def validate(cfg: Config) -> None:
     _positive("tpm.call_timeout", cfg.tpm.call_timeout)
     if cfg.log_level not in _LOG_LEVELS:
         raise ConfigError("log_level", f"one of {', '.join(sorted(_LOG_LEVELS))}")
+    if cfg.log_format not in _LOG_FORMATS:
+        raise ConfigError("log_format", f"one of {', '.join(_LOG_FORMATS)}")
     if cfg.store_synchronous not in {"NORMAL", "FULL"}:
         raise ConfigError("store_synchronous", "NORMAL or FULL")
     if cfg.pkcs11 is not None:

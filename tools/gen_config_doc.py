@@ -66,6 +66,8 @@ SPECS: dict[str, Spec] = {
     "backend": Spec('"pkcs11" or "tpm"', refused=("hsm",), accepted=("pkcs11", "tpm")),
     "log_level": Spec('"DEBUG", "INFO", "WARNING" or "ERROR" (any case)',
                       refused=("TRACE",), accepted=("debug", "ERROR")),
+    "log_format": Spec('"text" or "json" (one JSON event per line: authority/logs.py)',
+                       refused=("JSON", "xml"), accepted=("text", "json")),
     "store_synchronous": Spec('"NORMAL" or "FULL" (any case); SQLite only',
                               refused=("OFF",), accepted=("full", "NORMAL")),
     "audit_log": Spec("a non-empty file path, relative to the config file's directory",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +37,13 @@ import grpc.aio
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.handlers import Guarded, serve, shape_of
-from authority.service.interceptors import Stopping, failure
+from authority.service.interceptors import (
+    Stopping,
+    begin_request,
+    end_request,
+    failure,
+    mark_status,
+)
 from authority.steps import AsyncDevice, Plan, run_async
 
 T = TypeVar("T")
@@ -56,8 +63,10 @@ class Runner:
         return await self.offload(fn, *args)
 
     async def offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in the pool. Raises: what ``fn`` raises."""
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """``fn(*args)`` in the pool, in a copy of this task's context (its log lines carry
+        the call's request id). Raises: what ``fn`` raises."""
+        run = contextvars.copy_context().run
+        return await asyncio.get_running_loop().run_in_executor(self.pool, run, fn, *args)
 
 
 #: batch methods the aio server can drive as plans (authority/steps.py) on its loop
@@ -266,15 +275,16 @@ class AioGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 class _Observed:
-    """Around one call's work: an exception ends the call with the status it deserves (and
-    raises; cancellation passes as it is), and the call's latency is recorded with the status
-    it ended with."""
+    """Around one call's work: the call's request id set first (``begin_request``); an
+    exception ends the call with the status it deserves (and raises; cancellation passes as
+    it is), and the call's latency is recorded with the status it ended with."""
 
-    __slots__ = ("_context", "_gate", "_name", "_start")
+    __slots__ = ("_context", "_gate", "_name", "_request", "_start")
 
     def __init__(self, gate: Gate, name: str, context: grpc.aio.ServicerContext) -> None:
         self._gate, self._name, self._context = gate, name, context
         self._start = time.perf_counter()
+        self._request = begin_request(context)
 
     async def __aenter__(self) -> None:
         return None
@@ -287,8 +297,10 @@ class _Observed:
             if exc is not None:
                 code = _code_of(exc)
                 await _fail(exc, self._context)
+            mark_status(self._context)   # a status the servicer set without raising
         finally:
             self._gate.observe(self._name, code, time.perf_counter() - self._start)
+            end_request(self._request)
 
 
 def _code_of(exc: BaseException) -> str:
@@ -302,7 +314,10 @@ async def _fail(exc: BaseException, context: grpc.aio.ServicerContext) -> NoRetu
     """Abort the call with the status ``exc`` deserves (``interceptors.failure``; always
     raises). Cancellation and an abort already in flight are re-raised as they are; a call
     refused while the server stops is answered once its drain lets it (``Stopping``)."""
-    if isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit)) or \
+    if isinstance(exc, grpc.aio.AbortError):   # the servicer's own abort (health's NOT_FOUND)
+        mark_status(context)
+        raise exc
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)) or \
             not isinstance(exc, Exception):
         raise exc
     if isinstance(exc, Stopping):

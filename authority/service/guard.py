@@ -25,7 +25,13 @@ import grpc
 from authority.errors import InvalidArgument
 from authority.service.admission import Gate, Wait, status_name, tick
 from authority.service.handlers import Guarded, serve, shape_of
-from authority.service.interceptors import Stopping, _fail
+from authority.service.interceptors import (
+    Stopping,
+    _fail,
+    begin_request,
+    end_request,
+    mark_status,
+)
 
 Behavior = Callable[..., Any]
 
@@ -169,6 +175,7 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
         def call(requests: Iterator[Any], context: grpc.ServicerContext,
                  send_response_callback: Callable[[Any], None]) -> None:
             start = time.perf_counter()
+            request_scope = begin_request(context)
             try:
                 client = gate.admit(method, context, holds=True)
                 try:
@@ -190,22 +197,27 @@ class ThreadGuard(grpc.ServerInterceptor):  # type: ignore[misc]
 
             if not context.add_callback(ended):
                 ended()
-            behavior(request, context, send_later)
+            try:
+                behavior(request, context, send_later)
+            finally:
+                end_request(request_scope)
 
         call.experimental_non_blocking = True  # type: ignore[attr-defined]
         return call
 
 
 class _Observed:
-    """Around one call's work: an exception ends the call with the status it deserves (and
-    raises), and the call's latency is recorded with the status it ended with. A
-    ``GeneratorExit`` (a response stream closed) passes as it is, recorded as OK."""
+    """Around one call's work: the call's request id set first (``begin_request``); an
+    exception ends the call with the status it deserves (and raises), and the call's latency
+    is recorded with the status it ended with. A ``GeneratorExit`` (a response stream closed)
+    passes as it is, recorded as OK."""
 
-    __slots__ = ("_context", "_gate", "_name", "_start")
+    __slots__ = ("_context", "_gate", "_name", "_request", "_start")
 
     def __init__(self, gate: Gate, name: str, context: grpc.ServicerContext) -> None:
         self._gate, self._name, self._context = gate, name, context
         self._start = time.perf_counter()
+        self._request = begin_request(context)
 
     def __enter__(self) -> None:
         return None
@@ -218,8 +230,11 @@ class _Observed:
             if isinstance(exc, Exception):
                 code = _status(exc, self._context)
                 _failed(exc, self._context)
+            if exc is None:
+                mark_status(self._context)   # a status the servicer set without raising
         finally:
             self._gate.observe(self._name, code, time.perf_counter() - self._start)
+            end_request(self._request)
 
 
 def _status(exc: Exception, context: grpc.ServicerContext) -> str:

@@ -5,21 +5,31 @@ unexpected is logged with an incident id and answered UNKNOWN: a client never se
 stack trace, and a request body that is not a valid message is INVALID_ARGUMENT. A call arriving
 once the server began to stop gracefully is UNAVAILABLE (``Drain``: never the gRPC core's
 CANCELLED).
+
+Every call has a request id (``begin_request``, called by both guards first): the caller's
+``x-request-id`` metadata when well-formed (``REQUEST_ID_FORM``), else a new one. It is in
+every log line written for the call (authority/logs.py ``REQUEST_ID``), in the call's trailing
+metadata (``x-request-id``), and at the end of the details of every error status the guards
+send: ``... (request id 3f2a...)``, so a gateway's error can be found in the server's log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextvars import Token
 from typing import Any, NoReturn
 
 import grpc
 
 from authority.errors import AuthorityError
+from authority.logs import REQUEST_ID
 from authority.service.auth import Denied
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,10 @@ DRAIN_POLL = 0.01
 HOLD_SETTLE = 0.05  # seconds refusals are held before the gRPC server's stop begins
 HOLD_MAX = 1.0      # seconds a held refusal waits at most for its release
 STOPPING = "the authority is stopping: retry another replica"
+REQUEST_ID_KEY = "x-request-id"   # the metadata key, in both directions
+#: a caller's request id we keep: 1 to 64 letters, digits, '.', '_', ':', '-' (a UUID, a
+#: trace id); anything else (empty, longer, spaces, control characters) is replaced
+REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
 class Stopping(AuthorityError):
@@ -126,6 +140,60 @@ def drain(gates: Sequence[Any], grace: float | None) -> tuple[Drain | None, floa
     return draining, max(0.0, grace - took)
 
 
+def request_id_of(metadata: Any) -> str:
+    """The request id of a call whose invocation metadata is ``metadata`` (pairs, or None):
+    its first ``x-request-id`` if well-formed, else a new one (16 random hex digits). Never
+    raises."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY:
+            if isinstance(value, str) and REQUEST_ID_FORM.fullmatch(value):
+                return value
+            break
+    return os.urandom(8).hex()
+
+
+def begin_request(context: Any) -> Token[str | None]:
+    """Give the call of ``context`` (either server's) its request id: set in this context
+    (every log line of the call names it) and in the call's trailing metadata. Returns what
+    ``end_request`` takes. Never raises."""
+    request = request_id_of(context.invocation_metadata())
+    context.set_trailing_metadata(((REQUEST_ID_KEY, request),))
+    return REQUEST_ID.set(request)
+
+
+def end_request(token: Token[str | None]) -> None:
+    """Forget the call's request id in this context (a worker thread's next call must not
+    inherit it). Never raises."""
+    try:
+        REQUEST_ID.reset(token)
+    except ValueError:   # ended in another context (a stream closed elsewhere)
+        REQUEST_ID.set(None)
+
+
+def with_request_id(details: str) -> str:
+    """``details`` with the current call's request id appended (once); as it is outside a
+    call. Never raises."""
+    request = REQUEST_ID.get()
+    if request is None:
+        return details
+    suffix = f"(request id {request})"
+    if details.endswith(suffix):
+        return details
+    return f"{details} {suffix}" if details else suffix
+
+
+def mark_status(context: Any) -> None:
+    """Append the request id to the details of an error status already set on ``context``
+    (a servicer's own ``abort`` or ``set_code``, e.g. health's NOT_FOUND). Never raises."""
+    try:
+        code = context.code()
+        if code is None or code == grpc.StatusCode.OK or code == 0:
+            return
+        context.set_details(with_request_id(context.details() or ""))
+    except Exception:   # a context that cannot say (the call is over): nothing to mark
+        log.debug("cannot mark the status of a call with its request id", exc_info=True)
+
+
 class _Undecodable:
     """Stands in for a request body that failed to parse."""
 
@@ -148,21 +216,22 @@ def failure(exc: Exception) -> tuple[grpc.StatusCode, str]:
     authority error's own; a role refusal's (logged when PERMISSION_DENIED); anything else
     UNKNOWN with an incident id, logged with the error. Never raises."""
     if isinstance(exc, AuthorityError):
-        return grpc.StatusCode[exc.status], exc.message
+        return grpc.StatusCode[exc.status], with_request_id(exc.message)
     if isinstance(exc, Denied):
         if exc.code == grpc.StatusCode.PERMISSION_DENIED:
             log.warning("denied: %s", exc.message)
-        return exc.code, exc.message
+        return exc.code, with_request_id(exc.message)
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error (incident %s)", incident, exc_info=exc)
-    return (grpc.StatusCode.UNKNOWN,
-            f"unexpected server error (incident {incident}); see the server log")
+    return (grpc.StatusCode.UNKNOWN, with_request_id(
+        f"unexpected server error (incident {incident}); see the server log"))
 
 
 def _fail(exc: Exception, context: grpc.ServicerContext) -> NoReturn:
     """Abort the call with the status an exception deserves (``failure``); re-raise an abort
     in flight."""
     if not isinstance(exc, (AuthorityError, Denied)) and context.code() is not None:
+        mark_status(context)
         raise exc   # context.abort() was already called
     context.abort(*failure(exc))
     raise AssertionError("unreachable")  # context.abort raises

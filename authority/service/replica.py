@@ -30,6 +30,7 @@ from typing import Any
 
 from authority.config import Config
 from authority.errors import ConfigError, DeviceUnavailable, StartupError
+from authority.logs import setup as setup_logs
 
 log = logging.getLogger("authority.service.replica")  # also when run as __main__
 
@@ -45,9 +46,7 @@ def main(argv: list[str]) -> int:
     hello = receive_hello(link)
     config: Config = hello["config"]
     index = int(hello["index"])
-    logging.basicConfig(level=config.log_level,
-                        format=f"%(asctime)s %(levelname)s replica {index}: %(name)s: "
-                               "%(message)s")
+    setup_logs(config.log_level, config.log_format, prefix=f"replica {index}: ")
     stop = threading.Event()
     running_tls: list[Any] = []
     _install_signals(stop, running_tls)

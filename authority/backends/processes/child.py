@@ -57,6 +57,7 @@ from authority.errors import (
     KeyNotFound,
     StartupError,
 )
+from authority.logs import setup as setup_logs
 
 log = logging.getLogger("authority.backends.processes")
 
@@ -68,9 +69,8 @@ def main(argv: list[str]) -> int:
     channel = Channel(socket.socket(fileno=int(argv[1])))
     try:
         hello = json.loads(channel.recv())
-        logging.basicConfig(level=hello.get("log_level", "INFO"), stream=sys.stderr,
-                            format=f"%(asctime)s device-process[{hello['index']}] "
-                                   "%(levelname)s %(name)s: %(message)s")
+        setup_logs(hello.get("log_level", "INFO"), hello.get("log_format", "text"),
+                   prefix=f"device-process[{hello['index']}] ")
         backend = _open(hello)
     except StartupError as exc:
         channel.send(encode_failure(STARTUP, str(exc)))
@@ -86,24 +86,28 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def hello_for(settings: Pkcs11Settings, log_level: str) -> dict[str, Any]:
+def hello_for(settings: Pkcs11Settings, log_level: str,
+              log_format: str = "text") -> dict[str, Any]:
     """The settings a device process opens its backend with (the first frame; ``_open`` reads
-    it). The PIN stays a ``Secret`` until the message is written."""
+    it), and how it logs (authority/logs.py). The PIN stays a ``Secret`` until the message
+    is written."""
     return {"backend": "pkcs11", "module": str(settings.module),
             "token_label": settings.token_label, "pin": settings.pin,
             "session_timeout": settings.session_timeout,
-            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": log_level}
+            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": log_level,
+            "log_format": log_format}
 
 
 def tpm_hello_for(settings: TpmSettings, tcti: str, tpm_dir: Path, log_level: str,
-                  depth: int) -> dict[str, Any]:
+                  depth: int, log_format: str = "text") -> dict[str, Any]:
     """The settings the TPM process opens the TPM at ``tcti`` with (``_open`` reads them);
     ``depth``: requests it runs at once. The owner auth stays a ``Secret`` until sent."""
     return {"backend": "tpm", "tcti": tcti, "tpm_dir": str(tpm_dir),
             "key_dir": None if settings.key_dir is None else str(settings.key_dir),
             "owner_auth": settings.owner_auth, "parent": settings.parent,
             "retries": settings.retries, "queue_size": settings.queue_size,
-            "call_timeout": settings.call_timeout, "log_level": log_level, "depth": depth}
+            "call_timeout": settings.call_timeout, "log_level": log_level, "depth": depth,
+            "log_format": log_format}
 
 
 def _open(hello: dict[str, Any]) -> KeyBackend:

@@ -25,8 +25,10 @@ PIPELINE: Final = 32  # requests in flight to the TPM process; it runs as many a
                       # worker can group the queued jobs by key (worker.py)
 
 
-def open_tpm_process(settings: TpmSettings, tpm_dir: Path, log_level: str) -> RemoteBackend:
-    """The TPM backend of ``open_tpm_backend``, run in a device process.
+def open_tpm_process(settings: TpmSettings, tpm_dir: Path, log_level: str,
+                     log_format: str = "text") -> RemoteBackend:
+    """The TPM backend of ``open_tpm_backend``, run in a device process (logging at
+    ``log_level`` in ``log_format``).
 
     Raises: StartupError naming the setting at fault (as ``open_tpm_backend``), or
     server.device_processes when the process cannot be started.
@@ -39,7 +41,7 @@ def open_tpm_process(settings: TpmSettings, tpm_dir: Path, log_level: str) -> Re
         tcti = swtpm.tcti
     note = "" if swtpm is None else f"; embedded swtpm, state {swtpm.state_dir}"
     backend = RemoteBackend(
-        tpm_hello_for(settings, tcti, tpm_dir, log_level, PIPELINE),
+        tpm_hello_for(settings, tcti, tpm_dir, log_level, PIPELINE, log_format),
         name="tpm", format_version=TpmBackend.format_version, pipeline=PIPELINE,
         max_waiting=settings.queue_size, call_timeout=settings.call_timeout + 5.0,
         start_timeout=START_TIMEOUT, note=note, on_close=None if swtpm is None else swtpm.stop)
