@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     chaos_arguments(sub.add_parser("chaos", help="inject faults into real servers under load "
                                                  "and print what held (docs/reliability.md)"))
+    from authority.doctor import add_arguments as doctor_arguments
+
+    doctor_arguments(sub.add_parser(
+        "doctor", help="check the device, store, certificates, clock, file permissions and "
+                       "replicas of this configuration, read-only (exit 0 OK, 1 a warning, "
+                       "2 a failure)"))
     from authority.demo import configure_parser as configure_demo
 
     configure_demo(sub.add_parser("demo", help="resume an IKE SA on a second gateway through the "
@@ -187,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(run_command(args))
         if args.command == "certs":
             return _certs(args)
+        if args.command == "doctor":
+            from authority.doctor import run as run_doctor
+
+            return run_doctor(args)
         if args.command == "audit":
             return _audit_verify_command(args)
         if args.command == "cluster" and args.cluster_command in ("init", "join"):

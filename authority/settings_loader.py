@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 import tomllib
+from contextvars import ContextVar
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,23 @@ def load_config(config_file: Path | None = None, *, listen: str | None = None,
         cfg = replace(cfg, audit_log=(base_dir / Path(value).expanduser()).resolve())
     validate(cfg)
     return cfg
+
+
+#: set while ``load_config_for_checks`` loads: the [tls] files are left to the caller
+_TLS_FILES_LEFT: ContextVar[bool] = ContextVar("tls_files_left", default=False)
+
+
+def load_config_for_checks(config_file: Path | None = None, *,
+                           state_dir: Path | None = None) -> Config:
+    """``load_config`` without reading or checking the ``[tls]`` files (validate_tls):
+    ``doctor`` checks them itself, one by one, and runs its other checks either way.
+
+    Raises: ConfigError naming the first wrong setting."""
+    token = _TLS_FILES_LEFT.set(True)
+    try:
+        return load_config(config_file, state_dir=state_dir)
+    finally:
+        _TLS_FILES_LEFT.reset(token)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -343,7 +361,7 @@ def validate(cfg: Config) -> None:
     """
     mutual = cfg.tls is not None and cfg.tls.require_client_cert
     parse_listen(cfg.server.listen, loopback_only=not mutual)
-    if cfg.tls is not None:
+    if cfg.tls is not None and not _TLS_FILES_LEFT.get():
         validate_tls(cfg.tls)
     if cfg.server.admin_listen:
         admin_listen_path(cfg.server.admin_listen)
