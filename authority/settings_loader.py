@@ -188,7 +188,7 @@ def _tpm(data: Any) -> TpmSettings:
     tcti = data.get("tcti")
     if tcti is not None and (not isinstance(tcti, str) or not tcti):
         raise ConfigError("tpm.tcti", "a TCTI string such as 'device:/dev/tpmrm0'")
-    key_dir = data.get("key_dir")
+    key_dir = _path_text("tpm.key_dir", data.get("key_dir"))
     auth = Secret("")
     if "owner_auth_file" in data or "owner_auth_env" in data:
         auth = _secret("tpm.owner_auth", data, file_key="owner_auth_file",
@@ -257,7 +257,7 @@ def _pkcs11(data: Any) -> Pkcs11Settings:
     for key in ("module", "token_label"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"pkcs11.{key}", "required (a non-empty string)")
-    conf = data.get("softhsm2_conf")
+    conf = _path_text("pkcs11.softhsm2_conf", data.get("softhsm2_conf"))
     return Pkcs11Settings(
         module=Path(data["module"]), token_label=data["token_label"], pin=_pin(data),
         sessions=_coerce("pkcs11.sessions", data.get("sessions", Pkcs11Settings.sessions), int),
@@ -343,8 +343,9 @@ def _secret(setting: str, data: dict[str, Any], *, file_key: str, env_key: str) 
     if file_key in data and env_key in data:
         raise ConfigError(setting, f"give {file_key} or {env_key}, not both")
     if file_key in data:
+        path = _path_text(f"{prefix}.{file_key}", data[file_key])
         try:
-            return Secret(Path(data[file_key]).read_text().strip())
+            return Secret(Path(path or "").read_text().strip())
         except OSError as exc:
             raise ConfigError(f"{prefix}.{file_key}", f"cannot read: {exc.strerror}") from exc
     value = take_variable(str(data[env_key]))
@@ -375,6 +376,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("server.rate_limit_per_s", "must be 0 (off) or positive")
     _positive("server.rate_burst", cfg.server.rate_burst)
     _positive("server.max_concurrent_rpcs", cfg.server.max_concurrent_rpcs)
+    if not cfg.server.grace_seconds >= 0:
+        raise ConfigError("server.grace_seconds", "must be 0 or more seconds, got "
+                          f"{cfg.server.grace_seconds}")
     if cfg.server.mode not in ("auto", "aio", "threads"):
         raise ConfigError("server.mode",
                           f"expected auto, aio or threads, got {cfg.server.mode!r}")
@@ -596,6 +600,16 @@ def validate_tls(tls: TlsSettings) -> None:
         if role not in ROLES:
             raise ConfigError(f"tls.role_map.{pattern}",
                               f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+
+
+def _path_text(setting: str, value: Any) -> str | None:
+    """A path setting's text (None when unset). Raises: ConfigError naming ``setting`` when it
+    is not a non-empty string (a number would crash pathlib with a TypeError)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(setting, f"must be a path (a non-empty string), got {value!r}")
+    return value
 
 
 def _positive(setting: str, value: float) -> None:

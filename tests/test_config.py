@@ -9,6 +9,7 @@ import pytest
 from authority.config import Config, KeyPolicy, Secret, ServerSettings, TicketPolicy
 from authority.errors import ConfigError
 from authority.settings_loader import load_config, parse_listen
+from tests.conftest import load_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,3 +96,23 @@ def test_tpm_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toml.write_text("[tpm]\nqueue_size = 0\n")
     with pytest.raises(ConfigError, match=r"^tpm\.queue_size:"):
         load_config(toml, state_dir=tmp_path)
+
+
+@pytest.mark.parametrize("body, setting", [
+    ('[tpm]\nkey_dir = 5\n', "tpm.key_dir"),
+    ('[tpm]\nowner_auth_file = 5\n', "tpm.owner_auth_file"),
+    ('[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin_file = 5\n', "pkcs11.pin_file"),
+    ('[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin = "1"\nsofthsm2_conf = 7\n',
+     "pkcs11.softhsm2_conf"),
+    ('[pkcs11]\nmodule = "/m.so"\ntoken_label = "t"\npin = "1"\nso_pin_file = []\n',
+     "pkcs11.so_pin_file"),
+    ('[postgresql]\ndsn_file = 3\n', "postgresql.dsn_file"),
+    ("[server]\ngrace_seconds = -1\n", "server.grace_seconds"),
+])
+def test_a_setting_of_the_wrong_kind_is_named_not_a_crash(tmp_path: Path, body: str,
+                                                          setting: str) -> None:
+    """A path given as a number (before: TypeError out of pathlib, a traceback instead of exit
+    2), a negative grace (before: loaded): ConfigError naming the setting."""
+    with pytest.raises(ConfigError) as refused:
+        load_toml(tmp_path, body)
+    assert setting in str(refused.value)
