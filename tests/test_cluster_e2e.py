@@ -24,7 +24,6 @@ tests/test_cluster_keyring.py ``test_the_loser_of_two_rotations_in_two_processes
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -48,7 +47,7 @@ from authority._proto.ticketauthority.v1 import (
 )
 from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
-from authority.bench.serveproc import listening_address
+from authority.bench.serveproc import listening_address, token_key_ids
 from authority.config import Pkcs11Settings
 from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
@@ -193,28 +192,12 @@ class Cluster:
     def token_keys(self) -> set[str]:
         """The ids (hex) of the ticket keys the token holds, listed by python-pkcs11 in a
         process of its own (SoftHSM2 reads its configuration once per process)."""
-        assert self.token.softhsm2_conf is not None
-        done = subprocess.run(
-            [sys.executable, "-c", _LIST_KEYS, str(self.token.module), self.token.token_label],
-            input=self.token.pin.reveal(), capture_output=True, text=True, timeout=60,
-            env={**os.environ, "SOFTHSM2_CONF": str(self.token.softhsm2_conf)}, check=False)
-        assert done.returncode == 0, done.stderr
-        return set(done.stdout.split())
+        return token_key_ids(self.token.module, self.token.token_label,
+                             self.token.pin.reveal(), self.token.softhsm2_conf)
 
     def close(self) -> None:
         for replica in self.replicas:
             replica.stop()
-
-
-_LIST_KEYS = """
-import sys, pkcs11
-from pkcs11 import Attribute, ObjectClass
-token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
-with token.open(user_pin=sys.stdin.read().strip()) as session:
-    for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-        if key[Attribute.LABEL].startswith("ita-"):
-            print(bytes(key[Attribute.ID]).hex())
-"""
 
 
 @pytest.fixture(scope="module")

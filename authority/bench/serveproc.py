@@ -136,3 +136,27 @@ def wait_for(what: str, check: Callable[[], bool], timeout: float = 60.0,
         assert time.monotonic() - start < timeout, f"{what}: not within {timeout} s"
         time.sleep(poll)
     return time.monotonic() - start
+
+
+_LIST_KEYS = """
+import sys, pkcs11
+from pkcs11 import Attribute, ObjectClass
+token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
+with token.open(user_pin=sys.stdin.read().strip()) as session:
+    for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
+        if key[Attribute.LABEL].startswith("ita-"):
+            print(bytes(key[Attribute.ID]).hex())
+"""
+
+
+def token_key_ids(module: Path, label: str, pin: str, softhsm2_conf: Path | None) -> set[str]:
+    """The ids (hex) of the ticket keys a token holds, listed by python-pkcs11 in a process of
+    its own (SoftHSM2 reads its configuration once per process, and a server may be using the
+    token). Raises: AssertionError (the listing failed)."""
+    env = dict(os.environ)
+    if softhsm2_conf is not None:
+        env["SOFTHSM2_CONF"] = str(softhsm2_conf)
+    done = subprocess.run([sys.executable, "-c", _LIST_KEYS, str(module), label], input=pin,
+                          capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())

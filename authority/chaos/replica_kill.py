@@ -19,10 +19,7 @@ Throughout: 0 wrong answers, no acknowledged consume lost (every one REPLAYED af
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from typing import Any
 import psycopg
 
 from authority._proto.ticketauthority.v1 import admin_pb2
-from authority.bench.serveproc import CALL, ServeProcess
+from authority.bench.serveproc import CALL, ServeProcess, token_key_ids
 from authority.chaos.core import Outcome
 from authority.chaos.load import Load, lost_consumes
 from authority.chaos.replicas import APPLICATION, LEASE, lease, replicas, status
@@ -221,17 +218,6 @@ def _details(value: Any) -> dict[str, Any]:
     return found
 
 
-_LIST_KEYS = """
-import sys, pkcs11
-from pkcs11 import Attribute, ObjectClass
-token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
-with token.open(user_pin=sys.stdin.read().strip()) as session:
-    for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-        if key[Attribute.LABEL].startswith("ita-"):
-            print(bytes(key[Attribute.ID]).hex())
-"""
-
-
 def _token_keys(work: Path) -> set[str]:
     """The ticket key ids (hex) the shared token in ``work``/hsm holds, listed by
     python-pkcs11 in a process of its own (SoftHSM2 reads its configuration once per process).
@@ -239,10 +225,5 @@ def _token_keys(work: Path) -> set[str]:
     from authority.backends.softhsm import provision_embedded_token
 
     token = provision_embedded_token(work / "hsm")
-    assert token.softhsm2_conf is not None
-    done = subprocess.run(
-        [sys.executable, "-c", _LIST_KEYS, str(token.module), token.token_label],
-        input=token.pin.reveal(), capture_output=True, text=True, timeout=60, check=False,
-        env={**os.environ, "SOFTHSM2_CONF": str(token.softhsm2_conf)})
-    assert done.returncode == 0, done.stderr
-    return set(done.stdout.split())
+    return token_key_ids(token.module, token.token_label, token.pin.reveal(),
+                         token.softhsm2_conf)

@@ -38,7 +38,6 @@ point and by where a random kill landed, CREATING keys in the device before the 
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import sqlite3
@@ -52,7 +51,7 @@ from pathlib import Path
 import grpc
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2, authority_pb2_grpc
-from authority.bench.serveproc import ServeProcess
+from authority.bench.serveproc import ServeProcess, token_key_ids
 from authority.chaos.core import Outcome
 from authority.chaos.load import Load, Tally, lost_consumes
 from authority.chaos.servers import round_trip, single
@@ -393,17 +392,6 @@ def _ring(state: Path) -> dict[bytes, KeyState]:
         db.close()
 
 
-_LIST_KEYS = """
-import sys, pkcs11
-from pkcs11 import Attribute, ObjectClass
-token = pkcs11.lib(sys.argv[1]).get_token(token_label=sys.argv[2])
-with token.open(user_pin=sys.stdin.read().strip()) as session:
-    for key in session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY}):
-        if key[Attribute.LABEL].startswith("ita-"):
-            print(bytes(key[Attribute.ID]).hex())
-"""
-
-
 def device_keys(state: Path) -> set[bytes]:
     """The ticket keys the embedded token of ``state`` holds, listed by python-pkcs11 in a
     process of its own. Raises: AssertionError (the listing failed)."""
@@ -415,12 +403,9 @@ def device_keys(state: Path) -> set[bytes]:
     )
 
     hsm = state / "hsm"
-    done = subprocess.run(
-        [sys.executable, "-c", _LIST_KEYS, str(find_softhsm_module()), DEFAULT_LABEL],
-        input=(hsm / USER_PIN_NAME).read_text(), capture_output=True, text=True, timeout=60,
-        env={**os.environ, "SOFTHSM2_CONF": str(hsm / CONF_NAME)}, check=False)
-    assert done.returncode == 0, done.stderr
-    return {bytes.fromhex(line) for line in done.stdout.split()}
+    return {bytes.fromhex(k) for k in token_key_ids(
+        find_softhsm_module(), DEFAULT_LABEL, (hsm / USER_PIN_NAME).read_text().strip(),
+        hsm / CONF_NAME)}
 
 
 def _issue(server: ServeProcess, state: Run, count: int) -> None:
