@@ -176,7 +176,7 @@ class DevPostgres:
         pid = self.pid
         if pid is None:
             return
-        children = _children(pid)
+        children = child_pids(pid)
         for victim in (pid, *children):
             with contextlib.suppress(OSError):
                 os.kill(victim, signal.SIGKILL)
@@ -300,7 +300,7 @@ class DevPostgres:
             os.chown(path, user.pw_uid, user.pw_gid)
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (/proc). Never raises."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):

@@ -49,6 +49,7 @@ from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
 from authority.bench.serveproc import listening_address, token_key_ids
 from authority.config import Pkcs11Settings
+from authority.devdb import child_pids
 from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
 from tests.postgres_fixtures import PostgresServer, private_server, shared_server
@@ -661,19 +662,6 @@ def test_kill_9_of_the_lease_holder_under_load(trio: Cluster) -> None:
 def live(replica: Replica) -> dict[str, bool]:
     """{replica id: live} as GetStatus on ``replica`` lists the replicas."""
     return {r.replica_id: r.live for r in replica.status().replicas}
-
-
-def child_pids(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 def test_two_rotations_at_once_on_two_replicas_make_one_key(trio: Cluster) -> None:

@@ -23,14 +23,13 @@ from authority._proto.ticketauthority.v1 import authority_pb2
 from authority.bench.serveproc import ServeProcess
 from authority.chaos.core import Outcome
 from authority.chaos.load import Load
+from authority.chaos.replicas import settings
 
 NAME = "clock-step"
 STEP = 300.0             # seconds the clock jumps
 BOUND = 1.0              # documented: whole seconds in the ticket (+ the replicas' offset: 0)
 SLACK = 0.3              # the polling's resolution and a call's latency
 POLL = 0.1
-HEARTBEAT = 0.2
-LEASE = 1.0
 EXPIRED = authority_pb2.REDEEM_RESULT_EXPIRED
 OK = authority_pb2.REDEEM_RESULT_OK
 
@@ -52,25 +51,6 @@ class Edge:
         return self.issued + self.lifetime
 
 
-def replica_settings(state: Path, token_dir: Path, dsn_file: Path) -> str:
-    """One replica: the shared embedded-style token, the database, short intervals."""
-    conf = token_dir / "softhsm2.conf"
-    return (f'state_dir = "{state}"\n'
-            '[server]\nlisten = "127.0.0.1:0"\nmetrics_listen = ""\nprocesses = 1\n'
-            f'[pkcs11]\nmodule = "{_module()}"\ntoken_label = "ticket-authority"\n'
-            f'pin_file = "{token_dir / "user.pin"}"\nsofthsm2_conf = "{conf}"\nsessions = 4\n'
-            f'[postgresql]\ndsn_file = "{dsn_file}"\npool_size = 4\n'
-            f"[cluster]\nheartbeat_interval = {HEARTBEAT}\nreplica_timeout = {LEASE}\n"
-            f"lease_duration = {LEASE}\n[keys]\npublish_delay = 5\n"
-            "[store]\nmax_staleness = 3\n")
-
-
-def _module() -> Path:
-    from authority.backends.softhsm import find_softhsm_module
-
-    return find_softhsm_module()
-
-
 def run(work: Path, quick: bool) -> Outcome:
     """Raises: StartupError (PostgreSQL), AssertionError (a replica did not start)."""
     from authority import devdb
@@ -82,11 +62,10 @@ def run(work: Path, quick: bool) -> Outcome:
         dsn_file = work / "dsn"
         dsn_file.write_text(database.dsn(database.create_database()))
         dsn_file.chmod(0o600)
-        provision_embedded_token(work / "hsm")
+        token = provision_embedded_token(work / "hsm")
         offset = work / "clock-offset"
         offset.write_text("0")
-        a, b = (ServeProcess(work, n, replica_settings(work / n, work / "hsm", dsn_file))
-                for n in ("a", "b"))
+        a, b = (ServeProcess(work, n, settings(work / n, token, dsn_file)) for n in ("a", "b"))
         b.env = {"TICKET_AUTHORITY_TEST_CLOCK_OFFSET_FILE": str(offset)}
         try:
             a.serve()

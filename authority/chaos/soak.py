@@ -24,9 +24,10 @@ import grpc
 
 from authority._proto.ticketauthority.v1 import admin_pb2, authority_pb2, authority_pb2_grpc
 from authority.bench.serveproc import ServeProcess
-from authority.chaos.clock_step import replica_settings
 from authority.chaos.core import Outcome
 from authority.chaos.load import Load
+from authority.chaos.replicas import settings
+from authority.devdb import child_pids
 
 NAME = "soak"
 SAMPLE = 10.0            # seconds between RSS samples
@@ -52,10 +53,10 @@ def run(work: Path, quick: bool, minutes: float | None = None) -> Outcome:
         dsn_file = work / "dsn"
         dsn_file.write_text(database.dsn(database.create_database()))
         dsn_file.chmod(0o600)
-        provision_embedded_token(work / "hsm")
-        extra = f"rotation_period = {ROTATION}\n"
-        replicas = [ServeProcess(work, n, replica_settings(work / n, work / "hsm", dsn_file)
-                                 .replace("[keys]\n", "[keys]\n" + extra)) for n in "abc"]
+        token = provision_embedded_token(work / "hsm")
+        keys = f"rotation_period = {ROTATION}\n"
+        replicas = [ServeProcess(work, n, settings(work / n, token, dsn_file, keys))
+                    for n in "abc"]
         try:
             for replica in replicas:
                 replica.serve()
@@ -106,12 +107,8 @@ def _processes(replica: ServeProcess) -> dict[str, int]:
     """The replica's server process and its children (device processes), by a label."""
     assert replica.proc is not None
     found = {f"{replica.name}:server": replica.proc.pid}
-    try:
-        children = Path(f"/proc/{replica.proc.pid}/task/{replica.proc.pid}/children")
-        for i, pid in enumerate(children.read_text().split()):
-            found[f"{replica.name}:child{i}"] = int(pid)
-    except OSError:
-        pass
+    for i, pid in enumerate(sorted(child_pids(replica.proc.pid))):
+        found[f"{replica.name}:child{i}"] = pid
     return found
 
 
