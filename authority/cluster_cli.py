@@ -132,8 +132,10 @@ def commands(pb: Any) -> dict[tuple[str, str], tuple[str, Callable[[Any], Any],
 
 
 def _fingerprint(text: str) -> str:
-    value = text.replace(":", "").replace(" ", "").lower()
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+    from authority.membership import fingerprint_text
+
+    value = fingerprint_text(text)
+    if value is None:
         raise ConfigError("FINGERPRINT", "the 64 hex digits `cluster join` printed")
     return value
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import socket
 import time
@@ -43,6 +44,7 @@ FIRST_KEK = "ticket-authority-kek"
 #: the OAEP hashes a joiner offers, preferred first (the approver's token picks the first it
 #: takes; SoftHSM2 takes only SHA-1)
 OAEP_HASHES = ("sha256", "sha1")
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 
 class Transport(Protocol):
@@ -66,6 +68,13 @@ class Officer(Protocol):
     def wrap_kek_for(self, public_key_der: bytes, label: str,
                      oaep_hashes: tuple[str, ...]) -> Any: ...
     def unwrap_kek(self, wrapped: Any, label: str, fingerprint: str | None = None) -> None: ...
+
+
+def fingerprint_text(text: str) -> str | None:
+    """A transport key fingerprint as an operator gives it (64 hex digits; ``:`` and spaces
+    ignored, any case) in lower case, or None if it is not one. Never raises."""
+    value = text.replace(":", "").replace(" ", "").lower()
+    return value if _FINGERPRINT.fullmatch(value) else None
 
 
 def node_name(config: Config) -> str:

@@ -3,23 +3,21 @@ from the domain; request validation names the field."""
 
 from __future__ import annotations
 
-import re
-
 from authority._proto.ticketauthority.v1 import admin_pb2
 from authority.cluster_members import Membership
 from authority.errors import InvalidArgument
+from authority.membership import fingerprint_text
 from authority.service.convert import timestamp
 from authority.store.base import JoinRequest, NodeRecord
 
-_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 NODE_NAME_MAX = 253
 
 
 def fingerprint_field(text: str) -> str:
     """A transport key fingerprint as given (64 hex digits, ``:`` and spaces ignored, any case),
     in lower case. Raises: InvalidArgument naming ``fingerprint``."""
-    value = text.replace(":", "").replace(" ", "").lower()
-    if not _FINGERPRINT.fullmatch(value):
+    value = fingerprint_text(text)
+    if value is None:
         raise InvalidArgument("fingerprint", "must be the 64 hex digits of the SHA-256 "
                                              "fingerprint `cluster join` printed")
     return value
