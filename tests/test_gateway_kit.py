@@ -1,0 +1,195 @@
+"""The gateway kit's pieces for a full IKEv2 exchange: SA payload codec and proposal choice,
+group 19 key exchange, the shared-key AUTH of RFC 7296 §2.15, the two readings of the resumed
+AUTH, and the responder engine's refusal to crash on anything a peer sends."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from authority.gateway import Engine, GatewaySettings
+from authority.ikev2.auth import MESSAGE_ONLY, RFC5723, auth_initiator, auth_responder, psk_auth
+from authority.ikev2.bodies import ID_FQDN, id_body
+from authority.ikev2.ecdh import DH_ECP_256, Ecp256, KeyExchange, decode_ke_body, encode_ke_body
+from authority.ikev2.errors import PayloadError
+from authority.ikev2.proposals import (
+    PROTOCOL_IKE,
+    TRANSFORM_DH,
+    TRANSFORM_ENCR,
+    TRANSFORM_INTEG,
+    TRANSFORM_PRF,
+    Acceptable,
+    Proposal,
+    Transform,
+    choose_ike_suite,
+    decode_sa_body,
+    encode_sa_body,
+    suite_proposal,
+)
+from authority.ikev2.wire import IKE_SA_INIT, IkeHeader, encode_ike_header
+
+GCM16, CBC, SHA256, SHA512, HMAC_SHA2_256_128 = 20, 12, 5, 7, 12
+PSK = b"0123456789abcdef0123456789abcdef"
+ACCEPT = Acceptable(encryption=((GCM16, 256), (GCM16, 128)), prfs=(SHA256, SHA512),
+                    dh_groups=(DH_ECP_256,))
+
+
+def _proposal(number: int, *transforms: Transform) -> Proposal:
+    return Proposal(number, PROTOCOL_IKE, b"", transforms)
+
+
+def _gcm(bits: int = 256, prf: int = SHA256, dh: int = DH_ECP_256) -> tuple[Transform, ...]:
+    return (Transform(TRANSFORM_ENCR, GCM16, bits), Transform(TRANSFORM_PRF, prf),
+            Transform(TRANSFORM_DH, dh))
+
+
+# -- the SA payload ------------------------------------------------------------------------------
+
+def test_an_sa_body_round_trips_byte_exact() -> None:
+    body = encode_sa_body([_proposal(1, *_gcm()), _proposal(2, Transform(TRANSFORM_ENCR, CBC, 128),
+                                                            Transform(TRANSFORM_INTEG, 12),
+                                                            Transform(TRANSFORM_PRF, SHA256),
+                                                            Transform(TRANSFORM_DH, 14))])
+    assert decode_sa_body(body)[0] == _proposal(1, *_gcm())
+    assert encode_sa_body(decode_sa_body(body)) == body
+    # RFC 7296 §3.3: proposal 1 is 8 + 3 transforms (12 with the key length, 8, 8) = 36 octets,
+    # Last Substruc 2 (more follow), Key Length as a TV attribute 0x800e.
+    assert body[:8] == bytes([2, 0, 0, 36, 1, 1, 0, 3])
+    assert body[8:20] == bytes([3, 0, 0, 12, 1, 0, 0, 20, 0x80, 0x0e, 1, 0])
+
+
+@pytest.mark.parametrize("offered, chosen", [
+    ([_gcm()], (1, GCM16, 256, SHA256)),
+    ([_gcm(128, SHA512)], (1, GCM16, 128, SHA512)),
+    # the initiator's order of proposals wins; the first acceptable one is taken
+    ([(Transform(TRANSFORM_ENCR, CBC, 256), Transform(TRANSFORM_INTEG, HMAC_SHA2_256_128),
+       Transform(TRANSFORM_PRF, SHA256), Transform(TRANSFORM_DH, DH_ECP_256)), _gcm()],
+     (2, GCM16, 256, SHA256)),
+    ([_gcm(dh=14)], None),                      # no acceptable group
+    ([_gcm(192)], None),                        # no acceptable key size
+    ([(*_gcm(), Transform(TRANSFORM_INTEG, HMAC_SHA2_256_128))], None),  # integ with AEAD
+])
+def test_the_choice_follows_the_initiators_order_and_the_acceptable_set(
+        offered: list[tuple[Transform, ...]], chosen: tuple[int, int, int, int] | None) -> None:
+    proposals = [_proposal(i + 1, *t) for i, t in enumerate(offered)]
+    suite = choose_ike_suite(decode_sa_body(encode_sa_body(proposals)), ACCEPT)
+    got = None if suite is None else (suite.proposal_number, suite.encr_id,
+                                      suite.encr_key_bits, suite.prf_id)
+    assert got == chosen
+
+
+def test_the_answer_carries_one_transform_of_each_type_numbered_as_offered() -> None:
+    suite = choose_ike_suite([_proposal(7, *_gcm())], ACCEPT)
+    assert suite is not None
+    assert suite_proposal(suite) == _proposal(7, *_gcm())
+
+
+@pytest.mark.parametrize("body", [b"", b"\x00", bytes([0, 0, 0, 8, 1, 1, 0, 1]),
+                                  bytes([0, 0, 0, 200, 1, 1, 0, 0]),
+                                  bytes([2, 0, 0, 8, 1, 1, 0, 0])])
+def test_malformed_sa_bodies_are_payload_errors(body: bytes) -> None:
+    with pytest.raises(PayloadError):
+        decode_sa_body(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120))
+def test_any_sa_body_decodes_or_is_a_payload_error(body: bytes) -> None:
+    try:
+        proposals = decode_sa_body(body)
+    except PayloadError:
+        return
+    choose_ike_suite(proposals, ACCEPT)
+
+
+# -- group 19 --------------------------------------------------------------------------------
+
+def test_both_sides_of_group_19_agree_and_the_ke_body_round_trips() -> None:
+    a, b = Ecp256(), Ecp256()
+    assert len(a.public) == 64 and a.shared(b.public) == b.shared(a.public)
+    assert len(a.shared(b.public)) == 32
+    body = encode_ke_body(KeyExchange(DH_ECP_256, a.public))
+    assert body[:4] == b"\x00\x13\x00\x00"
+    assert decode_ke_body(body) == KeyExchange(DH_ECP_256, a.public)
+
+
+@pytest.mark.parametrize("peer", [bytes(64), b"\x01" * 64, b"\x02" * 63])
+def test_a_value_off_the_curve_is_refused(peer: bytes) -> None:
+    with pytest.raises(PayloadError):
+        Ecp256().shared(peer)
+
+
+# -- AUTH ------------------------------------------------------------------------------------
+
+def _hmac(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_the_shared_key_auth_is_rfc_7296_section_2_15() -> None:
+    sk_pi, message, nonce = os.urandom(32), b"\x11" * 28 + b"payloads", os.urandom(32)
+    id_i = id_body(ID_FQDN, b"client.example")
+    octets = message + nonce + _hmac(sk_pi, id_i)
+    expected = _hmac(_hmac(PSK, b"Key Pad for IKEv2"), octets)
+    assert psk_auth(SHA256, PSK, sk_pi, message, nonce, id_i) == expected
+    with pytest.raises(ValueError, match="pre-shared key"):
+        psk_auth(SHA256, b"", sk_pi, message, nonce, id_i)
+
+
+def test_the_two_readings_of_the_resumed_auth() -> None:
+    sk, message, nonce = os.urandom(32), b"\x22" * 28 + b"resume", os.urandom(32)
+    id_r = id_body(ID_FQDN, b"gateway.example")
+    rfc = _hmac(sk, message + nonce + _hmac(sk, id_r))
+    assert auth_responder(SHA256, sk, message, nonce, id_r) == rfc
+    assert auth_responder(SHA256, sk, message, nonce, id_r, RFC5723) == rfc
+    assert auth_initiator(SHA256, sk, message, nonce, id_r, MESSAGE_ONLY) == _hmac(sk, message)
+    with pytest.raises(ValueError, match="reading"):
+        auth_initiator(SHA256, sk, message, nonce, id_r, "libreswan")
+
+
+# -- settings and the engine -------------------------------------------------------------------
+
+def _settings(**changes: object) -> GatewaySettings:
+    values: dict[str, object] = {"local_id": id_body(ID_FQDN, b"gateway.example"), "psk": PSK}
+    values.update(changes)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"psk": b"short"}, "psk"), ({"resumed_auth": "libreswan"}, "resumed_auth"),
+    ({"local_id": b"\x02\x00\x00\x00"}, "local_id"), ({"ticket_lifetime": -1}, "ticket_lifetime"),
+])
+def test_settings_name_the_wrong_field(changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        _settings(**changes)
+
+
+def test_the_settings_never_show_the_key() -> None:
+    assert PSK.hex() not in repr(_settings()) and str(PSK) not in repr(_settings())
+
+
+class _NoAuthority:
+    """A ticket service that fails the test if the engine calls it for junk."""
+
+    def issue(self, *_: object, **__: object) -> object:
+        raise AssertionError("junk reached the authority")
+
+    redeem = consume = issue
+
+
+def _sa_init(payload_bytes: bytes) -> bytes:
+    header = IkeHeader(os.urandom(8), bytes(8), 33, IKE_SA_INIT, 0x08, 0, 28 + len(payload_bytes))
+    return encode_ike_header(header) + payload_bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.binary(max_size=160).map(_sa_init)))
+def test_the_engine_drops_what_it_cannot_parse_and_never_raises(data: bytes) -> None:
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    reply = engine.handle(data, ("192.0.2.1", 500))
+    assert reply is None or len(reply) >= 28
+    assert engine.sas == {}
