@@ -46,7 +46,7 @@ _NOT_COMMANDS = {"tpm2_pytss"}   # the Python binding, not a program
 
 def shell_commands(text: str) -> set[str]:
     """The programs a bash script runs by name (not its own functions)."""
-    text = re.sub(r"^debs=\([^)]*\)", "", text, flags=re.MULTILINE)  # package names
+    text = re.sub(r"^(?:test_)?debs=\([^)]*\)", "", text, flags=re.MULTILINE)  # packages
     text = _HEREDOC.sub("", text)
     found: set[str] = set()
     for line in text.splitlines():
@@ -71,10 +71,12 @@ def programs() -> set[str]:
 
 
 def bootstrap_packages(text: str) -> set[str]:
-    """The Debian packages scripts/bootstrap installs (its debs=( ... ) list)."""
+    """The Debian packages scripts/bootstrap --test installs (its debs=( ... ) list and the
+    test_debs=( ... ) one, added with --test)."""
     match = re.search(r"^debs=\(([^)]*)\)", text, re.MULTILINE)
     assert match, "scripts/bootstrap has no debs=( ... ) list"
-    return set(match.group(1).split())
+    for_tests = re.search(r"^test_debs=\(([^)]*)\)", text, re.MULTILINE)
+    return set(match.group(1).split()) | set(for_tests.group(1).split() if for_tests else ())
 
 
 def package_of(program: str) -> str | None:
@@ -117,7 +119,8 @@ def on_every_debian(package: str) -> bool:
 def test_every_program_called_is_installed_by_bootstrap() -> None:
     called = programs()
     assert {"pgrep", "pkcs11-tool", "swtpm", "tpm2_createprimary", "dpkg-query",
-            "apt-get", "python3", "initdb", "pg_ctl", "runuser"} <= called
+            "apt-get", "python3", "initdb", "pg_ctl", "runuser",
+            "ip", "make", "certutil", "dumpcap", "tshark"} <= called
     installed = provided(bootstrap_packages(BOOTSTRAP.read_text()))
     problems = []
     for program in sorted(called):
