@@ -110,7 +110,6 @@ def world(libreswan: LibreswanPrefix, authority: ServeProcess, tmp_path: Path,
                       secrets_text(CLIENT_ID, GATEWAY_ID, PSK)) as pluto, \
                 TicketClient(authority.address) as client:
             pluto.add(CONN)
-            pluto.impair(CHILDLESS)
             failed_before = request.session.testsfailed
             yield World(net, pluto, capture, authority, client)
         if request.session.testsfailed > failed_before:   # the call's report came first
@@ -173,6 +172,7 @@ def _kinds(gateway: Responder) -> list[str]:
 def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
         world: World) -> None:
     pluto = world.pluto
+    pluto.impair(CHILDLESS)          # no Child SA in IKE_AUTH: these kernels have no ESP
     # 1. Full IKE_SA_INIT + IKE_AUTH with gateway A; libreswan asks for and gets a ticket.
     gateway_a = world.gateway("A", MESSAGE_ONLY)
     mark = len(pluto.log_text())
@@ -252,3 +252,23 @@ def _wait_for(condition: object, world: World, mark: int, timeout: float = 30.0)
             return
         time.sleep(0.1)
     raise AssertionError(f"pluto's log after {timeout}s:\n{world.log_since(mark)}")
+
+
+def test_a_child_sa_request_is_answered_with_a_clear_notify(world: World) -> None:
+    """Without the impairment libreswan asks for a Child SA in IKE_AUTH; the kit makes IKE SAs
+    only: it answers N(NO_PROPOSAL_CHOSEN) beside IDr, AUTH and the ticket, and libreswan keeps
+    the IKE SA (RFC 7296 §1.2) and its ticket; the Child SA libreswan then asks for with
+    CREATE_CHILD_SA gets N(NO_ADDITIONAL_SAS)."""
+    gateway = world.gateway("A", MESSAGE_ONLY)
+    try:
+        mark = world.pluto.mark()
+        world.pluto.whack("--name", CONN, "--initiate", "--asynchronous")
+        world.pluto.wait_for([ESTABLISHED_PSK, TICKET_RECEIVED,
+                              "IKE_AUTH response rejected Child SA with NO_PROPOSAL_CHOSEN",
+                              "CREATE_CHILD_SA failed with error notification NO_ADDITIONAL_SAS"],
+                             mark)
+        assert "ESTABLISHED_IKE_SA" in world.pluto.showstates()
+        assert "session resume ticket: length:" in world.pluto.status()
+        assert "create-child-sa:refused: NO_ADDITIONAL_SAS (IKE SAs only)" in _kinds(gateway)
+    finally:
+        gateway.stop()

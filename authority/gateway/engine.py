@@ -9,13 +9,19 @@ from collections.abc import Callable
 
 from authority.gateway.authority import AuthorityLink, TicketService
 from authority.gateway.initial import answer_auth, answer_sa_init
-from authority.gateway.messages import Refusal, encrypted_reply
+from authority.gateway.messages import (
+    NO_ADDITIONAL_SAS,
+    Refusal,
+    encrypted_reply,
+    notify_payload,
+)
 from authority.gateway.resumed import answer_resume, answer_resumed_auth
 from authority.gateway.session import IkeSa
 from authority.gateway.settings import GatewaySettings
 from authority.ikev2.errors import PayloadError
 from authority.ikev2.sk import decrypt_message
 from authority.ikev2.wire import (
+    CREATE_CHILD_SA,
     IKE_AUTH,
     IKE_HEADER_LEN,
     IKE_SA_INIT,
@@ -114,6 +120,10 @@ class Engine:
                 raise
         if header.exchange_type == INFORMATIONAL and sa.established:
             return self._informational(sa, data, header)
+        if header.exchange_type == CREATE_CHILD_SA and sa.established:
+            decrypt_message(data, sa.keys.sk_ei)      # only a request that opens is answered
+            self.record("create-child-sa", "refused: NO_ADDITIONAL_SAS (IKE SAs only)")
+            return encrypted_reply(sa, header, [notify_payload(NO_ADDITIONAL_SAS)])
         raise PayloadError(f"exchange {header.exchange_type} not answered in this state")
 
     def _authenticate(self, sa: IkeSa, data: bytes, header: IkeHeader) -> bytes:

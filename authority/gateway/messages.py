@@ -20,6 +20,7 @@ from authority.ikev2.wire import (
 NO_PROPOSAL_CHOSEN = 14
 INVALID_KE_PAYLOAD = 17
 AUTHENTICATION_FAILED = 24
+NO_ADDITIONAL_SAS = 35
 
 
 class Refusal(Exception):
