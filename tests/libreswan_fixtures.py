@@ -27,8 +27,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VERSION = "5.2"
 TARBALL = ROOT.parent / "shared" / "vendor" / f"libreswan-{VERSION}.tar.gz"
 TARBALL_SHA256 = "c382bbd838c239f8d4c4e9cc320f3abf34f7b08e71d9e78ed029a96d963940ce"
+BUILD_REVISION = 2          # part of the cached prefix's name: change it with make_variables
 BUILD_TIMEOUT = 1800        # seconds: about one minute on 2 cores, much more on a loaded one
 LOG_TAIL_LINES = 60
+SUN_PATH_MAX = 107          # bytes of a unix socket's path (sockaddr_un.sun_path less the NUL)
 
 # The test connection: what tests/test_interop_harness.py and the gateway interop test use.
 CLIENT_ID = "@client.example"
@@ -114,9 +116,11 @@ def cache_dir() -> Path:
 
 def make_variables(prefix: Path) -> list[str]:
     """The make variables of the build: systemd notification compiled in but no unit
-    installed (INITSYSTEM=none does not build in 5.2), everything under ``prefix``."""
+    installed (INITSYSTEM=none does not build in 5.2), everything under ``prefix`` except the
+    default run directory: its control socket's path is compiled into a sockaddr_un (at most
+    107 bytes; a longer one is a compile error), and the tests always give their own."""
     return ["INITSYSTEM=systemd", "INSTALL_INITSYSTEM=false", f"PREFIX={prefix}",
-            f"SYSCONFDIR={prefix}/etc", f"RUNDIR={prefix}/run"]
+            f"SYSCONFDIR={prefix}/etc", "RUNDIR=/run/pluto"]
 
 
 @contextmanager
@@ -149,13 +153,13 @@ def _run_logged(argv: list[str], cwd: Path, log: Path) -> None:
                              f"log {log}:\n{tail(log.read_text())}")
 
 
-def _build_into(target: Path, log: Path) -> None:
+def _build_into(tarball: Path, target: Path, log: Path) -> None:
     """Extract the tarball into a temporary directory beside ``target``, build, install with
     DESTDIR into that directory and rename the installed tree to ``target`` (atomic: a
     half-built prefix is never at ``target``). Raises LibreswanError on failure."""
     with tempfile.TemporaryDirectory(prefix=f".build-{target.name}-", dir=target.parent) as tmp:
         work = Path(tmp)
-        with tarfile.open(TARBALL) as archive:
+        with tarfile.open(tarball) as archive:
             archive.extractall(work / "src", filter="data")
         source = work / "src" / f"libreswan-{VERSION}"
         variables = make_variables(target)
@@ -175,8 +179,8 @@ def _build_into(target: Path, log: Path) -> None:
 def build_libreswan(tarball: Path = TARBALL, expected_sha256: str = TARBALL_SHA256,
                     cache: Path | None = None) -> LibreswanPrefix:
     """The libreswan prefix for ``tarball``, built on first use into
-    ``cache``/libreswan-VERSION-<sha12> (one build per machine; a lock keeps two processes
-    from building at once).
+    ``cache``/libreswan-VERSION-<sha12>-b<BUILD_REVISION> (one build per machine; a lock
+    keeps two processes from building at once).
 
     Raises LibreswanError when the tarball is missing or its sha256 differs, or when the
     build fails (with the build log's tail)."""
@@ -186,7 +190,7 @@ def build_libreswan(tarball: Path = TARBALL, expected_sha256: str = TARBALL_SHA2
     if actual != expected_sha256:
         raise LibreswanError(f"{tarball}: sha256 {actual}, expected {expected_sha256}")
     cache = cache_dir() if cache is None else cache
-    target = cache / f"libreswan-{VERSION}-{expected_sha256[:12]}"
+    target = cache / f"libreswan-{VERSION}-{expected_sha256[:12]}-b{BUILD_REVISION}"
     prefix = LibreswanPrefix(target)
     if prefix.complete():
         return prefix
@@ -195,7 +199,7 @@ def build_libreswan(tarball: Path = TARBALL, expected_sha256: str = TARBALL_SHA2
             return prefix
         if target.exists():                # cannot be half built: only a rename puts it there
             raise LibreswanError(f"{target} exists but lacks a program; remove it to rebuild")
-        _build_into(target, cache / f"{target.name}.build.log")
+        _build_into(tarball, target, cache / f"{target.name}.build.log")
     return prefix
 
 
@@ -238,6 +242,9 @@ class Pluto:
         self.secrets = workdir / "ipsec.secrets"
         self.nssdir = workdir / "nss"
         self.rundir = workdir / "run"
+        self._own_rundir = len(bytes(self.rundir / "pluto.ctl")) > SUN_PATH_MAX
+        if self._own_rundir:     # the control socket's path would not fit a sockaddr_un
+            self.rundir = Path(tempfile.mkdtemp(prefix="pluto-run-"))
         self.ctl = self.rundir / "pluto.ctl"
         self.log = workdir / "pluto.log"
         self.stdout = workdir / "pluto.stdout"
@@ -274,7 +281,14 @@ class Pluto:
     def start(self, timeout: float = 20.0) -> None:
         """Write the files, start pluto in the namespace and wait for its control socket to
         answer. Raises LibreswanError (with the log's tail) when it does not within
-        ``timeout`` seconds or exits."""
+        ``timeout`` seconds (pluto is stopped then) or exits."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> None:
         self._write_files()
         argv = ["ip", "netns", "exec", self.namespace, str(self.prefix.pluto),
                 "--config", str(self.conf), "--nofork", "--rundir", str(self.rundir)]
@@ -400,14 +414,15 @@ class Pluto:
         """Shut pluto down (whack --shutdown), kill it when it has not exited within
         ``timeout`` seconds. Safe to call twice."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        try:
-            self.whack_run(["--shutdown"], timeout=timeout)
-            process.wait(timeout=timeout)
-        except (LibreswanError, subprocess.TimeoutExpired):
-            process.kill()
-            process.wait(timeout=timeout)
+        if process is not None and process.poll() is None:
+            try:
+                self.whack_run(["--shutdown"], timeout=timeout)
+                process.wait(timeout=timeout)
+            except (LibreswanError, subprocess.TimeoutExpired):
+                process.kill()
+                process.wait(timeout=timeout)
+        if self._own_rundir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
 
 
 def _check(argv: list[str], what: str) -> str:

@@ -12,8 +12,10 @@ Skipped only where network namespaces cannot be created; anything else missing f
 from __future__ import annotations
 
 import errno
+import io
 import socket
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from tests.libreswan_fixtures import (
     build_libreswan,
     conn_text,
     secrets_text,
+    sha256_of,
 )
 from tests.netns_fixtures import NetnsPair, can_create_netns, ip, udp_socket_in
 
@@ -105,6 +108,36 @@ def test_the_build_checks_the_tarball_and_is_cached(libreswan: LibreswanPrefix,
     with pytest.raises(LibreswanError, match="sha256"):
         build_libreswan(expected_sha256="0" * 64, cache=tmp_path)
     assert not any(tmp_path.iterdir())                  # nothing built from a wrong tarball
+
+
+def test_a_failed_build_says_why_and_leaves_no_prefix(netns_allowed: None,
+                                                      tmp_path: Path) -> None:
+    makefile = b"base:\n\t@echo 'cc: internal compiler error (a test)'; exit 2\n"
+    tarball = tmp_path / "libreswan-5.2.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        member = tarfile.TarInfo("libreswan-5.2/Makefile")
+        member.size = len(makefile)
+        archive.addfile(member, io.BytesIO(makefile))
+    cache = tmp_path / "cache"
+    with pytest.raises(LibreswanError, match="internal compiler error"):
+        build_libreswan(tarball, sha256_of(tarball), cache)
+    # neither a prefix nor the temporary build directory is left; the log is kept
+    assert [p.name for p in cache.iterdir() if p.is_dir()] == []
+    assert [p.suffix for p in cache.iterdir() if p.name.endswith(".log")] == [".log"]
+
+
+def test_pluto_runs_from_a_directory_too_deep_for_its_control_socket(
+        libreswan: LibreswanPrefix, pair: NetnsPair, tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 100)
+    conn = conn_text(CONN, local=pair.client_address, remote=pair.gateway_address)
+    with Pluto(libreswan, pair.client, deep, [conn],
+               secrets_text(CLIENT_ID, GATEWAY_ID, PSK)) as pluto:
+        assert len(bytes(deep / "run" / "pluto.ctl")) > 107
+        assert "added IKEv2 connection" in pluto.add(CONN)
+        rundir = pluto.rundir
+        assert rundir.is_dir() and deep not in rundir.parents
+    assert not rundir.exists()
+    assert "Pluto is shutting down" in pluto.log_text()
 
 
 def _pluto(libreswan: LibreswanPrefix, pair: NetnsPair, side: str, work: Path) -> Pluto:
