@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 IKE_FILTER = "udp port 500 or udp port 4500"
+SETTLE = 0.75    # seconds stop() waits: a packet sent just before SIGTERM was lost without it
 EXCHANGE_NAMES = {34: "IKE_SA_INIT", 35: "IKE_AUTH", 36: "CREATE_CHILD_SA",
                   37: "INFORMATIONAL", 38: "IKE_SESSION_RESUME"}
 TRANSFORM_FIELDS = {1: "isakmp.tf.id.encr", 2: "isakmp.tf.id.prf", 3: "isakmp.tf.id.integ",
@@ -153,16 +154,18 @@ class Capture:
             if self._process.poll() is not None:
                 break
             time.sleep(0.05)
-        self.stop()
+        self.stop(settle=0)
         raise CaptureError(f"dumpcap did not start capturing on {self.interface} in "
                            f"{self.namespace}: {self._stderr.read_text(errors='replace')}")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop dumpcap (SIGTERM: it writes out what it has), kill it after ``timeout``
-        seconds. Safe to call twice."""
+    def stop(self, settle: float = SETTLE, timeout: float = 10.0) -> None:
+        """Stop dumpcap: after ``settle`` seconds (packets reach it in batches, a quarter of
+        a second apart; what it has not received by SIGTERM is lost), SIGTERM (it writes out
+        what it has); kill it after ``timeout`` seconds more. Safe to call twice."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return
+        time.sleep(settle)
         process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=timeout)

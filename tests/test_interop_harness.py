@@ -92,6 +92,20 @@ def test_a_datagram_from_the_client_namespace_reaches_a_socket_opened_in_the_gat
         assert taken.value.errno == errno.EADDRINUSE
 
 
+def test_the_capture_keeps_a_message_sent_just_before_it_stops(pair: NetnsPair,
+                                                              tmp_path: Path) -> None:
+    # an IKE_SA_INIT request header alone: SPIi, SPIr 0, next payload 0, 2.0, 34, I, mid 0
+    header = bytes(range(1, 9)) + bytes(8) + bytes([0, 0x20, 34, 0x08]) + bytes(4) + \
+        (28).to_bytes(4, "big")
+    sink = udp_socket_in(pair.gateway, pair.gateway_address, 500)
+    client = udp_socket_in(pair.client, pair.client_address, 500)
+    with sink, client, Capture(pair.gateway, pair.gateway_if, tmp_path / "c.pcapng") as capture:
+        client.sendto(header, (pair.gateway_address, 500))
+    [message] = capture.exchanges()          # lost before stop() let dumpcap receive it
+    assert (message.exchange, message.is_response, message.spi_i, message.length) == (
+        34, False, "0102030405060708", 28)
+
+
 def test_the_namespaces_are_removed_even_after_a_failure(netns_allowed: None) -> None:
     with pytest.raises(RuntimeError, match="inside"), NetnsPair() as pair:
         assert pair.client in namespaces() and pair.gateway in namespaces()
