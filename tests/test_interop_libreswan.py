@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -235,7 +236,6 @@ def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
         assert "redeem:REVOKED" in _kinds(gateway_d)
     finally:
         gateway_d.stop()
-    time.sleep(1.0)    # the capture takes the last packets from the kernel's buffer
     world.capture.stop()
     messages = world.messages()
     table = world.capture.table()
@@ -281,3 +281,48 @@ def test_a_child_sa_request_is_answered_with_a_clear_notify(world: World) -> Non
         assert "create-child-sa:refused: NO_ADDITIONAL_SAS (IKE SAs only)" in _kinds(gateway)
     finally:
         gateway.stop()
+
+
+ROUNDS = 8
+
+
+def test_round_trips_and_time_of_full_and_resumed_handshakes(world: World) -> None:
+    """The figures of docs/benchmarks.md: ROUNDS times, a full IKE_SA_INIT + IKE_AUTH (the
+    connection re-added first, so that libreswan holds no ticket; it asks for one) and then a
+    resumption of it (IKE_SESSION_RESUME + IKE_AUTH, which consumes the ticket and asks for a new
+    one), both with the same gateway; times from the capture, medians printed."""
+    pluto = world.pluto
+    pluto.impair(CHILDLESS)
+    gateway = world.gateway("B", MESSAGE_ONLY)
+    try:
+        for _ in range(ROUNDS):
+            pluto.whack("--delete", "--name", CONN)
+            pluto.add(CONN)
+            pluto.initiate(CONN, expect=(ESTABLISHED_PSK, TICKET_RECEIVED))
+            pluto.suspend(CONN)
+            pluto.initiate(CONN, expect=(ESTABLISHED_RESUMED, TICKET_RECEIVED))
+            pluto.suspend(CONN)
+    finally:
+        gateway.stop()
+    world.capture.stop()
+    messages = world.messages()
+    fulls = [_span(messages, m) for m in messages
+             if m.exchange == IKE_SA_INIT and not m.is_response]
+    resumes = [_span(messages, m) for m in messages
+               if m.exchange == IKE_SESSION_RESUME and not m.is_response]
+    assert len(fulls) == len(resumes) == ROUNDS, world.capture.table()
+    assert {s[1] for s in fulls} == {s[1] for s in resumes} == {2}, world.capture.table()
+    assert _kinds(gateway).count("consume:OK") == ROUNDS
+    print(f"\n{ROUNDS} rounds, libreswan 5.2 <-> gateway kit over veth, authority on loopback; "
+          f"median (min-max) ms:\n  full IKE_SA_INIT + IKE_AUTH:      {_summary(fulls)}\n"
+          f"  IKE_SESSION_RESUME + IKE_AUTH:    {_summary(resumes)}")
+
+
+def _summary(spans: list[tuple[float, int, list[float]]]) -> str:
+    def one(values: list[float]) -> str:
+        ms = sorted(v * 1000 for v in values)
+        return f"{statistics.median(ms):.1f} ({ms[0]:.1f}-{ms[-1]:.1f})"
+
+    firsts, seconds = [s[2][0] for s in spans], [s[2][1] for s in spans]
+    return (f"{one([s[0] for s in spans])}; first round trip {one(firsts)}, "
+            f"IKE_AUTH round trip {one(seconds)}")

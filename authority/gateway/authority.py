@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from authority.client import IssuedTicket, Redeemed, RedeemResult, TicketClientError
@@ -37,6 +38,18 @@ class AuthorityLink:
         self._client = client
         self._record = record
         self._timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gateway-authority")
+
+    def close(self) -> None:
+        """Wait for calls in flight and stop the worker threads. Never raises."""
+        self._pool.shutdown(wait=True)
+
+    def issue_soon(self, state: ResumptionState, lifetime: int, realm: str
+                   ) -> Future[RawPayload]:
+        """``issue`` on a worker thread, so that the gateway can wait for another call (the
+        resumed IKE_AUTH's ConsumeTicket) at the same time. Never raises (the future holds
+        what ``issue`` returns)."""
+        return self._pool.submit(self.issue, state, lifetime, realm)
 
     def issue(self, state: ResumptionState, lifetime: int, realm: str) -> RawPayload:
         """N(TICKET_LT_OPAQUE) with a new ticket for ``state``, or N(TICKET_NACK) when the

@@ -48,6 +48,7 @@ class Responder:
         if self._thread.is_alive():
             self._thread.join()
         self._sock.close()
+        self.engine.authority.close()
 
     def __enter__(self) -> Responder:
         return self.start()

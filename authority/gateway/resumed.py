@@ -9,13 +9,20 @@ import os
 from authority.client import RedeemResult
 from authority.client.models import ticket_nack_notify
 from authority.gateway.authority import AuthorityLink
-from authority.gateway.initial import NONCE_LEN, ticket_payloads
-from authority.gateway.messages import NO_PROPOSAL_CHOSEN, Refusal, encrypted_reply, notify_payload
+from authority.gateway.initial import NONCE_LEN, state_of
+from authority.gateway.messages import (
+    NO_PROPOSAL_CHOSEN,
+    Refusal,
+    encrypted_reply,
+    has_notify,
+    notify_payload,
+)
 from authority.gateway.session import IkeSa
 from authority.gateway.settings import GatewaySettings
 from authority.ikev2.auth import auth_initiator, auth_matches, auth_responder
 from authority.ikev2.bodies import auth_body, auth_data, find, find_optional, random_spi
 from authority.ikev2.keys import derive_resumed_keys
+from authority.ikev2.notify import TICKET_REQUEST
 from authority.ikev2.payloads import (
     ResumeRequest,
     ResumeResponse,
@@ -88,14 +95,19 @@ def answer_resumed_auth(settings: GatewaySettings, authority: AuthorityLink, sa:
         raise Refusal("IDi or IDr differs from the ticket's", sa, header)
     if not auth_matches(expected, auth_data(auth)):
         raise Refusal(f"the resumed AUTH does not verify (reading {reading})", sa, header)
+    sa.peer_id = id_i
+    new_ticket = authority.issue_soon(state_of(sa, state.id_r), settings.ticket_lifetime,
+                                      settings.realm) if has_notify(inner, TICKET_REQUEST) \
+        else None                               # sealed while the consume is in flight
     if authority.consume(sa.ticket_id) in (RedeemResult.REPLAYED, RedeemResult.EXPIRED):
-        raise Refusal("the ticket was consumed before (or expired)", sa, header)
-    sa.peer_id, sa.established = id_i, True
+        raise Refusal("the ticket was consumed before (or expired)", sa, header)  # new one unsent
+    sa.established = True
     ours = auth_responder(state.prf_id, sa.keys.sk_pr, sa.first_response, sa.ni, state.id_r,
                           reading)
     reply = [RawPayload(PAYLOAD_IDR, False, state.id_r),
              RawPayload(PAYLOAD_AUTH, False, auth_body(ours, auth[0]))]
-    reply += ticket_payloads(settings, authority, sa, inner, state.id_r)
+    if new_ticket is not None:
+        reply.append(new_ticket.result())
     if find_optional(inner, PAYLOAD_SA) is not None:
         reply.append(notify_payload(NO_PROPOSAL_CHOSEN))
     return encrypted_reply(sa, header, reply)
