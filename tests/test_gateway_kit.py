@@ -193,3 +193,34 @@ def test_the_engine_drops_what_it_cannot_parse_and_never_raises(data: bytes) -> 
     reply = engine.handle(data, ("192.0.2.1", 500))
     assert reply is None or len(reply) >= 28
     assert engine.sas == {}
+
+
+def _real_sa_init() -> bytes:
+    from authority.ikev2.wire import (
+        PAYLOAD_KE,
+        PAYLOAD_NONCE,
+        PAYLOAD_SA,
+        RawPayload,
+        encode_message,
+    )
+    payloads = [RawPayload(PAYLOAD_SA, False, encode_sa_body([_proposal(1, *_gcm())])),
+                RawPayload(PAYLOAD_KE, False,
+                           encode_ke_body(KeyExchange(DH_ECP_256, Ecp256().public))),
+                RawPayload(PAYLOAD_NONCE, False, os.urandom(32))]
+    return encode_message(IkeHeader(os.urandom(8), bytes(8), 0, IKE_SA_INIT, 0x08, 0, 0),
+                          payloads)
+
+
+def test_half_open_sas_are_bounded() -> None:
+    """A peer that only ever sends IKE_SA_INIT cannot grow the gateway's SA table without
+    bound: beyond MAX_HALF_OPEN the oldest waiting SA is forgotten (it failed before: 1,030)."""
+    from authority.gateway.engine import MAX_HALF_OPEN
+
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    request = _real_sa_init()
+    first = engine.handle(request, ("192.0.2.1", 500))
+    assert first is not None and first[18] == IKE_SA_INIT and engine.sas
+    assert engine.handle(request, ("192.0.2.1", 500)) == first      # a retransmission
+    for _ in range(MAX_HALF_OPEN + 5):
+        assert engine.handle(_real_sa_init(), ("192.0.2.1", 500)) is not None
+    assert len(engine.sas) == MAX_HALF_OPEN

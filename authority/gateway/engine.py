@@ -108,8 +108,16 @@ class Engine:
             self._first.pop(next(iter(self._first)))
         self._first[key] = (data, reply)
         if sa is not None:
+            self._forget_oldest_half_open()
             self.sas[(sa.spi_i, sa.spi_r)] = sa
         return reply
+
+    def _forget_oldest_half_open(self) -> None:
+        """Keep at most MAX_HALF_OPEN SAs waiting for their IKE_AUTH: a peer sending only
+        IKE_SA_INIT or IKE_SESSION_RESUME requests cannot grow the table without bound."""
+        waiting = [key for key, sa in self.sas.items() if not sa.established]
+        for key in waiting[:max(0, len(waiting) - MAX_HALF_OPEN + 1)]:
+            del self.sas[key]
 
     def _exchange(self, sa: IkeSa, data: bytes, header: IkeHeader) -> bytes:
         if header.exchange_type == IKE_AUTH and not sa.established:
