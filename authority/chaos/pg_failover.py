@@ -35,6 +35,7 @@ from authority.chaos.servers import time_until
 
 NAME = "pg-failover"
 _SERIAL = itertools.count(70_000)   # the probes' tickets
+SETTLE = 0.3           # seconds after the pause before the stall's consumes are counted
 STALL = 0.5            # seconds the WAL sender is paused before the kill
 RECOVERY_BOUND = 10.0  # seconds from the kill to a consume acknowledged on every replica
 
@@ -104,7 +105,8 @@ def _failover(work: Path, synchronous: bool, quick: bool) -> Run:
             sender = pair.replication()
             assert sender is not None
             pair.pause_sender(sender[2])
-            before = len(load.tally.consumed)
+            time.sleep(SETTLE)        # answers to commits the standby confirmed before the
+            before = len(load.tally.consumed)  # pause may still be on their way: not the stall's
             time.sleep(STALL)
             result.in_stall = len(load.tally.consumed) - before
             if synchronous:
