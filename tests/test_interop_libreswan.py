@@ -209,11 +209,7 @@ def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
     #    IKE_SA_INIT + IKE_AUTH with C (a new ticket).
     gateway_c = world.gateway("C", RFC5723)
     try:
-        pluto.suspend(CONN)
-        mark = len(pluto.log_text())
-        pluto.whack("--name", CONN, "--initiate", "--asynchronous")
-        _wait_for(lambda: ESTABLISHED_PSK in world.log_since(mark), world, mark)
-        assert REJECTED in world.log_since(mark)
+        assert REJECTED in _resume_until_full_handshake(world)
         refused = [k for k in _kinds(gateway_c) if k.startswith("refused:")]
         assert refused == ["refused:the resumed AUTH does not verify (reading rfc5723)"]
         assert "consume:OK" not in _kinds(gateway_c)
@@ -228,11 +224,7 @@ def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
     assert revoke.returncode == 0, revoke.stderr
     gateway_d = world.gateway("D", MESSAGE_ONLY)
     try:
-        pluto.suspend(CONN)
-        mark = len(pluto.log_text())
-        pluto.whack("--name", CONN, "--initiate", "--asynchronous")
-        _wait_for(lambda: ESTABLISHED_PSK in world.log_since(mark), world, mark)
-        assert NACK_FALLBACK in world.log_since(mark)
+        assert NACK_FALLBACK in _resume_until_full_handshake(world)
         assert "redeem:REVOKED" in _kinds(gateway_d)
     finally:
         gateway_d.stop()
@@ -252,6 +244,16 @@ def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
 def _ms(span: tuple[float, int, list[float]]) -> str:
     each = " + ".join(f"{t * 1000:.1f}" for t in span[2])
     return f"{span[1]} round trips, {span[0] * 1000:.1f} ms ({each})"
+
+
+def _resume_until_full_handshake(world: World) -> str:
+    """Suspend, initiate (a resumption attempt) and wait until libreswan has fallen back to a
+    full handshake; pluto's log from the suspension on."""
+    world.pluto.suspend(CONN)
+    mark = len(world.pluto.log_text())
+    world.pluto.whack("--name", CONN, "--initiate", "--asynchronous")
+    _wait_for(lambda: ESTABLISHED_PSK in world.log_since(mark), world, mark)
+    return world.log_since(mark)
 
 
 def _wait_for(condition: object, world: World, mark: int, timeout: float = 30.0) -> None:
