@@ -224,3 +224,77 @@ def test_half_open_sas_are_bounded() -> None:
     for _ in range(MAX_HALF_OPEN + 5):
         assert engine.handle(_real_sa_init(), ("192.0.2.1", 500)) is not None
     assert len(engine.sas) == MAX_HALF_OPEN
+
+
+class _Initiator:
+    """A minimal IKEv2 initiator in this test: IKE_SA_INIT with group 19, then IKE_AUTH with
+    the pre-shared key, against the engine directly."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.ecdh = Ecp256()
+        self.spi_i, self.ni = os.urandom(8), os.urandom(32)
+        self.id_i = id_body(ID_FQDN, b"client.example")
+
+    def sa_init(self) -> None:
+        from authority.ikev2.bodies import find
+        from authority.ikev2.keys import derive_ike_keys, skeyseed
+        from authority.ikev2.wire import (
+            PAYLOAD_KE,
+            PAYLOAD_NONCE,
+            PAYLOAD_SA,
+            RawPayload,
+            decode_message,
+            encode_message,
+        )
+        payloads = [RawPayload(PAYLOAD_SA, False, encode_sa_body([_proposal(1, *_gcm())])),
+                    RawPayload(PAYLOAD_KE, False,
+                               encode_ke_body(KeyExchange(DH_ECP_256, self.ecdh.public))),
+                    RawPayload(PAYLOAD_NONCE, False, self.ni)]
+        self.request = encode_message(IkeHeader(self.spi_i, bytes(8), 0, IKE_SA_INIT, 0x08, 0,
+                                                0), payloads)
+        reply = self.engine.handle(self.request, ("192.0.2.1", 500))
+        assert reply is not None
+        header, answer = decode_message(reply)
+        self.spi_r, nr = header.spi_r, find(answer, PAYLOAD_NONCE)
+        g_ir = self.ecdh.shared(decode_ke_body(find(answer, PAYLOAD_KE)).data)
+        self.nr, self.response = nr, reply
+        self.keys = derive_ike_keys(SHA256, skeyseed(SHA256, self.ni, nr, g_ir), self.ni, nr,
+                                    self.spi_i, self.spi_r, GCM16, 256, 0)
+
+    def auth(self, auth_payload_body: bytes) -> bytes | None:
+        from authority.ikev2.sk import encrypt_message
+        from authority.ikev2.wire import IKE_AUTH, PAYLOAD_AUTH, PAYLOAD_IDI, RawPayload
+        inner = [RawPayload(PAYLOAD_IDI, False, self.id_i),
+                 RawPayload(PAYLOAD_AUTH, False, auth_payload_body)]
+        message = encrypt_message(self.spi_i, self.spi_r, IKE_AUTH, 0x08, 1, inner,
+                                  self.keys.sk_ei)
+        return self.engine.handle(message, ("192.0.2.1", 500))
+
+
+def test_a_full_exchange_with_the_pre_shared_key_and_the_responders_auth_verifies() -> None:
+    from authority.ikev2.bodies import auth_body, auth_data, find
+    from authority.ikev2.sk import decrypt_message
+    from authority.ikev2.wire import PAYLOAD_AUTH, PAYLOAD_IDR
+
+    peer = _Initiator(Engine(_settings(), _NoAuthority()))  # type: ignore[arg-type]
+    peer.sa_init()
+    ours = psk_auth(SHA256, PSK, peer.keys.sk_pi, peer.request, peer.nr, peer.id_i)
+    reply = peer.auth(auth_body(ours))
+    assert reply is not None
+    _, inner = decrypt_message(reply, peer.keys.sk_er)
+    id_r = find(inner, PAYLOAD_IDR)
+    expected = psk_auth(SHA256, PSK, peer.keys.sk_pr, peer.response, peer.ni, id_r)
+    assert auth_data(find(inner, PAYLOAD_AUTH)) == expected
+    assert ("ike-auth", "initiator authenticated with the pre-shared key") in peer.engine.events
+
+
+@pytest.mark.parametrize("body", [b"", b"\x02", b"\x02\x00\x00\x00" + bytes(32)])
+def test_a_bad_auth_payload_is_dropped_or_refused_never_an_error(body: bytes) -> None:
+    """An empty AUTH body raised IndexError out of the engine, which ended the gateway's
+    thread: any peer that completed IKE_SA_INIT could stop a gateway."""
+    peer = _Initiator(Engine(_settings(), _NoAuthority()))  # type: ignore[arg-type]
+    peer.sa_init()
+    peer.auth(body)
+    kinds = [kind for kind, _ in peer.engine.events]
+    assert "error" not in kinds and kinds[-1] in ("dropped", "refused")

@@ -69,6 +69,9 @@ class Engine:
         except Refusal as exc:
             self.record("refused", str(exc))
             return exc.reply
+        except Exception as exc:  # a defect must not stop the gateway: drop, log, go on
+            LOG.exception("gateway: datagram from %s:%s dropped", *peer)
+            self.record("error", f"{type(exc).__name__}: {exc}")
         return None
 
     def _handle(self, data: bytes, peer: Address) -> bytes | None:

@@ -95,7 +95,8 @@ def answer_auth(settings: GatewaySettings, authority: AuthorityLink, sa: IkeSa, 
     id_r = find_optional(inner, PAYLOAD_IDR)
     prf_id = sa.suite.prf_id
     expected = psk_auth(prf_id, settings.psk, sa.keys.sk_pi, sa.first_request, sa.nr, id_i)
-    if auth[0] != AUTH_SHARED_KEY_MIC or not auth_matches(expected, auth_data(auth)) or \
+    received = auth_data(auth)                    # PayloadError for a body under 4 octets
+    if auth[0] != AUTH_SHARED_KEY_MIC or not auth_matches(expected, received) or \
             (id_r is not None and id_r != settings.local_id):
         raise Refusal("the initiator's shared-key AUTH or IDr does not match", sa, header)
     sa.peer_id, sa.established = id_i, True

@@ -87,13 +87,14 @@ def answer_resumed_auth(settings: GatewaySettings, authority: AuthorityLink, sa:
     assert state is not None
     _, inner = decrypt_message(data, sa.keys.sk_ei)
     id_i, auth = find(inner, PAYLOAD_IDI), find(inner, PAYLOAD_AUTH)
+    received = auth_data(auth)                    # PayloadError for a body under 4 octets
     id_r = find_optional(inner, PAYLOAD_IDR)
     reading = settings.resumed_auth
     expected = auth_initiator(state.prf_id, sa.keys.sk_pi, sa.first_request, sa.nr, id_i,
                               reading)
     if id_i != state.id_i or (id_r is not None and id_r != state.id_r):
         raise Refusal("IDi or IDr differs from the ticket's", sa, header)
-    if not auth_matches(expected, auth_data(auth)):
+    if not auth_matches(expected, received):
         raise Refusal(f"the resumed AUTH does not verify (reading {reading})", sa, header)
     sa.peer_id = id_i
     new_ticket = authority.issue_soon(state_of(sa, state.id_r), settings.ticket_lifetime,
