@@ -30,6 +30,7 @@ from authority.client import (
     Redeemed,
     RedeemResult,
     TicketClient,
+    coalesce,
 )
 from authority.config import Config
 from authority.metrics import Metrics
@@ -576,6 +577,81 @@ def test_a_sender_interrupted_mid_batch_fails_each_caller_at_once(pkcs11_harness
     assert all(isinstance(exc, AuthorityRejected) and exc.code == grpc.StatusCode.CANCELLED
                and when < 1.0 for exc, when in others)
     assert _is_session(4, after)
+
+
+def test_threads_answered_together_call_again_as_one_batch(pkcs11_harness: Harness,
+                                                          paced: PacedServer) -> None:
+    """Six threads redeem twice each. T0 finds the lane idle and goes alone; the five that
+    wait for it go once T0, answered, is back with its second call (one batch of six, not the
+    five and then T0 alone); the six answered by that batch call again, and the five second
+    calls go together (T0 made both of its calls): one unary call and two batches in all."""
+    servicer, where = paced(0.1)
+    good = tickets(pkcs11_harness, 6)
+    counting = Counting()
+    with TicketClient(where, coalesce_window=WIDE, interceptors=[counting]) as client:
+        def twice(ticket: bytes) -> Any:
+            client.redeem(ticket)
+            return client.redeem(ticket)
+
+        results = at_once([partial(twice, t) for t in good])
+    assert [_is_session(n, r) for n, r in enumerate(results)] == [True] * 6
+    assert servicer.batches == [6, 5]
+    assert dict(counting.calls) == {"RedeemTicket": 1, "RedeemTickets": 2}
+
+
+def test_a_caller_gone_elsewhere_holds_its_round_only_briefly(pkcs11_harness: Harness,
+                                                              paced: PacedServer) -> None:
+    """Window 0.25 s, each call held 0.1 s. T2 goes alone, T0 and T1 wait for it, and go as
+    one batch (T2 never calls again: its round ends without it). That batch answers both; T1
+    then sleeps 1 s (it went to do something else) while T0 calls again at once: T0 waits for
+    T1 no longer than ``ROUND_GRACE`` (not T1's second, nor the window), and its call goes
+    alone, as the unary call."""
+    servicer, where = paced(0.1)
+    good = tickets(pkcs11_harness, 3)
+    counting = Counting()
+    took: list[float] = []
+    with TicketClient(where, coalesce_window=0.25, interceptors=[counting]) as client:
+        def call(n: int, then: Callable[[], None]) -> None:
+            assert client.redeem(good[n]).ok
+            then()
+
+        def again() -> None:
+            begun = time.monotonic()
+            assert client.redeem(good[0]).ok
+            took.append(time.monotonic() - begun)
+
+        threads = [threading.Thread(target=call, args=(2, lambda: None))]
+        threads[0].start()
+        time.sleep(0.02)
+        threads += [threading.Thread(target=call, args=(0, again)),
+                    threading.Thread(target=call, args=(1, partial(time.sleep, 1.0)))]
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    assert servicer.batches == [2]
+    assert dict(counting.calls) == {"RedeemTicket": 2, "RedeemTickets": 1}
+    assert len(took) == 1 and took[0] < 0.2   # ~0.1 s: its own hold, no window, not T1's 1 s
+
+
+def test_rounds_end_when_the_last_caller_is_back_or_none_came_back_for_the_grace() -> None:
+    rounds = coalesce.Rounds(grace=0.01)
+    first = rounds.answered(coalesce.REDEEM, 2, now=1.0)
+    assert rounds.holds(coalesce.REDEEM) and not rounds.holds(coalesce.ISSUE)
+    assert rounds.until(coalesce.REDEEM) == 1.01 and rounds.until(coalesce.ISSUE) is None
+    second = rounds.answered(coalesce.REDEEM, 1, now=1.005)   # while it is open: the same one
+    assert second is first and rounds.until(coalesce.REDEEM) == 1.015
+    assert not rounds.back(first, now=1.006) and not rounds.back(first, now=1.007)
+    assert not rounds.stalled(now=1.016)       # a caller came back at 1.007
+    assert rounds.back(first, now=1.008)       # the last one: over
+    assert not rounds.holds(coalesce.REDEEM) and rounds.until(coalesce.REDEEM) is None
+    assert not rounds.back(first, now=1.009)   # a mark of a round that is over counts nothing
+    late = rounds.answered(coalesce.REDEEM, 1, now=2.0)
+    other = rounds.answered(coalesce.ISSUE, 1, now=2.005)
+    assert late is not first and not rounds.stalled(now=2.009)
+    assert rounds.stalled(now=2.01) and late.over and not other.over   # each lane its own
+    assert rounds.holds(coalesce.ISSUE) and not rounds.back(late, now=2.02)
+    assert rounds.stalled(now=2.015) and not rounds.holds(coalesce.ISSUE)
 
 
 # -- the aio client: the calls of one loop round go together ---------------------------------------

@@ -18,12 +18,18 @@ When a call goes out:
   the event loop's current round (no timer: a yield to the tasks already ready to run; a gRPC
   call of grpc.aio starts in a task of its own anyway): the calls of the lane that other tasks
   make in the same round join it and go with it as one batch; a call alone goes as the unary
-  RPC. (Tasks woken together, e.g. by one batch's answer, ask together.)
+  RPC. (Tasks woken together, e.g. by one batch's answer, ask together.) The sync client's
+  round is the threads' analogue (``Rounds``): the callers an answer woke that have not called
+  again yet. While one is open, a call on an idle lane opens a group instead, which goes when
+  the last of them is back with its own call (it joins and goes with it), or when none came
+  back for ``ROUND_GRACE`` (a caller went to do something else), whichever comes first. A
+  call with no round open (nothing answered whose caller is not back) goes at once.
 - A call that finds its lane busy joins the lane's open group. The group is sent (as one batch
   RPC; a group of one as the unary RPC) as soon as the lane becomes idle, or ``coalesce_window``
   seconds after the group opened, or when it is full (``max_batch_items`` items or
-  ``MAX_GROUP_BYTES``), whichever comes first. So merging needs no waiting at low load, and the
-  window bounds what coalescing can add to any call's latency.
+  ``MAX_GROUP_BYTES``), whichever comes first; in the sync client, the first two wait for the
+  round, if one is open. So merging needs no waiting at low load, and the window bounds what
+  waiting for calls in flight can add to any call's latency.
 - A call with less than the window left before its deadline, or an item over
   ``ALONE_BYTES``, is sent at once as the unary RPC (it is never held past its deadline, and an
   oversize item cannot get the others' message refused).
@@ -32,9 +38,10 @@ Who sends: the aio client sends a group from a task of its own. The sync client 
 group's callers send it from its own thread, blocking, as a unary call is made (a gRPC future
 would add a gRPC thread, started afresh whenever none of the channel's futures is in flight, and a
 thread hand-off per answer): the caller with the latest deadline (``sender_of``), so that no one
-waits past their own deadline. It then gives the others their outcomes and wakes the first; each
-caller wakes the next as it wakes, so that a batch's callers come back one after another rather
-than all fighting for the interpreter lock at once.
+waits past their own deadline; at the end of a round that is usually the caller whose return
+ended it, so that no thread is woken to send. It then gives the others their outcomes and wakes
+the first; each caller wakes the next as it wakes, so that a batch's callers come back one after
+another rather than all fighting for the interpreter lock at once.
 
 Each caller waits for its own outcome until its own deadline (a batch's deadline is the latest
 of its callers'), then classifies it with its own ``RetryLoop``: an answer, the per-item
@@ -61,6 +68,13 @@ from authority.client.transport import RetryLoop
 #: sent a group every 0.2 ms while a batch was still in flight (about 5 items per batch); 0.5 ms
 #: lets about twice as many join (docs/benchmarks.md (h)). A lone call never waits for it.
 DEFAULT_WINDOW = 0.0005
+#: the sync client's round ends when none of its callers came back for this long (seconds; at
+#: most the window): one answered caller that went to do something else holds the others of
+#: its round no longer than this (see ``Rounds``)
+ROUND_GRACE = 0.0005
+#: a group waits for a round at most this many windows after it opened (a bound, should a
+#: lane's round keep being extended by calls that go alone)
+HOLD_WINDOWS = 10
 #: an item larger than this (serialized) is sent alone, as the unary call
 ALONE_BYTES = 16 << 10
 #: a group holding this many octets of items is full
@@ -262,9 +276,9 @@ class Coalescer:
              tick: bool = False) -> tuple[Group | None, bool]:
         """Enter a call: (None, False) to send it at once as the unary call (the lane now counts
         it in flight; call ``finished`` after), else (its group, whether it opened the group).
-        ``tick`` (the aio client): a call that finds its lane idle opens a group all the same,
-        marked ``tick``, which its opener sends at the end of the loop's round (``take`` it).
-        Never raises."""
+        ``tick``: a call that finds its lane idle opens a group all the same, marked ``tick``,
+        which goes at the end of the round (the aio client: its opener ``take``s it after one
+        yield; the sync client: while a ``Rounds`` round is open). Never raises."""
         state = self._lanes.setdefault(lane, _LaneState())
         alone = (slot.size > ALONE_BYTES or slot.deadline - now <= self.window
                  or self.max_items < 2 or state.unary_only)
@@ -301,6 +315,11 @@ class Coalescer:
         state.in_flight += 1
         return [s for s in group.slots if not s.gone]
 
+    def due_groups(self, now: float) -> list[Group]:
+        """The open groups that are ``due``. Never raises."""
+        return [state.open for state in self._lanes.values()
+                if state.open is not None and self.due(state.open, now)]
+
     def finished(self, lane: Lane) -> Group | None:
         """A unary call or a batch of ``lane`` answered: the open group if the lane is now
         idle (it is due), else None. Never raises."""
@@ -325,6 +344,81 @@ class Coalescer:
             return
         self.max_items = max(1, min(self.max_items, limit or sent // 2, sent - 1))
         self.max_bytes = max(ALONE_BYTES, self.max_bytes // 2)
+
+
+@dataclass(eq=False)
+class Round:
+    """Callers of ``lane`` answered (by one RPC's answer or several) that are not back in the
+    client yet: ``pending`` of them; ``progress`` when one last came back or was answered;
+    ``over`` once ended (a caller still marked with it is then no longer waited for)."""
+
+    lane: Lane
+    pending: int = 0
+    progress: float = 0.0
+    over: bool = False
+
+
+class Rounds:
+    """The sync client's rounds, one per lane: the threads' analogue of a round of the event
+    loop.
+
+    When an RPC answers, its callers (the sender too) go back to their own code: threads that
+    may call again at once. While some of them have not come back (called the client again,
+    on any lane, or gone to a retry's sleep), their lane's round is open, and a call that finds
+    the lane idle opens a group instead of going alone (``Coalescer.join``'s ``tick``): the
+    callers of one answer that call again go together, as tasks woken by one answer do. The
+    round ends when the last of them comes back (its call joins the group, which then goes), or
+    when none has come back for ``grace`` seconds (a caller went to do something else). A call
+    made with no round of its lane open goes alone at once. Not thread-safe: the sync client
+    holds its lock around every call."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._open: dict[Lane, Round] = {}
+
+    def answered(self, lane: Lane, count: int, now: float) -> Round:
+        """``count`` callers of ``lane`` were just answered: its open round, extended by them.
+        Never raises."""
+        current = self._open.get(lane)
+        if current is None:
+            current = self._open[lane] = Round(lane)
+        current.pending += count
+        current.progress = now
+        return current
+
+    def back(self, mark: Round | None, now: float) -> bool:
+        """A caller answered in round ``mark`` (None: none) calls again: True when it was the
+        last of that round (which is then over). Never raises."""
+        if mark is None or mark.over:
+            return False
+        mark.pending -= 1
+        mark.progress = now
+        if mark.pending > 0:
+            return False
+        self._end(mark)
+        return True
+
+    def stalled(self, now: float) -> bool:
+        """End the rounds that had no caller back for ``grace`` seconds; whether there were
+        any. Never raises."""
+        stale = [r for r in self._open.values() if now >= r.progress + self.grace]
+        for current in stale:
+            self._end(current)
+        return bool(stale)
+
+    def holds(self, lane: Lane) -> bool:
+        """Whether a round of ``lane`` is open. Never raises."""
+        return lane in self._open
+
+    def until(self, lane: Lane) -> float | None:
+        """When the open round of ``lane`` stalls unless a caller comes back (None: no round).
+        Never raises."""
+        current = self._open.get(lane)
+        return None if current is None else current.progress + self.grace
+
+    def _end(self, current: Round) -> None:
+        current.over = True
+        self._open.pop(current.lane, None)
 
 
 def sender_of(slots: list[Slot]) -> int:

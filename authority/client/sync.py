@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grpc
 from authority.client import coalesce, models
-from authority.client.coalesce import Coalescer, Group, Lane, Outcome, Slot
+from authority.client.coalesce import Coalescer, Group, Lane, Outcome, Round, Rounds, Slot
 from authority.client.errors import AuthorityDeadlineExceeded
 from authority.client.models import IssuedTicket, ItemError, Redeemed, RedeemResult, StateLike
 from authority.client.transport import (
@@ -47,10 +47,11 @@ class TicketClient(ClientSettings):
     ``options``: extra gRPC channel options. ``max_batch_items``: items per batch message.
     ``coalesce_window``: seconds (default 0.0005; 0 turns coalescing off): concurrent ``issue``,
     ``redeem`` and ``consume`` calls on this client are merged into IssueTickets /
-    RedeemTickets / ConsumeTickets while a
-    call of their kind is in flight, for at most this long (see authority/client/coalesce.py);
-    a lone call goes out at once as the unary call. Each caller gets its own result or error,
-    as the unary call would give it, under its own deadline and the same retry rule.
+    RedeemTickets / ConsumeTickets while a call of their kind is in flight, for at most this
+    long, and the calls of threads answered together that call again go together (see
+    authority/client/coalesce.py); a lone call goes out at once as the unary call. Each caller
+    gets its own result or error, as the unary call would give it, under its own deadline and
+    the same retry rule.
 
     Retry rule (only UNAVAILABLE is ever retried; INVALID_ARGUMENT, DEADLINE_EXCEEDED and every
     other status fail at once):
@@ -83,7 +84,10 @@ class TicketClient(ClientSettings):
         self._probe = health_pb2_grpc.HealthStub(self._raw).Check
         self._batch_ids = itertools.count(1)
         self._lanes = Coalescer(self.coalesce_window, max_batch_items)
+        self._rounds = Rounds(min(self.coalesce_window, coalesce.ROUND_GRACE))
+        self._hold = coalesce.HOLD_WINDOWS * self.coalesce_window
         self._lock = threading.Lock()
+        self._local = threading.local()   # .round: the round this thread was answered in
 
     # -- calls -----------------------------------------------------------------------------------
 
@@ -186,6 +190,7 @@ class TicketClient(ClientSettings):
         loop = RetryLoop(method, idempotent, self.retries, self.backoff,
                          self.timeout if timeout is None else timeout)
         rpc = getattr(self._stub, method)
+        self._leave_round()
         while True:
             remaining = loop.remaining()
             if not idempotent and not self._connected(remaining):
@@ -215,6 +220,7 @@ class TicketClient(ClientSettings):
             if isinstance(settled, coalesce.Answer):
                 return settled.reply
             if settled is not None:
+                self._leave_round()   # not back before the sleep: no one waits for it
                 time.sleep(settled)
 
     def _attempt(self, lane: Lane, request: Any, size: int, loop: RetryLoop) -> Outcome:
@@ -222,11 +228,16 @@ class TicketClient(ClientSettings):
         when the caller's deadline passes while it waits for its group."""
         slot = Slot(request, loop.deadline, size, coalesce.nobody)
         with self._lock:
-            group, opened = self._lanes.join(lane, slot, time.monotonic())
+            now = time.monotonic()
+            ended = self._back(now)
+            ended = self._rounds.stalled(now) or ended   # a round no one came back to
+            group, opened = self._lanes.join(lane, slot, now, tick=self._rounds.holds(lane))
             if group is not None:
                 box = slot.waiter = _Box()
                 if group.full:
                     self._dispatch(group)   # goes now, maybe from this very thread
+            if ended:   # the round is over: the groups held for it go now
+                self._send_due(now)
         if group is None:
             try:
                 return self._alone(lane, request, loop)
@@ -235,11 +246,14 @@ class TicketClient(ClientSettings):
         try:
             woken = self._wait(group, box, opened, loop.deadline)
         except BaseException:   # interrupted: nobody else may be left waiting for this caller
-            self._give_up(lane, group, slot, box, _INTERRUPTED)
+            self._give_up(lane, group, slot, box, _INTERRUPTED, opened)
             raise
         if woken:
-            return box.outcome if box.slots is None else self._send(lane, box.slots, slot)
-        outcome = self._give_up(lane, group, slot, box, _LATE)
+            if box.slots is None:
+                self._local.round = box.round
+                return box.outcome
+            return self._send(lane, box.slots, slot)
+        outcome = self._give_up(lane, group, slot, box, _LATE, opened)
         if outcome is not None:   # delivered as the deadline passed
             return outcome
         raise AuthorityDeadlineExceeded(
@@ -249,29 +263,72 @@ class TicketClient(ClientSettings):
     def _wait(self, group: Group, box: _Box, opened: bool, deadline: float) -> bool:
         """Wait in ``group`` until this caller's box is signalled (True: it holds the outcome,
         or the group to send) or its ``deadline`` passes (False). The caller that opened the
-        group sends it off when the window is over (to whichever caller is to send it)."""
-        if opened:
-            if box.wait(group.opened + self._lanes.window - time.monotonic()):
+        group watches it until it goes: it sends it off when the window is over, and ends a
+        round that stalled (to whichever caller is to send each group)."""
+        while opened and not group.sent:
+            if box.wait(min(deadline, self._check_at(group)) - time.monotonic()):
                 return box.taken()
-            with self._lock:   # the window is over: the group goes now unless it already went
-                self._dispatch(group)
+            with self._lock:
+                now = time.monotonic()
+                self._rounds.stalled(now)
+                self._send_due(now)
+            if now >= deadline:
+                return False
         return box.wait(deadline - time.monotonic()) and box.taken()
 
+    def _check_at(self, group: Group) -> float:
+        """When the opener of ``group`` looks again: when its lane's open round would stall
+        (or the group has been held as long as a round may hold it), else when the group's
+        window is over. Never raises."""
+        stall = self._rounds.until(group.lane)
+        if stall is None:
+            return group.opened + self._lanes.window
+        return min(stall, group.opened + self._hold)
+
+    def _back(self, now: float) -> bool:
+        """Under the lock: this thread calls again, so it is back from the round it was
+        answered in; True when it was that round's last. Never raises."""
+        mark: Round | None = getattr(self._local, "round", None)
+        if mark is None:
+            return False
+        self._local.round = None
+        return self._rounds.back(mark, now)
+
+    def _send_due(self, now: float) -> None:
+        """Under the lock: each lane's open group goes if it is due (its lane idle, or its
+        window over) and no round of its lane holds it (or it has been held long enough).
+        Never raises."""
+        for group in self._lanes.due_groups(now):
+            if not self._rounds.holds(group.lane) or now >= group.opened + self._hold:
+                self._dispatch(group)
+
+    def _leave_round(self) -> None:
+        """This thread makes no coalesced call next (a retry's sleep, a ``*_many`` call):
+        the round it was answered in no longer waits for it. Never raises."""
+        if getattr(self._local, "round", None) is not None:
+            with self._lock:
+                now = time.monotonic()
+                if self._back(now):
+                    self._send_due(now)
+
     def _give_up(self, lane: Lane, group: Group, slot: Slot, box: _Box,
-                 why: Outcome) -> Outcome | None:
+                 why: Outcome, opened: bool) -> Outcome | None:
         """The caller of ``slot`` stops waiting (deadline or interrupt). Its outcome if it was
         delivered meanwhile (it wakes the next caller in its stead), else None: it leaves its
-        group, or, if it was to send the group, gives each other caller ``why``. Never
-        raises."""
+        group (which goes at once if it opened it: no one else watches it), or, if it was to
+        send the group, gives each other caller ``why``. Never raises."""
         with self._lock:
             handed, chained = box.slots, box.chained
             if handed is None and not chained:
                 self._lanes.abandon(slot, group)
+                if opened and group.slots:
+                    self._dispatch(group)
         if handed is not None:
             self._deliver(lane, handed, slot, [why] * len(handed))
             return None
         if chained:
             box.taken()
+            self._local.round = box.round
             return box.outcome
         return None
 
@@ -286,11 +343,11 @@ class TicketClient(ClientSettings):
             return coalesce.Failure(err)
 
     def _finished(self, lane: Lane) -> None:
-        """A call of ``lane`` answered: its open group goes if the lane is idle now."""
+        """A unary call of ``lane`` answered on this thread: its caller joins the round (the
+        lane's open group goes when the round is over)."""
         with self._lock:
-            group = self._lanes.finished(lane)
-            if group is not None:
-                self._dispatch(group)
+            self._local.round = self._rounds.answered(lane, 1, time.monotonic())
+            self._lanes.finished(lane)
 
     def _dispatch(self, group: Group) -> None:
         """Under the lock: take ``group`` (unless it already went) and hand it to the caller
@@ -302,7 +359,7 @@ class TicketClient(ClientSettings):
             return
         if not slots:   # every caller gone: nothing to send
             following = self._lanes.finished(group.lane)
-            if following is not None:
+            if following is not None and not self._rounds.holds(group.lane):
                 self._dispatch(following)
             return
         slots[coalesce.sender_of(slots)].waiter.hand(slots)
@@ -321,11 +378,12 @@ class TicketClient(ClientSettings):
 
     def _deliver(self, lane: Lane, slots: list[Slot], own: Slot,
                  outcomes: list[Outcome]) -> None:
-        """Give each caller of ``slots`` but ``own`` (the sender) its outcome, and send the
-        lane's open group if the lane is idle now. The callers still waiting are chained and
-        only the first is woken; each wakes the next as it wakes (``_Box.taken``): a batch's
-        callers come back one after another, as the interpreter lock would let them run
-        anyway, instead of all of them fighting for it at once. Never raises."""
+        """Give each caller of ``slots`` but ``own`` (the sender) its outcome; they and the
+        sender join the round (the lane's open group goes when it is over). The callers still
+        waiting are chained and only the first is woken; each wakes the next as it wakes
+        (``_Box.taken``): a batch's callers come back one after another, as the interpreter
+        lock would let them run anyway, instead of all of them fighting for it at once. Never
+        raises."""
         chain: list[_Box] = []
         with self._lock:
             for slot, outcome in zip(slots, outcomes, strict=True):
@@ -335,9 +393,11 @@ class TicketClient(ClientSettings):
                     if chain:
                         chain[-1].next = box
                     chain.append(box)
-            group = self._lanes.finished(lane)
-            if group is not None:
-                self._dispatch(group)
+            mark = self._rounds.answered(lane, len(chain) + 1, time.monotonic())
+            for box in chain:
+                box.round = mark
+            self._local.round = mark
+            self._lanes.finished(lane)   # the lane's open group goes when the round is over
         if chain:
             chain[0].signal()
 
@@ -403,7 +463,7 @@ class _Box:
     the client's lock, before the wake-up), or with the group it is to send (``hand``). A bare
     lock, acquired at birth: the cheapest wake-up a thread has."""
 
-    __slots__ = ("_signal", "chained", "next", "outcome", "slots")
+    __slots__ = ("_signal", "chained", "next", "outcome", "round", "slots")
 
     def __init__(self) -> None:
         self._signal = _thread.allocate_lock()
@@ -412,6 +472,7 @@ class _Box:
         self.slots: list[Slot] | None = None
         self.chained = False
         self.next: _Box | None = None   # the caller to wake after this one
+        self.round: Round | None = None   # the round it was answered in
 
     def wait(self, timeout: float) -> bool:
         """Whether the box was signalled within ``timeout`` seconds. Never raises."""
