@@ -634,6 +634,46 @@ def test_a_caller_gone_elsewhere_holds_its_round_only_briefly(pkcs11_harness: Ha
     assert len(took) == 1 and took[0] < 0.2   # ~0.1 s: its own hold, no window, not T1's 1 s
 
 
+def test_a_caller_not_answered_in_the_open_round_goes_at_once(pkcs11_harness: Harness,
+                                                              paced: PacedServer) -> None:
+    """Window 0.25 s, each call held 0.2 s. T2 goes alone, T0 and T1 wait for it and go as
+    one batch when their window is over (~0.27 s; T2 never calls again); once it answered them
+    (~0.47 s), both go to do something else (1 s). A call from the main thread, made while
+    their round is still open (its grace made 5 s while that batch is in flight), is not held
+    for them: it was not answered with them, it finds the lane idle, and goes at once as the
+    unary call."""
+    servicer, where = paced(0.2)
+    good = tickets(pkcs11_harness, 4)
+    counting = Counting()
+    answered = threading.Barrier(3)
+    with TicketClient(where, coalesce_window=0.25, interceptors=[counting]) as client:
+        def call(n: int, then: Callable[[], None]) -> None:
+            assert client.redeem(good[n]).ok
+            then()
+
+        def elsewhere() -> None:
+            answered.wait(timeout=10)
+            time.sleep(1.0)
+
+        threads = [threading.Thread(target=call, args=(2, lambda: None))]
+        threads[0].start()
+        time.sleep(0.02)
+        threads += [threading.Thread(target=call, args=(n, elsewhere)) for n in (0, 1)]
+        for thread in threads[1:]:
+            thread.start()
+        time.sleep(0.35)             # T0 and T1's batch is in flight
+        client._rounds.grace = 5.0   # their round stays open for as long as the test lasts
+        answered.wait(timeout=10)    # T0 and T1 are answered, and away
+        begun = time.monotonic()
+        assert client.redeem(good[3]).ok
+        took = time.monotonic() - begun
+        for thread in threads:
+            thread.join(timeout=10)
+    assert servicer.batches == [2]
+    assert dict(counting.calls) == {"RedeemTicket": 2, "RedeemTickets": 1}
+    assert took < 0.4   # ~0.2 s: its own hold, not the round's 5 s
+
+
 def test_rounds_end_when_the_last_caller_is_back_or_none_came_back_for_the_grace() -> None:
     rounds = coalesce.Rounds(grace=0.01)
     first = rounds.answered(coalesce.REDEEM, 2, now=1.0)

@@ -19,11 +19,12 @@ When a call goes out:
   call of grpc.aio starts in a task of its own anyway): the calls of the lane that other tasks
   make in the same round join it and go with it as one batch; a call alone goes as the unary
   RPC. (Tasks woken together, e.g. by one batch's answer, ask together.) The sync client's
-  round is the threads' analogue (``Rounds``): the callers an answer woke that have not called
-  again yet. While one is open, a call on an idle lane opens a group instead, which goes when
-  the last of them is back with its own call (it joins and goes with it), or when none came
-  back for ``ROUND_GRACE`` (a caller went to do something else), whichever comes first. A
-  call with no round open (nothing answered whose caller is not back) goes at once.
+  round is the threads' analogue (``Rounds``): the callers an answer of the lane woke that
+  have not called again yet. A caller back from such a round while others of it are still out
+  opens a group on the idle lane instead of going alone; the group goes when the last of them
+  is back with its own call (it joins and goes with it), or when none came back for
+  ``ROUND_GRACE`` (a caller went to do something else), whichever comes first. Any other call
+  that finds its lane idle (its caller not answered in an open round) goes at once.
 - A call that finds its lane busy joins the lane's open group. The group is sent (as one batch
   RPC; a group of one as the unary RPC) as soon as the lane becomes idle, or ``coalesce_window``
   seconds after the group opened, or when it is full (``max_batch_items`` items or
@@ -364,13 +365,14 @@ class Rounds:
 
     When an RPC answers, its callers (the sender too) go back to their own code: threads that
     may call again at once. While some of them have not come back (called the client again,
-    on any lane, or gone to a retry's sleep), their lane's round is open, and a call that finds
-    the lane idle opens a group instead of going alone (``Coalescer.join``'s ``tick``): the
-    callers of one answer that call again go together, as tasks woken by one answer do. The
-    round ends when the last of them comes back (its call joins the group, which then goes), or
-    when none has come back for ``grace`` seconds (a caller went to do something else). A call
-    made with no round of its lane open goes alone at once. Not thread-safe: the sync client
-    holds its lock around every call."""
+    on any lane, or gone to a retry's sleep), their lane's round is open: one of them that
+    calls again on the idle lane opens a group instead of going alone (``Coalescer.join``'s
+    ``tick``), and the lane's groups wait for the round, so that the callers of one answer that
+    call again go together, as tasks woken by one answer do. The round ends when the last of
+    them comes back (its call joins the group, which then goes), or when none has come back for
+    ``grace`` seconds (a caller went to do something else). A caller not answered in the open
+    round (a new thread, or one back after its round ended) that finds the lane idle goes alone
+    at once. Not thread-safe: the sync client holds its lock around every call."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace

@@ -229,9 +229,13 @@ class TicketClient(ClientSettings):
         slot = Slot(request, loop.deadline, size, coalesce.nobody)
         with self._lock:
             now = time.monotonic()
-            ended = self._back(now)
+            mark = self._mark()
+            ended = self._rounds.back(mark, now)
             ended = self._rounds.stalled(now) or ended   # a round no one came back to
-            group, opened = self._lanes.join(lane, slot, now, tick=self._rounds.holds(lane))
+            # back from a round of this lane that others have not come back from yet: wait
+            # for them (the round's end), as a task does for the rest of its loop round
+            held = mark is not None and mark.lane is lane and not mark.over
+            group, opened = self._lanes.join(lane, slot, now, tick=held)
             if group is not None:
                 box = slot.waiter = _Box()
                 if group.full:
@@ -285,14 +289,13 @@ class TicketClient(ClientSettings):
             return group.opened + self._lanes.window
         return min(stall, group.opened + self._hold)
 
-    def _back(self, now: float) -> bool:
-        """Under the lock: this thread calls again, so it is back from the round it was
-        answered in; True when it was that round's last. Never raises."""
+    def _mark(self) -> Round | None:
+        """The round this thread was answered in (None: none since its last call), taken: the
+        thread is back. Never raises."""
         mark: Round | None = getattr(self._local, "round", None)
-        if mark is None:
-            return False
-        self._local.round = None
-        return self._rounds.back(mark, now)
+        if mark is not None:
+            self._local.round = None
+        return mark
 
     def _send_due(self, now: float) -> None:
         """Under the lock: each lane's open group goes if it is due (its lane idle, or its
@@ -308,7 +311,7 @@ class TicketClient(ClientSettings):
         if getattr(self._local, "round", None) is not None:
             with self._lock:
                 now = time.monotonic()
-                if self._back(now):
+                if self._rounds.back(self._mark(), now):
                     self._send_due(now)
 
     def _give_up(self, lane: Lane, group: Group, slot: Slot, box: _Box,
