@@ -20,6 +20,7 @@ import grpc
 import pytest
 
 from authority._proto.ticketauthority.v1 import authority_pb2_grpc
+from authority.bench import gateway
 from authority.client import (
     AsyncTicketClient,
     AuthorityDeadlineExceeded,
@@ -692,6 +693,19 @@ def test_rounds_end_when_the_last_caller_is_back_or_none_came_back_for_the_grace
     assert rounds.stalled(now=2.01) and late.over and not other.over   # each lane its own
     assert rounds.holds(coalesce.ISSUE) and not rounds.back(late, now=2.02)
     assert rounds.stalled(now=2.015) and not rounds.holds(coalesce.ISSUE)
+
+
+def test_the_gateway_bench_counts_each_runs_context_switches(pkcs11_harness: Harness) -> None:
+    """authority/bench/gateway.py, against a real server: each run counts the gateway
+    process's context switches, per resumption in its JSON, and rounds add them up."""
+    good = tickets(pkcs11_harness, 16)
+    run = gateway.sync_run(address(pkcs11_harness), good, 8, 80, True, coalesce.DEFAULT_WINDOW)
+    assert run.failed == 0 and run.switches > 0   # every caller that waits is a switch
+    doc = run.as_json()
+    assert doc["switches_per_resumption"] == pytest.approx(run.switches / 80)
+    assert run.plus(run).as_json()["switches_per_resumption"] == pytest.approx(run.switches / 80)
+    alone = gateway.aio_run(address(pkcs11_harness), good, 1, 20, False, None)
+    assert alone.failed == 0 and alone.switches > 0
 
 
 # -- the aio client: the calls of one loop round go together ---------------------------------------

@@ -12,12 +12,14 @@ The gateway runs in a process of its own (``python -m authority.bench.gateway``,
 the bench against the server it measures), so that its CPU is the client's alone: per run, the
 process's CPU time (``time.process_time``: every thread, gRPC's included) over a fixed number of
 resumptions, divided by that number; the tickets are issued and every client warmed up before
-the clock starts. Each run's resumptions are done in two rounds, every run's share in turn
-and then the other way round, so that a noisy neighbour hurts all runs alike. The figures
-the issue names (``gateway_cpu_us_at_N``) are those of the blocking ``TicketClient`` shared by
-N threads: the demo gateway's model (authority/demo/gateway.py), and an IKE daemon's worker
-pool. The asyncio client (N tasks on one loop) is
-measured the same way, as ``gateway_aio_cpu_us_at_N``.
+the clock starts. Each run also counts the process's context switches (voluntary and not,
+every thread: ``getrusage``), per resumption: what a thread's wake-up costs is most of what
+separates the blocking client from the asyncio one. Each run's resumptions are done in two
+rounds, every run's share in turn and then the other way round, so that a noisy neighbour hurts
+all runs alike. The figures the issue names (``gateway_cpu_us_at_N``) are those of the blocking
+``TicketClient`` shared by N threads: the demo gateway's model (authority/demo/gateway.py), and
+an IKE daemon's worker pool. The asyncio client (N tasks on one loop) is measured the same way,
+as ``gateway_aio_cpu_us_at_N``.
 
 Coalescing (the client's ``coalesce_window`` keyword, seconds, 0 = off): "without" passes 0,
 "with" the client's default window. A client without the keyword has no coalescing: its
@@ -33,6 +35,7 @@ import inspect
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -67,6 +70,7 @@ class GatewayRun:
     seconds: float
     cpu_s: float
     first_error: str = ""
+    switches: int = 0    # the process's context switches during the run
 
     @property
     def cpu_us(self) -> float | None:
@@ -79,14 +83,25 @@ class GatewayRun:
         return replace(self, resumptions=self.resumptions + other.resumptions,
                        failed=self.failed + other.failed, seconds=self.seconds + other.seconds,
                        cpu_s=self.cpu_s + other.cpu_s,
-                       first_error=self.first_error or other.first_error)
+                       first_error=self.first_error or other.first_error,
+                       switches=self.switches + other.switches)
 
     def as_json(self) -> dict[str, Any]:
-        """Every field, the CPU per resumption and the rate."""
+        """Every field, the CPU per resumption, the rate and the context switches per
+        resumption."""
         out = asdict(self)
         out["cpu_us"] = self.cpu_us
         out["per_s"] = self.resumptions / self.seconds if self.seconds > 0 else None
+        out["switches_per_resumption"] = (self.switches / self.resumptions
+                                          if self.resumptions > 0 else None)
         return out
+
+
+def context_switches() -> int:
+    """This process's context switches so far, voluntary and not, every thread's (ended
+    threads' included). Never raises."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw + usage.ru_nivcsw
 
 
 def coalesce_window(client_class: type) -> float | None:
@@ -131,16 +146,17 @@ def sync_run(address: str, tickets: list[bytes], concurrency: int, count: int,
     warm-up of two per thread. Never raises for a failed call (counted)."""
     with TicketClient(address, timeout=TIMEOUT, **_settings(coalesced, window)) as client:
         _threads(client, tickets, concurrency, 2 * concurrency)
-        failed, error, seconds, cpu = _threads(client, tickets, concurrency, count)
+        failed, error, seconds, cpu, switches = _threads(client, tickets, concurrency, count)
     return GatewayRun("sync", concurrency, coalesced and window is not None,
-                      (window or 0.0) if coalesced else 0.0, count, failed, seconds, cpu, error)
+                      (window or 0.0) if coalesced else 0.0, count, failed, seconds, cpu, error,
+                      switches)
 
 
 def _threads(client: TicketClient, tickets: list[bytes], concurrency: int,
-             count: int) -> tuple[int, str, float, float]:
+             count: int) -> tuple[int, str, float, float, int]:
     """``count`` resumptions from ``concurrency`` threads, released together once all have
-    started; (failed, first error, wall seconds, process CPU seconds) from the release to the
-    last thread's end (starting the threads is not counted)."""
+    started; (failed, first error, wall seconds, process CPU seconds, context switches) from
+    the release to the last thread's end (starting the threads is not counted)."""
     numbers = itertools.count()
     failures: list[str] = []
     started = threading.Barrier(concurrency + 1)
@@ -162,12 +178,13 @@ def _threads(client: TicketClient, tickets: list[bytes], concurrency: int,
     for worker in workers:
         worker.start()
     started.wait()
-    cpu, began = time.process_time(), time.perf_counter()
+    switches, cpu, began = context_switches(), time.process_time(), time.perf_counter()
     go.set()
     for worker in workers:
         worker.join()
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
-    return len(failures), failures[0] if failures else "", seconds, cpu
+    switches = context_switches() - switches
+    return len(failures), failures[0] if failures else "", seconds, cpu, switches
 
 
 # -- the asyncio client, N tasks ---------------------------------------------------------------
@@ -184,11 +201,13 @@ async def _aio_run(address: str, tickets: list[bytes], concurrency: int, count: 
     async with AsyncTicketClient(address, timeout=TIMEOUT,
                                  **_settings(coalesced, window)) as client:
         await _tasks(client, tickets, concurrency, 2 * concurrency)
-        cpu, began = time.process_time(), time.perf_counter()
+        switches, cpu, began = context_switches(), time.process_time(), time.perf_counter()
         failed, error = await _tasks(client, tickets, concurrency, count)
         seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+        switches = context_switches() - switches
     return GatewayRun("aio", concurrency, coalesced and window is not None,
-                      (window or 0.0) if coalesced else 0.0, count, failed, seconds, cpu, error)
+                      (window or 0.0) if coalesced else 0.0, count, failed, seconds, cpu, error,
+                      switches)
 
 
 async def _tasks(client: AsyncTicketClient, tickets: list[bytes], concurrency: int,
