@@ -40,8 +40,6 @@ from authority.ikev2.proposals import (
 )
 from authority.ikev2.sk import decrypt_message
 from authority.ikev2.wire import (
-    IKE_AUTH,
-    IKE_SA_INIT,
     PAYLOAD_AUTH,
     PAYLOAD_IDI,
     PAYLOAD_IDR,
@@ -131,5 +129,4 @@ def state_of(sa: IkeSa, id_r: bytes) -> ResumptionState:
         auth_method=sa.resumed.auth_method if sa.resumed else AUTH_SHARED_KEY_MIC)
 
 
-__all__ = ["IKE_AUTH", "IKE_SA_INIT", "answer_auth", "answer_sa_init", "state_of",
-           "ticket_payloads"]
+__all__ = ["answer_auth", "answer_sa_init", "state_of", "ticket_payloads"]
