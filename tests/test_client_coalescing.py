@@ -604,7 +604,7 @@ def test_a_caller_gone_elsewhere_holds_its_round_only_briefly(pkcs11_harness: Ha
                                                               paced: PacedServer) -> None:
     """Window 0.25 s, each call held 0.1 s. T2 goes alone, T0 and T1 wait for it, and go as
     one batch (T2 never calls again: its round ends without it). That batch answers both; T1
-    then sleeps 1 s (it went to do something else) while T0 calls again at once: T0 waits for
+    then sleeps 0.5 s (it went to do something else) while T0 calls again at once: T0 waits for
     T1 no longer than ``ROUND_GRACE`` (not T1's second, nor the window), and its call goes
     alone, as the unary call."""
     servicer, where = paced(0.1)
@@ -625,21 +625,21 @@ def test_a_caller_gone_elsewhere_holds_its_round_only_briefly(pkcs11_harness: Ha
         threads[0].start()
         time.sleep(0.02)
         threads += [threading.Thread(target=call, args=(0, again)),
-                    threading.Thread(target=call, args=(1, partial(time.sleep, 1.0)))]
+                    threading.Thread(target=call, args=(1, partial(time.sleep, 0.5)))]
         for thread in threads[1:]:
             thread.start()
         for thread in threads:
             thread.join(timeout=10)
     assert servicer.batches == [2]
     assert dict(counting.calls) == {"RedeemTicket": 2, "RedeemTickets": 1}
-    assert len(took) == 1 and took[0] < 0.2   # ~0.1 s: its own hold, no window, not T1's 1 s
+    assert len(took) == 1 and took[0] < 0.2   # ~0.1 s: its own hold, no window, not T1's 0.5 s
 
 
 def test_a_caller_not_answered_in_the_open_round_goes_at_once(pkcs11_harness: Harness,
                                                               paced: PacedServer) -> None:
     """Window 0.25 s, each call held 0.2 s. T2 goes alone, T0 and T1 wait for it and go as
     one batch when their window is over (~0.27 s; T2 never calls again); once it answered them
-    (~0.47 s), both go to do something else (1 s). A call from the main thread, made while
+    (~0.47 s), both go to do something else (0.6 s). A call from the main thread, made while
     their round is still open (its grace made 5 s while that batch is in flight), is not held
     for them: it was not answered with them, it finds the lane idle, and goes at once as the
     unary call."""
@@ -654,7 +654,7 @@ def test_a_caller_not_answered_in_the_open_round_goes_at_once(pkcs11_harness: Ha
 
         def elsewhere() -> None:
             answered.wait(timeout=10)
-            time.sleep(1.0)
+            time.sleep(0.6)
 
         threads = [threading.Thread(target=call, args=(2, lambda: None))]
         threads[0].start()
