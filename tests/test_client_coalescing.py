@@ -640,7 +640,7 @@ def test_a_caller_not_answered_in_the_open_round_goes_at_once(pkcs11_harness: Ha
     """Window 0.25 s, each call held 0.2 s. T2 goes alone, T0 and T1 wait for it and go as
     one batch when their window is over (~0.27 s; T2 never calls again); once it answered them
     (~0.47 s), both go to do something else (0.6 s). A call from the main thread, made while
-    their round is still open (its grace made 5 s while that batch is in flight), is not held
+    their round is still open (its grace made 5 s once that batch reached the server), is not held
     for them: it was not answered with them, it finds the lane idle, and goes at once as the
     unary call."""
     servicer, where = paced(0.2)
@@ -660,9 +660,11 @@ def test_a_caller_not_answered_in_the_open_round_goes_at_once(pkcs11_harness: Ha
         threads[0].start()
         time.sleep(0.02)
         threads += [threading.Thread(target=call, args=(n, elsewhere)) for n in (0, 1)]
+        begun = time.monotonic()
         for thread in threads[1:]:
             thread.start()
-        time.sleep(0.35)             # T0 and T1's batch is in flight
+        while not servicer.batches and time.monotonic() - begun < 5:
+            time.sleep(0.005)        # until T0 and T1's batch is in flight (held 0.2 s)
         client._rounds.grace = 5.0   # their round stays open for as long as the test lasts
         answered.wait(timeout=10)    # T0 and T1 are answered, and away
         begun = time.monotonic()
