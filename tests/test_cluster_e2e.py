@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,14 +41,19 @@ from pkcs11 import Attribute, ObjectClass
 
 from authority._proto.ticketauthority.v1 import (
     admin_pb2,
-    admin_pb2_grpc,
     authority_pb2,
     authority_pb2_grpc,
 )
 from authority.backends.pkcs11 import Pkcs11Backend, _keys
 from authority.backends.softhsm import provision_embedded_token
-from authority.bench.serveproc import listening_address, token_key_ids
-from authority.config import Pkcs11Settings
+from authority.bench.serveproc import ServeProcess, token_key_ids
+from authority.chaos.replicas import (  # the replicas' intervals (their settings' too)
+    HEARTBEAT,
+    LEASE,
+    PUBLISH_DELAY,
+    STALENESS,
+    settings,
+)
 from authority.devdb import child_pids
 from tests.conftest import at_once, process_gone, sample_state, wait_until
 from tests.pkcs11_fixtures import KID, OTHER, requires_softhsm
@@ -68,71 +73,32 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 T = TypeVar("T")
 
-HEARTBEAT = 0.2        # cluster.heartbeat_interval of the replicas
-LEASE = 1.0            # cluster.lease_duration (and replica_timeout)
-PUBLISH_DELAY = 5.0    # keys.publish_delay: a new key seals by then at the latest
-STALENESS = 3.0        # store.max_staleness
-CONNECT_TIMEOUT = 2.0  # postgresql.connect_timeout (also the wait for a pooled connection)
 RECOVERY = 2.0         # the issue's bound on recovery after the database's return
 SLACK = 2.0            # allowed over a bound on this shared 2-core machine
 DEADLINE = 10.0        # how long a poll waits for what must happen (generous)
 CALL = 5.0             # the deadline of one call
 
 
-def settings(token: Pkcs11Settings, dsn_file: Path) -> str:
-    """The TOML of one replica: the shared token, the database, short intervals."""
-    assert token.softhsm2_conf is not None
-    pin_file = token.softhsm2_conf.parent / "user.pin"
-    return (f'[server]\nprocesses = 1\nmetrics_listen = ""\n'
-            f'[pkcs11]\nmodule = "{token.module}"\ntoken_label = "{token.token_label}"\n'
-            f'pin_file = "{pin_file}"\nsofthsm2_conf = "{token.softhsm2_conf}"\nsessions = 4\n'
-            f'[postgresql]\ndsn_file = "{dsn_file}"\npool_size = 4\n'
-            f"connect_timeout = {CONNECT_TIMEOUT}\n"
-            f"[cluster]\nheartbeat_interval = {HEARTBEAT}\nreplica_timeout = {LEASE}\n"
-            f"lease_duration = {LEASE}\n"
-            f"[keys]\npublish_delay = {PUBLISH_DELAY}\n"
-            f"[store]\nmax_staleness = {STALENESS}\n")
+class Replica(ServeProcess):
+    """One ``ticket-authority serve`` replica (``ServeProcess``), with channels of its own for
+    the tests that need several connections."""
 
+    def __init__(self, directory: Path, name: str, settings_text: str) -> None:
+        super().__init__(directory, name, settings_text)
+        self.connections: list[grpc.Channel] = []
 
-@dataclass
-class Replica:
-    """One ``ticket-authority serve`` process, its state directory and a channel to it."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    state: Path
-    log: Path
-    address: str = ""
-    channels: list[grpc.Channel] = field(default_factory=list)
-
-    def wait_serving(self, timeout: float = 60.0) -> None:
-        """Wait for its server.json (written once it listens) and a GetStatus answer.
-        Raises: AssertionError with its log if it exits or takes longer."""
-        self.address = listening_address(self.proc, self.state, timeout,
-                                         lambda: f"{self.name}:\n{self.log_tail()}")
-        self.status()
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-    def channel(self) -> grpc.Channel:
-        """A new channel with a connection of its own."""
+    def connection(self) -> grpc.Channel:
+        """A new channel with a connection of its own (closed by ``stop``)."""
         made = grpc.insecure_channel(self.address,
                                      options=[("grpc.use_local_subchannel_pool", 1)])
-        self.channels.append(made)
+        self.connections.append(made)
         return made
 
     @property
-    def tickets(self) -> authority_pb2_grpc.TicketAuthorityStub:
-        if not self.channels:
-            self.channel()
-        return authority_pb2_grpc.TicketAuthorityStub(self.channels[0])
-
-    @property
-    def admin(self) -> admin_pb2_grpc.TicketAdminStub:
-        if not self.channels:
-            self.channel()
-        return admin_pb2_grpc.TicketAdminStub(self.channels[0])
+    def process(self) -> subprocess.Popen[bytes]:
+        """The server process (started: every replica of ``Cluster`` is)."""
+        assert self.proc is not None
+        return self.proc
 
     def status(self) -> admin_pb2.GetStatusResponse:
         reply: admin_pb2.GetStatusResponse = self.admin.GetStatus(
@@ -146,15 +112,9 @@ class Replica:
         return {k.key_id: k.state for k in listed}
 
     def stop(self) -> None:
-        for made in self.channels:
+        for made in self.connections:
             made.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
 
 
 class Cluster:
@@ -174,21 +134,11 @@ class Cluster:
         test_processes_opening_one_softhsm2_token_at_once_all_succeed); return them."""
         started = []
         for name in names:
-            started.append(self._spawn(name))
+            started.append(Replica(self.directory, name, settings(
+                self.directory / name, self.token, self.dsn_file)))
             self.replicas.append(started[-1])
-            started[-1].wait_serving()
+            started[-1].serve(timeout=60.0)
         return started
-
-    def _spawn(self, name: str) -> Replica:
-        config = self.directory / f"{name}.toml"
-        config.write_text(settings(self.token, self.dsn_file))
-        state, log = self.directory / name, self.directory / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "authority.cli", "serve", "--state-dir", str(state),
-                 "--listen", "127.0.0.1:0", "--config", str(config)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        return Replica(name, proc, state, log)
 
     def token_keys(self) -> set[str]:
         """The ids (hex) of the ticket keys the token holds, listed by python-pkcs11 in a
@@ -385,7 +335,7 @@ def test_sixteen_consumers_of_one_ticket_over_three_replicas_one_ok(
         trio: Cluster) -> None:
     """16 concurrent consumers, each on a connection of its own spread over the replicas."""
     ticket = issue(trio.replicas[0], 2).ticket
-    channels = [trio.replicas[i % 3].channel() for i in range(16)]
+    channels = [trio.replicas[i % 3].connection() for i in range(16)]
     for made in channels:   # connected before the race
         grpc.channel_ready_future(made).result(timeout=CALL)
     stubs = [authority_pb2_grpc.TicketAuthorityStub(made) for made in channels]
@@ -414,7 +364,7 @@ class Traffic:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True, args=(
-            issuer.channel(), redeemer.channel(), first + 100_000 * i, per_thread, seconds))
+            issuer.connection(), redeemer.connection(), first + 100_000 * i, per_thread, seconds))
             for i, (issuer, redeemer) in enumerate(routes)]
         for t in self._threads:
             t.start()
@@ -541,7 +491,7 @@ class Consumers:
         self.errors: list[str] = []             # anything else
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        stubs = [authority_pb2_grpc.TicketAuthorityStub(r.channel()) for r in replicas]
+        stubs = [authority_pb2_grpc.TicketAuthorityStub(r.connection()) for r in replicas]
         self._threads = [threading.Thread(target=self._run, args=(i, stubs, first + 100_000 * i,
                                                                   seconds), daemon=True)
                          for i in range(len(replicas))]
@@ -621,16 +571,16 @@ def test_kill_9_of_the_lease_holder_under_load(trio: Cluster) -> None:
     wait_until(lambda: lease_holder(trio.replicas[0]) in ids, timeout=DEADLINE)
     victim = ids[lease_holder(trio.replicas[0])]
     survivors = [r for r in trio.replicas if r is not victim]
-    children = child_pids(victim.proc.pid)
-    watch = health_pb2_grpc.HealthStub(victim.channel()).Watch(
+    children = child_pids(victim.process.pid)
+    watch = health_pb2_grpc.HealthStub(victim.connection()).Watch(
         health_pb2.HealthCheckRequest(service=""), timeout=60)
     assert next(watch).status == SERVING    # a call in flight when the replica dies
     load = Consumers([victim, *survivors], first=20_000)
     try:
         wait_until(lambda: load.count() >= 30, timeout=DEADLINE, poll=0.01)
-        victim.proc.send_signal(signal.SIGKILL)
+        victim.process.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        wait_until(lambda: process_gone(victim.proc.pid), timeout=DEADLINE)
+        wait_until(lambda: process_gone(victim.process.pid), timeout=DEADLINE)
         others = {r.status().replica_id for r in survivors}
         wait_until(lambda: all(lease_holder(r) in others for r in survivors),
                    timeout=DEADLINE, poll=0.02)
@@ -639,7 +589,7 @@ def test_kill_9_of_the_lease_holder_under_load(trio: Cluster) -> None:
         wait_until(lambda: load.count() >= acknowledged + 30, timeout=DEADLINE, poll=0.01)
     finally:
         load.stop()
-    assert victim.proc.wait(timeout=10) == -signal.SIGKILL
+    assert victim.process.wait(timeout=10) == -signal.SIGKILL
     with pytest.raises(grpc.RpcError) as ended:
         next(watch)
     assert ended.value.code() == UNAVAILABLE
@@ -671,7 +621,7 @@ def test_two_rotations_at_once_on_two_replicas_make_one_key(trio: Cluster) -> No
     left (run the module whole). The loser's SoftHSM2 view may miss the winner's key until
     it reads the token afresh
     (test_a_key_another_process_made_is_found_after_this_process_made_one)."""
-    a, b = (r for r in trio.replicas if r.proc.poll() is None)
+    a, b = (r for r in trio.replicas if r.process.poll() is None)
     old = a.status().sealing_key_id
     before = a.keys()
     outcomes = at_once([lambda r=r: r.admin.RotateKey(  # type: ignore[misc]
@@ -717,7 +667,7 @@ class Redeems:
         self.by_replica: dict[str, list[tuple[float, str]]] = {r.name: [] for r in replicas}
         self.timed: dict[str, list[tuple[float, float, str]]] = {r.name: [] for r in replicas}
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(r.channel(), ticket, r.name),
+        self._threads = [threading.Thread(target=self._run, args=(r.connection(), ticket, r.name),
                                           daemon=True) for r in replicas]
         for t in self._threads:
             t.start()
@@ -746,7 +696,7 @@ class Redeems:
 
 
 def health(replica: Replica) -> int:
-    reply = health_pb2_grpc.HealthStub(replica.channels[0]).Check(
+    reply = health_pb2_grpc.HealthStub(replica.channel()).Check(
         health_pb2.HealthCheckRequest(service=""), timeout=CALL)
     return int(reply.status)
 

@@ -15,17 +15,18 @@ from authority.config import Pkcs11Settings
 HEARTBEAT = 0.2        # cluster.heartbeat_interval
 LEASE = 1.0            # cluster.lease_duration (and replica_timeout)
 STALENESS = 3.0        # store.max_staleness
-CONNECT_TIMEOUT = 2.0  # postgresql.connect_timeout
+CONNECT_TIMEOUT = 2.0  # postgresql.connect_timeout (also the wait for a pooled connection)
+PUBLISH_DELAY = 5      # keys.publish_delay unless ``keys`` says: a new key seals by then
 APPLICATION = "ita-"   # + the replica's name: its connections' application_name
 
 
 def settings(state: Path, token: Pkcs11Settings, dsn_file: Path, keys: str = "") -> str:
     """One replica's TOML: its state directory, the shared ``token`` (an embedded one:
     ``provision_embedded_token``), the database, short intervals; ``keys``: more ``[keys]``
-    lines (``publish_delay = 5`` unless given)."""
+    lines (``publish_delay = PUBLISH_DELAY`` unless given)."""
     assert token.softhsm2_conf is not None
     pin_file = token.softhsm2_conf.parent / "user.pin"
-    keys = keys if "publish_delay" in keys else "publish_delay = 5\n" + keys
+    keys = keys if "publish_delay" in keys else f"publish_delay = {PUBLISH_DELAY}\n" + keys
     return (f'state_dir = "{state}"\nbackend = "pkcs11"\n'
             '[server]\nlisten = "127.0.0.1:0"\nprocesses = 1\nmetrics_listen = ""\n'
             f'[pkcs11]\nmodule = "{token.module}"\ntoken_label = "{token.token_label}"\n'
