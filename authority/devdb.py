@@ -159,7 +159,13 @@ class DevPostgres:
     def resume(self) -> None:
         """``pg_ctl start -w`` after ``halt``: returns once it accepts connections.
         Raises: StartupError."""
+        self._start()
+
+    def _start(self) -> None:
+        """``pg_ctl start -w`` (60 s at most), logging to ``log_path``; ``stop`` stops it then.
+        Raises: StartupError."""
         self._pg_ctl("-l", str(self.log_path), "-w", "-t", "60", "start")
+        self._running = True
 
     def stop(self) -> None:
         """Stop the server (``pg_ctl stop -m fast``; idempotent) and remove its directory.
@@ -204,8 +210,7 @@ class DevPostgres:
             with (other.data / "postgresql.conf").open("a") as conf:
                 conf.write(f"\n# authority/devdb.py standby\n"
                            f"unix_socket_directories = '{directory}'\n")
-            other._pg_ctl("-l", str(other.log_path), "-w", "-t", "60", "start")
-            other._running = True
+            other._start()
         except BaseException:
             other.stop()
             raise
@@ -247,8 +252,7 @@ class DevPostgres:
                                    f"{_SOCKET_MAX} octets: set TMPDIR to a shorter directory")
             server._chown(directory)
             server._init(DEFAULT_SETTINGS if settings is None else settings)
-            server._pg_ctl("-l", str(server.log_path), "-w", "-t", "60", "start")
-            server._running = True
+            server._start()
         except BaseException:
             server.stop()
             raise
