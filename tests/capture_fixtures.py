@@ -3,6 +3,7 @@ as tshark captures), read back with tshark's ISAKMP dissector: one row per IKE m
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import signal
 import subprocess
@@ -221,6 +222,12 @@ class Handshake:
     def seconds(self) -> float:
         """From the first request's capture time to the end of the last response."""
         return self.end - self.messages[0].time
+
+    @property
+    def round_trip_seconds(self) -> list[float]:
+        """Each request's time to its response, in order."""
+        return [r.time - q.time for q, r in itertools.pairwise(self.messages)
+                if not q.is_response and r.is_response and q.exchange == r.exchange]
 
 
 def _key(m: Message) -> tuple[int, bool, int]:

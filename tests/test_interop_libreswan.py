@@ -11,7 +11,6 @@ kept when the test fails. Findings about libreswan that this test shows: docs/in
 
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import statistics
@@ -35,7 +34,7 @@ from authority.ikev2.payloads import (
     decode_resume_response,
     encode_resume_request,
 )
-from tests.capture_fixtures import Capture, Message
+from tests.capture_fixtures import Capture, Handshake, Message, handshake
 from tests.libreswan_fixtures import (
     CHILDLESS,
     CLIENT_ID,
@@ -57,7 +56,7 @@ IKE_PORT = 500
 NACK_FALLBACK = "received TICKET_NACK notification response to IKE_SESSION_RESUME request, " \
                 "retrying using IKE_SA_INIT"
 REJECTED = "IKE SA authentication request rejected by peer: AUTHENTICATION_FAILED"
-IKE_SA_INIT, IKE_AUTH, IKE_SESSION_RESUME = 34, 35, 38
+IKE_SA_INIT, IKE_SESSION_RESUME = 34, 38
 
 pytestmark = pytest.mark.skipif(not can_create_netns()[0],
                                 reason=f"network namespaces: {can_create_netns()[1]}")
@@ -126,25 +125,6 @@ def _keep(tmp_path: Path, pcap: Path) -> None:
         shutil.copy(pcap, kept / pcap.name)
     shutil.copytree(tmp_path / "pluto", kept / "pluto", dirs_exist_ok=True)
     print(f"capture and pluto's files kept in {kept}")
-
-
-def _span(messages: list[Message], request: Message) -> tuple[float, int, list[float]]:
-    """(seconds, round trips, each round trip's seconds) from ``request`` to the IKE_AUTH
-    response of the same SA."""
-    same = [m for m in messages if m.spi_i == request.spi_i and m.time >= request.time]
-    ends = [m for m in same if m.exchange == IKE_AUTH and m.is_response]
-    assert ends, f"no IKE_AUTH response for SA {request.spi_i}"
-    within = [m for m in same if m.time <= ends[0].time]
-    trips = [r.time - q.time for q, r in itertools.pairwise(within)
-             if not q.is_response and r.is_response and q.exchange == r.exchange]
-    return ends[0].time - request.time, len(trips), trips
-
-
-def _first(messages: list[Message], exchange: int, response: bool, **fields: object) -> Message:
-    found = [m for m in messages if m.exchange == exchange and m.is_response == response
-             and all(getattr(m, k) == v for k, v in fields.items())]
-    assert found, f"no {exchange} {'response' if response else 'request'} with {fields}"
-    return found[0]
 
 
 def _fallbacks(messages: list[Message]) -> list[Message]:
@@ -231,19 +211,17 @@ def test_libreswan_resumes_through_a_second_gateway_and_falls_back_on_a_nack(
     world.capture.stop()
     messages = world.messages()
     table = world.capture.table()
-    full = _span(messages, _first(messages, IKE_SA_INIT, False))
-    accepted = next(m for m in messages if m.exchange == IKE_SESSION_RESUME and m.is_response
-                    and 40 in m.payloads)
-    resumed = _span(messages, _first(messages, IKE_SESSION_RESUME, False, spi_i=accepted.spi_i))
-    assert full[1] == resumed[1] == 2, table
+    full = handshake(messages, IKE_SA_INIT)
+    resumed = handshake(messages, IKE_SESSION_RESUME)      # step 2's, which B accepted
+    assert full.round_trips == resumed.round_trips == 2, table
     assert _fallbacks(messages), table                     # step 5, seen on the wire
     print(f"\nfull IKE_SA_INIT + IKE_AUTH: {_ms(full)}; IKE_SESSION_RESUME + IKE_AUTH: "
           f"{_ms(resumed)} (libreswan 5.2 <-> gateway kit over veth, authority on loopback)")
 
 
-def _ms(span: tuple[float, int, list[float]]) -> str:
-    each = " + ".join(f"{t * 1000:.1f}" for t in span[2])
-    return f"{span[1]} round trips, {span[0] * 1000:.1f} ms ({each})"
+def _ms(shake: Handshake) -> str:
+    each = " + ".join(f"{t * 1000:.1f}" for t in shake.round_trip_seconds)
+    return f"{shake.round_trips} round trips, {shake.seconds * 1000:.1f} ms ({each})"
 
 
 def _resume_until_full_handshake(world: World) -> str:
@@ -308,23 +286,25 @@ def test_round_trips_and_time_of_full_and_resumed_handshakes(world: World) -> No
         gateway.stop()
     world.capture.stop()
     messages = world.messages()
-    fulls = [_span(messages, m) for m in messages
-             if m.exchange == IKE_SA_INIT and not m.is_response]
-    resumes = [_span(messages, m) for m in messages
-               if m.exchange == IKE_SESSION_RESUME and not m.is_response]
-    assert len(fulls) == len(resumes) == ROUNDS, world.capture.table()
-    assert {s[1] for s in fulls} == {s[1] for s in resumes} == {2}, world.capture.table()
+    starts = [m.exchange for m in messages if not m.is_response]
+    assert starts.count(IKE_SA_INIT) == starts.count(IKE_SESSION_RESUME) == ROUNDS, \
+        world.capture.table()
+    fulls = [handshake(messages, IKE_SA_INIT, n) for n in range(ROUNDS)]
+    resumes = [handshake(messages, IKE_SESSION_RESUME, n) for n in range(ROUNDS)]
+    assert {s.round_trips for s in fulls} == {s.round_trips for s in resumes} == {2}, \
+        world.capture.table()
     assert _kinds(gateway).count("consume:OK") == ROUNDS
     print(f"\n{ROUNDS} rounds, libreswan 5.2 <-> gateway kit over veth, authority on loopback; "
           f"median (min-max) ms:\n  full IKE_SA_INIT + IKE_AUTH:      {_summary(fulls)}\n"
           f"  IKE_SESSION_RESUME + IKE_AUTH:    {_summary(resumes)}")
 
 
-def _summary(spans: list[tuple[float, int, list[float]]]) -> str:
+def _summary(shakes: list[Handshake]) -> str:
     def one(values: list[float]) -> str:
         ms = sorted(v * 1000 for v in values)
         return f"{statistics.median(ms):.1f} ({ms[0]:.1f}-{ms[-1]:.1f})"
 
-    firsts, seconds = [s[2][0] for s in spans], [s[2][1] for s in spans]
-    return (f"{one([s[0] for s in spans])}; first round trip {one(firsts)}, "
+    firsts = [s.round_trip_seconds[0] for s in shakes]
+    seconds = [s.round_trip_seconds[1] for s in shakes]
+    return (f"{one([s.seconds for s in shakes])}; first round trip {one(firsts)}, "
             f"IKE_AUTH round trip {one(seconds)}")
