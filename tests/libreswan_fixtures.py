@@ -371,16 +371,18 @@ class Pluto:
             text = f.read().decode(errors="replace")
         return "\n".join(console_lines(text))
 
-    def wait_for(self, expect: Sequence[str], mark: int, timeout: float = 30.0) -> str:
+    def wait_for(self, expect: Sequence[str], mark: int, timeout: float = 30.0,
+                 failures: Sequence[str] = FAILURE_MARKERS) -> str:
         """Wait until each of ``expect`` is in pluto's console lines after ``mark``; return
-        those lines. Raises LibreswanError when a FAILURE_MARKERS line appears first, when
-        pluto exits, or after ``timeout`` seconds."""
+        those lines. Raises LibreswanError when a ``failures`` line appears first (pass ()
+        when pluto is expected to fail on its way, e.g. before a fallback), when pluto exits,
+        or after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             text = self.console_since(mark)
             if all(line in text for line in expect):
                 return text
-            failed = [m for m in FAILURE_MARKERS if m in text]
+            failed = [m for m in failures if m in text]
             if failed or time.monotonic() > deadline or not self.running():
                 why = (f"pluto logged {failed}" if failed else
                        "pluto exited" if not self.running() else f"{timeout}s passed")
