@@ -73,12 +73,12 @@ def _resumed(prf_id: int, sk_px: bytes, real_message: bytes, nonce: bytes, id_bo
     """prf(SK_px, signed octets) in one of the READINGS.
 
     Raises ValueError for an unknown reading; as ``signed_octets`` does otherwise."""
-    octets = signed_octets(prf_id, sk_px, real_message, nonce, id_body)
-    if reading == MESSAGE_ONLY:
-        octets = real_message
-    elif reading != RFC5723:
+    if reading == RFC5723:
+        return prf(prf_id, sk_px, signed_octets(prf_id, sk_px, real_message, nonce, id_body))
+    if reading != MESSAGE_ONLY:
         raise ValueError(f"unknown resumed AUTH reading {reading!r} (known: {READINGS})")
-    return prf(prf_id, sk_px, octets)
+    _check(prf_id, sk_px, real_message, nonce, id_body)   # the same inputs refused
+    return prf(prf_id, sk_px, real_message)
 
 
 def auth_initiator(prf_id: int, sk_pi: bytes, real_message_1: bytes, nonce_r: bytes,
