@@ -146,6 +146,18 @@ def test_the_wheel_holds_nothing_else(dists: Dists) -> None:
     assert "ticket-authority = authority.cli:main" in entry_points
 
 
+def test_the_license_text_ships_with_both_artefacts(dists: Dists) -> None:
+    """The Apache-2.0 text the metadata declares is in the tree, the sdist and the wheel
+    (a declared license without its text is not one a user can follow)."""
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "LICENSE" in _sdist_names(dists.sdist)
+    info = f"{DIST}-{__version__}.dist-info/"
+    assert _wheel_text(dists.wheel, info + "licenses/LICENSE") == text
+    metadata = Parser().parsestr(_wheel_text(dists.wheel, info + "METADATA"))
+    assert metadata.get_all("License-File") == ["LICENSE"]
+
+
 def test_the_sdist_is_the_source_release(dists: Dists) -> None:
     names = _sdist_names(dists.sdist)
     wanted = ["pyproject.toml", "README.md", "CHANGELOG.md", "authority/__init__.py",
