@@ -1,18 +1,22 @@
 """The gateway kit's pieces for a full IKEv2 exchange: SA payload codec and proposal choice,
 group 19 key exchange, the shared-key AUTH of RFC 7296 §2.15, the two readings of the resumed
-AUTH, and the responder engine's refusal to crash on anything a peer sends."""
+AUTH, the responder engine's refusal to crash on anything a peer sends, and its bound on
+half-open SAs (an index of their own: no walk over the established ones per new SA)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from authority.gateway import Engine, GatewaySettings
+from authority.gateway.session import IkeSa
 from authority.ikev2.auth import MESSAGE_ONLY, RFC5723, auth_initiator, auth_responder, psk_auth
 from authority.ikev2.bodies import ID_FQDN, id_body
 from authority.ikev2.ecdh import DH_ECP_256, Ecp256, KeyExchange, decode_ke_body, encode_ke_body
@@ -32,6 +36,9 @@ from authority.ikev2.proposals import (
     suite_proposal,
 )
 from authority.ikev2.wire import IKE_SA_INIT, IkeHeader, encode_ike_header
+
+if TYPE_CHECKING:
+    from _collections_abc import dict_items, dict_keys, dict_values
 
 GCM16, CBC, SHA256, SHA512, HMAC_SHA2_256_128 = 20, 12, 5, 7, 12
 PSK = b"0123456789abcdef0123456789abcdef"
@@ -298,3 +305,118 @@ def test_a_bad_auth_payload_is_dropped_or_refused_never_an_error(body: bytes) ->
     peer.auth(body)
     kinds = [kind for kind, _ in peer.engine.events]
     assert "error" not in kinds and kinds[-1] in ("dropped", "refused")
+
+
+# -- the half-open bound: an index of its own, no scan of the SA table -------------------------
+
+
+def _established(engine: Engine) -> tuple[bytes, bytes]:
+    """An SA through IKE_SA_INIT and a PSK IKE_AUTH that verifies; its key."""
+    from authority.ikev2.bodies import auth_body
+
+    peer = _Initiator(engine)
+    peer.sa_init()
+    assert peer.auth(auth_body(psk_auth(SHA256, PSK, peer.keys.sk_pi, peer.request, peer.nr,
+                                        peer.id_i))) is not None
+    assert engine.sas[(peer.spi_i, peer.spi_r)].established
+    return peer.spi_i, peer.spi_r
+
+
+def _sa_init_key(engine: Engine) -> tuple[bytes, bytes]:
+    """The key of a new half-open SA made by a real IKE_SA_INIT."""
+    from authority.ikev2.wire import decode_ike_header
+
+    reply = engine.handle(_real_sa_init(), ("192.0.2.1", 500))
+    assert reply is not None
+    header = decode_ike_header(reply[:28])
+    return header.spi_i, header.spi_r
+
+
+def _index_matches_the_table(engine: Engine) -> None:
+    """The half-open index is the table's SAs not established, in the same (arrival) order."""
+    assert list(engine.half_open) == [k for k, sa in engine.sas.items() if not sa.established]
+
+
+def test_established_sas_survive_a_flood_past_the_bound() -> None:
+    """Two established SAs, then MAX_HALF_OPEN + 5 IKE_SA_INITs: both kept, the 5 oldest
+    waiting SAs forgotten and the newest MAX_HALF_OPEN kept."""
+    from authority.gateway.engine import MAX_HALF_OPEN
+
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    done = [_established(engine), _established(engine)]
+    flood = [_sa_init_key(engine) for _ in range(MAX_HALF_OPEN + 5)]
+    assert all(engine.sas[key].established for key in done)
+    assert len(engine.sas) == MAX_HALF_OPEN + 2
+    assert [key for key in engine.sas if key not in done] == flood[5:]
+    _index_matches_the_table(engine)
+
+
+def test_an_sa_through_ike_auth_leaves_the_half_open_index() -> None:
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    waiting = _sa_init_key(engine)
+    key = _established(engine)
+    assert list(engine.half_open) == [waiting] and key in engine.sas
+    _index_matches_the_table(engine)
+
+
+def test_a_refused_ike_auth_leaves_the_table_and_the_index() -> None:
+    """A wrong shared-key AUTH: AUTHENTICATION_FAILED, the SA gone from both."""
+    from authority.ikev2.bodies import auth_body
+
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    peer = _Initiator(engine)
+    peer.sa_init()
+    key = (peer.spi_i, peer.spi_r)
+    assert list(engine.half_open) == [key]
+    assert peer.auth(auth_body(bytes(32))) is not None
+    assert engine.events[-1][0] == "refused"
+    assert key not in engine.sas and key not in engine.half_open
+    _index_matches_the_table(engine)
+
+
+SaKey = tuple[bytes, bytes]
+
+
+class _CountedTable(dict[SaKey, IkeSa]):
+    """An SA table that counts every walk over it (keys, values, items, iteration)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.walks = 0
+
+    def __iter__(self) -> Iterator[SaKey]:
+        self.walks += 1
+        return super().__iter__()
+
+    def keys(self) -> dict_keys[SaKey, IkeSa]:
+        self.walks += 1
+        return super().keys()
+
+    def values(self) -> dict_values[SaKey, IkeSa]:
+        self.walks += 1
+        return super().values()
+
+    def items(self) -> dict_items[SaKey, IkeSa]:
+        self.walks += 1
+        return super().items()
+
+
+def test_a_new_sa_does_not_walk_the_established_ones() -> None:
+    """10,000 established SAs: new IKE_SA_INITs past the bound never walk the table (the
+    bound scanned every SA at each one, O(table) per packet)."""
+    from dataclasses import replace
+
+    from authority.gateway.engine import MAX_HALF_OPEN
+
+    engine = Engine(_settings(), _NoAuthority())  # type: ignore[arg-type]
+    model = engine.sas[_established(engine)]
+    table = _CountedTable()
+    for n in range(10_000):
+        spi_r = n.to_bytes(8, "big")
+        table[(model.spi_i, spi_r)] = replace(model, spi_r=spi_r)
+    engine.sas = table
+    for _ in range(MAX_HALF_OPEN + 3):
+        _sa_init_key(engine)
+    assert table.walks == 0
+    assert len(engine.half_open) == MAX_HALF_OPEN
+    assert len(table) == 10_000 + MAX_HALF_OPEN

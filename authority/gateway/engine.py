@@ -5,7 +5,8 @@ what it cannot parse. No sockets here (``responder`` has them)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, KeysView
 
 from authority.gateway.authority import AuthorityLink, TicketService
 from authority.gateway.initial import answer_auth, answer_sa_init
@@ -36,12 +37,19 @@ from authority.ikev2.wire import (
 
 LOG = logging.getLogger("authority.gateway")
 Address = tuple[str, int]
+SaKey = tuple[bytes, bytes]
+#: SAs waiting for their IKE_AUTH kept at most (and first requests remembered for
+#: retransmissions): beyond it the oldest is forgotten
 MAX_HALF_OPEN = 1024
 
 
 class Engine:
     """Answers IKE_SA_INIT, IKE_AUTH, IKE_SESSION_RESUME and INFORMATIONAL requests for
-    ``settings``; ``events`` lists (kind, detail) of what happened, for operators and tests."""
+    ``settings``; ``events`` lists (kind, detail) of what happened, for operators and tests.
+
+    ``sas`` holds every SA by (SPIi, SPIr); the half-open ones (not yet through IKE_AUTH) are
+    also in an index of their own, oldest first, so that bounding them costs O(1) per new SA
+    whatever the number of established SAs."""
 
     def __init__(self, settings: GatewaySettings, client: TicketService,
                  on_event: Callable[[str, str], None] | None = None) -> None:
@@ -49,8 +57,14 @@ class Engine:
         self.events: list[tuple[str, str]] = []
         self._on_event = on_event
         self.authority = AuthorityLink(client, self.record)
-        self.sas: dict[tuple[bytes, bytes], IkeSa] = {}
-        self._first: dict[tuple[bytes, Address], tuple[bytes, bytes]] = {}
+        self.sas: dict[SaKey, IkeSa] = {}
+        self._half_open: OrderedDict[SaKey, None] = OrderedDict()   # oldest first
+        self._first: OrderedDict[tuple[bytes, Address], tuple[bytes, bytes]] = OrderedDict()
+
+    @property
+    def half_open(self) -> KeysView[SaKey]:
+        """The keys of the SAs waiting for their IKE_AUTH, oldest first (a live view)."""
+        return self._half_open.keys()
 
     def record(self, kind: str, detail: str) -> None:
         """Note an event (and log it). Never raises."""
@@ -108,27 +122,42 @@ class Engine:
         else:
             raise PayloadError(f"exchange {header.exchange_type} with no SA")
         if len(self._first) >= MAX_HALF_OPEN:
-            self._first.pop(next(iter(self._first)))
+            self._first.popitem(last=False)
         self._first[key] = (data, reply)
         if sa is not None:
-            self._forget_oldest_half_open()
-            self.sas[(sa.spi_i, sa.spi_r)] = sa
+            self._add_half_open(sa)
         return reply
 
-    def _forget_oldest_half_open(self) -> None:
-        """Keep at most MAX_HALF_OPEN SAs waiting for their IKE_AUTH: a peer sending only
-        IKE_SA_INIT or IKE_SESSION_RESUME requests cannot grow the table without bound."""
-        waiting = [key for key, sa in self.sas.items() if not sa.established]
-        for key in waiting[:max(0, len(waiting) - MAX_HALF_OPEN + 1)]:
-            del self.sas[key]
+    def _add_half_open(self, sa: IkeSa) -> None:
+        """Hold a new SA waiting for its IKE_AUTH, forgetting the oldest waiting ones beyond
+        MAX_HALF_OPEN (a peer sending only IKE_SA_INIT or IKE_SESSION_RESUME requests cannot
+        grow the table without bound; established SAs are never forgotten). O(1). Never
+        raises."""
+        while len(self._half_open) >= MAX_HALF_OPEN:
+            oldest, _ = self._half_open.popitem(last=False)
+            self.sas.pop(oldest, None)
+        key = (sa.spi_i, sa.spi_r)
+        self._half_open.pop(key, None)      # a (random) SPI pair seen again: now the newest
+        self._half_open[key] = None
+        self.sas[key] = sa
+
+    def _forget(self, key: SaKey) -> None:
+        """Drop an SA (refused or deleted) from the table and the half-open index. Never
+        raises."""
+        self.sas.pop(key, None)
+        self._half_open.pop(key, None)
 
     def _exchange(self, sa: IkeSa, data: bytes, header: IkeHeader) -> bytes:
         if header.exchange_type == IKE_AUTH and not sa.established:
+            key = (sa.spi_i, sa.spi_r)
             try:
                 return self._authenticate(sa, data, header)
             except Refusal:
-                self.sas.pop((sa.spi_i, sa.spi_r), None)
+                self._forget(key)
                 raise
+            finally:
+                if sa.established:             # through IKE_AUTH: no longer half-open
+                    self._half_open.pop(key, None)
         if header.exchange_type == INFORMATIONAL and sa.established:
             return self._informational(sa, data, header)
         if header.exchange_type == CREATE_CHILD_SA and sa.established:
@@ -149,6 +178,6 @@ class Engine:
     def _informational(self, sa: IkeSa, data: bytes, header: IkeHeader) -> bytes:
         _, inner = decrypt_message(data, sa.keys.sk_ei)
         if any(p.payload_type == PAYLOAD_DELETE for p in inner):
-            self.sas.pop((sa.spi_i, sa.spi_r), None)
+            self._forget((sa.spi_i, sa.spi_r))
             self.record("delete", f"IKE SA {sa.spi_i.hex()}/{sa.spi_r.hex()} deleted")
         return encrypted_reply(sa, header, [])
