@@ -1,7 +1,8 @@
-"""tools/unary_profile.py, the command docs/benchmarks.md gives for where a unary call's CPU goes
-and for the floors of the ticket calls (issue 14): each mode runs end to end against a real
-server and real SoftHSM2 token and prints the figures it promises. Short runs: the figures
-themselves are the benchmark's, not the test's (rule 4)."""
+"""The commands docs/benchmarks.md gives for issue 14's floors: tools/unary_profile.py (where a
+unary call's CPU goes; the ticket calls' floors) and tools/gateway_floor.py (the blocking
+client's floor). Each mode runs end to end against a real server and real SoftHSM2 token and
+prints the figures it promises. Short runs: the figures themselves are the benchmark's, not the
+test's (rule 4)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.pkcs11_fixtures import requires_softhsm
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "unary_profile.py"
+GATEWAY_FLOOR = ROOT / "tools" / "gateway_floor.py"
 
 
 def _profile(*argv: str) -> str:
@@ -59,3 +61,16 @@ def test_the_ticket_path_run_times_its_layers() -> None:
     assert {"servicer", "sealer", "pkcs11 backend",
             "device: C_*Init + C_Encrypt/Decrypt"} <= set(parts), out
     assert float(parts["device: C_*Init + C_Encrypt/Decrypt"]) > 0
+
+
+@requires_softhsm
+def test_the_gateway_floor_prints_the_floors_and_the_client_per_resumption() -> None:
+    done = subprocess.run([sys.executable, str(GATEWAY_FLOOR), "--threads", "4",
+                           "--resumptions", "200", "--runs", "1"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "cpus" in done.stdout.splitlines()[0]
+    found = dict(re.findall(r"^(.+?)\s{2,}([\d.]+) µs per resumption", done.stdout, re.M))
+    assert set(found) == {"floor, chained wake-ups", "floor, all woken",
+                          "TicketClient, coalesced"}, done.stdout
+    assert all(float(v) > 0 for v in found.values())
