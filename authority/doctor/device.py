@@ -1,7 +1,8 @@
 """The device checks: the PKCS#11 module loads, the token is there with the mechanisms the
 service needs, the PIN logs in, and every ticket key in it has the protection the service
 requires. Each step is the service's own (authority/backends/pkcs11), run read-only: doctor
-never provisions the embedded token, creates a key or changes one."""
+never provisions the embedded token, creates a key or changes one. The TPM backend's checks
+are in authority/doctor/tpm.py."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from authority.backends.pkcs11._module import REGISTRY
 from authority.backends.pkcs11._template import _IMPLIED, required
 from authority.backends.pkcs11._token import check_mechanisms, check_pin_flags, find_token
 from authority.config import Config, Pkcs11Settings, Secret
-from authority.doctor.report import Check, failure, ok, skip
+from authority.doctor.report import Check, failure, ok
 from authority.errors import AuthorityError, StartupError
 
 #: attributes a wrappable ticket key (cluster.per_node_tokens) may have otherwise: it is made
@@ -42,16 +43,26 @@ class DeviceResult:
 def check_device(config: Config) -> DeviceResult:
     """Run the device checks for ``config``'s backend. Never raises for a device problem:
     each is a failed check."""
+    if config.backend == "tpm":
+        return _check_tpm(config)
     result = DeviceResult()
-    if config.backend != "pkcs11":
-        result.checks.append(skip("device", f"backend {config.backend}: the device checks "
-                                            "cover PKCS#11 only (see 'ticket-authority status' "
-                                            "of a running server)"))
-        return result
     settings = _settings(config, result.checks)
     if settings is not None:
         _check_token(config, replace(settings, sessions=1), result)
     return result
+
+
+def _check_tpm(config: Config) -> DeviceResult:
+    """The TPM half (authority/doctor/tpm.py), which needs tpm2-pytss: its absence is one
+    failed check."""
+    try:
+        from authority.doctor.tpm import check_tpm
+    except ImportError as exc:
+        return DeviceResult([failure(
+            "device.tpm", f"backend tpm, but its library cannot be loaded: {exc}",
+            "pip install 'ike-ticket-authority[tpm]' (tpm2-pytss, over the tpm2-tss "
+            "libraries: apt-get install libtss2-dev), as serve needs it too")])
+    return check_tpm(config)
 
 
 def _settings(config: Config, checks: list[Check]) -> Pkcs11Settings | None:
