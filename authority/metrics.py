@@ -22,6 +22,12 @@ from prometheus_client.registry import Collector
 from authority.backends.base import BackendInfo, KeyBackend
 from authority.cluster import MAINTENANCE
 from authority.errors import DeviceUnavailable, InvalidTicket, KeyNotFound
+from authority.sealer import (
+    CONSUME_FAILURE_CAUSES,
+    CONSUME_VIAS,
+    consume_attempts,
+    consume_failures,
+)
 from authority.serving import DeviceHealth
 
 if TYPE_CHECKING:
@@ -91,6 +97,7 @@ class _StateCollector(Collector):
         for task in ("heartbeat", "maintenance"):
             errors.add_metric([task], counts.get(f"{task}_errors", 0))
         yield from (issued, redeems, invalid, consumes, errors)
+        yield from _consume_outcomes(counts)
         yield from self._keys()
         yield from self._store()
         yield from self._device()
@@ -194,6 +201,27 @@ class _StateCollector(Collector):
             age.add_metric(labels, now - record.created_at)
             seals.add_metric(labels, record.seal_count)
         yield from (age, seals, period, present)
+
+
+def _consume_outcomes(counts: dict[str, int]) -> Iterator[Any]:
+    """Every consume whichever RPC carried it (authority/sealer.py counts them where they
+    happen: a batch of n items is n): the attempts by ``via`` and the failures by ``via`` and
+    ``cause``, every series from 0 (what TicketAuthorityConsumeFailures divides)."""
+    attempts = CounterMetricFamily(
+        "ticket_authority_consume_attempts", "Tickets the authority set out to mark used, by "
+        "origin (via: consume = ConsumeTicket(s) handles, authentic and not expired; redeem = "
+        "RedeemTicket(s)/RedeemTicketStream items with consume=true, authentic, not expired, of "
+        "the gateway's realm)", labels=["via"])
+    failures = CounterMetricFamily(
+        "ticket_authority_consume_failures", "Consume attempts answered with a server-side "
+        "error, nothing recorded (cause: unavailable = the store failed or could not be "
+        "reached, or the policy copy is past store.max_staleness; error = anything else)",
+        labels=["via", "cause"])
+    for via in CONSUME_VIAS:
+        attempts.add_metric([via], counts.get(consume_attempts(via), 0))
+        for cause in CONSUME_FAILURE_CAUSES:
+            failures.add_metric([via, cause], counts.get(consume_failures(via, cause), 0))
+    yield from (attempts, failures)
 
 
 class _NotAfterCache:

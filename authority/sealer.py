@@ -77,6 +77,32 @@ _COUNTER_NAMES = {status: f"redeem.{status.name.lower()}" for status in RedeemSt
 #: the counter of redeems answered UNAVAILABLE because their key id is unknown here and the
 #: store could not be reached to look for it
 UNKNOWN_KEY_UNAVAILABLE = "redeem.unknown_key_unavailable"
+#: where a consume comes from: a ConsumeTicket(s) handle, or a RedeemTicket(s) /
+#: RedeemTicketStream item with consume=true; each item is one consume
+CONSUME_VIAS = ("consume", "redeem")
+#: why a consume failed: the store failed or could not be reached, or the policy copy is past
+#: ``store.max_staleness`` (DeviceUnavailable: answered UNAVAILABLE); anything else (UNKNOWN)
+CONSUME_FAILURE_CAUSES = ("unavailable", "error")
+
+
+def consume_attempts(via: str) -> str:
+    """The Counters name of the consumes from ``via`` the authority set out to record: a
+    handle of ConsumeTicket(s) that is authentic and not expired; a ticket redeemed with
+    consume=true that is authentic, not expired and of the gateway's realm (a client's own
+    errors are no attempt: a refused handle is INVALID_ARGUMENT, a bad ticket its redeem
+    result)."""
+    return f"consume.attempts.{via}"
+
+
+def consume_failures(via: str, cause: str) -> str:
+    """The Counters name of the consume attempts from ``via`` that failed for ``cause``
+    (``CONSUME_FAILURE_CAUSES``): answered with an error, nothing acknowledged."""
+    return f"consume.failures.{via}.{cause}"
+
+
+_ATTEMPTS = {via: consume_attempts(via) for via in CONSUME_VIAS}
+_FAILURES = {(via, cause): consume_failures(via, cause)
+             for via in CONSUME_VIAS for cause in CONSUME_FAILURE_CAUSES}
 
 
 @dataclass(frozen=True)
@@ -343,18 +369,49 @@ class Sealer:
     def _check_live(self, authentic: list[tuple[int, bytes, TicketContents]],
                     items: Sequence[tuple[bytes, bool]], realms: Sequence[str] | None,
                     ) -> list[tuple[int, Redemption]]:
-        """Expiry, realm, revocation, then the consumed set (one query, one transaction for the
-        consumes)."""
+        """Expiry and realm, then revocation and the consumed set (``_settle``). The items
+        with consume=true that pass expiry and realm are consume attempts; if the rest fails
+        (the store, or the policy copy past its staleness bound), they are consume failures.
+
+        Raises: DeviceUnavailable (the store; a stale policy copy), for the whole batch.
+        """
         now = self._clock.now()
         results: list[tuple[int, Redemption]] = []
-        live: list[tuple[int, bytes, TicketContents]] = []
+        current: list[tuple[int, bytes, TicketContents]] = []
+        consumes = 0
         for i, k, c in authentic:
             if now >= c.expires_at:
                 results.append((i, Redemption(RedeemStatus.EXPIRED, None, k)))
             elif c.realm != (realms[i] if realms is not None else ""):
                 self._invalid("realm", InvalidTicket(f"ticket of realm {c.realm!r}"))
                 results.append((i, Redemption(RedeemStatus.INVALID)))
-            elif self._rules.is_revoked(c):
+            else:
+                current.append((i, k, c))
+                consumes += items[i][1]
+        if consumes:
+            self._counters.inc(_ATTEMPTS["redeem"], consumes)
+        try:
+            self._settle(current, items, now, results)
+        except Exception as exc:
+            self._consume_failed("redeem", consumes, exc)
+            raise
+        counts = Counter(result.status for _, result in results)
+        counts.pop(RedeemStatus.INVALID, None)  # counted by _invalid
+        for status, count in counts.items():
+            self._counters.inc(_COUNTER_NAMES[status], count)
+        return results
+
+    def _settle(self, current: list[tuple[int, bytes, TicketContents]],
+                items: Sequence[tuple[bytes, bool]], now: float,
+                results: list[tuple[int, Redemption]]) -> None:
+        """Revocation, then the consumed set (one query for the lookups, one transaction for
+        the consumes): each item's result appended to ``results``.
+
+        Raises: DeviceUnavailable (the store; a stale policy copy).
+        """
+        live: list[tuple[int, bytes, TicketContents]] = []
+        for i, k, c in current:
+            if self._rules.is_revoked(c):
                 results.append((i, Redemption(RedeemStatus.REVOKED, None, k)))
             else:
                 live.append((i, k, c))
@@ -373,11 +430,13 @@ class Sealer:
                                               key_id != primary, handle)))
             else:
                 results.append((i, Redemption(RedeemStatus.REPLAYED, None, key_id)))
-        counts = Counter(result.status for _, result in results)
-        counts.pop(RedeemStatus.INVALID, None)  # counted by _invalid
-        for status, count in counts.items():
-            self._counters.inc(_COUNTER_NAMES[status], count)
-        return results
+
+    def _consume_failed(self, via: str, count: int, exc: Exception) -> None:
+        """``count`` consume attempts from ``via`` failed with ``exc``: counted by cause.
+        Never raises."""
+        if count:
+            cause = "unavailable" if isinstance(exc, DeviceUnavailable) else "error"
+            self._counters.inc(_FAILURES[via, cause], count)
 
     def _consumed_among(self, ticket_ids: list[bytes], now: float) -> set[bytes]:
         """The ids among ``ticket_ids`` the store has consumed; while it cannot be reached (a
@@ -456,7 +515,8 @@ class Sealer:
         """:meth:`consume` for many handles, in order, in one store transaction: a handle
         that is malformed or not authentic yields its InvalidArgument (naming ``field(i)``)
         and stores nothing; the others are OK, REPLAYED (also a handle repeated within the
-        batch, after its first) or EXPIRED.
+        batch, after its first) or EXPIRED. The handles sent to the store are consume
+        attempts (``consume_attempts("consume")``), failures by cause if the store fails.
 
         Raises: DeviceUnavailable (store down: for the whole batch, nothing acknowledged).
         """
@@ -476,7 +536,13 @@ class Sealer:
                 out[index] = RedeemStatus.EXPIRED
                 continue
             entries.append((index, ticket_id, min(expires_at, retention)))
-        fresh = self._store.consume_many([(t, e) for _, t, e in entries], now)
+        if entries:
+            self._counters.inc(_ATTEMPTS["consume"], len(entries))
+        try:
+            fresh = self._store.consume_many([(t, e) for _, t, e in entries], now)
+        except Exception as exc:
+            self._consume_failed("consume", len(entries), exc)
+            raise
         for (index, _, _), new in zip(entries, fresh, strict=True):
             self._counters.inc("consumed" if new else "consume_replayed")
             out[index] = RedeemStatus.OK if new else RedeemStatus.REPLAYED

@@ -1,7 +1,10 @@
 """monitoring/: the alert rules pass ``promtool check rules`` and fire on synthetic series
 (``promtool test rules``), each points to its playbook in docs/operations.md, and every metric
 the rules and the dashboard name is exported by a running server (with TLS, so the
-certificate gauge exists); the metrics added for them report what happens."""
+certificate gauge exists); the metrics added for them report what happens: every consume,
+whichever RPC carried it, is counted where it happens, and the consume alert, evaluated by
+promtool on a real server's counters, fires for a halted PostgreSQL under redeems with
+consume=true alone."""
 
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from authority._proto.ticketauthority.v1 import authority_pb2, authority_pb2_grp
 from authority.certs import DevPki, init_dev_pki, issue_certificate, server_san
 from authority.client import ClientTls
 from authority.cluster import MAINTENANCE
+from authority.config import ClusterSettings, PostgresSettings, Secret, StoreSettings
 from authority.keys import KeyState
-from tests.conftest import Harness, issue, make_config, redeem, wait_until
+from tests.conftest import Harness, issue, make_config, redeem, sample_state, wait_until
+from tests.postgres_fixtures import PostgresServer, private_server
 from tests.test_tls_roles import SERVER_NAME, _load_key, _rotate_server_cert, tls_settings
 
 MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
@@ -41,7 +46,8 @@ PLAYBOOKS = {"device-lost", "no-sealing-key", "key-rotation-overdue", "consume-f
 #: PromQL words that are not metric names
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+Sample = tuple[str, tuple[tuple[str, str], ...]]
+Samples = dict[Sample, float]
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -300,9 +306,9 @@ def test_sealing_key_present_and_rotation_period(plain: tuple[Harness, int]) -> 
 
 
 def test_consumes_and_what_a_store_failure_shows(plain: tuple[Harness, int]) -> None:
-    """Consumes by result; with the store gone: the consume is a failed ConsumeTicket call
-    (what the ConsumeFailures alert counts), store_up 0, the lease epoch left out, the
-    heartbeat's failures counted."""
+    """Consumes by result; with the store gone: the consume is a failed attempt (what the
+    ConsumeFailures alert counts) and a failed ConsumeTicket call, store_up 0, the lease epoch
+    left out, the heartbeat's failures counted."""
     h, port = plain
     stub = h.tickets
     handle = redeem(stub, issue(stub).ticket).ticket_id
@@ -327,5 +333,198 @@ def test_consumes_and_what_a_store_failure_shows(plain: tuple[Harness, int]) -> 
     _, m = scrape(port)
     assert m[("ticket_authority_rpc_seconds_count",
               (("code", "UNAVAILABLE"), ("method", "ConsumeTicket")))] == 1
+    assert m[("ticket_authority_consume_attempts_total", (("via", "consume"),))] == 3
+    assert m[FAILED["consume", "unavailable"]] == 1
     assert m[("ticket_authority_store_up", ())] == 0
     assert ("ticket_authority_maintenance_lease_epoch", ()) not in m
+
+
+# -- every consume, whichever RPC carried it (TicketAuthorityConsumeFailures) -------------------
+
+#: the sample of each (via, cause) of ticket_authority_consume_failures_total
+FAILED: dict[tuple[str, str], Sample] = {
+    (via, cause): ("ticket_authority_consume_failures_total", (("cause", cause), ("via", via)))
+    for via in ("consume", "redeem") for cause in ("unavailable", "error")}
+ATTEMPTS: dict[str, Sample] = {
+    via: ("ticket_authority_consume_attempts_total", (("via", via),))
+    for via in ("consume", "redeem")}
+
+
+#: no consume counter moved
+NONE = {**{f"attempts.{via}": 0.0 for via in ATTEMPTS},
+        **{f"failures.{via}.{cause}": 0.0 for via, cause in FAILED}}
+OK, INVALID, EXPIRED = (authority_pb2.REDEEM_RESULT_OK, authority_pb2.REDEEM_RESULT_INVALID,
+                        authority_pb2.REDEEM_RESULT_EXPIRED)
+
+
+def moved(before: Samples, after: Samples) -> dict[str, float]:
+    """How far each consume counter moved: "attempts.VIA" and "failures.VIA.CAUSE"."""
+    keys = {f"attempts.{via}": key for via, key in ATTEMPTS.items()}
+    keys.update({f"failures.{via}.{cause}": key for (via, cause), key in FAILED.items()})
+    return {name: after[key] - before[key] for name, key in keys.items()}
+
+
+def assert_consume_alert(before: Samples, after: Samples, directory: Path,
+                         fires_at: str | None) -> None:
+    """TicketAuthorityConsumeFailures, as alerts.yml has it, on a replica whose counters move
+    every minute as this server's moved from ``before`` to ``after`` (the series of every
+    metric its expression names, for 20 minutes): at 15 minutes it fires with the summary's
+    percentage ``fires_at``, or (None) it is silent. promtool evaluates it."""
+    (rule,) = [r for r in alert_rules() if r["alert"] == "TicketAuthorityConsumeFailures"]
+    names = metric_names(rule["expr"])
+    series = []
+    for (name, labels), value in after.items():
+        if name in names:
+            start = before.get((name, labels), 0.0)
+            text = ", ".join(f'{k}="{v}"'
+                             for k, v in (*labels, ("job", "ta"), ("instance", "r")))
+            series.append({"series": f"{name}{{{text}}}",
+                           "values": f"{start:g}+{value - start:g}x20"})
+    assert series, f"the server exports none of {names}"
+    expected = []
+    if fires_at is not None:
+        notes = {k: v.replace("{{ $labels.instance }}", "r")
+                 .replace("{{ $value | humanizePercentage }}", fires_at)
+                 for k, v in rule["annotations"].items()}
+        assert not any("{{" in v for v in notes.values()), notes
+        expected = [{"exp_labels": {**rule["labels"], "job": "ta", "instance": "r"},
+                     "exp_annotations": notes}]
+    test = {"rule_files": [str(ALERTS)], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [
+                {"eval_time": "15m", "alertname": rule["alert"], "exp_alerts": expected}]}]}
+    path = directory / "consume_alert_test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    done = promtool("test", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def batch(tickets: list[bytes], consume: bool = True) -> authority_pb2.RedeemTicketsRequest:
+    return authority_pb2.RedeemTicketsRequest(items=[
+        authority_pb2.RedeemTicketRequest(ticket=t, consume=consume) for t in tickets])
+
+
+def consumes(handles: list[bytes]) -> authority_pb2.ConsumeTicketsRequest:
+    return authority_pb2.ConsumeTicketsRequest(items=[
+        authority_pb2.ConsumeTicketRequest(ticket_id=h) for h in handles])
+
+
+def calls_to(prefix: str, samples: Samples) -> Samples:
+    """The call counts (by method and code) of the methods whose names start with
+    ``prefix``."""
+    return {key: value for key, value in samples.items()
+            if key[0] == "ticket_authority_rpc_seconds_count"
+            and dict(key[1])["method"].startswith(prefix)}
+
+
+def unavailable(call: Any) -> None:
+    """``call()`` fails UNAVAILABLE."""
+    with pytest.raises(grpc.RpcError) as failed:
+        call()
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value
+
+
+@pytest.fixture(name="on_postgres", params=["threads", "aio"])
+def on_postgres_fixture(request: pytest.FixtureRequest, tmp_path: Path
+                        ) -> Iterator[tuple[Harness, PostgresServer, int]]:
+    """A server on SoftHSM2 and a PostgreSQL server of the test's own (it is halted), its
+    metrics on a free port, its maintenance running (the change feed marks the store down
+    once the database is gone: calls then fail at once); store.max_staleness 2 s."""
+    for postgres in private_server():
+        h = Harness(tmp_path / "state", "pkcs11", request.param)
+        dsn = postgres.dsn(postgres.create_database())
+        h.start(replace(h.config, server=replace(h.config.server, metrics_listen="127.0.0.1:0"),
+                        cluster=ClusterSettings(heartbeat_interval=0.25, replica_timeout=1.0,
+                                                lease_duration=1.0),
+                        store=StoreSettings(max_staleness=2.0),
+                        postgresql=PostgresSettings(dsn=Secret(dsn), pool_size=4,
+                                                    connect_timeout=1.0)))
+        h.authority.start_maintenance()
+        try:
+            yield h, postgres, metrics_port(h)
+        finally:
+            h.stop()
+
+
+def test_every_consume_counts_whichever_rpc_carried_it(
+        on_postgres: tuple[Harness, PostgresServer, int], tmp_path: Path) -> None:
+    """Bad tickets and handles are no attempt (the alert stays silent); then, the database
+    halted, redeems with consume=true alone (unary, a batch of 100, a stream, a batch with bad
+    tickets beside 2 good ones; within store.max_staleness and past it) are failed attempts,
+    one per item, and fire the alert (the rule on ConsumeTicket(s) calls never saw them);
+    then ConsumeTicket(s) failures fire it too."""
+    h, postgres, port = on_postgres
+    stub = h.tickets
+    tickets = [item.ticket.ticket for item in stub.IssueTickets(
+        authority_pb2.IssueTicketsRequest(items=[
+            authority_pb2.IssueTicketRequest(state=sample_state(n)) for n in range(170)])).items]
+    handles = [item.redeemed.ticket_id
+               for item in stub.RedeemTickets(batch(tickets[110:], consume=False)).items]
+    other_realm = stub.IssueTicket(authority_pb2.IssueTicketRequest(
+        state=sample_state(900), realm="east")).ticket
+    short = issue(stub, 901, lifetime=60).ticket
+    tampered = tickets[0][:-1] + bytes([tickets[0][-1] ^ 1])
+    bad = [b"\x01" * 80, tampered, other_realm, short, b""]
+    h.clock.advance(61)                   # ``short`` has expired
+
+    start = scrape(port)[1]
+    assert redeem(stub, tickets[1], consume=True).result == OK
+    answers = stub.RedeemTickets(batch([*bad, tickets[2]])).items
+    assert [a.redeemed.result if a.HasField("redeemed") else a.error.code for a in answers] \
+        == [INVALID, INVALID, INVALID, EXPIRED, grpc.StatusCode.INVALID_ARGUMENT.value[0], OK]
+    assert stub.ConsumeTicket(authority_pb2.ConsumeTicketRequest(ticket_id=handles[0])
+                              ).result == OK
+    answers = stub.ConsumeTickets(consumes([b"\x00" * 40, b"short", handles[1]])).items
+    assert [a.WhichOneof("outcome") for a in answers] == ["error", "error", "consumed"]
+    with pytest.raises(grpc.RpcError):
+        stub.ConsumeTicket(authority_pb2.ConsumeTicketRequest(ticket_id=b"\x00" * 40))
+    up = scrape(port)[1]
+    assert moved(start, up) == {**NONE, "attempts.consume": 2, "attempts.redeem": 2}
+    assert_consume_alert(start, up, tmp_path, None)
+
+    postgres.halt()
+    wait_until(lambda: h.authority.store.down_since is not None, timeout=15)
+    halted = scrape(port)[1]
+    assert h.authority.policy.fresh(), "the store was marked down after max_staleness"
+    unavailable(lambda: redeem(stub, tickets[3], consume=True))
+    unavailable(lambda: stub.RedeemTickets(batch(tickets[4:104])))
+    unavailable(lambda: list(stub.RedeemTicketStream(iter([batch(tickets[104:107])]))))
+    wait_until(lambda: not h.authority.policy.fresh(), timeout=15)
+    unavailable(lambda: stub.RedeemTickets(batch([*bad, tickets[107], tickets[108]])))
+    redeemed = scrape(port)[1]
+    assert moved(halted, redeemed) == {**NONE, "attempts.redeem": 106,
+                                       "failures.redeem.unavailable": 106}
+    assert calls_to("Consume", redeemed) == calls_to("Consume", halted)
+    assert_consume_alert(halted, redeemed, tmp_path, "100%")
+
+    unavailable(lambda: stub.ConsumeTicket(authority_pb2.ConsumeTicketRequest(
+        ticket_id=handles[2])))
+    unavailable(lambda: stub.ConsumeTickets(consumes([*handles[3:53], b"\x00" * 40])))
+    consumed = scrape(port)[1]
+    assert moved(redeemed, consumed) == {**NONE, "attempts.consume": 51,
+                                         "failures.consume.unavailable": 51}
+    assert_consume_alert(redeemed, consumed, tmp_path, "100%")
+
+
+def test_an_unexpected_error_in_a_consume_is_a_failure(
+        plain: tuple[Harness, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in the store's consume (any exception but DeviceUnavailable: answered
+    UNKNOWN) is a failure of cause "error", by either RPC."""
+    h, port = plain
+    stub = h.tickets
+    ticket, other = issue(stub).ticket, issue(stub, 1).ticket
+    handle = redeem(stub, other).ticket_id
+    before = scrape(port)[1]
+
+    def defect(entries: object, now: float) -> list[bool]:
+        raise RuntimeError("a defect")
+
+    monkeypatch.setattr(h.authority.store, "consume_many", defect)
+    with pytest.raises(grpc.RpcError) as failed:
+        redeem(stub, ticket, consume=True)
+    assert failed.value.code() == grpc.StatusCode.UNKNOWN
+    with pytest.raises(grpc.RpcError) as failed:
+        stub.ConsumeTicket(authority_pb2.ConsumeTicketRequest(ticket_id=handle))
+    assert failed.value.code() == grpc.StatusCode.UNKNOWN
+    assert moved(before, scrape(port)[1]) == {
+        **NONE, "attempts.consume": 1, "attempts.redeem": 1, "failures.consume.error": 1,
+        "failures.redeem.error": 1}
