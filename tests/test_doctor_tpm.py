@@ -192,15 +192,20 @@ def test_a_key_made_under_another_template_is_named_with_what_differs(
     finally:
         for part in site.key_dir.glob(f"{PLANTED.hex()}.*"):
             part.unlink()
-    loads = _one(checks, "device.keys")
-    assert loads.status == Status.OK and PLANTED.hex() in loads.detail   # it loads: the TPM
-    weak = _one(checks, "device.key_attributes")                         # made it so
+    (good,) = site.keys()
+    loads = _one(checks, "device.keys")     # the TPM would load it: serve refuses it first
+    assert loads.status == Status.OK, loads
+    assert loads.detail == (f"1 ticket key(s) load under the parent: {good}; not loaded: "
+                            f"{PLANTED.hex()} (serve refuses them before loading: "
+                            "device.key_attributes)")
+    weak = _one(checks, "device.key_attributes")
     assert weak.status == Status.FAILURE, weak
-    assert "1 of 2 ticket keys differ" in weak.detail
+    assert "1 of 2 ticket keys differ" in weak.detail and "serve refuses them" in weak.detail
     wrong = weak.detail.split(f"{PLANTED.hex()} (", 1)[1].split(")", 1)[0]
     assert sorted(wrong.split(", ")) == sorted(named)
-    assert "keys retire" in weak.hint
+    assert "keys retire" in weak.hint and "INVALID" in weak.hint
     assert worst(checks) == 2
+    assert _transients(site.swtpm.tcti) == []
 
 
 def test_a_damaged_blob_fails_its_load_naming_the_key(site: Site, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from authority.config import Config
 from authority.doctor.report import Check, failure, ok, warning
+from authority.statedir import LOCK_NAME
 
 #: ``[table] key`` of the settings that name a file holding a secret
 _SECRET_FILES = (("pkcs11", "pin_file"), ("pkcs11", "so_pin_file"),
@@ -104,19 +105,30 @@ def check_state_dir(config: Config) -> Check:
     return ok(name, f"{state}: mode 0700{holder}")
 
 
-def _lock_holder(state: Path) -> str:
-    """``, in use by process N`` from the lock file when that process runs (the lock itself
-    is not tried: taking it, even for a moment, could refuse a server starting then)."""
+def lock_holder(state_dir: Path) -> int | None:
+    """The process holding the state directory's lock (a running serve, or its supervisor),
+    read from /proc/locks: the lock itself is not tried (taking it, even for a moment, could
+    refuse a server starting then), and the pid serve writes in the lock file is not trusted
+    (it stays there after the lock is released). Matched by inode only (an overlay file system
+    reports another device), so a match may be another file's lock: then doctor only does
+    less. 0 if the holder's pid is not shown; None if the lock is not held. Never raises."""
     try:
-        text = (state / "lock").read_text("ascii", "replace").strip()
+        inode = (state_dir / LOCK_NAME).stat().st_ino
+        lines = Path("/proc/locks").read_text("ascii", "replace").splitlines()
     except OSError:
+        return None
+    for line in lines:
+        fields = line.split()   # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2204017 0 EOF"
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == \
+                str(inode):
+            return int(fields[4]) if fields[4].isdigit() else 0
+    return None
+
+
+def _lock_holder(state: Path) -> str:
+    """``, in use by process N`` while the state directory's lock is held (:func:`lock_holder`),
+    else nothing."""
+    pid = lock_holder(state)
+    if pid is None:
         return ""
-    if not text.isdigit():
-        return ""
-    try:
-        os.kill(int(text), 0)
-    except ProcessLookupError:
-        return ""
-    except PermissionError:
-        pass
-    return f", in use by process {text}"
+    return f", in use by process {pid}" if pid else ", in use (its lock is held)"

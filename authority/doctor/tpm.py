@@ -30,12 +30,9 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Final, cast
 
-from tpm2_pytss.types import (  # type: ignore[import-untyped, unused-ignore]
-    TPM2B_PUBLIC,
-    TPMT_PUBLIC_PARMS,
-)
+from tpm2_pytss.types import TPM2B_PUBLIC  # type: ignore[import-untyped, unused-ignore]
 
 from authority.backends.base import KeyBackend
 from authority.backends.tpm._errors import Phase
@@ -53,17 +50,13 @@ from authority.backends.tpm.probe import (
     read_properties,
 )
 from authority.backends.tpm.swtpm import SOCKET_FILE
-from authority.backends.tpm.templates import (
-    ATTRIBUTE_FLAGS,
-    aes_template,
-    hmac_template,
-    read_attributes,
-)
+from authority.backends.tpm.templates import KEY_TEMPLATES, key_problems, read_attributes
 from authority.config import Config, Secret
 from authority.doctor.device import DeviceResult
+from authority.doctor.files import lock_holder
 from authority.doctor.report import Check, Status, failure, ok
 from authority.errors import AuthorityError, InvalidTicket, StartupError
-from authority.statedir import LOCK_NAME, device_identity
+from authority.statedir import device_identity
 
 __all__ = ["check_tpm"]
 
@@ -71,13 +64,14 @@ __all__ = ["check_tpm"]
 _RESOURCE_MANAGED: Final = ("device:/dev/tpmrm", "tabrmd", "libtss2-tcti-tabrmd")
 _SWTPM_STATE: Final = "tpm2-00.permall"   # what swtpm writes at its first start
 _AS_SERVE = "run doctor as the user serve runs as"
-_KEY_HINT = ("a key the authority did not make, or made under another template: if 'ticket-"
-             "authority keys list' shows it, retire it ('keys retire ID') and rotate ('keys "
-             "rotate'); otherwise remove its four files from the key dir")
+_KEY_HINT = ("a key the authority did not make (its blobs swapped or restored from elsewhere), "
+             "or made under another template: serve never uses it (its tickets are INVALID; "
+             "the key ring marks it MISSING, or replaces it if it seals); if 'ticket-authority "
+             "keys list' shows it, retire it ('keys retire ID'), otherwise remove its four "
+             "files from the key dir")
 _LOAD_HINT = ("a blob made by another TPM, or before this TPM's owner hierarchy was cleared, "
               "never loads again: restore the key dir and the TPM (state) that belong "
               "together (docs/operations.md), or retire the key ('keys retire ID') and rotate")
-_TEMPLATES: Final = (("aes", aes_template), ("hmac", hmac_template))
 
 
 @dataclass
@@ -96,7 +90,7 @@ def check_tpm(config: Config) -> DeviceResult:
     """The TPM's device checks for ``config``: device.tpm, device.capabilities, device.parent,
     device.keys, device.key_attributes. Never raises for what it finds: each problem is a
     failed (or, where doctor cannot look, a skipped) check with its fix."""
-    run = _Run(config, serve_pid=_serve_pid(config.state_dir))
+    run = _Run(config, serve_pid=lock_holder(config.state_dir))
     # the TPM branch of device_identity reads the configuration only
     result = DeviceResult(identity=device_identity(config, cast(KeyBackend, None)))
     blobs = _ReadOnlyBlobs(_key_dir(config))
@@ -112,22 +106,15 @@ def check_tpm(config: Config) -> DeviceResult:
         if keys is None:
             run.checks.append(failure("device.keys", unreadable, _AS_SERVE))
         else:
-            loaded = _check_loads(run, conn, blobs, keys)
+            refused = {k for k in keys if _key_problems(blobs, k, None, unreadable=False)}
+            loaded = _check_loads(run, conn, blobs, keys, refused)
             run.checks.append(_check_attributes(keys, blobs, loaded))
+            keys = keys - refused     # as serve lists them (list_keys): refused keys are not
     finally:
         if conn is not None:
             conn.close()
     result.checks, result.keys = run.checks, keys
     return result
-
-
-def _expected_attributes() -> dict[str, bool]:
-    """What the backend's templates (templates.py) set for a ticket key, by the names
-    ``key_attributes`` reports ("aes.fixed_tpm", "hmac.no_da", ...)."""
-    out: dict[str, bool] = {}
-    for prefix, template in _TEMPLATES:
-        out.update(_flags(prefix, template()))
-    return out
 
 
 # -- where the TPM is --------------------------------------------------------------------------
@@ -180,24 +167,6 @@ def _embedded_problem(swtpm_dir: Path, data: Path) -> Check | None:
     except OSError as exc:
         return failure("device.tpm", f"cannot reach the embedded swtpm at {data}: "
                                      f"{exc.strerror or exc}", _AS_SERVE)
-    return None
-
-
-def _serve_pid(state_dir: Path) -> int | None:
-    """The process holding the state directory's lock (a running serve), read from
-    /proc/locks: the lock itself is not tried (that could refuse a serve starting then).
-    Matched by inode only (an overlay file system reports another device), so a match may
-    be another file's lock: then doctor only does less. None if none is held."""
-    try:
-        inode = (state_dir / LOCK_NAME).stat().st_ino
-        lines = Path("/proc/locks").read_text("ascii", "replace").splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()   # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2204017 0 EOF"
-        if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == \
-                str(inode):
-            return int(fields[4]) if fields[4].isdigit() else 0
     return None
 
 
@@ -317,10 +286,11 @@ def _list_keys(blobs: BlobStore) -> tuple[set[bytes] | None, str]:
         return None, str(exc)
 
 
-def _check_loads(run: _Run, conn: Connection | None, blobs: BlobStore,
-                 keys: set[bytes]) -> dict[bytes, dict[str, bool]]:
+def _check_loads(run: _Run, conn: Connection | None, blobs: BlobStore, keys: set[bytes],
+                 refused: set[bytes]) -> dict[bytes, dict[str, bool]]:
     """device.keys: each key loaded under the parent as serve loads it (KeyCache), its
-    attributes read back (TPM2_ReadPublic), then flushed. Returns those attributes."""
+    attributes read back (TPM2_ReadPublic), then flushed; not the ``refused`` ones (not the
+    templates' keys: serve refuses them before loading). Returns the attributes read back."""
     shown = ", ".join(k.hex() for k in sorted(keys))
     if not keys:
         run.checks.append(ok("device.keys", f"no ticket key in {blobs.directory} yet (serve "
@@ -332,16 +302,19 @@ def _check_loads(run: _Run, conn: Connection | None, blobs: BlobStore,
                                        f"{len(keys)} key(s) ({shown}) not loaded: no TPM to "
                                        "load them in (device.tpm, device.parent)"))
         return {}
-    loaded, failed = _load_each(conn, run.parent, run.info, blobs, keys)
+    loaded, failed = _load_each(conn, run.parent, run.info, blobs, keys - refused)
+    unused = (f"; not loaded: {', '.join(k.hex() for k in sorted(refused))} (serve refuses "
+              "them before loading: device.key_attributes)") if refused else ""
     if failed:
         run.checks.append(failure(
             "device.keys", f"{len(failed)} of {len(keys)} ticket keys do not load under "
                            f"the parent: " + "; ".join(f"{k.hex()} ({reason})"
-                                                       for k, reason in sorted(failed.items())),
-            _LOAD_HINT))
+                                                       for k, reason in sorted(failed.items()))
+                           + unused, _LOAD_HINT))
     else:
-        run.checks.append(ok("device.keys", f"{len(keys)} ticket key(s) load under the "
-                                            f"parent: {shown}"))
+        usable = ", ".join(k.hex() for k in sorted(keys - refused)) or "none"
+        run.checks.append(ok("device.keys", f"{len(keys - refused)} ticket key(s) load under "
+                                            f"the parent: {usable}{unused}"))
     return loaded
 
 
@@ -370,13 +343,12 @@ def _check_attributes(keys: set[bytes], blobs: BlobStore,
     was loaded, else from its public blobs) and algorithms against the templates."""
     if not keys:
         return ok("device.key_attributes", "no ticket key to check yet")
-    conn = Connection("", Secret(""), 0)   # parses blobs only: the one error translation
     wrong = [f"{key_id.hex()} ({', '.join(problems)})" for key_id in sorted(keys)
-             if (problems := _key_problems(conn, blobs, key_id, loaded.get(key_id)))]
+             if (problems := _key_problems(blobs, key_id, loaded.get(key_id)))]
     if wrong:
         return failure("device.key_attributes",
                        f"{len(wrong)} of {len(keys)} ticket keys differ from the backend's "
-                       "templates: " + "; ".join(wrong), _KEY_HINT)
+                       "templates, and serve refuses them: " + "; ".join(wrong), _KEY_HINT)
     source = ("read back from the TPM" if len(loaded) == len(keys)
               else "read from their blobs" if not loaded
               else "read back from the TPM, or from the blobs of those not loaded")
@@ -386,47 +358,17 @@ def _check_attributes(keys: set[bytes], blobs: BlobStore,
               "userWithAuth, not restricted; AES-256-CFB and HMAC-SHA256 as the templates")
 
 
-def _key_problems(conn: Connection, blobs: BlobStore, key_id: bytes,
-                  reported: dict[str, bool] | None) -> list[str]:
-    """What is wrong with one key: each attribute that differs ("aes.fixed_parent is
-    false"), each algorithm field that differs, or why its public blobs cannot be read."""
+def _key_problems(blobs: BlobStore, key_id: bytes, reported: dict[str, bool] | None,
+                  unreadable: bool = True) -> list[str]:
+    """What is wrong with one key (templates.key_problems: each attribute that differs, as
+    ``reported`` by the TPM or else in its public blobs, each algorithm field that differs),
+    or, if ``unreadable``, that its public blobs cannot be read."""
+    conn = Connection("", Secret(""), 0)   # parses blobs only: the one error translation
     try:
-        publics = _publics(conn, blobs, key_id)
+        raw = blobs.read(key_id)
+        publics = {prefix: conn.call(f"parsing the blobs of key {key_id.hex()}",
+                                     TPM2B_PUBLIC.unmarshal, raw[f"{prefix}.pub"])[0]
+                   for prefix, _template in KEY_TEMPLATES}
     except (AuthorityError, InvalidTicket) as exc:
-        return [f"its public blobs cannot be read: {exc}"]
-    if reported is None:
-        reported = {}
-        for prefix, _template in _TEMPLATES:
-            reported.update(_flags(prefix, publics[prefix]))
-    problems = [f"{name} is {str(reported.get(name)).lower()}"
-                for name, want in _expected_attributes().items() if reported.get(name) != want]
-    for prefix, template in _TEMPLATES:
-        problems += [f"{prefix}.{what} differs" for what, (have, want) in
-                     _shape(publics[prefix], template()).items() if have != want]
-    return problems
-
-
-def _publics(conn: Connection, blobs: BlobStore, key_id: bytes) -> dict[str, Any]:
-    """The key's two TPM2B_PUBLIC, parsed. Raises: KeyNotFound; DeviceUnavailable."""
-    raw = blobs.read(key_id)
-    return {prefix: conn.call(f"parsing the blobs of key {key_id.hex()}",
-                              TPM2B_PUBLIC.unmarshal, raw[f"{prefix}.pub"])[0]
-            for prefix, _template in _TEMPLATES}
-
-
-def _flags(prefix: str, public: Any) -> dict[str, bool]:
-    """A public area's TPMA_OBJECT bits by the names ``read_attributes`` gives them."""
-    bits = int(public.publicArea.objectAttributes)
-    return {f"{prefix}.{name}": bool(bits & flag) for name, flag in ATTRIBUTE_FLAGS.items()}
-
-
-def _shape(public: Any, template: Any) -> dict[str, tuple[Any, Any]]:
-    """The public area's algorithm fields next to the template's: type, name algorithm,
-    policy, parameters (key size, mode, scheme)."""
-    def fields(area: Any) -> tuple[int, int, bytes, bytes]:
-        parms = TPMT_PUBLIC_PARMS(type=area.type, parameters=area.parameters)
-        return int(area.type), int(area.nameAlg), bytes(area.authPolicy), parms.marshal()
-
-    have, want = fields(public.publicArea), fields(template.publicArea)
-    names = ("type", "name_alg", "auth_policy", "parameters")
-    return {name: (have[i], want[i]) for i, name in enumerate(names)}
+        return [f"its public blobs cannot be read: {exc}"] if unreadable else []
+    return key_problems(publics, reported)

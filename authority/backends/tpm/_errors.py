@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from authority.errors import DeviceUnavailable, StartupError
+from authority.errors import DeviceUnavailable, KeyNotFound, StartupError
 
-__all__ = ["Ctx", "Kind", "Phase", "TpmError", "TpmStartupError", "kind_of", "translate"]
+__all__ = [
+    "Ctx",
+    "KeyRefused",
+    "Kind",
+    "Phase",
+    "TpmError",
+    "TpmStartupError",
+    "kind_of",
+    "translate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +99,19 @@ class TpmError(DeviceUnavailable):
         super().__init__(message)
         self.kind = kind
         self.rc = rc
+
+
+class KeyRefused(KeyNotFound):
+    """A ticket key whose public area is not the backend's templates': the backend never uses
+    it (a KeyNotFound: it holds no usable key with that id). ``problems`` names what differs
+    ("aes.fixed_tpm is false", ...)."""
+
+    def __init__(self, key_id: bytes, problems: tuple[str, ...]) -> None:
+        super().__init__(key_id)
+        self.problems = problems
+        self.cause = (f"key {key_id.hex()} refused: not the backend's templates "
+                      f"({', '.join(problems)})")
+        self.args = (self.cause,)
 
 
 class TpmStartupError(StartupError):

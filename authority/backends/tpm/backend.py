@@ -9,6 +9,10 @@ must fit in that (a ticket plaintext is at most about 970 octets).
 
 All device work runs on one worker thread (authority/backends/tpm/worker.py); the methods here
 check their arguments on the caller's thread, submit one job and wait for its result.
+
+A key whose public area is not the templates' (a blob swapped into the key dir: a value known
+outside the TPM, or duplicable) is refused before any crypto (keycache.py): it is not listed,
+seal and key_attributes raise KeyNotFound for it, unseal UnsealFailed (its tickets are INVALID).
 """
 
 from __future__ import annotations
@@ -169,6 +173,7 @@ class TpmBackend:
         """Create the key's AES-256 and HMAC-SHA256 objects in the TPM; store their wrapped blobs.
 
         Raises: InvalidArgument (id not 8 bytes); FailedPrecondition (id taken);
+        KeyProtectionError (the TPM made them otherwise than the templates: nothing stored);
         DeviceUnavailable.
         """
         _check_key_id(key_id)
@@ -184,7 +189,8 @@ class TpmBackend:
         log.info("destroyed key %s", key_id.hex())
 
     def list_keys(self) -> set[bytes]:
-        """Ids of the keys whose blobs are in the key dir. Raises: DeviceUnavailable."""
+        """Ids of the keys whose blobs are in the key dir, less the refused ones (not the
+        templates' keys). Raises: DeviceUnavailable."""
         return self._worker.call(self._device.list_keys)
 
     def refresh(self) -> None:
@@ -195,7 +201,7 @@ class TpmBackend:
         """TPMA_OBJECT bits of the key's two objects read back with TPM2_ReadPublic:
         "aes.fixed_tpm", "aes.fixed_parent", ..., "hmac.no_da", ...
 
-        Raises: KeyNotFound; DeviceUnavailable.
+        Raises: KeyNotFound (also a refused key); DeviceUnavailable.
         """
         return self._worker.call(lambda: self._device.key_attributes(key_id), affinity=key_id)
 
@@ -204,8 +210,8 @@ class TpmBackend:
     def seal(self, key_id: bytes, aad: bytes, plaintext: bytes) -> bytes:
         """iv (16, random) | AES-256-CFB ciphertext | HMAC-SHA256 (32) over aad | iv | ct.
 
-        Raises: InvalidArgument (aad + plaintext too long for one TPM command); KeyNotFound;
-        DeviceUnavailable.
+        Raises: InvalidArgument (aad + plaintext too long for one TPM command); KeyNotFound
+        (also a refused key); DeviceUnavailable.
         """
         self._check_seal_size(aad, plaintext, "plaintext")
         iv = os.urandom(IV_LEN)
@@ -215,8 +221,8 @@ class TpmBackend:
     def unseal(self, key_id: bytes, aad: bytes, sealed: bytes) -> bytes:
         """Verify the HMAC (in the TPM, constant-time compare), then decrypt in the TPM.
 
-        Raises: UnsealFailed (any authentication failure, or a body no seal could have made);
-        KeyNotFound; DeviceUnavailable.
+        Raises: UnsealFailed (any authentication failure, a body no seal could have made, or
+        a refused key); KeyNotFound; DeviceUnavailable.
         """
         if not self._unseal_size_ok(aad, sealed):
             raise UnsealFailed()

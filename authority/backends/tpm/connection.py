@@ -59,7 +59,7 @@ class Connection:
         self._outage: _Outage | None = None   # since the first reconnection attempt
         self.counters: dict[str, int] = {
             "blob_loads": 0, "context_loads": 0, "evictions": 0, "resyncs": 0, "reconnects": 0,
-            "retries": 0,
+            "retries": 0, "keys_refused": 0,
         }
 
     def call(self, what: str, fn: Callable[..., T], *args: Any,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from authority.backends.tpm._errors import Phase
+from authority.backends.tpm._errors import KeyRefused, Phase
 from authority.backends.tpm.blobs import KEY_ID_LEN, BlobStore
 from authority.backends.tpm.capabilities import check_capabilities
 from authority.backends.tpm.connection import Connection
@@ -38,7 +38,7 @@ from authority.backends.tpm.recovery import recovering
 from authority.backends.tpm.sealing import IV_LEN, MAC_LEN, seal, split_sealed, unseal
 from authority.backends.tpm.templates import create_key_blobs, read_attributes
 from authority.config import Secret
-from authority.errors import FailedPrecondition, KeyNotFound
+from authority.errors import FailedPrecondition, KeyNotFound, UnsealFailed
 
 __all__ = ["IV_LEN", "MAC_LEN", "Device", "DeviceInfo"]
 
@@ -95,7 +95,8 @@ class Device:
     def create_key(self, key_id: bytes) -> None:
         """Create the key's AES and HMAC objects under the primary and store their blobs.
 
-        Raises: FailedPrecondition (id taken); TpmError; DeviceUnavailable (key dir).
+        Raises: FailedPrecondition (id taken); KeyProtectionError (the TPM made them otherwise
+        than the templates: nothing stored); TpmError; DeviceUnavailable (key dir).
         """
         if self._store.exists(key_id):
             raise FailedPrecondition(f"key {key_id.hex()} already exists in the TPM key dir")
@@ -120,8 +121,9 @@ class Device:
             raise KeyNotFound(key_id)
 
     def list_keys(self) -> set[bytes]:
-        """Ids of the keys whose blobs are present. Raises: DeviceUnavailable."""
-        return self._store.list()
+        """Ids of the keys whose blobs are present, less those refused (not the templates'
+        keys: checked from their public blobs, no TPM call). Raises: DeviceUnavailable."""
+        return self._keys.usable(self._store.list())
 
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """Both objects' TPMA_OBJECT bits as the TPM reports them (TPM2_ReadPublic).
@@ -147,11 +149,19 @@ class Device:
     def unseal(self, key_id: bytes, aad: bytes, sealed: bytes) -> bytes:
         """Check the HMAC in the TPM (constant-time compare), then decrypt in the TPM.
 
-        Raises: UnsealFailed (MAC mismatch); KeyNotFound; TpmError.
+        Raises: UnsealFailed (MAC mismatch, or a refused key: its tickets are INVALID);
+        KeyNotFound; TpmError.
         """
         parts = split_sealed(sealed)
-        return recovering(self._conn, self._keys,
-                          lambda: unseal(self._conn, self._keys.pair(key_id), aad, parts))
+
+        def op() -> bytes:
+            try:
+                pair = self._keys.pair(key_id)
+            except KeyRefused as exc:
+                raise UnsealFailed() from exc
+            return unseal(self._conn, pair, aad, parts)
+
+        return recovering(self._conn, self._keys, op)
 
     def grouped(self, key_ids: Sequence[bytes]) -> list[int]:
         """Indices of ``key_ids`` ordered to load each key once: the loaded key first, then by

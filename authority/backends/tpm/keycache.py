@@ -8,6 +8,15 @@ blobs, each key's two objects are context-saved: reloading them later takes two
 TPM2_ContextLoad calls (measured on swtpm: about 0.45 ms per key) instead of
 ContextLoad(primary) + 2 x Load + Flush (about 1.8 ms). Saved contexts die with a TPM Reset;
 a refused one is dropped and the key is loaded from its blobs again.
+
+No crypto runs with a key that is not the backend's templates' (templates.key_problems): its
+public blobs are compared with them when they are parsed, before any TPM2_Load, and after the
+load the public areas the TPM reports (TPM2_ReadPublic, about 0.05 ms each on swtpm, on blob
+loads only) must be those blobs. A key that fails is refused for the life of the process (or
+until it is destroyed): logged once at ERROR with what differs, counted (``keys_refused``),
+left out of :meth:`KeyCache.usable` (so of ``list_keys``), and every use of it raises
+:class:`KeyRefused`. What was checked stays cached (parsed blobs, saved contexts), so blobs
+swapped on disk after their key was first read are never loaded by this process.
 """
 
 from __future__ import annotations
@@ -15,17 +24,19 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from tpm2_pytss.types import (  # type: ignore[import-untyped, unused-ignore]
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
 )
 
-from authority.backends.tpm._errors import Kind, TpmError
+from authority.backends.tpm._errors import KeyRefused, Kind, TpmError
 from authority.backends.tpm.blobs import BlobStore
 from authority.backends.tpm.connection import Connection
 from authority.backends.tpm.parent import Parent
+from authority.backends.tpm.templates import key_problems, loaded_problems
+from authority.errors import DeviceUnavailable, KeyNotFound
 
 __all__ = ["KeyCache", "Pair"]
 
@@ -52,6 +63,11 @@ class _Blobs:
     hmac_public: Any
     hmac_private: Any
 
+    @property
+    def publics(self) -> dict[str, Any]:
+        """The two public areas by prefix, as templates.key_problems takes them."""
+        return {"aes": self.aes_public, "hmac": self.hmac_public}
+
 
 class KeyCache:
     """Which ticket keys are loaded (LRU), their saved contexts and parsed blobs."""
@@ -63,6 +79,7 @@ class KeyCache:
         self._loaded: OrderedDict[bytes, Pair] = OrderedDict()
         self._saved: OrderedDict[bytes, tuple[Any, Any]] = OrderedDict()
         self._parsed: OrderedDict[bytes, _Blobs] = OrderedDict()
+        self._refused: dict[bytes, tuple[str, ...]] = {}   # key id -> what differs
         self.slots = 3               # TPM_PT_HR_TRANSIENT_MIN, set at start-up
 
     @property
@@ -82,8 +99,12 @@ class KeyCache:
     def pair(self, key_id: bytes) -> Pair:
         """The key's two objects, loaded (LRU hit, saved contexts or blobs).
 
-        Raises: KeyNotFound; TpmError; DeviceUnavailable (key dir).
+        Raises: KeyRefused (not the templates' key); KeyNotFound; TpmError; DeviceUnavailable
+        (key dir).
         """
+        refused = self._refused.get(key_id)
+        if refused is not None:
+            raise KeyRefused(key_id, refused)
         pair = self._loaded.get(key_id)
         if pair is not None:
             self._loaded.move_to_end(key_id)
@@ -125,15 +146,36 @@ class KeyCache:
         self._parent.forget()
 
     def forget(self, key_id: bytes) -> None:
-        """Flush the key's objects (if connected) and drop its saved contexts and parsed blobs."""
+        """Flush the key's objects (if connected) and drop its saved contexts, parsed blobs
+        and refusal."""
         pair = self._loaded.pop(key_id, None)
         if pair is not None and self._conn.esapi is not None:
             self._flush_pair(pair)
         self._saved.pop(key_id, None)
         self._parsed.pop(key_id, None)
+        self._refused.pop(key_id, None)
+
+    def usable(self, key_ids: set[bytes]) -> set[bytes]:
+        """``key_ids`` without the keys refused, each not yet checked checked now from its
+        public blobs (no TPM call). A key whose blobs cannot be read or parsed is kept: its
+        use fails as a device error, as before this check. Never raises."""
+        usable = set()
+        for key_id in key_ids:
+            try:
+                self._blobs(key_id)
+            except KeyNotFound:          # refused, or its files gone meanwhile
+                continue
+            except DeviceUnavailable as err:
+                log.debug("key %s not checked: %s", key_id.hex(), err)
+            usable.add(key_id)
+        return usable
 
     def _blobs(self, key_id: bytes) -> _Blobs:
-        """The parsed blobs of a key (cached). Raises: KeyNotFound; DeviceUnavailable."""
+        """The parsed blobs of a key (cached), their public areas checked against the
+        templates. Raises: KeyRefused; KeyNotFound; DeviceUnavailable (TpmError: damaged)."""
+        refused = self._refused.get(key_id)
+        if refused is not None:
+            raise KeyRefused(key_id, refused)
         parsed = self._parsed.get(key_id)
         if parsed is not None:
             self._parsed.move_to_end(key_id)
@@ -145,6 +187,9 @@ class KeyCache:
             hmac_public=self._unmarshal(TPM2B_PUBLIC, raw["hmac.pub"], key_id),
             hmac_private=self._unmarshal(TPM2B_PRIVATE, raw["hmac.priv"], key_id),
         )
+        problems = key_problems(parsed.publics)
+        if problems:
+            self._refuse(key_id, problems, "its public blobs differ from the backend's templates")
         self._parsed[key_id] = parsed
         if len(self._parsed) > _PARSED_BLOBS_MAX:
             self._parsed.popitem(last=False)
@@ -182,8 +227,31 @@ class KeyCache:
         self.make_room(3)
         pair = self._load_under_parent(key_id, blobs)
         self._conn.counters["blob_loads"] += 1
+        try:
+            problems = loaded_problems(self._conn, {"aes": pair.aes, "hmac": pair.hmac},
+                                       blobs.publics)
+        except BaseException:
+            self._flush_pair(pair)
+            raise
+        if problems:
+            self._flush_pair(pair)
+            self._refuse(key_id, problems, "the TPM loaded other objects than its checked blobs")
         self._save_contexts(key_id, pair)
         return pair
+
+    def _refuse(self, key_id: bytes, problems: list[str], why: str) -> NoReturn:
+        """Never use ``key_id`` again (until it is destroyed): log once at ERROR, count it.
+        Raises: KeyRefused."""
+        refused = tuple(problems)
+        self.forget(key_id)     # what an earlier read of its blobs left loaded or saved
+        self._refused[key_id] = refused
+        self._conn.counters["keys_refused"] += 1
+        log.error("tpm key %s refused, never used: %s (%s). Not a key the authority made "
+                  "(its blobs in %s swapped, or restored from elsewhere?): tickets under it "
+                  "are INVALID, and the key ring no longer finds it in the device (a sealing "
+                  "key is replaced, any other becomes MISSING)", key_id.hex(), why,
+                  ", ".join(refused), self._store.directory)
+        raise KeyRefused(key_id, refused)
 
     def _load_under_parent(self, key_id: bytes, blobs: _Blobs) -> Pair:
         """TPM2_Load both objects under the (opened, then released) parent. Raises: TpmError."""

@@ -7,10 +7,17 @@ two ordinary objects made by TPM2_Create: an AES-256 key (CFB, decrypt + sign/en
 HMAC-SHA256 keyed-hash key, both fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth
 | noDA, neither restricted nor duplicable, with an empty authorisation (their use is guarded
 by access to this TPM and the key directory; noDA means a wrong guess never locks anything).
+
+:func:`key_problems` is the one comparison of a ticket key with these templates: the backend
+refuses a key that differs (keycache.py, at each load from the blobs and after creation) and
+doctor reports it (authority/doctor/tpm.py). That the keys never leave the TPM rests on those
+attributes: a key without sensitiveDataOrigin has a value chosen outside the TPM, one without
+fixedTPM / fixedParent may be duplicated out of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from tpm2_pytss.constants import (  # type: ignore[import-untyped, unused-ignore]
@@ -37,15 +44,21 @@ from tpm2_pytss.types import (  # type: ignore[import-untyped, unused-ignore]
 )
 
 from authority.backends.tpm.connection import Connection
+from authority.errors import KeyProtectionError
 
 __all__ = [
     "ATTRIBUTE_FLAGS",
+    "KEY_TEMPLATES",
     "aes_template",
     "aes_test_parms",
     "create_key_blobs",
+    "expected_attributes",
     "hmac_template",
     "hmac_test_parms",
+    "key_problems",
+    "loaded_problems",
     "primary_template",
+    "public_flags",
     "read_attributes",
 ]
 
@@ -134,14 +147,26 @@ def hmac_test_parms() -> Any:
     return TPMT_PUBLIC_PARMS(type=TPM2_ALG.KEYEDHASH, parameters=_hmac_parameters())
 
 
-def create_key_blobs(conn: Connection, parent: Any, key_id: bytes) -> dict[str, bytes]:
-    """TPM2_Create the key's AES and HMAC objects under ``parent``; their marshalled blobs.
+#: the two objects of a ticket key: the prefix of their blobs and attribute names, and the
+#: template each is made from
+KEY_TEMPLATES: Final[tuple[tuple[str, Callable[[], Any]], ...]] = (
+    ("aes", aes_template), ("hmac", hmac_template))
 
-    Raises: TpmError.
+
+def create_key_blobs(conn: Connection, parent: Any, key_id: bytes) -> dict[str, bytes]:
+    """TPM2_Create the key's AES and HMAC objects under ``parent``; their marshalled blobs,
+    once the public areas the TPM returned are checked against the templates.
+
+    Raises: TpmError; KeyProtectionError (the TPM made them otherwise: nothing is stored).
     """
     what = f"creating key {key_id.hex()}"
     aes_priv, aes_pub, *_ = conn.call(what, conn.esapi.create, parent, None, aes_template())
     mac_priv, mac_pub, *_ = conn.call(what, conn.esapi.create, parent, None, hmac_template())
+    problems = key_problems({"aes": aes_pub, "hmac": mac_pub})
+    if problems:
+        raise KeyProtectionError(
+            f"tpm.tcti: the TPM at '{conn.tcti}' made key {key_id.hex()} otherwise than the "
+            f"backend's templates ({', '.join(problems)}): it was not stored")
     return {"aes.pub": aes_pub.marshal(), "aes.priv": aes_priv.marshal(),
             "hmac.pub": mac_pub.marshal(), "hmac.priv": mac_priv.marshal()}
 
@@ -154,7 +179,69 @@ def read_attributes(conn: Connection, aes: Any, hmac: Any) -> dict[str, bool]:
     out: dict[str, bool] = {}
     for prefix, handle in (("aes", aes), ("hmac", hmac)):
         public, _name, _qualified = conn.call("TPM2_ReadPublic", conn.esapi.read_public, handle)
-        bits = int(public.publicArea.objectAttributes)
-        out.update({f"{prefix}.{name}": bool(bits & flag)
-                    for name, flag in ATTRIBUTE_FLAGS.items()})
+        out.update(public_flags(prefix, public))
     return out
+
+
+# -- the one comparison of a ticket key with the templates ---------------------------------------
+
+
+def public_flags(prefix: str, public: Any) -> dict[str, bool]:
+    """A TPM2B_PUBLIC's TPMA_OBJECT bits by the names ``key_attributes`` reports them
+    ("aes.fixed_tpm", ...)."""
+    bits = int(public.publicArea.objectAttributes)
+    return {f"{prefix}.{name}": bool(bits & flag) for name, flag in ATTRIBUTE_FLAGS.items()}
+
+
+def expected_attributes() -> dict[str, bool]:
+    """What the templates set for a ticket key, by the names ``key_attributes`` reports."""
+    out: dict[str, bool] = {}
+    for prefix, template in KEY_TEMPLATES:
+        out.update(public_flags(prefix, template()))
+    return out
+
+
+def key_problems(publics: Mapping[str, Any],
+                 reported: Mapping[str, bool] | None = None) -> list[str]:
+    """What differs between a ticket key and the templates: each attribute ("aes.fixed_tpm is
+    false") -- of ``reported`` if given (as the TPM reported them), else of the public areas
+    -- and each algorithm field ("aes.parameters differs": type, name algorithm, policy, key
+    size, mode, scheme). ``publics``: the TPM2B_PUBLIC of "aes" and of "hmac". Empty: the
+    key is what the backend makes."""
+    if reported is None:
+        reported = {name: bit for prefix, _template in KEY_TEMPLATES
+                    for name, bit in public_flags(prefix, publics[prefix]).items()}
+    problems = [f"{name} is {str(reported.get(name)).lower()}"
+                for name, want in expected_attributes().items() if reported.get(name) != want]
+    for prefix, template in KEY_TEMPLATES:
+        problems += [f"{prefix}.{what} differs" for what, (have, want) in
+                     _shape(publics[prefix], template()).items() if have != want]
+    return problems
+
+
+def loaded_problems(conn: Connection, handles: Mapping[str, Any],
+                    publics: Mapping[str, Any]) -> list[str]:
+    """What differs between the public area the TPM reports for each loaded object
+    (TPM2_ReadPublic; ``handles`` by prefix) and the checked blob it was loaded from
+    (``publics``). Empty: the TPM holds exactly what was checked.
+
+    Raises: TpmError.
+    """
+    problems = []
+    for prefix, handle in handles.items():
+        public, _name, _qualified = conn.call("TPM2_ReadPublic", conn.esapi.read_public, handle)
+        if public.marshal() != publics[prefix].marshal():
+            problems.append(f"{prefix}: the TPM reports another public area than its blob's")
+    return problems
+
+
+def _shape(public: Any, template: Any) -> dict[str, tuple[Any, Any]]:
+    """The public area's algorithm fields next to the template's: type, name algorithm,
+    policy, parameters (key size, mode, scheme)."""
+    def fields(area: Any) -> tuple[int, int, bytes, bytes]:
+        parms = TPMT_PUBLIC_PARMS(type=area.type, parameters=area.parameters)
+        return int(area.type), int(area.nameAlg), bytes(area.authPolicy), parms.marshal()
+
+    have, want = fields(public.publicArea), fields(template.publicArea)
+    names = ("type", "name_alg", "auth_policy", "parameters")
+    return {name: (have[i], want[i]) for i, name in enumerate(names)}
