@@ -136,6 +136,8 @@ def test_a_healthy_state_dir_passes_every_tpm_check(site: Site, tmp_path: Path) 
     assert "read back from the TPM" in checks["device.key_attributes"]["detail"]
     assert site.swtpm.tcti in checks["device.tpm"]["detail"]
     assert "owner authorisation is accepted" in checks["device.parent"]["detail"]
+    assert checks["device.ring"]["detail"] == \
+        "the TPM backend's key dir holds the key ring's 1 live key(s)"
     assert OWNER_AUTH not in run.stdout + run.stderr
     # read-only: every object doctor loaded is flushed, the key dir is untouched
     assert _transients(site.swtpm.tcti) == []
@@ -156,7 +158,7 @@ def _aes128(template: Any) -> None:
 
 
 def _plant(site: Site, change_aes: Callable[[Any], None] | None,
-           change_hmac: Callable[[Any], None] | None) -> None:
+           change_hmac: Callable[[Any], None] | None, key_id: bytes = PLANTED) -> None:
     """A ticket key made here with tpm2-pytss under the backend's storage primary, its
     templates changed, its blobs written where serve keeps them."""
     esapi = _esapi(site.swtpm.tcti)
@@ -173,7 +175,7 @@ def _plant(site: Site, change_aes: Callable[[Any], None] | None,
     finally:
         esapi.close()
     for part, data in parts.items():
-        (site.key_dir / f"{PLANTED.hex()}.{part}").write_bytes(data)
+        (site.key_dir / f"{key_id.hex()}.{part}").write_bytes(data)
 
 
 @pytest.mark.parametrize(("change_aes", "change_hmac", "named"), [
@@ -206,6 +208,44 @@ def test_a_key_made_under_another_template_is_named_with_what_differs(
     assert "keys retire" in weak.hint and "INVALID" in weak.hint
     assert worst(checks) == 2
     assert _transients(site.swtpm.tcti) == []
+
+
+def test_a_ring_key_swapped_for_another_template_is_one_the_backend_cannot_use(
+        site: Site, tmp_path: Path) -> None:
+    (good,) = site.keys()
+    saved = {p.name: p.read_bytes() for p in site.key_dir.iterdir()}
+    _plant(site, _without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM), None,
+           bytes.fromhex(good))
+    try:
+        checks = diagnose(load_config_for_checks(site.config_file(tmp_path)))
+    finally:
+        for name, data in saved.items():
+            (site.key_dir / name).write_bytes(data)
+    ring = _one(checks, "device.ring")
+    assert ring.status == Status.FAILURE, ring
+    assert ring.detail == (f"the TPM backend cannot use 1 live key(s) of the key ring: {good} "
+                           "(their blobs are not in the key dir, or the backend refuses them: "
+                           "device.key_attributes)")
+    assert "restore the key dir" in ring.hint and "MISSING" in ring.hint
+    assert "token" not in ring.detail + ring.hint
+    weak = _one(checks, "device.key_attributes")
+    assert weak.status == Status.FAILURE and "aes.fixed_tpm is false" in weak.detail
+    assert _one(checks, "device.keys").status == Status.OK   # nothing else to load
+
+
+def test_a_tpm_state_dir_checked_without_its_config_is_named_a_tpm_state_dir(
+        site: Site) -> None:
+    checks = diagnose(load_config_for_checks(None, state_dir=site.state))
+    wrong = _one(checks, "device.backend")
+    assert wrong.status == Status.FAILURE, wrong
+    assert wrong.detail.startswith(f"{site.state} is a TPM state dir: its store records "
+                                   "backend tpm (key dir STATE_DIR/tpm/keys, the TPM at "), wrong
+    assert "serve refuses to start on it with backend pkcs11" in wrong.detail
+    assert "without --config" in wrong.detail
+    assert 'backend = "tpm"' in wrong.hint
+    assert not [c for c in checks if c.name in ("device.module", "device.token")]
+    assert "SoftHSM2" not in as_text(checks)
+    assert worst(checks) == 2
 
 
 def test_a_damaged_blob_fails_its_load_naming_the_key(site: Site, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 uses (``--config``, ``--state-dir``) and prints each check with a fix for what is wrong.
 
 Checks: the device (module loads, token present, mechanisms, login, every ticket key's
-protection attributes, the key ring's keys in the token), the store (reachable, schema
+protection attributes, the key ring's keys in the token; for the TPM backend,
+authority/doctor/tpm.py; a state directory whose store records another backend than the one
+given is said to be one, without the other backend's checks), the store (reachable, schema
 version, free disk), certificates (valid, not expiring within 30 days, key matches, trust
 domain), the clock (against PostgreSQL's, and the service clock's rules), file permissions,
 and the replicas (live heartbeats, the maintenance lease).
@@ -39,17 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def diagnose(config: Config, config_file: Path | None = None) -> list[Check]:
     """Every check for ``config`` (loaded from ``config_file``), in the order printed. Never
     raises for what it finds: each problem is a failed check."""
-    from authority.doctor.cluster import check_clock, check_ownership, check_replicas
-    from authority.doctor.device import check_device
+    from authority.doctor.cluster import (
+        check_backend,
+        check_clock,
+        check_ownership,
+        check_replicas,
+    )
+    from authority.doctor.device import DeviceResult, check_device
     from authority.doctor.files import check_secrets, check_state_dir
     from authority.doctor.store import check_store
     from authority.doctor.tls import check_certificates
 
     wall = SystemClock().now
     checks = [check_state_dir(config), check_secrets(config, config_file)]
-    device = check_device(config)
+    facts = check_store(config, wall)   # first: the backend it records decides the device's
+    other = check_backend(config, facts, config_file)
+    device = DeviceResult([other]) if other is not None else check_device(config)
     checks += device.checks
-    facts = check_store(config, wall)
     checks += facts.checks
     checks += [check_ownership(config, facts, device), check_clock(config, facts),
                check_replicas(config, facts, wall())]

@@ -1,8 +1,11 @@
 """The checks that compare what the store records with this host: the clock against the
-store's, the replicas' heartbeats and the maintenance lease, the state's recorded device and
-the key ring against the token."""
+store's, the replicas' heartbeats and the maintenance lease, the state's recorded backend and
+device, and the key ring against the device (a PKCS#11 token, or the TPM backend's key dir)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
 
 from authority.clock import MAX_SLEW, STEP
 from authority.config import Config
@@ -61,23 +64,60 @@ def check_replicas(config: Config, facts: StoreFacts, now: float) -> Check:
                           f"{holder.host} pid {holder.pid}, epoch {lease.epoch}")
 
 
+#: what to call each backend's state directory and device in the checks
+_KIND: Final = {"pkcs11": "PKCS#11", "tpm": "TPM"}
+_DEVICE: Final = {"pkcs11": "the token", "tpm": "the TPM backend's key dir"}
+
+
+def check_backend(config: Config, facts: StoreFacts, config_file: Path | None) -> Check | None:
+    """device.backend, when the store records another backend than ``config``'s: serve
+    refuses to start on that state (authority/statedir.py check_backend), so the device
+    checks of ``config``'s backend would only mislead ("embedded SoftHSM2 token not
+    provisioned" for a TPM state dir). None when the backends agree or none is recorded."""
+    owner = facts.owner
+    if owner is None or owner[0] == config.backend:
+        return None
+    kind = _KIND.get(owner[0], owner[0])
+    given = "the default, without --config" if config_file is None else f"by {config_file}"
+    return failure(
+        "device.backend",
+        f"{config.state_dir} is a {kind} state dir: its store records backend {owner[0]} "
+        f"({owner[1]}); serve refuses to start on it with backend {config.backend}, the one "
+        f"doctor was given ({given})",
+        f"run doctor with the configuration serve runs with: --config FILE with backend = "
+        f"\"{owner[0]}\"" + (" and [tpm] as serve has it (none: the embedded swtpm, which "
+                              "'serve --backend tpm' runs)" if owner[0] == "tpm" else ""))
+
+
 def check_ownership(config: Config, facts: StoreFacts, device: DeviceResult) -> Check:
     """The device the state records (authority/statedir.py) is this one, and it holds every
-    live key of the key ring."""
+    live key of the key ring (for the TPM: their blobs are in the key dir, and the backend
+    does not refuse them)."""
+    name, tpm = "device.ring", config.backend == "tpm"
+    where = _DEVICE.get(config.backend, "the device")
     if facts.ring is None or device.keys is None:
-        return skip("device.ring", "needs both the store and the token")
+        return skip(name, f"needs both the store and {where}")
     owner = facts.owner
     if (owner is not None and not config.cluster.per_node_tokens
             and device.identity is not None and owner != (config.backend, device.identity)):
-        return failure("device.ring", f"the state belongs to {owner[0]} {owner[1]}, not "
-                                      f"{config.backend} {device.identity}",
-                       "point [pkcs11] at the token the state was made with, or use another "
-                       "state_dir / database")
+        return failure(name, f"the state belongs to {owner[0]} {owner[1]}, not "
+                             f"{config.backend} {device.identity}",
+                       ("point [tpm] (tcti, key_dir) at the TPM and key dir" if tpm else
+                        "point [pkcs11] at the token") + " the state was made with, or use "
+                                                         "another state_dir / database")
     missing = facts.ring - device.keys
     if missing and not config.cluster.per_node_tokens:
         ids = ", ".join(sorted(k.hex() for k in missing))
-        return failure("device.ring", f"the token lacks {len(missing)} live key(s) of the key "
-                                      f"ring: {ids}",
+        if tpm:
+            return failure(name, f"the TPM backend cannot use {len(missing)} live key(s) of "
+                                 f"the key ring: {ids} (their blobs are not in the key dir, "
+                                 "or the backend refuses them: device.key_attributes)",
+                           "restore the key dir from its backup, with the TPM (state) it "
+                           "belongs to (docs/operations.md); serve marks such a key MISSING "
+                           "(its tickets are INVALID) and replaces a sealing key by itself; "
+                           "retire one that is lost ('keys retire')")
+        return failure(name, f"the token lacks {len(missing)} live key(s) of the key "
+                             f"ring: {ids}",
                        "restore the token from its backup (docs/operations.md); tickets "
                        "sealed under a lost key cannot be opened: retire it ('keys retire')")
-    return ok("device.ring", f"the token holds the key ring's {len(facts.ring)} live key(s)")
+    return ok(name, f"{where} holds the key ring's {len(facts.ring)} live key(s)")
