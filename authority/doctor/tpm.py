@@ -1,7 +1,8 @@
 """The device checks of the TPM backend (``backend = "tpm"``): the TPM answers through the
 configured TCTI, it offers what the ticket backend needs, the parent of the ticket keys is
 there, and every ticket key in the key directory loads under it with exactly the attributes
-and algorithms of the backend's templates.
+and algorithms of the backend's templates (templates.key_problems, the comparison serve makes:
+a key that differs is refused by serve, so doctor does not load it either).
 
 Each step is the backend's own code (authority/backends/tpm: connection, probe, capabilities,
 parent, keycache, templates, blobs), run read-only:
@@ -109,7 +110,7 @@ def check_tpm(config: Config) -> DeviceResult:
             refused = {k for k in keys if _key_problems(blobs, k, None, unreadable=False)}
             loaded = _check_loads(run, conn, blobs, keys, refused)
             run.checks.append(_check_attributes(keys, blobs, loaded))
-            keys = keys - refused     # as serve lists them (list_keys): refused keys are not
+            keys = keys - refused     # what serve's list_keys gives: refused keys left out
     finally:
         if conn is not None:
             conn.close()
