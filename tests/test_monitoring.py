@@ -41,8 +41,8 @@ ALERTS = MONITORING / "alerts.yml"
 RULES_TEST = MONITORING / "rules_test.yml"
 DASHBOARD = MONITORING / "dashboard.json"
 #: the docs/operations.md sections the alerts point to (their GitHub anchors)
-PLAYBOOKS = {"device-lost", "no-sealing-key", "key-rotation-overdue", "consume-failures",
-             "lease-flapping", "certificate-expiry"}
+PLAYBOOKS = {"device-lost", "no-sealing-key", "key-rotation-overdue", "key-missing",
+             "consume-failures", "lease-flapping", "certificate-expiry"}
 #: PromQL words that are not metric names
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
 
