@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,14 +153,61 @@ def _run_logged(argv: list[str], cwd: Path, log: Path) -> None:
                              f"log {log}:\n{tail(log.read_text())}")
 
 
+def _member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why ``member`` must not be extracted (None when it may): an absolute name or one with a
+    ``..`` part, a link whose target is absolute or leaves the tree, anything but a regular
+    file, a directory or a link. A member under a symbolic link is refused by the caller."""
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts:
+        return "its name leaves the target directory"
+    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+        return "it is neither a regular file, a directory nor a link"
+    if member.issym() or member.islnk():
+        target = PurePosixPath(member.linkname)
+        base = name.parent if member.issym() else PurePosixPath()
+        if target.is_absolute() or _escapes(base / target):
+            return f"it links to {member.linkname!r}, outside the target directory"
+    return None
+
+
+def _escapes(path: PurePosixPath) -> bool:
+    """Whether the relative ``path``, its ``..`` parts resolved in order, climbs above its root."""
+    depth = 0
+    for part in path.parts:
+        depth += -1 if part == ".." else 0 if part == "." else 1
+        if depth < 0:
+            return True
+    return False
+
+
+def extract_source(tarball: Path, dest: Path) -> None:
+    """Unpack ``tarball`` into ``dest`` after checking every member (_member_problem), on any
+    Python 3.11: the ``filter="data"`` argument is used where tarfile has it (3.11.4 and
+    later) and is absent from Debian 12's 3.11.2, so the check is ours on both.
+
+    Raises LibreswanError naming the first refused member; nothing is written then."""
+    with tarfile.open(tarball) as archive:
+        members = archive.getmembers()
+        links = {PurePosixPath(m.name) for m in members if m.issym()}
+        for member in members:
+            problem = _member_problem(member)
+            if problem is None and links.intersection(PurePosixPath(member.name).parents):
+                problem = "its path goes through a symbolic link of the archive"
+            if problem is not None:
+                raise LibreswanError(f"{tarball}: member {member.name!r} refused: {problem}")
+        if hasattr(tarfile, "data_filter"):
+            archive.extractall(dest, members, filter="data")
+        else:
+            archive.extractall(dest, members)  # noqa: S202 - every member checked above
+
+
 def _build_into(tarball: Path, target: Path, log: Path) -> None:
     """Extract the tarball into a temporary directory beside ``target``, build, install with
     DESTDIR into that directory and rename the installed tree to ``target`` (atomic: a
     half-built prefix is never at ``target``). Raises LibreswanError on failure."""
     with tempfile.TemporaryDirectory(prefix=f".build-{target.name}-", dir=target.parent) as tmp:
         work = Path(tmp)
-        with tarfile.open(tarball) as archive:
-            archive.extractall(work / "src", filter="data")
+        extract_source(tarball, work / "src")
         source = work / "src" / f"libreswan-{VERSION}"
         variables = make_variables(target)
         jobs = f"-j{max(1, min(os.cpu_count() or 1, 4))}"
