@@ -92,7 +92,8 @@ class _Waiter:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--resumptions", type=int, default=4000)
     parser.add_argument("--runs", type=int, default=3)

@@ -288,7 +288,8 @@ def one_run(method: str, seconds: float, inflight: int, parts: bool,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--inflight", type=int, default=8)
     parser.add_argument("--runs", type=int, default=3)
