@@ -111,14 +111,14 @@ _TLS_FILES_LEFT: ContextVar[bool] = ContextVar("tls_files_left", default=False)
 
 
 def load_config_for_checks(config_file: Path | None = None, *,
-                           state_dir: Path | None = None) -> Config:
+                           state_dir: Path | None = None, backend: str | None = None) -> Config:
     """``load_config`` without reading or checking the ``[tls]`` files (validate_tls):
     ``doctor`` checks them itself, one by one, and runs its other checks either way.
 
     Raises: ConfigError naming the first wrong setting."""
     token = _TLS_FILES_LEFT.set(True)
     try:
-        return load_config(config_file, state_dir=state_dir)
+        return load_config(config_file, state_dir=state_dir, backend=backend)
     finally:
         _TLS_FILES_LEFT.reset(token)
 

@@ -192,8 +192,8 @@ def test_a_key_made_under_another_template_is_named_with_what_differs(
     try:
         checks = diagnose(load_config_for_checks(site.config_file(tmp_path)))
     finally:
-        for part in site.key_dir.glob(f"{PLANTED.hex()}.*"):
-            part.unlink()
+        for planted in site.key_dir.glob(f"{PLANTED.hex()}.*"):
+            planted.unlink()
     (good,) = site.keys()
     loads = _one(checks, "device.keys")     # the TPM would load it: serve refuses it first
     assert loads.status == Status.OK, loads
@@ -258,8 +258,8 @@ def test_a_damaged_blob_fails_its_load_naming_the_key(site: Site, tmp_path: Path
     try:
         checks = diagnose(load_config_for_checks(site.config_file(tmp_path)))
     finally:
-        for part in site.key_dir.glob(f"{PLANTED.hex()}.*"):
-            part.unlink()
+        for planted in site.key_dir.glob(f"{PLANTED.hex()}.*"):
+            planted.unlink()
     loads = _one(checks, "device.keys")
     assert loads.status == Status.FAILURE, loads
     assert loads.detail.startswith(f"1 of 2 ticket keys do not load under the parent: "
@@ -347,3 +347,33 @@ def test_a_stopped_swtpm_fails_naming_its_tcti(site: Site, tmp_path: Path) -> No
     assert "[ skip  ] device.keys:" in run.stdout
     assert "[  ok   ] device.key_attributes:" in run.stdout
     assert "Traceback" not in run.stderr and OWNER_AUTH not in run.stdout + run.stderr
+
+
+def test_doctor_takes_serves_backend_flag(tmp_path: Path) -> None:
+    """`serve --backend tpm --state-dir D` (README) has no config file: doctor takes the same
+    --backend, and a TPM state dir checked without it says to give it."""
+    state = tmp_path / "state"
+    harness = Harness(state, "tpm")
+    harness.start(make_config(state, "tpm"))
+    harness.stop()
+
+    def doctor(*flags: str) -> tuple[int, dict[str, Any]]:
+        run = subprocess.run([sys.executable, "-m", "authority.cli", "doctor", "--state-dir",
+                              str(state), "--json", *flags], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert run.stdout, run.stderr
+        return run.returncode, {c["name"]: c for c in json.loads(run.stdout)["checks"]}
+
+    code, checks = doctor("--backend", "tpm")
+    assert "device.backend" not in checks, checks
+    assert checks["config"]["status"] == "ok"
+    assert checks["device.tpm"]["status"] == "skip" and "is not running" in \
+        checks["device.tpm"]["detail"]
+    assert checks["device.key_attributes"]["status"] == "ok"
+    assert code < 2, checks
+
+    code, checks = doctor()
+    assert code == 2
+    assert checks["device.backend"]["status"] == "failure"
+    assert "--backend tpm" in checks["device.backend"]["hint"]
+    assert "device.tpm" not in checks

@@ -31,10 +31,14 @@ __all__ = ["add_arguments", "diagnose", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``doctor`` flags: the configuration serve uses, and ``--json``."""
+    """The ``doctor`` flags: the configuration serve uses (its --state-dir, --config and
+    --backend), and ``--json``."""
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="state directory (default ~/.local/state/ticket-authority)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="TOML configuration file")
+    parser.add_argument("--backend", choices=["pkcs11", "tpm"],
+                        help="key device, as serve's --backend (default: the configuration's, "
+                             "else pkcs11)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
 
 
@@ -71,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     from authority.settings_loader import load_config_for_checks
 
     try:
-        config = load_config_for_checks(args.config, state_dir=args.state_dir)
+        config = load_config_for_checks(args.config, state_dir=args.state_dir,
+                                        backend=args.backend)
     except ConfigError as exc:
         checks = [failure("config", str(exc), "correct the setting it names ('ticket-authority "
                                               "serve' refuses to start with it)")]

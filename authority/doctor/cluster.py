@@ -78,15 +78,16 @@ def check_backend(config: Config, facts: StoreFacts, config_file: Path | None) -
     if owner is None or owner[0] == config.backend:
         return None
     kind = _KIND.get(owner[0], owner[0])
-    given = "the default, without --config" if config_file is None else f"by {config_file}"
+    given = ("the default or --backend, without --config" if config_file is None
+             else f"by {config_file}")
     return failure(
         "device.backend",
         f"{config.state_dir} is a {kind} state dir: its store records backend {owner[0]} "
         f"({owner[1]}); serve refuses to start on it with backend {config.backend}, the one "
         f"doctor was given ({given})",
-        f"run doctor with the configuration serve runs with: --config FILE with backend = "
-        f"\"{owner[0]}\"" + (" and [tpm] as serve has it (none: the embedded swtpm, which "
-                              "'serve --backend tpm' runs)" if owner[0] == "tpm" else ""))
+        f"run doctor as serve runs: --backend {owner[0]} (what 'serve --backend {owner[0]}' "
+        f"uses), or --config FILE with backend = \"{owner[0]}\""
+        + (" and [tpm] as serve has it" if owner[0] == "tpm" else ""))
 
 
 def check_ownership(config: Config, facts: StoreFacts, device: DeviceResult) -> Check:
