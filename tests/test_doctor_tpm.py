@@ -27,7 +27,7 @@ from authority.doctor.device import check_device
 from authority.doctor.report import Check, Status, as_json, as_text, worst
 from authority.settings_loader import load_config_for_checks
 from tests.conftest import Harness, issue, make_config, redeem
-from tests.tpm_fixtures import HAVE_PYTSS, HAVE_SWTPM, requires_tpm
+from tests.tpm_fixtures import HAVE_PYTSS, HAVE_SWTPM, requires_tpm, template_without
 
 pytestmark = requires_tpm
 
@@ -144,15 +144,6 @@ def test_a_healthy_state_dir_passes_every_tpm_check(site: Site, tmp_path: Path) 
     assert {p.name: p.stat().st_mtime_ns for p in site.key_dir.iterdir()} == blobs
 
 
-def _without(*flags: Any) -> Callable[[Any], None]:
-    def change(template: Any) -> None:
-        bits = int(template.publicArea.objectAttributes)
-        for flag in flags:
-            bits &= ~int(flag)
-        template.publicArea.objectAttributes = TPMA_OBJECT(bits)
-    return change
-
-
 def _aes128(template: Any) -> None:
     template.publicArea.parameters.symDetail.sym.keyBits.aes = 128
 
@@ -180,9 +171,9 @@ def _plant(site: Site, change_aes: Callable[[Any], None] | None,
 
 @pytest.mark.parametrize(("change_aes", "change_hmac", "named"), [
     # fixedParent clear: duplicable (under a fixedTPM parent the TPM wants fixedTPM to match)
-    (_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM), None,
+    (template_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM), None,
      ["aes.fixed_parent is false", "aes.fixed_tpm is false"]),
-    (None, _without(TPMA_OBJECT.NODA), ["hmac.no_da is false"]),
+    (None, template_without(TPMA_OBJECT.NODA), ["hmac.no_da is false"]),
     (_aes128, None, ["aes.parameters differs"]),
 ], ids=["aes-without-fixed-parent", "hmac-without-noda", "aes-128"])
 def test_a_key_made_under_another_template_is_named_with_what_differs(
@@ -214,7 +205,7 @@ def test_a_ring_key_swapped_for_another_template_is_one_the_backend_cannot_use(
         site: Site, tmp_path: Path) -> None:
     (good,) = site.keys()
     saved = {p.name: p.read_bytes() for p in site.key_dir.iterdir()}
-    _plant(site, _without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM), None,
+    _plant(site, template_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM), None,
            bytes.fromhex(good))
     try:
         checks = diagnose(load_config_for_checks(site.config_file(tmp_path)))

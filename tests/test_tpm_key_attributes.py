@@ -38,11 +38,12 @@ from authority.ticket_format import (
     encode_header,
 )
 from tests.conftest import START, Harness, issue, redeem
-from tests.tpm_fixtures import (  # noqa: F401  (fixtures)
+from tests.tpm_fixtures import (  # noqa: F401  fixtures
     HAVE_PYTSS,
     HAVE_SWTPM,
     requires_tpm,
     swtpm_fixture,
+    template_without,
     tpm_settings_fixture,
 )
 
@@ -54,7 +55,7 @@ if HAVE_PYTSS and HAVE_SWTPM:
         ESYS_TR,
         TPMA_OBJECT,
     )
-    from tpm2_pytss.types import (  # type: ignore[import-untyped, unused-ignore]  # type: ignore[import-untyped, unused-ignore]
+    from tpm2_pytss.types import (  # type: ignore[import-untyped, unused-ignore]
         TPM2B_PRIVATE,
         TPM2B_PUBLIC,
         TPM2B_SENSITIVE_CREATE,
@@ -83,15 +84,6 @@ STATE = ResumptionState(id_i=b"\x02\x00\x00\x00forged.example", id_r=b"\x02\x00\
 LOG = "authority.backends.tpm"
 
 
-def _without(*flags: Any) -> Callable[[Any], None]:
-    def change(template: Any) -> None:
-        bits = int(template.publicArea.objectAttributes)
-        for flag in flags:
-            bits &= ~int(flag)
-        template.publicArea.objectAttributes = TPMA_OBJECT(bits)
-    return change
-
-
 def _plant(tcti: str, key_dir: Path, key_id: bytes, *, known: bool,
            change: Callable[[Any], None] | None) -> None:
     """Make a ticket key with tpm2-pytss under the backend's storage primary (``known``: its
@@ -105,7 +97,7 @@ def _plant(tcti: str, key_dir: Path, key_id: bytes, *, known: bool,
                                         ("hmac", hmac_template(), HMAC_VALUE)):
             sensitive = None
             if known:
-                _without(TPMA_OBJECT.SENSITIVEDATAORIGIN)(template)
+                template_without(TPMA_OBJECT.SENSITIVEDATAORIGIN)(template)
                 sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(
                     data=TPM2B_SENSITIVE_DATA(value)))
             if change is not None:
@@ -140,7 +132,7 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
 @pytest.mark.parametrize(("known", "change", "named"), [
     (True, None, ["aes.sensitive_data_origin is false", "hmac.sensitive_data_origin is false"]),
     # fixedParent clear: duplicable (under a fixedTPM parent the TPM wants fixedTPM to match)
-    (False, _without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM),
+    (False, template_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM),
      ["aes.fixed_parent is false", "aes.fixed_tpm is false", "hmac.fixed_parent is false",
       "hmac.fixed_tpm is false"]),
 ], ids=["known-value", "duplicable"])
@@ -254,7 +246,7 @@ def test_a_swapped_sealing_key_is_replaced_and_its_forged_tickets_are_invalid(
         harness.stop()
     swapped = first.ticket[4:12]
     _plant(swtpm.tcti, tmp_path / "state" / "tpm" / "keys", swapped, known=True,
-           change=_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM))
+           change=template_without(TPMA_OBJECT.FIXEDPARENT, TPMA_OBJECT.FIXEDTPM))
     forged = _forged_ticket(swapped)
     caplog.set_level(logging.INFO, LOG)
     harness.start(config)

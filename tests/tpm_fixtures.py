@@ -17,8 +17,9 @@ import importlib.util
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,18 @@ HAVE_TOOLS = all(shutil.which(t) for t in ("tpm2_createprimary", "tpm2_load", "t
 requires_tpm = pytest.mark.skipif(not (HAVE_PYTSS and HAVE_SWTPM),
                                   reason="swtpm or tpm2-pytss not installed")
 requires_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="tpm2-tools not installed")
+
+def template_without(*flags: Any) -> Callable[[Any], None]:
+    """A change to a TPM2B_PUBLIC template that clears ``flags`` (TPMA_OBJECT bits) from its
+    objectAttributes: for making a key from another template than the backend's."""
+    def change(template: Any) -> None:
+        attributes = template.publicArea.objectAttributes
+        bits = int(attributes)
+        for flag in flags:
+            bits &= ~int(flag)
+        template.publicArea.objectAttributes = type(attributes)(bits)
+    return change
+
 
 # Imported after the checks so that collection works (and skips) without tpm2-pytss.
 if HAVE_PYTSS and HAVE_SWTPM:
