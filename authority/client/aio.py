@@ -8,7 +8,7 @@ import itertools
 import time
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import grpc
 import grpc.aio
@@ -199,8 +199,7 @@ class AsyncTicketClient(ClientSettings):
         try:
             if leader and group.tick and await self._after_round(group, slot):
                 return await self._unary(lane, request, loop)
-            async with asyncio.timeout(max(0.0, loop.deadline - time.monotonic())):
-                return await answer
+            return await _by_deadline(answer, loop.deadline)
         except TimeoutError:
             self._abandon(slot, group)
             raise AuthorityDeadlineExceeded(
@@ -319,3 +318,28 @@ class AsyncTicketClient(ClientSettings):
             return False
         return True
 
+
+
+#: what a caller's deadline timer puts in its answer future (never an outcome of a call)
+_EXPIRED: Final = coalesce.Raised(TimeoutError())
+
+
+async def _by_deadline(answer: asyncio.Future[Outcome], deadline: float) -> Outcome:
+    """``answer``'s outcome, awaited until ``deadline`` (``time.monotonic``): one timer that
+    resolves the future itself, the cheapest way the event loop has (``asyncio.timeout`` makes
+    a context manager, reschedules and cancels the task). Raises TimeoutError once the deadline
+    passed; CancelledError."""
+    loop = asyncio.get_running_loop()
+    timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), _expire, answer)
+    try:
+        outcome = await answer
+    finally:
+        timer.cancel()
+    if outcome is _EXPIRED:
+        raise TimeoutError
+    return outcome
+
+
+def _expire(answer: asyncio.Future[Outcome]) -> None:
+    if not answer.done():
+        answer.set_result(_EXPIRED)
