@@ -74,3 +74,15 @@ def test_the_gateway_floor_prints_the_floors_and_the_client_per_resumption() -> 
     assert set(found) == {"floor, chained wake-ups", "floor, all woken",
                           "TicketClient, coalesced"}, done.stdout
     assert all(float(v) > 0 for v in found.values())
+
+
+@requires_softhsm
+def test_the_gateway_floor_of_the_asyncio_client() -> None:
+    done = subprocess.run([sys.executable, str(GATEWAY_FLOOR), "--aio", "--threads", "4",
+                           "--resumptions", "200", "--runs", "1"],
+                          capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "4 tasks" in done.stdout.splitlines()[0], done.stdout
+    found = dict(re.findall(r"^(.+?)\s{2,}([\d.]+) µs per resumption", done.stdout, re.M))
+    assert set(found) == {"floor, one task", "AsyncTicketClient, coalesced"}, done.stdout
+    assert all(float(v) > 0 for v in found.values())

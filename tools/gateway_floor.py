@@ -12,17 +12,23 @@ no deadlines, no retries, no lone-call rule: nothing a real client may leave out
 built on grpcio's blocking API and threads can cost less here. A server of its own (``serve``,
 the defaults, embedded SoftHSM2) in a temporary directory; process CPU per resumption and
 context switches as the bench counts them; the runs interleaved. Prints the machine.
+
+``--aio``: the same for ``AsyncTicketClient`` (N tasks on one loop): its floor is one task
+that sends the RedeemTickets of N tickets (grpc.aio, the bench's timeout) and derives the
+N resumed keys, batch after batch: no other task, future, timer or bookkeeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import os
 import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +36,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
 
 from authority._proto.ticketauthority.v1 import authority_pb2_grpc  # noqa: E402
 from authority.bench import gateway  # noqa: E402
 from authority.bench.serveproc import ServeProcess  # noqa: E402
 from authority.bench.workload import issue_request  # noqa: E402
-from authority.client import TicketClient  # noqa: E402
+from authority.client import AsyncTicketClient, TicketClient  # noqa: E402
 from authority.client.models import Redeemed, redeem_batch, redeemed_batch  # noqa: E402
 
 
@@ -97,16 +104,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--resumptions", type=int, default=4000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--aio", action="store_true",
+                        help="AsyncTicketClient and its floor (N tasks) instead of threads")
     args = parser.parse_args()
     n, count = args.threads, args.resumptions - args.resumptions % args.threads
-    print(f"{_machine()}; load {os.getloadavg()}; {n} threads, {count} resumptions per run, "
-          f"medians of {args.runs} runs, interleaved")
+    print(f"{_machine()}; load {os.getloadavg()}; {n} {'tasks' if args.aio else 'threads'}, "
+          f"{count} resumptions per run, medians of {args.runs} runs, interleaved")
     with tempfile.TemporaryDirectory(prefix="gateway-floor-") as tmp:
         server = ServeProcess(Path(tmp), "s", f'state_dir = "{tmp}/s"\n[server]\n'
                                               f'listen = "127.0.0.1:0"\nmetrics_listen = ""\n')
         server.serve()
         try:
-            _measure(server.address, n, count, args.runs)
+            (_measure_aio if args.aio else _measure)(server.address, n, count, args.runs)
         finally:
             server.stop()
 
@@ -132,6 +141,47 @@ def _measure(address: str, n: int, count: int, runs: int) -> None:
         figures.setdefault("TicketClient, coalesced", []).append(
             (run.cpu_us, run.switches / count))
     channel.close()
+    _report(figures)
+
+
+def _measure_aio(address: str, n: int, count: int, runs: int) -> None:
+    channel = grpc.insecure_channel(address)
+    stub = authority_pb2_grpc.TicketAuthorityStub(channel)
+    tickets = [stub.IssueTicket(issue_request(i)).ticket for i in range(gateway.POOL)]
+    channel.close()
+    figures: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(runs):
+        figures.setdefault("floor, one task", []).append(
+            asyncio.run(_one_task(address, tickets, n, count)))
+        run = gateway.aio_run(address, tickets, n, count, True,
+                              gateway.coalesce_window(AsyncTicketClient))
+        if run.failed or run.cpu_us is None:
+            raise SystemExit(f"AsyncTicketClient: {run.failed} failed: {run.first_error}")
+        figures.setdefault("AsyncTicketClient, coalesced", []).append(
+            (run.cpu_us, run.switches / count))
+    _report(figures)
+
+
+async def _one_task(address: str, tickets: list[bytes], n: int,
+                    count: int) -> tuple[float, float]:
+    """The asyncio floor: batches of ``n`` sent and their keys derived by one task; CPU µs and
+    context switches per resumption."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = authority_pb2_grpc.TicketAuthorityStub(channel)
+        await stub.RedeemTickets(redeem_batch(tickets[:n], False, 0), timeout=gateway.TIMEOUT)
+        switches, cpu = gateway.context_switches(), time.process_time()
+        for first in range(0, count, n):
+            group = [tickets[(first + i) % len(tickets)] for i in range(n)]
+            reply = await stub.RedeemTickets(redeem_batch(group, False, 0),
+                                             timeout=gateway.TIMEOUT)
+            for item in redeemed_batch(reply):
+                if not isinstance(item, Redeemed) or not gateway._resume(item):
+                    raise SystemExit(f"floor: a redeem failed: {item}")
+        cpu, switches = time.process_time() - cpu, gateway.context_switches() - switches
+    return cpu / count * 1e6, switches / count
+
+
+def _report(figures: dict[str, list[tuple[float, float]]]) -> None:
     for label, values in figures.items():
         cpu = statistics.median(v[0] for v in values)
         switches = statistics.median(v[1] for v in values)
