@@ -123,7 +123,7 @@ def main() -> None:
 def _measure(address: str, n: int, count: int, runs: int) -> None:
     channel = grpc.insecure_channel(address)
     stub = authority_pb2_grpc.TicketAuthorityStub(channel)
-    tickets = [stub.IssueTicket(issue_request(i)).ticket for i in range(gateway.POOL)]
+    tickets = _issued(stub)
     figures: dict[str, list[tuple[float, float]]] = {}
     for _ in range(runs):
         for label, chained in (("floor, chained wake-ups", True), ("floor, all woken", False)):
@@ -134,32 +134,37 @@ def _measure(address: str, n: int, count: int, runs: int) -> None:
             if failed:
                 raise SystemExit(f"{label}: {failed} failed: {error}")
             figures.setdefault(label, []).append((cpu / count * 1e6, switches / count))
-        run = gateway.sync_run(address, tickets, n, count, True,
-                               gateway.coalesce_window(TicketClient))
-        if run.failed or run.cpu_us is None:
-            raise SystemExit(f"TicketClient: {run.failed} failed: {run.first_error}")
-        figures.setdefault("TicketClient, coalesced", []).append(
-            (run.cpu_us, run.switches / count))
+        _add_client(figures, "TicketClient", gateway.sync_run(
+            address, tickets, n, count, True, gateway.coalesce_window(TicketClient)))
     channel.close()
     _report(figures)
 
 
 def _measure_aio(address: str, n: int, count: int, runs: int) -> None:
-    channel = grpc.insecure_channel(address)
-    stub = authority_pb2_grpc.TicketAuthorityStub(channel)
-    tickets = [stub.IssueTicket(issue_request(i)).ticket for i in range(gateway.POOL)]
-    channel.close()
+    with grpc.insecure_channel(address) as channel:
+        tickets = _issued(authority_pb2_grpc.TicketAuthorityStub(channel))
     figures: dict[str, list[tuple[float, float]]] = {}
     for _ in range(runs):
         figures.setdefault("floor, one task", []).append(
             asyncio.run(_one_task(address, tickets, n, count)))
-        run = gateway.aio_run(address, tickets, n, count, True,
-                              gateway.coalesce_window(AsyncTicketClient))
-        if run.failed or run.cpu_us is None:
-            raise SystemExit(f"AsyncTicketClient: {run.failed} failed: {run.first_error}")
-        figures.setdefault("AsyncTicketClient, coalesced", []).append(
-            (run.cpu_us, run.switches / count))
+        _add_client(figures, "AsyncTicketClient", gateway.aio_run(
+            address, tickets, n, count, True, gateway.coalesce_window(AsyncTicketClient)))
     _report(figures)
+
+
+def _issued(stub: Any) -> list[bytes]:
+    """The pool of tickets the resumptions cycle through, as the bench issues them."""
+    return [stub.IssueTicket(issue_request(i)).ticket for i in range(gateway.POOL)]
+
+
+def _add_client(figures: dict[str, list[tuple[float, float]]], client: str,
+                run: gateway.GatewayRun) -> None:
+    """Record a client's coalesced run (CPU µs and context switches per resumption); exits
+    naming the client if a call of it failed."""
+    if run.failed or run.cpu_us is None:
+        raise SystemExit(f"{client}: {run.failed} failed: {run.first_error}")
+    figures.setdefault(f"{client}, coalesced", []).append(
+        (run.cpu_us, run.switches / run.resumptions))
 
 
 async def _one_task(address: str, tickets: list[bytes], n: int,
