@@ -116,7 +116,7 @@ def open_backend(config: Config) -> KeyBackend:
                                 call_timeout=config.tpm.call_timeout)
     from authority.backends.pkcs11 import Pkcs11Backend
 
-    settings = pkcs11_settings(config)
+    settings = replace(pkcs11_settings(config), per_node_keys=config.cluster.per_node_tokens)
     if inline_device_calls(config):  # one loop thread makes every call: keep the GIL
         settings = replace(settings, release_gil=False)
     local = Pkcs11Backend.open(settings)

@@ -36,6 +36,10 @@ class Pkcs11Settings:
     softhsm2_conf: Path | None = None # SOFTHSM2_CONF to set before the module initialises
     release_gil: bool = True          # drop the GIL during C_Encrypt/C_Decrypt; the server
                                       # turns it off when its aio loop makes the calls inline
+    per_node_keys: bool = False       # ticket keys may be per-node ones (wrappable originals,
+                                      # unwrapped copies: never "always sensitive"); the
+                                      # server sets it from cluster.per_node_tokens
+                                      # (pkcs11/_keys.use_problems)
     so_pin: Secret | None = None      # the security officer's PIN (so_pin_file / so_pin_env):
                                       # only the cluster commands of per-node tokens use it;
                                       # the embedded token's is state_dir/hsm/so.pin

@@ -58,8 +58,8 @@ def _start(held: dict[str, Any], dsn: str) -> None:
                      postgresql=PostgresSettings(dsn=Secret(dsn)))
     store = PostgresStore(PostgresSettings(dsn=Secret(dsn), pool_size=2))
     held["clock"] = ManualClock(START)
-    held["authority"] = Authority(config, Pkcs11Backend.open(config.pkcs11), store,
-                                  held["clock"])
+    backend = Pkcs11Backend.open(replace(config.pkcs11, per_node_keys=True))  # as serve's
+    held["authority"] = Authority(config, backend, store, held["clock"])
     held["authority"].ring.load()
     held["authority"].policy.load()
 

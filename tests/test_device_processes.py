@@ -316,7 +316,7 @@ def test_per_node_tokens_work_with_device_processes(tmp_path: Path) -> None:
     so_pin = Secret((tmp_path / "hsm" / SO_PIN_NAME).read_text("utf-8").strip())
     with SecurityOfficer.open(hsm.module, hsm.softhsm2_conf, hsm.token_label, so_pin) as so:
         so.make_kek()
-    backend = _open(hsm)
+    backend = _open(replace(hsm, per_node_keys=True))   # as serve opens it for per-node tokens
     try:
         wrapper = wrapping_backend(ClusterSettings(per_node_tokens=True), backend)
         assert wrapper is backend

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import subprocess
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ def _serve(hsm_dir: Path, conn: Connection) -> None:
             if method == "open":
                 held[target] = (SecurityOfficer.open(settings.module, settings.softhsm2_conf,
                                                      settings.token_label, so_pin)
-                                if target == "officer" else Pkcs11Backend.open(settings))
+                                if target == "officer"   # per-node tokens: copies used
+                                else Pkcs11Backend.open(replace(settings, per_node_keys=True)))
                 result = None
             elif target == "probe":
                 result = PROBES[method](settings, *args)

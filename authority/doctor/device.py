@@ -48,7 +48,8 @@ def check_device(config: Config) -> DeviceResult:
     result = DeviceResult()
     settings = _settings(config, result.checks)
     if settings is not None:
-        _check_token(config, replace(settings, sessions=1), result)
+        _check_token(config, replace(settings, sessions=1,
+                                     per_node_keys=config.cluster.per_node_tokens), result)
     return result
 
 
@@ -158,8 +159,8 @@ def _login_and_keys(config: Config, settings: Pkcs11Settings, result: DeviceResu
     try:
         result.identity = backend.identity()
         result.checks.append(ok("device.login", f"logged in to {backend.identity()}"))
-        result.keys = backend.list_keys()
-        result.checks.append(_key_attributes(config, backend, result.keys))
+        result.keys = backend.list_keys()          # those serve uses
+        result.checks.append(_key_attributes(config, backend, backend.labelled_keys()))
     except AuthorityError as exc:
         result.checks.append(failure("device.keys", str(exc), "see the device's own logs"))
     finally:
@@ -196,8 +197,9 @@ def _key_attributes(config: Config, backend: Pkcs11Backend, keys: set[bytes]) ->
                        f"{len(weak)} of {len(keys)} ticket keys lack the required protection: "
                        + "; ".join(weak),
                        "a key the authority did not make (or a token that ignores the "
-                       "template): retire it ('ticket-authority keys retire ID') or destroy it "
-                       "with the token's tools, and rotate ('keys rotate')")
+                       "template): serve does not use it (its tickets are INVALID); retire it "
+                       "('ticket-authority keys retire ID') or destroy it with the token's "
+                       "tools, and rotate ('keys rotate')")
     return ok("device.key_attributes", f"{len(keys)} ticket key(s): sensitive, never "
                                        "extractable, not modifiable, encrypt/decrypt only")
 

@@ -13,7 +13,7 @@ from pkcs11 import exceptions as p11x
 from authority.backends.pkcs11._cryptoki import Cryptoki
 from authority.backends.pkcs11._errors import Ctx, Phase, device_errors, translate
 from authority.backends.pkcs11._gcm import NONCE_LEN, TAG_LEN
-from authority.backends.pkcs11._keys import AesKey, search, valid_id
+from authority.backends.pkcs11._keys import AesKey, refused, search, valid_id
 from authority.backends.pkcs11._pool import PooledSession
 from authority.errors import FailedPrecondition, InvalidTicket, KeyNotFound, UnsealFailed
 
@@ -93,10 +93,13 @@ def _op_ctx(ck: Cryptoki, pooled: PooledSession, key_id: bytes, what: str,
     return Ctx(phase, what, key_id=key_id, probe=lambda: alive(ck, pooled))
 
 
-def find_key(pooled: PooledSession, key_id: bytes, what: str) -> AesKey:
-    """The one ticket key ``key_id`` in the token, looked up in this session.
+def find_key(pooled: PooledSession, key_id: bytes, what: str,
+             usable_only: bool = True) -> AesKey:
+    """The one ticket key ``key_id`` in the token, looked up in this session; unless
+    ``usable_only`` is False (reading its attributes), only if the token reports the
+    protection the backend requires of a ticket key (_keys.refused).
 
-    Raises: KeyNotFound; FailedPrecondition (several); DeviceUnavailable.
+    Raises: KeyNotFound (none, or refused); FailedPrecondition (several); DeviceUnavailable.
     """
     if not valid_id(key_id):
         raise KeyNotFound(key_id)
@@ -109,6 +112,9 @@ def find_key(pooled: PooledSession, key_id: bytes, what: str) -> AesKey:
         raise KeyNotFound(key_id)
     if len(found) > 1:
         raise FailedPrecondition(f"{len(found)} keys in the token have id {key_id.hex()}")
+    with device_errors(Ctx(Phase.OPERATION, what)):
+        if usable_only and refused(found[0], key_id, pooled.per_node) is not None:
+            raise KeyNotFound(key_id)
     return found[0]
 
 

@@ -25,9 +25,10 @@ class TokenLogin:
     """Opens logged-in RW sessions on one token for one backend."""
 
     def __init__(self, module: Module, token: Any, label: str, pin: Secret,
-                 release_gil: bool = True) -> None:
+                 release_gil: bool = True, per_node_keys: bool = False) -> None:
         self._module = module
         self._release_gil = release_gil
+        self._per_node_keys = per_node_keys
         self._token = token
         self._label = label
         self._pin = pin
@@ -54,7 +55,7 @@ class TokenLogin:
             self._logged_in = True
             REGISTRY.note_login(self._slot_id)
         gcm = GcmSession(self._module.ck, handle, self._release_gil)
-        return PooledSession(session, gcm, handle)
+        return PooledSession(session, gcm, handle, per_node=self._per_node_keys)
 
     def release(self, idle: list[PooledSession]) -> None:
         """This backend stops relying on the login; log out (through one of ``idle``) if it was

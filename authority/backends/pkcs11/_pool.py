@@ -37,6 +37,7 @@ class PooledSession:
     gcm: GcmSession
     handle: int
     keys: dict[bytes, int] = field(default_factory=dict)
+    per_node: bool = False   # ticket keys may be per-node ones (Pkcs11Settings.per_node_keys)
 
 
 class _Waiter:

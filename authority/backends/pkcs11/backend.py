@@ -50,7 +50,7 @@ class Pkcs11Backend:
         self._label = settings.token_label
         self._closed = False
         self._login = TokenLogin(module, token, settings.token_label, settings.pin,
-                                 settings.release_gil)
+                                 settings.release_gil, settings.per_node_keys)
         self._pool = SessionPool(self._open_session, settings.sessions, settings.session_timeout)
 
     def __repr__(self) -> str:
@@ -123,7 +123,7 @@ class Pkcs11Backend:
             raise DeviceUnavailable(str(exc)) from exc
         self._token = token
         self._login = TokenLogin(self._module, token, self._label, self._settings.pin,
-                                 self._settings.release_gil)
+                                 self._settings.release_gil, self._settings.per_node_keys)
 
     def _open_session(self) -> PooledSession:
         """The pool's opener: a logged-in session; first, if a re-initialisation of the module
@@ -212,9 +212,17 @@ class Pkcs11Backend:
                 key.destroy()
 
     def list_keys(self) -> set[bytes]:
-        """Ids of every secret key labelled ``ita-...``. Raises: DeviceUnavailable."""
+        """Ids of every secret key labelled ``ita-...`` that this backend may use (_keys.refused:
+        one the token does not report the required protection for is left out, logged once).
+        Raises: DeviceUnavailable."""
         with self._pool.session() as pooled, device_errors(Ctx(Phase.OPERATION, "list_keys")):
-            return _keys.list_ids(pooled.session)
+            return _keys.list_ids(pooled.session, pooled.per_node)
+
+    def labelled_keys(self) -> set[bytes]:
+        """Ids of every secret key labelled ``ita-...``, those the backend refuses to use
+        included (doctor reports them). Raises: DeviceUnavailable."""
+        with self._pool.session() as pooled, device_errors(Ctx(Phase.OPERATION, "list_keys")):
+            return _keys.list_ids(pooled.session, None)
 
     def key_attributes(self, key_id: bytes) -> dict[str, bool]:
         """The key's protection attributes as the token reports them (never CKA_VALUE).
@@ -223,7 +231,7 @@ class Pkcs11Backend:
         """
         ctx = Ctx(Phase.OPERATION, "key_attributes", key_id=key_id)
         with self._pool.session() as pooled:
-            key = find_key(pooled, key_id, "key_attributes")
+            key = find_key(pooled, key_id, "key_attributes", usable_only=False)
             with device_errors(ctx):
                 return _keys.protection_attributes(key)
 

@@ -94,7 +94,8 @@ def hello_for(settings: Pkcs11Settings, log_level: str,
     return {"backend": "pkcs11", "module": str(settings.module),
             "token_label": settings.token_label, "pin": settings.pin,
             "session_timeout": settings.session_timeout,
-            "softhsm2_conf": str(settings.softhsm2_conf or ""), "log_level": log_level,
+            "softhsm2_conf": str(settings.softhsm2_conf or ""),
+            "per_node_keys": settings.per_node_keys, "log_level": log_level,
             "log_format": log_format}
 
 
@@ -122,7 +123,8 @@ def _open(hello: dict[str, Any]) -> KeyBackend:
     return Pkcs11Backend.open(Pkcs11Settings(
         module=Path(hello["module"]), token_label=hello["token_label"], pin=Secret(hello["pin"]),
         sessions=1, session_timeout=float(hello["session_timeout"]),
-        softhsm2_conf=Path(conf) if conf else None, release_gil=False))
+        softhsm2_conf=Path(conf) if conf else None, release_gil=False,
+        per_node_keys=bool(hello.get("per_node_keys", False))))
 
 
 def _open_tpm(hello: dict[str, Any]) -> KeyBackend:
