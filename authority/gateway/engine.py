@@ -5,7 +5,7 @@ what it cannot parse. No sockets here (``responder`` has them)."""
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, KeysView
 
 from authority.gateway.authority import AuthorityLink, TicketService
@@ -41,11 +41,14 @@ SaKey = tuple[bytes, bytes]
 #: SAs waiting for their IKE_AUTH kept at most (and first requests remembered for
 #: retransmissions): beyond it the oldest is forgotten
 MAX_HALF_OPEN = 1024
+#: events kept (the most recent): a flood of datagrams must not grow the engine
+MAX_EVENTS = 4096
 
 
 class Engine:
     """Answers IKE_SA_INIT, IKE_AUTH, IKE_SESSION_RESUME and INFORMATIONAL requests for
-    ``settings``; ``events`` lists (kind, detail) of what happened, for operators and tests.
+    ``settings``; ``events`` lists (kind, detail) of what happened, the most recent
+    ``MAX_EVENTS``, for operators and tests.
 
     ``sas`` holds every SA by (SPIi, SPIr); the half-open ones (not yet through IKE_AUTH) are
     also in an index of their own, oldest first, so that bounding them costs O(1) per new SA
@@ -54,7 +57,7 @@ class Engine:
     def __init__(self, settings: GatewaySettings, client: TicketService,
                  on_event: Callable[[str, str], None] | None = None) -> None:
         self.settings = settings
-        self.events: list[tuple[str, str]] = []
+        self.events: deque[tuple[str, str]] = deque(maxlen=MAX_EVENTS)
         self._on_event = on_event
         self.authority = AuthorityLink(client, self.record)
         self.sas: dict[SaKey, IkeSa] = {}
@@ -67,9 +70,11 @@ class Engine:
         return self._half_open.keys()
 
     def record(self, kind: str, detail: str) -> None:
-        """Note an event (and log it). Never raises."""
+        """Note an event (and log it: a dropped datagram at DEBUG, as anyone can send them).
+        Never raises."""
         self.events.append((kind, detail))
-        LOG.info("gateway %s: %s", kind, detail)
+        LOG.log(logging.DEBUG if kind == "dropped" else logging.INFO, "gateway %s: %s", kind,
+                detail)
         if self._on_event is not None:
             self._on_event(kind, detail)
 
