@@ -224,7 +224,7 @@ def test_listing_the_token_skips_a_key_another_replica_destroys_meanwhile(
         backend.create_key(KID)
         backend.create_key(OTHER)
         with backend._pool.session() as pooled, backend._token.open(rw=True) as other:
-            listed = _keys.list_ids(DestroyedWhileListing(pooled.session, other))
+            listed = _keys.list_ids(DestroyedWhileListing(pooled.session, other), False)
         assert len(listed) == 1 and listed <= {KID, OTHER}
         assert backend.list_keys() == listed
     finally:

@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +116,7 @@ def test_wrap_kek_for_runs_in_a_child_while_the_user_is_logged_in_here(
     (the very KEK this process's backend wraps ticket keys under: the test opens the blob with
     its own private key, unwraps a ticket key with it and gets the key's check value)."""
     assert run_officer(hsm, _so(hsm), "make_kek") is None
-    backend = Pkcs11Backend.open(hsm)
+    backend = Pkcs11Backend.open(replace(hsm, per_node_keys=True))   # per-node tokens, as serve
     try:
         with pytest.raises(FailedPrecondition, match="the user is logged in in this process"):
             SecurityOfficer.open(hsm.module, hsm.softhsm2_conf, hsm.token_label, _so(hsm))
