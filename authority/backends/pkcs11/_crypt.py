@@ -106,14 +106,17 @@ def find_key(pooled: PooledSession, key_id: bytes, what: str,
     # No key_id in the context: any search failure is DeviceUnavailable, so the session is
     # dropped. (python-pkcs11 keeps a session's operation lock held when C_FindObjectsInit
     # fails; such a session must never be handed out again.)
-    with device_errors(Ctx(Phase.OPERATION, what)):
+    ctx = Ctx(Phase.OPERATION, what)
+    with device_errors(ctx):
         found = search(pooled.session, key_id, by_label_only=True)
     if not found:
         raise KeyNotFound(key_id)
     if len(found) > 1:
         raise FailedPrecondition(f"{len(found)} keys in the token have id {key_id.hex()}")
-    with device_errors(Ctx(Phase.OPERATION, what)):
-        if usable_only and refused(found[0], key_id, pooled.per_node) is not None:
+    if usable_only:
+        with device_errors(ctx):
+            problems = refused(found[0], key_id, pooled.per_node)
+        if problems is not None:
             raise KeyNotFound(key_id)
     return found[0]
 
