@@ -21,11 +21,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pkcs11 import Attribute
 
 from authority._proto.ticketauthority.v1 import authority_pb2
+from authority.backends.softhsm import CONF_NAME, DEFAULT_LABEL, USER_PIN_NAME
 from authority.errors import KeyNotFound
-from authority.ticket_format import encode_header, parse_ticket
+from authority.ticket_format import NONCE_LEN, encode_header, parse_ticket
 from tests.conftest import Harness, issue, redeem
 from tests.pkcs11_fixtures import MODULE_PATH, requires_softhsm
 
@@ -35,7 +38,7 @@ KNOWN = bytes(range(32))    # the planted key's value: known outside the token
 LOG = "authority.backends.pkcs11"
 
 #: run in a process of its own (the server's process has the module initialised): destroy
-#: the token's keys with argv[1]'s id and create one of value KNOWN under its label and id
+#: the token's keys with argv[1]'s id and create one of value argv[5] under its label and id
 PLANT = r"""
 import sys
 import pkcs11
@@ -49,7 +52,7 @@ with token.open(rw=True, user_pin=sys.argv[2]) as session:
         old.destroy()
     session.create_object({
         Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-        Attribute.VALUE: bytes(range(32)), Attribute.LABEL: "ita-" + key_id.hex(),
+        Attribute.VALUE: bytes.fromhex(sys.argv[5]), Attribute.LABEL: "ita-" + key_id.hex(),
         Attribute.ID: key_id, Attribute.TOKEN: True, Attribute.PRIVATE: True,
         Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
         Attribute.ENCRYPT: True, Attribute.DECRYPT: True})
@@ -58,10 +61,10 @@ with token.open(rw=True, user_pin=sys.argv[2]) as session:
 
 def _plant(state: Path, key_id: bytes) -> None:
     hsm = state / "hsm"
-    env = {**os.environ, "SOFTHSM2_CONF": str(hsm / "softhsm2.conf")}
+    env = {**os.environ, "SOFTHSM2_CONF": str(hsm / CONF_NAME)}
     done = subprocess.run([sys.executable, "-c", PLANT, key_id.hex(),
-                           (hsm / "user.pin").read_text().strip(), str(MODULE_PATH),
-                           "ticket-authority"],
+                           (hsm / USER_PIN_NAME).read_text().strip(), str(MODULE_PATH),
+                           DEFAULT_LABEL, KNOWN.hex()],
                           env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
 
@@ -70,15 +73,16 @@ def _forged(key_id: bytes, plaintext: bytes) -> bytes:
     """A ticket sealed with KNOWN under ``key_id``'s header: what the planted key's holder
     can make."""
     header = encode_header(key_id)
-    nonce = os.urandom(12)
+    nonce = os.urandom(NONCE_LEN)
     return header + nonce + AESGCM(KNOWN).encrypt(nonce, plaintext, header)
 
 
 def _opens_with_known(ticket: bytes) -> bool:
     parsed = parse_ticket(ticket)
     try:
-        AESGCM(KNOWN).decrypt(parsed.sealed[:12], parsed.sealed[12:], parsed.header)
-    except Exception:   # InvalidTag: not sealed with the planted value
+        AESGCM(KNOWN).decrypt(parsed.sealed[:NONCE_LEN], parsed.sealed[NONCE_LEN:],
+                              parsed.header)
+    except InvalidTag:   # not sealed with the planted value
         return False
     return True
 
@@ -126,14 +130,14 @@ def test_with_per_node_tokens_a_key_must_still_be_sensitive(tmp_path: Path) -> N
     still are."""
     from authority.backends.pkcs11 import _keys
 
-    copy = {_keys.Attribute.SENSITIVE: True, _keys.Attribute.EXTRACTABLE: False,
-            _keys.Attribute.ALWAYS_SENSITIVE: False, _keys.Attribute.NEVER_EXTRACTABLE: False}
+    copy = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
+            Attribute.ALWAYS_SENSITIVE: False, Attribute.NEVER_EXTRACTABLE: False}
     assert _keys.use_problems(copy, per_node=True) == []
     assert _keys.use_problems(copy, per_node=False) == [
         "CKA_ALWAYS_SENSITIVE is false", "CKA_NEVER_EXTRACTABLE is false"]
-    wrappable = {**copy, _keys.Attribute.EXTRACTABLE: True,
-                 _keys.Attribute.WRAP_WITH_TRUSTED: True}
+    wrappable = {**copy, Attribute.EXTRACTABLE: True,
+                 Attribute.WRAP_WITH_TRUSTED: True}
     assert _keys.use_problems(wrappable, per_node=True) == []
-    bare = {**copy, _keys.Attribute.SENSITIVE: False, _keys.Attribute.EXTRACTABLE: True}
+    bare = {**copy, Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True}
     assert _keys.use_problems(bare, per_node=True) == [
         "CKA_SENSITIVE is false", "CKA_EXTRACTABLE is true without CKA_WRAP_WITH_TRUSTED"]
