@@ -117,9 +117,12 @@ def _transients(tcti: str) -> list[int]:
 
 
 def _doctor(config: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "authority.cli", "doctor", "--config",
-                           str(config), *flags], capture_output=True, text=True, timeout=120,
-                          check=False)
+    return _doctor_run("--config", str(config), *flags)
+
+
+def _doctor_run(*flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "authority.cli", "doctor", *flags],
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_a_healthy_state_dir_passes_every_tpm_check(site: Site, tmp_path: Path) -> None:
@@ -349,9 +352,7 @@ def test_doctor_takes_serves_backend_flag(tmp_path: Path) -> None:
     harness.stop()
 
     def doctor(*flags: str) -> tuple[int, dict[str, Any]]:
-        run = subprocess.run([sys.executable, "-m", "authority.cli", "doctor", "--state-dir",
-                              str(state), "--json", *flags], capture_output=True, text=True,
-                             timeout=120, check=False)
+        run = _doctor_run("--state-dir", str(state), "--json", *flags)
         assert run.stdout, run.stderr
         return run.returncode, {c["name"]: c for c in json.loads(run.stdout)["checks"]}
 
