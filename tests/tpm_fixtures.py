@@ -34,6 +34,7 @@ requires_tpm = pytest.mark.skipif(not (HAVE_PYTSS and HAVE_SWTPM),
                                   reason="swtpm or tpm2-pytss not installed")
 requires_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="tpm2-tools not installed")
 
+
 def template_without(*flags: Any) -> Callable[[Any], None]:
     """A change to a TPM2B_PUBLIC template that clears ``flags`` (TPMA_OBJECT bits) from its
     objectAttributes: for making a key from another template than the backend's."""

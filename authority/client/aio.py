@@ -319,7 +319,6 @@ class AsyncTicketClient(ClientSettings):
         return True
 
 
-
 #: what a caller's deadline timer puts in its answer future (never an outcome of a call)
 _EXPIRED: Final = coalesce.Raised(TimeoutError())
 
